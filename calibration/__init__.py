@@ -1,0 +1,1 @@
+"""Calibration and quantization scale search (installed as `leptonc.calibration`)."""

@@ -1,0 +1,431 @@
+"""The `leptonc` command: argv -> frozen config -> library call -> rich output or --json.
+
+This module imports neither torch, onnxruntime nor tensorrt at import time: `leptonc --help` and
+`leptonc targets` stay fast. Commands import what they need when they run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from leptonc import __version__
+from leptonc.errors import EXIT_CODES, InputError, LeptonError, UnsupportedRequestError
+
+app = typer.Typer(
+    name="leptonc",
+    help="Ahead-of-time compiler for large language models: PyTorch LLM -> optimized engine bundle.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"leptonc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Compile, run, benchmark and evaluate LLM bundles.
+
+    Exit codes: 0 ok, 1 internal error (a bug), 2 unsupported request, 3 model source, 4 architecture,
+    5 backend missing, 6 verification failed, 7 bad bundle, 8 bad runtime input, 9 export, 130 interrupted.
+    """
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# ---- targets ------------------------------------------------------------------------------------
+
+@app.command()
+def targets(as_json: bool = typer.Option(False, "--json", help="Print JSON for CI.")) -> None:
+    """List hardware targets: compute capability, native precisions, memory, default backend."""
+    from leptonc.targets import TARGETS
+
+    if as_json:
+        _emit_json({"targets": [t.to_dict() for t in TARGETS.values()]})
+        return
+    table = Table(title="leptonc targets")
+    for col in ("target", "device", "compute", "native precisions", "simulated", "memory", "default backend"):
+        table.add_column(col)
+    for t in TARGETS.values():
+        table.add_row(t.name, t.description, t.sm, ", ".join(t.native), ", ".join(t.simulated) or "-",
+                      f"{t.memory_gb:g} GB" if t.memory_gb else "host", t.default_backend)
+    out.print(table)
+
+
+# ---- compile ------------------------------------------------------------------------------------
+
+def _precision_from_flags(precision: Optional[str], flags: dict[str, bool]) -> Optional[str]:
+    chosen = [name for name, on in flags.items() if on]
+    if len(chosen) > 1:
+        raise UnsupportedRequestError(f"choose one precision flag, not {' and '.join('--' + c for c in chosen)}")
+    if chosen and precision and precision != chosen[0]:
+        raise UnsupportedRequestError(f"--precision {precision} conflicts with --{chosen[0]}")
+    return chosen[0] if chosen else precision
+
+
+@app.command("compile")
+def compile_cmd(
+    source: str = typer.Argument(..., help="Hugging Face model directory, .gguf file, or built-in name "
+                                           "(tiny-llama, smollm2-135m, llama-1b-shape, llama-8b-shape)."),
+    target: str = typer.Option("cpu", "--target", "-t", help="Hardware target (see `leptonc targets`)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Bundle path (default NAME.TARGET.lepton)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="onnxruntime or tensorrt (default: the target's)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16, bf16, int8, fp8, int4."),
+    fp16: bool = typer.Option(False, "--fp16", help="FP16 weights and activations."),
+    bf16: bool = typer.Option(False, "--bf16", help="BF16 weights and activations."),
+    int8: bool = typer.Option(False, "--int8", help="INT8 quantization."),
+    fp8: bool = typer.Option(False, "--fp8", help="FP8 (E4M3) quantization."),
+    int4: bool = typer.Option(False, "--int4", help="INT4 weight-only quantization."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Largest batch the bundle accepts."),
+    max_seq: int = typer.Option(2048, "--max-seq", help="Longest sequence (prompt + generated) the bundle accepts."),
+    no_passes: bool = typer.Option(False, "--no-passes", help="Compile the plain export (baseline)."),
+    disable_pass: list[str] = typer.Option([], "--disable-pass", help="Drop one pass (repeatable)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against PyTorch."),
+    max_parity_error: float = typer.Option(1e-3, "--max-parity-error", help="fp32 max |logits error| allowed."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pytorch_model.bin (pickle) weights."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-bundle at the output path."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (pipeline, backend config); build nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
+) -> None:
+    """Compile a model into a deployable bundle for one target."""
+    from leptonc.config import CompileConfig
+
+    chosen = _precision_from_flags(precision, {"fp16": fp16, "bf16": bf16, "int8": int8, "fp8": fp8, "int4": int4})
+    config = CompileConfig(
+        source=source, target=target, output=output, backend=backend, precision=chosen, max_batch=max_batch,
+        max_sequence=max_seq, passes=not no_passes, disabled_passes=tuple(disable_pass), verify=not no_verify,
+        max_parity_error=max_parity_error, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        force=force,
+    )
+    from leptonc import compiler
+
+    if dry_run:
+        plan = compiler.plan(config)
+        if as_json:
+            _emit_json(plan)
+        else:
+            _print_plan(plan)
+        return
+    from leptonc.progress import Steps
+
+    if config.precision_mode == "simulated":
+        err.print(f"[yellow]note:[/] {config.precision} is simulated on {config.target} (accuracy only, not speed)")
+    steps = Steps(console=err, enabled=not as_json)
+    bundle = compiler.compile_model(config, steps)
+    report = bundle.report()
+    if as_json:
+        _emit_json({"bundle": str(bundle.path), "manifest": bundle.manifest, "report": report})
+        return
+    _print_compile_report(bundle, report)
+
+
+def _print_plan(plan: dict) -> None:
+    out.print(f"[bold]source[/]    {plan['source']['ref']} ({plan['source']['kind']})")
+    out.print(f"[bold]target[/]    {plan['target']['name']} ({plan['target']['sm']}), backend {plan['backend']}")
+    out.print(f"[bold]precision[/] {plan['precision']} ({plan['precision_mode']}), export dtype {plan['export_dtype']}")
+    out.print(f"[bold]pipeline[/]  {' -> '.join(plan['pipeline']) or '(none: plain export)'}")
+    for key, value in plan.items():
+        if key not in ("config", "source", "target", "backend", "precision", "precision_mode", "export_dtype",
+                       "pipeline", "disabled_passes"):
+            out.print(f"[bold]{key}[/]")
+            out.print_json(data=value)
+
+
+def _print_compile_report(bundle, report: dict) -> None:
+    m = bundle.manifest
+    table = Table(title=f"compiled {bundle.path}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    src = m["source"]
+    table.add_row("source", f"{src['name']} ({src['architecture']}){' [RANDOM weights]' if src['random_weights'] else ''}")
+    table.add_row("target", f"{m['target']['name']} / {m['backend']} / {m['precision']} ({m['precision_mode']})")
+    graph = report.get("graph") or {}
+    table.add_row("graph", f"{report['export']['nodes']} nodes exported -> {graph.get('nodes', '?')} after passes")
+    applied = [p for p in report.get("passes", []) if p["status"] == "applied"]
+    skipped = [p for p in report.get("passes", []) if p["status"] != "applied"]
+    if applied or skipped:
+        table.add_row("passes", "\n".join([f"✓ {p['name']}: {p['detail']}" for p in applied] +
+                                         [f"– {p['name']}: {p['status']} ({p['detail']})" for p in skipped]))
+    v = m.get("verification") or {}
+    if v.get("status") == "passed":
+        table.add_row("verify", f"passed: max |logits err| {v['max_abs_error']:.2e}, top-1 agreement "
+                                f"{v['top1_agreement']:.3f} ({v['prompts']} prompts, prefill + {v['decode_steps']} decode steps)")
+    else:
+        table.add_row("verify", f"{v.get('status', 'skipped')} ({v.get('reason', '')})")
+    size = sum(f["bytes"] for f in m["files"].values())
+    table.add_row("size", f"{size / 1e6:.1f} MB")
+    table.add_row("time", f"{sum(report.get('timings_s', {}).values()):.1f} s; peak host memory {report['peak_host_mb']:.0f} MB")
+    out.print(table)
+
+
+# ---- run ----------------------------------------------------------------------------------------
+
+def _open(path: str, tokenizer_dir: Optional[str], verify: bool, device: Optional[str] = None):
+    """(runner, tokenizer, eos ids, bundle or None) for a bundle directory or a bare model file."""
+    from leptonc.bundle import load_bundle
+    from leptonc.runtime import open_bundle_runner
+
+    p = Path(path)
+    if p.is_file():
+        from leptonc.runtime.bare import open_bare
+
+        return open_bare(p, tokenizer_dir, device)
+    bundle = load_bundle(p, verify=verify)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else bundle.tokenizer_dir
+    tokenizer = _load_tokenizer(tok_dir)
+    runner = open_bundle_runner(bundle, device)
+    eos = tuple(bundle.manifest.get("model", {}).get("eos_token_ids") or ())
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos = tuple(dict.fromkeys((*eos, tokenizer.eos_token_id)))
+    return runner, tokenizer, eos, bundle
+
+
+def _load_tokenizer(directory: Optional[Path]):
+    if directory is None or not Path(directory).is_dir():
+        raise InputError("no tokenizer: this bundle has none; pass --tokenizer DIR (a Hugging Face tokenizer directory)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"could not load the tokenizer in {directory}: {exc}") from None
+
+
+@app.command()
+def run(
+    bundle: str = typer.Argument(..., help="A .lepton bundle, or a bare model.onnx / engine.plan with --tokenizer."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeat for a batch)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="One prompt per line."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate per prompt."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (same seed, same output)."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the tokenizer's chat template."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (for bare engines)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override the device (cpu or cuda)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
+) -> None:
+    """Generate text from a bundle, streaming tokens as they come."""
+    from leptonc.runtime.generate import SamplingConfig, generate
+
+    prompts = list(prompt)
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise InputError(f"--prompt-file {prompt_file} does not exist")
+        prompts += [line for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise InputError("no prompt: give --prompt TEXT or --prompt-file FILE")
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seed, stop=tuple(stop), stop_at_eos=not ignore_eos)
+    runner, tok, eos, _ = _open(bundle, tokenizer, not no_verify, device)
+    prompt_ids = None
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise InputError("--chat: this tokenizer has no chat template; drop --chat")
+        prompt_ids = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"]) for p in prompts]
+    stream = not as_json and len(prompts) == 1
+    if stream:
+        out.print(f"[dim]{prompts[0]}[/]", end="")
+
+    def on_text(row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        result = generate(runner, tok, prompts, cfg, eos_ids=eos, on_text=on_text if stream else None,
+                          prompt_ids=prompt_ids)
+    finally:
+        runner.release()
+    if as_json:
+        _emit_json({"outputs": [{"prompt": g.prompt, "text": g.text, "token_ids": g.token_ids,
+                                 "finish_reason": g.finish_reason} for g in result.outputs],
+                    "timings": result.timings})
+        return
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        for g in result.outputs:
+            out.print(f"[dim]{g.prompt}[/]{g.text}")
+            out.rule()
+    t = result.timings
+    rate = f", {t['decode_tokens_per_s']:.1f} tok/s decode" if t.get("decode_tokens_per_s") else ""
+    err.print(f"[dim]{t['new_tokens']} tokens; first token {t['ttft_ms']:.0f} ms{rate}[/]")
+
+
+# ---- bench --------------------------------------------------------------------------------------
+
+@app.command()
+def bench(
+    bundle: str = typer.Argument(..., help="A .lepton bundle."),
+    batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes, e.g. 1,16."),
+    prompt_len: int = typer.Option(128, "--prompt-len", help="Prompt tokens."),
+    gen_len: int = typer.Option(128, "--gen-len", help="Generated tokens."),
+    warmup: int = typer.Option(2, "--warmup", help="Warm-up runs per batch size."),
+    iters: int = typer.Option(5, "--iters", help="Timed runs per batch size."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override the device (cpu or cuda)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
+) -> None:
+    """Measure time to first token, decode tokens/s, latency percentiles and peak memory."""
+    from leptonc.runtime.bench import BenchConfig
+    from leptonc.runtime.bench import bench as run_bench
+
+    try:
+        batches = tuple(int(b) for b in batch.split(",") if b.strip())
+    except ValueError:
+        raise InputError(f"--batch {batch!r}: give comma-separated integers, e.g. 1,16") from None
+    cfg = BenchConfig(batches=batches, prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, iters=iters)
+    runner, _, _, b = _open(bundle, None, not no_verify, device)
+    try:
+        if as_json:
+            result = run_bench(runner, cfg)
+        else:
+            with err.status("benchmarking…") as status:
+                result = run_bench(runner, cfg, on_progress=lambda s: status.update(s))
+    finally:
+        runner.release()
+    result["bundle"] = bundle
+    if b is not None:
+        result.update({"target": b.manifest["target"]["name"], "backend": b.backend, "precision": b.manifest["precision"]})
+    if as_json:
+        _emit_json(result)
+        return
+    table = Table(title=f"{bundle} on {result['device']}")
+    for col in ("batch", "prompt", "gen", "TTFT ms", "decode tok/s", "p50 ms", "p99 ms", "peak host MB", "peak GPU MB"):
+        table.add_column(col, justify="right")
+    for r in result["results"]:
+        table.add_row(str(r["batch"]), str(r["prompt_len"]), str(r["gen_len"]), f"{r['ttft_ms']:.1f}",
+                      f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-", f"{r['p50_ms']:.2f}",
+                      f"{r['p99_ms']:.2f}", f"{r['peak_host_mb']:.0f}",
+                      f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] else "-")
+    out.print(table)
+
+
+# ---- eval ---------------------------------------------------------------------------------------
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="A .lepton bundle, or a model source (evaluated in PyTorch)."),
+    data: str = typer.Option(..., "--data", help="UTF-8 text file."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Evaluate the first N tokens."),
+    window: int = typer.Option(1024, "--window", help="Tokens per window."),
+    stride: int = typer.Option(512, "--stride", help="Window step; each window scores only new tokens."),
+    offset_chars: int = typer.Option(0, "--offset-chars", help="Skip this many characters of the file first."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
+) -> None:
+    """Perplexity over a text file with a sliding window."""
+    from leptonc.runtime import evaluate as ev
+
+    cfg = ev.EvalConfig(data=data, max_tokens=max_tokens, window=window, stride=stride, offset_chars=offset_chars)
+    p = Path(model)
+    if p.is_dir() and (p / "manifest.json").is_file():
+        runner, tok, _, _ = _open(model, None, not no_verify)
+        if window > runner.max_sequence:
+            raise InputError(f"--window {window} exceeds this bundle's maximum sequence of {runner.max_sequence}")
+        scorer, kind = ev.runner_scorer(runner), "bundle"
+    else:
+        from leptonc.models.intake import load_model
+
+        with err.status(f"loading {model}…"):
+            lm = load_model(model)
+        tok, scorer, kind = lm.tokenizer, ev.torch_scorer(lm.module), "pytorch"
+        runner = None
+    ids = ev.load_tokens(tok, cfg)
+    try:
+        if as_json:
+            result = ev.perplexity(scorer, ids, cfg)
+        else:
+            with err.status("evaluating…") as status:
+                result = ev.perplexity(scorer, ids, cfg, on_progress=lambda i, n: status.update(f"window {i + 1}/{n}"))
+    finally:
+        if runner is not None:
+            runner.release()
+    result.update({"model": model, "evaluated": kind, "data": data})
+    if as_json:
+        _emit_json(result)
+        return
+    table = Table(title=f"perplexity of {model} ({kind})")
+    for col in ("perplexity", "tokens", "window", "stride"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result['perplexity']:.3f}", str(result["tokens"]), str(window), str(stride))
+    out.print(table)
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+
+@app.command()
+def inspect(
+    path: str = typer.Argument(..., help="A .lepton bundle or an .onnx model."),
+    trt: bool = typer.Option(False, "--trt", help="Lint an ONNX model for TensorRT compatibility."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 checks."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
+) -> None:
+    """Summarize a bundle (manifest, passes, verification) or an ONNX model."""
+    from leptonc.inspect import inspect_path
+
+    info = inspect_path(Path(path), verify=not no_verify, trt=trt)
+    if as_json:
+        _emit_json(info)
+        return
+    out.print_json(data=info)
+    if info.get("trt_lint", {}).get("issues"):
+        raise typer.Exit(code=UnsupportedRequestError.exit_code)
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwinding as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        app(args=argv, standalone_mode=False)
+    except LeptonError as exc:
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        if exc.hint:
+            err.print(f"[yellow]next step:[/] {exc.hint}", highlight=False)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print("[bold red]interrupted[/]; nothing was left half-written")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(0)
+
+
+__all__ = ["app", "main", "EXIT_CODES"]

@@ -1,0 +1,223 @@
+"""`leptonc.compile(config) -> Bundle`: intake -> reference trace -> export -> passes -> backend
+build -> verify -> bundle. Every step is a plain call; the CLI only builds the config."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import resource
+import shutil
+from pathlib import Path
+
+from leptonc import FORMAT_VERSION, __version__
+from leptonc.bundle import Bundle, check_output_path, finalize, staging_dir, toolchain_versions
+from leptonc.config import CompileConfig
+from leptonc.errors import UnsupportedRequestError, VerificationError
+from leptonc.progress import Steps
+
+QUANTIZED = ("int8", "fp8", "int4")
+
+
+def backend_module(name: str):
+    if name == "onnxruntime":
+        from leptonc.targets import onnxruntime as mod
+    elif name == "tensorrt":
+        from leptonc.targets import tensorrt as mod
+    else:  # CompileConfig validated it already
+        raise UnsupportedRequestError(f"unknown backend {name!r}")
+    return mod
+
+
+def plan(config: CompileConfig) -> dict:
+    """What a compile would do, without loading the model (for --dry-run)."""
+    from leptonc.models.intake import describe_source
+
+    kind, what = describe_source(config.source)
+    target = config.target_record
+    backend = backend_module(config.backend)
+    pipeline = backend.pipeline(target, config.precision) if config.passes else []
+    out = {
+        "config": config.to_dict(),
+        "source": {"kind": kind, "ref": str(getattr(what, "name", what))},
+        "target": target.to_dict(),
+        "backend": config.backend,
+        "precision": config.precision,
+        "precision_mode": config.precision_mode,
+        "export_dtype": backend.export_dtype(target, config.precision),
+        "pipeline": pipeline,
+        "disabled_passes": list(config.disabled_passes),
+    }
+    if hasattr(backend, "plan_extras"):
+        out.update(backend.plan_extras(config))
+    return out
+
+
+def peak_host_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _check_request(config: CompileConfig) -> None:
+    if config.precision in QUANTIZED and not _quantization_available():
+        raise UnsupportedRequestError(
+            f"--{config.precision} quantization is not available in this leptonc build yet",
+            hint="compile without a quantization flag for the target's default precision",
+        )
+
+
+def _quantization_available() -> bool:
+    try:
+        from leptonc.calibration import quantize  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compile_model(config: CompileConfig, steps: Steps | None = None) -> Bundle:
+    steps = steps or Steps(enabled=False)
+    target = config.target_record
+    backend = backend_module(config.backend)
+    _check_request(config)
+    output = Path(config.output)
+    check_output_path(output, config.force)
+    backend.check_available(target)
+    pipeline = backend.pipeline(target, config.precision) if config.passes else []
+    if config.passes:
+        from leptonc.passes.registry import check_pipeline
+
+        check_pipeline(pipeline, config.disabled_passes)
+    elif config.disabled_passes:
+        raise UnsupportedRequestError("--disable-pass has no effect with --no-passes; drop one of them")
+
+    staging = staging_dir(output)
+    try:
+        return _compile_into(config, staging, output, target, backend, pipeline, steps)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _compile_into(config, staging: Path, output: Path, target, backend, pipeline, steps: Steps) -> Bundle:
+    from leptonc.export import export_decoder
+    from leptonc.models.adapters import get_adapter
+    from leptonc.models.intake import load_model, save_tokenizer
+    from leptonc.passes import PassContext
+    from leptonc.verify import check_parity, reference_trace
+
+    with steps.step("load", f"Loading {config.source}"):
+        lm = load_model(config.source, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
+        adapter = get_adapter(lm.model_type)
+        spec = adapter.spec(lm.module)
+        save_tokenizer(lm.tokenizer, staging / "tokenizer")
+    trace = None
+    if config.verify:
+        with steps.step("reference", "Recording the PyTorch reference"):
+            trace = reference_trace(lm.module, lm.tokenizer)
+
+    work = staging / "_work"
+    dtype = backend.export_dtype(target, config.precision)
+    with steps.step("export", f"Exporting to ONNX ({dtype})"):
+        names = adapter.weights(lm.module, spec)
+        total = len(names.names)
+        done = [0]
+
+        def on_weight(name: str) -> None:
+            done[0] += 1
+            steps.update(f"{done[0]}/{total} tensors")
+
+        exported = export_decoder(spec, names, work, dtype=dtype, on_weight=on_weight)
+    source = {"name": lm.name, "kind": lm.kind, "description": lm.description, "hash": lm.source_hash,
+              "random_weights": lm.random_weights, "architecture": lm.model_type}
+    # The PyTorch model is no longer needed: free it before the passes load the graph.
+    lm.module = None
+    del lm
+    gc.collect()
+
+    ctx = PassContext(backend=config.backend, target=target, precision=config.precision, spec=spec,
+                      work_dir=work, options=dict(config.options))
+    with steps.step("build", f"Building for {target.name} ({config.backend})"):
+        engine, records = backend.build(exported, staging, pipeline, ctx, config.disabled_passes,
+                                        on_pass=lambda n: steps.update(n))
+    shutil.rmtree(work, ignore_errors=True)
+
+    limits = {"max_batch": config.max_batch, "max_sequence": config.max_sequence}
+    verification: dict = {"status": "skipped", "reason": "--no-verify"}
+    if trace is not None:
+        with steps.step("verify", "Verifying against PyTorch"):
+            verification = _verify(config, backend, staging, engine, limits, trace, check_parity)
+
+    report = {
+        "leptonc_version": __version__,
+        "source": source,
+        "target": target.name,
+        "backend": config.backend,
+        "precision": config.precision,
+        "precision_mode": config.precision_mode,
+        "export": {"dtype": dtype, "nodes": exported.num_nodes, "weight_bytes": exported.weight_bytes, "opset": 17},
+        "graph": _graph_summary(staging / engine["file"]) if engine.get("format") == "onnx" else None,
+        "passes": records,
+        "verification": verification,
+        "timings_s": steps.timings,
+        "peak_host_mb": round(peak_host_mb(), 1),
+    }
+    (staging / "report.json").write_text(_json(report))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "leptonc_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "name": output.name.removesuffix(".lepton"),
+        "source": source,
+        "model": spec.to_dict(),
+        "target": target.to_dict(),
+        "backend": config.backend,
+        "precision": config.precision,
+        "precision_mode": config.precision_mode,
+        "engine": engine,
+        "limits": limits,
+        "tokenizer": "tokenizer",
+        "passes": [{k: r[k] for k in ("name", "status", "detail")} for r in records],
+        "calibration": None,
+        "verification": verification,
+        "toolchain": toolchain_versions(config.backend),
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("output", "force")},
+    }
+    return finalize(staging, output, manifest)
+
+
+def _verify(config, backend, staging: Path, engine: dict, limits: dict, trace, check_parity) -> dict:
+    runner = backend.open_runner(staging / engine["file"], engine, limits)
+    try:
+        result = check_parity(runner, trace)
+    finally:
+        runner.release()
+    if config.precision == "fp32":
+        threshold = config.max_parity_error
+        ok = result["max_abs_error"] <= threshold
+        rule = f"max |logits error| <= {threshold:g}"
+    else:  # reduced precision: logits legitimately move; the greedy choice must not
+        threshold = 0.9
+        ok = (result["top1_agreement"] or 0) >= threshold
+        rule = f"top-1 agreement >= {threshold:g}"
+    result.update({"status": "passed" if ok else "failed", "rule": rule, "reference": "PyTorch fp32"})
+    if not ok:
+        raise VerificationError(
+            f"the built model does not match PyTorch: max |logits error| {result['max_abs_error']:.3g}, "
+            f"top-1 agreement {result['top1_agreement']:.3f} (rule: {rule}); no bundle was written",
+            hint="try --no-passes or --disable-pass NAME to find the pass at fault, and report it",
+        )
+    return result
+
+
+def _graph_summary(model_path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"nodes": len(model.graph.node), "op_counts": dict(sorted(ops.items()))}
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"

@@ -1,0 +1,91 @@
+"""User-fixable failures, each with a stable exit code.
+
+Anything raised that is *not* a `LeptonError` is a bug in leptonc and keeps its traceback. A
+`LeptonError` is printed as one message (which names the next step) and exits with its code.
+The codes are part of the CLI contract and are listed in the README.
+"""
+
+from __future__ import annotations
+
+
+class LeptonError(Exception):
+    """Base class: something the user can fix. `exit_code` is stable across releases."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UnsupportedRequestError(LeptonError):
+    """The target or backend cannot serve what was asked (precision, backend, option). Exit 2."""
+
+    exit_code = 2
+
+
+class ModelSourceError(LeptonError):
+    """The model path is missing, malformed, or not loadable safely. Exit 3."""
+
+    exit_code = 3
+
+
+class UnsupportedArchitectureError(LeptonError):
+    """The model's architecture has no adapter yet. Exit 4."""
+
+    exit_code = 4
+
+
+class BackendUnavailableError(LeptonError):
+    """A backend library (onnxruntime-gpu, TensorRT) is not installed here. Exit 5."""
+
+    exit_code = 5
+
+
+class VerificationError(LeptonError):
+    """The built artifact does not match the reference within the thresholds. Exit 6."""
+
+    exit_code = 6
+
+
+class BundleError(LeptonError):
+    """A bundle is missing, corrupt, tampered with, or from another toolchain. Exit 7."""
+
+    exit_code = 7
+
+
+class InputError(LeptonError):
+    """A runtime input is invalid (prompt longer than the engine allows, empty prompt). Exit 8."""
+
+    exit_code = 8
+
+
+class ExportError(LeptonError):
+    """The model could not be exported to ONNX. Exit 9."""
+
+    exit_code = 9
+
+
+class InterruptedError_(LeptonError):
+    """The command was interrupted (Ctrl-C / SIGTERM); nothing was left half-written. Exit 130."""
+
+    exit_code = 130
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "internal error (a bug: please report it with the traceback)",
+    2: "unsupported request: bad option, target cannot serve the precision/backend",
+    3: "model source missing, malformed or unsafe",
+    4: "unsupported model architecture",
+    5: "backend library not installed (onnxruntime-gpu, tensorrt)",
+    6: "verification failed (parity or accuracy gate)",
+    7: "bundle corrupt, tampered with, or from another toolchain version",
+    8: "invalid runtime input (prompt too long, empty)",
+    9: "export to ONNX failed",
+    130: "interrupted; no partial output was left",
+}

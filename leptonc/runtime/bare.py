@@ -1,0 +1,48 @@
+"""Running a bare model file (no bundle): `leptonc run model.onnx --tokenizer DIR` or an engine.plan."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from leptonc.errors import InputError
+from leptonc.inspect import onnx_summary
+
+
+def io_from_onnx(path: Path) -> dict:
+    """Rebuild the I/O spec of a leptonc-style decoder from the graph's inputs and outputs."""
+    info = onnx_summary(path)
+    names = {v["name"]: v for v in info["inputs"] + info["outputs"]}
+    layers = sorted({int(m.group(1)) for n in names if (m := re.match(r"past_key_values\.(\d+)\.key$", n))})
+    if not layers or "input_ids" not in names or "logits" not in names:
+        raise InputError(f"{path} is not a leptonc-style decoder (needs input_ids, past_key_values.N.key/value, "
+                         "logits)", hint="compile the model with `leptonc compile` first")
+    kv = names["past_key_values.0.key"]
+    vocab = names["logits"]["shape"][-1]
+    if not isinstance(vocab, int) or not isinstance(kv["shape"][1], int) or not isinstance(kv["shape"][3], int):
+        raise InputError(f"{path}: cannot read vocab size and head shape from the graph's I/O")
+    return {"inputs": info["inputs"], "outputs": info["outputs"], "kv_dtype": kv["dtype"], "num_layers": len(layers),
+            "num_kv_heads": kv["shape"][1], "head_dim": kv["shape"][3], "vocab_size": vocab}
+
+
+def open_bare(path: Path, tokenizer_dir: str | None, device: str | None = None):
+    from leptonc.cli import _load_tokenizer
+
+    if tokenizer_dir is None:
+        raise InputError(f"{path} is a bare model file: pass --tokenizer DIR (a Hugging Face tokenizer directory)")
+    tokenizer = _load_tokenizer(Path(tokenizer_dir))
+    limits = {"max_sequence": 4096, "max_batch": 64}
+    if path.suffix == ".plan" or path.suffix == ".engine":
+        from leptonc.targets.tensorrt import open_bare_engine
+
+        runner = open_bare_engine(path)
+    elif path.suffix == ".onnx":
+        from leptonc.targets.onnxruntime import open_runner
+
+        provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+        engine = {"io": io_from_onnx(path), "session": {"provider": provider}}
+        runner = open_runner(path, engine, limits, device)
+    else:
+        raise InputError(f"{path}: unknown model file type; give an .onnx model or a TensorRT .plan engine")
+    eos = (tokenizer.eos_token_id,) if getattr(tokenizer, "eos_token_id", None) is not None else ()
+    return runner, tokenizer, eos, None

@@ -1,0 +1,91 @@
+"""ONNX Runtime runners. CPU: numpy feeds, the cache carried from `present.*` to `past_key_values.*`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from leptonc.errors import BackendUnavailableError, InputError
+from leptonc.runtime.base import Runner, positions_from_mask
+
+
+def session_options(settings: dict):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    level = settings.get("graph_optimization_level", "all")
+    so.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if settings.get("intra_op_num_threads"):
+        so.intra_op_num_threads = int(settings["intra_op_num_threads"])
+    so.log_severity_level = 3
+    return so
+
+
+class OrtCpuRunner(Runner):
+    device = "cpu"
+
+    def __init__(self, model_path: Path, io: dict, settings: dict | None = None, *, max_sequence: int = 2048,
+                 max_batch: int = 64):
+        try:
+            import onnxruntime as ort
+        except ImportError:  # pragma: no cover - onnxruntime is a hard dependency
+            raise BackendUnavailableError("onnxruntime is not installed", hint="pip install onnxruntime") from None
+        settings = settings or {}
+        self.session = ort.InferenceSession(str(model_path), session_options(settings),
+                                            providers=["CPUExecutionProvider"])
+        self.io = io
+        self.num_layers = io["num_layers"]
+        self.kv_heads, self.head_dim = io["num_kv_heads"], io["head_dim"]
+        self.kv_dtype = np.dtype(io["kv_dtype"])
+        self.vocab_size = io["vocab_size"]
+        self.max_sequence, self.max_batch = max_sequence, max_batch
+        self._past: list[np.ndarray] = []
+        self._mask: np.ndarray | None = None
+        self._positions: np.ndarray | None = None
+
+    @property
+    def sequence_length(self) -> int:
+        return 0 if self._mask is None else self._mask.shape[1]
+
+    def _run(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        feed = {"input_ids": input_ids, "attention_mask": self._mask, "position_ids": positions}
+        for i in range(self.num_layers):
+            feed[f"past_key_values.{i}.key"] = self._past[2 * i]
+            feed[f"past_key_values.{i}.value"] = self._past[2 * i + 1]
+        outputs = self.session.run(None, feed)
+        self._past = outputs[1:]
+        return outputs[0]
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, last_only: bool = False) -> np.ndarray:
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        batch, seq = input_ids.shape
+        if seq > self.max_sequence:
+            raise InputError(f"prompt is {seq} tokens; this bundle allows at most {self.max_sequence}")
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+        self._past = [empty] * (2 * self.num_layers)
+        self._mask = np.asarray(attention_mask, dtype=np.int64)
+        self._positions = positions_from_mask(self._mask)
+        logits = self._run(input_ids, self._positions)
+        return logits[:, -1] if last_only else logits
+
+    def decode(self, token_ids: np.ndarray) -> np.ndarray:
+        if self._mask is None:
+            raise RuntimeError("decode before prefill")
+        if self.sequence_length >= self.max_sequence:
+            raise InputError(f"sequence reached this bundle's limit of {self.max_sequence} tokens")
+        batch = self._mask.shape[0]
+        self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
+        pos = self._positions[:, -1:] + 1
+        self._positions = pos
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(batch, 1)
+        return self._run(ids, pos)[:, -1]
+
+    def release(self) -> None:
+        self._past = []
+        self.session = None

@@ -1,0 +1,1 @@
+"""Model intake and architecture adapters (installed as `leptonc.models`)."""

@@ -1,0 +1,103 @@
+"""The ONNX Runtime backend (CPU and CUDA execution providers): its pass pipelines, its build step
+(run the passes, write the model with external data, record the session settings the runtime must
+use), and how to open a runner on the result."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from leptonc.errors import BackendUnavailableError
+
+MODEL_FILE = "model.onnx"
+
+# ---- pipelines ----------------------------------------------------------------------------------
+# One explicit list per device. The order matters; each constraint is stated where it applies.
+CPU_PIPELINE: list[str] = []
+CUDA_PIPELINE: list[str] = []
+
+
+def pipeline(target, precision: str) -> list[str]:
+    return list(CUDA_PIPELINE if target.is_gpu else CPU_PIPELINE)
+
+
+def export_dtype(target, precision: str) -> str:
+    """The float type of the exported graph: fp16 on GPUs (tensor cores), fp32 on the CPU."""
+    if precision in ("fp16", "bf16") or (target.is_gpu and precision != "fp32"):
+        return "fp16"
+    return "fp32"
+
+
+def provider(target) -> str:
+    return "CUDAExecutionProvider" if target.is_gpu else "CPUExecutionProvider"
+
+
+def check_available(target) -> None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime is not installed", hint="pip install onnxruntime") from None
+    if target.is_gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailableError(
+            f"target {target.name} with --backend onnxruntime needs ONNX Runtime's CUDA provider, "
+            "which this onnxruntime build lacks",
+            hint="pip uninstall -y onnxruntime && pip install onnxruntime-gpu (on a machine with an NVIDIA GPU)",
+        )
+
+
+def session_settings(target) -> dict:
+    return {"provider": provider(target), "graph_optimization_level": "all", "intra_op_num_threads": 0}
+
+
+def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tuple[str, ...] = (),
+          on_pass=None) -> tuple[dict, list[dict]]:
+    """Run the pass pipeline on the plain export and write the bundle's model files into `staging`.
+    Returns (engine section of the manifest, pass records)."""
+    records: list[dict] = []
+    out = staging / MODEL_FILE
+    if pipeline_names:
+        import onnx
+        import onnx_graphsurgeon as gs
+
+        from leptonc.passes import run_pipeline
+
+        model = onnx.load(str(exported.model_path), load_external_data=True)
+        graph = gs.import_onnx(model)
+        del model
+        records = run_pipeline(graph, pipeline_names, ctx, disabled, on_pass=on_pass)
+        model = gs.export_onnx(graph.cleanup().toposort())
+        del graph
+        save_model(model, out)
+    else:
+        shutil.move(str(exported.model_path), out)
+        shutil.move(str(exported.data_path), staging / f"{MODEL_FILE}.data")
+    engine = {
+        "file": MODEL_FILE,
+        "format": "onnx",
+        "io": exported.io,
+        "session": session_settings(ctx.target),
+    }
+    return engine, records
+
+
+def save_model(model, path: Path) -> None:
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+
+
+def open_runner(model_path: Path, engine: dict, limits: dict, device: str | None = None):
+    session = engine.get("session", {})
+    if session.get("provider") == "CUDAExecutionProvider" or device == "cuda":
+        from leptonc.runtime.ort_cuda import OrtCudaRunner
+
+        return OrtCudaRunner(model_path, engine["io"], session, max_sequence=limits["max_sequence"],
+                             max_batch=limits["max_batch"])
+    from leptonc.runtime.ort import OrtCpuRunner
+
+    return OrtCpuRunner(model_path, engine["io"], session, max_sequence=limits["max_sequence"],
+                        max_batch=limits["max_batch"])
