@@ -1,0 +1,3 @@
+from leptonc.cli import main
+
+main()

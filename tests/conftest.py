@@ -1,0 +1,65 @@
+"""Shared fixtures: bundles compiled once per test session, the reference HF model, a CLI runner.
+
+`tiny-llama` (random, 2 layers) is for speed; `smollm2-135m` (real weights) is for truth.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+LEPTONC = [sys.executable, "-m", "leptonc"]
+
+
+def run_cli(*args: str, timeout: float = 900, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run `leptonc ARGS` in a subprocess, capturing text output."""
+    return subprocess.run([*LEPTONC, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, code: int) -> None:
+    """A user error: the documented exit code, a message, and no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert "error" in proc.stderr.lower() or "usage" in proc.stderr.lower(), proc.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny.cpu.lepton"
+    compile_model(CompileConfig(source="tiny-llama", target="cpu", output=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory) -> Path:
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+
+    out = tmp_path_factory.mktemp("bundles") / "smollm2.cpu.lepton"
+    compile_model(CompileConfig(source="smollm2-135m", target="cpu", output=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """The reference: SmolLM2-135M in Hugging Face transformers (fp32), with its tokenizer."""
+    from leptonc.models.intake import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    if not WIKITEXT.is_file():
+        pytest.fail(f"{WIKITEXT} is missing: CI runs with ../shared beside the repository")
+    return WIKITEXT
