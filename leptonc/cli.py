@@ -290,6 +290,10 @@ def bench(
     warmup: int = typer.Option(2, "--warmup", help="Warm-up runs per batch size."),
     iters: int = typer.Option(5, "--iters", help="Timed runs per batch size."),
     device: Optional[str] = typer.Option(None, "--device", help="Override the device (cpu or cuda)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Also time the source model: 'hf' runs it "
+                                           "in Hugging Face transformers (eager) on the same device."),
+    bandwidth: float = typer.Option(3.0e12, "--bandwidth", help="Memory bandwidth (bytes/s) for the decode floor; "
+                                    "default: the measured H100 copy bandwidth."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
 ) -> None:
@@ -302,18 +306,41 @@ def bench(
     except ValueError:
         raise InputError(f"--batch {batch!r}: give comma-separated integers, e.g. 1,16") from None
     cfg = BenchConfig(batches=batches, prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, iters=iters)
+    if baseline not in (None, "hf"):
+        raise InputError(f"--baseline {baseline!r}: the only baseline is 'hf' (Hugging Face transformers, eager)")
+    if bandwidth <= 0:
+        raise InputError("--bandwidth must be positive (bytes per second, e.g. 3.0e12)")
     runner, _, _, b = _open(bundle, None, not no_verify, device)
-    try:
-        if as_json:
-            result = run_bench(runner, cfg)
-        else:
-            with err.status("benchmarking…") as status:
-                result = run_bench(runner, cfg, on_progress=lambda s: status.update(s))
-    finally:
-        runner.release()
-    result["bundle"] = bundle
-    if b is not None:
-        result.update({"target": b.manifest["target"]["name"], "backend": b.backend, "precision": b.manifest["precision"]})
+    if baseline and b is None:
+        raise InputError("--baseline hf needs a .lepton bundle (its manifest names the source model)")
+    from contextlib import nullcontext
+
+    status = nullcontext() if as_json else err.status("benchmarking…")
+    with status as st:
+        progress = (lambda s: st.update(s)) if st is not None else None
+        try:
+            result = run_bench(runner, cfg, on_progress=progress)
+            runner_device = runner.device
+        finally:
+            runner.release()
+        result["bundle"] = bundle
+        if b is not None:
+            from leptonc.runtime import bench as bench_mod
+
+            result.update({"target": b.manifest["target"]["name"], "backend": b.backend,
+                           "precision": b.manifest["precision"]})
+            weights, kv_tok = bench_mod.bundle_weight_bytes(b), bench_mod.kv_bytes_per_token(b.io)
+            for r in result["results"]:
+                r["memory_floor"] = bench_mod.memory_floor(r["batch"], weights, kv_tok,
+                                                           prompt_len + gen_len / 2, bandwidth)
+                if r["decode_tokens_per_s"]:
+                    r["fraction_of_floor"] = round(r["decode_tokens_per_s"] / r["memory_floor"]["floor_tokens_per_s"], 3)
+        if baseline == "hf":
+            source = (b.manifest.get("config") or {}).get("source") or b.manifest["source"]["name"]
+            dtype = "fp32" if runner_device == "cpu" or b.io["kv_dtype"] == "float32" else "fp16"
+            result["baseline"] = bench_mod.hf_baseline(source, cfg, "cuda" if runner_device == "cuda" else "cpu",
+                                                       dtype, b.io["vocab_size"], on_progress=progress)
+            result["comparison"] = bench_mod.compare(result, result["baseline"])
     if as_json:
         _emit_json(result)
         return
@@ -326,6 +353,26 @@ def bench(
                       f"{r['p99_ms']:.2f}", f"{r['peak_host_mb']:.0f}",
                       f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] else "-")
     out.print(table)
+    if result["results"] and "memory_floor" in result["results"][0]:
+        floor = Table(title=f"decode vs the memory floor ({bandwidth:.2g} B/s)")
+        for col in ("batch", "weight MB", "floor tok/s", "floor incl. KV", "decode tok/s", "of floor"):
+            floor.add_column(col, justify="right")
+        for r in result["results"]:
+            f = r["memory_floor"]
+            floor.add_row(str(r["batch"]), f"{f['weight_bytes'] / 1e6:.0f}", f"{f['floor_tokens_per_s']:.0f}",
+                          f"{f['floor_with_kv_tokens_per_s']:.0f}",
+                          f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-",
+                          f"{r.get('fraction_of_floor', 0):.0%}")
+        out.print(floor)
+    if "comparison" in result:
+        cmp = Table(title=f"bundle vs {result['baseline']['framework']} on {result['baseline']['device']}")
+        for col in ("batch", "decode tok/s", "HF tok/s", "speedup", "TTFT ms", "HF TTFT ms", "TTFT speedup"):
+            cmp.add_column(col, justify="right")
+        for c in result["comparison"]:
+            cmp.add_row(str(c["batch"]), f"{c['decode_tokens_per_s'] or 0:.1f}", f"{c['hf_decode_tokens_per_s'] or 0:.1f}",
+                        f"{c['decode_speedup'] or 0:.2f}x", f"{c['ttft_ms']:.1f}", f"{c['hf_ttft_ms']:.1f}",
+                        f"{c['ttft_speedup'] or 0:.2f}x")
+        out.print(cmp)
 
 
 # ---- eval ---------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def run_once(runner, ids: np.ndarray, gen_len: int) -> tuple[float, list[float]]
 
 
 def bench(runner, cfg: BenchConfig, on_progress=None) -> dict:
+    """Time the runner at each batch size: TTFT, decode tokens/s, step latency, peak memory."""
     limit = runner.max_sequence
     if cfg.prompt_len + cfg.gen_len > limit:
         raise InputError(f"--prompt-len {cfg.prompt_len} + --gen-len {cfg.gen_len} exceeds this bundle's maximum "
@@ -104,3 +105,130 @@ def bench(runner, cfg: BenchConfig, on_progress=None) -> dict:
             "warmup": cfg.warmup,
         })
     return {"device": device_name(runner), "results": results}
+
+
+# ---- the memory floor and the Hugging Face baseline (`leptonc bench --baseline hf`) ----------------
+
+H100_COPY_BANDWIDTH = 3.0e12  # bytes/s, read + write, measured on the lent H100 (shared/device/README.md)
+
+
+def bundle_weight_bytes(bundle) -> int:
+    """Bytes of the engine's model files (graph + external weights): what a decode step must read."""
+    engine_file = bundle.engine["file"]
+    return int(sum(f["bytes"] for name, f in bundle.manifest["files"].items()
+                   if name == engine_file or name.startswith(engine_file + ".")))
+
+
+def kv_bytes_per_token(io: dict) -> int:
+    item = np.dtype({"float16": np.float16, "bfloat16": np.float16}.get(io["kv_dtype"], io["kv_dtype"])).itemsize
+    return 2 * io["num_layers"] * io["num_kv_heads"] * io["head_dim"] * item
+
+
+def memory_floor(batch: int, weight_bytes: int, kv_per_token: int, mean_context: float,
+                 bandwidth: float = H100_COPY_BANDWIDTH) -> dict:
+    """tokens/s <= batch x bandwidth / bytes read per step (weights once, plus each row's KV cache)."""
+    kv = batch * kv_per_token * mean_context
+    return {"weight_bytes": weight_bytes, "kv_bytes_per_step": int(kv), "bandwidth_bytes_per_s": bandwidth,
+            "floor_tokens_per_s": round(batch * bandwidth / weight_bytes, 1),
+            "floor_with_kv_tokens_per_s": round(batch * bandwidth / (weight_bytes + kv), 1)}
+
+
+def hf_baseline(source: str, cfg: BenchConfig, device: str, dtype: str, vocab_limit: int, on_progress=None) -> dict:
+    """The source model under Hugging Face transformers (eager attention) with the same prompt and
+    generation lengths, timed the same way as the runner: prefill, then one forward per new token."""
+    import torch
+
+    from leptonc.models.intake import load_model
+
+    if on_progress:
+        on_progress(f"loading {source} in transformers")
+    lm = load_model(source)
+    module = lm.module
+    try:
+        module.set_attn_implementation("eager")
+    except (AttributeError, ValueError):
+        module.config._attn_implementation = "eager"
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    module = module.to(device=device, dtype=torch_dtype).eval()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def once(ids, gen_len):
+        with torch.no_grad():
+            sync()
+            start = time.perf_counter()
+            out = module(input_ids=ids, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            token.cpu()
+            ttft = time.perf_counter() - start
+            past = out.past_key_values
+            steps = []
+            for _ in range(gen_len - 1):
+                s = time.perf_counter()
+                out = module(input_ids=token, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                token.cpu()  # the runner hands logits to the host each step too
+                steps.append(time.perf_counter() - s)
+        return ttft, steps
+
+    rng = np.random.default_rng(cfg.seed)
+    results = []
+    for batch in cfg.batches:
+        ids_np = rng.integers(3, min(vocab_limit, 32000), size=(batch, cfg.prompt_len), dtype=np.int64)
+        ids = torch.from_numpy(ids_np).to(device)
+        for i in range(cfg.warmup):
+            if on_progress:
+                on_progress(f"hf batch {batch}: warmup {i + 1}/{cfg.warmup}")
+            once(ids, min(cfg.gen_len, 8))
+        ttfts, all_steps, rates = [], [], []
+        for i in range(cfg.iters):
+            if on_progress:
+                on_progress(f"hf batch {batch}: iteration {i + 1}/{cfg.iters}")
+            ttft, steps = once(ids, cfg.gen_len)
+            ttfts.append(ttft)
+            all_steps += steps
+            if steps:
+                rates.append(batch * len(steps) / sum(steps))
+        lat = np.asarray(all_steps) * 1000 if all_steps else np.asarray([np.nan])
+        results.append({
+            "batch": batch, "prompt_len": cfg.prompt_len, "gen_len": cfg.gen_len,
+            "ttft_ms": round(float(np.median(ttfts)) * 1000, 3),
+            "decode_tokens_per_s": round(float(np.median(rates)), 2) if rates else None,
+            "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3),
+            "peak_host_mb": round(peak_host_mb(), 1),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+        })
+    import transformers
+
+    info = {"source": source, "framework": f"transformers {transformers.__version__} (eager attention), "
+                                          f"torch {torch.__version__}",
+            "device": device, "dtype": dtype, "results": results}
+    del module, lm
+    if cuda:
+        torch.cuda.empty_cache()
+    return info
+
+
+def compare(result: dict, baseline: dict) -> list[dict]:
+    """Per batch size: the bundle's and the baseline's figures and their ratios."""
+    rows = []
+    by_batch = {r["batch"]: r for r in baseline["results"]}
+    for r in result["results"]:
+        h = by_batch.get(r["batch"])
+        if h is None:
+            continue
+        rows.append({
+            "batch": r["batch"],
+            "decode_tokens_per_s": r["decode_tokens_per_s"], "hf_decode_tokens_per_s": h["decode_tokens_per_s"],
+            "decode_speedup": round(r["decode_tokens_per_s"] / h["decode_tokens_per_s"], 2)
+            if r["decode_tokens_per_s"] and h["decode_tokens_per_s"] else None,
+            "ttft_ms": r["ttft_ms"], "hf_ttft_ms": h["ttft_ms"],
+            "ttft_speedup": round(h["ttft_ms"] / r["ttft_ms"], 2) if r["ttft_ms"] else None,
+        })
+    return rows

@@ -1,0 +1,290 @@
+"""ONNX Runtime CUDA runner: the KV cache lives on the GPU between steps.
+
+Every input and output goes through ORT I/O binding to OrtValues on the device; the host sends only
+the new token ids (and mask/positions) and reads back only the logits. Two cache layouts:
+
+- **growing** (the plain export, `Concat` attention): each step binds `past_key_values.*` to the
+  previous step's `present.*` OrtValues, which ORT allocated on the GPU. Nothing crosses to the host.
+- **shared** (graphs with `GroupQueryAttention`): one preallocated buffer per layer and K/V of shape
+  [batch, kv_heads, capacity, head_dim] is bound as both past and present, so GQA writes the new
+  entries in place (ORT's past_present_share_buffer). Addresses never change, which is what CUDA graphs
+  need: with `enable_cuda_graph` the decode step (static shapes: ids [B,1], mask [B,capacity]) is
+  captured once per batch size and replayed; prefill runs uncaptured (`gpu_graph_id` -1).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from leptonc.errors import BackendUnavailableError, InputError
+from leptonc.runtime.base import Runner, positions_from_mask
+
+_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
+
+
+def load_ort_cuda():
+    """Import onnxruntime with its CUDA provider usable, or raise BackendUnavailableError."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime is not installed",
+                                      hint="pip install onnxruntime-gpu (on a machine with an NVIDIA GPU)") from None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailableError(
+            "this bundle runs on ONNX Runtime's CUDA provider, which this onnxruntime build lacks",
+            hint="pip uninstall -y onnxruntime && pip install onnxruntime-gpu, on a machine with an NVIDIA GPU; "
+                 "or compile for --target cpu")
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:  # finds the CUDA/cuDNN libraries that PyTorch's wheels installed
+        try:
+            preload()
+        except Exception:  # noqa: BLE001 - a missing optional library shows up at session creation instead
+            pass
+    return ort
+
+
+def graph_op_types(model_path: Path) -> set[str]:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return {n.op_type for n in model.graph.node}
+
+
+class _GpuMemory:
+    """Device memory in use (NVML), relative to when the runner started: ORT's arena keeps its peak."""
+
+    def __init__(self, device_id: int):
+        self.handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_id)
+            self._nvml = pynvml
+            self.baseline = self.used()
+        except Exception:  # noqa: BLE001 - NVML missing: memory is reported as unknown, not guessed
+            self.handle = None
+        self.peak = 0.0
+
+    def used(self) -> float:
+        return self._nvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**20
+
+    def sample(self) -> None:
+        if self.handle is not None:
+            self.peak = max(self.peak, self.used() - self.baseline)
+
+    def name(self) -> str | None:
+        if self.handle is None:
+            return None
+        name = self._nvml.nvmlDeviceGetName(self.handle)
+        return name.decode() if isinstance(name, bytes) else name
+
+
+class OrtCudaRunner(Runner):
+    device = "cuda"
+
+    def __init__(self, model_path: Path, io: dict, settings: dict | None = None, *, max_sequence: int = 2048,
+                 max_batch: int = 64, device_id: int = 0, cuda_graph: bool | None = None):
+        ort = load_ort_cuda()
+        self.ort = ort
+        settings = dict(settings or {})
+        self.io = io
+        self.device_id = device_id
+        self.num_layers = io["num_layers"]
+        self.kv_heads, self.head_dim = io["num_kv_heads"], io["head_dim"]
+        self.kv_dtype = np.dtype(_DTYPES.get(io["kv_dtype"], io["kv_dtype"]) or np.float16)
+        self.vocab_size = io["vocab_size"]
+        self.max_sequence, self.max_batch = max_sequence, max_batch
+        self.memory = _GpuMemory(device_id)
+
+        ops = graph_op_types(model_path)
+        self.shared_kv = "GroupQueryAttention" in ops and settings.get("kv_layout", "shared") == "shared"
+        env_graph = os.environ.get("LEPTONC_CUDA_GRAPH")
+        if cuda_graph is None:
+            cuda_graph = settings.get("cuda_graph", True) if env_graph is None else env_graph == "1"
+        # CUDA graphs need fixed addresses and shapes: only the shared-buffer layout gives both.
+        self.cuda_graph = bool(cuda_graph) and self.shared_kv
+        self.cuda_graph_reason = ("on" if self.cuda_graph else
+                                  "off: the graph has no GroupQueryAttention, so the cache grows each step"
+                                  if not self.shared_kv else "off: disabled by settings")
+
+        from leptonc.runtime.ort import session_options
+
+        so = session_options(settings)
+        cuda_opts = {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested",
+                     "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
+        if self.cuda_graph:
+            cuda_opts["enable_cuda_graph"] = "1"
+        self.session = ort.InferenceSession(str(model_path), so,
+                                            providers=[("CUDAExecutionProvider", cuda_opts)])
+        if "CUDAExecutionProvider" not in self.session.get_providers():
+            raise BackendUnavailableError("ONNX Runtime could not start its CUDA provider on this machine",
+                                          hint="check the NVIDIA driver and that onnxruntime-gpu matches the CUDA version")
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.logits_dtype = np.float16 if self.session.get_outputs()[0].type == "tensor(float16)" else np.float32
+        self._batch = 0
+        self._mask: np.ndarray | None = None
+        self._positions: np.ndarray | None = None
+        self._kv: list = []  # OrtValues on the device
+        self._static: dict = {}  # per batch size: fixed-address decode inputs/outputs (shared layout)
+        self._graph_ids: dict[int, int] = {}
+        self.memory.sample()
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def _ortvalue(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
+
+    def _empty(self, shape, dtype):
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_id)
+
+    def _kv_names(self):
+        for i in range(self.num_layers):
+            for kind in ("key", "value"):
+                yield f"past_key_values.{i}.{kind}", f"present.{i}.{kind}"
+
+    def device_name(self) -> str:
+        name = self.memory.name()
+        return f"cuda:{self.device_id} {name}" if name else f"cuda:{self.device_id}"
+
+    @property
+    def sequence_length(self) -> int:
+        return 0 if self._mask is None else self._mask.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.max_sequence
+
+    # ---- prefill ----------------------------------------------------------------------------------
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, last_only: bool = False) -> np.ndarray:
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        batch, seq = input_ids.shape
+        if seq > self.max_sequence:
+            raise InputError(f"prompt is {seq} tokens; this bundle allows at most {self.max_sequence}")
+        if batch > self.max_batch:
+            raise InputError(f"batch of {batch} exceeds this bundle's maximum batch of {self.max_batch}")
+        self._batch = batch
+        self._mask = np.asarray(attention_mask, dtype=np.int64)
+        self._positions = positions_from_mask(self._mask)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("input_ids", self._ortvalue(input_ids))
+        binding.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
+        binding.bind_ortvalue_input("position_ids", self._ortvalue(self._positions))
+        if self.shared_kv:
+            self._kv = self._shared_buffers(batch)
+            for j, (past, present) in enumerate(self._kv_names()):
+                binding.bind_ortvalue_input(past, self._kv[j])
+                binding.bind_ortvalue_output(present, self._kv[j])
+        else:
+            empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+            for past, present in self._kv_names():
+                binding.bind_ortvalue_input(past, self._ortvalue(empty))
+                binding.bind_output(present, "cuda", self.device_id)
+        binding.bind_output("logits", "cuda", self.device_id)
+        run_options = self._run_options(-1)
+        self.session.run_with_iobinding(binding, run_options)
+        outputs = binding.get_outputs()
+        if not self.shared_kv:
+            self._kv = [outputs[self.output_names.index(present)] for _, present in self._kv_names()]
+        logits = outputs[0].numpy()
+        self.memory.sample()
+        logits = logits.astype(np.float32, copy=False)
+        return logits[:, -1] if last_only else logits
+
+    def _shared_buffers(self, batch: int) -> list:
+        """Per-batch-size K/V buffers at full capacity; reused (never reallocated) across sequences."""
+        static = self._static.get(batch)
+        if static is None:
+            shape = (batch, self.kv_heads, self.capacity, self.head_dim)
+            kv = [self._empty(shape, self.kv_dtype) for _ in range(2 * self.num_layers)]
+            static = {"kv": kv}
+            self._static[batch] = static
+        return static["kv"]
+
+    def _run_options(self, graph_id: int):
+        ro = self.ort.RunOptions()
+        if self.cuda_graph:
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return ro
+
+    # ---- decode -----------------------------------------------------------------------------------
+
+    def decode(self, token_ids: np.ndarray) -> np.ndarray:
+        if self._mask is None:
+            raise RuntimeError("decode before prefill")
+        if self.sequence_length >= self.max_sequence:
+            raise InputError(f"sequence reached this bundle's limit of {self.max_sequence} tokens")
+        batch = self._batch
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(batch, 1)
+        self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
+        self._positions = self._positions[:, -1:] + 1
+        if self.shared_kv:
+            logits = self._decode_shared(ids)
+        else:
+            logits = self._decode_growing(ids)
+        return logits.reshape(batch, -1).astype(np.float32, copy=False)
+
+    def _decode_growing(self, ids: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("input_ids", self._ortvalue(ids))
+        binding.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
+        binding.bind_ortvalue_input("position_ids", self._ortvalue(self._positions))
+        for j, (past, present) in enumerate(self._kv_names()):
+            binding.bind_ortvalue_input(past, self._kv[j])
+            binding.bind_output(present, "cuda", self.device_id)
+        binding.bind_output("logits", "cuda", self.device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self._kv = [outputs[self.output_names.index(present)] for _, present in self._kv_names()]
+        return outputs[0].numpy()
+
+    def _decode_state(self, batch: int) -> dict:
+        """Fixed-address decode inputs/outputs for one batch size (what a captured CUDA graph reads)."""
+        static = self._static[batch]
+        if "binding" not in static:
+            static["ids"] = self._empty((batch, 1), np.int64)
+            static["pos"] = self._empty((batch, 1), np.int64)
+            static["mask"] = self._empty((batch, self.capacity), np.int64)
+            static["logits"] = self._empty((batch, 1, self.vocab_size), self.logits_dtype)
+            b = self.session.io_binding()
+            b.bind_ortvalue_input("input_ids", static["ids"])
+            b.bind_ortvalue_input("position_ids", static["pos"])
+            b.bind_ortvalue_input("attention_mask", static["mask"])
+            for j, (past, present) in enumerate(self._kv_names()):
+                b.bind_ortvalue_input(past, static["kv"][j])
+                b.bind_ortvalue_output(present, static["kv"][j])
+            b.bind_ortvalue_output("logits", static["logits"])
+            static["binding"] = b
+            static["host_mask"] = np.zeros((batch, self.capacity), np.int64)
+            self._graph_ids.setdefault(batch, len(self._graph_ids) + 1)
+            static["run_options"] = self._run_options(self._graph_ids[batch])
+        return static
+
+    def _decode_shared(self, ids: np.ndarray) -> np.ndarray:
+        state = self._decode_state(self._batch)
+        length = self._mask.shape[1]
+        host_mask = state["host_mask"]
+        host_mask[:] = 0
+        host_mask[:, :length] = self._mask
+        # Copies into the fixed device buffers (no reallocation): the graph replays on the same addresses.
+        state["ids"].update_inplace(ids)
+        state["pos"].update_inplace(np.ascontiguousarray(self._positions))
+        state["mask"].update_inplace(host_mask)
+        self.session.run_with_iobinding(state["binding"], state["run_options"])
+        return state["logits"].numpy()
+
+    # ---- teardown ---------------------------------------------------------------------------------
+
+    def peak_device_memory_mb(self) -> float | None:
+        self.memory.sample()
+        return round(self.memory.peak, 1) if self.memory.handle is not None else None
+
+    def release(self) -> None:
+        self._kv = []
+        self._static = {}
+        self.session = None
