@@ -5,9 +5,12 @@ compile leaves nothing at the output path; loading checks every file's sha256 an
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -22,6 +25,12 @@ REPORT = "report.json"
 TMP_PREFIX = ".leptonc-tmp-"
 # Files whose hash the manifest cannot hold (itself) are listed here; everything else is hashed.
 UNHASHED = {MANIFEST}
+# The manifest seals itself: `manifest_sha256` is the sha256 of manifest.json's exact bytes with this
+# field's value replaced by 64 zeros. Any edited byte is caught (an integrity check against damage and
+# casual edits, not a signature: whoever can rewrite the file can recompute it).
+SELF_HASH = "manifest_sha256"
+_ZERO_HASH = "0" * 64
+_SELF_HASH_RE = re.compile(rb'^  "manifest_sha256": "([^"]*)"', re.MULTILINE)
 
 
 @dataclass
@@ -60,7 +69,16 @@ class Bundle:
 
     def report(self) -> dict:
         p = self.path / REPORT
-        return json.loads(p.read_text()) if p.is_file() else {}
+        if not p.is_file():
+            return {}
+        try:
+            report = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise BundleError(f"{self.path}: file {REPORT} is not valid JSON ({type(exc).__name__})",
+                              hint="recompile the bundle") from None
+        if not isinstance(report, dict):
+            raise BundleError(f"{self.path}: file {REPORT} is not a JSON object", hint="recompile the bundle")
+        return report
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -107,7 +125,11 @@ def staging_dir(output: Path) -> Path:
     for stale in output.parent.glob(f"{TMP_PREFIX}*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+            aside = stale.name.startswith(f"{TMP_PREFIX}old-{output.name}-")
+            if aside and not output.exists() and (stale / MANIFEST).is_file():
+                os.rename(stale, output)  # a replace died between its two renames: put the old bundle back
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
     tmp = output.parent / f"{TMP_PREFIX}{output.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -132,21 +154,109 @@ def check_output_path(output: Path, force: bool) -> None:
         )
 
 
+def manifest_bytes(manifest: dict) -> bytes:
+    """manifest.json's bytes, sealed with its own sha256 (see SELF_HASH)."""
+    body = dict(manifest)
+    body[SELF_HASH] = _ZERO_HASH
+    raw = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    digest = hashlib.sha256(raw).hexdigest()
+    return raw.replace(f'"{SELF_HASH}": "{_ZERO_HASH}"'.encode(), f'"{SELF_HASH}": "{digest}"'.encode(), 1)
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """(Re)write a bundle's manifest.json, sealed. Use this, not json.dump, when editing a manifest."""
+    manifest = {k: v for k, v in manifest.items() if k != SELF_HASH}
+    (root / MANIFEST).write_bytes(manifest_bytes(manifest))
+
+
+def check_manifest_seal(mf: Path, raw: bytes) -> None:
+    found = _SELF_HASH_RE.findall(raw)
+    if len(found) != 1:
+        raise BundleError(f"{mf}: the manifest's own sha256 ({SELF_HASH}) is missing; file manifest.json was "
+                          "modified or comes from an older leptonc",
+                          hint="recompile the bundle, or pass --no-verify to load it anyway")
+    sealed = _SELF_HASH_RE.sub(f'  "{SELF_HASH}": "{_ZERO_HASH}"'.encode(), raw, count=1)
+    if hashlib.sha256(sealed).hexdigest() != found[0].decode("ascii", "replace"):
+        raise BundleError(f"{mf.parent}: file manifest.json does not match its own sha256 (modified or corrupt)",
+                          hint="recompile the bundle, or pass --no-verify to load it anyway")
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder to disk, so a crash right after the rename cannot expose a bundle
+    whose files are still only in the page cache."""
+    for p in sorted(root.rglob("*"), reverse=True):
+        if p.is_file() and not p.is_symlink():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths with Linux renameat2(RENAME_EXCHANGE): at every instant
+    both names exist. False where the kernel, libc or filesystem cannot (the caller falls back)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def finalize(staging: Path, output: Path, manifest: dict) -> Bundle:
-    """Hash every file, write the manifest, and move the staging directory to `output`."""
+    """Hash every file, write the sealed manifest, flush to disk, and move the staging directory to
+    `output`. An existing bundle at `output` is swapped out atomically (renameat2 RENAME_EXCHANGE), so
+    the path always names a complete bundle, old or new; where the exchange is unavailable the old
+    bundle is renamed aside first and restored by the next compile if we die in between."""
+    manifest = {k: v for k, v in manifest.items() if k != SELF_HASH}
     manifest["files"] = hash_files(staging)
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (staging / MANIFEST).write_bytes(manifest_bytes(manifest))
+    _fsync_tree(staging)
     if output.exists() or output.is_symlink():
-        old = output.parent / f"{TMP_PREFIX}old-{output.name}-{os.getpid()}"
-        os.rename(output, old)  # the previous bundle stays complete under `old` until the new one is in
-        try:
-            os.rename(staging, output)
-        except BaseException:
-            os.rename(old, output)
-            raise
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        if exchange_paths(staging, output):
+            _fsync_dir(output.parent)
+            shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink()
+        else:
+            old = output.parent / f"{TMP_PREFIX}old-{output.name}-{os.getpid()}"
+            os.rename(output, old)  # the previous bundle stays complete under `old` until the new one is in
+            try:
+                os.rename(staging, output)
+            except BaseException:
+                os.rename(old, output)
+                raise
+            _fsync_dir(output.parent)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
         os.rename(staging, output)
+        _fsync_dir(output.parent)
     return Bundle(output, manifest)
 
 
@@ -163,52 +273,229 @@ _MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
     "files": dict,
     "toolchain": dict,
 }
+MAX_MANIFEST_BYTES = 16 << 20
+_DTYPES = {"bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64"}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Plausible ranges: a manifest outside them is corrupt or hostile (it would make the runtime allocate
+# absurd caches), not a model we should try to run.
+_IO_LIMITS = {"num_layers": 4096, "num_kv_heads": 4096, "head_dim": 65536, "vocab_size": 16 << 20}
+_LIMIT_MAX = {"max_batch": 4096, "max_sequence": 1 << 20}
 
 
-def read_manifest(path: Path) -> dict:
+def _corrupt(mf: Path, what: str) -> BundleError:
+    return BundleError(f"{mf}: {what}; the bundle is corrupt or from an incompatible leptonc",
+                       hint="recompile it with this leptonc")
+
+
+def _is_int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def read_manifest(path: Path, *, verify: bool = False) -> dict:
+    """Parse and validate manifest.json: types, sizes and ranges of every field the runtime reads.
+    With `verify`, also check the manifest's own seal (any edited byte is refused)."""
+    path = Path(path)
     mf = path / MANIFEST
     if not path.exists():
         raise BundleError(f"{path} does not exist", hint="compile one with `leptonc compile MODEL -o PATH`")
     if not path.is_dir() or not mf.is_file():
         raise BundleError(f"{path} is not a leptonc bundle (no {MANIFEST})",
                           hint="pass a NAME.lepton directory made by `leptonc compile`")
+    size = mf.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mf} is implausibly large ({size} bytes); the bundle is corrupt", hint="recompile it")
+    raw = mf.read_bytes()
     try:
-        if mf.stat().st_size > 16 << 20:
-            raise BundleError(f"{mf} is implausibly large ({mf.stat().st_size} bytes); the bundle is corrupt")
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BundleError(f"{mf} is not valid JSON ({type(exc).__name__}); the bundle is corrupt",
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BundleError(f"{mf} is not valid JSON ({type(exc).__name__}); file manifest.json is corrupt",
                           hint="recompile it") from None
     if not isinstance(manifest, dict):
-        raise BundleError(f"{mf} is not a JSON object; the bundle is corrupt", hint="recompile it")
+        raise BundleError(f"{mf} is not a JSON object; file manifest.json is corrupt", hint="recompile it")
+    if verify:
+        check_manifest_seal(mf, raw)
     for key, typ in _MANIFEST_TYPES.items():
         if not isinstance(manifest.get(key), typ) or isinstance(manifest.get(key), bool):
-            raise BundleError(f"{mf}: field {key!r} is missing or not a {getattr(typ, '__name__', typ)}",
-                              hint="the bundle is corrupt or from an incompatible leptonc; recompile it")
+            raise _corrupt(mf, f"field {key!r} is missing or not a {getattr(typ, '__name__', typ)}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise BundleError(
             f"{path} has bundle format {manifest['format_version']}; this leptonc {__version__} reads format "
             f"{FORMAT_VERSION}", hint="recompile it with this leptonc")
-    engine = manifest["engine"]
-    if not isinstance(engine.get("file"), str) or not isinstance(engine.get("io"), dict):
-        raise BundleError(f"{mf}: engine.file / engine.io missing; the bundle is corrupt", hint="recompile it")
-    for key in ("max_sequence", "max_batch"):
-        v = manifest["limits"].get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise BundleError(f"{mf}: limits.{key} is not a positive integer; the bundle is corrupt")
+    if manifest["backend"] not in ("onnxruntime", "tensorrt"):
+        raise _corrupt(mf, f"backend {manifest['backend']!r} is unknown")
+    if not isinstance(manifest["target"].get("name"), str):
+        raise _corrupt(mf, "target.name is missing")
+    for key, hi in _LIMIT_MAX.items():
+        if not _is_int(manifest["limits"].get(key), 1, hi):
+            raise _corrupt(mf, f"limits.{key} is not an integer in 1..{hi}")
+    if len(manifest["files"]) > 100_000:
+        raise _corrupt(mf, f"it lists {len(manifest['files'])} files")
     for name, entry in manifest["files"].items():
         _check_member(path, name)
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
-            raise BundleError(f"{mf}: files[{name!r}] is malformed; the bundle is corrupt", hint="recompile it")
-    _check_member(path, engine["file"])
+        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
+                or not _SHA256.match(entry["sha256"]) or not _is_int(entry.get("bytes"), 0, 1 << 50)):
+            raise _corrupt(mf, f"files[{name!r}] is malformed")
+    _check_engine(mf, manifest["engine"], manifest["files"])
+    for key, value in manifest["toolchain"].items():
+        if not isinstance(value, str) or len(value) > 256:
+            raise _corrupt(mf, f"toolchain[{key!r}] is not a version string")
+    tok = manifest.get("tokenizer")
+    if tok is not None:
+        if not isinstance(tok, str):
+            raise _corrupt(mf, "tokenizer is not a folder name")
+        _check_member(path, tok)
+    model = manifest.get("model", {})
+    if not isinstance(model, dict):
+        raise _corrupt(mf, "model is not an object")
+    eos = model.get("eos_token_ids")
+    if eos is not None and (not isinstance(eos, list) or len(eos) > 64
+                            or not all(_is_int(e, 0, _IO_LIMITS["vocab_size"]) for e in eos)):
+        raise _corrupt(mf, "model.eos_token_ids is not a short list of token ids")
     return manifest
 
 
-def _check_member(root: Path, name: str) -> Path:
+def _check_engine(mf: Path, engine: dict, files: dict) -> None:
+    if not isinstance(engine.get("file"), str) or not isinstance(engine.get("io"), dict):
+        raise _corrupt(mf, "engine.file / engine.io missing")
+    _check_member(mf.parent, engine["file"])
+    if engine["file"] not in files:
+        raise _corrupt(mf, f"engine file {engine['file']!r} is not listed in files")
+    io = engine["io"]
+    for key, hi in _IO_LIMITS.items():
+        if not _is_int(io.get(key), 1, hi):
+            raise _corrupt(mf, f"engine.io.{key} is not an integer in 1..{hi}")
+    if io.get("kv_dtype") not in _DTYPES:
+        raise _corrupt(mf, f"engine.io.kv_dtype {io.get('kv_dtype')!r} is not a known dtype")
+    for kind in ("inputs", "outputs"):
+        tensors = io.get(kind)
+        if not isinstance(tensors, list) or not 1 <= len(tensors) <= 4 * _IO_LIMITS["num_layers"] + 16:
+            raise _corrupt(mf, f"engine.io.{kind} is not a list of tensors")
+        for t in tensors:
+            if (not isinstance(t, dict) or not isinstance(t.get("name"), str) or not 0 < len(t["name"]) <= 256
+                    or t.get("dtype") not in _DTYPES or not isinstance(t.get("shape"), list)
+                    or not 1 <= len(t["shape"]) <= 8
+                    or not all(_is_int(d, 0, 1 << 31) or (isinstance(d, str) and 0 < len(d) <= 64)
+                               for d in t["shape"])):
+                raise _corrupt(mf, f"engine.io.{kind} holds a malformed tensor entry")
+    names = {t["name"] for t in io["inputs"]}
+    needed = {"input_ids", "attention_mask", "position_ids"} | {
+        f"past_key_values.{i}.{k}" for i in range(io["num_layers"]) for k in ("key", "value")}
+    if not needed <= names or "logits" not in {t["name"] for t in io["outputs"]}:
+        raise _corrupt(mf, "engine.io does not describe a decoder with num_layers KV-cache inputs")
+    session = engine.get("session", {})
+    if not isinstance(session, dict):
+        raise _corrupt(mf, "engine.session is not an object")
+    if session.get("graph_optimization_level", "all") not in ("disabled", "basic", "extended", "all"):
+        raise _corrupt(mf, "engine.session.graph_optimization_level is unknown")
+    if not _is_int(session.get("intra_op_num_threads", 0), 0, 4096):
+        raise _corrupt(mf, "engine.session.intra_op_num_threads is not a small integer")
+    if not isinstance(session.get("provider", ""), str):
+        raise _corrupt(mf, "engine.session.provider is not a string")
+
+
+def _check_member(root: Path, name) -> Path:
+    if not isinstance(name, str) or not name or "\x00" in name or len(name) > 4096:
+        raise BundleError(f"bundle file name {name!r} is not a usable relative path; the bundle is corrupt")
     p = Path(name)
-    if not isinstance(name, str) or not name or p.is_absolute() or ".." in p.parts:
+    if p.is_absolute() or ".." in p.parts or "\\" in name:
         raise BundleError(f"bundle file name {name!r} points outside the bundle; refusing to read it")
     return root / p
+
+
+# ---- ONNX engine files: external data must stay inside the bundle --------------------------------
+
+def _onnx_tensors(graph):
+    """Every TensorProto of a graph: initializers, and tensors in node attributes and subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _onnx_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _onnx_tensors(g)
+
+
+def check_onnx_model(model_path: Path, root: Path | None = None, io: dict | None = None):
+    """Parse an .onnx file (without its weights) and refuse, before ONNX Runtime opens it, external-data
+    locations outside `root` (absolute, `../`, symlinks out) or past the end of their file; with `io`,
+    also check the graph's inputs/outputs match the manifest. Returns the parsed ModelProto."""
+    import onnx
+
+    model_path = Path(model_path)
+    root = Path(root) if root is not None else model_path.parent
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends for garbled bytes
+        raise BundleError(f"{model_path.name}: not a readable ONNX model ({type(exc).__name__})",
+                          hint="recompile the bundle or re-export the model; check the file was copied whole") from None
+    real_root = os.path.realpath(root)
+    sizes: dict[str, int] = {}
+    for tensor in _onnx_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        if not loc or "\x00" in loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", loc):
+            raise BundleError(f"{model_path.name}: tensor {tensor.name!r} reads external data from {loc!r}, "
+                              "outside the model's folder; refusing to load it",
+                              hint="only load models whose weights live beside them; re-export the model")
+        target = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(model_path)), loc))
+        if os.path.commonpath([real_root, target]) != real_root:
+            raise BundleError(f"{model_path.name}: external data {loc!r} of tensor {tensor.name!r} resolves outside "
+                              f"{root} (a symlink?); refusing to load it", hint="re-export the model")
+        if loc not in sizes:
+            if not os.path.isfile(target):
+                raise BundleError(f"{model_path.name}: external data file {loc!r} is missing",
+                                  hint="copy the model together with its .data file")
+            sizes[loc] = os.path.getsize(target)
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            raise BundleError(f"{model_path.name}: tensor {tensor.name!r} has a malformed external-data "
+                              "offset/length; the model is corrupt", hint="re-export the model") from None
+        if offset < 0 or (length >= 0 and offset + length > sizes[loc]) or offset > sizes[loc]:
+            raise BundleError(f"{model_path.name}: tensor {tensor.name!r} reads past the end of {loc}; "
+                              "the model is corrupt or truncated", hint="re-export the model")
+    if io is not None:
+        _check_graph_io(model, model_path, io)
+    return model
+
+
+def _check_graph_io(model, model_path: Path, io: dict) -> None:
+    import onnx
+
+    def declared(values):
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            try:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else None
+            except Exception:  # an elem_type numbered outside the enum
+                dtype = None
+            out[v.name] = (dtype, [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim])
+        return out
+
+    graph_in = declared(model.graph.input)
+    graph_out = declared(model.graph.output)
+    initializers = {t.name for t in model.graph.initializer}
+    for kind, listed, graph in (("input", io["inputs"], graph_in), ("output", io["outputs"], graph_out)):
+        for t in listed:
+            if t["name"] not in graph:
+                raise BundleError(f"{model_path.name} has no {kind} {t['name']!r} although the manifest lists it; "
+                                  "the bundle is inconsistent", hint="recompile it")
+            dtype, dims = graph[t["name"]]
+            if dtype != t["dtype"] or len(dims) != len(t["shape"]) or any(
+                    g is not None and isinstance(m, int) and g != m for g, m in zip(dims, t["shape"])):
+                raise BundleError(f"{model_path.name}: {kind} {t['name']!r} is {dtype}{dims} in the graph but "
+                                  f"{t['dtype']}{t['shape']} in the manifest; the bundle is inconsistent",
+                                  hint="recompile it")
+    missing = set(graph_in) - initializers - {t["name"] for t in io["inputs"]}
+    if missing:
+        raise BundleError(f"{model_path.name} needs inputs the manifest does not list: {sorted(missing)[:5]}",
+                          hint="recompile the bundle")
 
 
 def verify_files(path: Path, manifest: dict) -> None:
@@ -255,11 +542,20 @@ def _ver(v: str) -> tuple[int, ...]:
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+    """Validate and (with `verify`) authenticate a bundle: the manifest's seal, every file's sha256,
+    the toolchain. Always, even without `verify`: manifest types and ranges, and for ONNX engines the
+    external-data locations and the graph's I/O against the manifest (before any runtime opens it)."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, verify=verify)
     if verify:
         verify_files(path, manifest)
         check_toolchain(manifest)
+    engine = manifest["engine"]
+    if engine.get("format", "onnx") == "onnx" and engine["file"].endswith(".onnx"):
+        model_path = path / engine["file"]
+        if not model_path.is_file():
+            raise BundleError(f"{path}: file {engine['file']} is missing", hint="the bundle is incomplete; recompile it")
+        check_onnx_model(model_path, path, engine["io"])
     return Bundle(path, manifest)
 
 
@@ -280,4 +576,5 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "toolchain": m["toolchain"],
         "leptonc_version": m["leptonc_version"],
         "created": m.get("created"),
+        "build_stats": m.get("build_stats"),
     }

@@ -111,7 +111,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     trace = None
     if config.verify:
         with steps.step("reference", "Recording the PyTorch reference"):
-            trace = reference_trace(lm.module, lm.tokenizer)
+            trace = reference_trace(lm.module, lm.tokenizer, max_sequence=config.max_sequence)
 
     work = staging / "_work"
     dtype = backend.export_dtype(target, config.precision)
@@ -156,14 +156,16 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "graph": _graph_summary(staging / engine["file"]) if engine.get("format") == "onnx" else None,
         "passes": records,
         "verification": verification,
-        "timings_s": steps.timings,
-        "peak_host_mb": round(peak_host_mb(), 1),
+        # Reproducible builds: report.json is a hashed file, so it holds no timings or memory peaks;
+        # those vary run to run and live in the manifest's `build_stats`, beside `created`.
     }
     (staging / "report.json").write_text(_json(report))
     manifest = {
         "format_version": FORMAT_VERSION,
         "leptonc_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        # Measurements of this particular run (not reproducible, not hashed): wall time per step, peak RSS.
+        "build_stats": {"timings_s": steps.timings, "peak_host_mb": round(peak_host_mb(), 1)},
         "name": output.name.removesuffix(".lepton"),
         "source": source,
         "model": spec.to_dict(),
