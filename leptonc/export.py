@@ -91,12 +91,13 @@ class GraphWriter:
         if pad:
             self._data.write(b"\0" * pad)
         offset = self._data.tell()
-        raw = array.tobytes()
-        self._data.write(raw)
-        self.weight_bytes += len(raw)
+        # Write the array's own buffer (no `tobytes()` copy: the embedding of a 1B model is 1 GB).
+        self._data.write(memoryview(array.reshape(-1)).cast("B"))
+        length = array.nbytes
+        self.weight_bytes += length
         tensor = TensorProto(name=name, dims=list(array.shape), data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         self.initializers.append(tensor)
@@ -173,6 +174,14 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
                              w.const("ax12", [1, 2])], "mask_4d")
     allowed = w.op("And", [causal, pad], "allowed")
     bias = w.op("Where", [allowed, w.const("zero_f", 0.0, w.np_dtype), w.const("neg_f", neg, w.np_dtype)], "attn_bias")
+    sliding_bias = None
+    if spec.sliding_layers:  # HF's sliding_window_overlay: key visible iff key > query - window
+        lower = w.op("Sub", [w.op("Unsqueeze", [q_pos, w.const("ax1", [1])], "q_pos_col_w"),
+                             w.const("window", spec.sliding_window)], "window_start")
+        in_window = w.op("Greater", [w.op("Unsqueeze", [k_pos, w.const("ax0", [0])], "k_pos_row_w"), lower], "in_window")
+        sliding_bias = w.op("Where", [w.op("And", [allowed, in_window], "allowed_window"),
+                                      w.const("zero_f", 0.0, w.np_dtype), w.const("neg_f", neg, w.np_dtype)],
+                            "attn_bias_window")
 
     cos = sin = None
     if spec.position == "rope":
@@ -233,6 +242,8 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
             t = w.op("Tanh", [w.op("Mul", [inner, w.const("s2pi", np.sqrt(2 / np.pi), w.np_dtype)], f"{prefix}/s")], f"{prefix}/tanh")
             half = w.op("Mul", [x, w.op("Add", [t, w.const("onef", 1.0, w.np_dtype)], f"{prefix}/add1")], f"{prefix}/mul")
             return w.op("Mul", [half, w.const("halff", 0.5, w.np_dtype)], f"{prefix}/gelu")
+        if spec.activation == "relu":
+            return w.op("Relu", [x], f"{prefix}/relu")
         raise ValueError(f"unknown activation {spec.activation}")
 
     def rotate(x: str, prefix: str) -> str:
@@ -277,9 +288,11 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
             v = w.op("Reshape", [w.op("Expand", [w.op("Unsqueeze", [v, w.const("ax2", [2])], f"{p}.v/unsq"), expand],
                                       f"{p}.v/expand"), shape], f"{p}.v/repeat")
         kt = w.op("Transpose", [k], f"{p}.attn/k_t", perm=[0, 1, 3, 2])
-        scores = w.op("Mul", [w.op("MatMul", [q, kt], f"{p}.attn/qk"), w.const("attn_scale", scale, w.np_dtype)],
+        layer_scale = spec.layer_attention_scales[i] if spec.layer_attention_scales else scale
+        scores = w.op("Mul", [w.op("MatMul", [q, kt], f"{p}.attn/qk"), w.const("attn_scale", layer_scale, w.np_dtype)],
                       f"{p}.attn/scale")
-        probs = w.op("Softmax", [w.op("Add", [scores, bias], f"{p}.attn/mask")], f"{p}.attn/softmax", axis=-1)
+        mask = sliding_bias if i in spec.sliding_layers else bias
+        probs = w.op("Softmax", [w.op("Add", [scores, mask], f"{p}.attn/mask")], f"{p}.attn/softmax", axis=-1)
         ctx = w.op("Transpose", [w.op("MatMul", [probs, v], f"{p}.attn/pv")], f"{p}.attn/to_bshd", perm=[0, 2, 1, 3])
         ctx = w.op("Reshape", [ctx, w.const("merge_heads", [0, 0, H * D])], f"{p}.attn/merge_heads")
         return linear(ctx, f"{p}.o", spec.o_bias)

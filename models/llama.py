@@ -1,6 +1,7 @@
-"""Adapter for the Llama family: llama (incl. Llama-3 rope scaling), mistral, qwen2 (QKV bias),
-qwen3 (q/k norm). They share HF's module layout: model.embed_tokens, model.layers[i].self_attn.
-{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm, model.norm."""
+"""Adapter for the Llama family: llama (incl. Llama-3 rope scaling), mistral (sliding window),
+qwen2 (QKV bias), qwen3 (q/k norm). They share HF's module layout: model.embed_tokens,
+model.layers[i].self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm,
+post_attention_layernorm, model.norm, lm_head. phi3 reuses this adapter with fused weights split."""
 
 from __future__ import annotations
 
@@ -9,36 +10,30 @@ from typing import Any
 import numpy as np
 
 from leptonc.models.adapters import register_adapter
+from leptonc.models.common import activation, eos_ids, np32, rope_from, sliding_window, weak_module_getter
 from leptonc.models.spec import DecoderSpec, DecoderWeights
 
 
-def _np(t: Any) -> np.ndarray:
-    return t.detach().to("cpu").float().numpy()
-
-
 def rope_from_module(module: Any) -> tuple[tuple[float, ...], float]:
-    """Inverse frequencies and attention scaling exactly as the HF module computes them (covers
-    default, linear, dynamic-at-init, llama3, yarn, longrope init)."""
-    rotary = module.model.rotary_emb
-    return tuple(float(x) for x in rotary.inv_freq.detach().float().cpu()), float(rotary.attention_scaling)
-
-
-def eos_ids(config: Any) -> tuple[int, ...]:
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return rope_from(module.model.rotary_emb)
 
 
 class LlamaAdapter:
     model_types = ("llama", "mistral", "qwen2", "qwen3")
 
+    # logical layer key -> HF submodule path under model.layers[i]
+    LAYER_MAP = {
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+        "ln1": "input_layernorm", "ln2": "post_attention_layernorm",
+        "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
+    }
+
     def spec(self, module: Any) -> DecoderSpec:
         c = module.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         inv_freq, scaling = rope_from_module(module)
-        attn = module.model.layers[0].self_attn
-        mlp = module.model.layers[0].mlp
+        window, sliding_layers = sliding_window(c)
         return DecoderSpec(
             architecture=c.model_type,
             num_layers=c.num_hidden_layers,
@@ -52,28 +47,26 @@ class LlamaAdapter:
             norm="rms",
             norm_eps=float(c.rms_norm_eps),
             mlp="gated",
-            activation="silu",
+            activation=activation(getattr(c, "hidden_act", "silu"), c.model_type),
             position="rope",
             rotary_dim=2 * len(inv_freq),
             rope_inv_freq=inv_freq,
             rope_attention_scaling=scaling,
-            qkv_bias=attn.q_proj.bias is not None,
-            o_bias=attn.o_proj.bias is not None,
-            mlp_bias=mlp.gate_proj.bias is not None,
-            qk_norm=hasattr(attn, "q_norm"),
+            **self._biases(module),
+            qk_norm=hasattr(module.model.layers[0].self_attn, "q_norm"),
             tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            sliding_window=window,
+            sliding_layers=sliding_layers,
             bos_token_id=getattr(c, "bos_token_id", None),
             eos_token_ids=eos_ids(c),
         )
 
-    def weights(self, module: Any, spec: DecoderSpec) -> DecoderWeights:
-        m = module.model
-        layer_map = {
-            "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-            "ln1": "input_layernorm", "ln2": "post_attention_layernorm",
-            "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
-        }
+    def _biases(self, module: Any) -> dict:
+        attn, mlp = module.model.layers[0].self_attn, module.model.layers[0].mlp
+        return {"qkv_bias": attn.q_proj.bias is not None, "o_bias": attn.o_proj.bias is not None,
+                "mlp_bias": mlp.gate_proj.bias is not None}
+
+    def weight_names(self, spec: DecoderSpec) -> list[str]:
         names = ["embed", "final_norm.weight"]
         if not spec.tied_embeddings:
             names.append("lm_head")
@@ -89,19 +82,24 @@ class LlamaAdapter:
                 names += [f"layers.{i}.{k}.bias" for k in ("gate", "up", "down")]
             if spec.qk_norm:
                 names += [f"layers.{i}.q_norm.weight", f"layers.{i}.k_norm.weight"]
+        return names
 
-        def get(name: str) -> np.ndarray:
+    def layer_tensor(self, layer: Any, key: str, param: str, spec: DecoderSpec) -> np.ndarray:
+        return np32(getattr(layer.get_submodule(self.LAYER_MAP[key]), param))
+
+    def weights(self, module: Any, spec: DecoderSpec) -> DecoderWeights:
+        def get(module: Any, name: str) -> np.ndarray:
+            m = module.model
             if name == "embed":
-                return _np(m.embed_tokens.weight)
+                return np32(m.embed_tokens.weight)
             if name == "lm_head":
-                return _np(module.lm_head.weight)
+                return np32(module.lm_head.weight)
             if name == "final_norm.weight":
-                return _np(m.norm.weight)
+                return np32(m.norm.weight)
             _, idx, key, param = name.split(".")
-            sub = m.layers[int(idx)].get_submodule(layer_map[key])
-            return _np(getattr(sub, param))
+            return self.layer_tensor(m.layers[int(idx)], key, param, spec)
 
-        return DecoderWeights(get=get, names=tuple(names))
+        return DecoderWeights(get=weak_module_getter(module, get), names=tuple(self.weight_names(spec)))
 
 
 register_adapter(LlamaAdapter())

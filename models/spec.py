@@ -28,7 +28,7 @@ class DecoderSpec:
     norm: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-6
     mlp: str = "gated"  # "gated" (down(act(gate) * up)) | "plain" (down(act(up)))
-    activation: str = "silu"  # "silu" | "gelu" | "gelu_tanh"
+    activation: str = "silu"  # "silu" | "gelu" (erf) | "gelu_tanh" | "relu"
     position: str = "rope"  # "rope" | "learned"
     rotary_dim: int = 0  # dims of each head that rotate (head_dim unless partial rotary)
     rope_inv_freq: tuple[float, ...] = ()
@@ -40,6 +40,9 @@ class DecoderSpec:
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (gpt_neox)
     tied_embeddings: bool = False
     attention_scale: float | None = None  # defaults to head_dim ** -0.5
+    layer_attention_scales: tuple[float, ...] = ()  # per-layer override (gpt2 scale_attn_by_inverse_layer_idx)
+    sliding_window: int | None = None  # a key is visible if query_index - key_index < window
+    sliding_layers: tuple[int, ...] = ()  # the layers that use the window (the others attend to everything)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -48,6 +51,10 @@ class DecoderSpec:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.position == "rope" and len(self.rope_inv_freq) * 2 != self.rotary_dim:
             raise ValueError("rope_inv_freq must hold rotary_dim / 2 frequencies")
+        if self.layer_attention_scales and len(self.layer_attention_scales) != self.num_layers:
+            raise ValueError("layer_attention_scales needs one scale per layer")
+        if self.sliding_layers and not self.sliding_window:
+            raise ValueError("sliding_layers given without a sliding_window")
 
     def to_dict(self) -> dict:
         d = asdict(self)
