@@ -175,6 +175,7 @@ class OrtCudaRunner(Runner):
         binding.bind_ortvalue_input("input_ids", self._ortvalue(input_ids))
         binding.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
         binding.bind_ortvalue_input("position_ids", self._ortvalue(self._positions))
+        binding.bind_output("logits", "cuda", self.device_id)  # bound first: get_outputs() keeps binding order
         if self.shared_kv:
             self._kv = self._shared_buffers(batch)
             for j, (past, present) in enumerate(self._kv_names()):
@@ -185,12 +186,11 @@ class OrtCudaRunner(Runner):
             for past, present in self._kv_names():
                 binding.bind_ortvalue_input(past, self._ortvalue(empty))
                 binding.bind_output(present, "cuda", self.device_id)
-        binding.bind_output("logits", "cuda", self.device_id)
         run_options = self._run_options(-1)
         self.session.run_with_iobinding(binding, run_options)
         outputs = binding.get_outputs()
         if not self.shared_kv:
-            self._kv = [outputs[self.output_names.index(present)] for _, present in self._kv_names()]
+            self._kv = list(outputs[1:])
         logits = outputs[0].numpy()
         self.memory.sample()
         logits = logits.astype(np.float32, copy=False)
@@ -234,13 +234,13 @@ class OrtCudaRunner(Runner):
         binding.bind_ortvalue_input("input_ids", self._ortvalue(ids))
         binding.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
         binding.bind_ortvalue_input("position_ids", self._ortvalue(self._positions))
+        binding.bind_output("logits", "cuda", self.device_id)  # first: get_outputs() keeps binding order
         for j, (past, present) in enumerate(self._kv_names()):
             binding.bind_ortvalue_input(past, self._kv[j])
             binding.bind_output(present, "cuda", self.device_id)
-        binding.bind_output("logits", "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        self._kv = [outputs[self.output_names.index(present)] for _, present in self._kv_names()]
+        self._kv = list(outputs[1:])
         return outputs[0].numpy()
 
     def _decode_state(self, batch: int) -> dict:
