@@ -86,8 +86,10 @@ def _precision_from_flags(precision: Optional[str], flags: dict[str, bool]) -> O
 
 @app.command("compile")
 def compile_cmd(
-    source: str = typer.Argument(..., help="Hugging Face model directory, .gguf file, or built-in name "
-                                           "(tiny-llama, smollm2-135m, llama-1b-shape, llama-8b-shape)."),
+    ctx: typer.Context,
+    source: Optional[str] = typer.Argument(None, help="Hugging Face model directory, .gguf file, or built-in name "
+                                                      "(tiny-llama, smollm2-135m, llama-1b-shape, llama-8b-shape). "
+                                                      "Omit with --config."),
     target: str = typer.Option("cpu", "--target", "-t", help="Hardware target (see `leptonc targets`)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Bundle path (default NAME.TARGET.lepton)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="onnxruntime or tensorrt (default: the target's)."),
@@ -107,11 +109,22 @@ def compile_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code."),
     force: bool = typer.Option(False, "--force", help="Replace a non-bundle at the output path."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (pipeline, backend config); build nothing."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Build matrix (leptonc.toml): one bundle per "
+                                                                     "entry, one summary. Exit 0 if all built, else "
+                                                                     "the first failed entry's code; 2 bad file."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="With --config: stop at the first failed entry."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
 ) -> None:
-    """Compile a model into a deployable bundle for one target."""
+    """Compile a model into a deployable bundle for one target (or a build matrix with --config)."""
     from leptonc.config import CompileConfig
 
+    if config_file is not None:
+        _compile_matrix(ctx, source, config_file, force, fail_fast, dry_run, as_json)
+        return
+    if source is None:
+        raise UnsupportedRequestError("compile: give a model SOURCE, or --config leptonc.toml for a build matrix")
+    if fail_fast:
+        raise UnsupportedRequestError("--fail-fast only applies to --config build matrices; drop it")
     chosen = _precision_from_flags(precision, {"fp16": fp16, "bf16": bf16, "int8": int8, "fp8": fp8, "int4": int4})
     config = CompileConfig(
         source=source, target=target, output=output, backend=backend, precision=chosen, max_batch=max_batch,
@@ -139,6 +152,60 @@ def compile_cmd(
         _emit_json({"bundle": str(bundle.path), "manifest": bundle.manifest, "report": report})
         return
     _print_compile_report(bundle, report)
+
+
+_MATRIX_FLAGS_OK = {"ctx", "source", "config_file", "force", "fail_fast", "dry_run", "as_json"}
+
+
+def _compile_matrix(ctx: typer.Context, source: Optional[str], config_file: Path, force: bool, fail_fast: bool,
+                    dry_run: bool, as_json: bool) -> None:
+    """`compile --config`: validate every entry, build them in order, print one summary."""
+    from leptonc import matrix
+
+    if source is not None:
+        raise UnsupportedRequestError("give a model SOURCE or --config, not both (add the model to the matrix file)")
+    given = [p.opts[0] for p in ctx.command.params if p.name not in _MATRIX_FLAGS_OK
+             and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise UnsupportedRequestError(f"{', '.join(given)} cannot be combined with --config; set it in {config_file} "
+                                      "(in [defaults] or per [[build]] entry)")
+    entries = matrix.load_matrix(config_file, force=force)
+    if dry_run:
+        from leptonc import compiler
+
+        plans = [{"entry": e.index, "output": e.config.output, "plan": compiler.plan(e.config)} for e in entries]
+        if as_json:
+            _emit_json({"config": str(config_file), "entries": plans})
+        else:
+            for p in plans:
+                out.rule(f"#{p['entry']} -> {p['output']}")
+                _print_plan(p["plan"])
+        return
+    from leptonc.progress import Steps
+
+    def start(entry) -> None:
+        if not as_json:
+            err.rule(f"[{entry.index}/{len(entries)}] {entry.label}")
+
+    summary = matrix.run_matrix(entries, fail_fast=fail_fast, on_start=start,
+                                steps_factory=lambda: Steps(console=err, enabled=not as_json))
+    summary["config"] = str(config_file)
+    if as_json:
+        _emit_json(summary)
+    else:
+        table = Table(title=f"build matrix {config_file}: {summary['built']} built, {summary['failed']} failed"
+                            + (f", {summary['not_run']} not run" if summary["not_run"] else ""))
+        for col in ("#", "build", "bundle", "status", "exit", "time s", "detail"):
+            table.add_column(col)
+        for r in summary["entries"]:
+            v = r.get("verification") or {}
+            detail = r["error"] or (f"verify {v.get('status')}" if v else "")
+            table.add_row(str(r["index"]), r["label"], r["output"],
+                          {"built": "[green]built[/]", "failed": "[red]failed[/]"}.get(r["status"], r["status"]),
+                          str(r["exit_code"]), f"{r['seconds']:.1f}", detail)
+        out.print(table)
+    if summary["exit_code"]:
+        raise typer.Exit(code=summary["exit_code"])
 
 
 def _print_plan(plan: dict) -> None:
@@ -447,6 +514,36 @@ def inspect(
     out.print_json(data=info)
     if info.get("trt_lint", {}).get("issues"):
         raise typer.Exit(code=UnsupportedRequestError.exit_code)
+
+
+# ---- package ------------------------------------------------------------------------------------
+
+@app.command()
+def package(
+    bundle: str = typer.Argument(..., help="A .lepton bundle (onnxruntime or tensorrt backend)."),
+    triton: Path = typer.Option(..., "--triton", help="Triton model repository folder to write the model into."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the repository (default: the bundle's)."),
+    version: int = typer.Option(1, "--version", help="Model version folder."),
+    instances: int = typer.Option(1, "--instances", help="Model instances (instance_group count)."),
+    max_queue_delay_us: int = typer.Option(100, "--max-queue-delay-us", help="Dynamic batching queue delay."),
+    force: bool = typer.Option(False, "--force", help="Replace a model of the same name in the repository."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
+) -> None:
+    """Package a bundle as a Triton Inference Server model (config.pbtxt + version folder)."""
+    from leptonc.package import TritonOptions, package_triton
+
+    options = TritonOptions(name=name, version=version, instances=instances, max_queue_delay_us=max_queue_delay_us,
+                            force=force)
+    result = package_triton(bundle, triton, options, verify=not no_verify)
+    if as_json:
+        _emit_json(result)
+        return
+    out.print(f"[green]✓[/] packaged {bundle} as Triton model [bold]{result['model']}[/] "
+              f"({result['platform']}) in {result['model_dir']}")
+    for f in result["files"]:
+        out.print(f"  {f}")
+    out.print(f"serve it with: [bold]{result['serve']}[/]")
 
 
 # ---- entry point --------------------------------------------------------------------------------
