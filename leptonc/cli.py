@@ -108,6 +108,18 @@ def compile_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pytorch_model.bin (pickle) weights."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code."),
     force: bool = typer.Option(False, "--force", help="Replace a non-bundle at the output path."),
+    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", help="TensorRT: batch the profiles are tuned for "
+                                                                      "(default 1)."),
+    opt_seq: Optional[int] = typer.Option(None, "--opt-seq", help="TensorRT: prompt length the profiles are tuned for "
+                                                                  "(default 128)."),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", help="TensorRT: 2:4 to use sparse tensor cores (sm80+)."),
+    timing_cache: Optional[str] = typer.Option(None, "--timing-cache", help="TensorRT: timing cache file, loaded "
+                                                                            "and updated."),
+    hardware_compat: Optional[str] = typer.Option(None, "--hardware-compat", help="TensorRT: ampere+ or same-cc."),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="TensorRT: engine loads in later "
+                                                                                "TensorRT versions (lean runtime)."),
+    builder_opt_level: Optional[int] = typer.Option(None, "--builder-opt-level", help="TensorRT: builder "
+                                                                                      "optimization level 0..5."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (pipeline, backend config); build nothing."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="Build matrix (leptonc.toml): one bundle per "
                                                                      "entry, one summary. Exit 0 if all built, else "
@@ -132,6 +144,10 @@ def compile_cmd(
         max_parity_error=max_parity_error, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         force=force,
     )
+    config = _tensorrt_options(config, {"opt_batch": opt_batch, "opt_seq": opt_seq, "sparsity": sparsity,
+                                        "timing_cache": timing_cache, "hardware_compat": hardware_compat,
+                                        "version_compatible": version_compatible or None,
+                                        "builder_opt_level": builder_opt_level}, dry_run)
     from leptonc import compiler
 
     if dry_run:
@@ -206,6 +222,26 @@ def _compile_matrix(ctx: typer.Context, source: Optional[str], config_file: Path
         out.print(table)
     if summary["exit_code"]:
         raise typer.Exit(code=summary["exit_code"])
+
+
+def _tensorrt_options(config, given: dict, dry_run: bool):
+    """Put the TensorRT flags into `config.options` (with the limits its profiles need), refuse them
+    on another backend, and run TensorRT's preflight (options, library, build GPU) before a build."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if config.backend != "tensorrt":
+        if given:
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UnsupportedRequestError(f"{flags} only {verb} to --backend tensorrt (this compile uses "
+                                          f"{config.backend}); drop them or pass --backend tensorrt")
+        return config
+    config = config.with_(options={**config.options, **given, "max_batch": config.max_batch,
+                                   "max_sequence": config.max_sequence})
+    if not dry_run:
+        from leptonc.targets.tensorrt import preflight
+
+        preflight(config)
+    return config
 
 
 def _print_plan(plan: dict) -> None:
@@ -555,7 +591,12 @@ def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwinding as Ct
 def main(argv: Optional[list[str]] = None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        app(args=argv, standalone_mode=False)
+        # Non-standalone typer returns the exit code of a typer.Exit, and turns Ctrl-C into Exit(130).
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            sys.exit(code)
     except LeptonError as exc:
         err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
         if exc.hint:
