@@ -29,14 +29,21 @@ class ReferenceTrace:
     decode_logits: list[np.ndarray]  # [steps, V] per prompt
 
 
-def reference_trace(module, tokenizer, prompts=VERIFY_PROMPTS, steps: int = DECODE_STEPS) -> ReferenceTrace:
+def reference_trace(module, tokenizer, prompts=VERIFY_PROMPTS, steps: int = DECODE_STEPS,
+                    max_sequence: int | None = None) -> ReferenceTrace:
+    """`max_sequence` (the bundle's limit) truncates prompts so prompt + steps fit."""
     import torch
+
+    if max_sequence is not None:
+        steps = max(1, min(steps, max_sequence - 1))
 
     trace = ReferenceTrace([], [], [], [])
     vocab = module.config.vocab_size
     for text in prompts:
         ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)[None, :]
         ids = np.clip(ids, 0, vocab - 1)
+        if max_sequence is not None:
+            ids = ids[:, : max(1, max_sequence - steps)]
         with torch.no_grad():
             out = module(torch.from_numpy(ids), use_cache=True)
             prefill = out.logits[0].float().numpy()
