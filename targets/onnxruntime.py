@@ -13,12 +13,35 @@ MODEL_FILE = "model.onnx"
 
 # ---- pipelines ----------------------------------------------------------------------------------
 # One explicit list per device. The order matters; each constraint is stated where it applies.
-CPU_PIPELINE: list[str] = []
-CUDA_PIPELINE: list[str] = []
+CLEANUP: list[str] = [
+    "infer_shapes",         # first: fusions check operand shapes (a skip-norm must not hide a broadcast)
+    "fold_constants",       # needs shapes (folds Shape of static dims)
+    "remove_dead_nodes",
+    "dedupe_initializers",  # before fusions copy any constant into a merged weight
+]
+CPU_PIPELINE: list[str] = CLEANUP + [
+    "fuse_rmsnorm",
+    "fuse_skip_rmsnorm",    # after fuse_rmsnorm: it absorbs the residual Add into the fused norm
+    "fuse_skip_layernorm",  # gpt2-style graphs (LayerNormalization); skipped on RMSNorm models
+    "fuse_gelu",
+    "fuse_rotary",          # before fuse_gqa: attention takes q/k already rotated, in [B, S, hidden]
+    "fuse_gqa",             # before the merges: it peels the head-split Reshape/Transpose off q/k/v
+    "merge_qkv",            # after fuse_gqa, so attention matching sees three separate projections
+    "merge_gate_up",
+]
+# ONNX Runtime's CUDA provider has kernels for every contrib op above (GroupQueryAttention in fp16).
+CUDA_PIPELINE: list[str] = list(CPU_PIPELINE)
+
+
+# Quantization (issue 6; passes/quantize_*.py) comes LAST, after cleanup and fusion: the fusions
+# match float MatMul/Gemm patterns, and the quantizers then replace whatever MatMuls remain (fused
+# or not) with what ONNX Runtime runs natively: MatMulNBits (int4, int8 weight-only), QDQ int8
+# (fused by ORT into integer MatMuls), float8 Q/DQ (fp8, simulated on the CPU).
+QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "int4": ["quantize_int4"], "fp8": ["quantize_fp8"]}
 
 
 def pipeline(target, precision: str) -> list[str]:
-    return list(CUDA_PIPELINE if target.is_gpu else CPU_PIPELINE)
+    return list(CUDA_PIPELINE if target.is_gpu else CPU_PIPELINE) + QUANT_PASSES.get(precision, [])
 
 
 def export_dtype(target, precision: str) -> str:

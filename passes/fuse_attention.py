@@ -1,0 +1,369 @@
+"""Rotary and attention fusions for ONNX Runtime.
+
+fuse_rotary: export's rotate-half rotary on [B, heads, S, head_dim]
+    Split(x) -> Neg, Concat(-x2, x1) ; Add(Mul(x, cos), Mul(rotated, sin))      (partial rotary: a
+    Split/Concat around it), with cos/sin = Unsqueeze(Cos/Sin(Concat(f, f)) [* scale] [-> fp16]),
+    f = Cast(position_ids) * inv_freq
+  -> com.microsoft RotaryEmbedding on the [B, S, heads*head_dim] form, reading position_ids and a
+     cos/sin cache precomputed from inv_freq (so left-padded rows keep their own positions).
+
+fuse_gqa: Softmax(Q K^T * scale + bias) V over the KV cache (Concat(past, new) = present, with the
+    grouped-query Unsqueeze/Expand/Reshape repeat of K and V)
+  -> com.microsoft GroupQueryAttention. The graph's own attention bias (causal, padding and sliding
+     window, [B, 1, S, T]) is passed as `attention_bias`; `seqlens_k` is T-1 for every row and
+     `total_sequence_length` is T, both computed in the graph from attention_mask. Every row then
+     keeps its full cache (padding included) and padding is masked by the bias, which is what makes
+     left padding correct: GroupQueryAttention's own per-row lengths assume right padding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from leptonc.passes.matching import (MS_DOMAIN, add_node, attr, axes_of, const_ints, const_value, detach,
+                                     float_dtype, is_safe_to_fuse, new_const, parent, producer, scalar,
+                                     take_outputs, variable)
+from leptonc.passes.registry import PassContext, PassResult, register_pass
+
+
+# ---- [B, N, S, D] <-> [B, S, N*D] ----------------------------------------------------------------
+
+def _bnsh_source(x: gs.Tensor):
+    """For x = Transpose(z, perm=[0, 2, 1, 3]) with z [B, S, N, D]: (z, N, D), else None."""
+    t = producer(x)
+    if t is None or t.op != "Transpose" or list(attr(t, "perm", [])) != [0, 2, 1, 3]:
+        return None
+    z = t.inputs[0]
+    if z.shape is None or len(z.shape) != 4 or not all(isinstance(d, int) for d in z.shape[2:]):
+        return None
+    return z, z.shape[2], z.shape[3]
+
+
+def _as_bsh(graph: gs.Graph, x: gs.Tensor, name: str):
+    """A [B, S, N*D] tensor equal to x ([B, N, S, D], a Transpose of [B, S, N, D]), reusing the
+    3-D tensor the head split came from when there is one. Returns (tensor, N, D) or None."""
+    src = _bnsh_source(x)
+    if src is None:
+        return None
+    z, n, d = src
+    r = producer(z)
+    if r is not None and r.op == "Reshape" and const_ints(r.inputs[1]) == [0, 0, n, d]:
+        w = r.inputs[0]
+        if w.shape is not None and len(w.shape) == 3 and w.shape[-1] == n * d:
+            return w, n, d
+    out = variable(graph, f"{name}/bsh", dtype=z.dtype, shape=[z.shape[0], z.shape[1], n * d])
+    add_node(graph, "Reshape", [z, new_const(f"{name}/bsh_shape", np.array([0, 0, n * d], np.int64))], [out],
+             f"{name}/to_bsh")
+    return out, n, d
+
+
+# ---- rotary --------------------------------------------------------------------------------------
+
+def _rope_table(graph: gs.Graph, t: gs.Tensor):
+    """cos/sin [B, 1, S, R] as export computes them -> (fn, inv_freq, scale, position_ids, dtype)."""
+    u = producer(t)
+    if u is None or u.op != "Unsqueeze" or axes_of(u) != [1]:
+        return None
+    cur = u.inputs[0]
+    dtype = np.float32
+    n = producer(cur)
+    if n is not None and n.op == "Cast":
+        dtype = np.float16 if attr(n, "to") == 10 else None
+        if dtype is None:
+            return None
+        cur = n.inputs[0]
+        n = producer(cur)
+    scale = 1.0
+    if n is not None and n.op == "Mul":
+        s = [scalar(i) for i in n.inputs]
+        if s[1] is None:
+            return None
+        scale, cur = s[1], n.inputs[0]
+        n = producer(cur)
+    if n is None or n.op not in ("Cos", "Sin"):
+        return None
+    emb = parent(n, 0, "Concat")
+    if emb is None or len(emb.inputs) != 2 or emb.inputs[0] is not emb.inputs[1]:
+        return None
+    freqs = parent(emb, 0, "Mul")
+    if freqs is None:
+        return None
+    inv, pos = None, None
+    for i in (0, 1):
+        v = const_value(freqs.inputs[i])
+        if v is not None:
+            inv, pos = v.astype(np.float32).reshape(-1), freqs.inputs[1 - i]
+    if inv is None:
+        return None
+    unsq = producer(pos)
+    if unsq is None or unsq.op != "Unsqueeze" or axes_of(unsq) != [-1]:
+        return None
+    cast = parent(unsq, 0, "Cast")
+    if cast is None or not any(cast.inputs[0] is t for t in graph.inputs):
+        return None
+    return n.op, inv, scale, cast.inputs[0], dtype
+
+
+def _match_rotary(graph: gs.Graph, add: gs.Node):
+    """Match export's rotate-half at its final Add. Returns a dict or a reason string."""
+    muls = [producer(t) for t in add.inputs]
+    if len(muls) != 2 or any(m is None or m.op != "Mul" for m in muls):
+        return "not Mul + Mul"
+    tables, others = {}, {}
+    for m in muls:
+        for i in (0, 1):
+            info = _rope_table(graph, m.inputs[i])
+            if info is not None:
+                tables[info[0]] = info
+                others[info[0]] = (m, m.inputs[1 - i])
+    if set(tables) != {"Cos", "Sin"}:
+        return "cos/sin tables not recognized"
+    (mul_cos, rot), (mul_sin, rotated) = others["Cos"], others["Sin"]
+    cat = producer(rotated)
+    if cat is None or cat.op != "Concat" or len(cat.inputs) != 2:
+        return "no rotate-half Concat"
+    neg = parent(cat, 0, "Neg")
+    split = producer(cat.inputs[1])
+    if neg is None or split is None or split.op != "Split" or producer(neg.inputs[0]) is not split:
+        return "no rotate-half Split/Neg"
+    if split.inputs[0] is not rot or neg.inputs[0] is not split.outputs[1] or cat.inputs[1] is not split.outputs[0]:
+        return "rotate-half halves crossed"
+    sizes = const_ints(split.inputs[1]) if len(split.inputs) > 1 else None
+    if sizes is None or len(sizes) != 2 or sizes[0] != sizes[1]:
+        return "uneven halves"
+    rd = 2 * sizes[0]
+    if rd != 2 * tables["Cos"][1].size or not np.array_equal(tables["Cos"][1], tables["Sin"][1]):
+        return "tables do not match the rotated width"
+    if tables["Cos"][2] != tables["Sin"][2] or tables["Cos"][3] is not tables["Sin"][3]:
+        return "cos and sin tables differ in scale or positions"
+    nodes = [add, mul_cos, mul_sin, cat, neg, split]
+    out_node, x = add, rot
+    partial = None
+    p = producer(rot)
+    if p is not None and p.op == "Split" and p.outputs[0] is rot:
+        psizes = const_ints(p.inputs[1]) if len(p.inputs) > 1 else None
+        final = add.outputs[0].outputs[0] if len(add.outputs[0].outputs) == 1 else None
+        if (psizes and psizes[0] == rd and final is not None and final.op == "Concat"
+                and len(final.inputs) == 2 and final.inputs[0] is add.outputs[0] and final.inputs[1] is p.outputs[1]):
+            partial, x, out_node = rd, p.inputs[0], final
+            nodes += [p, final]
+    if not is_safe_to_fuse(graph, nodes, [out_node.outputs[0]]):
+        return "an intermediate result is read elsewhere"
+    fn, inv, scale, positions, dtype = tables["Cos"]
+    return {"x": x, "out": out_node.outputs[0], "nodes": nodes, "inv": inv, "scale": scale,
+            "positions": positions, "dtype": dtype, "partial": partial}
+
+
+@register_pass("fuse_rotary", requires=("infer_shapes",))
+def fuse_rotary(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """Rotate-half rotary embeddings -> RotaryEmbedding (ONNX Runtime) with a cos/sin cache."""
+    spec = ctx.spec
+    if spec is None or not getattr(spec, "max_positions", 0):
+        return PassResult.skipped("no model spec: the cos/sin cache size (max positions) is unknown")
+    caches: dict[tuple, tuple[gs.Constant, gs.Constant]] = {}
+    fused, reasons = 0, {}
+    for node in list(graph.nodes):
+        if node.op != "Add" or not node.outputs or not node.inputs:
+            continue
+        m = _match_rotary(graph, node)
+        if isinstance(m, str):
+            if m not in ("not Mul + Mul", "cos/sin tables not recognized"):
+                reasons[m] = reasons.get(m, 0) + 1
+            continue
+        bsh = _as_bsh(graph, m["x"], node.name)
+        if bsh is None:
+            reasons["rotated tensor is not a head split"] = reasons.get("rotated tensor is not a head split", 0) + 1
+            continue
+        x3, n, d = bsh
+        key = (m["inv"].tobytes(), m["scale"], np.dtype(m["dtype"]).str)
+        if key not in caches:
+            pos = np.arange(spec.max_positions, dtype=np.float32)[:, None] * m["inv"][None, :]
+            cos = (np.cos(pos) * np.float32(m["scale"])).astype(m["dtype"])
+            sin = (np.sin(pos) * np.float32(m["scale"])).astype(m["dtype"])
+            caches[key] = (new_const(f"rotary.cos_cache{len(caches)}", cos), new_const(f"rotary.sin_cache{len(caches)}", sin))
+        cos_c, sin_c = caches[key]
+        y3 = variable(graph, f"{node.name}/rotary", dtype=x3.dtype, shape=list(x3.shape))
+        attrs = {"num_heads": n, "interleaved": 0}
+        if m["partial"]:
+            attrs["rotary_embedding_dim"] = m["partial"]
+        add_node(graph, "RotaryEmbedding", [x3, m["positions"], cos_c, sin_c], [y3], f"{node.name}/rotary",
+                 domain=MS_DOMAIN, **attrs)
+        z = variable(graph, f"{node.name}/rotary_heads", dtype=x3.dtype, shape=[x3.shape[0], x3.shape[1], n, d])
+        add_node(graph, "Reshape", [y3, new_const(f"{node.name}/heads_shape", np.array([0, 0, n, d], np.int64))], [z],
+                 f"{node.name}/rotary_heads")
+        t = add_node(graph, "Transpose", [z], [], f"{node.name}/rotary_bnsh", perm=[0, 2, 1, 3])
+        take_outputs(t, [m["out"]])
+        detach(m["nodes"])
+        fused += 1
+    graph.cleanup()
+    left = "; ".join(f"{v} left alone: {k}" for k, v in reasons.items())
+    if not fused:
+        return PassResult(False, "no rotary pattern found" + (f" ({left})" if left else ""), {"fused": 0})
+    return PassResult(True, f"fused {fused} rotary" + (f"; {left}" if left else ""),
+                      {"fused": fused, "left_alone": sum(reasons.values())})
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+def _kv_cache(graph: gs.Graph, t: gs.Tensor, rep: int):
+    """K or V as attention reads it -> (cache Concat node, repeat nodes) ; undoes the GQA repeat."""
+    nodes = []
+    n = producer(t)
+    if rep > 1:
+        if n is None or n.op != "Reshape":
+            return None
+        e = parent(n, 0, "Expand")
+        u = parent(e, 0, "Unsqueeze") if e is not None else None
+        if u is None or axes_of(u) != [2] or const_ints(e.inputs[1]) != [1, 1, rep, 1, 1]:
+            return None
+        nodes += [n, e, u]
+        n = producer(u.inputs[0])
+    if n is None or n.op != "Concat" or attr(n, "axis") not in (2, -2) or len(n.inputs) != 2:
+        return None
+    if not any(n.inputs[0] is t for t in graph.inputs):
+        return None
+    return n, nodes
+
+
+def _match_attention(graph: gs.Graph, softmax: gs.Node):
+    if attr(softmax, "axis", -1) not in (-1, 3):
+        return "softmax not over keys"
+    mask_add = parent(softmax, 0, "Add")
+    if mask_add is None:
+        return "no mask Add"
+    scale_mul, bias = None, None
+    for i in (0, 1):
+        p = parent(mask_add, i, "Mul")
+        if p is not None and const_value(mask_add.inputs[1 - i]) is None:
+            scale_mul, bias = p, mask_add.inputs[1 - i]
+    if scale_mul is None or bias.shape is None or len(bias.shape) != 4 or bias.shape[1] != 1:
+        return "no scaled scores + [B, 1, S, T] bias"
+    qk, scale = None, None
+    for i in (0, 1):
+        s = scalar(scale_mul.inputs[1 - i])
+        p = parent(scale_mul, i, "MatMul")
+        if s is not None and p is not None:
+            qk, scale = p, s
+    if qk is None:
+        return "no Q K^T MatMul"
+    kt = parent(qk, 1, "Transpose")
+    if kt is None or list(attr(kt, "perm", [])) != [0, 1, 3, 2]:
+        return "K is not transposed"
+    out_users = softmax.outputs[0].outputs
+    pv = out_users[0] if len(out_users) == 1 and out_users[0].op == "MatMul" else None
+    if pv is None or pv.inputs[0] is not softmax.outputs[0]:
+        return "no probs x V MatMul"
+    users = pv.outputs[0].outputs
+    tr = users[0] if len(users) == 1 and users[0].op == "Transpose" else None
+    if tr is None or list(attr(tr, "perm", [])) != [0, 2, 1, 3]:
+        return "output not transposed back"
+    users = tr.outputs[0].outputs
+    merge = users[0] if len(users) == 1 and users[0].op == "Reshape" else None
+    q = qk.inputs[0]
+    if q.shape is None or len(q.shape) != 4 or not isinstance(q.shape[1], int) or not isinstance(q.shape[3], int):
+        return "query shape unknown"
+    heads, dim = q.shape[1], q.shape[3]
+    if merge is None or const_ints(merge.inputs[1]) != [0, 0, heads * dim]:
+        return "heads not merged"
+    k_cat = _kv_cache(graph, kt.inputs[0], 1)
+    rep = 1
+    if k_cat is None:
+        r = producer(kt.inputs[0])
+        shape = const_ints(r.inputs[1]) if r is not None and r.op == "Reshape" else None
+        e = parent(r, 0, "Expand") if r is not None else None
+        reps = const_ints(e.inputs[1]) if e is not None else None
+        if not shape or not reps or len(reps) != 5:
+            return "K is not a KV cache Concat"
+        rep = reps[2]
+        k_cat = _kv_cache(graph, kt.inputs[0], rep)
+    v_cat = _kv_cache(graph, pv.inputs[1], rep)
+    if k_cat is None or v_cat is None:
+        return "K/V are not KV cache Concats"
+    (kc, k_rep), (vc, v_rep) = k_cat, v_cat
+    kv_heads = heads // rep
+    nodes = [softmax, mask_add, scale_mul, qk, kt, pv, tr, merge, kc, vc, *k_rep, *v_rep]
+    if not is_safe_to_fuse(graph, nodes, [merge.outputs[0], kc.outputs[0], vc.outputs[0]]):
+        return "an intermediate result is read elsewhere"
+    return {"q": q, "k_new": kc.inputs[1], "v_new": vc.inputs[1], "past_k": kc.inputs[0], "past_v": vc.inputs[0],
+            "present_k": kc.outputs[0], "present_v": vc.outputs[0], "out": merge.outputs[0], "bias": bias,
+            "scale": scale, "heads": heads, "kv_heads": kv_heads, "dim": dim, "nodes": nodes}
+
+
+def _lengths(graph: gs.Graph):
+    """seqlens_k [B] int32 = T - 1, total_sequence_length int32 = T (from attention_mask) and
+    query_seqlens [B] int32 = S (from input_ids)."""
+    inputs = {t.name: t for t in graph.inputs}
+    mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
+    if mask is None or ids is None:
+        return None
+    total64 = variable(graph, "gqa/total64", np.int64, [1])
+    add_node(graph, "Shape", [mask], [total64], "gqa/total_shape", start=1, end=2)
+    total32 = variable(graph, "gqa/total32", np.int32, [1])
+    add_node(graph, "Cast", [total64], [total32], "gqa/total_cast", to=6)
+    total = variable(graph, "gqa/total_sequence_length", np.int32, [])
+    add_node(graph, "Squeeze", [total32], [total], "gqa/total_scalar")
+    last = variable(graph, "gqa/last_index", np.int32, [1])
+    add_node(graph, "Sub", [total32, new_const("gqa/one", np.array([1], np.int32))], [last], "gqa/last_index")
+    batch = variable(graph, "gqa/batch", np.int64, [1])
+    add_node(graph, "Shape", [ids], [batch], "gqa/batch_shape", start=0, end=1)
+    seqlens = variable(graph, "gqa/seqlens_k", np.int32, ["batch"])
+    add_node(graph, "Expand", [last, batch], [seqlens], "gqa/seqlens_k")
+    # query_seqlens = S for every row (no right padding): with it the CPU kernel accepts a multi-token
+    # step over a non-empty cache at batch > 1 (a chunked prefill), which it refuses otherwise.
+    seq64 = variable(graph, "gqa/seq64", np.int64, [1])
+    add_node(graph, "Shape", [ids], [seq64], "gqa/seq_shape", start=1, end=2)
+    seq32 = variable(graph, "gqa/seq32", np.int32, [1])
+    add_node(graph, "Cast", [seq64], [seq32], "gqa/seq_cast", to=6)
+    query_lens = variable(graph, "gqa/query_seqlens", np.int32, ["batch"])
+    add_node(graph, "Expand", [seq32, batch], [query_lens], "gqa/query_seqlens")
+    return seqlens, total, query_lens
+
+
+@register_pass("fuse_gqa", requires=("infer_shapes",))
+def fuse_gqa(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """Attention over the KV cache (grouped-query, masked) -> GroupQueryAttention (ONNX Runtime)."""
+    matches, reasons = [], {}
+    for node in list(graph.nodes):
+        if node.op != "Softmax":
+            continue
+        m = _match_attention(graph, node)
+        if isinstance(m, str):
+            reasons[m] = reasons.get(m, 0) + 1
+        else:
+            matches.append(m)
+    lengths = _lengths(graph) if matches else None
+    if matches and lengths is None:
+        return PassResult.skipped("the graph has no attention_mask/input_ids inputs to derive sequence lengths")
+    fused = 0
+    for m in matches:
+        q = _as_bsh(graph, m["q"], m["out"].name + "/q")
+        k = _as_bsh(graph, m["k_new"], m["out"].name + "/k")
+        v = _as_bsh(graph, m["v_new"], m["out"].name + "/v")
+        if q is None or k is None or v is None:
+            reasons["q/k/v are not head splits of [B, S, hidden] tensors"] = reasons.get(
+                "q/k/v are not head splits of [B, S, hidden] tensors", 0) + 1
+            continue
+        dtype = float_dtype(m["q"])
+        bias = m["bias"]
+        if dtype is not None and float_dtype(bias) not in (None, dtype):
+            reasons["bias dtype differs from the query's"] = reasons.get("bias dtype differs from the query's", 0) + 1
+            continue
+        seqlens, total, query_lens = lengths
+        e = gs.Variable.empty
+        # inputs: query key value past_key past_value seqlens_k total_sequence_length cos_cache sin_cache
+        # position_ids attention_bias head_sink k_scale v_scale q_norm_weight k_norm_weight query_seqlens
+        new = add_node(graph, "GroupQueryAttention",
+                       [q[0], k[0], v[0], m["past_k"], m["past_v"], seqlens, total, e(), e(), e(), bias,
+                        e(), e(), e(), e(), e(), query_lens],
+                       [], m["out"].name + "/gqa", domain=MS_DOMAIN, num_heads=m["heads"], kv_num_heads=m["kv_heads"],
+                       scale=float(m["scale"]), do_rotary=0)
+        take_outputs(new, [m["out"], m["present_k"], m["present_v"]])
+        detach(m["nodes"])
+        fused += 1
+    graph.cleanup()
+    left = "; ".join(f"{v} left alone: {k}" for k, v in reasons.items())
+    if not fused:
+        return PassResult(False, "no attention pattern fused" + (f" ({left})" if left else ""), {"fused": 0})
+    return PassResult(True, f"fused {fused} attention -> GroupQueryAttention" + (f"; {left}" if left else ""),
+                      {"fused": fused, "left_alone": sum(reasons.values())})
