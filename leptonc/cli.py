@@ -14,7 +14,16 @@ from typing import Any, Optional
 
 import click
 import typer
+
+try:  # typer >= 0.16 vendors click as typer._click: its exceptions are not click's own classes
+    from typer import _click as _tclick
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _tclick = click
+_EXIT = tuple({click.exceptions.Exit, typer.Exit})
+_CLICK_ERROR = tuple({click.exceptions.ClickException, _tclick.exceptions.ClickException})
+_ABORT = tuple({click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)})
 from rich.console import Console
+from rich.markup import escape as _escape
 from rich.table import Table
 
 from leptonc import __version__
@@ -181,7 +190,8 @@ def _compile_matrix(ctx: typer.Context, source: Optional[str], config_file: Path
     if source is not None:
         raise UnsupportedRequestError("give a model SOURCE or --config, not both (add the model to the matrix file)")
     given = [p.opts[0] for p in ctx.command.params if p.name not in _MATRIX_FLAGS_OK
-             and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+             and ctx.get_parameter_source(p.name) is not None
+             and ctx.get_parameter_source(p.name).name == "COMMANDLINE"]
     if given:
         raise UnsupportedRequestError(f"{', '.join(given)} cannot be combined with --config; set it in {config_file} "
                                       "(in [defaults] or per [[build]] entry)")
@@ -598,16 +608,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         if isinstance(code, int) and not isinstance(code, bool) and code:
             sys.exit(code)
     except LeptonError as exc:
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        err.print(f"[bold red]error:[/] {_escape(exc.message)}", highlight=False)
         if exc.hint:
-            err.print(f"[yellow]next step:[/] {exc.hint}", highlight=False)
+            err.print(f"[yellow]next step:[/] {_escape(exc.hint)}", highlight=False)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.ClickException as exc:
+    except _CLICK_ERROR as exc:  # usage errors (unknown option, missing argument): exit 2, no traceback
         exc.show()
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *_ABORT):
         err.print("[bold red]interrupted[/]; nothing was left half-written")
         sys.exit(130)
     except BrokenPipeError:

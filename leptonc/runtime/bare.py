@@ -37,7 +37,10 @@ def open_bare(path: Path, tokenizer_dir: str | None, device: str | None = None):
 
         runner = open_bare_engine(path)
     elif path.suffix == ".onnx":
+        from leptonc.bundle import check_onnx_model
         from leptonc.targets.onnxruntime import open_runner
+
+        check_onnx_model(path)  # external data must stay beside the model; checked before ORT opens it
 
         provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
         engine = {"io": io_from_onnx(path), "session": {"provider": provider}}
