@@ -1,0 +1,113 @@
+"""Intake safety and refusals: unsupported architectures (exit 4, listing the supported ones),
+pickle-only directories (exit 3 unless --allow-pickle), and remote code that never runs unless
+--trust-remote-code is given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_clean_error, run_cli
+from leptonc.errors import ModelSourceError, UnsupportedArchitectureError
+from leptonc.models.intake import byte_level_tokenizer, load_model
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox")
+TINY = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY), dtype=torch.float32).eval()
+
+
+def test_supported_architectures_listed():
+    from leptonc.models.adapters import supported_architectures
+
+    assert set(SUPPORTED) <= set(supported_architectures())
+
+
+def test_bert_is_refused_with_the_supported_list(tmp_path):
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"],
+                                               "hidden_size": 64, "num_hidden_layers": 2}))
+    proc = run_cli("compile", d, "--target", "cpu", "-o", tmp_path / "out.lepton", timeout=300)
+    assert_clean_error(proc, 4)
+    assert "'bert'" in proc.stderr
+    for arch in SUPPORTED:
+        assert arch in proc.stderr, arch
+    assert not (tmp_path / "out.lepton").exists()
+
+
+def test_unknown_activation_is_refused_in_process():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from leptonc.models.adapters import get_adapter
+
+    config = AutoConfig.for_model("llama", **TINY, hidden_act="quick_gelu")
+    module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with pytest.raises(UnsupportedArchitectureError, match="quick_gelu"):
+        get_adapter("llama").spec(module)
+
+
+@pytest.fixture(scope="module")
+def pickle_dir(tmp_path_factory):
+    module = _tiny_llama()
+    d = tmp_path_factory.mktemp("pickle")
+    module.config.save_pretrained(d)
+    torch.save(module.state_dict(), d / "pytorch_model.bin")
+    byte_level_tokenizer().save_pretrained(d)
+    assert not list(d.glob("*.safetensors"))
+    return module, d
+
+
+def test_pickle_only_directory_is_refused_by_the_cli(pickle_dir, tmp_path):
+    _, d = pickle_dir
+    proc = run_cli("compile", d, "--target", "cpu", "-o", tmp_path / "out.lepton", timeout=300)
+    assert_clean_error(proc, 3)
+    assert "pickle" in proc.stderr and "--allow-pickle" in proc.stderr
+
+
+def test_allow_pickle_loads_the_same_weights(pickle_dir):
+    module, d = pickle_dir
+    with pytest.raises(ModelSourceError, match="--allow-pickle"):
+        load_model(str(d))
+    lm = load_model(str(d), allow_pickle=True)
+    for name, p in module.state_dict().items():
+        assert torch.equal(lm.module.state_dict()[name], p), name
+
+
+REMOTE_CODE = '''
+import os, pathlib
+pathlib.Path(os.environ["LEPTONC_REMOTE_CODE_MARKER"]).write_text("remote code ran")
+from transformers import LlamaForCausalLM
+
+class MarkedLlamaForCausalLM(LlamaForCausalLM):
+    pass
+'''
+
+
+def test_remote_code_runs_only_with_trust_remote_code(tmp_path, monkeypatch):
+    module = _tiny_llama(seed=1)
+    d = tmp_path / "remote"
+    module.save_pretrained(d)
+    byte_level_tokenizer().save_pretrained(d)
+    config = json.loads((d / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_marked.MarkedLlamaForCausalLM"}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "modeling_marked.py").write_text(REMOTE_CODE)
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("LEPTONC_REMOTE_CODE_MARKER", str(marker))
+
+    lm = load_model(str(d))
+    assert not marker.exists(), "remote code ran without --trust-remote-code"
+    assert type(lm.module).__name__ == "LlamaForCausalLM"
+
+    lm = load_model(str(d), trust_remote_code=True)
+    assert marker.read_text() == "remote code ran"
+    assert type(lm.module).__name__ == "MarkedLlamaForCausalLM"
