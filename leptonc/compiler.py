@@ -154,7 +154,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "precision_mode": config.precision_mode,
         "export": {"dtype": dtype, "nodes": exported.num_nodes, "weight_bytes": exported.weight_bytes, "opset": 17},
         "graph": _graph_summary(staging / engine["file"]) if engine.get("format") == "onnx" else None,
-        "passes": records,
+        "passes": [{k: v for k, v in r.items() if k != "seconds"} for r in records],  # seconds: build_stats
         "verification": verification,
         # Reproducible builds: report.json is a hashed file, so it holds no timings or memory peaks;
         # those vary run to run and live in the manifest's `build_stats`, beside `created`.
@@ -165,7 +165,8 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "leptonc_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         # Measurements of this particular run (not reproducible, not hashed): wall time per step, peak RSS.
-        "build_stats": {"timings_s": steps.timings, "peak_host_mb": round(peak_host_mb(), 1)},
+        "build_stats": {"timings_s": steps.timings, "peak_host_mb": round(peak_host_mb(), 1),
+                        "pass_seconds": {r["name"]: r["seconds"] for r in records if "seconds" in r}},
         "name": output.name.removesuffix(".lepton"),
         "source": source,
         "model": spec.to_dict(),
