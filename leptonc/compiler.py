@@ -62,6 +62,10 @@ def _check_request(config: CompileConfig) -> None:
             f"--{config.precision} quantization is not available in this leptonc build yet",
             hint="compile without a quantization flag for the target's default precision",
         )
+    if config.precision in QUANTIZED:  # quantization (issue 6): validate its flags before loading anything
+        from leptonc.calibration.quantize import check_request
+
+        check_request(config)
 
 
 def _quantization_available() -> bool:
@@ -112,6 +116,15 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     if config.verify:
         with steps.step("reference", "Recording the PyTorch reference"):
             trace = reference_trace(lm.module, lm.tokenizer, max_sequence=config.max_sequence)
+    # Quantization (issue 6): calibration runs the PyTorch model, so it happens before the model is freed.
+    quant = None
+    if config.precision in QUANTIZED:
+        from leptonc.calibration import quantize
+
+        with steps.step("calibrate", "Calibrating"):
+            quant = quantize.calibrate_for_compile(config, lm, adapter, spec,
+                                                   on_progress=lambda i, n, what: steps.update(f"{what} {i}/{n}"))
+    tokenizer = lm.tokenizer
 
     work = staging / "_work"
     dtype = backend.export_dtype(target, config.precision)
@@ -134,10 +147,16 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
 
     ctx = PassContext(backend=config.backend, target=target, precision=config.precision, spec=spec,
                       work_dir=work, options=dict(config.options))
+    if quant is not None:  # the passes read the calibration statistics and settings from here
+        ctx.options.update(quant.pass_options())
     _reset_generated_names()
     with steps.step("build", f"Building for {target.name} ({config.backend})"):
         engine, records = backend.build(exported, staging, pipeline, ctx, config.disabled_passes,
                                         on_pass=lambda n: steps.update(n))
+    if quant is not None:  # the accuracy gate: reference (the fp32 export, still in _work) vs quantized
+        with steps.step("gate", "Accuracy gate (perplexity on held-out text)"):
+            quant.finish(ctx, records, backend, exported, staging, engine,
+                         {"max_batch": config.max_batch, "max_sequence": config.max_sequence}, tokenizer)
     shutil.rmtree(work, ignore_errors=True)
 
     limits = {"max_batch": config.max_batch, "max_sequence": config.max_sequence}
@@ -145,6 +164,8 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     if trace is not None:
         with steps.step("verify", "Verifying against PyTorch"):
             verification = _verify(config, backend, staging, engine, limits, trace, check_parity)
+    if quant is not None:
+        verification = {**verification, "accuracy_gate": quant.gate}
 
     report = {
         "leptonc_version": __version__,
@@ -157,6 +178,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "graph": _graph_summary(staging / engine["file"]) if engine.get("format") == "onnx" else None,
         "passes": [{k: v for k, v in r.items() if k != "seconds"} for r in records],  # seconds: build_stats
         "verification": verification,
+        "quantization": quant.report_section() if quant is not None else None,
         # Reproducible builds: report.json is a hashed file, so it holds no timings or memory peaks;
         # those vary run to run and live in the manifest's `build_stats`, beside `created`.
     }
@@ -179,7 +201,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "limits": limits,
         "tokenizer": "tokenizer",
         "passes": [{k: r[k] for k in ("name", "status", "detail")} for r in records],
-        "calibration": None,
+        "calibration": quant.manifest_section() if quant is not None else None,
         "verification": verification,
         "toolchain": toolchain_versions(config.backend),
         "config": {k: v for k, v in config.to_dict().items() if k not in ("output", "force")},
@@ -212,6 +234,9 @@ def _verify(config, backend, staging: Path, engine: dict, limits: dict, trace, c
         threshold = 0.9
         ok = (result["top1_agreement"] or 0) >= threshold
         rule = f"top-1 agreement >= {threshold:g}"
+    if config.precision in QUANTIZED:  # issue 6: rounding moves near-tied greedy choices (random tiny models);
+        # the accuracy gate (perplexity on held-out text) decides for quantized formats, this is recorded
+        ok, rule = True, f"recorded only ({rule} is advisory for {config.precision}; the accuracy gate decides)"
     result.update({"status": "passed" if ok else "failed", "rule": rule, "reference": "PyTorch fp32"})
     if not ok:
         raise VerificationError(

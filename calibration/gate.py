@@ -1,0 +1,83 @@
+"""The accuracy gate of a quantized compile: perplexity of the reference (the fp32 export, which
+matches PyTorch to ~5e-5) and of the quantized model on held-out text, plus top-1 token agreement
+between them. An increase above `--max-ppl-increase` percent fails the compile (exit 6, no bundle).
+
+Held-out text: `leptonc/data/heldout.txt`, characters [400174, 460000) of WikiText-2 `valid.txt`
+(calibration uses [0, 119655)), unless `check_data` names another file.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from leptonc.errors import VerificationError
+
+
+def default_heldout_text() -> Path:
+    import leptonc
+
+    return Path(leptonc.__file__).resolve().parent / "data" / "heldout.txt"
+
+
+def held_out_ids(tokenizer, path: Path, tokens: int) -> np.ndarray:
+    text = path.read_text(encoding="utf-8")
+    ids = np.asarray(tokenizer(text[: tokens * 12])["input_ids"], dtype=np.int64)[:tokens]
+    return ids
+
+
+def evaluate_pair(ref_runner, quant_runner, ids: np.ndarray, window: int) -> dict:
+    """Non-overlapping windows: both models score the same positions."""
+    from leptonc.runtime.evaluate import nll_sum
+
+    nll_ref = nll_q = 0.0
+    count = agree = positions = 0
+    for begin in range(0, len(ids) - 1, window):
+        end = min(begin + window, len(ids))
+        if end - begin < 2:
+            break
+        chunk = ids[begin:end][None, :]
+        mask = np.ones_like(chunk)
+        ref = ref_runner.prefill(chunk, mask)[0]
+        got = quant_runner.prefill(chunk, mask)[0]
+        nll_ref += nll_sum(ref, ids, begin, begin + 1, end)
+        nll_q += nll_sum(got, ids, begin, begin + 1, end)
+        count += end - begin - 1
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        positions += ref.shape[0]
+    ppl_ref, ppl_q = math.exp(nll_ref / count), math.exp(nll_q / count)
+    return {"reference_perplexity": round(ppl_ref, 4), "quantized_perplexity": round(ppl_q, 4),
+            "ppl_increase_pct": round(100.0 * (ppl_q / ppl_ref - 1.0), 3),
+            "top1_agreement": round(agree / positions, 4), "scored_tokens": count, "window": window}
+
+
+def accuracy_gate(backend, reference_path: Path, quantized_path: Path, engine: dict, limits: dict, tokenizer,
+                  settings, reference_engine: dict | None = None) -> dict:
+    """Run the gate (or record that --no-check skipped it). Raises VerificationError on failure."""
+    if not settings.check:
+        return {"status": "skipped", "reason": "--no-check: the quantized model's accuracy was not measured"}
+    data = Path(settings.check_data or default_heldout_text())
+    ids = held_out_ids(tokenizer, data, settings.check_tokens)
+    window = int(min(512, limits["max_sequence"], max(2, len(ids))))
+    ref = backend.open_runner(reference_path, reference_engine or engine, limits)
+    quant = backend.open_runner(quantized_path, engine, limits)
+    try:
+        result = evaluate_pair(ref, quant, ids, window)
+    finally:
+        ref.release()
+        quant.release()
+    limit = settings.max_ppl_increase
+    bad = not math.isfinite(result["quantized_perplexity"]) or result["ppl_increase_pct"] > limit
+    result.update({"status": "failed" if bad else "passed", "rule": f"perplexity increase <= {limit:g}%",
+                   "data": str(data), "reference": "fp32 export (ONNX Runtime)"})
+    if bad:
+        raise VerificationError(
+            f"accuracy gate failed: perplexity {result['reference_perplexity']:.3f} -> "
+            f"{result['quantized_perplexity']:.3f} (+{result['ppl_increase_pct']:.2f}%, limit {limit:g}%), "
+            f"top-1 agreement {result['top1_agreement']:.3f}; no bundle was written",
+            hint="try --int4-method awq, a larger --int4-block budget, --keep-fp for the layers with the lowest "
+                 "SQNR in the report, or raise --max-ppl-increase",
+        )
+    return result

@@ -1,0 +1,305 @@
+"""Quantization settings and the calibration step of a compile.
+
+`QuantSettings.from_options(precision, options)` validates the quantization flags (the CLI puts them
+in `CompileConfig.options`); `calibrate(...)` runs while the PyTorch model is still loaded (between
+the reference trace and the export) and returns the activation statistics the graph passes use,
+cached on disk by content hash (model, data, settings) so a second compile skips the forward passes.
+
+What each format needs from calibration:
+  int8 w8a8     per-channel max |x| -> SmoothQuant factors; per-tensor range of x / s (observer)
+  fp8           per-tensor range of x (observer)
+  int4 awq      mean |x| and sample rows -> AWQ scale search
+  int4 rtn, int8 weight-only    sample rows only (for the per-layer SQNR report)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from leptonc.calibration.collect import ActivationStats, GroupStats, collect
+from leptonc.calibration.observers import METHODS
+from leptonc.errors import UnsupportedRequestError
+
+CALIB_VERSION = 2  # bump when the statistics change meaning (invalidates the cache)
+QUANTIZED = ("int8", "fp8", "int4")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    precision: str
+    int8_mode: str = "w8a8"  # w8a8 | weight-only
+    smoothquant_alpha: float = 0.5
+    int8_block: int = 64  # weight-only int8 (MatMulNBits bits=8) block along K
+    int4_block: int = 128
+    int4_method: str = "awq"  # awq | rtn
+    kv_cache: str | None = None
+    calib_data: str | None = None  # None: the text shipped with leptonc
+    calib_samples: int = 16
+    calib_seq_len: int = 256
+    calib_method: str = "minmax"
+    keep_fp: tuple[str, ...] = ()
+    max_ppl_increase: float = 5.0
+    check: bool = True
+    check_tokens: int = 2048
+    check_data: str | None = None  # held-out text for the gate (default: leptonc/data/heldout.txt)
+    break_scales: float = 1.0  # test hook: multiplies every weight scale (a forced-tiny scale must trip the gate)
+
+    def __post_init__(self) -> None:
+        if self.precision not in QUANTIZED:
+            raise UnsupportedRequestError(f"precision {self.precision} is not a quantized format")
+        if self.int8_mode not in ("w8a8", "weight-only"):
+            raise UnsupportedRequestError(f"--int8-mode {self.int8_mode!r}: use w8a8 or weight-only")
+        if not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise UnsupportedRequestError("--smoothquant-alpha must be in [0, 1] (0.5 is the paper's default)")
+        if self.int4_block not in (32, 64, 128):
+            raise UnsupportedRequestError(f"--int4-block {self.int4_block}: use 32, 64 or 128")
+        if self.int4_method not in ("awq", "rtn"):
+            raise UnsupportedRequestError(f"--int4-method {self.int4_method!r}: use awq or rtn")
+        if self.kv_cache not in (None, "fp8", "int8"):
+            raise UnsupportedRequestError(f"--kv-cache {self.kv_cache!r}: use fp8 or int8")
+        if self.calib_method not in METHODS:
+            raise UnsupportedRequestError(f"--calib-method {self.calib_method!r}: use one of {', '.join(METHODS)}")
+        if self.calib_samples < 1 or self.calib_seq_len < 2:
+            raise UnsupportedRequestError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+        if self.max_ppl_increase < 0:
+            raise UnsupportedRequestError("--max-ppl-increase is a percentage >= 0")
+        if self.check_tokens < 64:
+            raise UnsupportedRequestError("--check-tokens must be at least 64")
+        if self.calib_data is not None and not Path(self.calib_data).is_file():
+            raise UnsupportedRequestError(f"--calib-data {self.calib_data} does not exist", hint="give a UTF-8 text file")
+
+    @classmethod
+    def from_options(cls, precision: str, options: dict) -> "QuantSettings":
+        known = {f for f in cls.__dataclass_fields__ if f != "precision"}
+        kw = {k: v for k, v in options.items() if k in known and v is not None}
+        if "keep_fp" in kw:
+            kw["keep_fp"] = tuple(kw["keep_fp"])
+        return cls(precision=precision, **kw)
+
+    @property
+    def format(self) -> str:
+        """int8-w8a8, int8-weight-only, fp8, int4-awq or int4-rtn."""
+        if self.precision == "int8":
+            return f"int8-{self.int8_mode}"
+        if self.precision == "int4":
+            return f"int4-{self.int4_method}"
+        return "fp8"
+
+    def keeps_fp(self, name: str) -> bool:
+        """True when `name` (a logical weight name such as layers.3.down.weight, embed, lm_head)
+        matches a --keep-fp pattern (fnmatch; a bare word also matches as a substring)."""
+        for pattern in self.keep_fp:
+            if fnmatch.fnmatch(name, pattern) or (not any(c in pattern for c in "*?[") and pattern in name):
+                return True
+        return False
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LEPTONC_CACHE") or Path.home() / ".cache" / "leptonc"
+    return Path(root) / "calibration"
+
+
+def cache_key(source_hash: str, settings: QuantSettings, data_digest: str) -> str:
+    fields = {
+        "v": CALIB_VERSION, "model": source_hash, "data": data_digest, "samples": settings.calib_samples,
+        "seq_len": settings.calib_seq_len, "method": settings.calib_method, "format": settings.format,
+        "alpha": settings.smoothquant_alpha if settings.format == "int8-w8a8" else None,
+        "block": settings.int4_block if settings.format == "int4-awq" else None,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _save(stats: ActivationStats, path: Path) -> None:
+    arrays, meta = {}, {"tokens": stats.tokens, "method": stats.method, "groups": []}
+    for i, g in enumerate(stats.groups):
+        arrays[f"{i}.absmax"], arrays[f"{i}.absmean"] = g.absmax, g.absmean
+        arrays[f"{i}.samples"] = g.samples.astype(np.float16)
+        if g.prescale is not None:
+            arrays[f"{i}.prescale"] = g.prescale
+        if g.fingerprints is not None:
+            arrays[f"{i}.fingerprints"] = g.fingerprints
+        meta["groups"].append({"members": g.members, "amax": g.amax})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> ActivationStats | None:
+    try:
+        with np.load(path) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            stats = ActivationStats(tokens=meta["tokens"], method=meta["method"])
+            for i, g in enumerate(meta["groups"]):
+                stats.groups.append(GroupStats(
+                    g["members"], z[f"{i}.absmax"], z[f"{i}.absmean"], z[f"{i}.samples"].astype(np.float32),
+                    g["amax"], z[f"{i}.prescale"] if f"{i}.prescale" in z.files else None,
+                    z[f"{i}.fingerprints"] if f"{i}.fingerprints" in z.files else None))
+        return stats
+    except (OSError, ValueError, KeyError):  # a corrupt or partial cache entry: recompute
+        return None
+
+
+@dataclass
+class CalibrationResult:
+    stats: ActivationStats
+    summary: dict  # recorded in the manifest's "calibration"
+
+
+def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: str,
+              on_progress=None) -> CalibrationResult:
+    """Run (or load from the cache) the calibration this format needs."""
+    from leptonc.calibration.data import calibration_batches, default_calibration_text, file_digest
+
+    data_path = Path(settings.calib_data) if settings.calib_data else default_calibration_text()
+    key = cache_key(source_hash, settings, file_digest(data_path))
+    path = cache_dir() / f"{key}.npz"
+    start = time.perf_counter()
+    stats = _load(path) if path.is_file() else None
+    cached = stats is not None
+    if stats is None:
+        batches = calibration_batches(tokenizer, data_path, settings.calib_samples, settings.calib_seq_len)
+        fmt = settings.format
+        prescales = None
+        if fmt == "int8-w8a8":
+            prescales = lambda st: _smoothing(st, weights, settings)  # noqa: E731
+        elif fmt == "int4-awq":
+            prescales = lambda st: _awq(st, weights, settings)  # noqa: E731
+        stats = collect(module, weights, batches, settings.calib_method, prescales=prescales,
+                        on_batch=on_progress, need_ranges=fmt in ("int8-w8a8", "fp8"))
+        _save(stats, path)
+    summary = {
+        "format": settings.format,
+        "data": str(data_path),
+        "data_chars": "valid.txt[0:119655] (WikiText-2, shipped)" if not settings.calib_data else "user file",
+        "samples": settings.calib_samples,
+        "seq_len": settings.calib_seq_len,
+        "tokens": stats.tokens,
+        "method": settings.calib_method,
+        "groups": len(stats.groups),
+        "cache": {"key": key, "hit": cached, "path": str(path)},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if settings.format == "int8-w8a8":
+        summary["smoothquant_alpha"] = settings.smoothquant_alpha
+    if settings.format == "int4-awq":
+        summary["awq"] = "grid search of alpha in s = mean|x|**alpha over 21 points per input group"
+    return CalibrationResult(stats, summary)
+
+
+def _group_weights(group: GroupStats, weights) -> list[np.ndarray]:
+    return [weights("embed" if m == "lm_head" else m) for m in group.members]
+
+
+def _smoothing(stats: ActivationStats, weights, settings: QuantSettings) -> dict:
+    from leptonc.calibration.smoothquant import smoothing_factors
+
+    out = {}
+    for g in stats.groups:
+        if g.members == ["lm_head"]:  # the head runs weight-only (it shares the embedding's codes)
+            continue
+        out[g.members[0]] = smoothing_factors(g.absmax, _group_weights(g, weights), settings.smoothquant_alpha)
+    return out
+
+
+def _awq(stats: ActivationStats, weights, settings: QuantSettings) -> dict:
+    from leptonc.calibration.awq import awq_search
+
+    out = {}
+    for g in stats.groups:
+        if g.members == ["lm_head"]:  # the head is int8 in int4 mode: no search
+            continue
+        s, _ = awq_search(g.samples, g.absmean, _group_weights(g, weights), 4, settings.int4_block)
+        out[g.members[0]] = s
+    return out
+
+
+def settings_dict(settings: QuantSettings) -> dict:
+    return asdict(settings)
+
+
+# ---- the compile's quantization step (called from leptonc/compiler.py) ---------------------------
+
+QUANT_PASS = {"int8": "quantize_int8", "int4": "quantize_int4", "fp8": "quantize_fp8"}
+
+
+def check_request(config) -> None:
+    """Validate the quantization flags of a compile before anything is loaded."""
+    settings = QuantSettings.from_options(config.precision, config.options)
+    if not config.passes:
+        raise UnsupportedRequestError(f"--{config.precision} is a graph rewrite and --no-passes turns passes off; "
+                                      "drop one of them")
+    name = QUANT_PASS[config.precision]
+    if name in config.disabled_passes:
+        raise UnsupportedRequestError(f"--disable-pass {name} would leave the --{config.precision} bundle unquantized; "
+                                      "drop one of them")
+    if settings.kv_cache and config.backend == "onnxruntime":
+        raise UnsupportedRequestError(
+            f"--kv-cache {settings.kv_cache} is not supported by the onnxruntime backend: its attention kernels "
+            "read fp32/fp16 caches", hint="drop --kv-cache (the cache stays in the graph's float type)")
+
+
+@dataclass
+class CompileQuantization:
+    settings: QuantSettings
+    calibration: CalibrationResult
+    mode: str  # "native" | "simulated" on this target
+    target: str
+    gate: dict | None = None
+    report: dict | None = None
+    pass_record: dict | None = None
+
+    def pass_options(self) -> dict:
+        return {"_quant_settings": self.settings, "_activation_stats": self.calibration.stats}
+
+    def finish(self, ctx, records, backend, exported, staging, engine, limits, tokenizer) -> None:
+        from leptonc.calibration.gate import accuracy_gate
+
+        self.report = ctx.options.get("_quant_report") or {"layers": [], "kept_fp": [], "notes": []}
+        name = QUANT_PASS[self.settings.precision]
+        self.pass_record = next((r for r in records if r["name"] == name), None)
+        if self.pass_record is None or self.pass_record["status"] != "applied":
+            from leptonc.errors import VerificationError
+
+            why = self.pass_record["detail"] if self.pass_record else "it is not in the pipeline"
+            raise VerificationError(f"--{self.settings.precision} was requested but {name} did not run ({why}); "
+                                    "no bundle was written", hint="report this with the command line")
+        self.gate = accuracy_gate(backend, exported.model_path, staging / engine["file"], engine, limits, tokenizer,
+                                  self.settings)
+
+    def manifest_section(self) -> dict:
+        return {**self.calibration.summary, "settings": {k: v for k, v in asdict(self.settings).items()
+                                                         if k != "break_scales" or v != 1.0}}
+
+    def report_section(self) -> dict:
+        layers = (self.report or {}).get("layers", [])
+        worst = sorted(layers, key=lambda r: r["sqnr_db"])[:5]
+        return {
+            "format": self.settings.format,
+            "mode": self.mode,
+            "simulated": self.mode == "simulated",
+            "note": (f"{self.settings.precision} is simulated on {self.target}: accuracy only, not speed"
+                     if self.mode == "simulated" else f"{self.settings.format} runs natively on {self.target}"),
+            "layers": layers,
+            "worst_layers": worst,
+            "kept_fp": (self.report or {}).get("kept_fp", []),
+            "notes": (self.report or {}).get("notes", []),
+            "accuracy_gate": self.gate,
+        }
+
+
+def calibrate_for_compile(config, lm, adapter, spec, on_progress=None) -> CompileQuantization:
+    settings = QuantSettings.from_options(config.precision, config.options)
+    weights = adapter.weights(lm.module, spec)
+    result = calibrate(lm.module, lm.tokenizer, weights, settings, lm.source_hash, on_progress=on_progress)
+    target = config.target_record
+    return CompileQuantization(settings, result, target.mode(config.precision), target.name)

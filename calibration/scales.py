@@ -1,0 +1,150 @@
+"""Scale computation shared by every backend's quantization passes (ONNX Runtime here; the TensorRT
+pipeline places its own Q/DQ and reuses these): per-tensor and per-channel symmetric scales for INT8
+and FP8 E4M3, block-wise INT4/INT8 for weight-only `MatMulNBits`, fake quantization, and SQNR.
+
+Conventions: a scale maps the format's largest magnitude to `amax` (scale = amax / qmax); weights
+are given in PyTorch's [out, in] layout unless a function says otherwise, so "per channel" means
+one scale per output row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FP8_E4M3_MAX = 448.0
+QMAX = {"int8": 127.0, "uint8": 255.0, "fp8": FP8_E4M3_MAX, "int4": 7.0}
+TINY = 1e-12  # floor for a scale: an all-zero channel must not divide by zero
+
+
+def scale_from_amax(amax, fmt: str = "int8") -> np.ndarray:
+    """Symmetric scale(s) for |x| <= amax in `fmt` (int8, fp8, int4)."""
+    if fmt not in QMAX:
+        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(QMAX)}")
+    return np.maximum(np.asarray(amax, np.float32) / np.float32(QMAX[fmt]), np.float32(TINY)).astype(np.float32)
+
+
+def compute_scales(tensor: np.ndarray, fmt: str = "int8", granularity: str = "per_channel", axis: int = 0,
+                   amax: float | None = None) -> np.ndarray:
+    """The public entry point for Q/DQ placement: symmetric scales for `tensor` in `fmt`.
+
+    granularity "per_tensor": one scale (from `amax` if given, e.g. an activation observer's
+    result, else from the tensor itself); "per_channel": one scale per index of `axis`
+    (the reduction runs over every other axis)."""
+    if granularity == "per_tensor":
+        return scale_from_amax(np.abs(tensor).max() if amax is None else amax, fmt)
+    if granularity != "per_channel":
+        raise ValueError("granularity is per_tensor or per_channel")
+    axis = axis % tensor.ndim
+    other = tuple(a for a in range(tensor.ndim) if a != axis)
+    return scale_from_amax(np.abs(tensor).max(axis=other), fmt)
+
+
+def quantize_int8(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Round-to-nearest-even symmetric int8 codes (ONNX QuantizeLinear semantics, zero point 0)."""
+    s = _bcast(scale, x.ndim, axis)
+    return np.clip(np.rint(x / s), -128, 127).astype(np.int8)
+
+
+def fake_quant_int8(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
+    return quantize_int8(x, scale, axis).astype(np.float32) * _bcast(scale, x.ndim, axis)
+
+
+def to_fp8(x: np.ndarray) -> np.ndarray:
+    """float32 -> float8 E4M3FN codes (saturating, round to nearest even), as ml_dtypes arrays."""
+    import ml_dtypes
+
+    return np.asarray(np.clip(x, -FP8_E4M3_MAX, FP8_E4M3_MAX)).astype(ml_dtypes.float8_e4m3fn)
+
+
+def fake_quant_fp8(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
+    s = _bcast(scale, x.ndim, axis)
+    return to_fp8(x / s).astype(np.float32) * s
+
+
+def _bcast(scale, ndim: int, axis: int | None) -> np.ndarray:
+    scale = np.asarray(scale, np.float32)
+    if axis is None or scale.ndim == 0:
+        return scale
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return scale.reshape(shape)
+
+
+@dataclass
+class BlockQuantized:
+    """Block-wise weight quantization along the input dimension of an [N, K] ([out, in]) weight.
+
+    codes: uint8 [N, K_padded] unsigned codes in [0, 2**bits); scales float32 [N, blocks];
+    zero_points uint8 [N, blocks]. Dequantized: (codes - zero_point) * scale."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    bits: int
+    block_size: int
+    k: int  # the unpadded input size
+
+    def dequantize(self) -> np.ndarray:
+        n, kp = self.codes.shape
+        c = self.codes.reshape(n, -1, self.block_size).astype(np.float32)
+        w = (c - self.zero_points[..., None].astype(np.float32)) * self.scales[..., None]
+        return w.reshape(n, kp)[:, : self.k]
+
+    def packed(self) -> np.ndarray:
+        """MatMulNBits' B: uint8 [N, blocks, block_size * bits / 8], low nibble first for 4 bits."""
+        n, kp = self.codes.shape
+        c = self.codes.reshape(n, kp // self.block_size, self.block_size)
+        if self.bits == 8:
+            return np.ascontiguousarray(c)
+        return np.ascontiguousarray((c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8))
+
+    def packed_zero_points(self) -> np.ndarray:
+        """MatMulNBits' zero_points: uint8 [N, ceil(blocks * bits / 8)] (two 4-bit points a byte)."""
+        if self.bits == 8:
+            return np.ascontiguousarray(self.zero_points)
+        z = self.zero_points
+        if z.shape[1] % 2:
+            z = np.concatenate([z, np.full((z.shape[0], 1), 8, np.uint8)], axis=1)
+        return np.ascontiguousarray((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8))
+
+
+def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetric: bool = False,
+                   scale_multiplier: float = 1.0) -> BlockQuantized:
+    """Round-to-nearest block quantization of an [N, K] weight along K (padded with zeros to a
+    whole block). Asymmetric (min/max with a zero point) unless `symmetric`."""
+    if bits not in (4, 8):
+        raise ValueError("bits must be 4 or 8")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError("block_size must be a power of two >= 16")
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    pad = (-k) % block_size
+    if pad:
+        w = np.concatenate([w, np.zeros((n, pad), np.float32)], axis=1)
+    blocks = w.reshape(n, -1, block_size)
+    levels = (1 << bits) - 1
+    if symmetric:
+        mid = 1 << (bits - 1)
+        amax = np.abs(blocks).max(-1)
+        scales = np.maximum(amax / (mid - 1 if bits == 8 else mid), TINY).astype(np.float32)
+        zp = np.full(scales.shape, mid, np.int32)
+    else:
+        lo = np.minimum(blocks.min(-1), 0.0)
+        hi = np.maximum(blocks.max(-1), 0.0)
+        scales = np.maximum((hi - lo) / levels, TINY).astype(np.float32)
+        zp = np.clip(np.rint(-lo / scales), 0, levels).astype(np.int32)
+    scales = (scales * np.float32(scale_multiplier)).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scales[..., None]) + zp[..., None], 0, levels).astype(np.uint8)
+    return BlockQuantized(codes.reshape(n, -1), scales, zp.astype(np.uint8), bits, block_size, k)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better; torchao asserts > 20 dB)."""
+    ref = np.asarray(reference, np.float64)
+    noise = float(((ref - np.asarray(approx, np.float64)) ** 2).sum())
+    signal = float((ref ** 2).sum())
+    if noise == 0:
+        return float("inf")
+    return 10.0 * np.log10(max(signal, 1e-300) / noise)

@@ -1,0 +1,127 @@
+"""Shared pieces of the quantization rewrites: finding the linear layers of the graph, reading the
+calibration statistics and settings from the pass context, applying per-input-channel pre-scales
+(SmoothQuant / AWQ) to the graph, and recording each layer's error (SQNR) for the report.
+
+No pass is registered here; `quantize_nbits.py` (MatMulNBits, GatherBlockQuantized) and
+`quantize_qdq.py` (QuantizeLinear/DequantizeLinear) hold the passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from leptonc.calibration.scales import sqnr_db
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class Linear:
+    node: gs.Node
+    kind: str  # "matmul" (x @ W, W [K, N]) or "gemm" (x @ W^T, transB=1, W [N, K])
+    weight: gs.Constant
+    name: str  # logical name: the initializer's, or "lm_head" for a head that reads the embedding
+
+    @property
+    def x(self) -> gs.Tensor:
+        return self.node.inputs[0]
+
+    def w_oi(self) -> np.ndarray:
+        """The weight in [out, in] layout, float32."""
+        v = np.asarray(self.weight.values, np.float32)
+        return v.T if self.kind == "matmul" else v
+
+
+def find_linears(graph: gs.Graph) -> list[Linear]:
+    out = []
+    for node in graph.nodes:
+        if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        w = node.inputs[1]
+        if w.values.ndim != 2 or w.values.dtype not in (np.float32, np.float16):
+            continue
+        if node.op == "MatMul":
+            out.append(Linear(node, "matmul", w, w.name))
+        elif node.op == "Gemm" and node.attrs.get("transB", 0) == 1 and not node.attrs.get("transA", 0) \
+                and node.attrs.get("alpha", 1.0) == 1.0 and node.attrs.get("beta", 1.0) == 1.0:
+            out.append(Linear(node, "gemm", w, "lm_head" if w.name == "embed" else w.name))
+    return out
+
+
+def find_embedding(graph: gs.Graph) -> gs.Node | None:
+    for node in graph.nodes:
+        if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant) and node.inputs[0].values.ndim == 2 \
+                and node.attrs.get("axis", 0) == 0:
+            return node
+    return None
+
+
+def quant_context(ctx):
+    """(QuantSettings, ActivationStats or None, the report dict the compiler reads after the build)."""
+    from leptonc.calibration.quantize import QuantSettings
+
+    settings = ctx.options.get("_quant_settings") or QuantSettings.from_options(ctx.precision, ctx.options)
+    stats = ctx.options.get("_activation_stats")
+    report = ctx.options.setdefault("_quant_report", {"layers": [], "kept_fp": [], "notes": []})
+    return settings, stats, report
+
+
+def apply_prescale(graph: gs.Graph, x: gs.Tensor, s: np.ndarray, tag: str, consumers: list[gs.Node]) -> tuple[gs.Tensor, str]:
+    """Make the consumers of `x` read x / s. Folded into the producer when it is a norm's weight
+    multiply (Mul by a constant, or (Skip)SimplifiedLayerNormalization's gamma) and `x` feeds only
+    the layers being scaled; otherwise an explicit Mul is inserted. Returns (tensor, how)."""
+    inv = (1.0 / s).astype(np.float32)
+    producer = x.inputs[0] if x.inputs else None
+    only_these = {id(n) for n in x.outputs} <= {id(n) for n in consumers}
+    if producer is not None and only_these and producer.outputs[0] is x:
+        gamma_idx = None
+        if producer.op == "Mul":
+            consts = [i for i, t in enumerate(producer.inputs) if isinstance(t, gs.Constant)]
+            if len(consts) == 1 and producer.inputs[consts[0]].values.shape[-1:] == s.shape:
+                gamma_idx = consts[0]
+        elif producer.op == "SimplifiedLayerNormalization" and isinstance(producer.inputs[1], gs.Constant):
+            gamma_idx = 1
+        elif producer.op == "SkipSimplifiedLayerNormalization" and isinstance(producer.inputs[2], gs.Constant):
+            gamma_idx = 2
+        if gamma_idx is not None:
+            g = producer.inputs[gamma_idx]
+            producer.inputs[gamma_idx] = gs.Constant(f"{g.name}/prescaled_{tag}",
+                                                     (np.asarray(g.values, np.float32) * inv).astype(g.values.dtype))
+            return x, "folded"
+    out = gs.Variable(f"{x.name}/prescaled_{tag}", dtype=x.dtype, shape=x.shape)
+    graph.nodes.append(gs.Node("Mul", f"prescale_{tag}", inputs=[x, gs.Constant(f"prescale_{tag}/inv_s", inv)],
+                               outputs=[out]))
+    for node in consumers:
+        node.inputs[0] = out
+    return out, "mul"
+
+
+def record_layer(report: dict, name: str, fmt: str, w_ref: np.ndarray, w_q: np.ndarray,
+                 x: np.ndarray | None = None, x_q: np.ndarray | None = None) -> float:
+    """SQNR of the layer's output on calibration rows when we have them, else of the weight."""
+    if x is not None:
+        ref = x @ w_ref.T
+        got = (x if x_q is None else x_q) @ w_q.T
+        value, on = sqnr_db(ref, got), "output"
+    else:
+        value, on = sqnr_db(w_ref, w_q), "weight"
+    report["layers"].append({"name": name, "format": fmt, "sqnr_db": round(float(value), 2), "on": on})
+    return value
+
+
+def resolve_group(stats, members: list[Linear]):
+    """The calibration group that the linears reading one tensor correspond to: by logical name,
+    or (for a projection merged by a fusion pass) by the weights' fingerprints. None if unknown."""
+    if stats is None:
+        return None
+    names = {m.name for m in members}
+    group = stats.group_of(members[0].name)
+    if group is not None and names <= set(group.members):
+        return group
+    if len(members) == 1:
+        return stats.group_of_weight(members[0].w_oi())
+    return None
+

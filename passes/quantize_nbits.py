@@ -1,0 +1,142 @@
+"""Weight-only quantization for ONNX Runtime: `MatMulNBits` (com.microsoft; bits 4 or 8, block-wise
+along K, B stored [N, blocks, block_bytes]) for the linear layers, and `GatherBlockQuantized` for the
+embedding. A tied embedding / LM head is quantized once: the Gather and the head's MatMulNBits read
+the same uint8 codes (8-bit, symmetric, zero point 128, the default of both ops).
+
+  int4 (`--int4`): layers 4-bit asymmetric, block `--int4-block` (default 128), RTN or AWQ scales;
+                   embedding and LM head 8-bit block 64 (a 4-bit head costs far more accuracy than
+                   the 14 MB it would save on smollm2-135m).
+  int8 weight-only (`--int8 --int8-mode weight-only`): everything 8-bit symmetric, block 64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from leptonc.calibration.scales import block_quantize
+from leptonc.passes.quantize_common import MS_DOMAIN, Linear, apply_prescale, find_embedding, find_linears, \
+    quant_context, record_layer, resolve_group
+from leptonc.passes.registry import PassResult, register_pass
+
+HEAD_BITS, HEAD_BLOCK = 8, 64
+DEFAULT_ACCURACY_LEVEL = 4  # int8 compute of the activations inside MatMulNBits: ORT CPU's fast path
+
+
+@register_pass("quantize_int4")
+def quantize_int4(graph: gs.Graph, ctx) -> PassResult:
+    """INT4 weight-only (MatMulNBits bits=4, RTN or AWQ), embedding/LM head 8-bit."""
+    settings, _, _ = quant_context(ctx)
+    return rewrite_weight_only(graph, ctx, bits=4, block=settings.int4_block, awq=settings.int4_method == "awq")
+
+
+def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) -> PassResult:
+    settings, stats, report = quant_context(ctx)
+    level = int(ctx.options.get("accuracy_level", DEFAULT_ACCURACY_LEVEL))
+    fmt = f"int{bits}-{'awq' if awq else ('rtn' if bits == 4 else 'weight-only')}"
+    counts = {"matmulnbits": 0, "kept_fp": 0, "awq_folded": 0, "awq_mul": 0, "embedding": 0}
+    if awq and stats is None:
+        return PassResult.skipped("AWQ needs calibration statistics and none were supplied")
+
+    groups: dict[int, list[Linear]] = {}
+    for lin in find_linears(graph):
+        if settings.keeps_fp(lin.name):
+            counts["kept_fp"] += 1
+            report["kept_fp"].append(lin.name)
+            continue
+        groups.setdefault(id(lin.x), []).append(lin)
+
+    shared_head: dict[str, tuple] = {}  # weight name -> (codes constant, BlockQuantized) of an 8-bit head
+    for members in groups.values():
+        is_head = any(m.kind == "gemm" for m in members)
+        g_bits, g_block = (HEAD_BITS, HEAD_BLOCK) if is_head else (bits, block)
+        group = resolve_group(stats, members)
+        s = None
+        if awq and not is_head and group is not None and group.prescale is not None:
+            s = group.prescale
+            _, how = apply_prescale(graph, members[0].x, s, members[0].name.replace(".weight", ""),
+                                    [m.node for m in members])
+            counts["awq_folded" if how == "folded" else "awq_mul"] += 1
+        for lin in members:
+            w = lin.w_oi()
+            ws = w * s[None, :] if s is not None else w
+            q = block_quantize(ws, g_bits, g_block, symmetric=g_bits == 8, scale_multiplier=settings.break_scales)
+            wq = q.dequantize() / (s[None, :] if s is not None else 1.0)
+            x = group.samples if group is not None else None
+            record_layer(report, lin.name, f"int{g_bits}" + ("-awq" if s is not None else ""), w, wq, x)
+            codes = gs.Constant(f"{lin.weight.name}/q{g_bits}", q.packed())
+            if is_head:
+                shared_head[lin.weight.name] = (codes, q)
+            _replace_with_nbits(graph, lin, q, codes, level)
+            counts["matmulnbits"] += 1
+
+    emb = find_embedding(graph)
+    if emb is not None:
+        name = emb.inputs[0].name
+        if settings.keeps_fp("embed"):
+            counts["kept_fp"] += 1
+            report["kept_fp"].append("embed")
+        elif _quantize_embedding(graph, emb, shared_head.get(name), settings, report):
+            counts["embedding"] = 1
+    parts = [f"{counts['matmulnbits']} MatMul -> MatMulNBits ({fmt}, block {block}"
+             + (", LM head 8-bit block 64" if bits == 4 else "") + f", accuracy_level {level})"]
+    if counts["embedding"]:
+        parts.append("embedding -> GatherBlockQuantized" + (" sharing the head's codes" if shared_head else ""))
+    if awq:
+        parts.append(f"AWQ scales folded into {counts['awq_folded']} norms, {counts['awq_mul']} via Mul")
+    if counts["kept_fp"]:
+        parts.append(f"{counts['kept_fp']} kept in fp32 by --keep-fp")
+    detail = "; ".join(parts)
+    return PassResult(counts["matmulnbits"] > 0, detail, counts)
+
+
+def _replace_with_nbits(graph: gs.Graph, lin: Linear, q, codes: gs.Constant, level: int) -> None:
+    node = lin.node
+    n, k = q.codes.shape[0], q.k
+    name = lin.weight.name
+    dtype = lin.weight.values.dtype  # scales in the graph's float type (fp16 graphs on GPUs)
+    inputs = [lin.x, codes, gs.Constant(f"{name}/scales", q.scales.reshape(-1).astype(dtype))]
+    if q.bits == 4:
+        inputs.append(gs.Constant(f"{name}/zero_points", q.packed_zero_points().reshape(-1)))
+    bias = node.inputs[2] if lin.kind == "gemm" and len(node.inputs) > 2 else None
+    out = node.outputs[0]
+    mm_out = out if bias is None else gs.Variable(f"{out.name}/nobias", dtype=out.dtype)
+    new = gs.Node("MatMulNBits", f"{node.name}/nbits", domain=MS_DOMAIN,
+                  attrs={"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": level},
+                  inputs=inputs, outputs=[mm_out])
+    node.outputs = []
+    node.inputs = []
+    graph.nodes.append(new)
+    if bias is not None:
+        graph.nodes.append(gs.Node("Add", f"{node.name}/bias", inputs=[mm_out, bias], outputs=[out]))
+
+
+def _quantize_embedding(graph: gs.Graph, emb: gs.Node, shared, settings, report) -> bool:
+    """Gather(embed, ids) -> GatherBlockQuantized over [V, blocks, block] codes (+ Reshape to [.., H])."""
+    table = np.asarray(emb.inputs[0].values, np.float32)
+    ids = emb.inputs[1]
+    if ids.shape is None:
+        return False
+    vocab, hidden = table.shape
+    if shared is not None and shared[1].k == hidden and hidden % HEAD_BLOCK == 0:
+        codes, q = shared
+    else:
+        if hidden % HEAD_BLOCK:
+            return False
+        q = block_quantize(table, HEAD_BITS, HEAD_BLOCK, symmetric=True, scale_multiplier=settings.break_scales)
+        codes = gs.Constant(f"{emb.inputs[0].name}/q8", q.packed())
+        record_layer(report, "embed", "int8", table, q.dequantize())
+    blocks = q.scales.shape[1]
+    out = emb.outputs[0]
+    raw = gs.Variable(f"{out.name}/blocks", dtype=out.dtype)
+    graph.nodes.append(gs.Node(
+        "GatherBlockQuantized", f"{emb.name}/gbq", domain=MS_DOMAIN,
+        attrs={"gather_axis": 0, "quantize_axis": 2, "block_size": HEAD_BLOCK, "bits": HEAD_BITS},
+        inputs=[codes, ids, gs.Constant(f"{emb.inputs[0].name}/scales3d",
+                                        q.scales.reshape(vocab, blocks, 1).astype(emb.inputs[0].values.dtype))],
+        outputs=[raw]))
+    shape = gs.Constant(f"{emb.name}/hidden_shape", np.asarray([0] * len(ids.shape) + [hidden], np.int64))
+    graph.nodes.append(gs.Node("Reshape", f"{emb.name}/merge_blocks", inputs=[raw, shape], outputs=[out]))
+    emb.outputs = []
+    emb.inputs = []
+    return True
