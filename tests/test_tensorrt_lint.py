@@ -266,3 +266,47 @@ def test_smollm2_tensorrt_pipeline_lints_clean(smollm2_hf, tmp_path):
     result = lint_model(path)
     assert result["clean"], result["issues"][:5]
     assert result["nodes"] > 1000 and result["nodes_without_type_info"] == 0
+
+
+def _quantized_graph(lm, precision, work):
+    from leptonc.config import CompileConfig
+    from leptonc.models.adapters import get_adapter
+
+    try:
+        from leptonc.calibration.quantize import calibrate_for_compile
+    except ImportError as exc:
+        pytest.skip(f"quantization is not in this leptonc build: {exc}")
+    config = CompileConfig(source="tiny-llama", target="h100", backend="tensorrt", precision=precision,
+                           options={"calib_samples": 4, "calib_seq_len": 64})
+    adapter = get_adapter(lm.model_type)
+    quant = calibrate_for_compile(config, lm, adapter, adapter.spec(lm.module))
+    model, records = _pipeline_graph(lm, "h100", precision, work, {**config.options, **quant.pass_options()})
+    assert records[-1]["name"] == f"quantize_{precision}" and records[-1]["status"] == "applied", records[-1]
+    return model
+
+
+def test_tiny_llama_tensorrt_fp8_pipeline_lints_clean(tiny_lm, tmp_path):
+    model = _quantized_graph(tiny_lm, "fp8", tmp_path)
+    result = lint_onnx(model)
+    assert result["clean"], result["issues"][:5]
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+# The quantization passes (issue 6) lower int8 and int4 for ONNX Runtime whatever the backend:
+# asymmetric uint8 activations, MatMulNBits and GatherBlockQuantized. TensorRT cannot parse those;
+# the lint says so node by node, and a TensorRT build refuses the graph before calling the builder.
+# strict=True: once the passes write TensorRT's Q/DQ for ctx.backend == "tensorrt", these xpass and fail,
+# and the marks must go.
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="quantize_int8 writes ONNX Runtime's int8 form (uint8 zero point 128 "
+                                       "activations, MatMulNBits/GatherBlockQuantized head) also for TensorRT")
+def test_tiny_llama_tensorrt_int8_pipeline_lints_clean(tiny_lm, tmp_path):
+    result = lint_onnx(_quantized_graph(tiny_lm, "int8", tmp_path))
+    assert result["clean"], result["issues"][:5]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="quantize_int4 writes MatMulNBits/GatherBlockQuantized (com.microsoft) also "
+                                       "for TensorRT instead of INT4 block-quantized DequantizeLinear weights")
+def test_tiny_llama_tensorrt_int4_pipeline_lints_clean(tiny_lm, tmp_path):
+    result = lint_onnx(_quantized_graph(tiny_lm, "int4", tmp_path))
+    assert result["clean"], result["issues"][:5]
