@@ -90,12 +90,46 @@ def _load_builtin(b: Builtin) -> LoadedModel:
 
     get_adapter(b.config["model_type"])
     config = AutoConfig.for_model(**b.config)
+    check_host_memory(b.name, fp32_parameter_bytes(config))
     torch.manual_seed(b.seed)
     with torch.no_grad():
         module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     module.eval()
     digest = hashlib.sha256(json.dumps({"config": b.config, "seed": b.seed}, sort_keys=True).encode()).hexdigest()
     return LoadedModel(b.name, "builtin", b.description, module, byte_level_tokenizer(), f"sha256:{digest}", True)
+
+
+def fp32_parameter_bytes(config: Any) -> int:
+    """Bytes of the model's parameters in float32, counted on the meta device (allocates nothing)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in meta.parameters()) * 4  # parameters() counts tied weights once
+
+
+def mem_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(name: str, weight_bytes: int) -> None:
+    """Refuse up front what cannot fit: the float32 model must be held once in host memory (compile
+    peaks at about 1.4x the weight bytes; see BENCHMARKS.md), rather than be killed by the OOM killer."""
+    available = mem_available_bytes()
+    if available is not None and weight_bytes > available:
+        raise ModelSourceError(
+            f"{name} needs {weight_bytes / 1e9:.1f} GB of host memory for its float32 weights alone, "
+            f"but only {available / 1e9:.1f} GB is available here",
+            hint="use a machine with more memory (about 1.5x the weights), or a smaller model such as llama-1b-shape",
+        )
 
 
 def _load_gguf(path: Path, *, name: str, kind: str, description: str) -> LoadedModel:

@@ -111,3 +111,15 @@ def test_remote_code_runs_only_with_trust_remote_code(tmp_path, monkeypatch):
     lm = load_model(str(d), trust_remote_code=True)
     assert marker.read_text() == "remote code ran"
     assert type(lm.module).__name__ == "MarkedLlamaForCausalLM"
+
+
+def test_random_shape_too_large_for_this_host_is_refused_up_front(monkeypatch):
+    from leptonc.models import intake
+
+    assert intake.fp32_parameter_bytes(
+        __import__("transformers").AutoConfig.for_model(**intake.BUILTINS["llama-1b-shape"].config)
+    ) == pytest.approx(4.94e9, rel=0.01)  # Llama-3.2-1B: 1.236e9 parameters, tied embeddings
+    monkeypatch.setattr(intake, "mem_available_bytes", lambda: 10**9)
+    with pytest.raises(ModelSourceError, match="needs 4.9 GB") as exc:
+        intake.load_model("llama-1b-shape")
+    assert exc.value.exit_code == 3
