@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import resource
 import shutil
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from leptonc.bundle import Bundle, check_output_path, finalize, staging_dir, too
 from leptonc.config import CompileConfig
 from leptonc.errors import UnsupportedRequestError, VerificationError
 from leptonc.progress import Steps
+from leptonc.runtime.bench import peak_host_mb
 
 QUANTIZED = ("int8", "fp8", "int4")
 
@@ -50,10 +50,6 @@ def plan(config: CompileConfig) -> dict:
     if hasattr(backend, "plan_extras"):
         out.update(backend.plan_extras(config))
     return out
-
-
-def peak_host_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _check_request(config: CompileConfig) -> None:

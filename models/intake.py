@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from leptonc.bundle import sha256_file
 from leptonc.errors import ModelSourceError
 from leptonc.models.adapters import get_adapter
 from leptonc.models.builtin import BUILTINS, Builtin, gguf_path
@@ -180,14 +181,6 @@ def _load_hf_dir(path: Path, *, allow_pickle: bool, trust_remote_code: bool) -> 
         digest.update(sha256_file(f).encode())
     return LoadedModel(path.name, "hf-dir", f"Hugging Face directory {path}", module, tokenizer,
                        f"sha256:{digest.hexdigest()}", False, str(path))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def byte_level_tokenizer() -> Any:
