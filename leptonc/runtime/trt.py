@@ -86,8 +86,14 @@ class TrtRunner(Runner):
         self.head_dim = io.get("head_dim") or kv[3]
         self.vocab_size = io.get("vocab_size") or self.engine.get_tensor_shape("logits")[-1]
         self.kv_dtype = self._dtype("past_key_values.0.key")
-        self.max_batch = int(limits["max_batch"])
-        self.max_sequence = int(limits["max_sequence"])
+        # The bundle's limits, never more than the engine's profiles allow (a mismatch would otherwise
+        # surface as a TensorRT shape error in the middle of a generation).
+        hi_batch = hi_seq = 1
+        for p in range(self.engine.num_optimization_profiles):
+            hi = self.engine.get_tensor_profile_shape("attention_mask", p)[2]
+            hi_batch, hi_seq = max(hi_batch, hi[0]), max(hi_seq, hi[1])
+        self.max_batch = min(int(limits["max_batch"]), hi_batch)
+        self.max_sequence = min(int(limits["max_sequence"]), hi_seq)
         self._past: list = []
         self._mask = None
         self._positions = None
