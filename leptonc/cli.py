@@ -121,7 +121,9 @@ def compile_cmd(
                                                                       "(default 1)."),
     opt_seq: Optional[int] = typer.Option(None, "--opt-seq", help="TensorRT: prompt length the profiles are tuned for "
                                                                   "(default 128)."),
-    sparsity: Optional[str] = typer.Option(None, "--sparsity", help="TensorRT: 2:4 to use sparse tensor cores (sm80+)."),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", help="2:4: two of every four linear weights kept; TensorRT "
+                                                                    "runs them on sparse tensor cores (sm80+), ONNX "
+                                                                    "Runtime simulates them (zeros)."),
     timing_cache: Optional[str] = typer.Option(None, "--timing-cache", help="TensorRT: timing cache file, loaded "
                                                                             "and updated."),
     hardware_compat: Optional[str] = typer.Option(None, "--hardware-compat", help="TensorRT: ampere+ or same-cc."),
@@ -129,6 +131,11 @@ def compile_cmd(
                                                                                 "TensorRT versions (lean runtime)."),
     builder_opt_level: Optional[int] = typer.Option(None, "--builder-opt-level", help="TensorRT: builder "
                                                                                       "optimization level 0..5."),
+    # pruning (issue 9): put into config.options, validated by leptonc.calibration.pruning
+    prune: Optional[float] = typer.Option(None, "--prune", help="Remove this ratio of each layer's MLP channels "
+                                                                "(e.g. 0.25), least important first (calibration)."),
+    prune_heads: Optional[int] = typer.Option(None, "--prune-heads", help="Remove N key/value head groups (with "
+                                                                          "their query heads) from every layer."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (pipeline, backend config); build nothing."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="Build matrix (leptonc.toml): one bundle per "
                                                                      "entry, one summary. Exit 0 if all built, else "
@@ -153,10 +160,12 @@ def compile_cmd(
         max_parity_error=max_parity_error, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         force=force,
     )
-    config = _tensorrt_options(config, {"opt_batch": opt_batch, "opt_seq": opt_seq, "sparsity": sparsity,
+    trt_sparsity = sparsity if config.backend == "tensorrt" else None  # elsewhere 2:4 is pruning's (simulated)
+    config = _tensorrt_options(config, {"opt_batch": opt_batch, "opt_seq": opt_seq, "sparsity": trt_sparsity,
                                         "timing_cache": timing_cache, "hardware_compat": hardware_compat,
                                         "version_compatible": version_compatible or None,
                                         "builder_opt_level": builder_opt_level}, dry_run)
+    config = _prune_options(config, {"prune": prune, "prune_heads": prune_heads, "sparsity": sparsity})
     from leptonc import compiler
 
     if dry_run:
@@ -234,6 +243,17 @@ def _compile_matrix(ctx: typer.Context, source: Optional[str], config_file: Path
         raise typer.Exit(code=summary["exit_code"])
 
 
+def _prune_options(config, given: dict):
+    """Put the pruning flags (issue 9) into `config.options`, validated by leptonc.calibration.pruning."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return config
+    from leptonc.calibration.pruning import PruneSettings
+
+    PruneSettings.from_options(given)  # validates, with messages naming the flag
+    return config.with_(options={**config.options, **given})
+
+
 def _tensorrt_options(config, given: dict, dry_run: bool):
     """Put the TensorRT flags into `config.options` (with the limits its profiles need), refuse them
     on another backend, and run TensorRT's preflight (options, library, build GPU) before a build."""
@@ -287,6 +307,13 @@ def _print_compile_report(bundle, report: dict) -> None:
                                 f"{v['top1_agreement']:.3f} ({v['prompts']} prompts, prefill + {v['decode_steps']} decode steps)")
     else:
         table.add_row("verify", f"{v.get('status', 'skipped')} ({v.get('reason', '')})")
+    pr = report.get("pruning")
+    if pr:  # issue 9: parameters removed and the accuracy cost (PyTorch, held-out text)
+        p, acc = pr["parameters"], pr.get("accuracy") or {}
+        table.add_row("pruned", f"parameters {p['before']['total']:,} -> {p['after']['total']:,} "
+                                f"(MLP -{100 * p['mlp_removed_ratio']:.1f}%); perplexity "
+                                f"{acc.get('reference_perplexity')} -> {acc.get('pruned_perplexity')}, top-1 agreement "
+                                f"{acc.get('top1_agreement')} vs unpruned; {pr['note']}")
     size = sum(f["bytes"] for f in m["files"].values())
     table.add_row("size", f"{size / 1e6:.1f} MB")
     stats = m.get("build_stats") or {}  # run measurements live in the manifest (report.json is reproducible)

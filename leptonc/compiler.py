@@ -62,6 +62,16 @@ def _check_request(config: CompileConfig) -> None:
         from leptonc.calibration.quantize import check_request
 
         check_request(config)
+    if _pruning_requested(config):  # pruning (issue 9): validate its flags before loading anything
+        from leptonc.calibration.pruning import check_request as check_prune
+
+        check_prune(config)
+
+
+def _pruning_requested(config: CompileConfig) -> bool:
+    from leptonc.calibration.pruning import requested
+
+    return requested(config.options)
 
 
 def _quantization_available() -> bool:
@@ -108,6 +118,15 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         adapter = get_adapter(lm.model_type)
         spec = adapter.spec(lm.module)
         save_tokenizer(lm.tokenizer, staging / "tokenizer")
+    # Pruning (issue 9) changes the PyTorch model itself, before the reference trace: the bundle is then
+    # verified against the *pruned* model; perplexity before/after pruning is in report.json's "pruning".
+    prune = None
+    if _pruning_requested(config):
+        from leptonc.calibration import pruning
+
+        with steps.step("prune", "Pruning"):
+            spec, prune = pruning.prune_for_compile(config, lm, adapter, spec,
+                                                    on_progress=lambda i, n, what: steps.update(f"{what} {i}/{n}"))
     trace = None
     if config.verify:
         with steps.step("reference", "Recording the PyTorch reference"):
@@ -160,6 +179,8 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     if trace is not None:
         with steps.step("verify", "Verifying against PyTorch"):
             verification = _verify(config, backend, staging, engine, limits, trace, check_parity)
+        if prune is not None:
+            verification["reference"] = f"pruned {verification.get('reference', 'PyTorch fp32')}"
     if quant is not None:
         verification = {**verification, "accuracy_gate": quant.gate}
 
@@ -175,6 +196,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "passes": [{k: v for k, v in r.items() if k != "seconds"} for r in records],  # seconds: build_stats
         "verification": verification,
         "quantization": quant.report_section() if quant is not None else None,
+        "pruning": prune.report_section() if prune is not None else None,
         # Reproducible builds: report.json is a hashed file, so it holds no timings or memory peaks;
         # those vary run to run and live in the manifest's `build_stats`, beside `created`.
     }
@@ -198,6 +220,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "tokenizer": "tokenizer",
         "passes": [{k: r[k] for k in ("name", "status", "detail")} for r in records],
         "calibration": quant.manifest_section() if quant is not None else None,
+        "pruning": prune.manifest_section() if prune is not None else None,
         "verification": verification,
         "toolchain": toolchain_versions(config.backend),
         "config": {k: v for k, v in config.to_dict().items() if k not in ("output", "force")},
