@@ -107,15 +107,21 @@ class EntropyObserver(HistogramObserver):
         return float(self.edges[best_i])
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
+def _kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
+    """KL(p || q), with q's empty bins given a little mass (as ONNX Runtime's and TensorRT's
+    calibrators smooth it): the clipped tail lands in p's last bin, where q may be empty."""
     p = p / p.sum()
     qs = q.sum()
     if qs == 0:
         return np.inf
     q = q / qs
-    mask = p > 0
-    if np.any(q[mask] == 0):
+    zeros = q == 0
+    if zeros.all():
         return np.inf
+    if zeros.any():
+        q = np.where(zeros, eps, q)
+        q = q / q.sum()
+    mask = p > 0
     return float((p[mask] * np.log(p[mask] / q[mask])).sum())
 
 

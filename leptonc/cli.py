@@ -131,6 +131,20 @@ def compile_cmd(
                                                                                 "TensorRT versions (lean runtime)."),
     builder_opt_level: Optional[int] = typer.Option(None, "--builder-opt-level", help="TensorRT: builder "
                                                                                       "optimization level 0..5."),
+    # quantization (issue 6): put into config.options, validated by leptonc.calibration.quantize
+    int8_mode: Optional[str] = typer.Option(None, "--int8-mode", help="--int8: w8a8 (SmoothQuant, default) or weight-only."),
+    smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha", help="W8A8 migration strength (default 0.5)."),
+    int4_block: Optional[int] = typer.Option(None, "--int4-block", help="--int4 block size: 32, 64 or 128 (default)."),
+    int4_method: Optional[str] = typer.Option(None, "--int4-method", help="--int4 scales: awq (default) or rtn."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV cache precision fp8|int8 (where the backend supports it)."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration text file (default: shipped WikiText-2 slice)."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration sequences (default 16)."),
+    calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="Tokens per calibration sequence (default 256)."),
+    calib_method: Optional[str] = typer.Option(None, "--calib-method", help="Activation ranges: minmax (default), percentile, entropy."),
+    keep_fp: list[str] = typer.Option([], "--keep-fp", help="Keep matching layers in fp32 (repeatable; e.g. lm_head, 'layers.0.*')."),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: allowed perplexity increase in %% (default 5)."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the accuracy gate (the report says it was skipped)."),
+    check_tokens: Optional[int] = typer.Option(None, "--check-tokens", help="Held-out tokens the accuracy gate scores (default 2048)."),
     # pruning (issue 9): put into config.options, validated by leptonc.calibration.pruning
     prune: Optional[float] = typer.Option(None, "--prune", help="Remove this ratio of each layer's MLP channels "
                                                                 "(e.g. 0.25), least important first (calibration)."),
@@ -165,6 +179,12 @@ def compile_cmd(
                                         "timing_cache": timing_cache, "hardware_compat": hardware_compat,
                                         "version_compatible": version_compatible or None,
                                         "builder_opt_level": builder_opt_level}, dry_run)
+    config = _quant_options(config, {"int8_mode": int8_mode, "smoothquant_alpha": smoothquant_alpha,
+                                     "int4_block": int4_block, "int4_method": int4_method, "kv_cache": kv_cache,
+                                     "calib_data": calib_data, "calib_samples": calib_samples,
+                                     "calib_seq_len": calib_seq_len, "calib_method": calib_method,
+                                     "keep_fp": list(keep_fp) or None, "max_ppl_increase": max_ppl_increase,
+                                     "check": False if no_check else None, "check_tokens": check_tokens})
     config = _prune_options(config, {"prune": prune, "prune_heads": prune_heads, "sparsity": sparsity})
     from leptonc import compiler
 
@@ -243,6 +263,21 @@ def _compile_matrix(ctx: typer.Context, source: Optional[str], config_file: Path
         raise typer.Exit(code=summary["exit_code"])
 
 
+def _quant_options(config, given: dict):
+    """Put the quantization flags into `config.options`; refuse them without a quantized precision."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return config
+    if config.precision not in ("int8", "fp8", "int4"):
+        flags = ", ".join("--no-check" if k == "check" else f"--{k.replace('_', '-')}" for k in given)
+        raise UnsupportedRequestError(f"{flags} only apply to a quantized compile (--int8, --fp8 or --int4); "
+                                      f"this one is {config.precision}")
+    from leptonc.calibration.quantize import QuantSettings
+
+    QuantSettings.from_options(config.precision, given)  # validates, with messages naming the flag
+    return config.with_(options={**config.options, **given})
+
+
 def _prune_options(config, given: dict):
     """Put the pruning flags (issue 9) into `config.options`, validated by leptonc.calibration.pruning."""
     given = {k: v for k, v in given.items() if v is not None}
@@ -265,8 +300,7 @@ def _tensorrt_options(config, given: dict, dry_run: bool):
             raise UnsupportedRequestError(f"{flags} only {verb} to --backend tensorrt (this compile uses "
                                           f"{config.backend}); drop them or pass --backend tensorrt")
         return config
-    config = config.with_(options={**config.options, **given, "max_batch": config.max_batch,
-                                   "max_sequence": config.max_sequence})
+    config = config.with_(options={**config.options, **given})  # the compiler adds the limits to the pass context
     if not dry_run:
         from leptonc.targets.tensorrt import preflight
 
@@ -307,6 +341,18 @@ def _print_compile_report(bundle, report: dict) -> None:
                                 f"{v['top1_agreement']:.3f} ({v['prompts']} prompts, prefill + {v['decode_steps']} decode steps)")
     else:
         table.add_row("verify", f"{v.get('status', 'skipped')} ({v.get('reason', '')})")
+    q = report.get("quantization")
+    if q:  # issue 6: the accuracy gate, the mode that ran, the layers that hurt most
+        gate = q.get("accuracy_gate") or {}
+        if gate.get("status") == "passed":
+            table.add_row("accuracy", f"passed: perplexity {gate['reference_perplexity']:.3f} -> "
+                                      f"{gate['quantized_perplexity']:.3f} ({gate['ppl_increase_pct']:+.2f}%, {gate['rule']}), "
+                                      f"top-1 agreement {gate['top1_agreement']:.3f} on {gate['scored_tokens']} held-out tokens")
+        else:
+            table.add_row("accuracy", f"{gate.get('status', 'skipped')}: {gate.get('reason', '')}")
+        table.add_row("quantized", f"{q['format']} ({q['mode']}): {q['note']}")
+        if q.get("worst_layers"):
+            table.add_row("lowest SQNR", ", ".join(f"{r['name']} {r['sqnr_db']:.1f} dB" for r in q["worst_layers"][:3]))
     pr = report.get("pruning")
     if pr:  # issue 9: parameters removed and the accuracy cost (PyTorch, held-out text)
         p, acc = pr["parameters"], pr.get("accuracy") or {}
@@ -337,7 +383,10 @@ def _open(path: str, tokenizer_dir: Optional[str], verify: bool, device: Optiona
     bundle = load_bundle(p, verify=verify)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else bundle.tokenizer_dir
     tokenizer = _load_tokenizer(tok_dir)
-    runner = open_bundle_runner(bundle, device)
+    from leptonc.bundle import engine_load_errors
+
+    with engine_load_errors(bundle.model_path):  # a corrupt engine is a bad bundle (exit 7), not a crash
+        runner = open_bundle_runner(bundle, device)
     eos = tuple(bundle.manifest.get("model", {}).get("eos_token_ids") or ())
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos = tuple(dict.fromkeys((*eos, tokenizer.eos_token_id)))

@@ -24,6 +24,10 @@ class Linear:
     kind: str  # "matmul" (x @ W, W [K, N]) or "gemm" (x @ W^T, transB=1, W [N, K])
     weight: gs.Constant
     name: str  # logical name: the initializer's, or "lm_head" for a head that reads the embedding
+    label: str = ""  # the name the report uses (the merged members' names for a merged projection)
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
 
     @property
     def x(self) -> gs.Tensor:
@@ -124,4 +128,29 @@ def resolve_group(stats, members: list[Linear]):
     if len(members) == 1:
         return stats.group_of_weight(members[0].w_oi())
     return None
+
+
+def plan_groups(graph: gs.Graph, settings, stats, report: dict) -> list[tuple[list[Linear], object]]:
+    """The linears grouped by the tensor they read, each with its calibration group (or None), after
+    --keep-fp: a linear is kept in fp32 when its name, or (for a projection merged by a fusion pass)
+    any name merged into it, matches a pattern. Merged linears are labelled with their members'
+    names (layers.0.q.weight+layers.0.k.weight+...) in the report."""
+    by_input: dict[int, list[Linear]] = {}
+    for lin in find_linears(graph):
+        by_input.setdefault(id(lin.x), []).append(lin)
+    planned = []
+    for members in by_input.values():
+        group = resolve_group(stats, members)
+        kept = []
+        for lin in members:
+            if group is not None and lin.name not in group.members and len(members) == 1:
+                lin.label = "+".join(group.members)
+            names = lin.label.split("+")
+            if any(settings.keeps_fp(n) for n in names):
+                kept.append(lin)
+                report["kept_fp"].append(lin.label)
+        members = [m for m in members if m not in kept]
+        if members:
+            planned.append((members, group))
+    return planned
 

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from leptonc.calibration.scales import block_quantize
 from leptonc.passes.quantize_common import MS_DOMAIN, Linear, apply_prescale, find_embedding, find_linears, \
-    quant_context, record_layer, resolve_group
+    plan_groups, quant_context, record_layer
 from leptonc.passes.registry import PassResult, register_pass
 
 HEAD_BITS, HEAD_BLOCK = 8, 64
@@ -38,19 +38,12 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     if awq and stats is None:
         return PassResult.skipped("AWQ needs calibration statistics and none were supplied")
 
-    groups: dict[int, list[Linear]] = {}
-    for lin in find_linears(graph):
-        if settings.keeps_fp(lin.name):
-            counts["kept_fp"] += 1
-            report["kept_fp"].append(lin.name)
-            continue
-        groups.setdefault(id(lin.x), []).append(lin)
-
+    planned = plan_groups(graph, settings, stats, report)
+    counts["kept_fp"] = len(report["kept_fp"])
     shared_head: dict[str, tuple] = {}  # weight name -> (codes constant, BlockQuantized) of an 8-bit head
-    for members in groups.values():
+    for members, group in planned:
         is_head = any(m.kind == "gemm" for m in members)
         g_bits, g_block = (HEAD_BITS, HEAD_BLOCK) if is_head else (bits, block)
-        group = resolve_group(stats, members)
         s = None
         if awq and not is_head and group is not None and group.prescale is not None:
             s = group.prescale
@@ -63,7 +56,7 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
             q = block_quantize(ws, g_bits, g_block, symmetric=g_bits == 8, scale_multiplier=settings.break_scales)
             wq = q.dequantize() / (s[None, :] if s is not None else 1.0)
             x = group.samples if group is not None else None
-            record_layer(report, lin.name, f"int{g_bits}" + ("-awq" if s is not None else ""), w, wq, x)
+            record_layer(report, lin.label, f"int{g_bits}" + ("-awq" if s is not None else ""), w, wq, x)
             codes = gs.Constant(f"{lin.weight.name}/q{g_bits}", q.packed())
             if is_head:
                 shared_head[lin.weight.name] = (codes, q)

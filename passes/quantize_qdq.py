@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from leptonc.calibration.scales import FP8_E4M3_MAX, compute_scales, fake_quant_fp8, fake_quant_int8, \
     quantize_int8 as int8_codes, scale_from_amax, to_fp8
 from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, find_linears, quant_context, \
-    record_layer, resolve_group
+    plan_groups, record_layer
 from leptonc.passes.quantize_nbits import HEAD_BLOCK, HEAD_BITS, _quantize_embedding, _replace_with_nbits, \
     rewrite_weight_only
 from leptonc.passes.registry import PassResult, register_pass
@@ -43,26 +43,27 @@ def quantize_fp8(graph: gs.Graph, ctx) -> PassResult:
     return rewrite_qdq(graph, ctx, "fp8")
 
 
-def rewrite_qdq(graph: gs.Graph, ctx, fmt: str) -> PassResult:
+def smooth_only(graph: gs.Graph, ctx) -> PassResult:
+    """SmoothQuant's rewrite without rounding (x / s folded or multiplied in, W * s): the function
+    must stay the same up to float error. Used by the tests; not a pipeline pass."""
+    return rewrite_qdq(graph, ctx, "int8", rounding=False)
+
+
+def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassResult:
     from leptonc.passes.quantize_common import MS_DOMAIN  # noqa: F401  (documented domain of the head ops)
 
     settings, stats, report = quant_context(ctx)
     if stats is None:
         return PassResult.skipped(f"{fmt} activation quantization needs calibration statistics and none were supplied")
     counts = {"qdq_matmul": 0, "kept_fp": 0, "smooth_folded": 0, "smooth_mul": 0, "no_stats": 0, "head_nbits": 0}
-    groups: dict[int, list[Linear]] = {}
-    for lin in find_linears(graph):
-        if settings.keeps_fp(lin.name):
-            counts["kept_fp"] += 1
-            report["kept_fp"].append(lin.name)
-            continue
-        groups.setdefault(id(lin.x), []).append(lin)
-
+    planned = plan_groups(graph, settings, stats, report)
+    counts["kept_fp"] = len(report["kept_fp"])
     shared_head = {}
-    for members in groups.values():
-        names = [m.name for m in members]
+    for members, group in planned:
+        names = [m.label for m in members]
         is_head = any(m.kind == "gemm" for m in members)
-        group = resolve_group(stats, members)
+        if is_head and fmt == "int8" and not rounding:
+            continue
         if is_head and fmt == "int8":
             from leptonc.calibration.scales import block_quantize
 
@@ -70,7 +71,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str) -> PassResult:
                 w = lin.w_oi()
                 q = block_quantize(w, HEAD_BITS, HEAD_BLOCK, symmetric=True, scale_multiplier=settings.break_scales)
                 x = group.samples if group is not None else None
-                record_layer(report, lin.name, "int8-weight-only", w, q.dequantize(), x)
+                record_layer(report, lin.label, "int8-weight-only", w, q.dequantize(), x)
                 codes = gs.Constant(f"{lin.weight.name}/q8", q.packed())
                 shared_head[lin.weight.name] = (codes, q)
                 _replace_with_nbits(graph, lin, q, codes, int(ctx.options.get("accuracy_level", 4)))
@@ -82,10 +83,16 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str) -> PassResult:
             continue
         s = group.prescale if fmt == "int8" else None
         x = members[0].x
-        tag = names[0].replace(".weight", "")
+        tag = members[0].name.replace(".weight", "")
         if s is not None:
             x, how = apply_prescale(graph, x, s, tag, [m.node for m in members])
             counts["smooth_folded" if how == "folded" else "smooth_mul"] += 1
+        if not rounding:  # SmoothQuant alone: same function, only the weights and norms change
+            for lin in members:
+                ws = lin.w_oi() * s[None, :]
+                lin.node.inputs[1] = gs.Constant(f"{lin.weight.name}/smoothed", np.ascontiguousarray(
+                    (ws.T if lin.kind == "matmul" else ws).astype(lin.weight.values.dtype)))
+            continue
         a_scale = scale_from_amax(group.amax, fmt)
         qx = _quantize_activation(graph, x, a_scale, fmt, tag)
         x_rows = group.samples / (s if s is not None else 1.0)
@@ -98,7 +105,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str) -> PassResult:
                 codes, wq = int8_codes(ws, w_scales, axis=0), fake_quant_int8(ws, w_scales, axis=0)
             else:
                 codes, wq = to_fp8(ws / w_scales[:, None]), fake_quant_fp8(ws, w_scales, axis=0)
-            record_layer(report, lin.name, f"{fmt}-w8a8" if fmt == "int8" else "fp8", w, wq, group.samples, x_q)
+            record_layer(report, lin.label, f"{fmt}-w8a8" if fmt == "int8" else "fp8", w, wq, group.samples, x_q)
             if lin.kind == "gemm":
                 shared_head[lin.weight.name] = None
             wdq = _dequantize_weight(graph, lin, codes, w_scales, fmt)
@@ -106,6 +113,8 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str) -> PassResult:
             lin.node.inputs[0] = _dequantize(graph, qx, a_scale, fmt, f"{lin.node.name}/dq_x")
             counts["qdq_matmul"] += 1
 
+    if not rounding:
+        return PassResult(True, f"smoothed {counts['smooth_folded'] + counts['smooth_mul']} groups (no rounding)", counts)
     emb = find_embedding(graph)
     if emb is not None and not settings.keeps_fp("embed"):
         if fmt == "int8":
