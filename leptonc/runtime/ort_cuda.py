@@ -87,8 +87,17 @@ class OrtCudaRunner(Runner):
     device = "cuda"
 
     def __init__(self, model_path: Path, io: dict, settings: dict | None = None, *, max_sequence: int = 2048,
-                 max_batch: int = 64, device_id: int = 0, cuda_graph: bool | None = None):
-        ort = load_ort_cuda()
+                 max_batch: int = 64, device_id: int = 0, cuda_graph: bool | None = None, device_type: str = "cuda"):
+        # device_type "cpu" runs this same I/O-binding code on ONNX Runtime's CPU provider: that is how the
+        # CPU-only CI checks its cache handling; speed claims come from "cuda" on the device only.
+        if device_type not in ("cuda", "cpu"):
+            raise ValueError(f"device_type must be 'cuda' or 'cpu', not {device_type!r}")
+        self.device_type = device_type
+        self.device = device_type
+        if device_type == "cuda":
+            ort = load_ort_cuda()
+        else:
+            import onnxruntime as ort
         self.ort = ort
         settings = dict(settings or {})
         self.io = io
@@ -98,18 +107,29 @@ class OrtCudaRunner(Runner):
         self.kv_dtype = np.dtype(_DTYPES.get(io["kv_dtype"], io["kv_dtype"]) or np.float16)
         self.vocab_size = io["vocab_size"]
         self.max_sequence, self.max_batch = max_sequence, max_batch
-        self.memory = _GpuMemory(device_id)
+        self.memory = _GpuMemory(device_id) if device_type == "cuda" else None
 
         ops = graph_op_types(model_path)
         self.shared_kv = "GroupQueryAttention" in ops and settings.get("kv_layout", "shared") == "shared"
         env_graph = os.environ.get("LEPTONC_CUDA_GRAPH")
         if cuda_graph is None:
             cuda_graph = settings.get("cuda_graph", True) if env_graph is None else env_graph == "1"
-        # CUDA graphs need fixed addresses and shapes: only the shared-buffer layout gives both.
-        self.cuda_graph = bool(cuda_graph) and self.shared_kv
-        self.cuda_graph_reason = ("on" if self.cuda_graph else
-                                  "off: the graph has no GroupQueryAttention, so the cache grows each step"
-                                  if not self.shared_kv else "off: disabled by settings")
+        # CUDA graphs need fixed addresses AND fixed shapes. The shared-buffer layout fixes the addresses;
+        # fixed shapes also need a graph whose GQA lengths come from the mask's *contents* (a static
+        # [B, capacity] mask: settings "gqa_lengths": "mask_sum"). passes/fuse_attention.py derives them
+        # from the mask's *length* (what keeps left padding correct), so there the mask, and with it the
+        # attention shapes, grow by one each step and a captured graph could not be replayed.
+        static_lengths = settings.get("gqa_lengths") == "mask_sum"
+        self.cuda_graph = bool(cuda_graph) and self.shared_kv and static_lengths and device_type == "cuda"
+        if self.cuda_graph:
+            self.cuda_graph_reason = "on"
+        elif not self.shared_kv:
+            self.cuda_graph_reason = "off: the graph has no GroupQueryAttention, so the cache grows each step"
+        elif not static_lengths:
+            self.cuda_graph_reason = ("off: the fused graph derives GQA lengths from the attention mask's length, "
+                                      "so decode shapes change every step")
+        else:
+            self.cuda_graph_reason = "off: disabled"
 
         from leptonc.runtime.ort import session_options
 
@@ -118,9 +138,9 @@ class OrtCudaRunner(Runner):
                      "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
         if self.cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
-        self.session = ort.InferenceSession(str(model_path), so,
-                                            providers=[("CUDAExecutionProvider", cuda_opts)])
-        if "CUDAExecutionProvider" not in self.session.get_providers():
+        providers = [("CUDAExecutionProvider", cuda_opts)] if device_type == "cuda" else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(model_path), so, providers=providers)
+        if device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise BackendUnavailableError("ONNX Runtime could not start its CUDA provider on this machine",
                                           hint="check the NVIDIA driver and that onnxruntime-gpu matches the CUDA version")
         self.input_names = {i.name for i in self.session.get_inputs()}
@@ -132,22 +152,33 @@ class OrtCudaRunner(Runner):
         self._kv: list = []  # OrtValues on the device
         self._static: dict = {}  # per batch size: fixed-address decode inputs/outputs (shared layout)
         self._graph_ids: dict[int, int] = {}
-        self.memory.sample()
+        self._feeds: list = []  # inputs bound for the run in progress
+        self._sample_memory()
 
     # ---- helpers ----------------------------------------------------------------------------------
 
     def _ortvalue(self, array: np.ndarray):
-        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
+        value = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+        # A binding keeps only the C++ value: on the CPU provider that wraps the numpy buffer, so the Python
+        # wrapper (which owns that buffer) must live until the run is over.
+        self._feeds.append(value)
+        return value
 
     def _empty(self, shape, dtype):
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_id)
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device_type, self.device_id)
 
     def _kv_names(self):
         for i in range(self.num_layers):
             for kind in ("key", "value"):
                 yield f"past_key_values.{i}.{kind}", f"present.{i}.{kind}"
 
+    def _sample_memory(self) -> None:
+        if self.memory is not None:
+            self.memory.sample()
+
     def device_name(self) -> str:
+        if self.memory is None:
+            return "cpu (I/O-binding runner)"
         name = self.memory.name()
         return f"cuda:{self.device_id} {name}" if name else f"cuda:{self.device_id}"
 
@@ -169,13 +200,14 @@ class OrtCudaRunner(Runner):
         if batch > self.max_batch:
             raise InputError(f"batch of {batch} exceeds this bundle's maximum batch of {self.max_batch}")
         self._batch = batch
+        self._feeds = []
         self._mask = np.asarray(attention_mask, dtype=np.int64)
         self._positions = positions_from_mask(self._mask)
         binding = self.session.io_binding()
         binding.bind_ortvalue_input("input_ids", self._ortvalue(input_ids))
         binding.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
         binding.bind_ortvalue_input("position_ids", self._ortvalue(self._positions))
-        binding.bind_output("logits", "cuda", self.device_id)  # bound first: get_outputs() keeps binding order
+        binding.bind_output("logits", self.device_type, self.device_id)  # bound first: get_outputs() keeps binding order
         if self.shared_kv:
             self._kv = self._shared_buffers(batch)
             for j, (past, present) in enumerate(self._kv_names()):
@@ -185,14 +217,14 @@ class OrtCudaRunner(Runner):
             empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
             for past, present in self._kv_names():
                 binding.bind_ortvalue_input(past, self._ortvalue(empty))
-                binding.bind_output(present, "cuda", self.device_id)
+                binding.bind_output(present, self.device_type, self.device_id)
         run_options = self._run_options(-1)
         self.session.run_with_iobinding(binding, run_options)
         outputs = binding.get_outputs()
         if not self.shared_kv:
             self._kv = list(outputs[1:])
         logits = outputs[0].numpy()
-        self.memory.sample()
+        self._sample_memory()
         logits = logits.astype(np.float32, copy=False)
         return logits[:, -1] if last_only else logits
 
@@ -201,7 +233,10 @@ class OrtCudaRunner(Runner):
         static = self._static.get(batch)
         if static is None:
             shape = (batch, self.kv_heads, self.capacity, self.head_dim)
-            kv = [self._empty(shape, self.kv_dtype) for _ in range(2 * self.num_layers)]
+            zeros = np.zeros(shape, self.kv_dtype)  # never uninitialized memory: 0 x NaN garbage is NaN
+            kv = [self.ort.OrtValue.ortvalue_from_numpy(zeros if self.device_type != "cpu" else zeros.copy(),
+                                                        self.device_type, self.device_id)
+                  for _ in range(2 * self.num_layers)]
             static = {"kv": kv}
             self._static[batch] = static
         return static["kv"]
@@ -223,24 +258,30 @@ class OrtCudaRunner(Runner):
         ids = np.asarray(token_ids, dtype=np.int64).reshape(batch, 1)
         self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
         self._positions = self._positions[:, -1:] + 1
-        if self.shared_kv:
-            logits = self._decode_shared(ids)
+        if self.cuda_graph:
+            logits = self._decode_captured(ids)
         else:
-            logits = self._decode_growing(ids)
+            logits = self._decode_bound(ids)
         return logits.reshape(batch, -1).astype(np.float32, copy=False)
 
-    def _decode_growing(self, ids: np.ndarray) -> np.ndarray:
+    def _decode_bound(self, ids: np.ndarray) -> np.ndarray:
+        """One step with the cache on the device: growing (past <- last present) or shared (in place)."""
+        self._feeds = []
         binding = self.session.io_binding()
         binding.bind_ortvalue_input("input_ids", self._ortvalue(ids))
         binding.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
         binding.bind_ortvalue_input("position_ids", self._ortvalue(self._positions))
-        binding.bind_output("logits", "cuda", self.device_id)  # first: get_outputs() keeps binding order
+        binding.bind_output("logits", self.device_type, self.device_id)  # first: get_outputs() keeps binding order
         for j, (past, present) in enumerate(self._kv_names()):
             binding.bind_ortvalue_input(past, self._kv[j])
-            binding.bind_output(present, "cuda", self.device_id)
+            if self.shared_kv:
+                binding.bind_ortvalue_output(present, self._kv[j])
+            else:
+                binding.bind_output(present, self.device_type, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        self._kv = list(outputs[1:])
+        if not self.shared_kv:
+            self._kv = list(outputs[1:])
         return outputs[0].numpy()
 
     def _decode_state(self, batch: int) -> dict:
@@ -265,7 +306,7 @@ class OrtCudaRunner(Runner):
             static["run_options"] = self._run_options(self._graph_ids[batch])
         return static
 
-    def _decode_shared(self, ids: np.ndarray) -> np.ndarray:
+    def _decode_captured(self, ids: np.ndarray) -> np.ndarray:
         state = self._decode_state(self._batch)
         length = self._mask.shape[1]
         host_mask = state["host_mask"]
@@ -281,8 +322,10 @@ class OrtCudaRunner(Runner):
     # ---- teardown ---------------------------------------------------------------------------------
 
     def peak_device_memory_mb(self) -> float | None:
+        if self.memory is None or self.memory.handle is None:
+            return None
         self.memory.sample()
-        return round(self.memory.peak, 1) if self.memory.handle is not None else None
+        return round(self.memory.peak, 1)
 
     def release(self) -> None:
         self._kv = []

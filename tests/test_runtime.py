@@ -1,0 +1,237 @@
+"""The runner interface and generation features on the CPU, on the tiny-llama bundle (random weights).
+
+Also runs the CUDA runner's I/O-binding code (OrtCudaRunner with device_type="cpu") against the plain
+CPU runner: the same cache handling that keeps the KV cache on the GPU, checked here without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import assert_clean_error, run_cli
+
+from leptonc.bundle import load_bundle
+from leptonc.errors import InputError
+from leptonc.runtime import open_bundle_runner
+from leptonc.runtime.generate import SamplingConfig, generate
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    from transformers import AutoTokenizer
+
+    return bundle, AutoTokenizer.from_pretrained(str(bundle.tokenizer_dir))
+
+
+def _runner(bundle, kind="cpu", **kw):
+    if kind == "cpu":
+        return open_bundle_runner(bundle)
+    from leptonc.runtime.ort_cuda import OrtCudaRunner
+
+    return OrtCudaRunner(bundle.model_path, bundle.io, bundle.engine["session"], device_type="cpu",
+                         max_sequence=kw.get("max_sequence", bundle.max_sequence), max_batch=bundle.max_batch)
+
+
+# ---- the Runner interface ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["cpu", "iobinding"])
+def test_runner_shapes_and_cache_consistency(tiny, kind):
+    """Prefill then decode equals one prefill over the longer sequence (the KV cache is right)."""
+    bundle, _ = tiny
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, bundle.io["vocab_size"], size=(2, 12), dtype=np.int64)
+    with _runner(bundle, kind) as r:
+        full = r.prefill(ids, np.ones_like(ids))
+        assert full.shape == (2, 12, bundle.io["vocab_size"]) and full.dtype == np.float32
+        last = r.prefill(ids[:, :9], np.ones_like(ids[:, :9]), last_only=True)
+        assert last.shape == (2, bundle.io["vocab_size"])
+        np.testing.assert_allclose(last, full[:, 8], atol=1e-4)
+        assert r.sequence_length == 9
+        for t in range(9, 12):
+            step = r.decode(ids[:, t])
+            assert step.shape == (2, bundle.io["vocab_size"])
+            np.testing.assert_allclose(step, full[:, t], atol=1e-4)
+        assert r.sequence_length == 12
+
+
+def test_iobinding_runner_matches_cpu_runner_with_left_padding(tiny):
+    bundle, _ = tiny
+    ids = np.array([[0, 0, 5, 6, 7], [9, 10, 11, 12, 13]], dtype=np.int64)
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=np.int64)
+    with _runner(bundle) as a, _runner(bundle, "iobinding") as b:
+        la, lb = a.prefill(ids, mask, last_only=True), b.prefill(ids, mask, last_only=True)
+        np.testing.assert_allclose(la, lb, atol=1e-5)
+        for _ in range(6):
+            tok = la.argmax(-1)
+            la, lb = a.decode(tok), b.decode(tok)
+            np.testing.assert_allclose(la, lb, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "iobinding"])
+def test_runner_limits(tiny, kind):
+    bundle, _ = tiny
+    r = _runner(bundle, kind, max_sequence=8)
+    if kind == "cpu":
+        r.max_sequence = 8
+    with pytest.raises(RuntimeError):
+        r.decode(np.array([5]))
+    with pytest.raises(InputError, match="at most 8"):
+        r.prefill(np.ones((1, 9), np.int64), np.ones((1, 9), np.int64))
+    r.prefill(np.ones((1, 7), np.int64), np.ones((1, 7), np.int64))
+    r.decode(np.array([5]))
+    with pytest.raises(InputError, match="limit of 8"):
+        r.decode(np.array([5]))
+    r.release()
+
+
+def test_cuda_bundle_without_cuda_provider_is_a_clean_error(tiny_bundle):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider; the refusal path cannot be seen here")
+    proc = run_cli("run", tiny_bundle, "--prompt", "hi", "--device", "cuda")
+    assert_clean_error(proc, 5)
+    assert "onnxruntime-gpu" in proc.stderr
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+def test_seeded_sampling_is_reproducible(tiny):
+    bundle, tok = tiny
+    cfg = SamplingConfig(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=7, stop_at_eos=False)
+    with _runner(bundle) as r:
+        a = generate(r, tok, ["Once upon"], cfg).outputs[0].token_ids
+        b = generate(r, tok, ["Once upon"], cfg).outputs[0].token_ids
+        c = generate(r, tok, ["Once upon"], SamplingConfig(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9,
+                                                           seed=8, stop_at_eos=False)).outputs[0].token_ids
+        greedy = generate(r, tok, ["Once upon"], SamplingConfig(max_new_tokens=16, stop_at_eos=False)).outputs[0]
+    assert a == b and len(a) == 16
+    assert a != c, "a different seed gave the same 16 sampled tokens"
+    assert a != greedy.token_ids
+
+
+def test_top_k_one_is_greedy(tiny):
+    bundle, tok = tiny
+    with _runner(bundle) as r:
+        greedy = generate(r, tok, ["abc"], SamplingConfig(max_new_tokens=10, stop_at_eos=False)).outputs[0]
+        k1 = generate(r, tok, ["abc"], SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=1, seed=1,
+                                                      stop_at_eos=False)).outputs[0]
+    assert k1.token_ids == greedy.token_ids
+
+
+def test_stop_string_and_eos_end_generation(tiny):
+    bundle, tok = tiny
+    with _runner(bundle) as r:
+        free = generate(r, tok, ["Hello"], SamplingConfig(max_new_tokens=24, stop_at_eos=False)).outputs[0]
+        assert free.finish_reason == "length" and len(free.token_ids) == 24
+        # A stop string taken from the middle of the free text: generation ends right before it.
+        stop = free.text[6:8]
+        assert stop, free.text
+        cut = generate(r, tok, ["Hello"], SamplingConfig(max_new_tokens=24, stop=(stop,), stop_at_eos=False)).outputs[0]
+        assert cut.finish_reason == "stop"
+        assert cut.text == free.text[: free.text.find(stop)]
+        assert len(cut.token_ids) < 24
+        # End-of-sequence: declare the 4th greedy token as EOS; generation stops before it.
+        eos = free.token_ids[3]
+        first = free.token_ids.index(eos)
+        ended = generate(r, tok, ["Hello"], SamplingConfig(max_new_tokens=24), eos_ids=(eos,)).outputs[0]
+        assert ended.finish_reason == "eos"
+        assert ended.token_ids == free.token_ids[:first]
+
+
+def test_batch_of_different_lengths_matches_each_alone(tiny):
+    bundle, tok = tiny
+    prompts = ["a", "The quick brown fox jumps over", "Hello, world"]
+    cfg = SamplingConfig(max_new_tokens=12, stop_at_eos=False)
+    with _runner(bundle) as r:
+        alone = [generate(r, tok, [p], cfg).outputs[0].token_ids for p in prompts]
+        batch = [g.token_ids for g in generate(r, tok, prompts, cfg).outputs]
+    assert batch == alone
+
+
+def test_streaming_callback_reassembles_the_text(tiny):
+    bundle, tok = tiny
+    pieces: list[str] = []
+    with _runner(bundle) as r:
+        out = generate(r, tok, ["stream"], SamplingConfig(max_new_tokens=12, stop_at_eos=False),
+                       on_text=lambda row, t: pieces.append(t)).outputs[0]
+    assert len(pieces) > 1 and "".join(pieces) == out.text.rstrip("\ufffd")
+
+
+# ---- the `leptonc run` command -------------------------------------------------------------------
+
+def test_run_repeated_prompts_and_prompt_file(tiny_bundle, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("from a file\n\nsecond line\n")
+    proc = run_cli("run", tiny_bundle, "-p", "one", "-p", "two words", "--prompt-file", f, "-n", 5, "--json",
+                   "--ignore-eos")
+    assert proc.returncode == 0, proc.stderr
+    outs = json.loads(proc.stdout)["outputs"]
+    assert [o["prompt"] for o in outs] == ["one", "two words", "from a file", "second line"]
+    assert all(len(o["token_ids"]) == 5 for o in outs)
+
+
+def test_run_seed_cli_reproducible_and_streams(tiny_bundle):
+    args = ("run", tiny_bundle, "-p", "seed", "-n", 8, "--temperature", "1.0", "--top-k", 20, "--top-p", "0.95",
+            "--seed", 11, "--ignore-eos")
+    a, b = run_cli(*args, "--json"), run_cli(*args, "--json")
+    assert a.returncode == 0, a.stderr
+    assert json.loads(a.stdout)["outputs"][0]["token_ids"] == json.loads(b.stdout)["outputs"][0]["token_ids"]
+    streamed = run_cli(*args)  # no --json: the prompt, then the text streamed to stdout
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.rstrip("\n") == "seed" + json.loads(a.stdout)["outputs"][0]["text"]
+
+
+def test_run_stop_flag(tiny_bundle):
+    free = json.loads(run_cli("run", tiny_bundle, "-p", "Hello", "-n", 24, "--ignore-eos", "--json").stdout)
+    text = free["outputs"][0]["text"]
+    proc = run_cli("run", tiny_bundle, "-p", "Hello", "-n", 24, "--ignore-eos", "--json", "--stop", text[6:8])
+    out = json.loads(proc.stdout)["outputs"][0]
+    assert out["finish_reason"] == "stop" and out["text"] == text[: text.find(text[6:8])]
+
+
+def test_run_chat_without_template_is_a_clean_error(tiny_bundle):
+    proc = run_cli("run", tiny_bundle, "-p", "hi", "--chat")
+    assert_clean_error(proc, 8)
+    assert "chat template" in proc.stderr
+
+
+def test_prompt_too_long_names_both_lengths(tiny_bundle, tmp_path):
+    f = tmp_path / "long.txt"
+    f.write_text("x" * 3000 + "\n")  # byte-level tokenizer: 3000 tokens; the bundle allows 2048
+    proc = run_cli("run", tiny_bundle, "--prompt-file", f, "-n", 4)
+    assert_clean_error(proc, 8)
+    assert "3000" in proc.stderr and "2048" in proc.stderr
+
+
+@pytest.mark.parametrize("bad", [["--top-p", "0"], ["--top-k", "-1"], ["--temperature", "-1"], ["-n", "0"]])
+def test_bad_sampling_options_are_clean_errors(tiny_bundle, bad):
+    assert_clean_error(run_cli("run", tiny_bundle, "-p", "hi", *bad), 8)
+
+
+# ---- bench ---------------------------------------------------------------------------------------
+
+def test_bench_json_with_hf_baseline(tiny_bundle):
+    proc = run_cli("bench", tiny_bundle, "--batch", "1,2", "--prompt-len", 8, "--gen-len", 6, "--warmup", 1,
+                   "--iters", 2, "--baseline", "hf", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["device"].startswith("cpu")
+    assert [r["batch"] for r in data["results"]] == [1, 2]
+    for r in data["results"]:
+        for key in ("ttft_ms", "decode_tokens_per_s", "p50_ms", "p99_ms", "peak_host_mb", "peak_gpu_mb"):
+            assert key in r
+        assert r["decode_tokens_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+        floor = r["memory_floor"]
+        assert floor["floor_tokens_per_s"] == pytest.approx(r["batch"] * 3.0e12 / floor["weight_bytes"], rel=1e-3)
+    base = data["baseline"]
+    assert base["source"] == "tiny-llama" and "transformers" in base["framework"]
+    for c, r, h in zip(data["comparison"], data["results"], base["results"]):
+        assert c["decode_speedup"] == pytest.approx(r["decode_tokens_per_s"] / h["decode_tokens_per_s"], rel=0.01)
+
+
+def test_bench_rejects_unknown_baseline(tiny_bundle):
+    assert_clean_error(run_cli("bench", tiny_bundle, "--baseline", "vllm", "--iters", 1), 8)
