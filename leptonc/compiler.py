@@ -161,7 +161,8 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     gc.collect()
 
     ctx = PassContext(backend=config.backend, target=target, precision=config.precision, spec=spec,
-                      work_dir=work, options=dict(config.options))
+                      work_dir=work, options={**config.options, "max_batch": config.max_batch,
+                                              "max_sequence": config.max_sequence})
     if quant is not None:  # the passes read the calibration statistics and settings from here
         ctx.options.update(quant.pass_options())
     _reset_generated_names()
