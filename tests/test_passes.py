@@ -262,3 +262,75 @@ def test_infer_shapes_annotates_tiny(tiny):
     residual = next(n for n in graph.nodes if n.name == "layers.0/residual_attn")
     # both residual operands are known to be [batch, sequence, hidden]: the skip-norm fusion relies on it
     assert residual.inputs[0].shape == residual.inputs[1].shape == ["batch", "sequence", spec.hidden_size]
+
+
+# ---- through compile: the report, --disable-pass, and the runtime on the fused graph --------------
+
+def test_compile_reports_every_pass(tiny_bundle):
+    import json
+
+    report = json.loads((tiny_bundle / "report.json").read_text())
+    records = {r["name"]: r for r in report["passes"]}
+    assert list(records) == CPU_PIPELINE
+    assert records["fuse_gqa"]["status"] == "applied" and records["fuse_gqa"]["detail"].startswith("fused 2")
+    assert all(r["detail"] for r in records.values())
+    assert report["graph"]["op_counts"].get("GroupQueryAttention") == 2
+    assert report["verification"]["status"] == "passed"
+
+
+def test_disable_pass_skips_its_dependents(tmp_path):
+    import json
+
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+
+    out = tmp_path / "t.lepton"
+    compile_model(CompileConfig(source="tiny-llama", target="cpu", output=str(out), disabled_passes=("fuse_rmsnorm",)))
+    records = {r["name"]: r for r in json.loads((out / "report.json").read_text())["passes"]}
+    assert records["fuse_rmsnorm"]["status"] == "disabled"
+    assert records["fuse_skip_rmsnorm"]["status"] == "skipped"
+    assert "requires fuse_rmsnorm" in records["fuse_skip_rmsnorm"]["detail"]
+    assert records["fuse_gqa"]["status"] == "applied"
+
+
+def _generate(runner, tokenizer, prompts, n):
+    from leptonc.runtime.generate import SamplingConfig, generate
+
+    res = generate(runner, tokenizer, prompts, SamplingConfig(max_new_tokens=n, stop_at_eos=False))
+    return [g.token_ids for g in res.outputs]
+
+
+@pytest.mark.slow
+def test_smollm2_fused_graph(smollm2_bundle, smollm2_hf):
+    """Acceptance on the real model: <= 40% of the plain export's nodes, GroupQueryAttention and
+    (Skip)SimplifiedLayerNormalization present, parity <= 1e-3 (compile's verify), greedy equality
+    with transformers for 16 tokens, and a left-padded batch of different-length prompts decoding
+    exactly as each prompt does alone."""
+    import json
+
+    import torch
+
+    from leptonc.bundle import load_bundle
+    from leptonc.runtime import open_bundle_runner
+
+    report = json.loads((smollm2_bundle / "report.json").read_text())
+    ops = report["graph"]["op_counts"]
+    assert report["graph"]["nodes"] <= 0.4 * report["export"]["nodes"], (report["graph"]["nodes"], report["export"])
+    assert ops.get("GroupQueryAttention") == 30
+    assert ops.get("SimplifiedLayerNormalization", 0) + ops.get("SkipSimplifiedLayerNormalization", 0) == 61
+    v = report["verification"]
+    assert v["status"] == "passed" and v["max_abs_error"] <= 1e-3, v
+
+    tok, module = smollm2_hf.tokenizer, smollm2_hf.module
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of 100 degrees"]
+    runner = open_bundle_runner(load_bundle(smollm2_bundle))
+    try:
+        batched = _generate(runner, tok, prompts, 16)
+        for prompt, got in zip(prompts, batched):
+            enc = tok(prompt, return_tensors="pt")
+            with torch.no_grad():
+                out = module.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            assert got == out[0, enc["input_ids"].shape[1]:].tolist(), prompt
+            assert _generate(runner, tok, [prompt], 16)[0] == got, prompt
+    finally:
+        runner.release()
