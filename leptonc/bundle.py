@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,6 +401,23 @@ def _check_member(root: Path, name) -> Path:
     if p.is_absolute() or ".." in p.parts or "\\" in name:
         raise BundleError(f"bundle file name {name!r} points outside the bundle; refusing to read it")
     return root / p
+
+
+@contextmanager
+def engine_load_errors(model_path: Path):
+    """Turn an inference library's refusal to load or run a corrupt model (ONNX Runtime raises its own
+    exception types: InvalidGraph, InvalidArgument, Fail, ...) into a clean BundleError naming the file.
+    Other exceptions pass through untouched: they are leptonc bugs and keep their traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if not type(exc).__module__.startswith(("onnxruntime", "tensorrt")):
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        detail = detail.split("failed:", 1)[-1].strip()[:300]
+        raise BundleError(f"{Path(model_path).name}: the inference library cannot load or run it "
+                          f"({type(exc).__name__}: {detail}); the model file is corrupt or inconsistent",
+                          hint="recompile the bundle (or re-export the model); check it was copied whole") from None
 
 
 # ---- ONNX engine files: external data must stay inside the bundle --------------------------------

@@ -37,14 +37,14 @@ def open_bare(path: Path, tokenizer_dir: str | None, device: str | None = None):
 
         runner = open_bare_engine(path)
     elif path.suffix == ".onnx":
-        from leptonc.bundle import check_onnx_model
+        from leptonc.bundle import check_onnx_model, engine_load_errors
         from leptonc.targets.onnxruntime import open_runner
 
         check_onnx_model(path)  # external data must stay beside the model; checked before ORT opens it
-
         provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
         engine = {"io": io_from_onnx(path), "session": {"provider": provider}}
-        runner = open_runner(path, engine, limits, device)
+        with engine_load_errors(path):
+            runner = open_runner(path, engine, limits, device)
     else:
         raise InputError(f"{path}: unknown model file type; give an .onnx model or a TensorRT .plan engine")
     eos = (tokenizer.eos_token_id,) if getattr(tokenizer, "eos_token_id", None) is not None else ()
