@@ -334,3 +334,16 @@ def test_smollm2_fused_graph(smollm2_bundle, smollm2_hf):
             assert _generate(runner, tok, [prompt], 16)[0] == got, prompt
     finally:
         runner.release()
+
+
+STANDARD_OP_PASSES = CLEANUP + ["merge_qkv", "merge_gate_up"]  # usable in a TensorRT pipeline
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_standard_op_passes_write_no_contrib_ops(tiny, dtype):
+    model, spec = tiny[dtype]
+    fused, records, _, after = apply(model, STANDARD_OP_PASSES, spec, dtype, "standard.onnx")
+    assert records["merge_qkv"]["counts"] == {"merged": L} and records["merge_gate_up"]["counts"] == {"merged": L}
+    m = onnx.load(str(fused), load_external_data=False)
+    assert {n.domain for n in m.graph.node} <= {"", "ai.onnx"}
+    assert max_errors(model, fused, spec, dtype) <= TOL[dtype]
