@@ -49,13 +49,25 @@ class ActivationStats:
         return None
 
     def group_of_weight(self, w_oi: np.ndarray) -> GroupStats | None:
-        """The group whose members' weights are all rows-blocks of `w_oi` ([out, in]): a merged
+        """The group whose members' weights are all row blocks of `w_oi` ([out, in]): a merged
         projection (q|k|v or gate|up concatenated along the output) made by a fusion pass."""
-        for g in self.groups:
-            if g.fingerprints is None or g.fingerprints.shape[1] != w_oi.shape[1]:
-                continue
-            if all(bool((w_oi == fp[None, :]).all(axis=1).any()) for fp in g.fingerprints):
-                return g
+        index = self.__dict__.get("_fp_index")
+        if index is None:  # fingerprint bytes -> (group number, member number)
+            index = {}
+            for gi, g in enumerate(self.groups):
+                if g.fingerprints is not None:
+                    for mi, fp in enumerate(np.asarray(g.fingerprints, np.float32)):
+                        index[fp.tobytes()] = (gi, mi)
+            self.__dict__["_fp_index"] = index
+        w = np.ascontiguousarray(w_oi, np.float32)
+        found: dict[int, set[int]] = {}
+        for row in w:
+            hit = index.get(row.tobytes())
+            if hit is not None:
+                found.setdefault(hit[0], set()).add(hit[1])
+        for gi, members in found.items():
+            if len(members) == len(self.groups[gi].members):
+                return self.groups[gi]
         return None
 
 

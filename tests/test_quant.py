@@ -1,0 +1,155 @@
+"""Quantized compiles end to end on tiny-llama (fast) and one on smollm2-135m (slow): each format's
+graph holds the kernels ONNX Runtime runs natively, every quantized layer's SQNR clears a stated
+floor, the accuracy gate runs (and trips on a deliberately broken quantization, leaving no bundle),
+and the CLI refuses flags it cannot honour with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_clean_error, run_cli
+
+# Per-layer SQNR floors on tiny-llama (output SQNR on calibration rows; torchao's rule of thumb is
+# > 20 dB for 8-bit). Measured minima: int8 weight-only ~44 dB, W8A8 ~33 dB, fp8 ~28 dB, int4 ~19 dB.
+FORMATS = {
+    "int8-w8a8": ("int8", {}, 25.0, {"QuantizeLinear", "DequantizeLinear", "MatMulNBits", "GatherBlockQuantized"}),
+    "int8-weight-only": ("int8", {"int8_mode": "weight-only"}, 38.0, {"MatMulNBits", "GatherBlockQuantized"}),
+    "int4-rtn": ("int4", {"int4_method": "rtn"}, 15.0, {"MatMulNBits", "GatherBlockQuantized"}),
+    "int4-awq": ("int4", {"int4_method": "awq", "int4_block": 32}, 15.0, {"MatMulNBits", "GatherBlockQuantized"}),
+    "fp8": ("fp8", {}, 22.0, {"QuantizeLinear", "DequantizeLinear"}),
+}
+SMALL = {"calib_samples": 4, "calib_seq_len": 64, "check_tokens": 512}
+
+
+def _compile(tmp_path, name, precision, options, **kw):
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+
+    return compile_model(CompileConfig(source="tiny-llama", target="cpu", output=str(tmp_path / f"{name}.lepton"),
+                                       precision=precision, options={**SMALL, **options}, **kw))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    import os
+
+    path = tmp_path_factory.mktemp("calib-cache")
+    old = os.environ.get("LEPTONC_CACHE")
+    os.environ["LEPTONC_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LEPTONC_CACHE", None)
+    else:
+        os.environ["LEPTONC_CACHE"] = old
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_format_compiles_with_native_ops_sqnr_floor_and_gate(tmp_path, cache, fmt):
+    precision, options, floor, ops = FORMATS[fmt]
+    bundle = _compile(tmp_path, fmt, precision, options)
+    report, manifest = bundle.report(), bundle.manifest
+    q = report["quantization"]
+    assert q["format"] == fmt
+    op_counts = report["graph"]["op_counts"]
+    assert ops <= set(op_counts), op_counts
+    assert "MatMul" not in op_counts or fmt in ("int8-w8a8", "fp8")  # weight-only: every MatMul became MatMulNBits
+    layers = q["layers"]
+    # every linear (2 layers x {qkv, o, gate_up, down} + head) and the embedding has an SQNR
+    assert len(layers) >= 2 * 4 + 1, layers
+    low = [r for r in layers if r["sqnr_db"] < floor]
+    assert not low, f"{fmt}: layers below {floor} dB: {low}"
+    gate = manifest["verification"]["accuracy_gate"]
+    assert gate["status"] == "passed" and gate["scored_tokens"] >= 500
+    assert abs(gate["ppl_increase_pct"]) < 5 and gate["top1_agreement"] > 0.8
+    cal = manifest["calibration"]
+    assert cal["format"] == fmt and cal["tokens"] == 4 * 64
+    if fmt == "fp8":
+        assert q["simulated"] and "simulated" in q["note"] and manifest["precision_mode"] == "simulated"
+    else:
+        assert not q["simulated"] and manifest["precision_mode"] == "native"
+    if fmt == "int8-w8a8":
+        assert any("SmoothQuant" in p["detail"] for p in manifest["passes"])
+    if fmt == "int4-awq":
+        assert any("AWQ scales folded" in p["detail"] for p in manifest["passes"])
+
+
+def test_keep_fp_keeps_matching_layers_including_merged_projections(tmp_path, cache):
+    bundle = _compile(tmp_path, "keep", "int4", {"int4_method": "rtn", "keep_fp": ["layers.0.*", "lm_head"]})
+    q = bundle.report()["quantization"]
+    kept = q["kept_fp"]
+    assert "lm_head" in kept and "layers.0.o.weight" in kept
+    assert any("layers.0.q.weight" in k for k in kept)  # q/k/v were merged by merge_qkv: kept as one
+    assert not any(r["name"].startswith("layers.0.") or r["name"] == "lm_head" for r in q["layers"])
+    assert "embed" in [r["name"] for r in q["layers"]]  # the embedding is still quantized on its own
+
+
+def test_gate_trips_on_broken_scales_and_leaves_no_bundle(tmp_path, cache):
+    from leptonc.errors import VerificationError
+
+    out = tmp_path / "broken.lepton"
+    # Every weight scale x 1e-3 collapses the weights to ~0: the random tiny model's logits go flat
+    # (perplexity -> vocab size, ~+2.4% here; a sound int4 compile of it moves by < 0.5%), so the
+    # limit is 1% for this model. The slow smollm2 test below trips it at the default 5%.
+    with pytest.raises(VerificationError) as info:
+        _compile(tmp_path, "broken", "int4", {"int4_method": "rtn", "break_scales": 1e-3, "max_ppl_increase": 1.0})
+    assert info.value.exit_code == 6
+    assert "accuracy gate failed" in str(info.value) and "no bundle was written" in str(info.value)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".leptonc-tmp")]
+
+
+def test_no_check_skips_the_gate_and_says_so(tmp_path, cache):
+    bundle = _compile(tmp_path, "nocheck", "int8", {"int8_mode": "weight-only", "check": False}, verify=False)
+    gate = bundle.manifest["verification"]["accuracy_gate"]
+    assert gate["status"] == "skipped" and "--no-check" in gate["reason"]
+    assert bundle.report()["quantization"]["accuracy_gate"]["status"] == "skipped"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--calib-samples", "4"], "only apply to a quantized compile"),
+    (["--int4", "--int4-block", "100"], "--int4-block 100"),
+    (["--int4", "--int4-method", "gptq"], "--int4-method"),
+    (["--int8", "--int8-mode", "w4a8"], "--int8-mode"),
+    (["--int4", "--kv-cache", "int8"], "--kv-cache int8 is not supported"),
+    (["--int8", "--calib-method", "mse"], "--calib-method"),
+    (["--int8", "--no-passes"], "--no-passes"),
+    (["--int4", "--calib-data", "/nonexistent.txt"], "does not exist"),
+])
+def test_cli_refuses_bad_quantization_flags(tmp_path, args, needle):
+    proc = run_cli("compile", "tiny-llama", "-o", tmp_path / "x.lepton", *args, timeout=300)
+    assert_clean_error(proc, 2)
+    assert needle in " ".join(proc.stderr.split()), proc.stderr
+    assert not (tmp_path / "x.lepton").exists()
+
+
+def test_cli_int4_compile_reports_accuracy_and_cache_hit(tmp_path, cache):
+    args = ["compile", "tiny-llama", "--int4", "--int4-method", "awq", "--calib-samples", "4", "--calib-seq-len", "64",
+            "--check-tokens", "256", "--max-ppl-increase", "3", "--json"]
+    env = {"LEPTONC_CACHE": str(cache)}
+    first = run_cli(*args, "-o", tmp_path / "a.lepton", env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_cli(*args, "-o", tmp_path / "b.lepton", env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    m1, m2 = json.loads(first.stdout)["manifest"], json.loads(second.stdout)["manifest"]
+    assert m2["calibration"]["cache"]["hit"] and m1["calibration"]["cache"]["key"] == m2["calibration"]["cache"]["key"]
+    assert m1["verification"]["accuracy_gate"]["rule"] == "perplexity increase <= 3%"
+    assert m1["calibration"]["settings"]["int4_method"] == "awq"
+
+
+@pytest.mark.slow
+def test_smollm2_int4_awq_meets_size_and_gate(tmp_path, cache, smollm2_bundle):
+    """The real model: int4 AWQ block 128 passes the gate and is under 22% of the fp32 bundle."""
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+
+    bundle = compile_model(CompileConfig(source="smollm2-135m", target="cpu", output=str(tmp_path / "s4.lepton"),
+                                         precision="int4", verify=False,
+                                         options={"calib_samples": 8, "calib_seq_len": 256, "check_tokens": 1024}))
+    fp32 = json.loads((smollm2_bundle / "manifest.json").read_text())
+    size = sum(f["bytes"] for f in bundle.manifest["files"].values())
+    size32 = sum(f["bytes"] for f in fp32["files"].values())
+    assert size / size32 <= 0.22, (size, size32)
+    gate = bundle.manifest["verification"]["accuracy_gate"]
+    assert gate["status"] == "passed" and gate["ppl_increase_pct"] <= 10 and gate["top1_agreement"] > 0.8
