@@ -1,0 +1,140 @@
+"""A compile that dies never leaves a partial bundle and never damages the previous one at the same path.
+
+Real processes (`python -m leptonc compile tiny-llama`) are killed with SIGKILL or SIGTERM at random
+moments, biased towards the part of the compile that writes files; after each kill the output path
+must hold a complete, verifiable bundle (the previous one, or the new one if the compile finished) or
+nothing at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from leptonc.bundle import MANIFEST, TMP_PREFIX, exchange_paths, load_bundle, staging_dir
+
+TRIALS = 20
+SEED = 1122
+
+
+def _compile(out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "leptonc", "compile", "tiny-llama", "-o", str(out), "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _identity(bundle: Path) -> str:
+    return hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
+
+
+def _wait_for_staging(parent: Path, proc: subprocess.Popen, timeout: float) -> float:
+    """Seconds until the compile's staging directory appears (it starts writing), or until it exits."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if any(p.name.endswith(f"-{proc.pid}") for p in parent.glob(f"{TMP_PREFIX}*")) or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def _wait_for_manifest(parent: Path, proc: subprocess.Popen, timeout: float) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout and proc.poll() is None:
+        if any((p / MANIFEST).exists() for p in parent.glob(f"{TMP_PREFIX}*-{proc.pid}")):
+            return
+        time.sleep(0.002)
+
+
+def test_killed_compiles_leave_old_or_new_complete_bundle(tiny_bundle, tmp_path):
+    rng = random.Random(SEED)
+    work = tmp_path / "out"
+    work.mkdir()
+    reference = tmp_path / "ref" / "tiny.lepton"
+    # One uninterrupted run: how long the writing part takes, and what a complete new bundle looks like.
+    t0 = time.monotonic()
+    proc = _compile(reference)
+    started = _wait_for_staging(reference.parent if reference.parent.exists() else tmp_path, proc, 300)
+    reference.parent.mkdir(exist_ok=True)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    writing = max(time.monotonic() - t0 - started, 0.5)
+    new_files = json.loads((reference / MANIFEST).read_text())["files"]
+
+    out = work / "tiny.lepton"
+    outcomes = {"previous": 0, "new": 0, "absent": 0}
+    for trial in range(TRIALS):
+        fresh = trial % 4 == 3  # every fourth trial: no previous bundle at the path
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        elif not out.exists():
+            shutil.copytree(tiny_bundle, out)
+        before = _identity(out) if out.exists() else None
+        sig = signal.SIGKILL if trial % 2 == 0 else signal.SIGTERM
+        proc = _compile(out)
+        _wait_for_staging(work, proc, 300)
+        if trial % 3 == 2:
+            # Aim at the replace itself: the sealed manifest is the last file written before the rename.
+            _wait_for_manifest(work, proc, 300)
+            time.sleep(rng.uniform(0, 0.08))
+        else:  # anywhere in the writing part (or, for some, right at its start)
+            time.sleep(rng.uniform(0, writing * 1.1) if rng.random() < 0.9 else rng.uniform(0, 0.2))
+        proc.send_signal(sig)
+        code = proc.wait(timeout=120)
+        stderr = proc.stderr.read()
+        assert "Traceback" not in stderr, stderr
+        if sig == signal.SIGTERM and code != 0:
+            assert code in (130, -signal.SIGTERM), (code, stderr)
+            # A clean unwind removes its own staging directory.
+            assert not [p for p in work.glob(f"{TMP_PREFIX}*") if p.name.endswith(f"-{proc.pid}")]
+        names = {p.name for p in work.iterdir() if not p.name.startswith(TMP_PREFIX)}
+        assert names <= {"tiny.lepton"}, names  # nothing half-written under another name
+        if not out.exists():
+            assert before is None, f"trial {trial}: the previous bundle vanished (signal {sig.name}, exit {code})"
+            outcomes["absent"] += 1
+            continue
+        bundle = load_bundle(out, verify=True)  # every file present and matching its sha256, seal intact
+        if before is not None and _identity(out) == before:
+            outcomes["previous"] += 1
+        else:
+            assert bundle.manifest["files"] == new_files, f"trial {trial}: a bundle that is neither old nor new"
+            outcomes["new"] += 1
+    print("outcomes:", outcomes)
+    assert sum(outcomes.values()) == TRIALS
+    # Leftover staging folders of SIGKILLed compiles are removed by the next compile into the folder.
+    proc = _compile(out)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert not list(work.glob(f"{TMP_PREFIX}*")), list(work.iterdir())
+    load_bundle(out, verify=True)
+
+
+def test_atomic_exchange_and_fallback_recovery(tiny_bundle, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not exchange_paths(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is unavailable on this kernel or filesystem; the fallback is used")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+    # Fallback path: a compile that died between "old bundle aside" and "new bundle in" left the
+    # path empty; the next compile into the folder puts the old bundle back before anything else.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "m.lepton"
+    aside = tmp_path / f"{TMP_PREFIX}old-m.lepton-{dead.pid}"
+    shutil.copytree(tiny_bundle, aside)
+    staging = staging_dir(out)
+    try:
+        assert out.is_dir() and not aside.exists()
+        load_bundle(out, verify=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
