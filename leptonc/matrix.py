@@ -24,6 +24,7 @@ Exit codes: 0 when every entry built; otherwise the exit code of the first faile
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,7 @@ def load_matrix(path: str | Path, *, force: bool = False) -> list[MatrixEntry]:
             else:
                 stem = spec.get("name") or Path(source.rstrip("/")).name.removesuffix(".gguf") or "model"
                 output = base / spec.get("output_dir", ".") / f"{stem}.{cfg.target}.{cfg.precision}.lepton"
+            output = Path(os.path.normpath(output))
             cfg = cfg.with_(output=str(output))
             label = f"{Path(source).name} -> {cfg.target}/{cfg.backend}/{cfg.precision}"
             key = str(output.resolve())
