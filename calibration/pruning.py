@@ -36,6 +36,7 @@ from leptonc.errors import UnsupportedRequestError, VerificationError
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # HF's shared Llama module layout (models/llama.py)
 OPTION_KEYS = ("prune", "prune_heads", "sparsity")
+PRUNE_VERSION = 1  # bump when the same settings would prune differently
 LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
@@ -212,6 +213,8 @@ class PruneResult:
     accuracy: dict | None = None
     calibration: dict | None = None
     seconds: float = 0.0
+    source_hash: str = ""  # the unpruned source model's hash (the manifest's source.hash)
+    model_hash: str = ""  # the pruned model's identity (keys quantization's calibration cache)
 
     def report_section(self) -> dict:
         p = self.parameters
@@ -225,6 +228,7 @@ class PruneResult:
             "sparsity": self.sparsity,
             "accuracy": self.accuracy,
             "calibration": self.calibration,
+            "pruned_model_hash": self.model_hash,
             "note": self.note(),
         }
 
@@ -305,8 +309,24 @@ def prune_for_compile(config, lm, adapter, spec, on_progress=None):
         raise VerificationError(f"the pruned model's held-out perplexity is {ppl_p}; no bundle was written",
                                 hint="prune less (a smaller --prune ratio or --prune-heads)")
     result.parameters = {"before": before, "after": count_parameters(module)}
+    # The pruned module is another model: anything keyed by the source's hash (quantization's calibration
+    # cache) must not mistake it for the original, so lm.source_hash now names the pruned model.
+    result.source_hash, result.model_hash = lm.source_hash, pruned_model_hash(lm.source_hash, settings)
+    lm.source_hash = result.model_hash
     result.seconds = round(time.perf_counter() - start, 2)
     return new_spec, result
+
+
+def pruned_model_hash(source_hash: str, settings: PruneSettings) -> str:
+    """Pruning is deterministic given the source and the settings (and the calibration text)."""
+    import hashlib
+    import json
+
+    from leptonc.calibration.data import file_digest
+
+    fields = {"v": PRUNE_VERSION, "model": source_hash, "settings": asdict(settings),
+              "calib": file_digest(settings.calib_data) if settings.structured else None}
+    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _prune_structured(module, lm, adapter, spec, settings: PruneSettings, result: PruneResult, progress) -> dict:

@@ -153,7 +153,8 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
             steps.update(f"{done[0]}/{total} tensors")
 
         exported = export_decoder(spec, names, work, dtype=dtype, on_weight=on_weight)
-    source = {"name": lm.name, "kind": lm.kind, "description": lm.description, "hash": lm.source_hash,
+    source = {"name": lm.name, "kind": lm.kind, "description": lm.description,
+              "hash": prune.source_hash if prune is not None else lm.source_hash,  # pruning renames lm's hash
               "random_weights": lm.random_weights, "architecture": lm.model_type}
     # The PyTorch model is no longer needed: free it before the passes load the graph.
     lm.module = None

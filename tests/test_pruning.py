@@ -137,8 +137,14 @@ def test_sparsity_2_4_every_linear_weight_has_at_most_two_nonzeros_per_group(tmp
     assert bundle.report()["verification"]["status"] == "passed"
 
 
-def test_prune_composes_with_int8(tmp_path):
+def test_prune_composes_with_int8(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEPTONC_CACHE", str(tmp_path / "cache"))
+    # an unpruned int8 compile first fills the calibration cache: the pruned model must not be served
+    # those statistics (its MLP inputs have 132 channels, not 176)
+    plain = _compile("tiny-llama", tmp_path / "tiny.int8.lepton", precision="int8")
     bundle = _compile("tiny-llama", tmp_path / "tiny.p25.int8.lepton", prune=0.25, precision="int8")
+    assert bundle.manifest["calibration"]["cache"]["key"] != plain.manifest["calibration"]["cache"]["key"]
+    assert bundle.manifest["source"]["hash"] == plain.manifest["source"]["hash"]  # still the same source model
     report = bundle.report()
     assert report["precision"] == "int8" and report["quantization"]["accuracy_gate"]["status"] == "passed"
     assert abs(report["pruning"]["parameters"]["mlp_removed_ratio"] - 0.25) <= 0.01
