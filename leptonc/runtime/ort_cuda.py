@@ -258,14 +258,14 @@ class OrtCudaRunner(Runner):
         ids = np.asarray(token_ids, dtype=np.int64).reshape(batch, 1)
         self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
         self._positions = self._positions[:, -1:] + 1
-        if self.cuda_graph:
-            logits = self._decode_captured(ids)
+        if self.shared_kv:
+            logits = self._decode_shared(ids)
         else:
             logits = self._decode_bound(ids)
         return logits.reshape(batch, -1).astype(np.float32, copy=False)
 
     def _decode_bound(self, ids: np.ndarray) -> np.ndarray:
-        """One step with the cache on the device: growing (past <- last present) or shared (in place)."""
+        """One step of the growing layout: past <- the last step's present, both on the device."""
         self._feeds = []
         binding = self.session.io_binding()
         binding.bind_ortvalue_input("input_ids", self._ortvalue(ids))
@@ -285,37 +285,45 @@ class OrtCudaRunner(Runner):
         return outputs[0].numpy()
 
     def _decode_state(self, batch: int) -> dict:
-        """Fixed-address decode inputs/outputs for one batch size (what a captured CUDA graph reads)."""
+        """The shared layout's decode binding for one batch size, made once: ids, positions, K/V (past and
+        present on one buffer) and logits at fixed device addresses. Each step only copies the new ids
+        and positions in place; with CUDA graphs the mask is a fixed [B, capacity] buffer too."""
         static = self._static[batch]
         if "binding" not in static:
             static["ids"] = self._empty((batch, 1), np.int64)
             static["pos"] = self._empty((batch, 1), np.int64)
-            static["mask"] = self._empty((batch, self.capacity), np.int64)
             static["logits"] = self._empty((batch, 1, self.vocab_size), self.logits_dtype)
             b = self.session.io_binding()
             b.bind_ortvalue_input("input_ids", static["ids"])
             b.bind_ortvalue_input("position_ids", static["pos"])
-            b.bind_ortvalue_input("attention_mask", static["mask"])
             for j, (past, present) in enumerate(self._kv_names()):
                 b.bind_ortvalue_input(past, static["kv"][j])
                 b.bind_ortvalue_output(present, static["kv"][j])
             b.bind_ortvalue_output("logits", static["logits"])
+            if self.cuda_graph:
+                static["mask"] = self._empty((batch, self.capacity), np.int64)
+                static["host_mask"] = np.zeros((batch, self.capacity), np.int64)
+                b.bind_ortvalue_input("attention_mask", static["mask"])
+                self._graph_ids.setdefault(batch, len(self._graph_ids) + 1)
+                static["run_options"] = self._run_options(self._graph_ids[batch])
+            else:
+                static["run_options"] = self.ort.RunOptions()
             static["binding"] = b
-            static["host_mask"] = np.zeros((batch, self.capacity), np.int64)
-            self._graph_ids.setdefault(batch, len(self._graph_ids) + 1)
-            static["run_options"] = self._run_options(self._graph_ids[batch])
         return static
 
-    def _decode_captured(self, ids: np.ndarray) -> np.ndarray:
+    def _decode_shared(self, ids: np.ndarray) -> np.ndarray:
         state = self._decode_state(self._batch)
-        length = self._mask.shape[1]
-        host_mask = state["host_mask"]
-        host_mask[:] = 0
-        host_mask[:, :length] = self._mask
-        # Copies into the fixed device buffers (no reallocation): the graph replays on the same addresses.
         state["ids"].update_inplace(ids)
         state["pos"].update_inplace(np.ascontiguousarray(self._positions))
-        state["mask"].update_inplace(host_mask)
+        if self.cuda_graph:
+            # Fixed-shape mask: the captured graph replays on the same addresses every step.
+            host_mask = state["host_mask"]
+            host_mask[:] = 0
+            host_mask[:, : self._mask.shape[1]] = self._mask
+            state["mask"].update_inplace(host_mask)
+        else:
+            self._feeds = []
+            state["binding"].bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
         self.session.run_with_iobinding(state["binding"], state["run_options"])
         return state["logits"].numpy()
 
