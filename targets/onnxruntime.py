@@ -85,10 +85,10 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
         from leptonc.passes import run_pipeline
 
         # MEMORY, models over 2 GB (issue 3; measured 2026-11-22 with `bench/memory_probe.py graphsurgeon`
-        # on llama-1b-shape, 4.94 GB of fp32 weights; the issue's bound is 2.5x the weights): this load
-        # holds 4.8 GB, and gs.export_onnx below peaks at 14.3 GB (2.9x) before any pass has run; with
-        # the CPU pipeline `leptonc compile llama-1b-shape --target cpu` reached 18.0 GB RSS and was
-        # OOM-killed on the 24 GiB machine (with --no-passes the compile peaks at ~1.4x). Suggested fix
+        # on llama-1b-shape, 4,714 MiB of fp32 weights; the issue's bound is 2.5x the weights): this load
+        # holds 4,813 MiB, and gs.export_onnx below peaks at 14,265 MiB (3.0x) before any pass has run;
+        # with the CPU pipeline `leptonc compile llama-1b-shape --target cpu` reached 17,541 MiB RSS and
+        # was OOM-killed on the 24 GiB machine (with --no-passes the compile peaks at 1.4x). Suggested fix
         # for this file's owner: load_external_data=False (gs keeps untouched weights as LazyValues and
         # exports their TensorProtos, i.e. external references, without reading them), materialize only
         # the constants a pass rewrites (onnx.external_data_helper.load_external_data_for_tensor with
