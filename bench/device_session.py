@@ -4,7 +4,8 @@ Run on the lent H100 after the wheels are staged (see shared/device/README.md), 
 
     export PYTHONPATH=/tmp/site:$PYTHONPATH
     python3 bench/device_session.py --out $OUT runtime      # issue 4: parity of the CUDA bundle, bench JSON
-    python3 bench/device_session.py --out $OUT decode       # issue 8: every decode figure, HF ratios
+    python3 bench/device_session.py --out $OUT decode_small # issue 8: fused fp16 bundles, HF ratios
+    python3 bench/device_session.py --out $OUT decode_big   # issue 8: TTFT 1,024, cache ablation, int4
 
 Each step runs a `python3 -m leptonc ...` command; its argv, exit code, seconds, and parsed JSON go to
 $OUT/session.json after every step (so a step that runs out of time still leaves the earlier ones).
@@ -135,21 +136,70 @@ def runtime_session(s: Session) -> None:
         bench(s, big, "bench llama-1b-shape h100", "--batch", "1,16")
 
 
-def decode_session(s: Session) -> None:
-    """Issue 8: fused fp16 and int4 bundles of both shapes; CUDA graphs on and off; TTFT at 1,024."""
+# Greedy ids of the cpu fp32 bundle for PROMPT (16 tokens), from session 1's `leptonc run` of
+# smollm2.cpu.lepton (bench/results/2026-11-22_h100_runtime.json): the reference the GPU bundles must match.
+CPU_FP32_GREEDY = [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 29, 32, 33]
+GROWING = {"LEPTONC_KV_LAYOUT": "growing"}
+
+
+def static_variant(s: Session, bundle: Path, name: str) -> Path | None:
+    """EXPERIMENT: the static-length copy of a fused bundle (bench/device_static_variant.py), so the runner
+    can capture decode in a CUDA graph. Figures from it are labelled experimental in BENCHMARKS.md."""
+    dst = WORK / f"{name}.lepton"
+    proc = subprocess.run([sys.executable, "bench/device_static_variant.py", str(bundle), str(dst)],
+                          capture_output=True, text=True)
+    s.record["steps"].append({"label": f"static variant {name}", "command": f"python3 bench/device_static_variant.py "
+                              f"{bundle} {dst}", "rc": proc.returncode, "seconds": 0,
+                              "json": None, "stdout_tail": proc.stdout[-500:], "stderr_tail": proc.stderr[-1500:]})
+    s.save()
+    print(f"[static variant {name}] rc={proc.returncode} {proc.stdout.strip()} {proc.stderr[-500:]}", flush=True)
+    return dst if proc.returncode == 0 else None
+
+
+def decode_small(s: Session) -> None:
+    """Issue 8, part 1: smollm2 fused fp16 (parity, batch 1/16 with the HF baseline, cache-layout ablation);
+    then the llama-1b-shape fused fp16 bundle with the HF baseline."""
     small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
     if small:
+        ids = greedy(s, small, "greedy fused h100 fp16")
+        batch = s.cli("batched greedy fused", "run", small, "-p", PROMPT, "-p", "Water boils at", "-p", "Hi",
+                      "-n", 16, "--ignore-eos", "--json", "--no-verify")
+        s.record["parity"] = {"prompt": PROMPT, "cpu_fp32": CPU_FP32_GREEDY, "h100_fused_fp16": ids,
+                              "h100_fused_fp16_in_batch_of_3": batch["outputs"][0]["token_ids"] if batch else None}
+        s.save()
         bench(s, small, "smollm2 fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
-        bench(s, small, "smollm2 fp16 no-graph", "--batch", "1", "--iters", 3, env={"LEPTONC_CUDA_GRAPH": "0"})
+        bench(s, small, "smollm2 fp16 growing cache", "--batch", "1,16", "--iters", 3, env=GROWING)
+        graph = static_variant(s, small, "smollm2.h100.static")
+        if graph:
+            s.record["parity"]["h100_static_cuda_graph"] = greedy(s, graph, "greedy static+cuda graph")
+            s.save()
+            bench(s, graph, "EXPERIMENT smollm2 fp16 cuda graph", "--batch", "1,16")
     big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", 1280)
     if big:
         bench(s, big, "llama1b fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
-        bench(s, big, "llama1b fp16 no-graph", "--batch", "1", "--iters", 3, env={"LEPTONC_CUDA_GRAPH": "0"})
+
+
+def decode_big(s: Session) -> None:
+    """Issue 8, part 2 (same warm machine, bundles from part 1 kept in /tmp): TTFT at 1,024 tokens,
+    the growing-cache ablation, and the int4 weight-only bundle (RTN: the weights are random, so the
+    accuracy gates are skipped and say so)."""
+    big = WORK / "llama1b.h100.lepton"
+    if not big.is_dir():
+        big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", 1280)
+    if big:
         s.cli("llama1b fp16 ttft 1024", "bench", big, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
               "--warmup", 2, "--iters", 5, "--json", "--no-verify")
-    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", 1280, "--int4")
+        bench(s, big, "llama1b fp16 growing cache", "--batch", "1,16", "--iters", 3, env=GROWING)
+        graph = static_variant(s, big, "llama1b.h100.static")
+        if graph:
+            bench(s, graph, "EXPERIMENT llama1b fp16 cuda graph", "--batch", "1,16")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", 1280, "--int4",
+                        "--int4-method", "rtn", "--no-verify", "--no-check")
     if q4:
-        bench(s, q4, "llama1b int4", "--batch", "1,16")
+        bench(s, q4, "llama1b int4 (+hf)", "--batch", "1,16", "--baseline", "hf")
+        graph = static_variant(s, q4, "llama1b.h100.int4.static")
+        if graph:
+            bench(s, graph, "EXPERIMENT llama1b int4 cuda graph", "--batch", "1,16")
 
 
 def summary(s: Session) -> None:
@@ -169,7 +219,7 @@ def summary(s: Session) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("session", choices=("runtime", "decode"))
+    ap.add_argument("session", choices=("runtime", "decode_small", "decode_big"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -178,7 +228,7 @@ def main() -> None:
     s = Session(args.out, args.session, args.budget)
     print(json.dumps(s.record["machine"]), flush=True)
     try:
-        (runtime_session if args.session == "runtime" else decode_session)(s)
+        {"runtime": runtime_session, "decode_small": decode_small, "decode_big": decode_big}[args.session](s)
     finally:
         s.save()
         summary(s)

@@ -235,3 +235,51 @@ def test_bench_json_with_hf_baseline(tiny_bundle):
 
 def test_bench_rejects_unknown_baseline(tiny_bundle):
     assert_clean_error(run_cli("bench", tiny_bundle, "--baseline", "vllm", "--iters", 1), 8)
+
+
+def test_eval_of_bundle_and_model_source_agree(tiny_bundle, tmp_path):
+    """`leptonc eval` on a bundle (ONNX Runtime) and on the model source (PyTorch) give one perplexity."""
+    f = tmp_path / "text.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    args = ("--data", f, "--max-tokens", 300, "--window", 128, "--stride", 64, "--json")
+    bundle, source = run_cli("eval", tiny_bundle, *args), run_cli("eval", "tiny-llama", *args)
+    assert bundle.returncode == 0 and source.returncode == 0, bundle.stderr + source.stderr
+    b, s = json.loads(bundle.stdout), json.loads(source.stdout)
+    assert (b["evaluated"], s["evaluated"]) == ("bundle", "pytorch")
+    assert b["tokens"] == s["tokens"] == 300 and b["scored_tokens"] == 299
+    assert b["perplexity"] == pytest.approx(s["perplexity"], rel=1e-3)
+
+
+def test_static_mask_decode_contract(tiny, tmp_path):
+    """The CUDA-graph decode contract on the CPU provider: bench/device_static_variant.py rewires the fused
+    graph's seqlens_k to the mask's contents; the runner's fixed [B, capacity] mask then decodes exactly
+    like the plain runner. On the unmodified graph the runner refuses the static mask (it would be wrong)."""
+    import importlib.util
+
+    from leptonc.runtime.ort_cuda import OrtCudaRunner, graph_op_types
+
+    bundle, _ = tiny
+    if "GroupQueryAttention" not in graph_op_types(bundle.model_path):
+        pytest.skip("the cpu pipeline did not fuse GroupQueryAttention, so there is no shared layout to check")
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("static_variant", str(ROOT / "bench" / "device_static_variant.py"))
+    variant = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variant)
+    static = tmp_path / "static.lepton"
+    variant.make_static(bundle.path, static)
+    b2 = load_bundle(static, verify=False)
+
+    refused = OrtCudaRunner(bundle.model_path, bundle.io, bundle.engine["session"], device_type="cpu",
+                            max_sequence=128, static_mask=True)
+    assert refused.static_mask is False and refused.shared_kv
+    r = OrtCudaRunner(b2.model_path, b2.io, b2.engine["session"], device_type="cpu", max_sequence=128,
+                      static_mask=True)
+    assert r.static_mask and r.shared_kv
+    ids = np.random.default_rng(3).integers(3, 500, size=(3, 10), dtype=np.int64)
+    with r, _runner(bundle) as ref:
+        a, b = r.prefill(ids, np.ones_like(ids), last_only=True), ref.prefill(ids, np.ones_like(ids), last_only=True)
+        for _ in range(20):
+            tok = b.argmax(-1)
+            a, b = r.decode(tok), ref.decode(tok)
+            np.testing.assert_allclose(a, b, atol=1e-5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 from conftest import run_cli
 
@@ -35,43 +34,55 @@ def test_eval_perplexity_matches_transformers(smollm2_bundle, smollm2_hf, wikite
     assert 5 < hf_ppl < 40  # a real model on real text, not noise
 
 
-def test_strided_eval_of_bundle_and_pytorch_agree(smollm2_bundle, wikitext):
-    """Sliding windows (stride < window) give the same perplexity for the bundle and the PyTorch model."""
-    args = ("--data", wikitext, "--max-tokens", 384, "--window", 256, "--stride", 128, "--json")
-    bundle = json.loads(run_cli("eval", smollm2_bundle, *args).stdout)
-    torch_ = json.loads(run_cli("eval", "smollm2-135m", *args).stdout)
-    assert bundle["evaluated"] == "bundle" and torch_["evaluated"] == "pytorch"
+def test_strided_eval_of_bundle_and_pytorch_agree(smollm2_runner, smollm2_hf, wikitext):
+    """Sliding windows (stride < window): the bundle's runner and the PyTorch model score the same."""
+    from leptonc.runtime import evaluate as ev
+
+    cfg = ev.EvalConfig(data=str(wikitext), max_tokens=384, window=256, stride=128)
+    ids = ev.load_tokens(smollm2_hf.tokenizer, cfg)
+    bundle = ev.perplexity(ev.runner_scorer(smollm2_runner[0]), ids, cfg)
+    torch_ = ev.perplexity(ev.torch_scorer(smollm2_hf.module), ids, cfg)
     assert bundle["scored_tokens"] == torch_["scored_tokens"] == 383
     assert bundle["perplexity"] == pytest.approx(torch_["perplexity"], rel=0.005)
 
 
-def test_batched_greedy_equals_each_prompt_alone(smollm2_bundle):
+@pytest.fixture(scope="module")
+def smollm2_runner(smollm2_bundle):
     from transformers import AutoTokenizer
 
     from leptonc.bundle import load_bundle
     from leptonc.runtime import open_bundle_runner
-    from leptonc.runtime.generate import SamplingConfig, generate
 
     b = load_bundle(smollm2_bundle)
-    tok = AutoTokenizer.from_pretrained(str(b.tokenizer_dir))
+    runner = open_bundle_runner(b)
+    yield runner, AutoTokenizer.from_pretrained(str(b.tokenizer_dir))
+    runner.release()
+
+
+def test_batched_greedy_equals_each_prompt_alone(smollm2_runner):
+    from leptonc.runtime.generate import SamplingConfig, generate
+
+    r, tok = smollm2_runner
     prompts = ["The capital of France is", "Water boils at", "One, two, three, four, five, six, seven,"]
     cfg = SamplingConfig(max_new_tokens=10, stop_at_eos=False)
-    with open_bundle_runner(b) as r:
-        alone = [generate(r, tok, [p], cfg).outputs[0] for p in prompts]
-        batch = generate(r, tok, prompts, cfg).outputs
+    alone = [generate(r, tok, [p], cfg).outputs[0] for p in prompts]
+    batch = generate(r, tok, prompts, cfg).outputs
     assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
     assert alone[0].text.lstrip().startswith("Paris")
 
 
-def test_sampling_on_real_model_reproducible_and_varied(smollm2_bundle):
-    args = ("run", smollm2_bundle, "-p", "Once upon a time", "-n", 12, "--temperature", "0.9", "--top-p", "0.95",
-            "--ignore-eos", "--json")
-    a = json.loads(run_cli(*args, "--seed", 1).stdout)["outputs"][0]
-    b = json.loads(run_cli(*args, "--seed", 1).stdout)["outputs"][0]
-    c = json.loads(run_cli(*args, "--seed", 2).stdout)["outputs"][0]
-    assert a["token_ids"] == b["token_ids"]
-    assert a["token_ids"] != c["token_ids"]
-    assert np.all(np.asarray(a["token_ids"]) >= 0)
+def test_sampling_on_real_model_reproducible_and_varied(smollm2_runner):
+    from leptonc.runtime.generate import SamplingConfig, generate
+
+    r, tok = smollm2_runner
+
+    def sample(seed):
+        cfg = SamplingConfig(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=seed, stop_at_eos=False)
+        return generate(r, tok, ["Once upon a time"], cfg).outputs[0].token_ids
+
+    a, b, c = sample(1), sample(1), sample(2)
+    assert a == b and len(a) == 12
+    assert a != c
 
 
 def test_chat_template_and_eos(smollm2_bundle):

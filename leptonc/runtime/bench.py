@@ -104,7 +104,8 @@ def bench(runner, cfg: BenchConfig, on_progress=None) -> dict:
             "iters": cfg.iters,
             "warmup": cfg.warmup,
         })
-    return {"device": device_name(runner), "results": results}
+    info = runner.describe() if hasattr(runner, "describe") else {"runner": type(runner).__name__}
+    return {"device": device_name(runner), "runner": info, "results": results}
 
 
 # ---- the memory floor and the Hugging Face baseline (`leptonc bench --baseline hf`) ----------------

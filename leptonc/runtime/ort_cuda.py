@@ -5,11 +5,15 @@ the new token ids (and mask/positions) and reads back only the logits. Two cache
 
 - **growing** (the plain export, `Concat` attention): each step binds `past_key_values.*` to the
   previous step's `present.*` OrtValues, which ORT allocated on the GPU. Nothing crosses to the host.
-- **shared** (graphs with `GroupQueryAttention`): one preallocated buffer per layer and K/V of shape
+- **shared** (graphs with `GroupQueryAttention`): one zeroed buffer per layer and K/V of shape
   [batch, kv_heads, capacity, head_dim] is bound as both past and present, so GQA writes the new
-  entries in place (ORT's past_present_share_buffer). Addresses never change, which is what CUDA graphs
-  need: with `enable_cuda_graph` the decode step (static shapes: ids [B,1], mask [B,capacity]) is
-  captured once per batch size and replayed; prefill runs uncaptured (`gpu_graph_id` -1).
+  entries in place (ORT's past_present_share_buffer): no per-step allocation, fixed addresses. The
+  decode binding is made once per batch size; a step copies only the new ids and positions in place.
+- **CUDA graphs** (`enable_cuda_graph`, one captured graph per batch size, prefill uncaptured via
+  `gpu_graph_id` -1) additionally need fixed *shapes*: a graph whose GQA lengths come from a static
+  [B, capacity] mask (engine setting "gqa_lengths": "mask_sum"). The fused graphs that
+  passes/fuse_attention.py writes derive the lengths from the mask's length instead (that keeps left
+  padding right), so for them CUDA graphs stay off and `describe()` says why.
 """
 
 from __future__ import annotations
@@ -87,7 +91,8 @@ class OrtCudaRunner(Runner):
     device = "cuda"
 
     def __init__(self, model_path: Path, io: dict, settings: dict | None = None, *, max_sequence: int = 2048,
-                 max_batch: int = 64, device_id: int = 0, cuda_graph: bool | None = None, device_type: str = "cuda"):
+                 max_batch: int = 64, device_id: int = 0, cuda_graph: bool | None = None, device_type: str = "cuda",
+                 static_mask: bool | None = None):
         # device_type "cpu" runs this same I/O-binding code on ONNX Runtime's CPU provider: that is how the
         # CPU-only CI checks its cache handling; speed claims come from "cuda" on the device only.
         if device_type not in ("cuda", "cpu"):
@@ -110,7 +115,11 @@ class OrtCudaRunner(Runner):
         self.memory = _GpuMemory(device_id) if device_type == "cuda" else None
 
         ops = graph_op_types(model_path)
-        self.shared_kv = "GroupQueryAttention" in ops and settings.get("kv_layout", "shared") == "shared"
+        # LEPTONC_KV_LAYOUT=growing forces the growing layout (for the cache-layout ablation in bench/).
+        layout = os.environ.get("LEPTONC_KV_LAYOUT") or settings.get("kv_layout", "shared")
+        if layout not in ("shared", "growing"):
+            raise InputError(f"kv layout {layout!r}: use 'shared' or 'growing'")
+        self.shared_kv = "GroupQueryAttention" in ops and layout == "shared"
         env_graph = os.environ.get("LEPTONC_CUDA_GRAPH")
         if cuda_graph is None:
             cuda_graph = settings.get("cuda_graph", True) if env_graph is None else env_graph == "1"
@@ -121,6 +130,10 @@ class OrtCudaRunner(Runner):
         # attention shapes, grow by one each step and a captured graph could not be replayed.
         static_lengths = settings.get("gqa_lengths") == "mask_sum"
         self.cuda_graph = bool(cuda_graph) and self.shared_kv and static_lengths and device_type == "cuda"
+        # The fixed [B, capacity] decode mask: what a captured graph needs; on the CPU provider it can be
+        # asked for alone (static_mask=True), which is how CI checks that contract without a GPU.
+        self.static_mask = self.cuda_graph if static_mask is None else (bool(static_mask) and self.shared_kv
+                                                                        and static_lengths)
         if self.cuda_graph:
             self.cuda_graph_reason = "on"
         elif not self.shared_kv:
@@ -171,6 +184,10 @@ class OrtCudaRunner(Runner):
         for i in range(self.num_layers):
             for kind in ("key", "value"):
                 yield f"past_key_values.{i}.{kind}", f"present.{i}.{kind}"
+
+    def describe(self) -> dict:
+        return {"runner": type(self).__name__, "provider": self.session.get_providers()[0] if self.session else None,
+                "kv_layout": "shared" if self.shared_kv else "growing", "cuda_graph": self.cuda_graph_reason}
 
     def _sample_memory(self) -> None:
         if self.memory is not None:
@@ -300,10 +317,11 @@ class OrtCudaRunner(Runner):
                 b.bind_ortvalue_input(past, static["kv"][j])
                 b.bind_ortvalue_output(present, static["kv"][j])
             b.bind_ortvalue_output("logits", static["logits"])
-            if self.cuda_graph:
+            if self.static_mask:
                 static["mask"] = self._empty((batch, self.capacity), np.int64)
                 static["host_mask"] = np.zeros((batch, self.capacity), np.int64)
                 b.bind_ortvalue_input("attention_mask", static["mask"])
+            if self.cuda_graph:
                 self._graph_ids.setdefault(batch, len(self._graph_ids) + 1)
                 static["run_options"] = self._run_options(self._graph_ids[batch])
             else:
@@ -315,7 +333,7 @@ class OrtCudaRunner(Runner):
         state = self._decode_state(self._batch)
         state["ids"].update_inplace(ids)
         state["pos"].update_inplace(np.ascontiguousarray(self._positions))
-        if self.cuda_graph:
+        if self.static_mask:
             # Fixed-shape mask: the captured graph replays on the same addresses every step.
             host_mask = state["host_mask"]
             host_mask[:] = 0
