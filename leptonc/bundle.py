@@ -126,9 +126,11 @@ def staging_dir(output: Path) -> Path:
     for stale in output.parent.glob(f"{TMP_PREFIX}*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            aside = stale.name.startswith(f"{TMP_PREFIX}old-{output.name}-")
-            if aside and not output.exists() and (stale / MANIFEST).is_file():
-                os.rename(stale, output)  # a replace died between its two renames: put the old bundle back
+            owner = None  # a bundle set aside by a replace that died between its two renames
+            if stale.name.startswith(f"{TMP_PREFIX}old-"):
+                owner = output.parent / stale.name[len(f"{TMP_PREFIX}old-"):].rsplit("-", 1)[0]
+            if owner is not None and not owner.exists() and not owner.is_symlink() and (stale / MANIFEST).is_file():
+                os.rename(stale, owner)  # put the previous bundle back where it was
             else:
                 shutil.rmtree(stale, ignore_errors=True)
     tmp = output.parent / f"{TMP_PREFIX}{output.name}-{os.getpid()}"

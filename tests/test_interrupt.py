@@ -138,3 +138,12 @@ def test_atomic_exchange_and_fallback_recovery(tiny_bundle, tmp_path):
         load_bundle(out, verify=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    # ... also when the next compile in that folder writes another bundle.
+    shutil.rmtree(out)
+    shutil.copytree(tiny_bundle, aside)
+    staging = staging_dir(tmp_path / "other.lepton")
+    try:
+        assert out.is_dir() and not aside.exists()
+        load_bundle(out, verify=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
