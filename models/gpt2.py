@@ -46,8 +46,7 @@ class GPT2Adapter:
             qkv_bias=True,
             o_bias=True,
             mlp_bias=True,
-            tied_embeddings=module.lm_head.weight is module.transformer.wte.weight
-            or bool(getattr(c, "tie_word_embeddings", True)),
+            tied_embeddings=module.lm_head.weight is module.transformer.wte.weight,
             attention_scale=base,
             layer_attention_scales=per_layer,
             bos_token_id=getattr(c, "bos_token_id", None),
