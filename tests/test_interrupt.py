@@ -147,3 +147,24 @@ def test_atomic_exchange_and_fallback_recovery(tiny_bundle, tmp_path):
         load_bundle(out, verify=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def test_a_full_disk_leaves_the_previous_bundle_intact(tiny_bundle, tmp_path):
+    """A write that fails (here: RLIMIT_FSIZE makes any file over 64 KiB fail with EFBIG, standing in for
+    ENOSPC; Python ignores SIGXFSZ) aborts the compile without touching the bundle at the path."""
+    import resource
+
+    out = tmp_path / "tiny.lepton"
+    shutil.copytree(tiny_bundle, out)
+    before = _identity(out)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    proc = subprocess.run([sys.executable, "-m", "leptonc", "compile", "tiny-llama", "-o", str(out)],
+                          capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert proc.returncode != 0
+    assert "File too large" in proc.stderr or "No space" in proc.stderr, proc.stderr[-2000:]
+    assert _identity(out) == before
+    load_bundle(out, verify=True)
+    assert not list(tmp_path.glob(f"{TMP_PREFIX}*"))  # the failed compile removed its staging folder
