@@ -8,6 +8,7 @@ import hashlib
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from leptonc.passes.graph_io import read_values
 from leptonc.passes.matching import count_ops
 from leptonc.passes.registry import PassContext, PassResult, register_pass
 
@@ -125,7 +126,7 @@ def dedupe_initializers(graph: gs.Graph, ctx: PassContext) -> PassResult:
             continue
         seen: dict[str, gs.Constant] = {}
         for t in group:
-            values = np.ascontiguousarray(t.values)
+            values = np.ascontiguousarray(read_values(t))
             digest = hashlib.blake2b(values.tobytes(), digest_size=16).hexdigest()
             keep = seen.setdefault(digest, t)
             if keep is t:

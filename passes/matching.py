@@ -83,7 +83,9 @@ def other_input(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor | None:
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a constant tensor (an initializer or a Constant node's output), else None."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        from leptonc.passes.graph_io import read_values
+
+        return read_values(tensor)
     p = producer(tensor)
     if p is not None and p.op == "Constant" and "value" in p.attrs:
         value = p.attrs["value"]
@@ -92,7 +94,10 @@ def const_value(tensor: gs.Tensor) -> np.ndarray | None:
 
 
 def is_const(tensor: gs.Tensor) -> bool:
-    return const_value(tensor) is not None
+    if isinstance(tensor, gs.Constant):
+        return True
+    p = producer(tensor)
+    return p is not None and p.op == "Constant" and "value" in p.attrs
 
 
 def scalar(tensor: gs.Tensor) -> float | None:

@@ -79,27 +79,15 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
     records: list[dict] = []
     out = staging / MODEL_FILE
     if pipeline_names:
-        import onnx
-        import onnx_graphsurgeon as gs
-
         from leptonc.passes import run_pipeline
+        from leptonc.passes.graph_io import load_graph, save_graph
 
-        # MEMORY, models over 2 GB (issue 3; measured 2026-11-22 with `bench/memory_probe.py graphsurgeon`
-        # on llama-1b-shape, 4,714 MiB of fp32 weights; the issue's bound is 2.5x the weights): this load
-        # holds 4,813 MiB, and gs.export_onnx below peaks at 14,265 MiB (3.0x) before any pass has run;
-        # with the CPU pipeline `leptonc compile llama-1b-shape --target cpu` reached 17,541 MiB RSS and
-        # was OOM-killed on the 24 GiB machine (with --no-passes the compile peaks at 1.4x). Suggested fix
-        # for this file's owner: load_external_data=False (gs keeps untouched weights as LazyValues and
-        # exports their TensorProtos, i.e. external references, without reading them), materialize only
-        # the constants a pass rewrites (onnx.external_data_helper.load_external_data_for_tensor with
-        # the _work dir), and keep/copy the original data file beside the new one. See BENCHMARKS.md.
-        model = onnx.load(str(exported.model_path), load_external_data=True)
-        graph = gs.import_onnx(model)
-        del model
+        # Weights stay on disk until a pass reads them, and untouched ones are streamed file to file
+        # (passes/graph_io.py): models over 2 GB compile within 2.5x their weight bytes.
+        graph = load_graph(exported.model_path)
         records = run_pipeline(graph, pipeline_names, ctx, disabled, on_pass=on_pass)
-        model = gs.export_onnx(graph.cleanup().toposort())
+        save_graph(graph, out, exported.model_path.parent)
         del graph
-        save_model(model, out)
     else:
         shutil.move(str(exported.model_path), out)
         shutil.move(str(exported.data_path), staging / f"{MODEL_FILE}.data")
@@ -110,16 +98,6 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
         "session": session_settings(ctx.target),
     }
     return engine, records
-
-
-def save_model(model, path: Path) -> None:
-    import onnx
-
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
 
 
 def open_runner(model_path: Path, engine: dict, limits: dict, device: str | None = None):

@@ -446,20 +446,13 @@ def _graph_for_build(exported, work: Path, pipeline_names, ctx, disabled, on_pas
     """Run the pass pipeline (if any) and write the ONNX file the builder parses."""
     if not pipeline_names:
         return Path(exported.model_path), []
-    import onnx
-    import onnx_graphsurgeon as gs
-
     from leptonc.passes import run_pipeline
-    from leptonc.targets.onnxruntime import save_model
+    from leptonc.passes.graph_io import load_graph, save_graph
 
-    model = onnx.load(str(exported.model_path), load_external_data=True)
-    graph = gs.import_onnx(model)
-    del model
+    graph = load_graph(exported.model_path)
     records = run_pipeline(graph, pipeline_names, ctx, disabled, on_pass=on_pass)
-    model = gs.export_onnx(graph.cleanup().toposort())
-    del graph
     out = work / ONNX_FOR_BUILD
-    save_model(model, out)
+    save_graph(graph, out, exported.model_path.parent)
     return out, records
 
 
