@@ -142,24 +142,31 @@ CPU_FP32_GREEDY = [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 
 GROWING = {"LEPTONC_KV_LAYOUT": "growing"}
 
 
-def static_variant(s: Session, bundle: Path, name: str) -> Path | None:
+def static_variant(s: Session, bundle: Path, name: str, compat_only: bool = False) -> Path | None:
     """EXPERIMENT: the static-length copy of a fused bundle (bench/device_static_variant.py), so the runner
     can capture decode in a CUDA graph. Figures from it are labelled experimental in BENCHMARKS.md."""
     dst = WORK / f"{name}.lepton"
-    proc = subprocess.run([sys.executable, "bench/device_static_variant.py", str(bundle), str(dst)],
-                          capture_output=True, text=True)
-    s.record["steps"].append({"label": f"static variant {name}", "command": f"python3 bench/device_static_variant.py "
-                              f"{bundle} {dst}", "rc": proc.returncode, "seconds": 0,
+    argv = [sys.executable, "bench/device_static_variant.py", str(bundle), str(dst)] + (["--compat-only"] if compat_only else [])
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    s.record["steps"].append({"label": f"static variant {name}", "command": " ".join(argv[1:]), "rc": proc.returncode, "seconds": 0,
                               "json": None, "stdout_tail": proc.stdout[-500:], "stderr_tail": proc.stderr[-1500:]})
     s.save()
     print(f"[static variant {name}] rc={proc.returncode} {proc.stdout.strip()} {proc.stderr[-500:]}", flush=True)
     return dst if proc.returncode == 0 else None
 
 
+def fused_bundle(s: Session, source: str, name: str, *extra: str) -> Path | None:
+    """Compile the fused GPU bundle. Its GroupQueryAttention nodes carry ORT 1.32's 17th input, which the
+    device's onnxruntime-gpu 1.31 refuses (so compile-time verification cannot open it there): compile
+    with --no-verify, then a --compat-only copy drops that input; greedy parity on it stands in for verify."""
+    raw = compile_bundle(s, source, "h100", name, "--no-verify", *extra)
+    return static_variant(s, raw, name + ".compat", compat_only=True) if raw else None
+
+
 def decode_small(s: Session) -> None:
     """Issue 8, part 1: smollm2 fused fp16 (parity, batch 1/16 with the HF baseline, cache-layout ablation);
     then the llama-1b-shape fused fp16 bundle with the HF baseline."""
-    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    small = fused_bundle(s, "smollm2-135m", "smollm2.h100")
     if small:
         ids = greedy(s, small, "greedy fused h100 fp16")
         batch = s.cli("batched greedy fused", "run", small, "-p", PROMPT, "-p", "Water boils at", "-p", "Hi",
@@ -174,27 +181,28 @@ def decode_small(s: Session) -> None:
             s.record["parity"]["h100_static_cuda_graph"] = greedy(s, graph, "greedy static+cuda graph")
             s.save()
             bench(s, graph, "EXPERIMENT smollm2 fp16 cuda graph", "--batch", "1,16")
-    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", 1280)
-    if big:
-        bench(s, big, "llama1b fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
 
 
 def decode_big(s: Session) -> None:
     """Issue 8, part 2 (same warm machine, bundles from part 1 kept in /tmp): TTFT at 1,024 tokens,
     the growing-cache ablation, and the int4 weight-only bundle (RTN: the weights are random, so the
     accuracy gates are skipped and say so)."""
-    big = WORK / "llama1b.h100.lepton"
-    if not big.is_dir():
-        big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", 1280)
+    big = fused_bundle(s, "llama-1b-shape", "llama1b.h100", "--max-seq", 1280)
     if big:
+        bench(s, big, "llama1b fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
         s.cli("llama1b fp16 ttft 1024", "bench", big, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
               "--warmup", 2, "--iters", 5, "--json", "--no-verify")
         bench(s, big, "llama1b fp16 growing cache", "--batch", "1,16", "--iters", 3, env=GROWING)
         graph = static_variant(s, big, "llama1b.h100.static")
         if graph:
             bench(s, graph, "EXPERIMENT llama1b fp16 cuda graph", "--batch", "1,16")
-    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", 1280, "--int4",
-                        "--int4-method", "rtn", "--no-verify", "--no-check")
+
+
+def decode_int4(s: Session) -> None:
+    """Issue 8, part 3: the int4 weight-only (MatMulNBits) llama-1b-shape bundle. RTN scales: the weights
+    are random, so the accuracy gates are skipped (--no-check) and say so."""
+    q4 = fused_bundle(s, "llama-1b-shape", "llama1b.h100.int4", "--max-seq", 1280, "--int4",
+                      "--int4-method", "rtn", "--no-check")
     if q4:
         bench(s, q4, "llama1b int4 (+hf)", "--batch", "1,16", "--baseline", "hf")
         graph = static_variant(s, q4, "llama1b.h100.int4.static")
@@ -212,6 +220,8 @@ def summary(s: Session) -> None:
                      f" gpu {r.get('peak_gpu_mb')} MB floor {r.get('memory_floor', {}).get('floor_tokens_per_s')}")
         for c in data.get("comparison", []) if isinstance(data, dict) else []:
             line += f" | hf b{c['batch']}: {c['hf_decode_tokens_per_s']} ({c['decode_speedup']}x)"
+        if isinstance(data, dict) and data.get("runner"):
+            line += f" | {data['runner'].get('kv_layout')}, graph {str(data['runner'].get('cuda_graph'))[:40]}"
         print(line)
     if "parity" in s.record:
         print("parity:", json.dumps(s.record["parity"]))
@@ -219,7 +229,7 @@ def summary(s: Session) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("session", choices=("runtime", "decode_small", "decode_big"))
+    ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -228,7 +238,8 @@ def main() -> None:
     s = Session(args.out, args.session, args.budget)
     print(json.dumps(s.record["machine"]), flush=True)
     try:
-        {"runtime": runtime_session, "decode_small": decode_small, "decode_big": decode_big}[args.session](s)
+        {"runtime": runtime_session, "decode_small": decode_small, "decode_big": decode_big,
+         "decode_int4": decode_int4}[args.session](s)
     finally:
         s.save()
         summary(s)

@@ -9,7 +9,10 @@ runner then binds a fixed [batch, capacity] mask and turns on `enable_cuda_graph
 "gqa_lengths": "mask_sum"). Correct for rows without left padding only (what bench runs); the copy's
 manifest says so and is not hash-valid (load it with --no-verify).
 
-    python3 bench/device_static_variant.py BUNDLE OUT_BUNDLE
+    python3 bench/device_static_variant.py BUNDLE OUT_BUNDLE [--compat-only]
+
+Both forms also drop GroupQueryAttention's 17th input for ONNX Runtime 1.31 (see _trim_gqa_inputs);
+--compat-only does only that.
 """
 
 from __future__ import annotations
@@ -25,7 +28,26 @@ import onnx
 from onnx import helper, numpy_helper
 
 
-def make_static(src: Path, dst: Path) -> dict:
+def _trim_gqa_inputs(gqa: list) -> int:
+    """ONNX Runtime 1.31 (the CUDA 13 build on the lent H100) accepts at most 16 GroupQueryAttention inputs;
+    1.32 added the 17th, `query_seqlens`, which passes/fuse_attention.py fills for the CPU kernel's
+    chunked prefill. The CUDA kernel does not need it (it takes S for every row): drop it when it is there."""
+    trimmed = 0
+    for n in gqa:
+        if len(n.input) > 16:
+            del n.input[16:]
+            trimmed += 1
+        while n.input and n.input[-1] == "":
+            del n.input[-1]
+    return trimmed
+
+
+def make_compat(src: Path, dst: Path) -> dict:
+    """Only the ORT 1.31 trim, no contract change: the compiler's own graph, loadable on the device."""
+    return make_static(src, dst, static=False)
+
+
+def make_static(src: Path, dst: Path, static: bool = True) -> dict:
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx.data"))
@@ -39,6 +61,13 @@ def make_static(src: Path, dst: Path) -> dict:
     gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
     if not gqa:
         raise SystemExit(f"{src} has no GroupQueryAttention: nothing to make static")
+    trimmed = _trim_gqa_inputs(gqa)
+    if not static:
+        producer = []
+        onnx.save_model(model, str(dst / manifest["engine"]["file"]))
+        manifest["experimental"] = "bench/device_static_variant.py: GQA query_seqlens input dropped for ORT 1.31"
+        (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        return {"gqa_nodes": len(gqa), "trimmed_query_seqlens": trimmed}
     old = gqa[0].input[5]
     g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "static/axes1"))
     g.initializer.append(numpy_helper.from_array(np.array(1, np.int64), "static/one"))
@@ -63,8 +92,10 @@ def make_static(src: Path, dst: Path) -> dict:
     manifest["experimental"] = ("bench/device_static_variant.py: seqlens_k from ReduceSum(attention_mask); "
                                 "right for unpadded rows only; hashes not updated")
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return {"gqa_nodes": len(gqa), "removed": [n.op_type for n in producer]}
+    return {"gqa_nodes": len(gqa), "removed": [n.op_type for n in producer], "trimmed_query_seqlens": trimmed}
 
 
 if __name__ == "__main__":
-    print(json.dumps(make_static(Path(sys.argv[1]), Path(sys.argv[2]))))
+    compat = "--compat-only" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--compat-only"]
+    print(json.dumps((make_compat if compat else make_static)(Path(args[0]), Path(args[1]))))
