@@ -677,6 +677,15 @@ def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwinding as Ct
 def main(argv: Optional[list[str]] = None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
+        _main(argv)
+    finally:
+        # Once the command is done (its output complete), a late SIGTERM must not raise inside the
+        # interpreter's exit handlers (a traceback after success): it just ends the process.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(argv: Optional[list[str]]) -> None:
+    try:
         # Non-standalone typer returns the exit code of a typer.Exit, and turns Ctrl-C into Exit(130).
         code = app(args=argv, standalone_mode=False)
         if code == 130:
