@@ -4,6 +4,8 @@ build -> verify -> bundle. Every step is a plain call; the CLI only builds the c
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import os
 import gc
 import shutil
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 from leptonc import FORMAT_VERSION, __version__
 from leptonc.bundle import Bundle, check_output_path, finalize, staging_dir, toolchain_versions
 from leptonc.config import CompileConfig
-from leptonc.errors import UnsupportedRequestError, VerificationError
+from leptonc.errors import OutputWriteError, UnsupportedRequestError, VerificationError
 from leptonc.progress import Steps
 from leptonc.runtime.bench import peak_host_mb
 
@@ -98,12 +100,30 @@ def compile_model(config: CompileConfig, steps: Steps | None = None) -> Bundle:
     elif config.disabled_passes:
         raise UnsupportedRequestError("--disable-pass has no effect with --no-passes; drop one of them")
 
-    staging = staging_dir(output)
+    try:
+        staging = staging_dir(output)
+    except OSError as exc:
+        raise _write_error(output, exc) from None
     try:
         return _compile_into(config, staging, output, target, backend, pipeline, steps)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno in _WRITE_ERRNOS:
+            raise _write_error(output, exc) from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _write_error(output: Path, exc: OSError) -> OutputWriteError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return OutputWriteError(
+        f"could not write the bundle next to {output}: {reason}; nothing partial was left and any previous "
+        "bundle at that path is intact", hint="free disk space or choose a writable -o path, then compile again")
 
 
 def _compile_into(config, staging: Path, output: Path, target, backend, pipeline, steps: Steps) -> Bundle:

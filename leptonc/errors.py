@@ -70,6 +70,12 @@ class ExportError(LeptonError):
     exit_code = 9
 
 
+class OutputWriteError(LeptonError):
+    """The bundle could not be written (disk full, read-only or no permission). Exit 10."""
+
+    exit_code = 10
+
+
 class InterruptedError_(LeptonError):
     """The command was interrupted (Ctrl-C / SIGTERM); nothing was left half-written. Exit 130."""
 
@@ -87,5 +93,6 @@ EXIT_CODES: dict[int, str] = {
     7: "bundle corrupt, tampered with, or from another toolchain version",
     8: "invalid runtime input (prompt too long, empty)",
     9: "export to ONNX failed",
+    10: "could not write the output (disk full, read-only, no permission); nothing partial was left",
     130: "interrupted; no partial output was left",
 }
