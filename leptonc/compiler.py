@@ -186,7 +186,6 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
                                               "max_sequence": config.max_sequence})
     if quant is not None:  # the passes read the calibration statistics and settings from here
         ctx.options.update(quant.pass_options())
-    _reset_generated_names()
     with steps.step("build", f"Building for {target.name} ({config.backend})"):
         engine, records = backend.build(exported, staging, pipeline, ctx, config.disabled_passes,
                                         on_pass=lambda n: steps.update(n))
@@ -248,17 +247,6 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "config": {k: v for k, v in config.to_dict().items() if k not in ("output", "force")},
     }
     return finalize(staging, output, manifest)
-
-
-def _reset_generated_names() -> None:
-    """Reproducible builds: passes name new nodes from a process-wide counter (passes/matching.py), so a
-    second compile in the same process would otherwise get different names (and different bytes)."""
-    import itertools
-
-    from leptonc.passes import matching
-
-    if hasattr(matching, "_NAMES"):
-        matching._NAMES = itertools.count()
 
 
 def _verify(config, backend, staging: Path, engine: dict, limits: dict, trace, check_parity) -> dict:

@@ -186,6 +186,12 @@ def take_outputs(new: gs.Node, old_outputs: Sequence[gs.Tensor]) -> None:
     new.outputs.extend(old_outputs)
 
 
+def reset_names() -> None:
+    """Restart generated names, so the same pipeline on the same graph gives the same bytes."""
+    global _NAMES
+    _NAMES = itertools.count()
+
+
 def fresh_name(graph: gs.Graph, base: str) -> str:
     """A tensor/node name not used in the graph yet (export never writes "/lc<n>" suffixes)."""
     return f"{base}/lc{next(_NAMES)}"

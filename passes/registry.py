@@ -92,6 +92,9 @@ def run_pipeline(graph: Any, pipeline: list[str], ctx: PassContext, disabled: tu
                  on_pass: Callable[[str], None] | None = None) -> list[dict]:
     """Run passes in order on `graph` (an onnx_graphsurgeon.Graph), mutating it. Returns records."""
     check_pipeline(pipeline, disabled)
+    from leptonc.passes.matching import reset_names
+
+    reset_names()  # reproducible builds: generated node names restart for every pipeline run
     records: list[dict] = []
     not_run: set[str] = set()
     for name in pipeline:
