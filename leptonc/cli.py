@@ -285,7 +285,8 @@ def _prune_options(config, given: dict):
         return config
     from leptonc.calibration.pruning import PruneSettings
 
-    PruneSettings.from_options(given)  # validates, with messages naming the flag
+    # validates, with messages naming the flag; TensorRT validates its own --sparsity (its preflight / plan)
+    PruneSettings.from_options({k: v for k, v in given.items() if k != "sparsity" or config.backend != "tensorrt"})
     return config.with_(options={**config.options, **given})
 
 
