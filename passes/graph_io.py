@@ -83,6 +83,9 @@ def save_graph(graph: gs.Graph, path: Path, source_dir: Path) -> None:
 def _place(tensor: TensorProto, out, location: str, source_dir: Path, sources: dict) -> None:
     external = tensor.data_location == TensorProto.EXTERNAL and not tensor.HasField("raw_data")
     if not external:
+        # A rewritten constant may carry its source's EXTERNAL flag with its bytes now inline.
+        tensor.data_location = TensorProto.DEFAULT
+        del tensor.external_data[:]
         if not tensor.HasField("raw_data"):
             if tensor.ByteSize() < INLINE_LIMIT:
                 return
