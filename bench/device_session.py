@@ -210,6 +210,26 @@ def decode_int4(s: Session) -> None:
             bench(s, graph, "EXPERIMENT llama1b int4 cuda graph", "--batch", "1,16")
 
 
+def decode_final(s: Session) -> None:
+    """Issue 8, last session: the fused fp16 bundles again with the runner's on-device last-position
+    slice (prefill hands B x vocab to the host), each with the HF baseline in the same run; TTFT at
+    1,024 tokens; and ONNX Runtime's profile of smollm2's decode step (where the time goes)."""
+    small = fused_bundle(s, "smollm2-135m", "smollm2.h100")
+    if small:
+        ids = greedy(s, small, "greedy fused h100 fp16")
+        s.record["parity"] = {"prompt": PROMPT, "cpu_fp32": CPU_FP32_GREEDY, "h100_fused_fp16": ids}
+        s.save()
+        bench(s, small, "smollm2 fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
+        proc = subprocess.run([sys.executable, "bench/device_profile.py", str(small), str(s.out / "profile_smollm2.json")],
+                              capture_output=True, text=True, timeout=180)
+        print(proc.stdout[-3500:], proc.stderr[-1500:], flush=True)
+    big = fused_bundle(s, "llama-1b-shape", "llama1b.h100", "--max-seq", 1280)
+    if big:
+        bench(s, big, "llama1b fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
+        s.cli("llama1b fp16 ttft 1024", "bench", big, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 2, "--iters", 5, "--json", "--no-verify")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -229,7 +249,7 @@ def summary(s: Session) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4"))
+    ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -239,7 +259,7 @@ def main() -> None:
     print(json.dumps(s.record["machine"]), flush=True)
     try:
         {"runtime": runtime_session, "decode_small": decode_small, "decode_big": decode_big,
-         "decode_int4": decode_int4}[args.session](s)
+         "decode_int4": decode_int4, "decode_final": decode_final}[args.session](s)
     finally:
         s.save()
         summary(s)
