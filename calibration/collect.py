@@ -32,6 +32,7 @@ class GroupStats:
     samples: np.ndarray  # [<=SAMPLE_ROWS, K] float32 rows of the input
     amax: float = 0.0  # per-tensor range of (x / prescale) from the observer
     prescale: np.ndarray | None = None  # [K] divides x before quantization (SmoothQuant / AWQ factors)
+    alpha: float | None = None  # the SmoothQuant migration strength chosen for this group
     fingerprints: np.ndarray | None = None  # [members, K]: row 0 ([out, in] layout) of each member's weight,
     # so a graph pass can recognise the group in a merged weight (merge_qkv / merge_gate_up rename them)
 

@@ -28,7 +28,7 @@ from leptonc.calibration.collect import ActivationStats, GroupStats, collect
 from leptonc.calibration.observers import METHODS
 from leptonc.errors import UnsupportedRequestError
 
-CALIB_VERSION = 2  # bump when the statistics change meaning (invalidates the cache)
+CALIB_VERSION = 3  # bump when the statistics change meaning (invalidates the cache)
 QUANTIZED = ("int8", "fp8", "int4")
 
 
@@ -36,7 +36,7 @@ QUANTIZED = ("int8", "fp8", "int4")
 class QuantSettings:
     precision: str
     int8_mode: str = "w8a8"  # w8a8 | weight-only
-    smoothquant_alpha: float = 0.5
+    smoothquant_alpha: float | None = None  # None: searched per layer group (see smoothquant.search_alpha)
     int8_block: int = 64  # weight-only int8 (MatMulNBits bits=8) block along K
     int4_block: int = 128
     int4_method: str = "awq"  # awq | rtn
@@ -46,6 +46,7 @@ class QuantSettings:
     calib_seq_len: int = 256
     calib_method: str = "minmax"
     keep_fp: tuple[str, ...] = ()
+    int4_8bit: tuple[str, ...] = ()  # --int4: layers (patterns) quantized to 8 bits instead (sensitive ones)
     max_ppl_increase: float = 5.0
     check: bool = True
     check_tokens: int = 2048
@@ -57,8 +58,9 @@ class QuantSettings:
             raise UnsupportedRequestError(f"precision {self.precision} is not a quantized format")
         if self.int8_mode not in ("w8a8", "weight-only"):
             raise UnsupportedRequestError(f"--int8-mode {self.int8_mode!r}: use w8a8 or weight-only")
-        if not 0.0 <= self.smoothquant_alpha <= 1.0:
-            raise UnsupportedRequestError("--smoothquant-alpha must be in [0, 1] (0.5 is the paper's default)")
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise UnsupportedRequestError("--smoothquant-alpha must be in [0, 1] (0.5 is the paper's default; "
+                                          "leave it out to search it per layer)")
         if self.int4_block not in (32, 64, 128):
             raise UnsupportedRequestError(f"--int4-block {self.int4_block}: use 32, 64 or 128")
         if self.int4_method not in ("awq", "rtn"):
@@ -80,8 +82,9 @@ class QuantSettings:
     def from_options(cls, precision: str, options: dict) -> "QuantSettings":
         known = {f for f in cls.__dataclass_fields__ if f != "precision"}
         kw = {k: v for k, v in options.items() if k in known and v is not None}
-        if "keep_fp" in kw:
-            kw["keep_fp"] = tuple(kw["keep_fp"])
+        for key in ("keep_fp", "int4_8bit"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
         return cls(precision=precision, **kw)
 
     @property
@@ -93,13 +96,18 @@ class QuantSettings:
             return f"int4-{self.int4_method}"
         return "fp8"
 
+    def int4_uses_8bit(self, name: str) -> bool:
+        return self.precision == "int4" and _matches(name, self.int4_8bit)
+
     def keeps_fp(self, name: str) -> bool:
         """True when `name` (a logical weight name such as layers.3.down.weight, embed, lm_head)
         matches a --keep-fp pattern (fnmatch; a bare word also matches as a substring)."""
-        for pattern in self.keep_fp:
-            if fnmatch.fnmatch(name, pattern) or (not any(c in pattern for c in "*?[") and pattern in name):
-                return True
-        return False
+        return _matches(name, self.keep_fp)
+
+
+def _matches(name: str, patterns) -> bool:
+    """fnmatch, and a bare word (no wildcard) also matches as a substring."""
+    return any(fnmatch.fnmatch(name, p) or (not any(c in p for c in "*?[") and p in name) for p in patterns)
 
 
 def cache_dir() -> Path:
@@ -111,7 +119,7 @@ def cache_key(source_hash: str, settings: QuantSettings, data_digest: str) -> st
     fields = {
         "v": CALIB_VERSION, "model": source_hash, "data": data_digest, "samples": settings.calib_samples,
         "seq_len": settings.calib_seq_len, "method": settings.calib_method, "format": settings.format,
-        "alpha": settings.smoothquant_alpha if settings.format == "int8-w8a8" else None,
+        "alpha": settings.smoothquant_alpha if settings.format in ("int8-w8a8", "fp8") else None,
         "block": settings.int4_block if settings.format == "int4-awq" else None,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
@@ -126,7 +134,7 @@ def _save(stats: ActivationStats, path: Path) -> None:
             arrays[f"{i}.prescale"] = g.prescale
         if g.fingerprints is not None:
             arrays[f"{i}.fingerprints"] = g.fingerprints
-        meta["groups"].append({"members": g.members, "amax": g.amax})
+        meta["groups"].append({"members": g.members, "amax": g.amax, "alpha": g.alpha})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -143,7 +151,8 @@ def _load(path: Path) -> ActivationStats | None:
                 stats.groups.append(GroupStats(
                     g["members"], z[f"{i}.absmax"], z[f"{i}.absmean"], z[f"{i}.samples"].astype(np.float32),
                     g["amax"], z[f"{i}.prescale"] if f"{i}.prescale" in z.files else None,
-                    z[f"{i}.fingerprints"] if f"{i}.fingerprints" in z.files else None))
+                    alpha=g.get("alpha"),
+                    fingerprints=z[f"{i}.fingerprints"] if f"{i}.fingerprints" in z.files else None))
         return stats
     except (OSError, ValueError, KeyError):  # a corrupt or partial cache entry: recompute
         return None
@@ -170,7 +179,7 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         batches = calibration_batches(tokenizer, data_path, settings.calib_samples, settings.calib_seq_len)
         fmt = settings.format
         prescales = None
-        if fmt == "int8-w8a8":
+        if fmt in ("int8-w8a8", "fp8"):  # fp8 too: smoothing narrows the range per-tensor scales must cover
             prescales = lambda st: _smoothing(st, weights, settings)  # noqa: E731
         elif fmt == "int4-awq":
             prescales = lambda st: _awq(st, weights, settings)  # noqa: E731
@@ -189,8 +198,11 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         "cache": {"key": key, "hit": cached, "path": str(path)},
         "seconds": round(time.perf_counter() - start, 2),
     }
-    if settings.format == "int8-w8a8":
-        summary["smoothquant_alpha"] = settings.smoothquant_alpha
+    if settings.format in ("int8-w8a8", "fp8"):
+        alphas = [g.alpha for g in stats.groups if g.alpha is not None]
+        summary["smoothquant_alpha"] = settings.smoothquant_alpha if settings.smoothquant_alpha is not None else \
+            {"searched_per_group": True, "min": min(alphas, default=None), "max": max(alphas, default=None),
+             "mean": round(float(np.mean(alphas)), 3) if alphas else None}
     if settings.format == "int4-awq":
         summary["awq"] = "grid search of alpha in s = mean|x|**alpha over 21 points per input group"
     return CalibrationResult(stats, summary)
@@ -201,13 +213,21 @@ def _group_weights(group: GroupStats, weights) -> list[np.ndarray]:
 
 
 def _smoothing(stats: ActivationStats, weights, settings: QuantSettings) -> dict:
-    from leptonc.calibration.smoothquant import smoothing_factors
+    """SmoothQuant factors per input group: a fixed --smoothquant-alpha, or (default) the alpha per
+    group whose quantized output is closest to fp32 on the calibration rows (recorded in the stats)."""
+    from leptonc.calibration.smoothquant import search_alpha, smoothing_factors
 
     out = {}
     for g in stats.groups:
         if g.members == ["lm_head"]:  # the head runs weight-only (it shares the embedding's codes)
             continue
-        out[g.members[0]] = smoothing_factors(g.absmax, _group_weights(g, weights), settings.smoothquant_alpha)
+        ws = _group_weights(g, weights)
+        if settings.smoothquant_alpha is None:
+            out[g.members[0]], g.alpha, _ = search_alpha(g.samples, g.absmax, ws,
+                                                         fmt="fp8" if settings.precision == "fp8" else "int8")
+        else:
+            out[g.members[0]] = smoothing_factors(g.absmax, ws, settings.smoothquant_alpha)
+            g.alpha = settings.smoothquant_alpha
     return out
 
 

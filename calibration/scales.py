@@ -111,9 +111,15 @@ class BlockQuantized:
 
 
 def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetric: bool = False,
-                   scale_multiplier: float = 1.0) -> BlockQuantized:
+                   scale_multiplier: float = 1.0, clip_rows: np.ndarray | None = None,
+                   clip_ratios: tuple[float, ...] = ()) -> BlockQuantized:
     """Round-to-nearest block quantization of an [N, K] weight along K (padded with zeros to a
-    whole block). Asymmetric (min/max with a zero point) unless `symmetric`."""
+    whole block). Asymmetric (min/max with a zero point) unless `symmetric`.
+
+    With `clip_ratios` (asymmetric only), each block's range is also tried shrunk by each ratio and
+    the one with the least error is kept: the squared weight error weighted by each input channel's
+    mean x^2 on `clip_rows` ([R, K] calibration inputs; activation-aware clipping, as AWQ's), else
+    the plain squared weight error."""
     if bits not in (4, 8):
         raise ValueError("bits must be 4 or 8")
     if block_size < 16 or block_size & (block_size - 1):
@@ -131,10 +137,31 @@ def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetri
         scales = np.maximum(amax / (mid - 1 if bits == 8 else mid), TINY).astype(np.float32)
         zp = np.full(scales.shape, mid, np.int32)
     else:
-        lo = np.minimum(blocks.min(-1), 0.0)
-        hi = np.maximum(blocks.max(-1), 0.0)
-        scales = np.maximum((hi - lo) / levels, TINY).astype(np.float32)
-        zp = np.clip(np.rint(-lo / scales), 0, levels).astype(np.int32)
+        lo0 = np.minimum(blocks.min(-1), 0.0)
+        hi0 = np.maximum(blocks.max(-1), 0.0)
+        weight = None  # E[x_i^2] per input channel: the output error's diagonal (cross terms dropped)
+        if clip_rows is not None and clip_ratios:
+            x = np.asarray(clip_rows, np.float32)
+            weight = (x * x).mean(0)
+            if pad:
+                weight = np.concatenate([weight, np.zeros(pad, np.float32)])
+            weight = weight.reshape(1, -1, block_size)
+        best_err = None
+        for ratio in (1.0, *clip_ratios):
+            lo, hi = lo0 * ratio, hi0 * ratio
+            sc = np.maximum((hi - lo) / levels, TINY).astype(np.float32)
+            z = np.clip(np.rint(-lo / sc), 0, levels).astype(np.int32)
+            if not clip_ratios:
+                scales, zp = sc, z
+                break
+            d = blocks - (np.clip(np.rint(blocks / sc[..., None]) + z[..., None], 0, levels) - z[..., None]) * sc[..., None]
+            err = (d * d).sum(-1) if weight is None else (d * d * weight).sum(-1)
+            if best_err is None:
+                best_err, scales, zp = err, sc, z
+            else:
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                scales, zp = np.where(better, sc, scales), np.where(better, z, zp)
     scales = (scales * np.float32(scale_multiplier)).astype(np.float32)
     codes = np.clip(np.rint(blocks / scales[..., None]) + zp[..., None], 0, levels).astype(np.uint8)
     return BlockQuantized(codes.reshape(n, -1), scales, zp.astype(np.uint8), bits, block_size, k)

@@ -20,6 +20,7 @@ from leptonc.passes.quantize_common import MS_DOMAIN, Linear, apply_prescale, fi
 from leptonc.passes.registry import PassResult, register_pass
 
 HEAD_BITS, HEAD_BLOCK = 8, 64
+AWQ_CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(1, 13))  # shrink each block's range to 70%
 DEFAULT_ACCURACY_LEVEL = 4  # int8 compute of the activations inside MatMulNBits: ORT CPU's fast path
 
 
@@ -44,8 +45,11 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     for members, group in planned:
         is_head = any(m.kind == "gemm" for m in members)
         g_bits, g_block = (HEAD_BITS, HEAD_BLOCK) if is_head else (bits, block)
+        if bits == 4 and any(settings.int4_uses_8bit(n) for m in members for n in m.label.split("+")):
+            g_bits, g_block = HEAD_BITS, HEAD_BLOCK  # --int4-8bit: a sensitive layer kept at 8 bits
+            counts["int8_layers"] = counts.get("int8_layers", 0) + len(members)
         s = None
-        if awq and not is_head and group is not None and group.prescale is not None:
+        if awq and g_bits == 4 and group is not None and group.prescale is not None:
             s = group.prescale
             _, how = apply_prescale(graph, members[0].x, s, members[0].name.replace(".weight", ""),
                                     [m.node for m in members])
@@ -53,7 +57,11 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
         for lin in members:
             w = lin.w_oi()
             ws = w * s[None, :] if s is not None else w
-            q = block_quantize(ws, g_bits, g_block, symmetric=g_bits == 8, scale_multiplier=settings.break_scales)
+            clip = {}
+            if s is not None and g_bits == 4:  # AWQ's second step: activation-aware range clipping
+                clip = {"clip_rows": group.samples / s[None, :], "clip_ratios": AWQ_CLIP_RATIOS}
+            q = block_quantize(ws, g_bits, g_block, symmetric=g_bits == 8, scale_multiplier=settings.break_scales,
+                               **clip)
             wq = q.dequantize() / (s[None, :] if s is not None else 1.0)
             x = group.samples if group is not None else None
             record_layer(report, lin.label, f"int{g_bits}" + ("-awq" if s is not None else ""), w, wq, x)
@@ -77,6 +85,8 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
         parts.append("embedding -> GatherBlockQuantized" + (" sharing the head's codes" if shared_head else ""))
     if awq:
         parts.append(f"AWQ scales folded into {counts['awq_folded']} norms, {counts['awq_mul']} via Mul")
+    if counts.get("int8_layers"):
+        parts.append(f"{counts['int8_layers']} layers at 8-bit block 64 by --int4-8bit {' '.join(settings.int4_8bit)}")
     if counts["kept_fp"]:
         parts.append(f"{counts['kept_fp']} kept in fp32 by --keep-fp")
     detail = "; ".join(parts)

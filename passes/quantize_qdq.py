@@ -6,7 +6,8 @@
       integer kernels (MatMulIntegerToFloat). The tied embedding / LM head run 8-bit weight-only
       (GatherBlockQuantized + MatMulNBits on one copy of the codes): a QDQ head would need its own
       transposed int8 copy of the 28M-parameter matrix.
-  fp8 (`--fp8`): weights float8 E4M3FN per channel, activations float8 E4M3FN per tensor, as Q/DQ
+  fp8 (`--fp8`): SmoothQuant as for int8 (it narrows the range one per-tensor scale must cover),
+      weights float8 E4M3FN per channel, activations float8 E4M3FN per tensor, as Q/DQ
       (opset 19, where float8 Q/DQ exist). ONNX Runtime's CPU provider runs these ops but has no FP8
       matrix kernels: the MatMuls run in fp32 on dequantized values, so this is simulated
       (accuracy only), and the report says so.
@@ -81,7 +82,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
             counts["no_stats"] += len(members)
             report["notes"].append(f"{', '.join(names)}: no calibration statistics; left in fp32")
             continue
-        s = group.prescale if fmt == "int8" else None
+        s = group.prescale
         x = members[0].x
         tag = members[0].name.replace(".weight", "")
         if s is not None:
@@ -106,9 +107,9 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
             else:
                 codes, wq = to_fp8(ws / w_scales[:, None]), fake_quant_fp8(ws, w_scales, axis=0)
             record_layer(report, lin.label, f"{fmt}-w8a8" if fmt == "int8" else "fp8", w, wq, group.samples, x_q)
-            if lin.kind == "gemm":
-                shared_head[lin.weight.name] = None
             wdq = _dequantize_weight(graph, lin, codes, w_scales, fmt)
+            if lin.kind == "gemm" and s is None:  # [N, K] rows quantized per row: the embedding can read them
+                shared_head[lin.weight.name] = wdq
             lin.node.inputs[1] = wdq
             lin.node.inputs[0] = _dequantize(graph, qx, a_scale, fmt, f"{lin.node.name}/dq_x")
             counts["qdq_matmul"] += 1
@@ -119,6 +120,9 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
     if emb is not None and not settings.keeps_fp("embed"):
         if fmt == "int8":
             _quantize_embedding(graph, emb, shared_head.get(emb.inputs[0].name), settings, report)
+        elif shared_head.get(emb.inputs[0].name) is not None:  # tied: Gather reads the head's dequantized rows
+            emb.inputs[0] = shared_head[emb.inputs[0].name]
+            report["notes"].append("fp8: the embedding reads the LM head's fp8 rows (tied weights, one copy)")
         else:
             _fp8_embedding(graph, emb, settings, report)
     elif emb is not None:
@@ -129,11 +133,11 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
         report["notes"].append(f"fp8: graph opset raised to {FP8_OPSET} for float8 Q/DQ ({upgraded} Reduce nodes "
                                "moved axes to an input); simulated on the CPU (fp32 MatMuls on dequantized values)")
     parts = [f"{counts['qdq_matmul']} MatMul with {fmt} Q/DQ (activations per-tensor static, weights per-channel)"]
-    if fmt == "int8":
-        parts.append(f"SmoothQuant alpha {settings.smoothquant_alpha:g} folded into {counts['smooth_folded']} norms, "
-                     f"{counts['smooth_mul']} via Mul")
-        if counts["head_nbits"]:
-            parts.append("LM head + embedding 8-bit weight-only (MatMulNBits / GatherBlockQuantized, shared codes)")
+    alpha = f"alpha {settings.smoothquant_alpha:g}" if settings.smoothquant_alpha is not None else \
+        "alpha searched per layer group"
+    parts.append(f"SmoothQuant ({alpha}) folded into {counts['smooth_folded']} norms, {counts['smooth_mul']} via Mul")
+    if counts["head_nbits"]:
+        parts.append("LM head + embedding 8-bit weight-only (MatMulNBits / GatherBlockQuantized, shared codes)")
     if counts["no_stats"]:
         parts.append(f"{counts['no_stats']} left in fp32 (no statistics)")
     if counts["kept_fp"]:
