@@ -142,6 +142,7 @@ def compile_cmd(
     calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="Tokens per calibration sequence (default 256)."),
     calib_method: Optional[str] = typer.Option(None, "--calib-method", help="Activation ranges: minmax (default), percentile, entropy."),
     keep_fp: list[str] = typer.Option([], "--keep-fp", help="Keep matching layers in fp32 (repeatable; e.g. lm_head, 'layers.0.*')."),
+    int4_8bit: list[str] = typer.Option([], "--int4-8bit", help="--int4: quantize matching layers to 8 bits instead (repeatable)."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: allowed perplexity increase in %% (default 5)."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the accuracy gate (the report says it was skipped)."),
     check_tokens: Optional[int] = typer.Option(None, "--check-tokens", help="Held-out tokens the accuracy gate scores (default 2048)."),
@@ -183,7 +184,8 @@ def compile_cmd(
                                      "int4_block": int4_block, "int4_method": int4_method, "kv_cache": kv_cache,
                                      "calib_data": calib_data, "calib_samples": calib_samples,
                                      "calib_seq_len": calib_seq_len, "calib_method": calib_method,
-                                     "keep_fp": list(keep_fp) or None, "max_ppl_increase": max_ppl_increase,
+                                     "keep_fp": list(keep_fp) or None, "int4_8bit": list(int4_8bit) or None,
+                                     "max_ppl_increase": max_ppl_increase,
                                      "check": False if no_check else None, "check_tokens": check_tokens})
     config = _prune_options(config, {"prune": prune, "prune_heads": prune_heads, "sparsity": sparsity})
     from leptonc import compiler
