@@ -230,6 +230,32 @@ def decode_final(s: Session) -> None:
               "--warmup", 2, "--iters", 5, "--json", "--no-verify")
 
 
+def graph_probe(s: Session) -> None:
+    """EXPERIMENT: decode in a CUDA graph through bench/device_graph_probe.py (static-length copy plus a
+    decode graph specialised to the batch size), for both models at batch 1 and 16."""
+    for source, name, extra in (("smollm2-135m", "smollm2.h100", ()),
+                                ("llama-1b-shape", "llama1b.h100", ("--max-seq", 1280))):
+        compat = fused_bundle(s, source, name, *extra)
+        graph = static_variant(s, compat, name + ".static") if compat else None
+        if not graph:
+            continue
+        for batch in (1, 16):
+            out = s.out / f"probe_{name}_b{batch}.json"
+            left = s.deadline - time.time()
+            if left < 30:
+                break
+            proc = subprocess.run([sys.executable, "bench/device_graph_probe.py", str(graph), str(out), str(batch), "512"],
+                                  capture_output=True, text=True, timeout=left)
+            data = json.loads(out.read_text()) if out.is_file() else None
+            s.record["steps"].append({"label": f"EXPERIMENT cuda graph probe {name} b{batch}",
+                                      "command": f"python3 bench/device_graph_probe.py {graph} OUT.json {batch} 512",
+                                      "rc": proc.returncode, "seconds": 0, "json": data,
+                                      "stderr_tail": proc.stderr[-1500:]})
+            s.save()
+            print(f"[probe {name} b{batch}] rc={proc.returncode} {json.dumps(data)[:600] if data else proc.stderr[-800:]}",
+                  flush=True)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -249,7 +275,8 @@ def summary(s: Session) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final"))
+    ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
+                                            "graph_probe"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -259,7 +286,7 @@ def main() -> None:
     print(json.dumps(s.record["machine"]), flush=True)
     try:
         {"runtime": runtime_session, "decode_small": decode_small, "decode_big": decode_big,
-         "decode_int4": decode_int4, "decode_final": decode_final}[args.session](s)
+         "decode_int4": decode_int4, "decode_final": decode_final, "graph_probe": graph_probe}[args.session](s)
     finally:
         s.save()
         summary(s)
