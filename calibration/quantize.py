@@ -28,7 +28,7 @@ from leptonc.calibration.collect import ActivationStats, GroupStats, collect
 from leptonc.calibration.observers import METHODS
 from leptonc.errors import UnsupportedRequestError
 
-CALIB_VERSION = 3  # bump when the statistics change meaning (invalidates the cache)
+CALIB_VERSION = 4  # bump when the statistics change meaning (invalidates the cache)
 QUANTIZED = ("int8", "fp8", "int4")
 
 
