@@ -13,7 +13,10 @@ the new token ids (and mask/positions) and reads back only the logits. Two cache
   `gpu_graph_id` -1) additionally need fixed *shapes*: a graph whose GQA lengths come from a static
   [B, capacity] mask (engine setting "gqa_lengths": "mask_sum"). The fused graphs that
   passes/fuse_attention.py writes derive the lengths from the mask's length instead (that keeps left
-  padding right), so for them CUDA graphs stay off and `describe()` says why.
+  padding right), so for them CUDA graphs stay off and `describe()` says why. ONNX Runtime also refuses
+  capture while any node sits on the CPU provider (shape arithmetic); the runner then runs uncaptured
+  and says so. bench/device_graph_probe.py measured what capture gives once both are solved
+  (BENCHMARKS.md, Runtime and GPU).
 """
 
 from __future__ import annotations
@@ -157,7 +160,18 @@ class OrtCudaRunner(Runner):
         if self.cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
         providers = [("CUDAExecutionProvider", cuda_opts)] if device_type == "cuda" else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(model_path), so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(model_path), so, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - only the capture refusal is handled; anything else re-raises
+            if not (self.cuda_graph and "graph capture" in str(exc)):
+                raise
+            # Seen on the H100: a graph with shape arithmetic placed on the CPU provider cannot be captured.
+            # Run it uncaptured (same results) and say so in describe(); never a silent downgrade.
+            cuda_opts.pop("enable_cuda_graph")
+            self.session = ort.InferenceSession(str(model_path), so, providers=[("CUDAExecutionProvider", cuda_opts)])
+            self.cuda_graph = self.static_mask = False
+            self.cuda_graph_reason = ("off: ONNX Runtime refused to capture this graph (nodes placed on the CPU "
+                                      f"provider): {str(exc).strip()[-160:]}")
         if device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise BackendUnavailableError("ONNX Runtime could not start its CUDA provider on this machine",
                                           hint="check the NVIDIA driver and that onnxruntime-gpu matches the CUDA version")
