@@ -283,3 +283,14 @@ def test_static_mask_decode_contract(tiny, tmp_path):
             tok = b.argmax(-1)
             a, b = r.decode(tok), ref.decode(tok)
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_gpu_compile_without_cuda_provider_names_the_install(tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider; the refusal path cannot be seen here")
+    proc = run_cli("compile", "tiny-llama", "--target", "h100", "--backend", "onnxruntime", "-o", tmp_path / "x.lepton")
+    assert_clean_error(proc, 5)
+    assert "pip install onnxruntime-gpu" in proc.stderr
+    assert not (tmp_path / "x.lepton").exists()
