@@ -320,6 +320,24 @@ def _lengths(graph: gs.Graph):
     return seqlens, total, query_lens
 
 
+def _ort_version() -> tuple[int, int]:
+    import importlib.metadata as md
+
+    for dist in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            major, minor = md.version(dist).split(".")[:2]
+            return int(major), int(minor)
+        except (md.PackageNotFoundError, ValueError):
+            continue
+    return (0, 0)
+
+
+# query_seqlens lets the CPU kernel run a multi-token step over a non-empty cache at batch > 1 (a
+# chunked prefill). leptonc's runtime never does that (prefill starts from an empty cache), so on an
+# older ONNX Runtime the input is simply left out and the bundle still loads there.
+_ORT_HAS_QUERY_SEQLENS = _ort_version() >= (1, 32)
+
+
 @register_pass("fuse_gqa", requires=("infer_shapes",))
 def fuse_gqa(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Attention over the KV cache (grouped-query, masked) -> GroupQueryAttention (ONNX Runtime)."""
@@ -353,9 +371,11 @@ def fuse_gqa(graph: gs.Graph, ctx: PassContext) -> PassResult:
         e = gs.Variable.empty
         # inputs: query key value past_key past_value seqlens_k total_sequence_length cos_cache sin_cache
         # position_ids attention_bias head_sink k_scale v_scale q_norm_weight k_norm_weight query_seqlens
-        new = add_node(graph, "GroupQueryAttention",
-                       [q[0], k[0], v[0], m["past_k"], m["past_v"], seqlens, total, e(), e(), e(), bias,
-                        e(), e(), e(), e(), e(), query_lens],
+        gqa_inputs = [q[0], k[0], v[0], m["past_k"], m["past_v"], seqlens, total, e(), e(), e(), bias,
+                      e(), e(), e(), e(), e()]
+        if _ORT_HAS_QUERY_SEQLENS:  # the 17th input is new in ONNX Runtime 1.32; 1.31 rejects the graph
+            gqa_inputs.append(query_lens)
+        new = add_node(graph, "GroupQueryAttention", gqa_inputs,
                        [], m["out"].name + "/gqa", domain=MS_DOMAIN, num_heads=m["heads"], kv_num_heads=m["kv_heads"],
                        scale=float(m["scale"]), do_rotary=0)
         take_outputs(new, [m["out"], m["present_k"], m["present_v"]])
