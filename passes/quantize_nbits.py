@@ -28,6 +28,11 @@ DEFAULT_ACCURACY_LEVEL = 4  # int8 compute of the activations inside MatMulNBits
 def quantize_int4(graph: gs.Graph, ctx) -> PassResult:
     """INT4 weight-only (MatMulNBits bits=4, RTN or AWQ), embedding/LM head 8-bit."""
     settings, _, _ = quant_context(ctx)
+    if ctx.backend == "tensorrt":  # INT4 block-quantized DequantizeLinear weights: passes/quantize_tensorrt.py
+        from leptonc.passes import quantize_tensorrt as trt
+
+        return trt.rewrite_weight_only(graph, ctx, bits=4, block=settings.int4_block,
+                                       awq=settings.int4_method == "awq")
     return rewrite_weight_only(graph, ctx, bits=4, block=settings.int4_block, awq=settings.int4_method == "awq")
 
 

@@ -33,6 +33,12 @@ FP8_OPSET = 19
 def quantize_int8(graph: gs.Graph, ctx) -> PassResult:
     """INT8: W8A8 with SmoothQuant as Q/DQ, or weight-only MatMulNBits bits=8 (--int8-mode)."""
     settings, _, _ = quant_context(ctx)
+    if ctx.backend == "tensorrt":  # TensorRT's explicit-quantization forms: passes/quantize_tensorrt.py
+        from leptonc.passes import quantize_tensorrt as trt
+
+        if settings.int8_mode == "weight-only":
+            return trt.rewrite_weight_only(graph, ctx, bits=8, block=settings.int8_block, awq=False)
+        return trt.rewrite_w8a8(graph, ctx, "int8")
     if settings.int8_mode == "weight-only":
         return rewrite_weight_only(graph, ctx, bits=8, block=settings.int8_block, awq=False)
     return rewrite_qdq(graph, ctx, "int8")
@@ -41,6 +47,10 @@ def quantize_int8(graph: gs.Graph, ctx) -> PassResult:
 @register_pass("quantize_fp8")
 def quantize_fp8(graph: gs.Graph, ctx) -> PassResult:
     """FP8 E4M3: per-channel weights, per-tensor activations, as float8 Q/DQ (simulated on CPU)."""
+    if ctx.backend == "tensorrt":  # fp16 scales for a strongly typed fp16 graph: passes/quantize_tensorrt.py
+        from leptonc.passes import quantize_tensorrt as trt
+
+        return trt.rewrite_w8a8(graph, ctx, "fp8")
     return rewrite_qdq(graph, ctx, "fp8")
 
 
