@@ -53,7 +53,11 @@ FLOAT_PIPELINE: list[str] = [
     "dedupe_initializers",  # last: folding can produce identical constants
 ]
 # Quantization comes after cleanup (the quantizers match MatMuls on the clean graph) and writes the
-# explicit Q/DQ that a strongly typed TensorRT network takes its precision from.
+# explicit Q/DQ that a strongly typed TensorRT network takes its precision from. For this backend the
+# passes write TensorRT's forms (passes/quantize_tensorrt.py): symmetric int8/fp8 Q/DQ with fp16 scales,
+# INT4 block-quantized DequantizeLinear weights. They raise the exported graph's opset (17) where the
+# form needs it: 19 for fp16 scales and float8 (int8, fp8), 21 for DequantizeLinear's block_size
+# (int4); the lint reads opsets 9..24 (tensorrt_lint.OPSET_RANGE).
 QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "fp8": ["quantize_fp8"], "int4": ["quantize_int4"]}
 
 

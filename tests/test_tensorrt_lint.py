@@ -378,3 +378,36 @@ def test_smollm2_tensorrt_quantized_pipeline_lints_clean(smollm2_hf, tmp_path, p
     assert codes == want
     if precision == "int4":  # K = 576 or 1536: --int4-block 128 is halved to 64 where it does not divide K
         assert {b for _, b in forms if b} == {64, 128}
+
+
+def test_int4_graph_the_build_parses_is_written_and_lints_clean(tiny_lm, tmp_path):
+    """The file `build` hands TensorRT's parser (load_graph -> passes -> save_graph, external data):
+    the INT4 weights survive the save (two codes a byte) and the file lints clean."""
+    from leptonc.calibration.quantize import calibrate_for_compile
+    from leptonc.config import CompileConfig
+    from leptonc.export import export_decoder
+    from leptonc.models.adapters import get_adapter
+    from leptonc.passes import PassContext
+    from leptonc.targets import get_target
+    from leptonc.targets import tensorrt as backend
+
+    config = CompileConfig(source="tiny-llama", target="h100", backend="tensorrt", precision="int4",
+                           options={"calib_samples": 4, "calib_seq_len": 64})
+    adapter = get_adapter(tiny_lm.model_type)
+    spec = adapter.spec(tiny_lm.module)
+    quant = calibrate_for_compile(config, tiny_lm, adapter, spec)
+    target = get_target("h100")
+    exported = export_decoder(spec, adapter.weights(tiny_lm.module, spec), tmp_path / "export", dtype="fp16")
+    ctx = PassContext(backend="tensorrt", target=target, precision="int4", spec=spec, work_dir=tmp_path,
+                      options={**config.options, **quant.pass_options()})
+    (tmp_path / "work").mkdir()
+    path, records = backend._graph_for_build(exported, tmp_path / "work", backend.pipeline(target, "int4"), ctx,
+                                             (), None)
+    assert records[-1]["status"] == "applied" and "INT4 block-quantized" in records[-1]["detail"]
+    result = lint_model(path)
+    assert result["clean"], result["issues"][:5]
+    model = onnx.load(str(path))  # with the external data
+    int4 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT4]
+    assert len(int4) == 2 * 7  # every layer's projection; the head and embedding are 8-bit
+    codes = numpy_helper.to_array(int4[0]).astype(np.int8)
+    assert codes.min() >= -7 and codes.max() <= 7 and codes.min() < 0 < codes.max()
