@@ -413,7 +413,8 @@ def engine_load_errors(model_path: Path):
     try:
         yield
     except Exception as exc:
-        if not type(exc).__module__.startswith(("onnxruntime", "tensorrt")):
+        # ONNX Runtime also lets a UnicodeDecodeError out of session creation for garbled names.
+        if not (type(exc).__module__.startswith(("onnxruntime", "tensorrt")) or isinstance(exc, UnicodeDecodeError)):
             raise
         detail = str(exc).splitlines()[0] if str(exc) else ""
         detail = detail.split("failed:", 1)[-1].strip()[:300]

@@ -56,7 +56,13 @@ def load_ort_cuda():
 def graph_op_types(model_path: Path) -> set[str]:
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # protobuf/UTF-8 decode errors of a garbled file
+        from leptonc.errors import BundleError
+
+        raise BundleError(f"{Path(model_path).name} is not a readable ONNX model ({type(exc).__name__}); the file is "
+                          "corrupt", hint="recompile the bundle (or re-export the model); check it was copied whole") from None
     return {n.op_type for n in model.graph.node}
 
 
