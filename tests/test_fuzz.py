@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
+import shutil
 import signal
 from pathlib import Path
 
@@ -99,14 +99,15 @@ def _garble(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 
 def _linked_copy(src: Path, dst: Path) -> None:
-    """A cheap bundle copy: hard links for the big files (never written to), a real manifest."""
+    """A bundle copy. Real copies, not hard links: ONNX refuses external data with several links (a
+    hard-link attack guard), which would break later tests that share the session's tiny bundle."""
     for p in src.rglob("*"):
         rel = p.relative_to(src)
         if p.is_dir():
             (dst / rel).mkdir(parents=True, exist_ok=True)
         elif rel.as_posix() not in (MANIFEST, "model.onnx"):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.link(p, dst / rel)
+            shutil.copyfile(p, dst / rel)
         else:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             (dst / rel).write_bytes(p.read_bytes())
@@ -145,7 +146,7 @@ def _cases(tiny_bundle: Path, root: Path) -> list[tuple[str, list[list[str]]]]:
             d = root / f"bare{i}"
             d.mkdir()
             (d / "model.onnx").write_bytes(data)
-            os.link(tiny_bundle / "model.onnx.data", d / "model.onnx.data")
+            shutil.copyfile(tiny_bundle / "model.onnx.data", d / "model.onnx.data")
             cases.append((f"bare onnx {what}", [["inspect", str(d / "model.onnx")],
                                                 ["run", str(d / "model.onnx"), "--tokenizer", tok, "-p", "Hi", "-n",
                                                  "2", "--json"]]))
