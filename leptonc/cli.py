@@ -679,12 +679,18 @@ def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwinding as Ct
 
 def main(argv: Optional[list[str]] = None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
+    code: object = 0
     try:
         _main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt:  # a second interrupt that arrived while the first one was being handled
+        code = 130
     finally:
         # Once the command is done (its output complete), a late SIGTERM must not raise inside the
         # interpreter's exit handlers (a traceback after success): it just ends the process.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.exit(code)
 
 
 def _main(argv: Optional[list[str]]) -> None:
@@ -706,6 +712,7 @@ def _main(argv: Optional[list[str]]) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, *_ABORT):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup already ran: don't interrupt the exit
         err.print("[bold red]interrupted[/]; nothing was left half-written")
         sys.exit(130)
     except BrokenPipeError:
