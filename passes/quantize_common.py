@@ -154,3 +154,15 @@ def plan_groups(graph: gs.Graph, settings, stats, report: dict) -> list[tuple[li
             planned.append((members, group))
     return planned
 
+
+
+def quantize_weight_per_channel(ws: np.ndarray, fmt: str, break_scales: float = 1.0):
+    """[N, K] weight -> (codes, fake-quantized weight, per-output-channel scales) in int8 or fp8.
+    The one place both the ONNX Runtime and the TensorRT Q/DQ forms round weights."""
+    from leptonc.calibration.scales import compute_scales, fake_quant_fp8, fake_quant_int8, to_fp8
+    from leptonc.calibration.scales import quantize_int8 as int8_codes
+
+    w_scales = compute_scales(ws, fmt, "per_channel", axis=0) * np.float32(break_scales)
+    if fmt == "int8":
+        return int8_codes(ws, w_scales, axis=0), fake_quant_int8(ws, w_scales, axis=0), w_scales
+    return to_fp8(ws / w_scales[:, None]), fake_quant_fp8(ws, w_scales, axis=0), w_scales

@@ -18,10 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from leptonc.calibration.scales import FP8_E4M3_MAX, compute_scales, fake_quant_fp8, fake_quant_int8, \
-    quantize_int8 as int8_codes, scale_from_amax, to_fp8
-from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, find_linears, quant_context, \
-    plan_groups, record_layer
+from leptonc.calibration.scales import compute_scales, fake_quant_fp8, fake_quant_int8, scale_from_amax, to_fp8
+from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, plan_groups, quant_context, \
+    quantize_weight_per_channel, record_layer
 from leptonc.passes.quantize_nbits import HEAD_BLOCK, HEAD_BITS, _quantize_embedding, _replace_with_nbits, \
     rewrite_weight_only
 from leptonc.passes.registry import PassResult, register_pass
@@ -111,11 +110,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
         for lin in members:
             w = lin.w_oi()
             ws = w * s[None, :] if s is not None else w
-            w_scales = compute_scales(ws, fmt, "per_channel", axis=0) * np.float32(settings.break_scales)
-            if fmt == "int8":
-                codes, wq = int8_codes(ws, w_scales, axis=0), fake_quant_int8(ws, w_scales, axis=0)
-            else:
-                codes, wq = to_fp8(ws / w_scales[:, None]), fake_quant_fp8(ws, w_scales, axis=0)
+            codes, wq, w_scales = quantize_weight_per_channel(ws, fmt, settings.break_scales)
             record_layer(report, lin.label, f"{fmt}-w8a8" if fmt == "int8" else "fp8", w, wq, group.samples, x_q)
             wdq = _dequantize_weight(graph, lin, codes, w_scales, fmt)
             if lin.kind == "gemm" and s is None:  # [N, K] rows quantized per row: the embedding can read them

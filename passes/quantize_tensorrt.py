@@ -43,7 +43,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from leptonc.calibration.scales import block_quantize, compute_scales, fake_quant_fp8, fake_quant_int8, \
     quantize_int8 as int8_codes, scale_from_amax, to_fp8
 from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, plan_groups, quant_context, \
-    record_layer
+    quantize_weight_per_channel, record_layer
 from leptonc.passes.registry import PassResult
 
 QDQ_OPSET = 19  # Q/DQ with fp16 scales, float8 types
@@ -84,11 +84,7 @@ def rewrite_w8a8(graph: gs.Graph, ctx, fmt: str) -> PassResult:
         for lin in members:
             w = lin.w_oi()
             ws = w * s[None, :] if s is not None else w
-            w_scales = compute_scales(ws, fmt, "per_channel", axis=0) * np.float32(settings.break_scales)
-            if fmt == "int8":
-                codes, wq = int8_codes(ws, w_scales, axis=0), fake_quant_int8(ws, w_scales, axis=0)
-            else:
-                codes, wq = to_fp8(ws / w_scales[:, None]), fake_quant_fp8(ws, w_scales, axis=0)
+            codes, wq, w_scales = quantize_weight_per_channel(ws, fmt, settings.break_scales)
             record_layer(report, lin.label, f"{fmt}-w8a8" if fmt == "int8" else "fp8", w, wq, group.samples, x_q)
             wdq = _dequantize_per_channel(graph, lin, codes, w_scales, fmt, ftype)
             if lin.kind == "gemm" and s is None:  # [N, K] rows, one scale a row: the embedding can read them
