@@ -13,7 +13,7 @@ from pathlib import Path
 from leptonc import FORMAT_VERSION, __version__
 from leptonc.bundle import Bundle, check_output_path, finalize, staging_dir, toolchain_versions
 from leptonc.config import CompileConfig
-from leptonc.errors import OutputWriteError, UnsupportedRequestError, VerificationError
+from leptonc.errors import ExportError, OutputWriteError, UnsupportedRequestError, VerificationError
 from leptonc.progress import Steps
 from leptonc.runtime.bench import peak_host_mb
 
@@ -172,7 +172,11 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
             done[0] += 1
             steps.update(f"{done[0]}/{total} tensors")
 
-        exported = export_decoder(spec, names, work, dtype=dtype, on_weight=on_weight)
+        try:
+            exported = export_decoder(spec, names, work, dtype=dtype, on_weight=on_weight)
+        except ValueError as exc:  # a spec the graph builder cannot express (e.g. an unknown activation)
+            raise ExportError(f"could not export {config.source} to ONNX: {exc}",
+                              hint="report the model's config.json; --help lists what is supported") from None
     source = {"name": lm.name, "kind": lm.kind, "description": lm.description,
               "hash": prune.source_hash if prune is not None else lm.source_hash,  # pruning renames lm's hash
               "random_weights": lm.random_weights, "architecture": lm.model_type}

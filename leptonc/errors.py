@@ -76,12 +76,6 @@ class OutputWriteError(LeptonError):
     exit_code = 10
 
 
-class InterruptedError_(LeptonError):
-    """The command was interrupted (Ctrl-C / SIGTERM); nothing was left half-written. Exit 130."""
-
-    exit_code = 130
-
-
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it with the traceback)",
