@@ -256,6 +256,56 @@ def graph_probe(s: Session) -> None:
                   flush=True)
 
 
+def passes_compare(s: Session, fused: Path, plain: Path, name: str) -> None:
+    """Issue 5: fused vs --no-passes decode at batch 1 on this GPU, both bundles in one process
+    (bench/passes_cpu.py runs any two bundles round by round, on the device their runners choose)."""
+    out = s.out / f"passes_{name}.json"
+    cmd = [sys.executable, "bench/passes_cpu.py", str(fused), str(plain), "--prompt-len", "128", "--gen-len", "128",
+           "--rounds", "3", "--iters", "3", "--out", str(out)]
+    left = s.deadline - time.time()
+    if left < 40:
+        return
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+    data = json.loads(out.read_text()) if out.is_file() else None
+    s.record["steps"].append({"label": f"passes fused vs plain {name}", "command": " ".join(cmd[1:]),
+                              "rc": proc.returncode, "seconds": round(time.time() - start, 1), "json": data,
+                              "stderr_tail": proc.stderr[-1500:]})
+    s.save()
+    print(f"[passes {name}] rc={proc.returncode} {json.dumps(data)[-700:] if data else proc.stderr[-800:]}", flush=True)
+
+
+def cuda_graph(s: Session) -> None:
+    """Issue 8 / 5 with the GPU length contract (right padding, fixed-shape decode, CUDA graphs in the
+    shipped bundle): smollm2 fused (verified at compile time) and plain; greedy parity alone and in a
+    padded batch; bench with the HF baseline; fused vs plain in one process."""
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    plain = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.plain", "--no-passes")
+    if small:
+        ids = greedy(s, small, "greedy fused h100 fp16")
+        batch = s.cli("batched greedy fused", "run", small, "-p", PROMPT, "-p", "Water boils at", "-p", "Hi",
+                      "-n", 16, "--ignore-eos", "--json", "--no-verify")
+        s.record["parity"] = {"prompt": PROMPT, "cpu_fp32": CPU_FP32_GREEDY, "h100_fused_fp16": ids,
+                              "h100_fused_fp16_in_batch_of_3": batch["outputs"][0]["token_ids"] if batch else None}
+        s.save()
+        bench(s, small, "smollm2 fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
+    if small and plain:
+        passes_compare(s, small, plain, "smollm2_h100")
+
+
+def cuda_graph_big(s: Session) -> None:
+    """Issue 8 on llama-1b-shape with the GPU length contract: fp16 (+HF, TTFT at 1,024 tokens) and int4."""
+    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if big:
+        bench(s, big, "llama1b fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
+        s.cli("llama1b fp16 ttft 1024", "bench", big, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 2, "--iters", 5, "--json", "--no-verify")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if q4:
+        bench(s, q4, "llama1b int4 (+hf)", "--batch", "1,16")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -276,7 +326,7 @@ def summary(s: Session) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
-                                            "graph_probe"))
+                                            "graph_probe", "cuda_graph", "cuda_graph_big"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -286,7 +336,8 @@ def main() -> None:
     print(json.dumps(s.record["machine"]), flush=True)
     try:
         {"runtime": runtime_session, "decode_small": decode_small, "decode_big": decode_big,
-         "decode_int4": decode_int4, "decode_final": decode_final, "graph_probe": graph_probe}[args.session](s)
+         "decode_int4": decode_int4, "decode_final": decode_final, "graph_probe": graph_probe,
+         "cuda_graph": cuda_graph, "cuda_graph_big": cuda_graph_big}[args.session](s)
     finally:
         s.save()
         summary(s)

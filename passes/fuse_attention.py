@@ -14,6 +14,16 @@ fuse_gqa: Softmax(Q K^T * scale + bias) V over the KV cache (Concat(past, new) =
      `total_sequence_length` is T, both computed in the graph from attention_mask. Every row then
      keeps its full cache (padding included) and padding is masked by the bias, which is what makes
      left padding correct: GroupQueryAttention's own per-row lengths assume right padding.
+
+  On GPU targets the lengths follow the mask's *contents* instead ("mask_sum", the contract ONNX
+  Runtime GenAI uses): `seqlens_k = ReduceSum(attention_mask) - 1` per row, `total_sequence_length`
+  = the mask's length, no attention bias (GroupQueryAttention's own causal mask), and no
+  `query_seqlens`. The runtime then right-pads prompts and decodes against a fixed [B, capacity] mask,
+  so a decode step has the same shapes and addresses every time and ONNX Runtime can capture it in a
+  CUDA graph. The lengths are computed on the device (ReduceSum), and the only host-side shape
+  arithmetic feeds GroupQueryAttention's CPU-resident `total_sequence_length` input, so no Memcpy node
+  is placed in the graph (ONNX Runtime refuses capture when there is one). Models with sliding-window
+  layers keep the mask-length contract: their window is part of the bias.
 """
 
 from __future__ import annotations
@@ -320,6 +330,39 @@ def _lengths(graph: gs.Graph):
     return seqlens, total, query_lens
 
 
+def _lengths_from_mask_contents(graph: gs.Graph):
+    """The mask-sum contract: seqlens_k [B] int32 = ReduceSum(attention_mask) - 1 (on the device) and
+    total_sequence_length int32 = the mask's length (host-side scalar, read by GQA from CPU memory)."""
+    inputs = {t.name: t for t in graph.inputs}
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return None
+    count = variable(graph, "gqa/valid_tokens", np.int64, ["batch"])
+    add_node(graph, "ReduceSum", [mask, new_const("gqa/axis1", np.array([1], np.int64))], [count],
+             "gqa/valid_tokens", keepdims=0)
+    last = variable(graph, "gqa/last_index64", np.int64, ["batch"])
+    add_node(graph, "Sub", [count, new_const("gqa/one64", np.array(1, np.int64))], [last], "gqa/last_index")
+    seqlens = variable(graph, "gqa/seqlens_k", np.int32, ["batch"])
+    add_node(graph, "Cast", [last], [seqlens], "gqa/seqlens_k", to=6)
+    total64 = variable(graph, "gqa/total64", np.int64, [1])
+    add_node(graph, "Shape", [mask], [total64], "gqa/total_shape", start=1, end=2)
+    total32 = variable(graph, "gqa/total32", np.int32, [1])
+    add_node(graph, "Cast", [total64], [total32], "gqa/total_cast", to=6)
+    total = variable(graph, "gqa/total_sequence_length", np.int32, [])
+    add_node(graph, "Squeeze", [total32], [total], "gqa/total_scalar")
+    return seqlens, total, None
+
+
+def lengths_contract(ctx: PassContext) -> str:
+    """"mask_sum" (GPU targets, CUDA-graph ready) or "mask_length" (CPU; keeps left padding in-graph)."""
+    forced = (ctx.options or {}).get("gqa_lengths")
+    if forced:
+        return forced
+    sliding = bool(getattr(ctx.spec, "sliding_layers", None))
+    on_gpu = bool(getattr(ctx.target, "is_gpu", False))
+    return "mask_sum" if on_gpu and not sliding else "mask_length"
+
+
 def _ort_version() -> tuple[int, int]:
     import importlib.metadata as md
 
@@ -350,7 +393,11 @@ def fuse_gqa(graph: gs.Graph, ctx: PassContext) -> PassResult:
             reasons[m] = reasons.get(m, 0) + 1
         else:
             matches.append(m)
-    lengths = _lengths(graph) if matches else None
+    contract = lengths_contract(ctx)
+    if contract not in ("mask_sum", "mask_length"):
+        raise ValueError(f"gqa_lengths {contract!r}: use 'mask_sum' or 'mask_length'")
+    make_lengths = _lengths_from_mask_contents if contract == "mask_sum" else _lengths
+    lengths = make_lengths(graph) if matches else None
     if matches and lengths is None:
         return PassResult.skipped("the graph has no attention_mask/input_ids inputs to derive sequence lengths")
     fused = 0
@@ -371,10 +418,12 @@ def fuse_gqa(graph: gs.Graph, ctx: PassContext) -> PassResult:
         e = gs.Variable.empty
         # inputs: query key value past_key past_value seqlens_k total_sequence_length cos_cache sin_cache
         # position_ids attention_bias head_sink k_scale v_scale q_norm_weight k_norm_weight query_seqlens
-        gqa_inputs = [q[0], k[0], v[0], m["past_k"], m["past_v"], seqlens, total, e(), e(), e(), bias,
-                      e(), e(), e(), e(), e()]
-        if _ORT_HAS_QUERY_SEQLENS:  # the 17th input is new in ONNX Runtime 1.32; 1.31 rejects the graph
+        gqa_inputs = [q[0], k[0], v[0], m["past_k"], m["past_v"], seqlens, total, e(), e(), e(),
+                      bias if contract == "mask_length" else e(), e(), e(), e(), e(), e()]
+        if _ORT_HAS_QUERY_SEQLENS and query_lens is not None:  # new in ONNX Runtime 1.32; 1.31 rejects it
             gqa_inputs.append(query_lens)
+        while gqa_inputs and gqa_inputs[-1] is not None and gqa_inputs[-1].name == "":
+            gqa_inputs.pop()  # trailing optional inputs left out: older ONNX Runtime counts them
         new = add_node(graph, "GroupQueryAttention", gqa_inputs,
                        [], m["out"].name + "/gqa", domain=MS_DOMAIN, num_heads=m["heads"], kv_num_heads=m["kv_heads"],
                        scale=float(m["scale"]), do_rotary=0)
@@ -385,5 +434,65 @@ def fuse_gqa(graph: gs.Graph, ctx: PassContext) -> PassResult:
     left = "; ".join(f"{v} left alone: {k}" for k, v in reasons.items())
     if not fused:
         return PassResult(False, "no attention pattern fused" + (f" ({left})" if left else ""), {"fused": 0})
-    return PassResult(True, f"fused {fused} attention -> GroupQueryAttention" + (f"; {left}" if left else ""),
-                      {"fused": fused, "left_alone": sum(reasons.values())})
+    return PassResult(True, f"fused {fused} attention -> GroupQueryAttention (lengths: {contract})"
+                      + (f"; {left}" if left else ""),
+                      {"fused": fused, "left_alone": sum(reasons.values()), "mask_sum": int(contract == "mask_sum")})
+
+
+# ---- rotary and packed Q/K/V into GroupQueryAttention (GPU contract) ----------------------------
+
+def _match_packed_rotary(node: gs.Node):
+    """GQA(query=RotaryEmbedding(q), key=RotaryEmbedding(k), value=v) with q, k, v the three outputs of
+    one Split of a packed [B, S, (H + 2 KVH) D] projection, both rotaries sharing one cos/sin cache and
+    rotating the full head -> (packed, cos, sin, nodes to drop), else a reason string."""
+    if len(node.inputs) > 10 and node.inputs[10].name:
+        return "attention has a bias (lengths from the mask's length): positions would count padding"
+    if attr(node, "do_rotary", 0):
+        return "already rotates"
+    q_rot, k_rot = producer(node.inputs[0]), producer(node.inputs[1])
+    if q_rot is None or k_rot is None or q_rot.op != "RotaryEmbedding" or k_rot.op != "RotaryEmbedding":
+        return "query/key are not RotaryEmbedding outputs"
+    if attr(q_rot, "rotary_embedding_dim", 0) or attr(k_rot, "rotary_embedding_dim", 0):
+        return "partial rotary"
+    if attr(q_rot, "interleaved", 0) or attr(k_rot, "interleaved", 0):
+        return "interleaved rotary"
+    if q_rot.inputs[2] is not k_rot.inputs[2] or q_rot.inputs[3] is not k_rot.inputs[3]:
+        return "query and key use different cos/sin caches"
+    split = producer(q_rot.inputs[0])
+    if (split is None or split.op != "Split" or len(split.outputs) != 3 or producer(k_rot.inputs[0]) is not split
+            or split.outputs[0] is not q_rot.inputs[0] or split.outputs[1] is not k_rot.inputs[0]
+            or split.outputs[2] is not node.inputs[2]):
+        return "query/key/value are not one packed projection's Split"
+    if any(len(t.outputs) != 1 for t in split.outputs) or any(len(r.outputs[0].outputs) != 1 for r in (q_rot, k_rot)):
+        return "a Q/K/V slice is read elsewhere"
+    return split.inputs[0], q_rot.inputs[2], q_rot.inputs[3], [q_rot, k_rot, split]
+
+
+@register_pass("fold_rotary_into_gqa", requires=("fuse_gqa",))
+def fold_rotary_into_gqa(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """GPU graphs with the mask-sum length contract: GroupQueryAttention takes the packed QKV projection
+    and rotates Q and K itself (do_rotary), so the two RotaryEmbedding nodes and the Split per layer go.
+    Its own positions are past_length + i per row, which equal position_ids exactly when prompts are
+    right-padded (the runtime's side of that contract); graphs with an attention bias are left alone."""
+    fused, reasons = 0, {}
+    for node in list(graph.nodes):
+        if node.op != "GroupQueryAttention":
+            continue
+        m = _match_packed_rotary(node)
+        if isinstance(m, str):
+            reasons[m] = reasons.get(m, 0) + 1
+            continue
+        packed, cos, sin, drop = m
+        e = gs.Variable.empty
+        inputs = [packed, e(), e(), node.inputs[3], node.inputs[4], node.inputs[5], node.inputs[6], cos, sin]
+        new = add_node(graph, "GroupQueryAttention", inputs, [], node.name + "/packed", domain=MS_DOMAIN,
+                       **{**node.attrs, "do_rotary": 1, "rotary_interleaved": 0})
+        take_outputs(new, list(node.outputs))
+        detach([node, *drop])
+        fused += 1
+    graph.cleanup()
+    left = "; ".join(f"{v} left alone: {k}" for k, v in reasons.items())
+    if not fused:
+        return PassResult(False, "nothing folded" + (f" ({left})" if left else ""), {"fused": 0})
+    return PassResult(True, f"folded rotary and packed Q/K/V into {fused} GroupQueryAttention"
+                      + (f"; {left}" if left else ""), {"fused": fused, "left_alone": sum(reasons.values())})

@@ -27,6 +27,7 @@ CPU_PIPELINE: list[str] = CLEANUP + [
     "fuse_rotary",          # before fuse_gqa: attention takes q/k already rotated, in [B, S, hidden]
     "fuse_gqa",             # before the merges: it peels the head-split Reshape/Transpose off q/k/v
     "merge_qkv",            # after fuse_gqa, so attention matching sees three separate projections
+    "fold_rotary_into_gqa",  # after merge_qkv: GQA takes the packed projection; mask-sum graphs only
     "merge_gate_up",
 ]
 # ONNX Runtime's CUDA provider has kernels for every contrib op above (GroupQueryAttention in fp16).
@@ -91,11 +92,16 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
     else:
         shutil.move(str(exported.model_path), out)
         shutil.move(str(exported.data_path), staging / f"{MODEL_FILE}.data")
+    session = session_settings(ctx.target)
+    if any(r["name"] == "fuse_gqa" and (r.get("counts") or {}).get("mask_sum") for r in records):
+        # The runtime's side of the contract (passes/fuse_attention.py): right-padded prompts, a fixed
+        # [B, capacity] decode mask, and with it CUDA graphs for the decode step on the CUDA provider.
+        session["gqa_lengths"] = "mask_sum"
     engine = {
         "file": MODEL_FILE,
         "format": "onnx",
         "io": exported.io,
-        "session": session_settings(ctx.target),
+        "session": session,
     }
     return engine, records
 

@@ -31,11 +31,11 @@ def export_model(module, out_dir, dtype="fp32"):
     return out_dir / "model.onnx", spec
 
 
-def apply(model_path, passes, spec, dtype="fp32", out_name="fused.onnx"):
+def apply(model_path, passes, spec, dtype="fp32", out_name="fused.onnx", options=None):
     """Run `passes` on the exported graph; returns (fused model path, records, op counts before, after)."""
     graph = gs.import_onnx(onnx.load(str(model_path)))
     before = _ops(graph)
-    records = run_pipeline(graph, list(passes), PassContext(spec=spec, precision=dtype))
+    records = run_pipeline(graph, list(passes), PassContext(spec=spec, precision=dtype, options=options or {}))
     model = gs.export_onnx(graph.cleanup().toposort())
     out = model_path.with_name(out_name)
     onnx.save_model(model, str(out), save_as_external_data=True, location=out_name + ".data", size_threshold=1024)
@@ -49,12 +49,13 @@ def _ops(graph) -> dict[str, int]:
     return counts
 
 
-def feeds(spec, np_dtype, batch, seq, past, seed=0):
+def feeds(spec, np_dtype, batch, seq, past, seed=0, padded=True):
     """Left-padded rows (row 1 starts with 3 pad tokens), position ids as the runtime computes them."""
     rng = np.random.default_rng(seed)
     total = past + seq
     mask = np.ones((batch, total), np.int64)
-    mask[1, :3] = 0
+    if padded:
+        mask[1, :3] = 0
     positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)[:, past:]
     f = {"input_ids": rng.integers(0, spec.vocab_size, (batch, seq)), "attention_mask": mask,
          "position_ids": positions.astype(np.int64)}
@@ -65,7 +66,7 @@ def feeds(spec, np_dtype, batch, seq, past, seed=0):
     return f
 
 
-def max_errors(before_path, after_path, spec, dtype="fp32"):
+def max_errors(before_path, after_path, spec, dtype="fp32", padded=True, shapes=None):
     """Max |logits| and |present| difference over real (unpadded) positions, relative to the logit
     scale, for every shape in SHAPES. ORT's own optimizer is off so the comparison sees our graph."""
     import onnxruntime as ort
@@ -77,8 +78,8 @@ def max_errors(before_path, after_path, spec, dtype="fp32"):
     b = ort.InferenceSession(str(after_path), so, providers=["CPUExecutionProvider"])
     np_dtype = np.float16 if dtype == "fp16" else np.float32
     worst = 0.0
-    for batch, seq, past in SHAPES:
-        f = feeds(spec, np_dtype, batch, seq, past)
+    for batch, seq, past in shapes or SHAPES:
+        f = feeds(spec, np_dtype, batch, seq, past, padded=padded)
         ra, rb = a.run(None, f), b.run(None, f)
         new_rows = f["attention_mask"][:, past:].astype(bool)
         all_rows = f["attention_mask"].astype(bool)
@@ -163,6 +164,37 @@ def test_fp16_pipeline_keeps_fp16_io_and_matches(tiny):
     assert max_errors(model, fused, spec, "fp16") <= TOL["fp16"]
 
 
+def test_gpu_contract_pipeline_fp16_matches_unpadded(tiny):
+    """The GPU targets' graph (lengths from the mask's contents, no bias, rotary and packed Q/K/V folded
+    into GroupQueryAttention), fp16, on ORT's CPU kernels. That contract expects right padding, which the
+    runtime supplies (tests/test_runtime.py checks padded batches); here every row is full."""
+    from leptonc.targets.onnxruntime import CUDA_PIPELINE
+
+    model, spec = tiny["fp16"]
+    fused, records, _, after = apply(model, CUDA_PIPELINE, spec, "fp16", out_name="gpu.onnx",
+                                     options={"gqa_lengths": "mask_sum"})
+    assert records["fuse_gqa"]["counts"]["mask_sum"] == 1
+    assert records["fold_rotary_into_gqa"]["counts"] == {"fused": L, "left_alone": 0}
+    assert after.get("GroupQueryAttention") == L and "RotaryEmbedding" not in after and "Where" not in after
+    assert after.get("Split") == L  # gate/up only: Q/K/V go packed into attention
+    # Not a multi-token step over a cache at batch > 1 (a chunked prefill): without query_seqlens (which
+    # ONNX Runtime 1.31 lacks) the kernel refuses that, and the runtime never asks for it.
+    shapes = [(b, s, p) for b, s, p in SHAPES if not (b > 1 and s > 1 and p > 0)] + [(1, 4, 6)]
+    assert max_errors(model, fused, spec, "fp16", padded=False, shapes=shapes) <= TOL["fp16"]
+
+
+def test_fold_rotary_leaves_biased_attention_alone(tiny):
+    """On the CPU contract (an attention bias masks left padding), GQA's own rotary would count padding
+    as positions: the fold must leave every layer alone and say why."""
+    from leptonc.targets.onnxruntime import CPU_PIPELINE
+
+    model, spec = tiny["fp32"]
+    _, records, _, after = apply(model, CPU_PIPELINE, spec, out_name="cpu.onnx")
+    rec = records["fold_rotary_into_gqa"]
+    assert rec["status"] != "applied" and "attention has a bias" in rec["detail"]
+    assert after.get("RotaryEmbedding") == 2 * L
+
+
 # ---- near-matches are left alone -----------------------------------------------------------------
 
 def test_rmsnorm_with_intermediate_read_elsewhere_is_left_alone(tiny, tmp_path):
@@ -191,7 +223,7 @@ def test_attention_with_probabilities_read_elsewhere_is_left_alone(tiny, tmp_pat
     probe = tmp_path / "probe.onnx"
     onnx.save_model(gs.export_onnx(graph), str(probe), save_as_external_data=True, location="probe.onnx.data")
     fused, records, _, after = apply(probe, ["infer_shapes", "fuse_rotary", "fuse_gqa"], spec)
-    assert records["fuse_gqa"]["counts"] == {"fused": 1, "left_alone": 1}
+    assert records["fuse_gqa"]["counts"] == {"fused": 1, "left_alone": 1, "mask_sum": 0}
     assert after["GroupQueryAttention"] == 1 and after["Softmax"] == 1
 
 

@@ -250,39 +250,85 @@ def test_eval_of_bundle_and_model_source_agree(tiny_bundle, tmp_path):
     assert b["perplexity"] == pytest.approx(s["perplexity"], rel=1e-3)
 
 
-def test_static_mask_decode_contract(tiny, tmp_path):
-    """The CUDA-graph decode contract on the CPU provider: bench/device_static_variant.py rewires the fused
-    graph's seqlens_k to the mask's contents; the runner's fixed [B, capacity] mask then decodes exactly
-    like the plain runner. On the unmodified graph the runner refuses the static mask (it would be wrong)."""
-    import importlib.util
+@pytest.fixture(scope="module")
+def mask_sum_bundle(tmp_path_factory):
+    """tiny-llama built with the GPU targets' attention contract (lengths from the mask's contents,
+    packed Q/K/V and rotary folded into GroupQueryAttention), run here on ONNX Runtime's CPU provider."""
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
 
-    from leptonc.runtime.ort_cuda import OrtCudaRunner, graph_op_types
+    out = tmp_path_factory.mktemp("bundles") / "tiny.masksum.lepton"
+    compile_model(CompileConfig(source="tiny-llama", target="cpu", output=str(out), options={"gqa_lengths": "mask_sum"}))
+    return load_bundle(out)
 
+
+def test_mask_sum_graph_is_capture_ready(mask_sum_bundle):
+    """What CUDA-graph capture needs from the graph: no attention bias, rotary and Q/K/V packed into
+    GroupQueryAttention, lengths from the mask on the device, and no shape arithmetic feeding a
+    device-side input (which would put a Memcpy node in the graph: ONNX Runtime then refuses capture)."""
+    import onnx
+
+    b = mask_sum_bundle
+    assert b.engine["session"]["gqa_lengths"] == "mask_sum"
+    g = onnx.load(str(b.model_path), load_external_data=False).graph
+    ops = [n.op_type for n in g.node]
+    assert "RotaryEmbedding" not in ops and "Range" not in ops and "Where" not in ops
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == b.io["num_layers"]
+    for n in gqa:
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        assert a["do_rotary"] == 1 and n.input[1] == n.input[2] == ""  # packed Q/K/V
+        assert len(n.input) <= 10  # no attention_bias, no query_seqlens (ONNX Runtime 1.31 takes at most 16)
+    # Host-side values (Shape and what is computed from it) may only feed inputs ONNX Runtime reads on
+    # the host: Reshape's shape and GroupQueryAttention's total_sequence_length.
+    producers = {o: n for n in g.node for o in n.output}
+    host = set()
+    for n in g.node:
+        if n.op_type == "Shape" or (n.input and all(i in host or (i not in producers and i not in
+                                                               {x.name for x in g.input}) for i in n.input if i)
+                                    and any(i in host for i in n.input)):
+            host.update(n.output)
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i in host and n.output[0] not in host:
+                assert (n.op_type, k) in {("Reshape", 1), ("GroupQueryAttention", 6)}, (n.op_type, k, i)
+
+
+def test_mask_sum_runner_right_pads_and_matches_left_padded_graph(tiny, mask_sum_bundle):
+    """The runtime side of the contract: callers pass left-padded batches; the runner right-pads them,
+    decodes against a fixed [B, capacity] mask, and returns logits in the caller's layout, equal to
+    the CPU graph's (which masks padding with a bias instead)."""
     bundle, _ = tiny
-    if "GroupQueryAttention" not in graph_op_types(bundle.model_path):
-        pytest.skip("the cpu pipeline did not fuse GroupQueryAttention, so there is no shared layout to check")
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("static_variant", str(ROOT / "bench" / "device_static_variant.py"))
-    variant = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(variant)
-    static = tmp_path / "static.lepton"
-    variant.make_static(bundle.path, static)
-    b2 = load_bundle(static, verify=False)
-
-    refused = OrtCudaRunner(bundle.model_path, bundle.io, bundle.engine["session"], device_type="cpu",
-                            max_sequence=128, static_mask=True)
-    assert refused.static_mask is False and refused.shared_kv
-    r = OrtCudaRunner(b2.model_path, b2.io, b2.engine["session"], device_type="cpu", max_sequence=128,
-                      static_mask=True)
-    assert r.static_mask and r.shared_kv
-    ids = np.random.default_rng(3).integers(3, 500, size=(3, 10), dtype=np.int64)
+    r = _runner(mask_sum_bundle, "iobinding", max_sequence=64)
+    assert r.right_pad and r.shared_kv and r.describe()["padding"].startswith("right")
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, 500, size=(3, 10), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = mask[2, :6] = 0
+    ids[mask == 0] = 0
     with r, _runner(bundle) as ref:
-        a, b = r.prefill(ids, np.ones_like(ids), last_only=True), ref.prefill(ids, np.ones_like(ids), last_only=True)
-        for _ in range(20):
-            tok = b.argmax(-1)
-            a, b = r.decode(tok), ref.decode(tok)
+        full, want = r.prefill(ids, mask), ref.prefill(ids, mask)
+        np.testing.assert_allclose(full[mask == 1], want[mask == 1], atol=1e-5)
+        for _ in range(2):  # a second sequence on the same buffers starts clean
+            a, b = r.prefill(ids, mask, last_only=True), ref.prefill(ids, mask, last_only=True)
             np.testing.assert_allclose(a, b, atol=1e-5)
+            for _ in range(20):
+                tok = b.argmax(-1)
+                a, b = r.decode(tok), ref.decode(tok)
+                np.testing.assert_allclose(a, b, atol=1e-5)
+        assert r.sequence_length == ref.sequence_length == 30
+        with pytest.raises(Exception, match="limit"):
+            for _ in range(64):
+                r.decode(np.zeros(3, np.int64))
+
+
+def test_cpu_graph_keeps_left_padding_contract(tiny):
+    """CPU bundles keep the mask-length contract (left padding in the graph): no right-padding, no
+    CUDA graph, and the runner says why."""
+    bundle, _ = tiny
+    r = _runner(bundle, "iobinding")
+    assert not r.right_pad and "mask's length" in r.describe()["cuda_graph"]
+    assert "gqa_lengths" not in bundle.engine["session"]
 
 
 def test_gpu_compile_without_cuda_provider_names_the_install(tmp_path):

@@ -10,13 +10,13 @@ the new token ids (and mask/positions) and reads back only the logits. Two cache
   entries in place (ORT's past_present_share_buffer): no per-step allocation, fixed addresses. The
   decode binding is made once per batch size; a step copies only the new ids and positions in place.
 - **CUDA graphs** (`enable_cuda_graph`, one captured graph per batch size, prefill uncaptured via
-  `gpu_graph_id` -1) additionally need fixed *shapes*: a graph whose GQA lengths come from a static
-  [B, capacity] mask (engine setting "gqa_lengths": "mask_sum"). The fused graphs that
-  passes/fuse_attention.py writes derive the lengths from the mask's length instead (that keeps left
-  padding right), so for them CUDA graphs stay off and `describe()` says why. ONNX Runtime also refuses
-  capture while any node sits on the CPU provider (shape arithmetic); the runner then runs uncaptured
-  and says so. bench/device_graph_probe.py measured what capture gives once both are solved
-  (BENCHMARKS.md, Runtime and GPU).
+  `gpu_graph_id` -1) additionally need fixed *shapes*. GPU bundles are built for that (engine setting
+  "gqa_lengths": "mask_sum", passes/fuse_attention.py): GroupQueryAttention reads each row's length
+  from the mask's contents, so this runner right-pads prompts (real tokens first, per-row positions
+  0..len-1) and decodes against a fixed [B, capacity] mask whose first `len` entries are 1. Callers
+  still pass left-padded batches and get logits in their own layout back. Graphs fused for the CPU
+  ("mask_length": lengths from the mask's length, padding masked by a bias) keep left padding and a
+  mask that grows each step, so they cannot be captured; `describe()` says why.
 """
 
 from __future__ import annotations
@@ -100,8 +100,7 @@ class OrtCudaRunner(Runner):
     device = "cuda"
 
     def __init__(self, model_path: Path, io: dict, settings: dict | None = None, *, max_sequence: int = 2048,
-                 max_batch: int = 64, device_id: int = 0, cuda_graph: bool | None = None, device_type: str = "cuda",
-                 static_mask: bool | None = None):
+                 max_batch: int = 64, device_id: int = 0, cuda_graph: bool | None = None, device_type: str = "cuda"):
         # device_type "cpu" runs this same I/O-binding code on ONNX Runtime's CPU provider: that is how the
         # CPU-only CI checks its cache handling; speed claims come from "cuda" on the device only.
         if device_type not in ("cuda", "cpu"):
@@ -132,28 +131,25 @@ class OrtCudaRunner(Runner):
         env_graph = os.environ.get("LEPTONC_CUDA_GRAPH")
         if cuda_graph is None:
             cuda_graph = settings.get("cuda_graph", True) if env_graph is None else env_graph == "1"
-        # CUDA graphs need fixed addresses AND fixed shapes. The shared-buffer layout fixes the addresses;
-        # fixed shapes also need a graph whose GQA lengths come from the mask's *contents* (a static
-        # [B, capacity] mask: settings "gqa_lengths": "mask_sum"). passes/fuse_attention.py derives them
-        # from the mask's *length* (what keeps left padding correct), so there the mask, and with it the
-        # attention shapes, grow by one each step and a captured graph could not be replayed.
-        static_lengths = settings.get("gqa_lengths") == "mask_sum"
-        self.cuda_graph = bool(cuda_graph) and self.shared_kv and static_lengths and device_type == "cuda"
-        # The fixed [B, capacity] decode mask: what a captured graph needs; on the CPU provider it can be
-        # asked for alone (static_mask=True), which is how CI checks that contract without a GPU.
-        self.static_mask = self.cuda_graph if static_mask is None else (bool(static_mask) and self.shared_kv
-                                                                        and static_lengths)
+        # "mask_sum" graphs take right-padded prompts and a fixed [B, capacity] decode mask (module doc).
+        self.right_pad = "GroupQueryAttention" in ops and settings.get("gqa_lengths") == "mask_sum"
+        if self.right_pad and not self.shared_kv:
+            raise InputError("this bundle's attention reads sequence lengths from a fixed-size mask, which "
+                             "needs the shared KV layout", hint="unset LEPTONC_KV_LAYOUT")
+        self.cuda_graph = bool(cuda_graph) and self.right_pad and device_type == "cuda"
         if self.cuda_graph:
             self.cuda_graph_reason = "on"
         elif not self.shared_kv:
             self.cuda_graph_reason = ("off: the growing cache layout changes shapes every step"
                                       if "GroupQueryAttention" in ops else
                                       "off: the graph has no GroupQueryAttention, so the cache grows each step")
-        elif not static_lengths:
-            self.cuda_graph_reason = ("off: the fused graph derives GQA lengths from the attention mask's length, "
-                                      "so decode shapes change every step")
+        elif not self.right_pad:
+            self.cuda_graph_reason = ("off: this graph derives attention lengths from the mask's length "
+                                      "(a CPU-target graph), so decode shapes change every step")
+        elif device_type != "cuda":
+            self.cuda_graph_reason = "off: CPU provider"
         else:
-            self.cuda_graph_reason = "off: disabled"
+            self.cuda_graph_reason = "off: disabled (cuda_graph setting or LEPTONC_CUDA_GRAPH=0)"
 
         from leptonc.runtime.ort import session_options
 
@@ -175,7 +171,7 @@ class OrtCudaRunner(Runner):
             # Run it uncaptured (same results) and say so in describe(); never a silent downgrade.
             cuda_opts.pop("enable_cuda_graph")
             self.session = ort.InferenceSession(str(model_path), so, providers=[("CUDAExecutionProvider", cuda_opts)])
-            self.cuda_graph = self.static_mask = False
+            self.cuda_graph = False
             self.cuda_graph_reason = ("off: ONNX Runtime refused to capture this graph (nodes placed on the CPU "
                                       f"provider): {str(exc).strip()[-160:]}")
         if device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
@@ -185,8 +181,10 @@ class OrtCudaRunner(Runner):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.logits_dtype = np.float16 if self.session.get_outputs()[0].type == "tensor(float16)" else np.float32
         self._batch = 0
-        self._mask: np.ndarray | None = None
+        self._mask: np.ndarray | None = None  # left-padded layout: the mask so far
         self._positions: np.ndarray | None = None
+        self._lengths: np.ndarray | None = None  # right-padded layout: real tokens per row
+        self._total = 0  # tokens held per row, padding included
         self._kv: list = []  # OrtValues on the device
         self._static: dict = {}  # per batch size: fixed-address decode inputs/outputs (shared layout)
         self._graph_ids: dict[int, int] = {}
@@ -213,7 +211,9 @@ class OrtCudaRunner(Runner):
 
     def describe(self) -> dict:
         return {"runner": type(self).__name__, "provider": self.session.get_providers()[0] if self.session else None,
-                "kv_layout": "shared" if self.shared_kv else "growing", "cuda_graph": self.cuda_graph_reason}
+                "kv_layout": "shared" if self.shared_kv else "growing",
+                "padding": "right (fixed-shape decode mask)" if self.right_pad else "left",
+                "cuda_graph": self.cuda_graph_reason}
 
     def _sample_memory(self) -> None:
         if self.memory is not None:
@@ -227,7 +227,7 @@ class OrtCudaRunner(Runner):
 
     @property
     def sequence_length(self) -> int:
-        return 0 if self._mask is None else self._mask.shape[1]
+        return self._total
 
     @property
     def capacity(self) -> int:
@@ -244,12 +244,25 @@ class OrtCudaRunner(Runner):
             raise InputError(f"batch of {batch} exceeds this bundle's maximum batch of {self.max_batch}")
         self._batch = batch
         self._feeds = []
-        self._mask = np.asarray(attention_mask, dtype=np.int64)
-        self._positions = positions_from_mask(self._mask)
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        order = None
+        if self.right_pad:
+            # Real tokens first in each row (stable, so their order is kept); positions 0..S-1.
+            self._lengths = mask.sum(axis=1).astype(np.int64)
+            order = np.argsort(mask == 0, axis=1, kind="stable")
+            input_ids = np.take_along_axis(input_ids, order, axis=1)
+            mask = (np.arange(seq)[None, :] < self._lengths[:, None]).astype(np.int64)
+            positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq))
+            last = self._lengths - 1
+        else:
+            self._mask = mask
+            positions = self._positions = positions_from_mask(mask)
+            last = np.full(batch, seq - 1, np.int64)
+        self._total = seq
         binding = self.session.io_binding()
         binding.bind_ortvalue_input("input_ids", self._ortvalue(input_ids))
-        binding.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
-        binding.bind_ortvalue_input("position_ids", self._ortvalue(self._positions))
+        binding.bind_ortvalue_input("attention_mask", self._ortvalue(mask))
+        binding.bind_ortvalue_input("position_ids", self._ortvalue(positions))
         binding.bind_output("logits", self.device_type, self.device_id)  # bound first: get_outputs() keeps binding order
         if self.shared_kv:
             self._kv = self._shared_buffers(batch)
@@ -266,31 +279,38 @@ class OrtCudaRunner(Runner):
         outputs = binding.get_outputs()
         if not self.shared_kv:
             self._kv = list(outputs[1:])
+        if self.right_pad:
+            self._reset_decode_mask(batch)
         if last_only:  # slice on the device: the host gets [B, vocab], not [B, S, vocab]
-            logits = self._last_position(outputs[0])
+            logits = self._last_position(outputs[0], last)
         else:
             logits = outputs[0].numpy()
+            if order is not None:  # back to the caller's (left-padded) layout
+                restored = np.zeros_like(logits)
+                np.put_along_axis(restored, order[:, :, None], logits, axis=1)
+                logits = restored
         self._sample_memory()
         return logits.astype(np.float32, copy=False)
 
-    def _last_position(self, logits_value) -> np.ndarray:
-        """logits[:, -1] of a device OrtValue, through a one-node Gather session on the same provider, so a
-        prefill copies B x vocab to the host instead of B x S x vocab (0.5 GB for 1,024 tokens of a
-        128k vocabulary in fp32)."""
+    def _last_position(self, logits_value, last: np.ndarray) -> np.ndarray:
+        """logits[b, last[b]] of a device OrtValue, through a one-node GatherND session on the same
+        provider, so a prefill copies B x vocab to the host instead of B x S x vocab (0.5 GB for 1,024
+        tokens of a 128k vocabulary in fp32)."""
         if self._gather is None:
             from onnx import TensorProto, helper
 
             elem = TensorProto.FLOAT16 if self.logits_dtype == np.float16 else TensorProto.FLOAT
             graph = helper.make_graph(
-                [helper.make_node("Gather", ["logits", "last"], ["out"], axis=1)], "last_position",
-                [helper.make_tensor_value_info("logits", elem, ["batch", "sequence", "vocab"])],
-                [helper.make_tensor_value_info("out", elem, ["batch", "vocab"])],
-                [helper.make_tensor("last", TensorProto.INT64, [], [-1])])
+                [helper.make_node("GatherND", ["logits", "last"], ["out"], batch_dims=1)], "last_position",
+                [helper.make_tensor_value_info("logits", elem, ["batch", "sequence", "vocab"]),
+                 helper.make_tensor_value_info("last", TensorProto.INT64, ["batch", 1])],
+                [helper.make_tensor_value_info("out", elem, ["batch", "vocab"])])
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
             providers = self.session.get_providers()[:1]
             self._gather = self.ort.InferenceSession(model.SerializeToString(), providers=providers)
         binding = self._gather.io_binding()
         binding.bind_ortvalue_input("logits", logits_value)
+        binding.bind_ortvalue_input("last", self._ortvalue(np.asarray(last, np.int64).reshape(-1, 1)))
         binding.bind_output("out", self.device_type, self.device_id)
         self._gather.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
@@ -317,18 +337,19 @@ class OrtCudaRunner(Runner):
     # ---- decode -----------------------------------------------------------------------------------
 
     def decode(self, token_ids: np.ndarray) -> np.ndarray:
-        if self._mask is None:
+        if self._total == 0:
             raise RuntimeError("decode before prefill")
-        if self.sequence_length >= self.max_sequence:
+        if self._total >= self.max_sequence:
             raise InputError(f"sequence reached this bundle's limit of {self.max_sequence} tokens")
         batch = self._batch
         ids = np.asarray(token_ids, dtype=np.int64).reshape(batch, 1)
-        self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
-        self._positions = self._positions[:, -1:] + 1
-        if self.shared_kv:
+        self._total += 1
+        if self.right_pad:
             logits = self._decode_shared(ids)
         else:
-            logits = self._decode_bound(ids)
+            self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
+            self._positions = self._positions[:, -1:] + 1
+            logits = self._decode_shared(ids) if self.shared_kv else self._decode_bound(ids)
         return logits.reshape(batch, -1).astype(np.float32, copy=False)
 
     def _decode_bound(self, ids: np.ndarray) -> np.ndarray:
@@ -354,7 +375,8 @@ class OrtCudaRunner(Runner):
     def _decode_state(self, batch: int) -> dict:
         """The shared layout's decode binding for one batch size, made once: ids, positions, K/V (past and
         present on one buffer) and logits at fixed device addresses. Each step only copies the new ids
-        and positions in place; with CUDA graphs the mask is a fixed [B, capacity] buffer too."""
+        and positions in place; for right-padded graphs the mask is a fixed [B, capacity] buffer too,
+        which is what lets the step be captured as a CUDA graph."""
         static = self._static[batch]
         if "binding" not in static:
             static["ids"] = self._empty((batch, 1), np.int64)
@@ -367,7 +389,7 @@ class OrtCudaRunner(Runner):
                 b.bind_ortvalue_input(past, static["kv"][j])
                 b.bind_ortvalue_output(present, static["kv"][j])
             b.bind_ortvalue_output("logits", static["logits"])
-            if self.static_mask:
+            if self.right_pad:
                 static["mask"] = self._empty((batch, self.capacity), np.int64)
                 static["host_mask"] = np.zeros((batch, self.capacity), np.int64)
                 b.bind_ortvalue_input("attention_mask", static["mask"])
@@ -379,17 +401,24 @@ class OrtCudaRunner(Runner):
             static["binding"] = b
         return static
 
+    def _reset_decode_mask(self, batch: int) -> None:
+        state = self._decode_state(batch)
+        host_mask = state["host_mask"]
+        host_mask[:] = 0
+        host_mask[np.arange(self.capacity)[None, :] < self._lengths[:, None]] = 1
+
     def _decode_shared(self, ids: np.ndarray) -> np.ndarray:
         state = self._decode_state(self._batch)
         state["ids"].update_inplace(ids)
-        state["pos"].update_inplace(np.ascontiguousarray(self._positions))
-        if self.static_mask:
-            # Fixed-shape mask: the captured graph replays on the same addresses every step.
-            host_mask = state["host_mask"]
-            host_mask[:] = 0
-            host_mask[:, : self._mask.shape[1]] = self._mask
-            state["mask"].update_inplace(host_mask)
+        if self.right_pad:
+            # Row b's new token sits at index len_b: its position, and the mask entry that turns on.
+            rows = np.arange(self._batch)
+            state["pos"].update_inplace(self._lengths.reshape(-1, 1).copy())
+            state["host_mask"][rows, self._lengths] = 1
+            self._lengths += 1
+            state["mask"].update_inplace(state["host_mask"])
         else:
+            state["pos"].update_inplace(np.ascontiguousarray(self._positions))
             self._feeds = []
             state["binding"].bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
         self.session.run_with_iobinding(state["binding"], state["run_options"])
