@@ -275,6 +275,21 @@ def passes_compare(s: Session, fused: Path, plain: Path, name: str) -> None:
     print(f"[passes {name}] rc={proc.returncode} {json.dumps(data)[-700:] if data else proc.stderr[-800:]}", flush=True)
 
 
+def step_probe(s: Session, bundle: Path, name: str, batch: int = 1) -> None:
+    """Where a decode step's time goes (bench/device_step_probe.py): host round trip vs GPU replay."""
+    out = s.out / f"probe_{name}_b{batch}.json"
+    cmd = [sys.executable, "bench/device_step_probe.py", str(bundle), str(out), "--batch", str(batch)]
+    left = s.deadline - time.time()
+    if left < 30:
+        return
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+    data = json.loads(out.read_text()) if out.is_file() else None
+    s.record["steps"].append({"label": f"step probe {name} b{batch}", "command": " ".join(cmd[1:]),
+                              "rc": proc.returncode, "seconds": 0, "json": data, "stderr_tail": proc.stderr[-1500:]})
+    s.save()
+    print(f"[probe {name} b{batch}] rc={proc.returncode} {json.dumps(data) if data else proc.stderr[-800:]}", flush=True)
+
+
 def cuda_graph(s: Session) -> None:
     """Issue 8 / 5 with the GPU length contract (right padding, fixed-shape decode, CUDA graphs in the
     shipped bundle): smollm2 fused (verified at compile time) and plain; greedy parity alone and in a
@@ -291,6 +306,8 @@ def cuda_graph(s: Session) -> None:
         bench(s, small, "smollm2 fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
     if small and plain:
         passes_compare(s, small, plain, "smollm2_h100")
+    if small:
+        step_probe(s, small, "smollm2")
 
 
 def cuda_graph_big(s: Session) -> None:
@@ -300,10 +317,12 @@ def cuda_graph_big(s: Session) -> None:
         bench(s, big, "llama1b fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
         s.cli("llama1b fp16 ttft 1024", "bench", big, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
               "--warmup", 2, "--iters", 5, "--json", "--no-verify")
+        step_probe(s, big, "llama1b")
     q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
                         "--int4-method", "rtn", "--no-check")
     if q4:
-        bench(s, q4, "llama1b int4 (+hf)", "--batch", "1,16")
+        bench(s, q4, "llama1b int4", "--batch", "1,16")
+        step_probe(s, q4, "llama1b_int4")
 
 
 def summary(s: Session) -> None:

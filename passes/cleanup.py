@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+from onnx_graphsurgeon.ir.tensor import LazyValues
 import onnx_graphsurgeon as gs
 
 from leptonc.passes.graph_io import read_values
@@ -26,10 +27,17 @@ def infer_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
     stand_ins: dict[str, gs.Variable] = {}
     for node in graph.nodes:
         for i, t in enumerate(node.inputs):
-            if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > _SHAPE_CONST_LIMIT:
-                v = stand_ins.setdefault(t.name, gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape)))
-                swapped.append((node, i, t))
-                node.inputs[i] = v
+            if not isinstance(t, gs.Constant):
+                continue
+            if int(np.prod(t.shape)) <= _SHAPE_CONST_LIMIT:
+                if isinstance(t._values, LazyValues):  # small, still on disk (passes/graph_io.py): read it,
+                    t.values = np.asarray(t.values)   # so ORT's symbolic engine sees every small value
+                    t.data_location = None
+                continue
+            # large weights stand in as graph inputs (shape and dtype only)
+            v = stand_ins.setdefault(t.name, gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape)))
+            swapped.append((node, i, t))
+            node.inputs[i] = v
     graph_inputs = list(graph.inputs)
     graph.inputs = graph_inputs + list(stand_ins.values())
     try:

@@ -2,6 +2,9 @@
     exact:  Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5)                        -> Gelu
     tanh:   Mul(Mul(x, Add(Tanh(Mul(Add(x, Mul(Pow(x, 3), 0.044715)), sqrt(2/pi))), 1)), 0.5)
                                                                                  -> FastGelu
+SiLU fusion (llama-style gated MLPs):
+    Mul(x, Sigmoid(x))                                                           -> QuickGelu(alpha=1)
+    (ONNX Runtime's QuickGelu is x * sigmoid(alpha * x): with alpha 1 it is SiLU, one kernel not two)
 """
 
 from __future__ import annotations
@@ -86,3 +89,29 @@ def fuse_gelu(graph: gs.Graph, ctx: PassContext) -> PassResult:
         return PassResult(False, "no GELU pattern found" + tail, counts)
     parts = [f"{counts[k]} {k}" for k in ("Gelu", "FastGelu") if counts[k]]
     return PassResult(True, f"fused {' and '.join(parts)}{tail}", counts)
+
+
+@register_pass("fuse_silu", requires=("infer_shapes",))
+def fuse_silu(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """x * Sigmoid(x) -> QuickGelu(x, alpha=1.0) (ONNX Runtime contrib op: SiLU in one kernel)."""
+    fused = left = 0
+    for node in list(graph.nodes):
+        if node.op != "Sigmoid" or len(node.outputs) != 1 or not node.inputs:
+            continue
+        x, s = node.inputs[0], node.outputs[0]
+        users = list(s.outputs)
+        mul = users[0] if len(users) == 1 and users[0].op == "Mul" else None
+        if mul is None or len(mul.inputs) != 2 or other_input(mul, s) is not x:
+            continue
+        if not is_safe_to_fuse(graph, [node, mul], [mul.outputs[0]]):
+            left += 1
+            continue
+        new = add_node(graph, "QuickGelu", [x], [], f"{mul.name}/silu", domain=MS_DOMAIN, alpha=1.0)
+        take_outputs(new, [mul.outputs[0]])
+        detach([node, mul])
+        fused += 1
+    graph.cleanup()
+    tail = f"; {left} left alone (intermediate read elsewhere)" if left else ""
+    if not fused:
+        return PassResult(False, "no SiLU pattern found" + tail, {"fused": 0, "left_alone": left})
+    return PassResult(True, f"fused {fused} SiLU -> QuickGelu{tail}", {"fused": fused, "left_alone": left})

@@ -24,6 +24,7 @@ CPU_PIPELINE: list[str] = CLEANUP + [
     "fuse_skip_rmsnorm",    # after fuse_rmsnorm: it absorbs the residual Add into the fused norm
     "fuse_skip_layernorm",  # gpt2-style graphs (LayerNormalization); skipped on RMSNorm models
     "fuse_gelu",
+    "fuse_silu",            # SiLU -> QuickGelu(alpha 1): one kernel for x * sigmoid(x)
     "fuse_rotary",          # before fuse_gqa: attention takes q/k already rotated, in [B, S, hidden]
     "fuse_gqa",             # before the merges: it peels the head-split Reshape/Transpose off q/k/v
     "merge_qkv",            # after fuse_gqa, so attention matching sees three separate projections

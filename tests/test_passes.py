@@ -120,6 +120,7 @@ FUSIONS = {
     "fuse_gqa": (["fuse_rotary"], {"GroupQueryAttention": L, "Softmax": 0, "Expand": 2}),  # lengths: 2 Expand
     "merge_qkv": (["fuse_rotary", "fuse_gqa"], {"MatMul": 5 * L, "Split": L}),  # qkv, o, gate, up, down
     "merge_gate_up": ([], {"MatMul": 8 * L, "Split": L + 2 * L}),  # q k v o qk pv gate_up down; 2 rotary Splits
+    "fuse_silu": ([], {"QuickGelu": L, "Sigmoid": 0}),
 }
 
 
