@@ -1,4 +1,7 @@
-"""EXPERIMENT (bench only): can ONNX Runtime capture smollm2's decode step in a CUDA graph, and how fast
+"""HISTORICAL (sessions 2-4 in BENCHMARKS.md): superseded by the GPU length contract that GPU bundles
+now carry (passes/fuse_attention.py, session 5); kept only to reproduce those figures.
+
+EXPERIMENT (bench only): can ONNX Runtime capture smollm2's decode step in a CUDA graph, and how fast
 is it then? Answers the question the compiler's bundles cannot yet (see BENCHMARKS.md, Runtime and GPU).
 
 Input: a static-length copy of a fused bundle (bench/device_static_variant.py). This script writes a

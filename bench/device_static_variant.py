@@ -1,4 +1,7 @@
-"""EXPERIMENT (bench only, not a compiler pass): a static-length copy of a fused onnxruntime bundle, to
+"""HISTORICAL (sessions 2-4 in BENCHMARKS.md): superseded by the GPU length contract that GPU bundles
+now carry (passes/fuse_attention.py, session 5); kept only to reproduce those figures.
+
+EXPERIMENT (bench only, not a compiler pass): a static-length copy of a fused onnxruntime bundle, to
 measure what CUDA graphs would bring to decode.
 
 passes/fuse_attention.py derives GroupQueryAttention's `seqlens_k` from the attention mask's *length*
