@@ -31,6 +31,8 @@ def main(path: str, past: int, prof: bool) -> None:
         if i.name.startswith("past_key_values"):
             dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
             f[i.name] = rng.standard_normal((1, dims[1], past, dims[3])).astype(np.float32)
+        elif i.name == "logits_positions":  # passes/select_logits.py: the one new position
+            f[i.name] = np.array([[0]])
     s.run(None, f)
     ts = []
     for _ in range(6):

@@ -49,6 +49,8 @@ def session(bundle: Path) -> list:
     io = manifest["engine"]["io"]
     feeds = {"input_ids": np.ones((1, 8), np.int64), "attention_mask": np.ones((1, 8), np.int64),
              "position_ids": np.arange(8, dtype=np.int64)[None]}
+    if any(t["name"] == "logits_positions" for t in io["inputs"]):  # passes/select_logits.py
+        feeds["logits_positions"] = np.arange(8, dtype=np.int64)[None]
     for t in io["inputs"]:
         if t["name"].startswith("past_key_values"):
             feeds[t["name"]] = np.zeros((1, io["num_kv_heads"], 0, io["head_dim"]), t["dtype"])

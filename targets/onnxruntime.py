@@ -30,6 +30,7 @@ CPU_PIPELINE: list[str] = CLEANUP + [
     "merge_qkv",            # after fuse_gqa, so attention matching sees three separate projections
     "fold_rotary_into_gqa",  # after merge_qkv: GQA takes the packed projection; mask-sum graphs only
     "merge_gate_up",
+    "select_logits",        # last: the LM head reads only the positions the runtime asks for
 ]
 # ONNX Runtime's CUDA provider has kernels for every contrib op above (GroupQueryAttention in fp16).
 CUDA_PIPELINE: list[str] = list(CPU_PIPELINE)
@@ -93,6 +94,12 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
     else:
         shutil.move(str(exported.model_path), out)
         shutil.move(str(exported.data_path), staging / f"{MODEL_FILE}.data")
+    io = exported.io
+    if any(r["name"] == "select_logits" and r["status"] == "applied" for r in records):
+        io = {**io, "inputs": [*io["inputs"], {"name": "logits_positions", "dtype": "int64",
+                                               "shape": ["batch", "logits_sequence"]}],
+              "outputs": [({**t, "shape": [t["shape"][0], "logits_sequence", *t["shape"][2:]]} if t["name"] == "logits"
+                           else t) for t in io["outputs"]]}
     session = session_settings(ctx.target)
     if any(r["name"] == "fuse_gqa" and (r.get("counts") or {}).get("mask_sum") for r in records):
         # The runtime's side of the contract (passes/fuse_attention.py): right-padded prompts, a fixed
@@ -101,7 +108,7 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
     engine = {
         "file": MODEL_FILE,
         "format": "onnx",
-        "io": exported.io,
+        "io": io,
         "session": session,
     }
     return engine, records

@@ -80,7 +80,10 @@ def max_errors(before_path, after_path, spec, dtype="fp32", padded=True, shapes=
     worst = 0.0
     for batch, seq, past in shapes or SHAPES:
         f = feeds(spec, np_dtype, batch, seq, past, padded=padded)
-        ra, rb = a.run(None, f), b.run(None, f)
+        fb = dict(f)
+        if "logits_positions" in {i.name for i in b.get_inputs()}:  # passes/select_logits.py: every position
+            fb["logits_positions"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        ra, rb = a.run(None, f), b.run(None, fb)
         new_rows = f["attention_mask"][:, past:].astype(bool)
         all_rows = f["attention_mask"].astype(bool)
         scale = max(1.0, float(np.abs(ra[0]).max()))

@@ -204,7 +204,8 @@ def test_prune_heads_gives_a_consistent_runnable_graph(gqa3_dir, tmp_path):
             assert vi.type.tensor_type.shape.dim[1].dim_value == 2, vi.name
     sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     ids = np.asarray([[1, 84, 104, 101, 32, 99]], np.int64)
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(6)[None, :]}
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(6)[None, :],
+            "logits_positions": np.arange(6)[None, :]}  # passes/select_logits.py: every position
     for i in range(2):
         for kind in ("key", "value"):
             feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, 0, 16), np.float32)
@@ -213,7 +214,7 @@ def test_prune_heads_gives_a_consistent_runnable_graph(gqa3_dir, tmp_path):
     assert outs["present.0.key"].shape == (1, 2, 6, 16) and outs["present.1.value"].shape == (1, 2, 6, 16)
     # a decode step through the cache
     step = {"input_ids": np.asarray([[int(outs["logits"][0, -1].argmax())]]), "attention_mask": np.ones((1, 7), np.int64),
-            "position_ids": np.asarray([[6]])}
+            "position_ids": np.asarray([[6]]), "logits_positions": np.asarray([[0]])}
     step.update({f"past_key_values.{i}.{k}": outs[f"present.{i}.{k}"] for i in range(2) for k in ("key", "value")})
     outs2 = dict(zip(names, sess.run(None, step)))
     assert outs2["present.0.key"].shape == (1, 2, 7, 16)

@@ -322,6 +322,28 @@ def test_mask_sum_runner_right_pads_and_matches_left_padded_graph(tiny, mask_sum
                 r.decode(np.zeros(3, np.int64))
 
 
+def test_lm_head_runs_on_selected_positions_only(tiny, tmp_path):
+    """passes/select_logits.py: the graph takes `logits_positions`; a last-only prefill computes [B, 1, V]
+    (not [B, S, V]) and equals the last column of the full prefill, for left-padded rows too; the
+    manifest's I/O spec lists the input."""
+    import onnx
+
+    bundle, _ = tiny
+    assert any(t["name"] == "logits_positions" for t in bundle.io["inputs"])
+    g = onnx.load(str(bundle.model_path), load_external_data=False).graph
+    gather = [n for n in g.node if n.op_type == "GatherND"]
+    assert len(gather) == 1 and any(n.op_type == "Gemm" for n in g.node)
+    ids = np.random.default_rng(5).integers(3, 500, size=(2, 9), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    for kind in ("cpu", "iobinding"):
+        with _runner(bundle, kind) as r:
+            full = r.prefill(ids, mask)
+            assert full.shape == (2, 9, bundle.io["vocab_size"])
+            last = r.prefill(ids, mask, last_only=True)
+            np.testing.assert_allclose(last, full[:, -1], atol=1e-5)
+
+
 def test_cpu_graph_keeps_left_padding_contract(tiny):
     """CPU bundles keep the mask-length contract (left padding in the graph): no right-padding, no
     CUDA graph, and the runner says why."""

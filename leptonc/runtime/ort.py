@@ -48,13 +48,19 @@ class OrtCpuRunner(Runner):
         self._past: list[np.ndarray] = []
         self._mask: np.ndarray | None = None
         self._positions: np.ndarray | None = None
+        # passes/select_logits.py: the LM head runs only on the positions fed here.
+        self.selects_logits = "logits_positions" in {i.name for i in self.session.get_inputs()}
 
     @property
     def sequence_length(self) -> int:
         return 0 if self._mask is None else self._mask.shape[1]
 
-    def _run(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _run(self, input_ids: np.ndarray, positions: np.ndarray, last_only: bool = False) -> np.ndarray:
         feed = {"input_ids": input_ids, "attention_mask": self._mask, "position_ids": positions}
+        if self.selects_logits:  # left padding: the last column is every row's last real token
+            batch, seq = input_ids.shape
+            feed["logits_positions"] = (np.full((batch, 1), seq - 1, np.int64) if last_only
+                                        else np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy())
         for i in range(self.num_layers):
             feed[f"past_key_values.{i}.key"] = self._past[2 * i]
             feed[f"past_key_values.{i}.value"] = self._past[2 * i + 1]
@@ -71,7 +77,7 @@ class OrtCpuRunner(Runner):
         self._past = [empty] * (2 * self.num_layers)
         self._mask = np.asarray(attention_mask, dtype=np.int64)
         self._positions = positions_from_mask(self._mask)
-        logits = self._run(input_ids, self._positions)
+        logits = self._run(input_ids, self._positions, last_only)
         return logits[:, -1] if last_only else logits
 
     def decode(self, token_ids: np.ndarray) -> np.ndarray:
@@ -84,7 +90,7 @@ class OrtCpuRunner(Runner):
         pos = self._positions[:, -1:] + 1
         self._positions = pos
         ids = np.asarray(token_ids, dtype=np.int64).reshape(batch, 1)
-        return self._run(ids, pos)[:, -1]
+        return self._run(ids, pos, last_only=True)[:, -1]
 
     def release(self) -> None:
         self._past = []

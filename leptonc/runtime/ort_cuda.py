@@ -178,6 +178,8 @@ class OrtCudaRunner(Runner):
             raise BackendUnavailableError("ONNX Runtime could not start its CUDA provider on this machine",
                                           hint="check the NVIDIA driver and that onnxruntime-gpu matches the CUDA version")
         self.input_names = {i.name for i in self.session.get_inputs()}
+        # passes/select_logits.py: the LM head runs only on the positions bound here.
+        self.selects_logits = "logits_positions" in self.input_names
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.logits_dtype = np.float16 if self.session.get_outputs()[0].type == "tensor(float16)" else np.float32
         self._batch = 0
@@ -263,6 +265,10 @@ class OrtCudaRunner(Runner):
         binding.bind_ortvalue_input("input_ids", self._ortvalue(input_ids))
         binding.bind_ortvalue_input("attention_mask", self._ortvalue(mask))
         binding.bind_ortvalue_input("position_ids", self._ortvalue(positions))
+        select = None
+        if self.selects_logits:  # only the last position, or every one (callers index the full form)
+            select = last.reshape(-1, 1) if last_only else np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq))
+            binding.bind_ortvalue_input("logits_positions", self._ortvalue(select))
         binding.bind_output("logits", self.device_type, self.device_id)  # bound first: get_outputs() keeps binding order
         if self.shared_kv:
             self._kv = self._shared_buffers(batch)
@@ -281,7 +287,9 @@ class OrtCudaRunner(Runner):
             self._kv = list(outputs[1:])
         if self.right_pad:
             self._reset_decode_mask(batch)
-        if last_only:  # slice on the device: the host gets [B, vocab], not [B, S, vocab]
+        if last_only and select is not None:  # the graph computed [B, 1, vocab] only
+            logits = outputs[0].numpy().reshape(batch, -1)
+        elif last_only:  # slice on the device: the host gets [B, vocab], not [B, S, vocab]
             logits = self._last_position(outputs[0], last)
         else:
             logits = outputs[0].numpy()
@@ -359,6 +367,8 @@ class OrtCudaRunner(Runner):
         binding.bind_ortvalue_input("input_ids", self._ortvalue(ids))
         binding.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
         binding.bind_ortvalue_input("position_ids", self._ortvalue(self._positions))
+        if self.selects_logits:
+            binding.bind_ortvalue_input("logits_positions", self._ortvalue(np.zeros((self._batch, 1), np.int64)))
         binding.bind_output("logits", self.device_type, self.device_id)  # first: get_outputs() keeps binding order
         for j, (past, present) in enumerate(self._kv_names()):
             binding.bind_ortvalue_input(past, self._kv[j])
@@ -389,6 +399,10 @@ class OrtCudaRunner(Runner):
                 b.bind_ortvalue_input(past, static["kv"][j])
                 b.bind_ortvalue_output(present, static["kv"][j])
             b.bind_ortvalue_output("logits", static["logits"])
+            if self.selects_logits:  # the one new position of each row: a constant buffer of zeros
+                static["logits_positions"] = self.ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros((batch, 1), np.int64), self.device_type, self.device_id)
+                b.bind_ortvalue_input("logits_positions", static["logits_positions"])
             if self.right_pad:
                 static["mask"] = self._empty((batch, self.capacity), np.int64)
                 static["host_mask"] = np.zeros((batch, self.capacity), np.int64)
