@@ -19,7 +19,9 @@ import numpy as np
 
 from leptonc.calibration.observers import make_observer
 
-SAMPLE_ROWS = 256
+SAMPLE_ROWS = 256  # rows kept per group for the per-layer SQNR report (and SmoothQuant's alpha search)
+AWQ_SAMPLE_ROWS = 2048  # AWQ's scale and clip search: on smollm2-135m, 2,048 rows instead of 256 took the
+# int4 AWQ perplexity increase from +16.3% to +14.7% (BENCHMARKS.md, Quantization)
 
 
 @dataclass
@@ -97,7 +99,7 @@ def find_linears(module, weights) -> dict[str, object]:
 
 
 def collect(module, weights, batches: np.ndarray, method: str = "minmax", prescales: dict | None = None,
-            seed: int = 0, on_batch=None, need_ranges: bool = True) -> ActivationStats:
+            seed: int = 0, on_batch=None, need_ranges: bool = True, sample_rows: int = SAMPLE_ROWS) -> ActivationStats:
     """Run `batches` ([n, seq] token ids) through `module` and return per-group statistics.
 
     `prescales(stats) -> {weight name: [K] factors}` is called between the two passes: the second
@@ -123,7 +125,7 @@ def collect(module, weights, batches: np.ndarray, method: str = "minmax", presca
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             a = flat.abs()
             rec = {"absmax": a.amax(0).numpy(), "abssum": a.sum(0).double().numpy(), "rows": flat.shape[0]}
-            take = rng.choice(flat.shape[0], size=min(flat.shape[0], max(1, SAMPLE_ROWS // len(batches))), replace=False)
+            take = rng.choice(flat.shape[0], size=min(flat.shape[0], max(1, sample_rows // len(batches))), replace=False)
             rec["samples"] = flat[torch.from_numpy(np.sort(take))].numpy().copy()
             pending.append((name, rec))
         return fn
@@ -168,7 +170,7 @@ def collect(module, weights, batches: np.ndarray, method: str = "minmax", presca
         fps = np.stack([np.asarray(weights("embed" if m == "lm_head" else m), np.float32)[0] for m in members])
         stats.groups.append(GroupStats(list(members), a["absmax"].astype(np.float32),
                                        (a["abssum"] / a["rows"]).astype(np.float32),
-                                       np.concatenate(a["samples"])[:SAMPLE_ROWS].astype(np.float32),
+                                       np.concatenate(a["samples"])[:sample_rows].astype(np.float32),
                                        fingerprints=fps))
     if prescales is not None:
         factors = prescales(stats)

@@ -117,9 +117,9 @@ def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetri
     whole block). Asymmetric (min/max with a zero point) unless `symmetric`.
 
     With `clip_ratios` (asymmetric only), each block's range is also tried shrunk by each ratio and
-    the one with the least error is kept: the squared weight error weighted by each input channel's
-    mean x^2 on `clip_rows` ([R, K] calibration inputs; activation-aware clipping, as AWQ's), else
-    the plain squared weight error."""
+    the one with the least error is kept: with `clip_rows` ([R, K] calibration inputs), AWQ's clip
+    loss, the mean squared error of the block's partial output x_b . w_b over those rows
+    (d^T C_b d with C_b = X_b^T X_b / R, cross terms included), else the plain squared weight error."""
     if bits not in (4, 8):
         raise ValueError("bits must be 4 or 8")
     if block_size < 16 or block_size & (block_size - 1):
@@ -139,13 +139,13 @@ def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetri
     else:
         lo0 = np.minimum(blocks.min(-1), 0.0)
         hi0 = np.maximum(blocks.max(-1), 0.0)
-        weight = None  # E[x_i^2] per input channel: the output error's diagonal (cross terms dropped)
+        cov = None  # [blocks, block, block]: each block's input second moment on the calibration rows
         if clip_rows is not None and clip_ratios:
             x = np.asarray(clip_rows, np.float32)
-            weight = (x * x).mean(0)
             if pad:
-                weight = np.concatenate([weight, np.zeros(pad, np.float32)])
-            weight = weight.reshape(1, -1, block_size)
+                x = np.concatenate([x, np.zeros((x.shape[0], pad), np.float32)], axis=1)
+            xb = np.ascontiguousarray(x.reshape(x.shape[0], -1, block_size).transpose(1, 0, 2))
+            cov = np.matmul(xb.transpose(0, 2, 1), xb) / np.float32(x.shape[0])
         best_err = None
         for ratio in (1.0, *clip_ratios):
             lo, hi = lo0 * ratio, hi0 * ratio
@@ -155,7 +155,11 @@ def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetri
                 scales, zp = sc, z
                 break
             d = blocks - (np.clip(np.rint(blocks / sc[..., None]) + z[..., None], 0, levels) - z[..., None]) * sc[..., None]
-            err = (d * d).sum(-1) if weight is None else (d * d * weight).sum(-1)
+            if cov is None:
+                err = (d * d).sum(-1)
+            else:
+                dt = np.ascontiguousarray(d.transpose(1, 0, 2), np.float32)  # [blocks, N, block]
+                err = (np.matmul(dt, cov) * dt).sum(-1).T
             if best_err is None:
                 best_err, scales, zp = err, sc, z
             else:

@@ -106,7 +106,8 @@ def compile_cmd(
     fp16: bool = typer.Option(False, "--fp16", help="FP16 weights and activations."),
     bf16: bool = typer.Option(False, "--bf16", help="BF16 weights and activations."),
     int8: bool = typer.Option(False, "--int8", help="INT8 quantization."),
-    fp8: bool = typer.Option(False, "--fp8", help="FP8 (E4M3) quantization."),
+    fp8: bool = typer.Option(False, "--fp8", help="FP8 (E4M3) quantization; the LM head and tied embedding stay "
+                                                  "in higher precision unless --fp8-lm-head."),
     int4: bool = typer.Option(False, "--int4", help="INT4 weight-only quantization."),
     max_batch: int = typer.Option(16, "--max-batch", help="Largest batch the bundle accepts."),
     max_seq: int = typer.Option(2048, "--max-seq", help="Longest sequence (prompt + generated) the bundle accepts."),
@@ -133,7 +134,9 @@ def compile_cmd(
                                                                                       "optimization level 0..5."),
     # quantization (issue 6): put into config.options, validated by leptonc.calibration.quantize
     int8_mode: Optional[str] = typer.Option(None, "--int8-mode", help="--int8: w8a8 (SmoothQuant, default) or weight-only."),
-    smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha", help="W8A8 migration strength (default 0.5)."),
+    smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha", help="SmoothQuant migration strength: --int8 W8A8 "
+                                                                                  "(default: searched per layer group); "
+                                                                                  "--fp8 smooths only when given."),
     int4_block: Optional[int] = typer.Option(None, "--int4-block", help="--int4 block size: 32, 64 or 128 (default)."),
     int4_method: Optional[str] = typer.Option(None, "--int4-method", help="--int4 scales: awq (default) or rtn."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV cache precision fp8|int8 (where the backend supports it)."),
@@ -143,6 +146,9 @@ def compile_cmd(
     calib_method: Optional[str] = typer.Option(None, "--calib-method", help="Activation ranges: minmax (default), percentile, entropy."),
     keep_fp: list[str] = typer.Option([], "--keep-fp", help="Keep matching layers in fp32 (repeatable; e.g. lm_head, 'layers.0.*')."),
     int4_8bit: list[str] = typer.Option([], "--int4-8bit", help="--int4: quantize matching layers to 8 bits instead (repeatable)."),
+    fp8_lm_head: bool = typer.Option(False, "--fp8-lm-head", help="--fp8: also quantize the LM head and the embedding "
+                                                                   "tied to it (by default they stay in higher precision, "
+                                                                   "as in NVIDIA ModelOpt's FP8 recipe)."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: allowed perplexity increase in %% (default 5)."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the accuracy gate (the report says it was skipped)."),
     check_tokens: Optional[int] = typer.Option(None, "--check-tokens", help="Held-out tokens the accuracy gate scores (default 2048)."),
@@ -185,6 +191,7 @@ def compile_cmd(
                                      "calib_data": calib_data, "calib_samples": calib_samples,
                                      "calib_seq_len": calib_seq_len, "calib_method": calib_method,
                                      "keep_fp": list(keep_fp) or None, "int4_8bit": list(int4_8bit) or None,
+                                     "fp8_lm_head": fp8_lm_head or None,
                                      "max_ppl_increase": max_ppl_increase,
                                      "check": False if no_check else None, "check_tokens": check_tokens})
     config = _prune_options(config, {"prune": prune, "prune_heads": prune_heads, "sparsity": sparsity})

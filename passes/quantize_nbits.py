@@ -20,7 +20,7 @@ from leptonc.passes.quantize_common import MS_DOMAIN, Linear, apply_prescale, fi
 from leptonc.passes.registry import PassResult, register_pass
 
 HEAD_BITS, HEAD_BLOCK = 8, 64
-AWQ_CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(1, 13))  # shrink each block's range to 70%
+AWQ_CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(1, 21))  # down to 50%, AWQ's max_shrink
 DEFAULT_ACCURACY_LEVEL = 4  # int8 compute of the activations inside MatMulNBits: ORT CPU's fast path
 
 

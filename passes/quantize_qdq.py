@@ -6,11 +6,12 @@
       integer kernels (MatMulIntegerToFloat). The tied embedding / LM head run 8-bit weight-only
       (GatherBlockQuantized + MatMulNBits on one copy of the codes): a QDQ head would need its own
       transposed int8 copy of the 28M-parameter matrix.
-  fp8 (`--fp8`): SmoothQuant as for int8 (it narrows the range one per-tensor scale must cover),
-      weights float8 E4M3FN per channel, activations float8 E4M3FN per tensor, as Q/DQ
+  fp8 (`--fp8`): weights float8 E4M3FN per channel, activations float8 E4M3FN per tensor, as Q/DQ
       (opset 19, where float8 Q/DQ exist). ONNX Runtime's CPU provider runs these ops but has no FP8
       matrix kernels: the MatMuls run in fp32 on dequantized values, so this is simulated
-      (accuracy only), and the report says so.
+      (accuracy only), and the report says so. As in NVIDIA ModelOpt's default FP8 recipe, no
+      SmoothQuant unless --smoothquant-alpha is given, and the LM head and the embedding tied to it
+      stay in fp32 unless --fp8-lm-head (the fp8 head is smollm2-135m's lowest-SQNR layer).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def quantize_fp8(graph: gs.Graph, ctx) -> PassResult:
 def smooth_only(graph: gs.Graph, ctx) -> PassResult:
     """SmoothQuant's rewrite without rounding (x / s folded or multiplied in, W * s): the function
     must stay the same up to float error. Used by the tests; not a pipeline pass."""
-    return rewrite_qdq(graph, ctx, "int8", rounding=False)
+    return rewrite_qdq(graph, ctx, "fp8" if ctx.precision == "fp8" else "int8", rounding=False)
 
 
 def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassResult:
@@ -72,7 +73,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
     for members, group in planned:
         names = [m.label for m in members]
         is_head = any(m.kind == "gemm" for m in members)
-        if is_head and fmt == "int8" and not rounding:
+        if is_head and not rounding:  # the head has no smoothing factors
             continue
         if is_head and fmt == "int8":
             from leptonc.calibration.scales import block_quantize
@@ -138,16 +139,40 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
         report["notes"].append(f"fp8: graph opset raised to {FP8_OPSET} for float8 Q/DQ ({upgraded} Reduce nodes "
                                "moved axes to an input); simulated on the CPU (fp32 MatMuls on dequantized values)")
     parts = [f"{counts['qdq_matmul']} MatMul with {fmt} Q/DQ (activations per-tensor static, weights per-channel)"]
-    alpha = f"alpha {settings.smoothquant_alpha:g}" if settings.smoothquant_alpha is not None else \
-        "alpha searched per layer group"
-    parts.append(f"SmoothQuant ({alpha}) folded into {counts['smooth_folded']} norms, {counts['smooth_mul']} via Mul")
+    if fmt == "fp8" and settings.smoothquant_alpha is None:
+        parts.append("no SmoothQuant (the fp8 default; --smoothquant-alpha A smooths)")
+    else:
+        alpha = f"alpha {settings.smoothquant_alpha:g}" if settings.smoothquant_alpha is not None else \
+            "alpha searched per layer group"
+        parts.append(f"SmoothQuant ({alpha}) folded into {counts['smooth_folded']} norms, {counts['smooth_mul']} via Mul")
     if counts["head_nbits"]:
         parts.append("LM head + embedding 8-bit weight-only (MatMulNBits / GatherBlockQuantized, shared codes)")
     if counts["no_stats"]:
         parts.append(f"{counts['no_stats']} left in fp32 (no statistics)")
     if counts["kept_fp"]:
-        parts.append(f"{counts['kept_fp']} kept in fp32 by --keep-fp")
+        parts.append(kept_fp_detail(settings, report, "fp32"))
     return PassResult(counts["qdq_matmul"] > 0, "; ".join(parts), counts)
+
+
+def kept_fp_detail(settings, report: dict, float_type: str) -> str:
+    """The pass detail for kept layers: how many --keep-fp kept, and the layers the format keeps by
+    default (the fp8 LM head and embedding) with how to quantize them (also a report note)."""
+    default = [n for n in report["kept_fp"] if n in settings.default_keep_fp and not _matches_user(settings, n)]
+    user = len(report["kept_fp"]) - len(default)
+    parts = [f"{user} kept in {float_type} by --keep-fp"] if user else []
+    if default:
+        note = (f"{settings.precision}: {' and '.join(default)} kept in {float_type} by default (NVIDIA ModelOpt's "
+                "FP8 recipe also leaves *lm_head* unquantized); --fp8-lm-head quantizes them too")
+        if note not in report["notes"]:
+            report["notes"].append(note)
+        parts.append(note)
+    return "; ".join(parts)
+
+
+def _matches_user(settings, name: str) -> bool:
+    from leptonc.calibration.quantize import _matches
+
+    return _matches(name, settings.keep_fp)
 
 
 def _zero_point(fmt: str, name: str) -> gs.Constant:

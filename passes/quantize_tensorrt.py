@@ -96,15 +96,20 @@ def rewrite_w8a8(graph: gs.Graph, ctx, fmt: str) -> PassResult:
     _raise_opset(graph, QDQ_OPSET)
     parts = [f"{counts['qdq_matmul']} MatMul/Gemm with TensorRT {fmt} Q/DQ (activations per-tensor, weights "
              f"per-channel, symmetric, fp16 scales, opset {QDQ_OPSET})"]
-    alpha = f"alpha {settings.smoothquant_alpha:g}" if settings.smoothquant_alpha is not None else \
-        "alpha searched per layer group"
-    parts.append(f"SmoothQuant ({alpha}) folded into {counts['smooth_folded']} norms, {counts['smooth_mul']} via Mul")
+    if fmt == "fp8" and settings.smoothquant_alpha is None:
+        parts.append("no SmoothQuant (the fp8 default; --smoothquant-alpha A smooths)")
+    else:
+        alpha = f"alpha {settings.smoothquant_alpha:g}" if settings.smoothquant_alpha is not None else \
+            "alpha searched per layer group"
+        parts.append(f"SmoothQuant ({alpha}) folded into {counts['smooth_folded']} norms, {counts['smooth_mul']} via Mul")
     if emb_note:
         parts.append(emb_note)
     if counts["no_stats"]:
         parts.append(f"{counts['no_stats']} left in floating point (no statistics)")
     if counts["kept_fp"]:
-        parts.append(f"{counts['kept_fp']} kept in floating point by --keep-fp")
+        from leptonc.passes.quantize_qdq import kept_fp_detail
+
+        parts.append(kept_fp_detail(settings, report, "floating point"))
     return PassResult(counts["qdq_matmul"] > 0, "; ".join(parts), counts)
 
 

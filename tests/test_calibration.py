@@ -126,9 +126,66 @@ def test_awq_search_never_loses_to_rtn_on_its_rows():
     assert s.shape == (256,)
 
 
-def test_smoothquant_graph_rewrite_keeps_the_fp32_function(tmp_path):
+def test_awq_gated_group_search_beats_rtn_on_the_mlp_output():
+    """AWQ on a gate/up group, with the error measured after the activation (act(gate) * up): the
+    chosen scales are never worse than RTN there, win clearly when a few channels are salient, and
+    the search really looks at that output (not at the linear outputs)."""
+    from leptonc.calibration.awq import awq_search, gated_output
+    from leptonc.calibration.scales import block_quantize
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (256, 256)).astype(np.float32)
+    x[:, :4] *= 25  # salient input channels
+    gate, up = (rng.normal(0, 0.05, (96, 256)).astype(np.float32) for _ in range(2))
+    out = gated_output("silu", gate.shape[0])
+    s, info = awq_search(x, np.abs(x).mean(0), [gate, up], bits=4, block_size=128, output=out)
+
+    def mlp_err(scale):
+        q = [block_quantize(w * scale[None, :], 4, 128).dequantize() / scale[None, :] for w in (gate, up)]
+        return float(((out(x @ np.concatenate(q).T) - out(x @ np.concatenate([gate, up]).T)) ** 2).mean())
+
+    assert info["mse"] == pytest.approx(mlp_err(s), rel=1e-5)  # the loss is the MLP-output error
+    assert info["rtn_mse"] == pytest.approx(mlp_err(np.ones(256, np.float32)), rel=1e-5)
+    assert info["alpha"] > 0 and info["mse"] < 0.9 * info["rtn_mse"]
+    silu = out(np.concatenate([np.full((1, 96), -30.0), np.ones((1, 96))], 1).astype(np.float32))
+    assert np.abs(silu).max() < 1e-9  # silu(-30) * 1 ~ 0: the activation really is applied
+
+
+def test_awq_clip_minimises_the_block_output_error_not_the_weight_error():
+    """Clip search with calibration rows keeps, per (row, block), the range whose partial output
+    x_b . w_b is closest on those rows (AWQ's clip loss, cross terms included). With one block per
+    row (K = 128) that is the row's whole output error: no single shrink ratio does better on any
+    row, which a per-channel (diagonal) weighting does not guarantee for correlated inputs."""
+    from leptonc.calibration.scales import block_quantize
+
+    rng = np.random.default_rng(4)
+    base = rng.normal(0, 1, (512, 1)).astype(np.float32)
+    x = (0.9 * base + 0.3 * rng.normal(0, 1, (512, 128))).astype(np.float32)  # strongly correlated channels
+    w = rng.standard_t(3, (48, 128)).astype(np.float32) * 0.05  # heavy tails: clipping pays
+    ratios = tuple(1.0 - 0.025 * i for i in range(1, 21))
+    row_err = lambda q: ((x @ (q.dequantize() - w).T) ** 2).mean(0)  # noqa: E731
+    best = row_err(block_quantize(w, 4, 128, clip_rows=x, clip_ratios=ratios))
+    for r in (1.0, *ratios):
+        fixed = row_err(_fixed_ratio(w, r))
+        assert (best <= fixed * (1 + 1e-4) + 1e-9).all(), r
+    assert best.sum() < row_err(block_quantize(w, 4, 128)).sum() * 0.95  # and clipping pays here
+    by_weight = row_err(block_quantize(w, 4, 128, clip_ratios=ratios))
+    assert best.sum() < by_weight.sum()
+
+
+def _fixed_ratio(w, r):
+    """Asymmetric 4-bit block-128 rounding with every block's range shrunk by exactly `r`."""
+    from leptonc.calibration.scales import block_quantize
+
+    lo, hi = np.minimum(w.min(1), 0), np.maximum(w.max(1), 0)
+    return block_quantize(np.clip(w, (lo * r)[:, None], (hi * r)[:, None]), 4, 128)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_smoothquant_graph_rewrite_keeps_the_fp32_function(tmp_path, precision):
     """Fold SmoothQuant into the tiny-llama graph (norm weights / Mul, W * s) without rounding: the
-    model's logits must match the unsmoothed graph to 1e-4."""
+    model's logits must match the unsmoothed graph to 1e-4, for int8 W8A8's searched factors and for
+    fp8 smoothed with --smoothquant-alpha 0.5."""
     import onnx
     import onnx_graphsurgeon as gs
     import onnxruntime as ort
@@ -146,7 +203,9 @@ def test_smoothquant_graph_rewrite_keeps_the_fp32_function(tmp_path):
     adapter = get_adapter(lm.model_type)
     spec = adapter.spec(lm.module)
     weights = adapter.weights(lm.module, spec)
-    settings = QuantSettings("int8", calib_samples=4, calib_seq_len=64)
+    # fp8 smooths only with an explicit alpha (its default is no smoothing); int8 searches alpha per group
+    settings = QuantSettings(precision, calib_samples=4, calib_seq_len=64,
+                             smoothquant_alpha=0.5 if precision == "fp8" else None)
     import os
 
     os.environ["LEPTONC_CACHE"] = str(tmp_path / "cache")
@@ -156,7 +215,7 @@ def test_smoothquant_graph_rewrite_keeps_the_fp32_function(tmp_path):
         os.environ.pop("LEPTONC_CACHE")
     assert all(g.prescale is not None for g in result.stats.groups if g.members != ["lm_head"])
     exported = export_decoder(spec, weights, tmp_path / "export")
-    ctx = PassContext(target=get_target("cpu"), precision="int8", spec=spec, work_dir=tmp_path,
+    ctx = PassContext(target=get_target("cpu"), precision=precision, spec=spec, work_dir=tmp_path,
                       options={"_quant_settings": settings, "_activation_stats": result.stats})
     graph = gs.import_onnx(onnx.load(str(exported.model_path)))
     run_pipeline(graph, CPU_PIPELINE, ctx)  # the fused graph the quantizer sees in a real compile
@@ -171,6 +230,8 @@ def test_smoothquant_graph_rewrite_keeps_the_fp32_function(tmp_path):
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
             feed[f"past_key_values.{i}.{kind}"] = np.zeros((2, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+    if "logits_positions" in {i.name for i in reference.graph.input}:  # passes/select_logits.py: every position
+        feed["logits_positions"] = np.tile(np.arange(9, dtype=np.int64), (2, 1))
     outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
             for m in (reference, smoothed)]
     assert np.abs(outs[0] - outs[1]).max() <= 1e-4 * max(1.0, np.abs(outs[0]).max())

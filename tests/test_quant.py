@@ -56,8 +56,15 @@ def test_format_compiles_with_native_ops_sqnr_floor_and_gate(tmp_path, cache, fm
     assert ops <= set(op_counts), op_counts
     assert "MatMul" not in op_counts or fmt in ("int8-w8a8", "fp8")  # weight-only: every MatMul became MatMulNBits
     layers = q["layers"]
-    # every linear (2 layers x {qkv, o, gate_up, down} + head) and the embedding has an SQNR
-    assert len(layers) >= 2 * 4 + 1, layers
+    # every linear (2 layers x {qkv, o, gate_up, down} + head) and the embedding has an SQNR; fp8 keeps
+    # the head and the embedding tied to it in fp32 by default (ModelOpt's FP8 recipe), and says so
+    assert len(layers) >= 2 * 4 + (fmt != "fp8"), layers
+    if fmt == "fp8":
+        assert {"lm_head", "embed"} <= set(q["kept_fp"]) and not {"lm_head", "embed"} & {r["name"] for r in layers}
+        assert any("--fp8-lm-head" in n and "lm_head" in n for n in q["notes"]), q["notes"]
+        fp8_pass = next(p["detail"] for p in manifest["passes"] if p["name"] == "quantize_fp8")
+        assert "--fp8-lm-head" in fp8_pass and "no SmoothQuant" in fp8_pass  # ModelOpt's FP8 defaults
+        assert manifest["calibration"]["smoothquant_alpha"].startswith("off")
     low = [r for r in layers if r["sqnr_db"] < floor]
     assert not low, f"{fmt}: layers below {floor} dB: {low}"
     gate = manifest["verification"]["accuracy_gate"]
@@ -83,6 +90,15 @@ def test_keep_fp_keeps_matching_layers_including_merged_projections(tmp_path, ca
     assert any("layers.0.q.weight" in k for k in kept)  # q/k/v were merged by merge_qkv: kept as one
     assert not any(r["name"].startswith("layers.0.") or r["name"] == "lm_head" for r in q["layers"])
     assert "embed" in [r["name"] for r in q["layers"]]  # the embedding is still quantized on its own
+
+
+def test_fp8_lm_head_flag_quantizes_the_head_and_embedding(tmp_path, cache):
+    bundle = _compile(tmp_path, "fp8head", "fp8", {"fp8_lm_head": True})
+    q = bundle.report()["quantization"]
+    names = {r["name"]: r for r in q["layers"]}
+    assert "lm_head" in names and names["lm_head"]["format"] == "fp8" and names["lm_head"]["sqnr_db"] >= 22.0
+    assert not q["kept_fp"] and not any("--fp8-lm-head" in n for n in q["notes"])
+    assert "embed" in names and names["embed"]["format"] == "fp8"  # the embedding is fp8 as well
 
 
 def test_gate_trips_on_broken_scales_and_leaves_no_bundle(tmp_path, cache):
@@ -115,6 +131,7 @@ def test_no_check_skips_the_gate_and_says_so(tmp_path, cache):
     (["--int4", "--kv-cache", "int8"], "--kv-cache int8 is not supported"),
     (["--int8", "--calib-method", "mse"], "--calib-method"),
     (["--int8", "--no-passes"], "--no-passes"),
+    (["--int4", "--fp8-lm-head"], "--fp8-lm-head only applies to --fp8"),
     (["--int4", "--calib-data", "/nonexistent.txt"], "does not exist"),
 ])
 def test_cli_refuses_bad_quantization_flags(tmp_path, args, needle):
@@ -141,8 +158,8 @@ def test_cli_int4_compile_reports_accuracy_and_cache_hit(tmp_path, cache):
 @pytest.mark.slow
 def test_smollm2_int4_awq_meets_size_and_gate(tmp_path, cache, smollm2_bundle):
     """The real model: int4 AWQ block 128 is under 22% of the fp32 bundle, and its perplexity
-    increase stays under the 30% this implementation measures today (~15-25%: issue 6 asks for
-    <= 10%, not met yet; see BENCHMARKS.md `## Quantization`), so the gate is run at 30%."""
+    increase stays under 30% (this implementation measures +14-16% with 16 x 256 calibration tokens:
+    issue 6 asks for <= 10%, not met; see BENCHMARKS.md `## Quantization`), so the gate is run at 30%."""
     from leptonc.compiler import compile_model
     from leptonc.config import CompileConfig
 
