@@ -554,6 +554,9 @@ def bench(
                       f"{r['p99_ms']:.2f}", f"{r['peak_host_mb']:.0f}",
                       f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] else "-")
     out.print(table)
+    info = result.get("runner") or {}
+    if info:  # how the bundle ran: cache layout, padding, CUDA graph (and why not)
+        out.print(", ".join(f"{k}: {v}" for k, v in info.items() if k != "runner") or info.get("runner", ""))
     if result["results"] and "memory_floor" in result["results"][0]:
         floor = Table(title=f"decode vs the memory floor ({bandwidth:.2g} B/s)")
         for col in ("batch", "weight MB", "floor tok/s", "floor incl. KV", "decode tok/s", "of floor"):
