@@ -413,8 +413,11 @@ def engine_load_errors(model_path: Path):
     try:
         yield
     except Exception as exc:
-        # ONNX Runtime also lets a UnicodeDecodeError out of session creation for garbled names.
-        if not (type(exc).__module__.startswith(("onnxruntime", "tensorrt")) or isinstance(exc, UnicodeDecodeError)):
+        # ONNX Runtime also lets a UnicodeDecodeError out of session creation for garbled names, and a
+        # plain RuntimeError ("Error in execution: Non-zero status code ...") out of a run.
+        ort_run = isinstance(exc, RuntimeError) and "Non-zero status code returned while running" in str(exc)
+        if not (type(exc).__module__.startswith(("onnxruntime", "tensorrt")) or isinstance(exc, UnicodeDecodeError)
+                or ort_run):
             raise
         detail = str(exc).splitlines()[0] if str(exc) else ""
         detail = detail.split("failed:", 1)[-1].strip()[:300]

@@ -459,9 +459,12 @@ def run(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    from leptonc.bundle import engine_load_errors
+
     try:
-        result = generate(runner, tok, prompts, cfg, eos_ids=eos, on_text=on_text if stream else None,
-                          prompt_ids=prompt_ids)
+        with engine_load_errors(Path(bundle)):  # a corrupt graph that loads but fails to run: exit 7, no traceback
+            result = generate(runner, tok, prompts, cfg, eos_ids=eos, on_text=on_text if stream else None,
+                              prompt_ids=prompt_ids)
     finally:
         runner.release()
     if as_json:
@@ -519,8 +522,11 @@ def bench(
     status = nullcontext() if as_json else err.status("benchmarking…")
     with status as st:
         progress = (lambda s: st.update(s)) if st is not None else None
+        from leptonc.bundle import engine_load_errors
+
         try:
-            result = run_bench(runner, cfg, on_progress=progress)
+            with engine_load_errors(Path(bundle)):  # a graph that loads but fails to run: exit 7
+                result = run_bench(runner, cfg, on_progress=progress)
             runner_device = runner.device
         finally:
             runner.release()

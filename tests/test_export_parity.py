@@ -79,7 +79,9 @@ def test_export_io_contract(tiny_bundle):
         assert inputs[f"past_key_values.{i}.key"][2] == "past_sequence"
         assert inputs[f"past_key_values.{i}.value"][0] == "batch"
         assert f"present.{i}.key" in outputs and f"present.{i}.value" in outputs
-    assert outputs["logits"][:2] == ["batch", "sequence"]
+    # passes/select_logits.py: after the passes the LM head runs on `logits_positions` [batch, K]
+    positions = "logits_sequence" if "logits_positions" in inputs else "sequence"
+    assert outputs["logits"][:2] == ["batch", positions]
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external, "weights must be stored as external data"
     assert all(e.value == "model.onnx.data" for t in external for e in t.external_data if e.key == "location")
