@@ -163,17 +163,23 @@ def fused_bundle(s: Session, source: str, name: str, *extra: str) -> Path | None
     return static_variant(s, raw, name + ".compat", compat_only=True) if raw else None
 
 
+def greedy_parity(s: Session, bundle: Path) -> None:
+    """The fused h100 bundle's 16 greedy tokens, alone and as row 0 of a padded batch of 3, beside the cpu
+    fp32 bundle's (recorded under "parity")."""
+    ids = greedy(s, bundle, "greedy fused h100 fp16")
+    batch = s.cli("batched greedy fused", "run", bundle, "-p", PROMPT, "-p", "Water boils at", "-p", "Hi",
+                  "-n", 16, "--ignore-eos", "--json", "--no-verify")
+    s.record["parity"] = {"prompt": PROMPT, "cpu_fp32": CPU_FP32_GREEDY, "h100_fused_fp16": ids,
+                          "h100_fused_fp16_in_batch_of_3": batch["outputs"][0]["token_ids"] if batch else None}
+    s.save()
+
+
 def decode_small(s: Session) -> None:
     """Issue 8, part 1: smollm2 fused fp16 (parity, batch 1/16 with the HF baseline, cache-layout ablation);
     then the llama-1b-shape fused fp16 bundle with the HF baseline."""
     small = fused_bundle(s, "smollm2-135m", "smollm2.h100")
     if small:
-        ids = greedy(s, small, "greedy fused h100 fp16")
-        batch = s.cli("batched greedy fused", "run", small, "-p", PROMPT, "-p", "Water boils at", "-p", "Hi",
-                      "-n", 16, "--ignore-eos", "--json", "--no-verify")
-        s.record["parity"] = {"prompt": PROMPT, "cpu_fp32": CPU_FP32_GREEDY, "h100_fused_fp16": ids,
-                              "h100_fused_fp16_in_batch_of_3": batch["outputs"][0]["token_ids"] if batch else None}
-        s.save()
+        greedy_parity(s, small)
         bench(s, small, "smollm2 fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
         bench(s, small, "smollm2 fp16 growing cache", "--batch", "1,16", "--iters", 3, env=GROWING)
         graph = static_variant(s, small, "smollm2.h100.static")
@@ -297,12 +303,7 @@ def cuda_graph(s: Session) -> None:
     small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
     plain = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.plain", "--no-passes")
     if small:
-        ids = greedy(s, small, "greedy fused h100 fp16")
-        batch = s.cli("batched greedy fused", "run", small, "-p", PROMPT, "-p", "Water boils at", "-p", "Hi",
-                      "-n", 16, "--ignore-eos", "--json", "--no-verify")
-        s.record["parity"] = {"prompt": PROMPT, "cpu_fp32": CPU_FP32_GREEDY, "h100_fused_fp16": ids,
-                              "h100_fused_fp16_in_batch_of_3": batch["outputs"][0]["token_ids"] if batch else None}
-        s.save()
+        greedy_parity(s, small)
         bench(s, small, "smollm2 fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
     if small and plain:
         passes_compare(s, small, plain, "smollm2_h100")

@@ -6,6 +6,9 @@ inputs, ONNX Runtime's default session optimizations (the bundles' own settings)
     .venv/bin/python bench/passes_cpu.py /tmp/smol.fused.lepton /tmp/smol.plain.lepton \
         --prompt-len 1024,64 --out bench/passes_cpu.json
 
+The runners are the ones the bundles open, so the same script compares two h100 bundles on the GPU
+(bench/device_session.py does that for issue 5's H100 line).
+
 Timing is `leptonc bench`'s own (leptonc.runtime.bench.bench). The two runners alternate round by
 round (fused, plain, plain, fused, ...) so that load from other processes on a shared machine falls
 on both; each figure is the median over rounds of each round's median decode rate.

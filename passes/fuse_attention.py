@@ -300,6 +300,18 @@ def _match_attention(graph: gs.Graph, softmax: gs.Node):
             "scale": scale, "heads": heads, "kv_heads": kv_heads, "dim": dim, "nodes": nodes}
 
 
+def _total_length(graph: gs.Graph, mask: gs.Tensor):
+    """The mask's length T as int32: [1] (for arithmetic) and the scalar GQA's total_sequence_length takes.
+    Shape arithmetic on the host, read only where ONNX Runtime wants a CPU-side value."""
+    total64 = variable(graph, "gqa/total64", np.int64, [1])
+    add_node(graph, "Shape", [mask], [total64], "gqa/total_shape", start=1, end=2)
+    total32 = variable(graph, "gqa/total32", np.int32, [1])
+    add_node(graph, "Cast", [total64], [total32], "gqa/total_cast", to=6)
+    total = variable(graph, "gqa/total_sequence_length", np.int32, [])
+    add_node(graph, "Squeeze", [total32], [total], "gqa/total_scalar")
+    return total32, total
+
+
 def _lengths(graph: gs.Graph):
     """seqlens_k [B] int32 = T - 1, total_sequence_length int32 = T (from attention_mask) and
     query_seqlens [B] int32 = S (from input_ids)."""
@@ -307,12 +319,7 @@ def _lengths(graph: gs.Graph):
     mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
     if mask is None or ids is None:
         return None
-    total64 = variable(graph, "gqa/total64", np.int64, [1])
-    add_node(graph, "Shape", [mask], [total64], "gqa/total_shape", start=1, end=2)
-    total32 = variable(graph, "gqa/total32", np.int32, [1])
-    add_node(graph, "Cast", [total64], [total32], "gqa/total_cast", to=6)
-    total = variable(graph, "gqa/total_sequence_length", np.int32, [])
-    add_node(graph, "Squeeze", [total32], [total], "gqa/total_scalar")
+    total32, total = _total_length(graph, mask)
     last = variable(graph, "gqa/last_index", np.int32, [1])
     add_node(graph, "Sub", [total32, new_const("gqa/one", np.array([1], np.int32))], [last], "gqa/last_index")
     batch = variable(graph, "gqa/batch", np.int64, [1])
@@ -344,12 +351,7 @@ def _lengths_from_mask_contents(graph: gs.Graph):
     add_node(graph, "Sub", [count, new_const("gqa/one64", np.array(1, np.int64))], [last], "gqa/last_index")
     seqlens = variable(graph, "gqa/seqlens_k", np.int32, ["batch"])
     add_node(graph, "Cast", [last], [seqlens], "gqa/seqlens_k", to=6)
-    total64 = variable(graph, "gqa/total64", np.int64, [1])
-    add_node(graph, "Shape", [mask], [total64], "gqa/total_shape", start=1, end=2)
-    total32 = variable(graph, "gqa/total32", np.int32, [1])
-    add_node(graph, "Cast", [total64], [total32], "gqa/total_cast", to=6)
-    total = variable(graph, "gqa/total_sequence_length", np.int32, [])
-    add_node(graph, "Squeeze", [total32], [total], "gqa/total_scalar")
+    _, total = _total_length(graph, mask)
     return seqlens, total, None
 
 

@@ -166,3 +166,37 @@ def quantize_weight_per_channel(ws: np.ndarray, fmt: str, break_scales: float = 
     if fmt == "int8":
         return int8_codes(ws, w_scales, axis=0), fake_quant_int8(ws, w_scales, axis=0), w_scales
     return to_fp8(ws / w_scales[:, None]), fake_quant_fp8(ws, w_scales, axis=0), w_scales
+
+
+def qdq_group(members: list[Linear], group, s, x: gs.Tensor, fmt: str, tag: str, settings, report: dict,
+              shared_head: dict, counts: dict, *, quantize_act, dequantize_weight, dequantize_act) -> None:
+    """One calibrated group's W8A8 Q/DQ (int8 or fp8): the shared input quantized once per tensor, each
+    member's weight per output channel, both dequantized into its MatMul/Gemm. The backend supplies how
+    a Q/DQ node is written (ONNX Runtime: fp32 scales; TensorRT: scales in the graph's float type):
+    quantize_act(x, scale, tag), dequantize_weight(lin, codes, scales), dequantize_act(q, scale, name)."""
+    from leptonc.calibration.scales import fake_quant_fp8, fake_quant_int8, scale_from_amax
+
+    a_scale = scale_from_amax(group.amax, fmt)
+    qx = quantize_act(x, a_scale, tag)
+    x_rows = group.samples / (s if s is not None else 1.0)
+    x_q = fake_quant_int8(x_rows, a_scale) if fmt == "int8" else fake_quant_fp8(x_rows, a_scale)
+    for lin in members:
+        w = lin.w_oi()
+        ws = w * s[None, :] if s is not None else w
+        codes, wq, w_scales = quantize_weight_per_channel(ws, fmt, settings.break_scales)
+        record_layer(report, lin.label, f"{fmt}-w8a8" if fmt == "int8" else "fp8", w, wq, group.samples, x_q)
+        wdq = dequantize_weight(lin, codes, w_scales)
+        if lin.kind == "gemm" and s is None:  # [N, K] rows, one scale a row: the embedding can read them
+            shared_head[lin.weight.name] = wdq
+        lin.node.inputs[1] = wdq
+        lin.node.inputs[0] = dequantize_act(qx, a_scale, f"{lin.node.name}/dq_x")
+        counts["qdq_matmul"] += 1
+
+
+def smoothquant_detail(settings, fmt: str, counts: dict) -> str:
+    """The report line on SmoothQuant for a W8A8 pass (fp8 runs without it unless an alpha is given)."""
+    if fmt == "fp8" and settings.smoothquant_alpha is None:
+        return "no SmoothQuant (the fp8 default; --smoothquant-alpha A smooths)"
+    alpha = (f"alpha {settings.smoothquant_alpha:g}" if settings.smoothquant_alpha is not None
+             else "alpha searched per layer group")
+    return f"SmoothQuant ({alpha}) folded into {counts['smooth_folded']} norms, {counts['smooth_mul']} via Mul"

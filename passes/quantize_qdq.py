@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from leptonc.calibration.scales import compute_scales, fake_quant_fp8, fake_quant_int8, scale_from_amax, to_fp8
-from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, plan_groups, quant_context, \
-    quantize_weight_per_channel, record_layer
+from leptonc.calibration.scales import compute_scales, fake_quant_fp8, to_fp8
+from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, plan_groups, qdq_group, \
+    quant_context, record_layer, smoothquant_detail
 from leptonc.passes.quantize_nbits import HEAD_BLOCK, HEAD_BITS, _quantize_embedding, _replace_with_nbits, \
     rewrite_weight_only
 from leptonc.passes.registry import PassResult, register_pass
@@ -61,7 +61,6 @@ def smooth_only(graph: gs.Graph, ctx) -> PassResult:
 
 
 def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassResult:
-    from leptonc.passes.quantize_common import MS_DOMAIN  # noqa: F401  (documented domain of the head ops)
 
     settings, stats, report = quant_context(ctx)
     if stats is None:
@@ -104,21 +103,10 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
                 lin.node.inputs[1] = gs.Constant(f"{lin.weight.name}/smoothed", np.ascontiguousarray(
                     (ws.T if lin.kind == "matmul" else ws).astype(lin.weight.values.dtype)))
             continue
-        a_scale = scale_from_amax(group.amax, fmt)
-        qx = _quantize_activation(graph, x, a_scale, fmt, tag)
-        x_rows = group.samples / (s if s is not None else 1.0)
-        x_q = fake_quant_int8(x_rows, a_scale) if fmt == "int8" else fake_quant_fp8(x_rows, a_scale)
-        for lin in members:
-            w = lin.w_oi()
-            ws = w * s[None, :] if s is not None else w
-            codes, wq, w_scales = quantize_weight_per_channel(ws, fmt, settings.break_scales)
-            record_layer(report, lin.label, f"{fmt}-w8a8" if fmt == "int8" else "fp8", w, wq, group.samples, x_q)
-            wdq = _dequantize_weight(graph, lin, codes, w_scales, fmt)
-            if lin.kind == "gemm" and s is None:  # [N, K] rows quantized per row: the embedding can read them
-                shared_head[lin.weight.name] = wdq
-            lin.node.inputs[1] = wdq
-            lin.node.inputs[0] = _dequantize(graph, qx, a_scale, fmt, f"{lin.node.name}/dq_x")
-            counts["qdq_matmul"] += 1
+        qdq_group(members, group, s, x, fmt, tag, settings, report, shared_head, counts,
+                  quantize_act=lambda v, sc, t: _quantize_activation(graph, v, sc, fmt, t),
+                  dequantize_weight=lambda lin, c, sc: _dequantize_weight(graph, lin, c, sc, fmt),
+                  dequantize_act=lambda q, sc, n: _dequantize(graph, q, sc, fmt, n))
 
     if not rounding:
         return PassResult(True, f"smoothed {counts['smooth_folded'] + counts['smooth_mul']} groups (no rounding)", counts)
@@ -139,12 +127,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
         report["notes"].append(f"fp8: graph opset raised to {FP8_OPSET} for float8 Q/DQ ({upgraded} Reduce nodes "
                                "moved axes to an input); simulated on the CPU (fp32 MatMuls on dequantized values)")
     parts = [f"{counts['qdq_matmul']} MatMul with {fmt} Q/DQ (activations per-tensor static, weights per-channel)"]
-    if fmt == "fp8" and settings.smoothquant_alpha is None:
-        parts.append("no SmoothQuant (the fp8 default; --smoothquant-alpha A smooths)")
-    else:
-        alpha = f"alpha {settings.smoothquant_alpha:g}" if settings.smoothquant_alpha is not None else \
-            "alpha searched per layer group"
-        parts.append(f"SmoothQuant ({alpha}) folded into {counts['smooth_folded']} norms, {counts['smooth_mul']} via Mul")
+    parts.append(smoothquant_detail(settings, fmt, counts))
     if counts["head_nbits"]:
         parts.append("LM head + embedding 8-bit weight-only (MatMulNBits / GatherBlockQuantized, shared codes)")
     if counts["no_stats"]:

@@ -41,9 +41,9 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from leptonc.calibration.scales import block_quantize, compute_scales, fake_quant_fp8, fake_quant_int8, \
-    quantize_int8 as int8_codes, scale_from_amax, to_fp8
-from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, plan_groups, quant_context, \
-    quantize_weight_per_channel, record_layer
+    quantize_int8 as int8_codes, to_fp8
+from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, plan_groups, qdq_group, \
+    quant_context, record_layer, smoothquant_detail
 from leptonc.passes.registry import PassResult
 
 QDQ_OPSET = 19  # Q/DQ with fp16 scales, float8 types
@@ -77,31 +77,15 @@ def rewrite_w8a8(graph: gs.Graph, ctx, fmt: str) -> PassResult:
             x, how = apply_prescale(graph, x, s, tag, [m.node for m in members])
             _retype_prescale(graph, tag, ftype)
             counts["smooth_folded" if how == "folded" else "smooth_mul"] += 1
-        a_scale = scale_from_amax(group.amax, fmt)
-        qx = _quantize(graph, x, a_scale, fmt, ftype, tag)
-        x_rows = group.samples / (s if s is not None else 1.0)
-        x_q = fake_quant_int8(x_rows, a_scale) if fmt == "int8" else fake_quant_fp8(x_rows, a_scale)
-        for lin in members:
-            w = lin.w_oi()
-            ws = w * s[None, :] if s is not None else w
-            codes, wq, w_scales = quantize_weight_per_channel(ws, fmt, settings.break_scales)
-            record_layer(report, lin.label, f"{fmt}-w8a8" if fmt == "int8" else "fp8", w, wq, group.samples, x_q)
-            wdq = _dequantize_per_channel(graph, lin, codes, w_scales, fmt, ftype)
-            if lin.kind == "gemm" and s is None:  # [N, K] rows, one scale a row: the embedding can read them
-                shared_head[lin.weight.name] = wdq
-            lin.node.inputs[1] = wdq
-            lin.node.inputs[0] = _dequantize(graph, qx, a_scale, fmt, ftype, f"{lin.node.name}/dq_x")
-            counts["qdq_matmul"] += 1
+        qdq_group(members, group, s, x, fmt, tag, settings, report, shared_head, counts,
+                  quantize_act=lambda v, sc, t: _quantize(graph, v, sc, fmt, ftype, t),
+                  dequantize_weight=lambda lin, c, sc: _dequantize_per_channel(graph, lin, c, sc, fmt, ftype),
+                  dequantize_act=lambda q, sc, n: _dequantize(graph, q, sc, fmt, ftype, n))
     emb_note = _embedding(graph, settings, report, shared_head, fmt, counts)
     _raise_opset(graph, QDQ_OPSET)
     parts = [f"{counts['qdq_matmul']} MatMul/Gemm with TensorRT {fmt} Q/DQ (activations per-tensor, weights "
              f"per-channel, symmetric, fp16 scales, opset {QDQ_OPSET})"]
-    if fmt == "fp8" and settings.smoothquant_alpha is None:
-        parts.append("no SmoothQuant (the fp8 default; --smoothquant-alpha A smooths)")
-    else:
-        alpha = f"alpha {settings.smoothquant_alpha:g}" if settings.smoothquant_alpha is not None else \
-            "alpha searched per layer group"
-        parts.append(f"SmoothQuant ({alpha}) folded into {counts['smooth_folded']} norms, {counts['smooth_mul']} via Mul")
+    parts.append(smoothquant_detail(settings, fmt, counts))
     if emb_note:
         parts.append(emb_note)
     if counts["no_stats"]:
