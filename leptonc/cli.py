@@ -7,8 +7,11 @@ This module imports neither torch, onnxruntime nor tensorrt at import time: `lep
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -689,12 +692,57 @@ def package(
 
 # ---- entry point --------------------------------------------------------------------------------
 
-def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwinding as Ctrl-C
-    raise KeyboardInterrupt
+class _Interrupts:
+    """Ctrl-C and SIGTERM unwind the command through KeyboardInterrupt (the compile's cleanup runs, the
+    previous bundle stays), but never inside another library's Python that C++ may be calling back
+    (a warning raised by torch's C++, a pybind11 callback): a KeyboardInterrupt raised there escapes a
+    noexcept C++ frame and the process aborts (SIGABRT, "terminate called after throwing ...
+    error_already_set"). So the handler raises only while leptonc's own code runs; elsewhere it asks
+    again 50 ms later, and after 10 s of asking it raises wherever the program is."""
+
+    RETRY_S, PATIENCE_S = 0.05, 10.0
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.timer: threading.Timer | None = None
+        self.saved: dict = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        self.first = self.first if self.first is not None else now
+        ours = frame is not None and str(frame.f_globals.get("__name__", "")).startswith("leptonc")
+        if ours or now - self.first > self.PATIENCE_S:
+            self.first = None
+            raise KeyboardInterrupt
+        self.timer = threading.Timer(self.RETRY_S, os.kill, (os.getpid(), signum))
+        self.timer.daemon = True
+        self.timer.start()
+
+    def quiet(self) -> None:
+        """The interrupt was handled: later signals (or a retry still in flight) must not interrupt the exit."""
+        if self.timer is not None:
+            self.timer.cancel()
+        for sig in self.saved:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        for sig, handler in self.saved.items():
+            # Once the command is done (its output complete), a late SIGTERM must not raise inside the
+            # interpreter's exit handlers (a traceback after success): it just ends the process.
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else handler)
+
+
+_INTERRUPTS = _Interrupts()
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    signal.signal(signal.SIGTERM, _sigterm)
+    _INTERRUPTS.install()
     code: object = 0
     try:
         _main(argv)
@@ -703,9 +751,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:  # a second interrupt that arrived while the first one was being handled
         code = 130
     finally:
-        # Once the command is done (its output complete), a late SIGTERM must not raise inside the
-        # interpreter's exit handlers (a traceback after success): it just ends the process.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _INTERRUPTS.restore()
+    if code == 130 and argv is None:  # the CLI process itself (tests call main(argv) in-process)
+        # The interrupt was handled and the cleanup ran. Leave without the interpreter's own exit:
+        # if the KeyboardInterrupt first surfaced inside a C extension's embedded eval (PyRun_*),
+        # CPython has flagged it as unhandled and would end the process with SIGINT (-2) instead.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
     sys.exit(code)
 
 
@@ -728,7 +784,7 @@ def _main(argv: Optional[list[str]]) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, *_ABORT):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup already ran: don't interrupt the exit
+        _INTERRUPTS.quiet()  # the cleanup already ran: don't interrupt the exit
         err.print("[bold red]interrupted[/]; nothing was left half-written")
         sys.exit(130)
     except BrokenPipeError:
