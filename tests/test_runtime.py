@@ -322,6 +322,35 @@ def test_mask_sum_runner_right_pads_and_matches_left_padded_graph(tiny, mask_sum
                 r.decode(np.zeros(3, np.int64))
 
 
+@pytest.mark.parametrize("graph", ["cpu contract", "mask_sum"])
+def test_prefill_in_row_chunks_matches_one_run(tiny, mask_sum_bundle, graph):
+    """A prefill split into runs of whole rows (each bound to its rows of the one K/V block) gives the
+    same logits and the same cache as one run over the batch, for a padded batch and both contracts."""
+    from leptonc.runtime.ort_cuda import OrtCudaRunner
+
+    bundle = tiny[0] if graph == "cpu contract" else mask_sum_bundle
+    rng = np.random.default_rng(5)
+    ids = rng.integers(3, 500, size=(3, 10), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :4] = mask[2, :7] = 0
+    ids[mask == 0] = 0
+
+    def runner(tokens):
+        return OrtCudaRunner(bundle.model_path, bundle.io, {**bundle.engine["session"], "prefill_tokens": tokens},
+                             device_type="cpu", max_sequence=48, max_batch=bundle.max_batch)
+
+    with runner(512) as whole, runner(20) as chunked:  # 20 tokens: rows of 10 go two, then one
+        assert chunked.describe()["prefill_tokens"] == 20 and chunked.shared_kv
+        a, b = whole.prefill(ids, mask), chunked.prefill(ids, mask)
+        np.testing.assert_allclose(b[mask == 1], a[mask == 1], atol=1e-5)
+        a, b = whole.prefill(ids, mask, last_only=True), chunked.prefill(ids, mask, last_only=True)
+        np.testing.assert_allclose(b, a, atol=1e-5)
+        for _ in range(6):  # the decode steps read what each chunk wrote into the cache
+            tok = a.argmax(-1)
+            a, b = whole.decode(tok), chunked.decode(tok)
+            np.testing.assert_allclose(b, a, atol=1e-5)
+
+
 def test_lm_head_runs_on_selected_positions_only(tiny, tmp_path):
     """passes/select_logits.py: the graph takes `logits_positions`; a last-only prefill computes [B, 1, V]
     (not [B, S, V]) and equals the last column of the full prefill, for left-padded rows too; the

@@ -5,10 +5,18 @@ the new token ids (and mask/positions) and reads back only the logits. Two cache
 
 - **growing** (the plain export, `Concat` attention): each step binds `past_key_values.*` to the
   previous step's `present.*` OrtValues, which ORT allocated on the GPU. Nothing crosses to the host.
-- **shared** (graphs with `GroupQueryAttention`): one zeroed buffer per layer and K/V of shape
-  [batch, kv_heads, capacity, head_dim] is bound as both past and present, so GQA writes the new
-  entries in place (ORT's past_present_share_buffer): no per-step allocation, fixed addresses. The
-  decode binding is made once per batch size; a step copies only the new ids and positions in place.
+- **shared** (graphs with `GroupQueryAttention`): one zeroed device block per batch size holds every
+  layer's K and V, [2 x layers, batch, kv_heads, capacity, head_dim]; each layer's slice is bound by
+  address as both past and present, so GQA writes the new entries in place (ORT's
+  past_present_share_buffer): no per-step allocation, fixed addresses. The block is allocated by an
+  ONNX Runtime session at its exact size (`_KvBlock`); the decode binding is made once per batch size;
+  a step copies only the new ids and positions in place.
+- **prefill in row chunks**: a prompt batch runs through the graph at most `prefill_tokens` tokens at a
+  time (engine setting, default 4,096; LEPTONC_PREFILL_TOKENS overrides), whole rows per chunk, each
+  chunk bound to its rows of the K/V block, so a large batch of long prompts does not hold all of its
+  activations at once. A single row is never split. Smaller chunks cost time to first token: on the
+  H100, a 16 x 128 prefill of llama-1b-shape in 512-token chunks took 21.2 ms against 12.1 ms in one
+  run (BENCHMARKS.md), hence the default.
 - **CUDA graphs** (`enable_cuda_graph`, one captured graph per batch size, prefill uncaptured via
   `gpu_graph_id` -1) additionally need fixed *shapes*. GPU bundles are built for that (engine setting
   "gqa_lengths": "mask_sum", passes/fuse_attention.py): GroupQueryAttention reads each row's length
@@ -30,6 +38,40 @@ from leptonc.errors import BackendUnavailableError, InputError
 from leptonc.runtime.base import Runner, positions_from_mask
 
 _DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
+PREFILL_TOKENS = 4096  # tokens per prefill chunk (whole rows); module doc
+
+
+class _KvBlock:
+    """One batch size's K/V cache: a single zeroed allocation, [2 x layers, batch, kv_heads, capacity,
+    head_dim], bound to the graph's past/present names by address (a layer's rows r0:r1 are contiguous).
+
+    The block is the output of a one-node ConstantOfShape session on the runner's provider, so it comes
+    from an ONNX Runtime arena that allocates exactly what is asked (kSameAsRequested). An OrtValue made
+    from Python (`ortvalue_from_numpy`) would come from the Python module's own device arena, which grows
+    in powers of two: on the H100 the first batch-16 prefill of llama-1b-shape (a 640 MiB block) raised
+    device memory by 1,082 MiB, consistent with a 1 GiB region."""
+
+    def __init__(self, runner: "OrtCudaRunner", batch: int):
+        self.batch, self.dtype = batch, runner.kv_dtype
+        self.row_shape = (runner.kv_heads, runner.capacity, runner.head_dim)
+        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        self.names = list(runner._kv_names())
+        self.device_type, self.device_id = runner.device_type, runner.device_id
+        shape = np.asarray([2 * runner.num_layers, batch, *self.row_shape], np.int64)
+        binding = runner._zeros_session().io_binding()
+        binding.bind_cpu_input("shape", shape)
+        binding.bind_output("zeros", self.device_type, self.device_id)
+        runner._zeros_session().run_with_iobinding(binding)
+        self.value = binding.get_outputs()[0]  # owns the memory; zeros, never uninitialized (0 x NaN is NaN)
+        self.base = self.value.data_ptr()
+
+    def bind(self, binding, rows: tuple[int, int] | None = None) -> None:
+        r0, r1 = rows or (0, self.batch)
+        shape = [r1 - r0, *self.row_shape]
+        for j, (past, present) in enumerate(self.names):
+            ptr = self.base + (j * self.batch + r0) * self.row_bytes
+            binding.bind_input(past, self.device_type, self.device_id, self.dtype, shape, ptr)
+            binding.bind_output(present, self.device_type, self.device_id, self.dtype, shape, ptr)
 
 
 def load_ort_cuda():
@@ -121,6 +163,10 @@ class OrtCudaRunner(Runner):
         self.vocab_size = io["vocab_size"]
         self.max_sequence, self.max_batch = max_sequence, max_batch
         self.memory = _GpuMemory(device_id) if device_type == "cuda" else None
+        env_tokens = os.environ.get("LEPTONC_PREFILL_TOKENS")
+        self.prefill_tokens = int(env_tokens or settings.get("prefill_tokens", PREFILL_TOKENS))
+        if self.prefill_tokens < 1:
+            raise InputError(f"prefill_tokens must be at least 1, not {self.prefill_tokens}")
 
         ops = graph_op_types(model_path)
         # LEPTONC_KV_LAYOUT=growing forces the growing layout (for the cache-layout ablation in bench/).
@@ -174,6 +220,9 @@ class OrtCudaRunner(Runner):
             self.cuda_graph = False
             self.cuda_graph_reason = ("off: ONNX Runtime refused to capture this graph (nodes placed on the CPU "
                                       f"provider): {str(exc).strip()[-160:]}")
+        # Helper sessions (K/V block allocator) run on the same provider, without graph capture.
+        self._providers = ([("CUDAExecutionProvider", {k: v for k, v in cuda_opts.items() if k != "enable_cuda_graph"})]
+                           if device_type == "cuda" else ["CPUExecutionProvider"])
         if device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise BackendUnavailableError("ONNX Runtime could not start its CUDA provider on this machine",
                                           hint="check the NVIDIA driver and that onnxruntime-gpu matches the CUDA version")
@@ -192,6 +241,7 @@ class OrtCudaRunner(Runner):
         self._graph_ids: dict[int, int] = {}
         self._feeds: list = []  # inputs bound for the run in progress
         self._gather = None  # the last-position slicer, made on first use
+        self._zeros = None  # the K/V block allocator, made on first use
         self._sample_memory()
 
     # ---- helpers ----------------------------------------------------------------------------------
@@ -215,6 +265,7 @@ class OrtCudaRunner(Runner):
         return {"runner": type(self).__name__, "provider": self.session.get_providers()[0] if self.session else None,
                 "kv_layout": "shared" if self.shared_kv else "growing",
                 "padding": "right (fixed-shape decode mask)" if self.right_pad else "left",
+                **({"prefill_tokens": self.prefill_tokens} if self.shared_kv else {}),
                 "cuda_graph": self.cuda_graph_reason}
 
     def _sample_memory(self) -> None:
@@ -261,44 +312,49 @@ class OrtCudaRunner(Runner):
             positions = self._positions = positions_from_mask(mask)
             last = np.full(batch, seq - 1, np.int64)
         self._total = seq
-        binding = self.session.io_binding()
-        binding.bind_ortvalue_input("input_ids", self._ortvalue(input_ids))
-        binding.bind_ortvalue_input("attention_mask", self._ortvalue(mask))
-        binding.bind_ortvalue_input("position_ids", self._ortvalue(positions))
         select = None
         if self.selects_logits:  # only the last position, or every one (callers index the full form)
             select = last.reshape(-1, 1) if last_only else np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq))
-            binding.bind_ortvalue_input("logits_positions", self._ortvalue(select))
+        block = self._kv_block(batch) if self.shared_kv else None
+        rows = max(1, self.prefill_tokens // seq) if block is not None else batch
+        parts = [self._prefill_rows(r0, min(batch, r0 + rows), input_ids, mask, positions, select, last, last_only,
+                                    block) for r0 in range(0, batch, rows)]
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        if self.right_pad:
+            self._reset_decode_mask(batch)
+        if not last_only and order is not None:  # back to the caller's (left-padded) layout
+            restored = np.zeros_like(logits)
+            np.put_along_axis(restored, order[:, :, None], logits, axis=1)
+            logits = restored
+        self._sample_memory()
+        return logits.astype(np.float32, copy=False)
+
+    def _prefill_rows(self, r0: int, r1: int, input_ids, mask, positions, select, last, last_only: bool,
+                      block: "_KvBlock | None") -> np.ndarray:
+        """One prefill run over rows r0:r1 (their slice of the K/V block); their logits on the host."""
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("input_ids", self._ortvalue(input_ids[r0:r1]))
+        binding.bind_ortvalue_input("attention_mask", self._ortvalue(mask[r0:r1]))
+        binding.bind_ortvalue_input("position_ids", self._ortvalue(positions[r0:r1]))
+        if select is not None:
+            binding.bind_ortvalue_input("logits_positions", self._ortvalue(select[r0:r1]))
         binding.bind_output("logits", self.device_type, self.device_id)  # bound first: get_outputs() keeps binding order
-        if self.shared_kv:
-            self._kv = self._shared_buffers(batch)
-            for j, (past, present) in enumerate(self._kv_names()):
-                binding.bind_ortvalue_input(past, self._kv[j])
-                binding.bind_ortvalue_output(present, self._kv[j])
+        if block is not None:
+            block.bind(binding, (r0, r1))
         else:
-            empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+            empty = np.zeros((r1 - r0, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
             for past, present in self._kv_names():
                 binding.bind_ortvalue_input(past, self._ortvalue(empty))
                 binding.bind_output(present, self.device_type, self.device_id)
-        run_options = self._run_options(-1)
-        self.session.run_with_iobinding(binding, run_options)
+        self.session.run_with_iobinding(binding, self._run_options(-1))
         outputs = binding.get_outputs()
-        if not self.shared_kv:
+        if block is None:
             self._kv = list(outputs[1:])
-        if self.right_pad:
-            self._reset_decode_mask(batch)
-        if last_only and select is not None:  # the graph computed [B, 1, vocab] only
-            logits = outputs[0].numpy().reshape(batch, -1)
-        elif last_only:  # slice on the device: the host gets [B, vocab], not [B, S, vocab]
-            logits = self._last_position(outputs[0], last)
-        else:
-            logits = outputs[0].numpy()
-            if order is not None:  # back to the caller's (left-padded) layout
-                restored = np.zeros_like(logits)
-                np.put_along_axis(restored, order[:, :, None], logits, axis=1)
-                logits = restored
-        self._sample_memory()
-        return logits.astype(np.float32, copy=False)
+        if last_only and select is not None:  # the graph computed [rows, 1, vocab] only
+            return outputs[0].numpy().reshape(r1 - r0, -1)
+        if last_only:  # slice on the device: the host gets [rows, vocab], not [rows, S, vocab]
+            return self._last_position(outputs[0], last[r0:r1])
+        return outputs[0].numpy()
 
     def _last_position(self, logits_value, last: np.ndarray) -> np.ndarray:
         """logits[b, last[b]] of a device OrtValue, through a one-node GatherND session on the same
@@ -323,17 +379,26 @@ class OrtCudaRunner(Runner):
         self._gather.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
-    def _shared_buffers(self, batch: int) -> list:
-        """Per-batch-size K/V buffers at full capacity; reused (never reallocated) across sequences."""
+    def _zeros_session(self):
+        """A one-node session (ConstantOfShape, zeros of the cache dtype) on this runner's provider."""
+        if self._zeros is None:
+            from onnx import TensorProto, helper, numpy_helper
+
+            elem = helper.np_dtype_to_tensor_dtype(self.kv_dtype)
+            graph = helper.make_graph(
+                [helper.make_node("ConstantOfShape", ["shape"], ["zeros"],
+                                  value=numpy_helper.from_array(np.zeros(1, self.kv_dtype)))], "kv_zeros",
+                [helper.make_tensor_value_info("shape", TensorProto.INT64, [5])],
+                [helper.make_tensor_value_info("zeros", elem, None)])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+            self._zeros = self.ort.InferenceSession(model.SerializeToString(), providers=self._providers)
+        return self._zeros
+
+    def _kv_block(self, batch: int) -> _KvBlock:
+        """The batch size's K/V block at full capacity; reused (never reallocated) across sequences."""
         static = self._static.get(batch)
         if static is None:
-            shape = (batch, self.kv_heads, self.capacity, self.head_dim)
-            zeros = np.zeros(shape, self.kv_dtype)  # never uninitialized memory: 0 x NaN garbage is NaN
-            kv = [self.ort.OrtValue.ortvalue_from_numpy(zeros if self.device_type != "cpu" else zeros.copy(),
-                                                        self.device_type, self.device_id)
-                  for _ in range(2 * self.num_layers)]
-            static = {"kv": kv}
-            self._static[batch] = static
+            static = self._static[batch] = {"kv": _KvBlock(self, batch)}
         return static["kv"]
 
     def _run_options(self, graph_id: int):
@@ -372,14 +437,10 @@ class OrtCudaRunner(Runner):
         binding.bind_output("logits", self.device_type, self.device_id)  # first: get_outputs() keeps binding order
         for j, (past, present) in enumerate(self._kv_names()):
             binding.bind_ortvalue_input(past, self._kv[j])
-            if self.shared_kv:
-                binding.bind_ortvalue_output(present, self._kv[j])
-            else:
-                binding.bind_output(present, self.device_type, self.device_id)
+            binding.bind_output(present, self.device_type, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        if not self.shared_kv:
-            self._kv = list(outputs[1:])
+        self._kv = list(outputs[1:])
         return outputs[0].numpy()
 
     def _decode_state(self, batch: int) -> dict:
@@ -395,9 +456,7 @@ class OrtCudaRunner(Runner):
             b = self.session.io_binding()
             b.bind_ortvalue_input("input_ids", static["ids"])
             b.bind_ortvalue_input("position_ids", static["pos"])
-            for j, (past, present) in enumerate(self._kv_names()):
-                b.bind_ortvalue_input(past, static["kv"][j])
-                b.bind_ortvalue_output(present, static["kv"][j])
+            static["kv"].bind(b)
             b.bind_ortvalue_output("logits", static["logits"])
             if self.selects_logits:  # the one new position of each row: a constant buffer of zeros
                 static["logits_positions"] = self.ort.OrtValue.ortvalue_from_numpy(
@@ -450,4 +509,5 @@ class OrtCudaRunner(Runner):
         self._kv = []
         self._static = {}
         self._gather = None
+        self._zeros = None
         self.session = None
