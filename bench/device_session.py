@@ -163,14 +163,15 @@ def fused_bundle(s: Session, source: str, name: str, *extra: str) -> Path | None
     return static_variant(s, raw, name + ".compat", compat_only=True) if raw else None
 
 
-def greedy_parity(s: Session, bundle: Path) -> None:
+def greedy_parity(s: Session, bundle: Path, env: dict | None = None) -> None:
     """The fused h100 bundle's 16 greedy tokens, alone and as row 0 of a padded batch of 3, beside the cpu
     fp32 bundle's (recorded under "parity")."""
     ids = greedy(s, bundle, "greedy fused h100 fp16")
     batch = s.cli("batched greedy fused", "run", bundle, "-p", PROMPT, "-p", "Water boils at", "-p", "Hi",
-                  "-n", 16, "--ignore-eos", "--json", "--no-verify")
+                  "-n", 16, "--ignore-eos", "--json", "--no-verify", env=env)
     s.record["parity"] = {"prompt": PROMPT, "cpu_fp32": CPU_FP32_GREEDY, "h100_fused_fp16": ids,
-                          "h100_fused_fp16_in_batch_of_3": batch["outputs"][0]["token_ids"] if batch else None}
+                          "h100_fused_fp16_in_batch_of_3": batch["outputs"][0]["token_ids"] if batch else None,
+                          "batch_env": env or {}}
     s.save()
 
 
@@ -326,6 +327,112 @@ def cuda_graph_big(s: Session) -> None:
         step_probe(s, q4, "llama1b_int4")
 
 
+def script(s: Session, label: str, *argv: str, out_name: str, timeout: float, env: dict | None = None) -> None:
+    """A bench/ script run as one step; its JSON file is kept in the session record."""
+    out = s.out / out_name
+    cmd = [sys.executable, *argv, str(out)]
+    left = s.deadline - time.time()
+    if left < 30:
+        print(f"[{label}] skipped: the call's time budget is spent", flush=True)
+        return
+    print(f"[{label}] {' '.join(cmd[1:])} {json.dumps(env or {})}", flush=True)
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(timeout, left),
+                              env={**os.environ, **(env or {})})
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = "timeout", str(exc.stdout or "")[-3000:]
+    data = json.loads(out.read_text()) if out.is_file() else None
+    s.record["steps"].append({"label": label, "command": " ".join(cmd[1:]), "env": env or {}, "rc": rc,
+                              "seconds": round(time.time() - start, 1), "json": data, "tail": tail})
+    s.save()
+    print(tail[-2500:], flush=True)
+
+
+def fpa_memory(s: Session) -> None:
+    """Issue 8 lines 2 and 6 (session 6). MatMulNBits layouts and ONNX Runtime's CUTLASS weight-only path
+    (bench/device_nbits_probe.py); llama-1b-shape fp16 and int4 (RTN) benched in one call, int4 with the
+    fpA_intB path on and off; where device memory goes (bench/device_memory_probe.py) with CUDA graphs
+    on/off and with the arena given back after each prefill. HISTORICAL: the runner's
+    LEPTONC_FPA_INTB_GEMM switch used here was removed after this run (no effect on the shipped int4
+    layout: 859 vs 864 tok/s at batch 1, 4,115 vs 4,238 at batch 16), as was LEPTONC_ARENA_SHRINK."""
+    script(s, "nbits probe", "bench/device_nbits_probe.py", "--reps", "4", "--iters", "100",
+           out_name="nbits_probe.json", timeout=150)
+    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if big:
+        bench(s, big, "llama1b fp16", "--batch", "1,16")
+    if q4:
+        bench(s, q4, "llama1b int4 fpA_intB on", "--batch", "1,16", env={"LEPTONC_FPA_INTB_GEMM": "1"})
+        bench(s, q4, "llama1b int4 fpA_intB off", "--batch", "1,16", env={"LEPTONC_FPA_INTB_GEMM": "0"})
+    if big:
+        # (This call also ran LEPTONC_ARENA_SHRINK=1, an experiment since removed: giving the arena back after
+        # a prefill freed memory a captured decode graph still used, and the next replay faulted.)
+        for tag, env in (("default", {}), ("no graph", {"LEPTONC_CUDA_GRAPH": "0"})):
+            script(s, f"memory probe llama1b {tag}", "bench/device_memory_probe.py", str(big),
+                   out_name=f"memory_llama1b_{tag.replace(' ', '_')}.json", timeout=90, env=env)
+
+
+def attn_memory(s: Session) -> None:
+    """Issue 8 lines 2 and 6 (session 6, second call): the MatMulNBits layout probe again (the first run's
+    models carried an IR version ORT 1.31 refuses); which attention kernel GroupQueryAttention's prefill
+    runs and what its scratch costs: llama-1b-shape fp16 memory and speed with ONNX Runtime's flash or
+    memory-efficient attention switched off (its ORT_DISABLE_* variables)."""
+    script(s, "nbits probe", "bench/device_nbits_probe.py", "--reps", "4", "--iters", "100",
+           out_name="nbits_probe.json", timeout=170)
+    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if not big:
+        return
+    variants = (("default", {}), ("no flash", {"ORT_DISABLE_FLASH_ATTENTION": "1"}),
+                ("no mem-efficient", {"ORT_DISABLE_MEMORY_EFFICIENT_ATTENTION": "1"}))
+    for tag, env in variants:
+        script(s, f"memory probe llama1b {tag}", "bench/device_memory_probe.py", str(big),
+               out_name=f"memory_llama1b_{tag.replace(' ', '_')}.json", timeout=60, env=env)
+    for tag, env in variants:
+        bench(s, big, f"llama1b fp16 {tag}", "--batch", "1,16", env=env)
+        s.cli(f"llama1b ttft 1024 {tag}", "bench", big, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 2, "--iters", 5, "--json", "--no-verify", env=env)
+
+
+def kv_block(s: Session) -> None:
+    """Issue 8 line 6 (session 6, third call): the K/V cache as one device block per batch size and the
+    prefill in row chunks of at most 512 tokens. llama-1b-shape fp16 memory and speed, smollm2 greedy
+    parity with every row of a padded batch prefilled on its own (LEPTONC_PREFILL_TOKENS=4), int4 peaks."""
+    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if big:
+        bench(s, big, "llama1b fp16", "--batch", "1,16")
+        s.cli("llama1b fp16 ttft 1024", "bench", big, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 2, "--iters", 5, "--json", "--no-verify")
+        script(s, "memory probe llama1b kv block", "bench/device_memory_probe.py", str(big),
+               out_name="memory_llama1b_kv_block.json", timeout=60)
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    if small:
+        greedy_parity(s, small, env={"LEPTONC_PREFILL_TOKENS": "4"})
+        bench(s, small, "smollm2 fp16", "--batch", "1,16")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if q4:
+        bench(s, q4, "llama1b int4", "--batch", "1,16")
+
+
+def kv_exact(s: Session) -> None:
+    """Issue 8 line 6 (session 6, last call): the K/V block allocated by an ONNX Runtime session
+    (exact size) instead of the Python module's power-of-two arena; prefill chunk budgets 512 (default),
+    2,048 and unlimited, by memory probe and bench."""
+    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if not big:
+        return
+    for tokens in ("512", "2048", "100000"):
+        script(s, f"memory probe llama1b prefill {tokens}", "bench/device_memory_probe.py", str(big),
+               out_name=f"memory_llama1b_exact_{tokens}.json", timeout=40, env={"LEPTONC_PREFILL_TOKENS": tokens})
+    bench(s, big, "llama1b fp16", "--batch", "1,16")
+    bench(s, big, "llama1b fp16 prefill 2048", "--batch", "1,16", env={"LEPTONC_PREFILL_TOKENS": "2048"})
+    s.cli("llama1b fp16 ttft 1024", "bench", big, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+          "--warmup", 2, "--iters", 5, "--json", "--no-verify")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -346,7 +453,7 @@ def summary(s: Session) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
-                                            "graph_probe", "cuda_graph", "cuda_graph_big"))
+                                            "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -357,7 +464,9 @@ def main() -> None:
     try:
         {"runtime": runtime_session, "decode_small": decode_small, "decode_big": decode_big,
          "decode_int4": decode_int4, "decode_final": decode_final, "graph_probe": graph_probe,
-         "cuda_graph": cuda_graph, "cuda_graph_big": cuda_graph_big}[args.session](s)
+         "cuda_graph": cuda_graph, "cuda_graph_big": cuda_graph_big, "fpa_memory": fpa_memory,
+         "attn_memory": attn_memory, "kv_block": kv_block,
+         "kv_exact": kv_exact}[args.session](s)
     finally:
         s.save()
         summary(s)
