@@ -170,3 +170,32 @@ def test_a_full_disk_leaves_the_previous_bundle_intact(tiny_bundle, tmp_path):
     assert _identity(out) == before
     load_bundle(out, verify=True)
     assert not list(tmp_path.glob(f"{TMP_PREFIX}*"))  # the failed compile removed its staging folder
+
+
+def test_interrupt_is_raised_only_in_leptonc_code(monkeypatch):
+    """The SIGINT/SIGTERM handler (leptonc/cli.py): in leptonc's own frames it raises KeyboardInterrupt at
+    once; in another library's frame (which C++ may be calling back: raising there aborts the process)
+    it asks again shortly instead; after its patience runs out it raises wherever the program is."""
+    import types
+
+    from leptonc import cli
+
+    sent = []
+    monkeypatch.setattr(cli.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    handler = cli._Interrupts()
+    theirs = types.SimpleNamespace(f_globals={"__name__": "torch.nn.modules.module"})
+    ours = types.SimpleNamespace(f_globals={"__name__": "leptonc.passes.cleanup"})
+
+    handler.handle(signal.SIGTERM, theirs)  # deferred: a retry is scheduled, nothing raised
+    assert handler.timer is not None
+    handler.timer.join(2)
+    assert sent == [(os.getpid(), signal.SIGTERM)]
+    with pytest.raises(KeyboardInterrupt):
+        handler.handle(signal.SIGTERM, ours)
+    assert handler.first is None  # the next signal starts a fresh wait
+
+    handler.handle(signal.SIGINT, theirs)
+    handler.timer.cancel()
+    handler.first -= handler.PATIENCE_S + 1  # asked for longer than its patience
+    with pytest.raises(KeyboardInterrupt):
+        handler.handle(signal.SIGINT, theirs)
