@@ -351,6 +351,17 @@ def test_prefill_in_row_chunks_matches_one_run(tiny, mask_sum_bundle, graph):
             np.testing.assert_allclose(b, a, atol=1e-5)
 
 
+def test_kv_cache_that_cannot_be_allocated_is_an_input_error(tiny):
+    """A batch whose K/V block does not fit names the size and the next step, instead of ONNX Runtime's
+    allocator failure."""
+    bundle, _ = tiny
+    with _runner(bundle, "iobinding", max_sequence=10**12) as r:
+        ids = np.ones((2, 4), np.int64)
+        with pytest.raises(InputError, match=r"KV cache for batch 2 .* GiB") as err:
+            r.prefill(ids, np.ones_like(ids))
+        assert "--max-seq" in err.value.hint
+
+
 def test_lm_head_runs_on_selected_positions_only(tiny, tmp_path):
     """passes/select_logits.py: the graph takes `logits_positions`; a last-only prefill computes [B, 1, V]
     (not [B, S, V]) and equals the last column of the full prefill, for left-padded rows too; the

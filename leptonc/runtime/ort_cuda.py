@@ -61,7 +61,17 @@ class _KvBlock:
         binding = runner._zeros_session().io_binding()
         binding.bind_cpu_input("shape", shape)
         binding.bind_output("zeros", self.device_type, self.device_id)
-        runner._zeros_session().run_with_iobinding(binding)
+        try:
+            runner._zeros_session().run_with_iobinding(binding)
+        except RuntimeError as exc:
+            if "allocate" not in str(exc).lower():
+                raise
+            need = 2 * runner.num_layers * batch * self.row_bytes
+            raise InputError(
+                f"the KV cache for batch {batch} at this bundle's capacity of {runner.capacity} tokens needs "
+                f"{need / 2**30:.2f} GiB of {'device' if self.device_type == 'cuda' else 'host'} memory, and "
+                "that much could not be allocated",
+                hint="run fewer prompts at once, or recompile with a smaller --max-seq") from None
         self.value = binding.get_outputs()[0]  # owns the memory; zeros, never uninitialized (0 x NaN is NaN)
         self.base = self.value.data_ptr()
 
@@ -391,7 +401,9 @@ class OrtCudaRunner(Runner):
                 [helper.make_tensor_value_info("shape", TensorProto.INT64, [5])],
                 [helper.make_tensor_value_info("zeros", elem, None)])
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-            self._zeros = self.ort.InferenceSession(model.SerializeToString(), providers=self._providers)
+            so = self.ort.SessionOptions()
+            so.log_severity_level = 4  # an allocation failure is reported as an InputError, not as ORT's log line
+            self._zeros = self.ort.InferenceSession(model.SerializeToString(), so, providers=self._providers)
         return self._zeros
 
     def _kv_block(self, batch: int) -> _KvBlock:
