@@ -708,6 +708,7 @@ class _Interrupts:
         self.saved: dict = {}
 
     def install(self) -> None:
+        self.first, self.timer = None, None
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.saved[sig] = signal.signal(sig, self.handle)
 
