@@ -351,6 +351,13 @@ def test_prefill_in_row_chunks_matches_one_run(tiny, mask_sum_bundle, graph):
             np.testing.assert_allclose(b, a, atol=1e-5)
 
 
+@pytest.mark.parametrize("value", ["abc", "0"])
+def test_bad_prefill_chunk_setting_is_a_clean_error(tiny_bundle, value):
+    proc = run_cli("run", tiny_bundle, "-p", "hi", "-n", "2", env={"LEPTONC_PREFILL_TOKENS": value})
+    assert_clean_error(proc, 8)
+    assert "LEPTONC_PREFILL_TOKENS" in proc.stderr
+
+
 def test_kv_cache_that_cannot_be_allocated_is_an_input_error(tiny):
     """A batch whose K/V block does not fit names the size and the next step, instead of ONNX Runtime's
     allocator failure."""

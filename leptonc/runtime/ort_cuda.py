@@ -58,11 +58,12 @@ class _KvBlock:
         self.names = list(runner._kv_names())
         self.device_type, self.device_id = runner.device_type, runner.device_id
         shape = np.asarray([2 * runner.num_layers, batch, *self.row_shape], np.int64)
-        binding = runner._zeros_session().io_binding()
+        session = runner._zeros_session()
+        binding = session.io_binding()
         binding.bind_cpu_input("shape", shape)
         binding.bind_output("zeros", self.device_type, self.device_id)
         try:
-            runner._zeros_session().run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         except RuntimeError as exc:
             if "allocate" not in str(exc).lower():
                 raise
@@ -173,10 +174,15 @@ class OrtCudaRunner(Runner):
         self.vocab_size = io["vocab_size"]
         self.max_sequence, self.max_batch = max_sequence, max_batch
         self.memory = _GpuMemory(device_id) if device_type == "cuda" else None
-        env_tokens = os.environ.get("LEPTONC_PREFILL_TOKENS")
-        self.prefill_tokens = int(env_tokens or settings.get("prefill_tokens", PREFILL_TOKENS))
+        tokens = os.environ.get("LEPTONC_PREFILL_TOKENS") or settings.get("prefill_tokens", PREFILL_TOKENS)
+        try:
+            self.prefill_tokens = int(tokens)
+        except (TypeError, ValueError):
+            self.prefill_tokens = 0
         if self.prefill_tokens < 1:
-            raise InputError(f"prefill_tokens must be at least 1, not {self.prefill_tokens}")
+            raise InputError(f"prefill chunk size {tokens!r} (LEPTONC_PREFILL_TOKENS or the engine's prefill_tokens) "
+                             "is not a whole number of tokens >= 1", hint="unset LEPTONC_PREFILL_TOKENS or set it to "
+                             f"a positive integer (default {PREFILL_TOKENS})")
 
         ops = graph_op_types(model_path)
         # LEPTONC_KV_LAYOUT=growing forces the growing layout (for the cache-layout ablation in bench/).
