@@ -440,6 +440,12 @@ def kv_exact(s: Session) -> None:
         bench(s, small, "smollm2 fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
 
 
+def gemv(s: Session) -> None:
+    """Issue 8 lines 1 and 3 (session 7, second call): fp16 weight layouts at decode sizes in CUDA graphs
+    (bench/device_gemv_probe.py): MatMul on [K, N] against FusedMatMul / Gemm on [N, K] with transB."""
+    script(s, "gemv probe", "bench/device_gemv_probe.py", "--iters", "200", out_name="gemv_probe.json", timeout=300)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -460,7 +466,7 @@ def summary(s: Session) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
-                                            "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact"))
+                                            "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -473,7 +479,7 @@ def main() -> None:
          "decode_int4": decode_int4, "decode_final": decode_final, "graph_probe": graph_probe,
          "cuda_graph": cuda_graph, "cuda_graph_big": cuda_graph_big, "fpa_memory": fpa_memory,
          "attn_memory": attn_memory, "kv_block": kv_block,
-         "kv_exact": kv_exact}[args.session](s)
+         "kv_exact": kv_exact, "gemv": gemv}[args.session](s)
     finally:
         s.save()
         summary(s)
