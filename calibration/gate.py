@@ -77,7 +77,23 @@ def accuracy_gate(backend, reference_path: Path, quantized_path: Path, engine: d
             f"accuracy gate failed: perplexity {result['reference_perplexity']:.3f} -> "
             f"{result['quantized_perplexity']:.3f} (+{result['ppl_increase_pct']:.2f}%, limit {limit:g}%), "
             f"top-1 agreement {result['top1_agreement']:.3f}; no bundle was written",
-            hint="try --int4-method awq, a larger --int4-block budget, --keep-fp for the layers with the lowest "
-                 "SQNR in the report, or raise --max-ppl-increase",
+            hint=gate_hint(settings),
         )
     return result
+
+
+def gate_hint(settings) -> str:
+    """The next step after a failed gate, for the format that failed it."""
+    common = "--keep-fp for the layers with the lowest SQNR in the report, or raise --max-ppl-increase"
+    fmt = settings.format
+    if fmt.startswith("int4"):
+        first = ("--int4-method awq, " if fmt == "int4-rtn" else "") + \
+            "a smaller --int4-block (64 or 32), --int4-8bit for the most sensitive layers"
+    elif fmt == "int8-w8a8":
+        first = "--int8-mode weight-only (no activation rounding), a fixed --smoothquant-alpha"
+    elif fmt == "fp8":
+        first = ("--calib-method minmax (percentile and entropy clip outliers that E4M3 could represent), "
+                 if settings.calib_method != "minmax" else "") + "leaving out --fp8-lm-head" * settings.fp8_lm_head
+    else:
+        first = ""
+    return f"try {first.rstrip(', ')}, {common}" if first.strip(", ") else f"try {common}"
