@@ -276,3 +276,19 @@ def test_calibration_cache_hits_on_the_second_run(tmp_path, monkeypatch):
     assert ("layers.0.q.weight", "layers.0.k.weight", "layers.0.v.weight") in members
     assert ("layers.0.gate.weight", "layers.0.up.weight") in members
     assert ("lm_head",) in members
+
+
+@pytest.mark.parametrize("precision,options,says,never", [
+    ("int4", {"int4_method": "rtn"}, "--int4-method awq", "--calib-method"),
+    ("int4", {}, "--int4-block", "--int4-method awq"),
+    ("int8", {}, "--int8-mode weight-only", "--int4"),
+    ("fp8", {"calib_method": "percentile"}, "--calib-method minmax", "--int4"),
+    ("fp8", {}, "--keep-fp", "--int4"),
+])
+def test_failed_gate_hint_names_the_failing_formats_flags(precision, options, says, never):
+    from leptonc.calibration.gate import gate_hint
+    from leptonc.calibration.quantize import QuantSettings
+
+    hint = gate_hint(QuantSettings.from_options(precision, options))
+    assert says in hint and never not in hint
+    assert "--max-ppl-increase" in hint
