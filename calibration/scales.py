@@ -112,14 +112,19 @@ class BlockQuantized:
 
 def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetric: bool = False,
                    scale_multiplier: float = 1.0, clip_rows: np.ndarray | None = None,
-                   clip_ratios: tuple[float, ...] = ()) -> BlockQuantized:
+                   clip_ratios: tuple[float, ...] = (), refine: int = 0) -> BlockQuantized:
     """Round-to-nearest block quantization of an [N, K] weight along K (padded with zeros to a
     whole block). Asymmetric (min/max with a zero point) unless `symmetric`.
 
     With `clip_ratios` (asymmetric only), each block's range is also tried shrunk by each ratio and
     the one with the least error is kept: with `clip_rows` ([R, K] calibration inputs), AWQ's clip
     loss, the mean squared error of the block's partial output x_b . w_b over those rows
-    (d^T C_b d with C_b = X_b^T X_b / R, cross terms included), else the plain squared weight error."""
+    (d^T C_b d with C_b = X_b^T X_b / R, cross terms included), else the plain squared weight error.
+
+    With `refine` > 0 (and `clip_rows`), each block's scale is then refit that many rounds: with the
+    codes fixed, the scale that minimises the same loss is (q^T C_b w) / (q^T C_b q), q = code - zero
+    point; the codes are re-rounded with it, and a block keeps the new scale only where its loss fell.
+    (Moving the integer zero point one step as well gained nothing on smollm2-135m.)"""
     if bits not in (4, 8):
         raise ValueError("bits must be 4 or 8")
     if block_size < 16 or block_size & (block_size - 1):
@@ -154,21 +159,40 @@ def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetri
             if not clip_ratios:
                 scales, zp = sc, z
                 break
-            d = blocks - (np.clip(np.rint(blocks / sc[..., None]) + z[..., None], 0, levels) - z[..., None]) * sc[..., None]
-            if cov is None:
-                err = (d * d).sum(-1)
-            else:
-                dt = np.ascontiguousarray(d.transpose(1, 0, 2), np.float32)  # [blocks, N, block]
-                err = (np.matmul(dt, cov) * dt).sum(-1).T
+            err = _block_loss(blocks, sc, z, levels, cov)
             if best_err is None:
                 best_err, scales, zp = err, sc, z
             else:
                 better = err < best_err
                 best_err = np.where(better, err, best_err)
                 scales, zp = np.where(better, sc, scales), np.where(better, z, zp)
+        if refine and cov is not None:
+            wt = np.ascontiguousarray(blocks.transpose(1, 0, 2), np.float32)  # [blocks, N, block]
+            for _ in range(refine):
+                q = np.clip(np.rint(blocks / scales[..., None]) + zp[..., None], 0, levels) - zp[..., None]
+                qt = np.ascontiguousarray(q.transpose(1, 0, 2), np.float32)
+                qc = np.matmul(qt, cov)
+                num, den = (qc * wt).sum(-1).T, (qc * qt).sum(-1).T
+                fit = np.maximum(np.where(den > 0, num / np.maximum(den, TINY), scales), TINY).astype(np.float32)
+                err = _block_loss(blocks, fit, zp, levels, cov)
+                better = err < best_err
+                if not better.any():
+                    break
+                best_err = np.where(better, err, best_err)
+                scales = np.where(better, fit, scales).astype(np.float32)
     scales = (scales * np.float32(scale_multiplier)).astype(np.float32)
     codes = np.clip(np.rint(blocks / scales[..., None]) + zp[..., None], 0, levels).astype(np.uint8)
     return BlockQuantized(codes.reshape(n, -1), scales, zp.astype(np.uint8), bits, block_size, k)
+
+
+def _block_loss(blocks: np.ndarray, sc: np.ndarray, z: np.ndarray, levels: int, cov) -> np.ndarray:
+    """[N, blocks] rounding loss of `blocks` ([N, blocks, block]) on the grid (sc, z): the squared
+    weight error, or with `cov` ([blocks, block, block]) the error of the blocks' partial outputs."""
+    d = blocks - (np.clip(np.rint(blocks / sc[..., None]) + z[..., None], 0, levels) - z[..., None]) * sc[..., None]
+    if cov is None:
+        return (d * d).sum(-1)
+    dt = np.ascontiguousarray(d.transpose(1, 0, 2), np.float32)  # [blocks, N, block]
+    return (np.matmul(dt, cov) * dt).sum(-1).T
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:

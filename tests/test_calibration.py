@@ -292,3 +292,27 @@ def test_failed_gate_hint_names_the_failing_formats_flags(precision, options, sa
     hint = gate_hint(QuantSettings.from_options(precision, options))
     assert says in hint and never not in hint
     assert "--max-ppl-increase" in hint
+
+
+def test_block_scale_refit_never_raises_the_block_output_loss():
+    """`refine` refits each block's scale by least squares on the calibration rows' block covariance:
+    per (row, block) the partial-output loss is never above the clip search's, and it falls overall."""
+    from leptonc.calibration.scales import _block_loss, block_quantize
+
+    rng = np.random.default_rng(7)
+    x = (rng.normal(0, 1, (400, 256)) * rng.lognormal(0, 1, 256)).astype(np.float32)  # uneven channels
+    w = (rng.standard_t(4, (32, 256)) * 0.05).astype(np.float32)
+    ratios = tuple(1.0 - 0.05 * i for i in range(1, 11))
+    xb = x.reshape(400, 2, 128).transpose(1, 0, 2)
+    cov = np.matmul(xb.transpose(0, 2, 1), xb) / 400
+    blocks = w.reshape(32, 2, 128)
+
+    def loss(q):
+        return _block_loss(blocks, q.scales, q.zero_points.astype(np.int32), 15, cov)
+
+    clipped = block_quantize(w, 4, 128, clip_rows=x, clip_ratios=ratios)
+    refit = block_quantize(w, 4, 128, clip_rows=x, clip_ratios=ratios, refine=4)
+    assert (loss(refit) <= loss(clipped) * (1 + 1e-5)).all()
+    assert loss(refit).sum() < loss(clipped).sum() * 0.97
+    err = lambda q: float(((x @ (q.dequantize() - w).T) ** 2).mean())  # noqa: E731
+    assert err(refit) < err(clipped)
