@@ -31,13 +31,17 @@ from leptonc.errors import UnsupportedRequestError
 CALIB_VERSION = 5  # bump when the statistics change meaning (invalidates the cache)
 QUANTIZED = ("int8", "fp8", "int4")
 FP8_DEFAULT_KEEP = ("lm_head", "embed")  # --fp8 keeps these in higher precision; --fp8-lm-head quantizes them
+FP8_DEFAULT_ALPHA = 0.5  # --fp8's SmoothQuant strength unless --smoothquant-alpha is given. Chosen on the tuning
+# text (bench/quant_tune.py, never the evaluation text): smollm2-135m +3.16% unsmoothed, +3.10% at 0.25, +2.88% at
+# 0.5, +3.90% at 0.75; the per-group alpha search overfits the calibration rows (BENCHMARKS.md, Quantization)
 
 
 @dataclass(frozen=True)
 class QuantSettings:
     precision: str
     int8_mode: str = "w8a8"  # w8a8 | weight-only
-    smoothquant_alpha: float | None = None  # None: searched per layer group (see smoothquant.search_alpha)
+    smoothquant_alpha: float | None = None  # None: int8 searches it per layer group (smoothquant.search_alpha);
+    # fp8 uses FP8_DEFAULT_ALPHA (set in __post_init__)
     int8_block: int = 64  # weight-only int8 (MatMulNBits bits=8) block along K
     int4_block: int = 128
     int4_method: str = "awq"  # awq | rtn
@@ -82,6 +86,8 @@ class QuantSettings:
             raise UnsupportedRequestError("--check-tokens must be at least 64")
         if self.calib_data is not None and not Path(self.calib_data).is_file():
             raise UnsupportedRequestError(f"--calib-data {self.calib_data} does not exist", hint="give a UTF-8 text file")
+        if self.precision == "fp8" and self.smoothquant_alpha is None:
+            object.__setattr__(self, "smoothquant_alpha", FP8_DEFAULT_ALPHA)
 
     @classmethod
     def from_options(cls, precision: str, options: dict) -> "QuantSettings":
@@ -196,10 +202,9 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         batches = calibration_batches(tokenizer, data_path, settings.calib_samples, settings.calib_seq_len)
         fmt = settings.format
         prescales = None
-        if fmt == "int8-w8a8" or (fmt == "fp8" and settings.smoothquant_alpha is not None):
-            # fp8 is not smoothed by default: E4M3's error is relative, so smoothing buys little range, and the
-            # per-group alpha search overfits the calibration rows (smollm2-135m: +3.8% with it, +3.0% without;
-            # BENCHMARKS.md, Quantization). NVIDIA ModelOpt's default FP8 recipe does not smooth either.
+        if fmt in ("int8-w8a8", "fp8"):
+            # fp8 smooths with a fixed alpha (FP8_DEFAULT_ALPHA): the per-group alpha search overfits the
+            # calibration rows (smollm2-135m: +3.8% with it; BENCHMARKS.md, Quantization).
             prescales = lambda st: _smoothing(st, weights, settings)  # noqa: E731
         elif fmt == "int4-awq":
             prescales = lambda st: _awq(st, weights, settings, mlp_activation)  # noqa: E731
@@ -219,9 +224,7 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         "cache": {"key": key, "hit": cached, "path": str(path)},
         "seconds": round(time.perf_counter() - start, 2),
     }
-    if settings.format == "fp8" and settings.smoothquant_alpha is None:
-        summary["smoothquant_alpha"] = "off (the fp8 default; --smoothquant-alpha A smooths with a fixed alpha)"
-    elif settings.format in ("int8-w8a8", "fp8"):
+    if settings.format in ("int8-w8a8", "fp8"):
         alphas = [g.alpha for g in stats.groups if g.alpha is not None]
         summary["smoothquant_alpha"] = settings.smoothquant_alpha if settings.smoothquant_alpha is not None else \
             {"searched_per_group": True, "min": min(alphas, default=None), "max": max(alphas, default=None),

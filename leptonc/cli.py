@@ -139,7 +139,7 @@ def compile_cmd(
     int8_mode: Optional[str] = typer.Option(None, "--int8-mode", help="--int8: w8a8 (SmoothQuant, default) or weight-only."),
     smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha", help="SmoothQuant migration strength: --int8 W8A8 "
                                                                                   "(default: searched per layer group); "
-                                                                                  "--fp8 smooths only when given."),
+                                                                                  "--fp8 (default 0.5)."),
     int4_block: Optional[int] = typer.Option(None, "--int4-block", help="--int4 block size: 32, 64 or 128 (default)."),
     int4_method: Optional[str] = typer.Option(None, "--int4-method", help="--int4 scales: awq (default) or rtn."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV cache precision fp8|int8 (where the backend supports it)."),

@@ -194,9 +194,7 @@ def qdq_group(members: list[Linear], group, s, x: gs.Tensor, fmt: str, tag: str,
 
 
 def smoothquant_detail(settings, fmt: str, counts: dict) -> str:
-    """The report line on SmoothQuant for a W8A8 pass (fp8 runs without it unless an alpha is given)."""
-    if fmt == "fp8" and settings.smoothquant_alpha is None:
-        return "no SmoothQuant (the fp8 default; --smoothquant-alpha A smooths)"
+    """The report line on SmoothQuant for a W8A8 pass (fp8: a fixed alpha, 0.5 unless given)."""
     alpha = (f"alpha {settings.smoothquant_alpha:g}" if settings.smoothquant_alpha is not None
              else "alpha searched per layer group")
     return f"SmoothQuant ({alpha}) folded into {counts['smooth_folded']} norms, {counts['smooth_mul']} via Mul"

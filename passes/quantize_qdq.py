@@ -9,9 +9,10 @@
   fp8 (`--fp8`): weights float8 E4M3FN per channel, activations float8 E4M3FN per tensor, as Q/DQ
       (opset 19, where float8 Q/DQ exist). ONNX Runtime's CPU provider runs these ops but has no FP8
       matrix kernels: the MatMuls run in fp32 on dequantized values, so this is simulated
-      (accuracy only), and the report says so. As in NVIDIA ModelOpt's default FP8 recipe, no
-      SmoothQuant unless --smoothquant-alpha is given, and the LM head and the embedding tied to it
-      stay in fp32 unless --fp8-lm-head (the fp8 head is smollm2-135m's lowest-SQNR layer).
+      (accuracy only), and the report says so. SmoothQuant with a fixed alpha (0.5 unless
+      --smoothquant-alpha; chosen on tuning text, calibration/quantize.py FP8_DEFAULT_ALPHA), and, as in
+      NVIDIA ModelOpt's default FP8 recipe, the LM head and the embedding tied to it stay in fp32 unless
+      --fp8-lm-head (the fp8 head is smollm2-135m's lowest-SQNR layer).
 """
 
 from __future__ import annotations

@@ -203,9 +203,8 @@ def test_smoothquant_graph_rewrite_keeps_the_fp32_function(tmp_path, precision):
     adapter = get_adapter(lm.model_type)
     spec = adapter.spec(lm.module)
     weights = adapter.weights(lm.module, spec)
-    # fp8 smooths only with an explicit alpha (its default is no smoothing); int8 searches alpha per group
-    settings = QuantSettings(precision, calib_samples=4, calib_seq_len=64,
-                             smoothquant_alpha=0.5 if precision == "fp8" else None)
+    # fp8 smooths with a fixed alpha (0.5 by default); int8 searches alpha per group
+    settings = QuantSettings(precision, calib_samples=4, calib_seq_len=64)
     import os
 
     os.environ["LEPTONC_CACHE"] = str(tmp_path / "cache")

@@ -63,8 +63,8 @@ def test_format_compiles_with_native_ops_sqnr_floor_and_gate(tmp_path, cache, fm
         assert {"lm_head", "embed"} <= set(q["kept_fp"]) and not {"lm_head", "embed"} & {r["name"] for r in layers}
         assert any("--fp8-lm-head" in n and "lm_head" in n for n in q["notes"]), q["notes"]
         fp8_pass = next(p["detail"] for p in manifest["passes"] if p["name"] == "quantize_fp8")
-        assert "--fp8-lm-head" in fp8_pass and "no SmoothQuant" in fp8_pass  # ModelOpt's FP8 defaults
-        assert manifest["calibration"]["smoothquant_alpha"].startswith("off")
+        assert "--fp8-lm-head" in fp8_pass and "SmoothQuant (alpha 0.5)" in fp8_pass  # the fp8 default alpha
+        assert manifest["calibration"]["smoothquant_alpha"] == 0.5
     low = [r for r in layers if r["sqnr_db"] < floor]
     assert not low, f"{fmt}: layers below {floor} dB: {low}"
     gate = manifest["verification"]["accuracy_gate"]
