@@ -146,7 +146,7 @@ def compile_cmd(
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration text file (default: shipped WikiText-2 slice)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration sequences (default 16)."),
     calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="Tokens per calibration sequence (default 256)."),
-    calib_method: Optional[str] = typer.Option(None, "--calib-method", help="Activation ranges: minmax (default), percentile, entropy."),
+    calib_method: Optional[str] = typer.Option(None, "--calib-method", help="Activation ranges: minmax (default), percentile, entropy (int8 only in practice: they clip outliers that fp8 keeps)."),
     keep_fp: list[str] = typer.Option([], "--keep-fp", help="Keep matching layers in fp32 (repeatable; e.g. lm_head, 'layers.0.*')."),
     int4_8bit: list[str] = typer.Option([], "--int4-8bit", help="--int4: quantize matching layers to 8 bits instead (repeatable)."),
     fp8_lm_head: bool = typer.Option(False, "--fp8-lm-head", help="--fp8: also quantize the LM head and the embedding "
