@@ -173,3 +173,22 @@ def test_smollm2_int4_awq_meets_size_and_gate(tmp_path, cache, smollm2_bundle):
     assert size / size32 <= 0.22, (size, size32)
     gate = bundle.manifest["verification"]["accuracy_gate"]
     assert gate["status"] == "passed" and gate["ppl_increase_pct"] <= 30 and gate["top1_agreement"] > 0.7
+
+
+@pytest.mark.parametrize("method,noted", [("percentile", True), ("entropy", True), ("minmax", False)])
+def test_fp8_compile_notes_that_clipping_observers_hurt(method, noted, tmp_path, capsys, monkeypatch):
+    """`--fp8 --calib-method percentile|entropy` prints a note before any work (they multiplied
+    smollm2-135m's perplexity); the default minmax does not."""
+    import leptonc.compiler
+    from leptonc.cli import main
+    from leptonc.errors import InputError
+
+    def stop(*_a, **_k):
+        raise InputError("stopped before compiling")
+
+    monkeypatch.setattr(leptonc.compiler, "compile_model", stop)
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile", "tiny-llama", "--fp8", "--calib-method", method, "-o", str(tmp_path / "b.lepton")])
+    out = capsys.readouterr().err.replace("\n", " ")
+    assert exit_.value.code != 0 and "stopped before compiling" in out
+    assert ("clips activation outliers" in out) == noted
