@@ -121,9 +121,10 @@ def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetri
     loss, the mean squared error of the block's partial output x_b . w_b over those rows
     (d^T C_b d with C_b = X_b^T X_b / R, cross terms included), else the plain squared weight error.
 
-    With `refine` > 0 (and `clip_rows`), each block's scale is then refit that many rounds: with the
-    codes fixed, the scale that minimises the same loss is (q^T C_b w) / (q^T C_b q), q = code - zero
-    point; the codes are re-rounded with it, and a block keeps the new scale only where its loss fell.
+    With `refine` > 0 (and `clip_rows` with `clip_ratios`), each block's scale is then refit up to that
+    many rounds: with the codes fixed, the scale that minimises the same loss is (q^T C_b w) / (q^T C_b q),
+    q = code - zero point; the codes are re-rounded with it, and a block keeps the new scale only where
+    its loss fell.
     (Moving the integer zero point one step as well gained nothing on smollm2-135m.)"""
     if bits not in (4, 8):
         raise ValueError("bits must be 4 or 8")
