@@ -13,6 +13,8 @@ and tied embedding 8-bit symmetric block 64 in every variant, as the compile doe
   rtn           round to nearest, min/max range
   awq           AWQ scales + AWQ's clip search (the compile's int4 default until session 7)
   VARIANT@TYPES that variant on the listed layer types only (q,k,v,o,gate,up,down,head), the rest fp32
+  awq-seq       awq-refine layer by layer, each layer calibrated on the outputs of the already
+                quantized layers before it
   awq-refine    awq, then each block's scale refit by least squares on the calibration rows' block
                 covariance, codes re-rounded, a few rounds (calibration/scales.py, `refine`; the compile's
                 default from session 7)
@@ -39,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (the compile's default 16)")
+    ap.add_argument("--awq-rows", type=int, default=None,
+                    help="rows AWQ's search keeps per input group (default: the compile's AWQ_SAMPLE_ROWS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -58,7 +63,11 @@ def main(argv=None) -> int:
     spec = adapter.spec(lm.module)
     weights = adapter.weights(lm.module, spec)
     gated = getattr(spec, "mlp", None) == "gated" and not getattr(spec, "mlp_bias", False)
-    settings = QuantSettings("int4", int4_block=args.block, check=False)
+    if args.awq_rows:  # an experiment: the compile's constant, replaced for this process only
+        import leptonc.calibration.quantize as quantize_module
+
+        quantize_module.AWQ_SAMPLE_ROWS = args.awq_rows
+    settings = QuantSettings("int4", int4_block=args.block, calib_samples=args.calib_samples, check=False)
     t = time.perf_counter()
     cal = calibrate(lm.module, lm.tokenizer, weights, settings, lm.source_hash,
                     mlp_activation=spec.activation if gated else None)
@@ -79,12 +88,44 @@ def main(argv=None) -> int:
             kw["refine"] = AWQ_REFINE_ROUNDS
         return block_quantize(w * s[None, :], 4, args.block, **kw).dequantize() / s[None, :]
 
+    def sequential() -> None:
+        """AWQ (+ clip search and scale refit) layer by layer, each layer's statistics collected with
+        the layers before it already quantized (its inputs carry their rounding error)."""
+        from leptonc.calibration.awq import awq_search, gated_output
+        from leptonc.calibration.collect import collect
+        from leptonc.calibration.data import calibration_batches
+
+        import leptonc.calibration.quantize as quantize_module
+
+        batches = calibration_batches(lm.tokenizer, None, settings.calib_samples, settings.calib_seq_len)
+        layers = sorted({int(n.split(".")[1]) for n in linears if n.startswith("layers.")})
+        for i in layers:
+            st = collect(lm.module, weights, batches, "minmax", need_ranges=False,
+                         sample_rows=quantize_module.AWQ_SAMPLE_ROWS)
+            for g in st.groups:
+                if not g.members[0].startswith(f"layers.{i}."):
+                    continue
+                ws = [originals[m].numpy() for m in g.members]
+                output = None
+                if gated and [m.split(".")[-2] for m in g.members] == ["gate", "up"]:
+                    output = gated_output(spec.activation, ws[0].shape[0])
+                g.prescale, _ = awq_search(g.samples, g.absmean, ws, 4, args.block, output=output)
+                for m, w in zip(g.members, ws):
+                    wq = quantize_member(w, g, "awq-refine")
+                    linears[m].weight.data.copy_(torch.from_numpy(np.ascontiguousarray(wq, np.float32)))
+            print(f"layer {i} done", file=sys.stderr, flush=True)
+        w = originals["lm_head"].numpy()
+        linears["lm_head"].weight.data.copy_(torch.from_numpy(
+            np.ascontiguousarray(block_quantize(w, HEAD_BITS, HEAD_BLOCK, symmetric=True).dequantize(), np.float32)))
+
     rows = []
     for variant in args.variants.split(";"):
         t = time.perf_counter()
         for name, mod in linears.items():
             mod.weight.data.copy_(originals[name])
-        if variant != "fp32":
+        if variant == "awq-seq":
+            sequential()
+        elif variant != "fp32":
             method, _, only = variant.partition("@")  # "awq@down,o": only those layer types (head stays fp32)
             for name, mod in linears.items():
                 kind = "head" if name == "lm_head" else name.split(".")[-2]
