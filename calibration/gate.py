@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from leptonc.calibration.quantize import CLIPPING_OBSERVERS
 from leptonc.errors import VerificationError
 
 
@@ -84,16 +85,17 @@ def accuracy_gate(backend, reference_path: Path, quantized_path: Path, engine: d
 
 def gate_hint(settings) -> str:
     """The next step after a failed gate, for the format that failed it."""
-    common = "--keep-fp for the layers with the lowest SQNR in the report, or raise --max-ppl-increase"
-    fmt = settings.format
+    fmt, steps = settings.format, []
+    if fmt == "int4-rtn":
+        steps.append("--int4-method awq")
     if fmt.startswith("int4"):
-        first = ("--int4-method awq, " if fmt == "int4-rtn" else "") + \
-            "a smaller --int4-block (64 or 32), --int4-8bit for the most sensitive layers"
+        steps += ["a smaller --int4-block (64 or 32)", "--int4-8bit for the most sensitive layers"]
     elif fmt == "int8-w8a8":
-        first = "--int8-mode weight-only (no activation rounding), a fixed --smoothquant-alpha"
+        steps += ["--int8-mode weight-only (no activation rounding)", "a fixed --smoothquant-alpha"]
     elif fmt == "fp8":
-        first = ("--calib-method minmax (percentile and entropy clip outliers that E4M3 could represent), "
-                 if settings.calib_method != "minmax" else "") + "leaving out --fp8-lm-head" * settings.fp8_lm_head
-    else:
-        first = ""
-    return f"try {first.rstrip(', ')}, {common}" if first.strip(", ") else f"try {common}"
+        if settings.calib_method in CLIPPING_OBSERVERS:
+            steps.append("--calib-method minmax (percentile and entropy clip outliers that E4M3 could represent)")
+        if settings.fp8_lm_head:
+            steps.append("leaving out --fp8-lm-head")
+    steps += ["--keep-fp for the layers with the lowest SQNR in the report", "or raise --max-ppl-increase"]
+    return "try " + ", ".join(steps)

@@ -31,6 +31,7 @@ from leptonc.errors import UnsupportedRequestError
 CALIB_VERSION = 5  # bump when the statistics change meaning (invalidates the cache)
 QUANTIZED = ("int8", "fp8", "int4")
 FP8_DEFAULT_KEEP = ("lm_head", "embed")  # --fp8 keeps these in higher precision; --fp8-lm-head quantizes them
+CLIPPING_OBSERVERS = ("percentile", "entropy")  # they clip activation outliers, which fp8 (E4M3) could represent
 FP8_DEFAULT_ALPHA = 0.5  # --fp8's SmoothQuant strength unless --smoothquant-alpha is given. Chosen on the tuning
 # text (bench/quant_tune.py, never the evaluation text): smollm2-135m +3.16% unsmoothed, +3.10% at 0.25, +2.88% at
 # 0.5, +3.90% at 0.75; the per-group alpha search overfits the calibration rows (BENCHMARKS.md, Quantization)
@@ -106,6 +107,14 @@ class QuantSettings:
         if self.precision == "int4":
             return f"int4-{self.int4_method}"
         return "fp8"
+
+    @property
+    def caution(self) -> str | None:
+        """A combination of flags that is allowed but known to hurt, said before the compile starts."""
+        if self.precision == "fp8" and self.calib_method in CLIPPING_OBSERVERS:
+            return (f"--calib-method {self.calib_method} clips activation outliers that fp8 (E4M3) could represent; "
+                    "on smollm2-135m it multiplied perplexity (minmax is the fp8 default)")
+        return None
 
     def int4_uses_8bit(self, name: str) -> bool:
         return self.precision == "int4" and _matches(name, self.int4_8bit)

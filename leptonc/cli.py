@@ -211,9 +211,6 @@ def compile_cmd(
 
     if config.precision_mode == "simulated":
         err.print(f"[yellow]note:[/] {config.precision} is simulated on {config.target} (accuracy only, not speed)")
-    if config.precision == "fp8" and config.options.get("calib_method") in ("percentile", "entropy"):
-        err.print(f"[yellow]note:[/] --calib-method {config.options['calib_method']} clips activation outliers that fp8 "
-                  "(E4M3) could represent; on smollm2-135m it multiplied perplexity (minmax is the fp8 default)")
     steps = Steps(console=err, enabled=not as_json)
     bundle = compiler.compile_model(config, steps)
     report = bundle.report()
@@ -289,7 +286,9 @@ def _quant_options(config, given: dict):
                                       f"this one is {config.precision}")
     from leptonc.calibration.quantize import QuantSettings
 
-    QuantSettings.from_options(config.precision, given)  # validates, with messages naming the flag
+    caution = QuantSettings.from_options(config.precision, given).caution  # validates, naming the flag
+    if caution:
+        err.print(f"[yellow]note:[/] {caution}")
     return config.with_(options={**config.options, **given})
 
 

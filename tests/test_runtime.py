@@ -409,3 +409,17 @@ def test_gpu_compile_without_cuda_provider_names_the_install(tmp_path):
     assert_clean_error(proc, 5)
     assert "pip install onnxruntime-gpu" in proc.stderr
     assert not (tmp_path / "x.lepton").exists()
+
+
+def test_last_position_gather_runs_on_the_runners_provider(tiny):
+    """The one-node helper session that slices each row's last position out of [B, S, vocab] logits
+    (used when a graph has no logits_positions input) returns logits[b, last[b]]."""
+    from leptonc.runtime.ort_cuda import OrtCudaRunner
+
+    bundle = tiny[0]
+    logits = np.random.default_rng(3).standard_normal((3, 7, bundle.io["vocab_size"])).astype(np.float32)
+    last = np.array([6, 2, 4])
+    with OrtCudaRunner(bundle.model_path, bundle.io, bundle.engine["session"], device_type="cpu",
+                       max_sequence=48, max_batch=bundle.max_batch) as runner:
+        got = runner._last_position(runner._ortvalue(logits), last)
+    np.testing.assert_array_equal(got, logits[np.arange(3), last])

@@ -236,7 +236,7 @@ class OrtCudaRunner(Runner):
             self.cuda_graph = False
             self.cuda_graph_reason = ("off: ONNX Runtime refused to capture this graph (nodes placed on the CPU "
                                       f"provider): {str(exc).strip()[-160:]}")
-        # Helper sessions (K/V block allocator) run on the same provider, without graph capture.
+        # Helper sessions (K/V block allocator, last-position gather) run on the same provider, without graph capture.
         self._providers = ([("CUDAExecutionProvider", {k: v for k, v in cuda_opts.items() if k != "enable_cuda_graph"})]
                            if device_type == "cuda" else ["CPUExecutionProvider"])
         if device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
@@ -380,14 +380,11 @@ class OrtCudaRunner(Runner):
             from onnx import TensorProto, helper
 
             elem = TensorProto.FLOAT16 if self.logits_dtype == np.float16 else TensorProto.FLOAT
-            graph = helper.make_graph(
-                [helper.make_node("GatherND", ["logits", "last"], ["out"], batch_dims=1)], "last_position",
+            self._gather = self._helper_session(
+                helper.make_node("GatherND", ["logits", "last"], ["out"], batch_dims=1), "last_position",
                 [helper.make_tensor_value_info("logits", elem, ["batch", "sequence", "vocab"]),
                  helper.make_tensor_value_info("last", TensorProto.INT64, ["batch", 1])],
                 [helper.make_tensor_value_info("out", elem, ["batch", "vocab"])])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-            providers = self.session.get_providers()[:1]
-            self._gather = self.ort.InferenceSession(model.SerializeToString(), providers=providers)
         binding = self._gather.io_binding()
         binding.bind_ortvalue_input("logits", logits_value)
         binding.bind_ortvalue_input("last", self._ortvalue(np.asarray(last, np.int64).reshape(-1, 1)))
@@ -400,17 +397,24 @@ class OrtCudaRunner(Runner):
         if self._zeros is None:
             from onnx import TensorProto, helper, numpy_helper
 
-            elem = helper.np_dtype_to_tensor_dtype(self.kv_dtype)
-            graph = helper.make_graph(
-                [helper.make_node("ConstantOfShape", ["shape"], ["zeros"],
-                                  value=numpy_helper.from_array(np.zeros(1, self.kv_dtype)))], "kv_zeros",
+            self._zeros = self._helper_session(
+                helper.make_node("ConstantOfShape", ["shape"], ["zeros"],
+                                 value=numpy_helper.from_array(np.zeros(1, self.kv_dtype))), "kv_zeros",
                 [helper.make_tensor_value_info("shape", TensorProto.INT64, [5])],
-                [helper.make_tensor_value_info("zeros", elem, None)])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-            so = self.ort.SessionOptions()
-            so.log_severity_level = 4  # an allocation failure is reported as an InputError, not as ORT's log line
-            self._zeros = self.ort.InferenceSession(model.SerializeToString(), so, providers=self._providers)
+                [helper.make_tensor_value_info("zeros", helper.np_dtype_to_tensor_dtype(self.kv_dtype), None)])
         return self._zeros
+
+    def _helper_session(self, node, name: str, inputs: list, outputs: list):
+        """A one-node session on this runner's provider and options, without graph capture. Its log is
+        quiet: a failure (an allocation that does not fit) reaches the caller as an exception, which
+        the caller turns into a message."""
+        from onnx import helper
+
+        model = helper.make_model(helper.make_graph([node], name, inputs, outputs),
+                                  opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        so = self.ort.SessionOptions()
+        so.log_severity_level = 4
+        return self.ort.InferenceSession(model.SerializeToString(), so, providers=self._providers)
 
     def _kv_block(self, batch: int) -> _KvBlock:
         """The batch size's K/V block at full capacity; reused (never reallocated) across sequences."""
