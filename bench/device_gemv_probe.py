@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from device_nbits_probe import bound_session
+
 SHAPES = {"qkv": (2048, 3072, 8), "o": (2048, 2048, 8), "gate_up": (2048, 16384, 4), "down": (8192, 2048, 8),
           "head": (2048, 128256, 2)}
 LAYOUTS = ("matmul", "fused_tb", "gemm_tb")
@@ -54,15 +56,7 @@ def build(k: int, n: int, m: int, reps: int, layout: str) -> onnx.ModelProto:
 def time_model(ort, path: str, m: int, k: int, n: int, reps: int, iters: int) -> dict:
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(path, so, providers=[("CUDAExecutionProvider", {"device_id": "0",
-                                                                                  "enable_cuda_graph": "1"})])
-    x = ort.OrtValue.ortvalue_from_numpy((np.random.default_rng(1).standard_normal((m, k)) * 0.5).astype(np.float16),
-                                         "cuda", 0)
-    binding = sess.io_binding()
-    binding.bind_ortvalue_input("x", x)
-    ys = [ort.OrtValue.ortvalue_from_shape_and_type([m, n], np.float16, "cuda", 0) for _ in range(reps)]
-    for r, y in enumerate(ys):
-        binding.bind_ortvalue_output(f"y{r}", y)
+    sess, binding, ys = bound_session(ort, path, so, {"device_id": "0", "enable_cuda_graph": "1"}, m, k, n, reps)
     ro = ort.RunOptions()
     for _ in range(10):
         sess.run_with_iobinding(binding, ro)

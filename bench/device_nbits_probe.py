@@ -60,13 +60,10 @@ def build(k: int, n: int, reps: int, variant) -> onnx.ModelProto:
     return model
 
 
-def time_model(ort, path: str, m: int, k: int, n: int, reps: int, fpa: bool, iters: int) -> dict:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if fpa:
-        so.add_session_config_entry("ep.cuda.fpa_intb_gemm", "1")
-    os.environ["ORT_FPA_INTB_GEMM"] = "1" if fpa else "0"
-    sess = ort.InferenceSession(path, so, providers=[("CUDAExecutionProvider", {"device_id": "0"})])
+def bound_session(ort, path: str, so, cuda_opts: dict, m: int, k: int, n: int, reps: int):
+    """(session, binding, outputs) for a probe model with input x [m, k] and outputs y0..y{reps-1}
+    [m, n], all fp16 OrtValues on the GPU, bound once."""
+    sess = ort.InferenceSession(path, so, providers=[("CUDAExecutionProvider", cuda_opts)])
     x = ort.OrtValue.ortvalue_from_numpy((np.random.default_rng(1).standard_normal((m, k)) * 0.5).astype(np.float16),
                                          "cuda", 0)
     binding = sess.io_binding()
@@ -74,6 +71,17 @@ def time_model(ort, path: str, m: int, k: int, n: int, reps: int, fpa: bool, ite
     ys = [ort.OrtValue.ortvalue_from_shape_and_type([m, n], np.float16, "cuda", 0) for _ in range(reps)]
     for r, y in enumerate(ys):
         binding.bind_ortvalue_output(f"y{r}", y)
+    binding.x = x  # keep the input alive as long as the binding
+    return sess, binding, ys
+
+
+def time_model(ort, path: str, m: int, k: int, n: int, reps: int, fpa: bool, iters: int) -> dict:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if fpa:
+        so.add_session_config_entry("ep.cuda.fpa_intb_gemm", "1")
+    os.environ["ORT_FPA_INTB_GEMM"] = "1" if fpa else "0"
+    sess, binding, ys = bound_session(ort, path, so, {"device_id": "0"}, m, k, n, reps)
     for _ in range(20):
         sess.run_with_iobinding(binding)
     blocks = []

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_json import emit
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -149,11 +151,7 @@ def main(argv=None) -> int:
     out = {"date": time.strftime("%Y-%m-%d"), "command": "bench/int4_fakequant.py " + " ".join(argv or sys.argv[1:]),
            "text": f"{args.data} from character {args.offset_chars}, {len(ids)} tokens", "block": args.block,
            "results": rows}
-    text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit(out, args.out)
     return 0
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from bench_json import emit
 
 
 def _compile(model: str, out: Path, options: dict) -> Path:
@@ -97,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for r in runners.values():
             r.release()
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
     return 0
 
 

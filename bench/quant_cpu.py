@@ -14,7 +14,6 @@ evaluation starts at --offset-chars (default 400000), so the two never overlap.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_json import emit
 
 
 def bundle_bytes(bundle) -> int:
@@ -106,11 +107,7 @@ def main(argv=None) -> int:
     }
     for r in runners:
         r.release()
-    text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit(out, args.out)
     return 0
 
 

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_json import emit
+
 TUNE_OFFSET = 150_000
 EVAL_OFFSET = 400_000
 
@@ -90,11 +92,7 @@ def main(argv=None) -> int:
     out = {"date": time.strftime("%Y-%m-%d"), "command": "bench/quant_tune.py " + " ".join(argv or sys.argv[1:]),
            "text": f"{args.data} characters [{args.offset_chars}, {end_chars})", "tokens": int(len(ids)),
            "results": rows}
-    text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit(out, args.out)
     return 0
 
 
