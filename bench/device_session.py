@@ -446,6 +446,31 @@ def gemv(s: Session) -> None:
     script(s, "gemv probe", "bench/device_gemv_probe.py", "--iters", "200", out_name="gemv_probe.json", timeout=300)
 
 
+def kernels(s: Session) -> None:
+    """Issue 8 line 2 (session 8): leptonc's CUDA MatMulNBits (targets/kernels/). The op alone against ONNX
+    Runtime's (bench/device_kernels.py: correctness, time per product in CUDA graphs), then llama-1b-shape
+    fp16 and int4 (RTN) with it, batch 1 and 16, in one call; smollm2 int4 greedy tokens with either kernel."""
+    script(s, "kernels op check + speed", "bench/device_kernels.py", out_name="kernels.json", timeout=220)
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if fp16:
+        bench(s, fp16, "llama1b fp16", "--batch", "1,16")
+    if q4:
+        bench(s, q4, "llama1b int4 (leptonc kernel)", "--batch", "1,16")
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.int4", "--int4", "--int4-method", "rtn", "--no-check")
+    small_ort = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.int4.ortkernel", "--int4", "--int4-method", "rtn",
+                               "--no-check", "--disable-pass", "use_leptonc_kernels")
+    ids = {}
+    for name, b in (("leptonc", small), ("onnxruntime", small_ort)):
+        if b:
+            ids[name] = greedy(s, b, f"greedy smollm2 int4 {name} kernel", n=32)
+    s.record["parity"] = {"smollm2 int4 greedy, leptonc vs ORT kernel": ids}
+    if small and small_ort:
+        bench(s, small, "smollm2 int4 (leptonc kernel)", "--batch", "1,16")
+        bench(s, small_ort, "smollm2 int4 (ORT kernel)", "--batch", "1,16")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -466,7 +491,7 @@ def summary(s: Session) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
-                                            "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv"))
+                                            "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -479,7 +504,7 @@ def main() -> None:
          "decode_int4": decode_int4, "decode_final": decode_final, "graph_probe": graph_probe,
          "cuda_graph": cuda_graph, "cuda_graph_big": cuda_graph_big, "fpa_memory": fpa_memory,
          "attn_memory": attn_memory, "kv_block": kv_block,
-         "kv_exact": kv_exact, "gemv": gemv}[args.session](s)
+         "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels}[args.session](s)
     finally:
         s.save()
         summary(s)

@@ -43,8 +43,14 @@ CUDA_PIPELINE: list[str] = list(CPU_PIPELINE)
 QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "int4": ["quantize_int4"], "fp8": ["quantize_fp8"]}
 
 
+# GPU targets, last: contrib ops that leptonc's own CUDA kernels run faster (targets/kernels/) are moved
+# to them. After quantization and select_logits, which create and rewire the MatMulNBits nodes it lowers.
+GPU_LOWERING: list[str] = ["use_leptonc_kernels"]
+
+
 def pipeline(target, precision: str) -> list[str]:
-    return list(CUDA_PIPELINE if target.is_gpu else CPU_PIPELINE) + QUANT_PASSES.get(precision, [])
+    return (list(CUDA_PIPELINE if target.is_gpu else CPU_PIPELINE) + QUANT_PASSES.get(precision, [])
+            + (GPU_LOWERING if target.is_gpu else []))
 
 
 def export_dtype(target, precision: str) -> str:
@@ -81,6 +87,7 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
     Returns (engine section of the manifest, pass records)."""
     records: list[dict] = []
     out = staging / MODEL_FILE
+    kernels = _prepare_kernels(ctx, pipeline_names, disabled)
     if pipeline_names:
         from leptonc.passes import run_pipeline
         from leptonc.passes.graph_io import load_graph, save_graph
@@ -111,7 +118,32 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
         "io": io,
         "session": session,
     }
+    if kernels is not None and any(r["name"] == "use_leptonc_kernels" and r["status"] == "applied" for r in records):
+        info = kernels.manifest()
+        (staging / info["file"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kernels.path, staging / info["file"])
+        session["custom_ops_library"] = info["file"]
+        engine["kernels"] = info
     return engine, records
+
+
+def _prepare_kernels(ctx, pipeline_names: list[str], disabled: tuple[str, ...]):
+    """Build leptonc's CUDA kernel library when the pipeline may lower ops to it (quantized GPU graphs,
+    whose MatMulNBits it runs). Where it cannot be built, the pass is skipped and its record says why."""
+    if "use_leptonc_kernels" not in pipeline_names or "use_leptonc_kernels" in disabled:
+        return None
+    if ctx.precision not in ("int4", "int8"):
+        ctx.options["cuda_kernels"] = {"unavailable": f"not needed for {ctx.precision} (no MatMulNBits)"}
+        return None
+    from leptonc.targets.kernels import KernelsUnavailable, build_library
+
+    try:
+        lib = build_library(ctx.target.compute_capability)
+    except KernelsUnavailable as exc:
+        ctx.options["cuda_kernels"] = {"unavailable": str(exc)}
+        return None
+    ctx.options["cuda_kernels"] = lib.manifest()
+    return lib
 
 
 def open_runner(model_path: Path, engine: dict, limits: dict, device: str | None = None):

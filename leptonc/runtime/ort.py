@@ -10,10 +10,12 @@ from leptonc.errors import BackendUnavailableError, InputError
 from leptonc.runtime.base import Runner, positions_from_mask
 
 
-def session_options(settings: dict):
+def session_options(settings: dict, model_dir: Path | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if settings.get("custom_ops_library"):
+        register_kernels(so, settings["custom_ops_library"], model_dir)
     level = settings.get("graph_optimization_level", "all")
     so.graph_optimization_level = {
         "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -27,6 +29,22 @@ def session_options(settings: dict):
     return so
 
 
+def register_kernels(so, relative: str, model_dir: Path | None) -> None:
+    """The bundle's own CUDA kernel library (targets/kernels/), registered before the session is made."""
+    from leptonc.errors import BundleError
+
+    path = (model_dir or Path(".")) / relative
+    if not path.is_file():
+        raise BundleError(f"this bundle's CUDA kernel library {relative} is missing",
+                          hint="the bundle is incomplete; copy it again or compile it again")
+    try:
+        so.register_custom_ops_library(str(path))
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises plain RuntimeError/Fail here
+        raise BundleError(f"this bundle's CUDA kernels ({relative}) could not be loaded here: {str(exc).strip()[-300:]}",
+                          hint="compile the bundle on a machine with this CUDA version, or compile with "
+                               "--disable-pass use_leptonc_kernels to use ONNX Runtime's kernels") from None
+
+
 class OrtCpuRunner(Runner):
     device = "cpu"
 
@@ -37,7 +55,7 @@ class OrtCpuRunner(Runner):
         except ImportError:  # pragma: no cover - onnxruntime is a hard dependency
             raise BackendUnavailableError("onnxruntime is not installed", hint="pip install onnxruntime") from None
         settings = settings or {}
-        self.session = ort.InferenceSession(str(model_path), session_options(settings),
+        self.session = ort.InferenceSession(str(model_path), session_options(settings, Path(model_path).parent),
                                             providers=["CPUExecutionProvider"])
         self.io = io
         self.num_layers = io["num_layers"]

@@ -215,7 +215,11 @@ class OrtCudaRunner(Runner):
 
         from leptonc.runtime.ort import session_options
 
-        so = session_options(settings)
+        if settings.get("custom_ops_library") and device_type != "cuda":
+            raise InputError(f"this bundle runs leptonc's CUDA kernels ({settings['custom_ops_library']}), which need "
+                             "ONNX Runtime's CUDA provider", hint="run it on a machine with an NVIDIA GPU and "
+                             "onnxruntime-gpu, or compile with --disable-pass use_leptonc_kernels")
+        so = session_options(settings, Path(model_path).parent)
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement
             so.enable_profiling = True
             so.profile_file_prefix = os.environ["LEPTONC_ORT_PROFILE"]

@@ -1,0 +1,189 @@
+"""leptonc's CUDA MatMulNBits (targets/kernels/) against ONNX Runtime's, on the GPU (issue 8 line 2).
+
+1. Correctness: for each case (K, N, bits, block, zero points) and M rows, one node of each op on the
+   same random inputs; both compared with a numpy float64 reference of the dequantized product
+   (relative max error = max |y - ref| / max |ref|).
+2. Speed: per product, in CUDA graphs (ONNX Runtime's enable_cuda_graph, I/O bound once). A run's fixed
+   cost is cancelled by timing models of R and 2R independent products (distinct weights, so nothing
+   is reused from cache): time per product = (t(2R) - t(R)) / R. Weight bytes / time = read rate.
+
+    LEPTONC_ORT_INCLUDE=.ort-include python3 bench/device_kernels.py OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# (name, K, N, bits, block, zero points): the llama-1b-shape and smollm2 decode matrices, plus edge cases
+CASES = [
+    ("llama qkv", 2048, 3072, 4, 128, True),
+    ("llama o", 2048, 2048, 4, 128, True),
+    ("llama gate_up", 2048, 16384, 4, 128, True),
+    ("llama down", 8192, 2048, 4, 128, True),
+    ("llama head int8", 2048, 128256, 8, 64, False),
+    ("smollm2 qkv (K 576: padded block)", 576, 960, 4, 128, True),
+    ("smollm2 down", 1536, 576, 4, 128, True),
+    ("block 32, odd blocks", 608, 200, 4, 32, True),
+    ("block 64, no zero points", 576, 1536, 4, 64, False),
+    ("int8 with zero points", 1024, 520, 8, 128, True),
+]
+CHECK_M = (1, 3, 16, 17, 128)
+SPEED_CASES = ("llama qkv", "llama o", "llama gate_up", "llama down", "llama head int8", "smollm2 qkv (K 576: padded block)")
+
+
+def quantized(rng, k: int, n: int, bits: int, block: int, zp: bool):
+    blocks = -(-k // block)
+    codes = rng.integers(0, 2 ** bits, size=(n, blocks * block), dtype=np.uint8)
+    if bits == 4:
+        packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, block // 2)
+    else:
+        packed = codes.reshape(n, blocks, block)
+    scales = (rng.random((n, blocks), dtype=np.float32) * 0.02 + 0.002).astype(np.float16)
+    zeros = rng.integers(0, 2 ** bits, size=(n, blocks), dtype=np.uint8) if zp else None
+    z = zeros.astype(np.float64) if zp else np.full((n, blocks), 2 ** (bits - 1), np.float64)
+    w = (codes.reshape(n, blocks, block) - z[..., None]) * scales.astype(np.float64)[..., None]
+    w = w.reshape(n, -1)[:, :k]
+    if zp and bits == 4:
+        zz = zeros if blocks % 2 == 0 else np.concatenate([zeros, np.full((n, 1), 8, np.uint8)], axis=1)
+        zeros = (zz[:, 0::2] | (zz[:, 1::2] << 4)).astype(np.uint8)
+    return packed, scales.reshape(-1), (zeros.reshape(-1) if zp else None), w
+
+
+def model(domain: str, k: int, n: int, bits: int, block: int, weights: list) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["M", k])
+    outs, nodes, inits = [], [], []
+    for r, (packed, scales, zeros, _) in enumerate(weights):
+        inputs = ["x", f"b{r}", f"s{r}"]
+        inits += [numpy_helper.from_array(packed, f"b{r}"), numpy_helper.from_array(scales, f"s{r}")]
+        if zeros is not None:
+            inits.append(numpy_helper.from_array(zeros, f"z{r}"))
+            inputs.append(f"z{r}")
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
+        nodes.append(helper.make_node("MatMulNBits", inputs, [f"y{r}"], domain=domain, **attrs))
+        outs.append(helper.make_tensor_value_info(f"y{r}", TensorProto.FLOAT16, ["M", n]))
+    graph = helper.make_graph(nodes, "kernels", [x], outs, inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+    m.ir_version = 10
+    return m
+
+
+def session(ort, proto: onnx.ModelProto, lib: str | None, graph: bool):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if lib:
+        so.register_custom_ops_library(lib)
+    opts = {"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}
+    if graph:
+        opts["enable_cuda_graph"] = "1"
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=[("CUDAExecutionProvider", opts)])
+
+
+def run_once(ort, sess, x: np.ndarray) -> np.ndarray:
+    return sess.run(["y0"], {"x": x})[0]
+
+
+def timed(ort, proto, lib, m: int, k: int, n: int, reps: int, iters: int) -> float:
+    sess = session(ort, proto, lib, graph=True)
+    x = ort.OrtValue.ortvalue_from_numpy((np.random.default_rng(1).standard_normal((m, k)) * 0.5).astype(np.float16),
+                                         "cuda", 0)
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("x", x)
+    ys = [ort.OrtValue.ortvalue_from_shape_and_type([m, n], np.float16, "cuda", 0) for _ in range(reps)]
+    for r, y in enumerate(ys):
+        binding.bind_ortvalue_output(f"y{r}", y)
+    for _ in range(10):
+        sess.run_with_iobinding(binding)
+    blocks = []
+    for _ in range(5):
+        s = time.perf_counter()
+        for _ in range(iters):
+            sess.run_with_iobinding(binding)
+        blocks.append((time.perf_counter() - s) / iters)
+    return statistics.median(blocks)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=100)
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    from leptonc.targets.kernels import build_library
+
+    t = time.perf_counter()
+    lib = build_library((9, 0))
+    result = {"onnxruntime": ort.__version__, "library": {**lib.manifest(), "build_seconds": round(time.perf_counter() - t, 1)},
+              "check": [], "speed": []}
+    out = Path(args.out)
+
+    def save():
+        out.write_text(json.dumps(result, indent=1))
+
+    rng = np.random.default_rng(0)
+    for name, k, n, bits, block, zp in CASES:
+        w = quantized(rng, k, n, bits, block, zp)
+        sessions = {}
+        for who, domain, path in (("leptonc", "ai.leptonc", str(lib.path)), ("onnxruntime", "com.microsoft", None)):
+            try:
+                sessions[who] = session(ort, model(domain, k, n, bits, block, [w]), path, graph=False)
+            except Exception as exc:  # noqa: BLE001 - a refused case is a result
+                result["check"].append({"case": name, "who": who, "error": f"{type(exc).__name__}: {str(exc)[-400:]}"})
+        for m in CHECK_M:
+            x = (rng.standard_normal((m, k)) * 0.5).astype(np.float16)
+            ref = x.astype(np.float64) @ w[3].T
+            row = {"case": name, "K": k, "N": n, "bits": bits, "block": block, "zero_points": zp, "M": m}
+            for who, sess in sessions.items():
+                try:
+                    y = run_once(ort, sess, x).astype(np.float64)
+                    row[f"{who}_rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-9))
+                except Exception as exc:  # noqa: BLE001
+                    row[f"{who}_error"] = f"{type(exc).__name__}: {str(exc)[-400:]}"
+            result["check"].append(row)
+            print(json.dumps(row), flush=True)
+        save()
+
+    for name, k, n, bits, block, zp in CASES:
+        if name not in SPEED_CASES:
+            continue
+        first = quantized(rng, k, n, bits, block, zp)
+        wbytes = first[0].nbytes + first[1].nbytes + (first[2].nbytes if zp else 0)
+        reps = max(1, min(args.reps, (400 << 20) // wbytes))  # 2R copies must fit one protobuf (2 GB)
+        weights = [first] + [quantized(rng, k, n, bits, block, zp) for _ in range(2 * reps - 1)]
+        for who, domain, path in (("leptonc", "ai.leptonc", str(lib.path)), ("onnxruntime", "com.microsoft", None)):
+            small = model(domain, k, n, bits, block, weights[:reps])
+            big = model(domain, k, n, bits, block, weights)
+            for m in (1, 16):
+                row = {"case": name, "who": who, "M": m, "weight_bytes": wbytes, "R": reps}
+                try:
+                    t1 = timed(ort, small, path, m, k, n, reps, args.iters)
+                    t2 = timed(ort, big, path, m, k, n, 2 * reps, args.iters)
+                    per = (t2 - t1) / reps
+                    row.update({"us_per_product": round(per * 1e6, 2), "read_TBps": round(wbytes / per / 1e12, 2),
+                                "run_us_R": round(t1 * 1e6, 1), "run_us_2R": round(t2 * 1e6, 1)})
+                except Exception as exc:  # noqa: BLE001
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[-400:]}"
+                result["speed"].append(row)
+                print(json.dumps(row), flush=True)
+                save()
+    bad = [r for r in result["check"] if "leptonc_rel_err" in r and r["leptonc_rel_err"] > 5e-3]
+    result["check_ok"] = not bad and all("leptonc_rel_err" in r for r in result["check"] if "M" in r)
+    save()
+    print(f"check ok: {result['check_ok']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
