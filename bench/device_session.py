@@ -471,6 +471,18 @@ def kernels(s: Session) -> None:
         bench(s, small_ort, "smollm2 int4 (ORT kernel)", "--batch", "1,16")
 
 
+def kernels_llama(s: Session) -> None:
+    """The same op check, then llama-1b-shape fp16 and int4 (RTN) with leptonc's kernel, batch 1 and 16."""
+    script(s, "kernels op check + speed", "bench/device_kernels.py", out_name="kernels.json", timeout=220)
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if fp16:
+        bench(s, fp16, "llama1b fp16", "--batch", "1,16")
+    if q4:
+        bench(s, q4, "llama1b int4 (leptonc kernel)", "--batch", "1,16")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -491,7 +503,7 @@ def summary(s: Session) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
-                                            "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels"))
+                                            "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -504,7 +516,7 @@ def main() -> None:
          "decode_int4": decode_int4, "decode_final": decode_final, "graph_probe": graph_probe,
          "cuda_graph": cuda_graph, "cuda_graph_big": cuda_graph_big, "fpa_memory": fpa_memory,
          "attn_memory": attn_memory, "kv_block": kv_block,
-         "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels}[args.session](s)
+         "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels, "kernels_llama": kernels_llama}[args.session](s)
     finally:
         s.save()
         summary(s)
