@@ -4,6 +4,7 @@ use), and how to open a runner on the result."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -43,14 +44,17 @@ CUDA_PIPELINE: list[str] = list(CPU_PIPELINE)
 QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "int4": ["quantize_int4"], "fp8": ["quantize_fp8"]}
 
 
-# GPU targets, last: contrib ops that leptonc's own CUDA kernels run faster (targets/kernels/) are moved
-# to them. After quantization and select_logits, which create and rewire the MatMulNBits nodes it lowers.
+# GPU targets, last: MatMulNBits moved to leptonc's own CUDA kernel (targets/kernels/). After quantization
+# and select_logits, which create and rewire the MatMulNBits nodes it lowers. OPT-IN (LEPTONC_CUDA_KERNELS=1)
+# until it is faster everywhere: on the H100 it beats ONNX Runtime's kernel at batch 16 (llama-1b-shape int4
+# 5,801 tok/s) but loses at batch 1 (641 vs ~890 tok/s), BENCHMARKS.md "Session 8".
 GPU_LOWERING: list[str] = ["use_leptonc_kernels"]
 
 
 def pipeline(target, precision: str) -> list[str]:
+    lower = target.is_gpu and os.environ.get("LEPTONC_CUDA_KERNELS") == "1"
     return (list(CUDA_PIPELINE if target.is_gpu else CPU_PIPELINE) + QUANT_PASSES.get(precision, [])
-            + (GPU_LOWERING if target.is_gpu else []))
+            + (GPU_LOWERING if lower else []))
 
 
 def export_dtype(target, precision: str) -> str:

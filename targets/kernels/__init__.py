@@ -6,6 +6,11 @@ What it holds: `ai.leptonc.MatMulNBits`, the weight-only int4/int8 matmul of ONN
 once for up to 16 rows of activations on the tensor cores (ONNX Runtime's own kernel reads int4 weights
 at about 0.8 TB/s on the H100 and is slower than fp16 at batch 16; BENCHMARKS.md, issue 8).
 
+Status (H100, BENCHMARKS.md "Session 8"): correct (relative error 3-5e-4 against a float64 reference,
+lower than ONNX Runtime's kernel; smollm2 int4 greedy tokens identical), faster than ONNX Runtime's
+kernel at batch 16 (llama-1b-shape int4 5,801 tok/s) but slower at batch 1 (641 tok/s, about 0.4-0.7 TB/s
+per product against ONNX Runtime's 0.7-1.5). So the lowering is opt-in: LEPTONC_CUDA_KERNELS=1 at compile.
+
 Building needs, on the compiling machine (no GPU needed there):
   - nvcc (CUDA 12 or 13): `CUDA_HOME`, then `PATH`, then /usr/local/cuda;
   - the ONNX Runtime C API header `onnxruntime_c_api.h` (and the headers it includes), which the

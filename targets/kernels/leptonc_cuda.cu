@@ -6,7 +6,7 @@
 // for fp16 A on the CUDA provider, bits 4 or 8, block sizes that are multiples of 16.
 //
 //   M <= 16 (decode, batch <= 16): one kernel streams the weights once. Each warp takes 16 output rows
-//     and slices of K; per 128 values of K it dequantizes a 16 x 128 tile into shared memory and
+//     and a slice of K; per 128 values of K it dequantizes a 16 x 128 tile into shared memory and
 //     multiplies it with the activations on the tensor cores (WMMA 16x16x16, fp32 accumulation). The
 //     block's warps split K and their partial sums are added in shared memory. The tensor cores make
 //     the cost the same for 1 and 16 rows of A, so batch 16 reads the weights at the speed batch 1 does.
@@ -37,79 +37,51 @@ namespace {
 
 const OrtApi* g_api = nullptr;
 
-constexpr int kWarps = 4;        // warps per block; they split K
+constexpr int kWarps = 8;        // warps per block; they split K
 constexpr int kRows = 16;        // output rows (columns of Y) per warp: the WMMA tile's N
-constexpr int kStep = 128;       // K values per sub-step (one 16 x 128 weight tile)
-constexpr int kGroupK = 512;     // the most K values per warp iteration (4 sub-steps of int4, loaded together)
+constexpr int kStep = 128;       // K values per warp iteration
 constexpr int kPad = 8;          // shared-memory row padding (halves) against bank conflicts
-constexpr int kLdW = kStep + kPad;
-constexpr int kLdA = kGroupK + kPad;
+constexpr int kLd = kStep + kPad;
 constexpr int kSmallM = 16;      // rows of A served by the streaming kernel (the WMMA tile's M)
 constexpr size_t kScratchHalves = size_t(16) << 20;  // 32 MiB of dequantized rows for the M > 16 path
 
 // ---- the streaming kernel (M <= 16) --------------------------------------------------------------
-// Lane l of a warp owns row r = l / 2 of the warp's 16 output rows and 64 consecutive K values of each
-// 128-value sub-step (half h = l % 2). Per iteration a warp loads the weights of 4 sub-steps of int4 (2 of
-// int8; 4 KiB a warp) before it touches any of them, and the next iteration's while it computes this one,
-// so enough bytes are in flight to keep HBM busy.
 
 template <int BITS>
-struct LaneWeights {
-  static constexpr int kVecs = 64 * BITS / 8 / 16;  // uint4 per sub-step: 2 (4-bit) or 4 (8-bit)
-  static constexpr int kSub = BITS == 4 ? 4 : 2;      // sub-steps per iteration: 4 KiB of weights a warp
-  static constexpr int kGroup = kSub * kStep;         // K values per iteration
-  uint4 w[kSub][kVecs];
-  float s[kSub][2], z[kSub][2];                     // scale and zero point of groups 0-1 and 2-3 (block >= 32)
-};
-
-template <int BITS>
-__device__ __forceinline__ void load_group(LaneWeights<BITS>& lw, const uint8_t* __restrict__ B,
-                                           const half* __restrict__ scales, const uint8_t* __restrict__ zps,
-                                           int n, int N, int k_group, int half_id, int k_pad, int blocks, int block,
-                                           int row_bytes) {
-  using LW = LaneWeights<BITS>;
-#pragma unroll
-  for (int u = 0; u < LW::kSub; ++u) {
-    const int k_first = k_group + u * kStep + half_id * 64;
-    const int byte0 = k_first * BITS / 8;
-#pragma unroll
-    for (int v = 0; v < LW::kVecs; ++v) {
-      lw.w[u][v] = make_uint4(0, 0, 0, 0);
-      if (n < N && byte0 + v * 16 < row_bytes)
-        lw.w[u][v] = __ldg(reinterpret_cast<const uint4*>(B + size_t(n) * row_bytes + byte0) + v);
-    }
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const int k = k_first + p * 32;
-      float sv = 0.f, zv = float(1 << (BITS - 1));
-      if (n < N && k < k_pad) {
-        const int blk = k / block;
-        sv = __half2float(scales[size_t(n) * blocks + blk]);
-        if (zps != nullptr) {
-          zv = BITS == 4 ? float((zps[size_t(n) * ((blocks + 1) / 2) + blk / 2] >> ((blk & 1) * 4)) & 0xF)
-                         : float(zps[size_t(n) * blocks + blk]);
-        }
-      }
-      lw.s[u][p] = sv;
-      lw.z[u][p] = zv;
-    }
-  }
-}
-
-template <int BITS>
-__device__ __forceinline__ void dequantize_lane(const uint4* words, const float* s2, const float* z2, half* dst) {
-  // 64 weights of one row: (q - z) * s into dst (groups 0-1 use s2[0], groups 2-3 use s2[1]); weights
-  // past the last block were loaded as zeros with scale 0, so they dequantize to 0.
+__device__ __forceinline__ void dequantize_lane(const uint4* words, int k_first, int k_pad, int row,
+                                                const half* __restrict__ scales, const uint8_t* __restrict__ zps,
+                                                int blocks, int block, half* dst) {
+  // words: this lane's 64 consecutive weights of one row (2 uint4 for 4 bits, 4 for 8 bits), starting
+  // at k_first; dst: where the 64 dequantized halves go in the shared tile.
   constexpr int per_word = 32 / BITS;
   constexpr uint32_t mask = (1u << BITS) - 1u;
   const uint32_t* w32 = reinterpret_cast<const uint32_t*>(words);
 #pragma unroll
-  for (int idx = 0; idx < 64; idx += 2) {
-    const int p = idx / 32;
-    const uint32_t word = w32[idx / per_word];
-    const float q0 = float((word >> ((idx % per_word) * BITS)) & mask);
-    const float q1 = float((word >> (((idx + 1) % per_word) * BITS)) & mask);
-    *reinterpret_cast<half2*>(dst + idx) = __floats2half2_rn((q0 - z2[p]) * s2[p], (q1 - z2[p]) * s2[p]);
+  for (int g = 0; g < 4; ++g) {  // 4 groups of 16 weights; a group never straddles a block (block % 16 == 0)
+    if (k_first + g * 16 >= k_pad) {  // past the last block: zeros (no scale to read)
+#pragma unroll
+      for (int e = 0; e < 16; e += 2) *reinterpret_cast<half2*>(dst + g * 16 + e) = __floats2half2_rn(0.f, 0.f);
+      continue;
+    }
+    const int blk = (k_first + g * 16) / block;
+    float z;
+    if (zps == nullptr) {
+      z = float(1 << (BITS - 1));
+    } else if (BITS == 4) {
+      const uint8_t packed = zps[row * ((blocks + 1) / 2) + blk / 2];
+      z = float((packed >> ((blk & 1) * 4)) & 0xF);
+    } else {
+      z = float(zps[row * blocks + blk]);
+    }
+    const float s = __half2float(scales[row * blocks + blk]);
+#pragma unroll
+    for (int e = 0; e < 16; e += 2) {
+      const int idx = g * 16 + e;
+      const uint32_t word = w32[idx / per_word];
+      const int shift0 = (idx % per_word) * BITS, shift1 = ((idx + 1) % per_word) * BITS;
+      const float q0 = float((word >> shift0) & mask), q1 = float((w32[(idx + 1) / per_word] >> shift1) & mask);
+      *reinterpret_cast<half2*>(dst + idx) = __floats2half2_rn((q0 - z) * s, (q1 - z) * s);
+    }
   }
 }
 
@@ -118,61 +90,67 @@ __global__ void __launch_bounds__(kWarps * 32)
 nbits_stream(const half* __restrict__ A, int M, const uint8_t* __restrict__ B, const half* __restrict__ scales,
              const uint8_t* __restrict__ zps, half* __restrict__ Y, int K, int N, int block, int blocks) {
   using namespace nvcuda;
-  using LW = LaneWeights<BITS>;
+  constexpr int kVecs = 64 * BITS / 8 / 16;  // uint4 per lane per iteration: 2 (4-bit) or 4 (8-bit)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   half* smem = reinterpret_cast<half*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  half* a_tile = smem + warp * kRows * (kLdA + kLdW);  // [16 m][kLdA]
-  half* w_tile = a_tile + kRows * kLdA;                // [16 n][kLdW]
+  half* a_tile = smem + warp * 2 * kRows * kLd;  // [16 m][kLd]
+  half* w_tile = a_tile + kRows * kLd;           // [16 n][kLd]
 
   const int n0 = blockIdx.x * kRows;
   const int row_bytes = blocks * block * BITS / 8;
   const int k_pad = blocks * block;
-  const int groups = (k_pad + LW::kGroup - 1) / LW::kGroup;
-  const int r = lane >> 1, half_id = lane & 1;
+  const int steps = (k_pad + kStep - 1) / kStep;
+  const int r = lane >> 1, half_id = lane & 1;  // this lane's row of the tile and its half of the 128 values
   const int n = n0 + r;
 
   // rows of A past M stay zero for the whole kernel
-  for (int i = lane; i < kRows * kLdA / 8; i += 32) reinterpret_cast<uint4*>(a_tile)[i] = make_uint4(0, 0, 0, 0);
+  for (int i = lane; i < kRows * kLd; i += 32) a_tile[i] = __float2half(0.f);
+  __syncwarp();
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
   wmma::fill_fragment(acc, 0.f);
 
-  LW cur, nxt;
-  int g = warp;
-  if (g < groups) load_group<BITS>(cur, B, scales, zps, n, N, g * LW::kGroup, half_id, k_pad, blocks, block, row_bytes);
-  for (; g < groups; g += kWarps) {
-    const int k_group = g * LW::kGroup;
-    if (g + kWarps < groups)
-      load_group<BITS>(nxt, B, scales, zps, n, N, (g + kWarps) * LW::kGroup, half_id, k_pad, blocks, block, row_bytes);
-    // the activations: A[m, k_group : k_group + kGroup] for m < M (zero past K)
-    __syncwarp();
-    for (int i = lane; i < M * (LW::kGroup / 8); i += 32) {
-      const int m = i / (LW::kGroup / 8), c = (i % (LW::kGroup / 8)) * 8;
-      const int k = k_group + c;
+  for (int step = warp; step < steps; step += kWarps) {
+    const int k0 = step * kStep;
+    // the weights: 64 values of row n from k0 + 64 * half_id
+    const int k_first = k0 + half_id * 64;
+    uint4 words[kVecs];
+    const int byte0 = k_first * BITS / 8;
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      words[v] = make_uint4(0, 0, 0, 0);
+      if (n < N && byte0 + v * 16 < row_bytes)
+        words[v] = __ldg(reinterpret_cast<const uint4*>(B + size_t(n) * row_bytes + byte0) + v);
+    }
+    // the activations: A[m, k0:k0+128] for m < M (zero past K)
+    for (int i = lane; i < M * (kStep / 8); i += 32) {
+      const int m = i / (kStep / 8), c = (i % (kStep / 8)) * 8;
+      const int k = k0 + c;
+      uint4 v = make_uint4(0, 0, 0, 0);
       if (k + 8 <= K && (K % 8) == 0) {
-        *reinterpret_cast<uint4*>(a_tile + m * kLdA + c) = __ldg(reinterpret_cast<const uint4*>(A + size_t(m) * K + k));
+        v = __ldg(reinterpret_cast<const uint4*>(A + size_t(m) * K + k));
+        *reinterpret_cast<uint4*>(a_tile + m * kLd + c) = v;
       } else {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) a_tile[m * kLdA + c + j] = (k + j < K) ? A[size_t(m) * K + k + j] : __float2half(0.f);
+        for (int j = 0; j < 8; ++j) a_tile[m * kLd + c + j] = (k + j < K) ? A[size_t(m) * K + k + j] : __float2half(0.f);
       }
     }
-#pragma unroll
-    for (int u = 0; u < LW::kSub; ++u) {
-      if (k_group + u * kStep >= k_pad) break;
-      __syncwarp();
-      dequantize_lane<BITS>(cur.w[u], cur.s[u], cur.z[u], w_tile + r * kLdW + half_id * 64);
-      __syncwarp();
-#pragma unroll
-      for (int kk = 0; kk < kStep; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a_frag;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> b_frag;
-        wmma::load_matrix_sync(a_frag, a_tile + u * kStep + kk, kLdA);  // (m, k) at a_tile[m * kLdA + k]
-        wmma::load_matrix_sync(b_frag, w_tile + kk, kLdW);              // (k, n) at w_tile[n * kLdW + k]
-        wmma::mma_sync(acc, a_frag, b_frag, acc);
-      }
+    if (n < N && k_first < k_pad) {
+      dequantize_lane<BITS>(words, k_first, k_pad, n, scales, zps, blocks, block, w_tile + r * kLd + half_id * 64);
+    } else {
+      for (int j = 0; j < 64; ++j) w_tile[r * kLd + half_id * 64 + j] = __float2half(0.f);
     }
-    cur = nxt;
+    __syncwarp();
+#pragma unroll
+    for (int kk = 0; kk < kStep; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a_frag;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> b_frag;
+      wmma::load_matrix_sync(a_frag, a_tile + kk, kLd);   // (m, k) at a_tile[m * kLd + k]
+      wmma::load_matrix_sync(b_frag, w_tile + kk, kLd);   // (k, n) at w_tile[n * kLd + k]
+      wmma::mma_sync(acc, a_frag, b_frag, acc);
+    }
+    __syncwarp();
   }
 
   // add the warps' partial sums: reuse shared memory as [warps][16 m][16 n] floats
@@ -191,7 +169,7 @@ nbits_stream(const half* __restrict__ A, int M, const uint8_t* __restrict__ B, c
   }
 }
 
-constexpr size_t kStreamSmem = size_t(kWarps) * kRows * (kLdA + kLdW) * sizeof(half);
+constexpr size_t kStreamSmem = size_t(kWarps) * 2 * kRows * kLd * sizeof(half);
 static_assert(kStreamSmem >= size_t(kWarps) * kRows * kRows * sizeof(float), "the reduction reuses the tiles");
 
 // ---- the prefill path (M > 16): dequantize rows, then cuBLAS -------------------------------------
