@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from device_nbits_probe import bound_session
+
 # (name, K, N, bits, block, zero points): the llama-1b-shape and smollm2 decode matrices, plus edge cases
 CASES = [
     ("llama qkv", 2048, 3072, 4, 128, True),
@@ -76,15 +78,19 @@ def model(domain: str, k: int, n: int, bits: int, block: int, weights: list) -> 
     return m
 
 
-def session(ort, proto: onnx.ModelProto, lib: str | None, graph: bool):
+CUDA_OPTS = {"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}
+
+
+def options(ort, lib: str | None):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if lib:
         so.register_custom_ops_library(lib)
-    opts = {"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}
-    if graph:
-        opts["enable_cuda_graph"] = "1"
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=[("CUDAExecutionProvider", opts)])
+    return so
+
+
+def session(ort, proto: onnx.ModelProto, lib: str | None):
+    return ort.InferenceSession(proto.SerializeToString(), options(ort, lib), providers=[("CUDAExecutionProvider", CUDA_OPTS)])
 
 
 def run_once(ort, sess, x: np.ndarray) -> np.ndarray:
@@ -92,14 +98,8 @@ def run_once(ort, sess, x: np.ndarray) -> np.ndarray:
 
 
 def timed(ort, proto, lib, m: int, k: int, n: int, reps: int, iters: int) -> float:
-    sess = session(ort, proto, lib, graph=True)
-    x = ort.OrtValue.ortvalue_from_numpy((np.random.default_rng(1).standard_normal((m, k)) * 0.5).astype(np.float16),
-                                         "cuda", 0)
-    binding = sess.io_binding()
-    binding.bind_ortvalue_input("x", x)
-    ys = [ort.OrtValue.ortvalue_from_shape_and_type([m, n], np.float16, "cuda", 0) for _ in range(reps)]
-    for r, y in enumerate(ys):
-        binding.bind_ortvalue_output(f"y{r}", y)
+    sess, binding, _ = bound_session(ort, proto.SerializeToString(), options(ort, lib),
+                                     {**CUDA_OPTS, "enable_cuda_graph": "1"}, m, k, n, reps)
     for _ in range(10):
         sess.run_with_iobinding(binding)
     blocks = []
@@ -138,7 +138,7 @@ def main() -> int:
         sessions = {}
         for who, domain, path in (("leptonc", "ai.leptonc", str(lib.path)), ("onnxruntime", "com.microsoft", None)):
             try:
-                sessions[who] = session(ort, model(domain, k, n, bits, block, [w]), path, graph=False)
+                sessions[who] = session(ort, model(domain, k, n, bits, block, [w]), path)
             except Exception as exc:  # noqa: BLE001 - a refused case is a result
                 result["check"].append({"case": name, "who": who, "error": f"{type(exc).__name__}: {str(exc)[-400:]}"})
         for m in CHECK_M:

@@ -446,10 +446,10 @@ def gemv(s: Session) -> None:
     script(s, "gemv probe", "bench/device_gemv_probe.py", "--iters", "200", out_name="gemv_probe.json", timeout=300)
 
 
-def kernels(s: Session) -> None:
+def kernels_llama(s: Session) -> None:
     """Issue 8 line 2 (session 8): leptonc's CUDA MatMulNBits (targets/kernels/). The op alone against ONNX
     Runtime's (bench/device_kernels.py: correctness, time per product in CUDA graphs), then llama-1b-shape
-    fp16 and int4 (RTN) with it, batch 1 and 16, in one call; smollm2 int4 greedy tokens with either kernel."""
+    fp16 and int4 (RTN) with it, batch 1 and 16, in one call."""
     script(s, "kernels op check + speed", "bench/device_kernels.py", out_name="kernels.json", timeout=220)
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"  # the lowering is opt-in (targets/onnxruntime.py)
     fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
@@ -459,6 +459,11 @@ def kernels(s: Session) -> None:
         bench(s, fp16, "llama1b fp16", "--batch", "1,16")
     if q4:
         bench(s, q4, "llama1b int4 (leptonc kernel)", "--batch", "1,16")
+
+
+def kernels(s: Session) -> None:
+    """kernels_llama, then smollm2-135m int4 greedy tokens and speed with either kernel."""
+    kernels_llama(s)
     small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.int4", "--int4", "--int4-method", "rtn", "--no-check")
     small_ort = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.int4.ortkernel", "--int4", "--int4-method", "rtn",
                                "--no-check", "--disable-pass", "use_leptonc_kernels")
@@ -470,19 +475,6 @@ def kernels(s: Session) -> None:
     if small and small_ort:
         bench(s, small, "smollm2 int4 (leptonc kernel)", "--batch", "1,16")
         bench(s, small_ort, "smollm2 int4 (ORT kernel)", "--batch", "1,16")
-
-
-def kernels_llama(s: Session) -> None:
-    """The same op check, then llama-1b-shape fp16 and int4 (RTN) with leptonc's kernel, batch 1 and 16."""
-    script(s, "kernels op check + speed", "bench/device_kernels.py", out_name="kernels.json", timeout=220)
-    os.environ["LEPTONC_CUDA_KERNELS"] = "1"  # the lowering is opt-in (targets/onnxruntime.py)
-    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
-    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
-                        "--int4-method", "rtn", "--no-check")
-    if fp16:
-        bench(s, fp16, "llama1b fp16", "--batch", "1,16")
-    if q4:
-        bench(s, q4, "llama1b int4 (leptonc kernel)", "--batch", "1,16")
 
 
 def summary(s: Session) -> None:
