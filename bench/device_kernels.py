@@ -1,7 +1,8 @@
-"""leptonc's CUDA MatMulNBits (targets/kernels/) against ONNX Runtime's, on the GPU (issue 8 line 2).
+"""leptonc's CUDA MatMulNBitsTiled (targets/kernels/) against ONNX Runtime's MatMulNBits, on the GPU (issue 8 line 2).
 
 1. Correctness: for each case (K, N, bits, block, zero points) and M rows, one node of each op on the
-   same random inputs; both compared with a numpy float64 reference of the dequantized product
+   same random inputs (leptonc's node takes them through targets/kernels/layout.py's tiling, as the
+   lowering pass does); both compared with a numpy float64 reference of the dequantized product
    (relative max error = max |y - ref| / max |ref|).
 2. Speed: per product, in CUDA graphs (ONNX Runtime's enable_cuda_graph, I/O bound once). A run's fixed
    cost is cancelled by timing models of R and 2R independent products (distinct weights, so nothing
@@ -38,7 +39,7 @@ CASES = [
     ("block 64, no zero points", 576, 1536, 4, 64, False),
     ("int8 with zero points", 1024, 520, 8, 128, True),
 ]
-CHECK_M = (1, 3, 16, 17, 128)
+CHECK_M = (1, 3, 9, 16, 17, 128)
 SPEED_CASES = ("llama qkv", "llama o", "llama gate_up", "llama down", "llama head int8", "smollm2 qkv (K 576: padded block)")
 
 
@@ -61,15 +62,23 @@ def quantized(rng, k: int, n: int, bits: int, block: int, zp: bool):
 
 
 def model(domain: str, k: int, n: int, bits: int, block: int, weights: list) -> onnx.ModelProto:
+    from leptonc.targets.kernels.layout import tile_nbits
+
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["M", k])
     outs, nodes, inits = [], [], []
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
     for r, (packed, scales, zeros, _) in enumerate(weights):
+        if domain == "ai.leptonc":
+            tiled, sz = tile_nbits(packed, scales, zeros, k, n, bits, block)
+            inits += [numpy_helper.from_array(tiled, f"b{r}"), numpy_helper.from_array(sz, f"s{r}")]
+            nodes.append(helper.make_node("MatMulNBitsTiled", ["x", f"b{r}", f"s{r}"], [f"y{r}"], domain=domain, **attrs))
+            outs.append(helper.make_tensor_value_info(f"y{r}", TensorProto.FLOAT16, ["M", n]))
+            continue
         inputs = ["x", f"b{r}", f"s{r}"]
         inits += [numpy_helper.from_array(packed, f"b{r}"), numpy_helper.from_array(scales, f"s{r}")]
         if zeros is not None:
             inits.append(numpy_helper.from_array(zeros, f"z{r}"))
             inputs.append(f"z{r}")
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
         nodes.append(helper.make_node("MatMulNBits", inputs, [f"y{r}"], domain=domain, **attrs))
         outs.append(helper.make_tensor_value_info(f"y{r}", TensorProto.FLOAT16, ["M", n]))
     graph = helper.make_graph(nodes, "kernels", [x], outs, inits)

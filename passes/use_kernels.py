@@ -1,7 +1,9 @@
 """Lower ONNX Runtime contrib ops to leptonc's own CUDA kernels (targets/kernels/), where they are faster.
 
-    com.microsoft.MatMulNBits (fp16 A, bits 4 or 8, block a multiple of 16, no g_idx or bias input)
-        -> ai.leptonc.MatMulNBits (same inputs and attributes)
+    com.microsoft.MatMulNBits (fp16 A, bits 4 or 8, block a multiple of 16, K even, constant weights,
+    no g_idx or bias input)
+        -> ai.leptonc.MatMulNBitsTiled (A, B tiled for the kernel's mma operands, SZ = scale and zero
+           point pairs; targets/kernels/layout.py)
 
 The library must have been built for the target (targets/onnxruntime.py builds it before the pipeline
 and puts it in `ctx.options["cuda_kernels"]`); when it could not be, the pass is skipped with the reason
@@ -15,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from leptonc.passes.matching import MS_DOMAIN
 from leptonc.passes.registry import PassContext, PassResult, register_pass
+from leptonc.targets.kernels.layout import tile_nbits
 
 LEPTONC_DOMAIN = "ai.leptonc"
 
@@ -31,6 +34,10 @@ def _lowerable(node: gs.Node) -> str | None:
         return f"bits {bits}"
     if not block or block % 16:
         return f"block {block}"
+    if node.attrs.get("K", 1) % 2:
+        return "odd K"
+    if not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
+        return "weights computed at run time"
     if len(node.inputs) == 4 and node.inputs[3].dtype is not None and np.dtype(node.inputs[3].dtype) != np.uint8:
         return "float zero points"
     return None
@@ -54,13 +61,23 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
             counts["left_alone"] += 1
             reasons[why] = reasons.get(why, 0) + 1
             continue
-        node.domain = LEPTONC_DOMAIN
-        node.attrs.pop("accuracy_level", None)  # ONNX Runtime's CPU setting; the CUDA kernel accumulates in fp32
+        _lower(node)
         counts["lowered"] += 1
     if not counts["lowered"]:
         return PassResult(False, "no MatMulNBits could be lowered: " + ", ".join(f"{k} ({v})" for k, v in reasons.items()),
                           counts)
-    detail = f"{counts['lowered']} MatMulNBits -> {LEPTONC_DOMAIN}.MatMulNBits ({kernels.get('arch')})"
+    detail = f"{counts['lowered']} MatMulNBits -> {LEPTONC_DOMAIN}.MatMulNBitsTiled ({kernels.get('arch')})"
     if reasons:
         detail += "; left on ONNX Runtime's kernel: " + ", ".join(f"{k} ({v})" for k, v in reasons.items())
     return PassResult(True, detail, counts)
+
+
+def _lower(node: gs.Node) -> None:
+    k, n, bits, block = (int(node.attrs[a]) for a in ("K", "N", "bits", "block_size"))
+    b, scales = node.inputs[1], node.inputs[2]
+    zp = node.inputs[3].values if len(node.inputs) > 3 else None
+    tiled, sz = tile_nbits(b.values, scales.values, zp, k, n, bits, block)
+    name = b.name
+    node.inputs = [node.inputs[0], gs.Constant(f"{name}/tiled", tiled), gs.Constant(f"{name}/sz", sz)]
+    node.op, node.domain = "MatMulNBitsTiled", LEPTONC_DOMAIN
+    node.attrs = {"K": k, "N": n, "bits": bits, "block_size": block}  # accuracy_level is ONNX Runtime's CPU setting

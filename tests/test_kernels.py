@@ -44,8 +44,11 @@ def test_lowering_moves_fp16_matmulnbits_to_the_leptonc_domain():
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert result.applied and result.counts == {"lowered": 1, "left_alone": 0}
     node = graph.nodes[0]
-    assert node.domain == "ai.leptonc" and node.op == "MatMulNBits"
-    assert "accuracy_level" not in node.attrs and node.attrs["bits"] == 4 and node.attrs["block_size"] == 128
+    assert node.domain == "ai.leptonc" and node.op == "MatMulNBitsTiled"
+    assert node.attrs == {"K": 256, "N": 64, "bits": 4, "block_size": 128}  # no accuracy_level (ORT's CPU setting)
+    b, sz = node.inputs[1].values, node.inputs[2].values
+    assert b.dtype == np.uint8 and b.shape == (8, 2, 32, 16)  # 8 tiles of 8 columns, 2 steps of 128
+    assert sz.dtype == np.float16 and sz.shape == (8, 2, 8, 2)
     model = gs.export_onnx(graph)  # the exporter declares the new domain
     assert {o.domain for o in model.opset_import} >= {"", "ai.leptonc"}
 
@@ -59,6 +62,74 @@ def test_lowering_leaves_what_the_kernel_cannot_run(graph, why):
     result = use_leptonc_kernels(g, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert not result.applied and why in result.detail
     assert g.nodes[0].domain == "com.microsoft"
+
+
+def _quantized(rng, k, n, bits, block, zp):
+    """Random MatMulNBits inputs and the float64 weight they stand for."""
+    blocks = -(-k // block)
+    codes = rng.integers(0, 2 ** bits, size=(n, blocks * block), dtype=np.uint8)
+    b = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8) if bits == 4 else codes
+    scales = (rng.random((n, blocks)) * 0.02 + 0.002).astype(np.float16)
+    zeros = rng.integers(0, 2 ** bits, size=(n, blocks), dtype=np.uint8) if zp else None
+    z = zeros.astype(np.float64) if zp else np.full((n, blocks), 2 ** (bits - 1), np.float64)
+    w = ((codes.reshape(n, blocks, block) - z[..., None]) * scales.astype(np.float64)[..., None]).reshape(n, -1)[:, :k]
+    if zp and bits == 4:
+        zz = np.concatenate([zeros, np.zeros((n, blocks % 2), np.uint8)], axis=1)
+        zeros = (zz[:, 0::2] | (zz[:, 1::2] << 4)).astype(np.uint8)
+    return b.reshape(n, blocks, -1), scales.reshape(-1), zeros, w
+
+
+def _kernel_weights(tiled, sz, k, n, bits, block):
+    """What the CUDA kernel's lanes compute from the tiled layout, step by step as leptonc_cuda.cu does it
+    (the words' bit fields, the 0x6400 exponent trick, the fp16 subtraction and scaling), placed where the
+    mma.m16n8k16 B fragment says each lane's registers sit: lane 4g + t, column g, rows 2t, 2t+1 (b0)
+    and 2t+8, 2t+9 (b1) of each product."""
+    words = tiled.view("<u4").reshape(tiled.shape[0], tiled.shape[1], 32, 4)
+    step_k = 128 if bits == 4 else 64
+    n_tiles, steps = words.shape[:2]
+    w = np.zeros((n_tiles * 8, steps * step_k), np.float16)
+    lanes = np.arange(32)
+    g, t = lanes // 4, lanes % 4
+
+    def halves(u):  # a 32-bit register read as two fp16
+        return np.ascontiguousarray(u.astype("<u4")).view(np.float16).reshape(*u.shape, 2)
+
+    for tile in range(n_tiles):
+        for step in range(steps):
+            for c in range(step_k // 16):
+                if bits == 4:
+                    word = words[tile, step, :, c // 2].astype(np.uint32)
+                    q0 = ((word >> (8 * (c % 2))) & 0x000F000F) | 0x64006400
+                    q1 = ((word >> (8 * (c % 2) + 4)) & 0x000F000F) | 0x64006400
+                else:
+                    word = words[tile, step, :, c].astype(np.uint32)
+                    q0 = (word & 0xFF) | ((word >> 8) & 0xFF) << 16 | 0x64006400
+                    q1 = ((word >> 16) & 0xFF) | (word >> 24) << 16 | 0x64006400
+                k0 = step * step_k + 16 * c
+                s, zz = sz[tile, k0 // block, g, 0], sz[tile, k0 // block, g, 1]
+                for regs, rows in ((halves(q0), (0, 1)), (halves(q1), (8, 9))):
+                    for h, r in enumerate(rows):
+                        w[tile * 8 + g, k0 + 2 * t + r] = (regs[:, h] - zz) * s
+    return w[:n, :k]
+
+
+@pytest.mark.parametrize("k, n, bits, block, zp", [
+    (2048, 24, 4, 128, True),   # llama's K: whole steps and blocks
+    (576, 20, 4, 128, True),    # smollm2's K: the last block and step padded; N not a whole tile
+    (608, 16, 4, 32, True),     # several blocks a step; an odd block count
+    (576, 8, 4, 64, False),     # no zero points: 8
+    (2048, 8, 8, 64, False),    # the int8 LM head's layout
+    (1024, 12, 8, 128, True),   # int8 with zero points, a block spanning two steps
+])
+def test_tiled_layout_gives_the_kernel_the_right_weights(k, n, bits, block, zp):
+    from leptonc.targets.kernels.layout import tile_nbits
+
+    b, scales, zeros, w = _quantized(np.random.default_rng(k + n + bits), k, n, bits, block, zp)
+    tiled, sz = tile_nbits(b, scales, zeros, k, n, bits, block)
+    got = _kernel_weights(tiled, sz, k, n, bits, block).astype(np.float64)
+    # the kernel rounds (q - z) * scale to fp16 once; the reference is exact
+    np.testing.assert_allclose(got, w, rtol=2 ** -10, atol=1e-7)
+    assert np.array_equal(got, w.astype(np.float16).astype(np.float64))
 
 
 def test_lowering_is_skipped_with_the_build_reason():

@@ -35,7 +35,7 @@ SOURCE = Path(__file__).with_name("leptonc_cuda.cu")
 LIBRARY = "libleptonc_cuda.so"
 DOMAIN = "ai.leptonc"
 BUNDLE_DIR = "kernels"  # where the library goes inside a bundle
-OPS = ("MatMulNBits",)
+OPS = ("MatMulNBitsTiled",)
 
 
 class KernelsUnavailable(Exception):

@@ -1,17 +1,19 @@
 // leptonc's CUDA kernels for ONNX Runtime, registered as custom ops in the domain "ai.leptonc".
 //
-// MatMulNBits: the same inputs, attributes and meaning as ONNX Runtime's com.microsoft.MatMulNBits
-// (Y[M, N] = A[M, K] x dequantize(B)^T; B uint8 [N, blocks, block * bits / 8], low nibble first for
-// 4 bits; scales [N * blocks]; optional zero points, packed two a byte for 4 bits, default 2^(bits-1)),
-// for fp16 A on the CUDA provider, bits 4 or 8, block sizes that are multiples of 16.
+// MatMulNBitsTiled: Y[M, N] = A[M, K] x dequantize(B)^T for fp16 A on the CUDA provider, weights of 4 or
+// 8 bits quantized in blocks along K (ONNX Runtime's com.microsoft.MatMulNBits, whose codes, scales and
+// zero points passes/use_kernels.py rearranges ahead of time; targets/kernels/layout.py documents the
+// layout). Inputs: A fp16 [..., K]; B uint8 [n_tiles, steps, 32, 16]; SZ fp16 [n_tiles, blocks, 8, 2] =
+// (scale, 1024 + zero point). Attributes: K, N, bits, block_size.
 //
-//   M <= 16 (decode, batch <= 16): one kernel streams the weights once. Each warp takes 16 output rows
-//     and a slice of K; per 128 values of K it dequantizes a 16 x 128 tile into shared memory and
-//     multiplies it with the activations on the tensor cores (WMMA 16x16x16, fp32 accumulation). The
-//     block's warps split K and their partial sums are added in shared memory. The tensor cores make
-//     the cost the same for 1 and 16 rows of A, so batch 16 reads the weights at the speed batch 1 does.
-//   M > 16 (prefill): rows of B are dequantized into a scratch buffer in chunks and multiplied by
-//     cuBLAS (fp16 in and out, fp32 accumulation).
+//   M <= 16 (decode, batch <= 16): each warp streams 8 output columns x one step of K (128 values at 4
+//     bits, 64 at 8) per 16-byte load a lane; the load is exactly the lane's B operands of the step's
+//     mma.sync.m16n8k16 products, dequantized in registers (the 0x6400 exponent trick, then an exact
+//     fp16 subtraction of 1024 + zero point and one multiply by the scale) and multiplied on the tensor
+//     cores with fp32 accumulation. Rows of A past M are zero registers, so 1 and 16 rows cost the same
+//     weight traffic. The block's warps split K; partial sums are added in shared memory.
+//   M > 16 (prefill): tiles are dequantized into a scratch buffer in chunks and multiplied by cuBLAS
+//     (fp16 in and out, fp32 accumulation).
 //
 // Everything runs on ONNX Runtime's compute stream (KernelContext_GetGPUComputeStream) with no host
 // synchronization and no allocation after the first call, so a decode step that uses it can be
@@ -21,7 +23,6 @@
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <onnxruntime_c_api.h>
 
@@ -37,169 +38,162 @@ namespace {
 
 const OrtApi* g_api = nullptr;
 
-constexpr int kWarps = 8;        // warps per block; they split K
-constexpr int kRows = 16;        // output rows (columns of Y) per warp: the WMMA tile's N
-constexpr int kStep = 128;       // K values per warp iteration
-constexpr int kPad = 8;          // shared-memory row padding (halves) against bank conflicts
-constexpr int kLd = kStep + kPad;
-constexpr int kSmallM = 16;      // rows of A served by the streaming kernel (the WMMA tile's M)
+constexpr int kMaxWarps = 8;      // warps per block; they split K
+constexpr int kSmallM = 16;       // rows of A served by the streaming kernel (the mma tile's M)
 constexpr size_t kScratchHalves = size_t(16) << 20;  // 32 MiB of dequantized rows for the M > 16 path
-
-// ---- the streaming kernel (M <= 16) --------------------------------------------------------------
+constexpr uint32_t kExp1024 = 0x64006400u;           // two fp16 1024.0: OR-ing a code below 1024 gives 1024 + code
 
 template <int BITS>
-__device__ __forceinline__ void dequantize_lane(const uint4* words, int k_first, int k_pad, int row,
-                                                const half* __restrict__ scales, const uint8_t* __restrict__ zps,
-                                                int blocks, int block, half* dst) {
-  // words: this lane's 64 consecutive weights of one row (2 uint4 for 4 bits, 4 for 8 bits), starting
-  // at k_first; dst: where the 64 dequantized halves go in the shared tile.
-  constexpr int per_word = 32 / BITS;
-  constexpr uint32_t mask = (1u << BITS) - 1u;
-  const uint32_t* w32 = reinterpret_cast<const uint32_t*>(words);
-#pragma unroll
-  for (int g = 0; g < 4; ++g) {  // 4 groups of 16 weights; a group never straddles a block (block % 16 == 0)
-    if (k_first + g * 16 >= k_pad) {  // past the last block: zeros (no scale to read)
-#pragma unroll
-      for (int e = 0; e < 16; e += 2) *reinterpret_cast<half2*>(dst + g * 16 + e) = __floats2half2_rn(0.f, 0.f);
-      continue;
-    }
-    const int blk = (k_first + g * 16) / block;
-    float z;
-    if (zps == nullptr) {
-      z = float(1 << (BITS - 1));
-    } else if (BITS == 4) {
-      const uint8_t packed = zps[row * ((blocks + 1) / 2) + blk / 2];
-      z = float((packed >> ((blk & 1) * 4)) & 0xF);
-    } else {
-      z = float(zps[row * blocks + blk]);
-    }
-    const float s = __half2float(scales[row * blocks + blk]);
-#pragma unroll
-    for (int e = 0; e < 16; e += 2) {
-      const int idx = g * 16 + e;
-      const uint32_t word = w32[idx / per_word];
-      const int shift0 = (idx % per_word) * BITS, shift1 = ((idx + 1) % per_word) * BITS;
-      const float q0 = float((word >> shift0) & mask), q1 = float((w32[(idx + 1) / per_word] >> shift1) & mask);
-      *reinterpret_cast<half2*>(dst + idx) = __floats2half2_rn((q0 - z) * s, (q1 - z) * s);
-    }
-  }
+struct Step {
+  static constexpr int kK = BITS == 4 ? 128 : 64;  // K values a lane's 16 bytes cover
+  static constexpr int kProducts = kK / 16;        // m16n8k16 products per step
+};
+
+__device__ __forceinline__ uint32_t as_u32(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ half2 as_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
+
+__device__ __forceinline__ uint32_t load_a(const half* row, int k, bool ok) {
+  // two consecutive fp16 of A (k even, K even, so 4-byte aligned); zero past M or K
+  return ok ? __ldg(reinterpret_cast<const unsigned int*>(row + k)) : 0u;
 }
 
+// The B operands (b0, b1) of product c of a step, dequantized, from the lane's four words.
 template <int BITS>
-__global__ void __launch_bounds__(kWarps * 32)
-nbits_stream(const half* __restrict__ A, int M, const uint8_t* __restrict__ B, const half* __restrict__ scales,
-             const uint8_t* __restrict__ zps, half* __restrict__ Y, int K, int N, int block, int blocks) {
-  using namespace nvcuda;
-  constexpr int kVecs = 64 * BITS / 8 / 16;  // uint4 per lane per iteration: 2 (4-bit) or 4 (8-bit)
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  half* smem = reinterpret_cast<half*>(smem_raw);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  half* a_tile = smem + warp * 2 * kRows * kLd;  // [16 m][kLd]
-  half* w_tile = a_tile + kRows * kLd;           // [16 n][kLd]
+__device__ __forceinline__ void operands(const uint4& w, int c, half2 sz, uint32_t& b0, uint32_t& b1) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  uint32_t q0, q1;
+  if (BITS == 4) {
+    const uint32_t word = words[c >> 1];
+    const int shift = (c & 1) * 8;
+    q0 = ((word >> shift) & 0x000F000Fu) | kExp1024;
+    q1 = ((word >> (shift + 4)) & 0x000F000Fu) | kExp1024;
+  } else {
+    const uint32_t word = words[c];
+    q0 = __byte_perm(word, 0x64646464u, 0x4140);
+    q1 = __byte_perm(word, 0x64646464u, 0x4342);
+  }
+  const half2 zz = __high2half2(sz), ss = __low2half2(sz);
+  b0 = as_u32(__hmul2(__hsub2(as_h2(q0), zz), ss));
+  b1 = as_u32(__hmul2(__hsub2(as_h2(q1), zz), ss));
+}
 
-  const int n0 = blockIdx.x * kRows;
-  const int row_bytes = blocks * block * BITS / 8;
-  const int k_pad = blocks * block;
-  const int steps = (k_pad + kStep - 1) / kStep;
-  const int r = lane >> 1, half_id = lane & 1;  // this lane's row of the tile and its half of the 128 values
-  const int n = n0 + r;
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
 
-  // rows of A past M stay zero for the whole kernel
-  for (int i = lane; i < kRows * kLd; i += 32) a_tile[i] = __float2half(0.f);
-  __syncwarp();
+// NT tiles of 8 columns a block; the block's warps take the steps of K in turn.
+template <int BITS, int NT>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
+             half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t) {
+  constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts;
+  __shared__ float red[kMaxWarps][NT][32][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_tiles = (N + 7) >> 3;
+  const int tile0 = blockIdx.x * NT;
+  const half* a_lo = A + size_t(g) * K;      // row g of the mma tile
+  const half* a_hi = A + size_t(g + 8) * K;  // row g + 8
+  const bool lo = g < M, hi = g + 8 < M;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::fill_fragment(acc, 0.f);
-
-  for (int step = warp; step < steps; step += kWarps) {
-    const int k0 = step * kStep;
-    // the weights: 64 values of row n from k0 + 64 * half_id
-    const int k_first = k0 + half_id * 64;
-    uint4 words[kVecs];
-    const int byte0 = k_first * BITS / 8;
+  float acc[NT][4];
 #pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      words[v] = make_uint4(0, 0, 0, 0);
-      if (n < N && byte0 + v * 16 < row_bytes)
-        words[v] = __ldg(reinterpret_cast<const uint4*>(B + size_t(n) * row_bytes + byte0) + v);
-    }
-    // the activations: A[m, k0:k0+128] for m < M (zero past K)
-    for (int i = lane; i < M * (kStep / 8); i += 32) {
-      const int m = i / (kStep / 8), c = (i % (kStep / 8)) * 8;
-      const int k = k0 + c;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (k + 8 <= K && (K % 8) == 0) {
-        v = __ldg(reinterpret_cast<const uint4*>(A + size_t(m) * K + k));
-        *reinterpret_cast<uint4*>(a_tile + m * kLd + c) = v;
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  uint4 cur[NT], nxt[NT];
+  auto load_w = [&](uint4 (&w)[NT], int step) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      w[j] = (tile0 + j < n_tiles) ? __ldg(B + (size_t(tile0 + j) * steps + step) * 32 + lane) : make_uint4(0, 0, 0, 0);
+  };
+  if (warp < steps) load_w(cur, warp);
+  for (int step = warp; step < steps; step += warps) {
+    if (step + warps < steps) load_w(nxt, step + warps);  // the next step's weights are in flight meanwhile
+    const int k_step = step * kStepK;
+    half2 sz[NT][kProducts];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const half2* col = SZ + size_t(min(tile0 + j, n_tiles - 1)) * blocks_t * 8 + g;
+      if (block % kStepK == 0) {  // one block covers the step
+        const half2 v = __ldg(col + size_t(k_step / block) * 8);
+#pragma unroll
+        for (int c = 0; c < kProducts; ++c) sz[j][c] = v;
       } else {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) a_tile[m * kLd + c + j] = (k + j < K) ? A[size_t(m) * K + k + j] : __float2half(0.f);
+        for (int c = 0; c < kProducts; ++c) sz[j][c] = __ldg(col + size_t((k_step + 16 * c) / block) * 8);
       }
     }
-    if (n < N && k_first < k_pad) {
-      dequantize_lane<BITS>(words, k_first, k_pad, n, scales, zps, blocks, block, w_tile + r * kLd + half_id * 64);
-    } else {
-      for (int j = 0; j < 64; ++j) w_tile[r * kLd + half_id * 64 + j] = __float2half(0.f);
-    }
-    __syncwarp();
 #pragma unroll
-    for (int kk = 0; kk < kStep; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a_frag;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> b_frag;
-      wmma::load_matrix_sync(a_frag, a_tile + kk, kLd);   // (m, k) at a_tile[m * kLd + k]
-      wmma::load_matrix_sync(b_frag, w_tile + kk, kLd);   // (k, n) at w_tile[n * kLd + k]
-      wmma::mma_sync(acc, a_frag, b_frag, acc);
+    for (int c = 0; c < kProducts; ++c) {
+      const int k = k_step + 16 * c + 2 * t;
+      const uint32_t a0 = load_a(a_lo, k, lo && k < K), a1 = load_a(a_hi, k, hi && k < K);
+      const uint32_t a2 = load_a(a_lo, k + 8, lo && k + 8 < K), a3 = load_a(a_hi, k + 8, hi && k + 8 < K);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        uint32_t b0, b1;
+        operands<BITS>(cur[j], c, sz[j][c], b0, b1);
+        mma16816(acc[j], a0, a1, a2, a3, b0, b1);
+      }
     }
-    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < NT; ++j) cur[j] = nxt[j];
   }
 
-  // add the warps' partial sums: reuse shared memory as [warps][16 m][16 n] floats
-  __syncthreads();
-  float* red = reinterpret_cast<float*>(smem_raw);
-  wmma::store_matrix_sync(red + warp * kRows * kRows, acc, kRows, wmma::mem_row_major);
-  __syncthreads();
-  for (int i = threadIdx.x; i < kRows * kRows; i += blockDim.x) {
-    const int m = i / kRows, j = i % kRows;
-    if (m < M && n0 + j < N) {
-      float sum = 0.f;
+  // add the warps' partial sums; C fragment: c0, c1 = row g, columns 2t, 2t + 1; c2, c3 = row g + 8
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += red[w * kRows * kRows + i];
-      Y[size_t(m) * N + n0 + j] = __float2half(sum);
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][j][lane][e] = acc[j][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < NT * 128; i += blockDim.x) {
+    const int j = i >> 7, l = (i >> 2) & 31, e = i & 3;
+    const int row = (l >> 2) + (e >= 2 ? 8 : 0), n = (tile0 + j) * 8 + 2 * (l & 3) + (e & 1);
+    if (row < M && n < N) {
+      float sum = 0.f;
+      for (int w = 0; w < warps; ++w) sum += red[w][j][l][e];
+      Y[size_t(row) * N + n] = __float2half(sum);
     }
   }
 }
 
-constexpr size_t kStreamSmem = size_t(kWarps) * 2 * kRows * kLd * sizeof(half);
-static_assert(kStreamSmem >= size_t(kWarps) * kRows * kRows * sizeof(float), "the reduction reuses the tiles");
-
-// ---- the prefill path (M > 16): dequantize rows, then cuBLAS -------------------------------------
+// ---- the prefill path (M > 16): dequantize tiles, then cuBLAS -------------------------------------
 
 template <int BITS>
-__global__ void nbits_dequantize_rows(const uint8_t* __restrict__ B, const half* __restrict__ scales,
-                                      const uint8_t* __restrict__ zps, half* __restrict__ W, int n_first, int rows,
-                                      int K, int block, int blocks) {
-  // W[rows, K] (row-major, ld K) = dequantized rows n_first .. n_first + rows of B
-  const size_t total = size_t(rows) * K;
+__global__ void tiled_dequantize(const uint32_t* __restrict__ B, const half2* __restrict__ SZ, half* __restrict__ W,
+                                 int tile_first, int tiles, int K, int steps, int block, int blocks_t) {
+  // W[tiles * 8, K] (row-major, ld K) = the dequantized columns of tiles tile_first .. + tiles; one
+  // thread a word (8 codes at 4 bits, 4 at 8)
+  constexpr int kStepK = Step<BITS>::kK;
+  const size_t words_per_tile = size_t(steps) * 32 * 4;
+  const size_t total = size_t(tiles) * words_per_tile;
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
-    const int rr = int(i / K), k = int(i % K), n = n_first + rr;
-    const int row_bytes = blocks * block * BITS / 8;
-    const int blk = k / block;
-    uint32_t q;
-    if (BITS == 4) {
-      const uint8_t byte = B[size_t(n) * row_bytes + k / 2];
-      q = (k & 1) ? (byte >> 4) : (byte & 0xF);
-    } else {
-      q = B[size_t(n) * row_bytes + k];
+    const int local = int(i / words_per_tile);
+    const int rest = int(i % words_per_tile);
+    const int step = rest >> 7, lane = (rest >> 2) & 31, word_i = rest & 3;
+    const int g = lane >> 2, t = lane & 3, tile = tile_first + local;
+    const uint32_t word = B[(size_t(tile) * steps + step) * 128 + lane * 4 + word_i];
+    half* row = W + (size_t(local) * 8 + g) * K;
+    for (int p = 0; p < (BITS == 4 ? 2 : 1); ++p) {
+      const int c = BITS == 4 ? 2 * word_i + p : word_i;
+      const int k0 = step * kStepK + 16 * c;
+      uint32_t v[4];
+      if (BITS == 4) {
+        const int s = p * 8;
+        v[0] = (word >> s) & 0xF; v[1] = (word >> (s + 16)) & 0xF; v[2] = (word >> (s + 4)) & 0xF;
+        v[3] = (word >> (s + 20)) & 0xF;
+      } else {
+        v[0] = word & 0xFF; v[1] = (word >> 8) & 0xFF; v[2] = (word >> 16) & 0xFF; v[3] = word >> 24;
+      }
+      const half2 sz = SZ[(size_t(tile) * blocks_t + k0 / block) * 8 + g];
+      const float s = __low2float(sz), z = __high2float(sz) - 1024.f;
+      const int k = k0 + 2 * t;
+      if (k < K) *reinterpret_cast<half2*>(row + k) = __floats2half2_rn((float(v[0]) - z) * s, (float(v[1]) - z) * s);
+      if (k + 8 < K) *reinterpret_cast<half2*>(row + k + 8) = __floats2half2_rn((float(v[2]) - z) * s, (float(v[3]) - z) * s);
     }
-    float z;
-    if (zps == nullptr) {
-      z = float(1 << (BITS - 1));
-    } else if (BITS == 4) {
-      z = float((zps[size_t(n) * ((blocks + 1) / 2) + blk / 2] >> ((blk & 1) * 4)) & 0xF);
-    } else {
-      z = float(zps[size_t(n) * blocks + blk]);
-    }
-    W[i] = __float2half((float(q) - z) * __half2float(scales[size_t(n) * blocks + blk]));
   }
 }
 
@@ -217,7 +211,7 @@ struct NBitsKernel {
 };
 
 OrtStatus* make_error(const std::string& what) {
-  return g_api->CreateStatus(ORT_EP_FAIL, ("leptonc MatMulNBits: " + what).c_str());
+  return g_api->CreateStatus(ORT_EP_FAIL, ("leptonc MatMulNBitsTiled: " + what).c_str());
 }
 
 OrtStatus* cuda_check(cudaError_t err, const char* where) {
@@ -243,31 +237,38 @@ OrtStatus* ensure_shared() {
 }
 
 template <int BITS>
-OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t* b, const half* scales,
-                  const uint8_t* zps, half* y, cudaStream_t stream) {
+OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t* b, const half* sz, half* y,
+                  cudaStream_t stream) {
   const int K = int(kn.K), N = int(kn.N), block = int(kn.block);
-  const int blocks = int((kn.K + kn.block - 1) / kn.block);
+  const int step_k = Step<BITS>::kK;
+  const int steps = (K + step_k - 1) / step_k;
+  const int blocks_t = (steps * step_k + block - 1) / block;
+  const int n_tiles = (N + 7) / 8;
   if (m <= kSmallM) {
-    static bool configured = false;  // opt in to more than 48 KiB of dynamic shared memory, once
-    if (!configured) {
-      ORT_TRY(cuda_check(cudaFuncSetAttribute(nbits_stream<BITS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              int(kStreamSmem)), "cudaFuncSetAttribute"));
-      configured = true;
+    const int warps = std::min(kMaxWarps, steps);
+    const auto* bw = reinterpret_cast<const uint4*>(b);
+    const auto* szw = reinterpret_cast<const half2*>(sz);
+    if (n_tiles >= 2 * 4 * 132) {  // wide products (gate/up, LM head): two tiles a block share A's loads
+      tiled_stream<BITS, 2><<<(n_tiles + 1) / 2, warps * 32, 0, stream>>>(a, int(m), bw, szw, y, K, N, steps, block,
+                                                                          blocks_t);
+    } else {
+      tiled_stream<BITS, 1><<<n_tiles, warps * 32, 0, stream>>>(a, int(m), bw, szw, y, K, N, steps, block, blocks_t);
     }
-    const dim3 grid((N + kRows - 1) / kRows);
-    nbits_stream<BITS><<<grid, kWarps * 32, kStreamSmem, stream>>>(a, int(m), b, scales, zps, y, K, N, block, blocks);
-    return cuda_check(cudaGetLastError(), "nbits_stream launch");
+    return cuda_check(cudaGetLastError(), "tiled_stream launch");
   }
   if (g_shared.scratch == nullptr || g_shared.cublas == nullptr) ORT_TRY(ensure_shared());
   if (cublasSetStream(g_shared.cublas, stream) != CUBLAS_STATUS_SUCCESS) return make_error("cublasSetStream failed");
-  const int64_t chunk_rows = std::max<int64_t>(1, std::min<int64_t>(N, int64_t(kScratchHalves) / K));
+  const int64_t chunk_tiles = std::max<int64_t>(1, std::min<int64_t>(n_tiles, int64_t(kScratchHalves) / (8 * int64_t(K))));
   const float alpha = 1.f, beta = 0.f;
-  for (int64_t n_first = 0; n_first < N; n_first += chunk_rows) {
-    const int rows = int(std::min<int64_t>(chunk_rows, N - n_first));
+  for (int64_t tile_first = 0; tile_first < n_tiles; tile_first += chunk_tiles) {
+    const int tiles = int(std::min<int64_t>(chunk_tiles, n_tiles - tile_first));
+    const int n_first = int(tile_first * 8), rows = std::min(tiles * 8, N - n_first);
     const int threads = 256;
-    const int grid = int(std::min<int64_t>((int64_t(rows) * K + threads - 1) / threads, 65535));
-    nbits_dequantize_rows<BITS><<<grid, threads, 0, stream>>>(b, scales, zps, g_shared.scratch, int(n_first), rows, K,
-                                                              block, blocks);
+    const int64_t words = int64_t(tiles) * steps * 128;
+    const int grid = int(std::min<int64_t>((words + threads - 1) / threads, 65535));
+    tiled_dequantize<BITS><<<grid, threads, 0, stream>>>(reinterpret_cast<const uint32_t*>(b),
+                                                         reinterpret_cast<const half2*>(sz), g_shared.scratch,
+                                                         int(tile_first), tiles, K, steps, block, blocks_t);
     ORT_TRY(cuda_check(cudaGetLastError(), "dequantize launch"));
     // column-major view: Y^T[N, M] (ld N) = W[rows, K]^T-as-stored (op T, ld K) x A^T[K, M] (ld K)
     const cublasStatus_t st = cublasGemmEx(g_shared.cublas, CUBLAS_OP_T, CUBLAS_OP_N, rows, int(m), K, &alpha,
@@ -290,11 +291,13 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, con
     delete kn;
     return st;
   }
-  if ((kn->bits != 4 && kn->bits != 8) || kn->block < 16 || kn->block % 16 != 0 || kn->K <= 0 || kn->N <= 0) {
-    const std::string msg = "unsupported attributes bits=" + std::to_string(kn->bits) +
-                            " block_size=" + std::to_string(kn->block) + " (needs bits 4 or 8, block a multiple of 16)";
+  if ((kn->bits != 4 && kn->bits != 8) || kn->block < 16 || kn->block % 16 != 0 || kn->K <= 0 || kn->K % 2 != 0 ||
+      kn->N <= 0) {
+    const std::string msg = "unsupported attributes bits=" + std::to_string(kn->bits) + " block_size=" +
+                            std::to_string(kn->block) + " K=" + std::to_string(kn->K) +
+                            " (needs bits 4 or 8, block a multiple of 16, K even)";
     delete kn;
-    return api->CreateStatus(ORT_INVALID_ARGUMENT, ("leptonc MatMulNBits: " + msg).c_str());
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, ("leptonc MatMulNBitsTiled: " + msg).c_str());
   }
   // The prefill path's cuBLAS handle and scratch are made here, before any graph capture can begin.
   if ((st = ensure_shared()) != nullptr) {
@@ -309,9 +312,9 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   const auto& kn = *static_cast<NBitsKernel*>(kernel);
   size_t n_inputs = 0;
   ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &n_inputs));
-  const OrtValue* in[4] = {nullptr, nullptr, nullptr, nullptr};
-  for (size_t i = 0; i < n_inputs && i < 4; ++i) ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &in[i]));
-  if (in[0] == nullptr || in[1] == nullptr || in[2] == nullptr) return make_error("A, B and scales are required");
+  const OrtValue* in[3] = {nullptr, nullptr, nullptr};
+  for (size_t i = 0; i < n_inputs && i < 3; ++i) ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &in[i]));
+  if (in[0] == nullptr || in[1] == nullptr || in[2] == nullptr) return make_error("A, B and SZ are required");
 
   OrtTensorTypeAndShapeInfo* shape_info = nullptr;
   ORT_TRY(g_api->GetTensorTypeAndShape(in[0], &shape_info));
@@ -333,11 +336,10 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, out_dims, rank, &out));
   if (m == 0) return nullptr;
 
-  void *pa = nullptr, *pb = nullptr, *ps = nullptr, *pz = nullptr, *py = nullptr;
+  void *pa = nullptr, *pb = nullptr, *ps = nullptr, *py = nullptr;
   ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[0]), &pa));
   ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[1]), &pb));
   ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[2]), &ps));
-  if (in[3] != nullptr) ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[3]), &pz));
   ORT_TRY(g_api->GetTensorMutableData(out, &py));
   void* stream = nullptr;
   ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
@@ -345,25 +347,24 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   const auto* a = static_cast<const half*>(pa);
   const auto* b = static_cast<const uint8_t*>(pb);
   const auto* sc = static_cast<const half*>(ps);
-  const auto* z = static_cast<const uint8_t*>(pz);
   auto* y = static_cast<half*>(py);
-  return kn.bits == 4 ? launch<4>(kn, a, m, b, sc, z, y, s) : launch<8>(kn, a, m, b, sc, z, y, s);
+  return kn.bits == 4 ? launch<4>(kn, a, m, b, sc, y, s) : launch<8>(kn, a, m, b, sc, y, s);
 }
 
 void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<NBitsKernel*>(kernel); }
 
-const char* ORT_API_CALL op_name(const OrtCustomOp*) { return "MatMulNBits"; }
+const char* ORT_API_CALL op_name(const OrtCustomOp*) { return "MatMulNBitsTiled"; }
 const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t index) {
   return (index == 0 || index == 2) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 }
-size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 4; }
+size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 3; }
 ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
 size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 1; }
-OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp*, size_t index) {
-  return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp*, size_t) {
+  return INPUT_OUTPUT_REQUIRED;
 }
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp*, size_t) {
   return INPUT_OUTPUT_REQUIRED;
@@ -410,7 +411,7 @@ OrtCustomOp make_op() {
   return op;
 }
 
-OrtCustomOp g_matmul_nbits = make_op();
+OrtCustomOp g_matmul_tiled = make_op();
 
 }  // namespace
 
@@ -424,6 +425,6 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   }
   OrtCustomOpDomain* domain = nullptr;
   ORT_TRY(g_api->CreateCustomOpDomain("ai.leptonc", &domain));
-  ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_matmul_nbits));
+  ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_matmul_tiled));
   return g_api->AddCustomOpDomain(options, domain);
 }

@@ -1,0 +1,97 @@
+"""The weight layout of `ai.leptonc.MatMulNBitsTiled`: MatMulNBits' codes rearranged so that each lane of
+a warp loads, in one 16-byte read, exactly the B operands of its `mma.sync.m16n8k16` instructions.
+
+A tile is 8 output columns (n) by one *step* of K: 128 values for 4 bits, 64 for 8 bits (16 bytes a
+lane either way). The step holds CH = step / 16 products of k16 each. In the m16n8k16 B fragment, lane
+L = 4 g + t holds column g of the tile and, for a product starting at k0, the rows k0 + 2t, 2t + 1
+(register b0) and k0 + 2t + 8, 2t + 9 (register b1). Here the lane's 16 bytes are four 32-bit words:
+
+  4 bits: word i holds products 2i (e) and 2i + 1 (o), as nibbles
+          e0 | e2 << 4 | o0 << 8 | o2 << 12 | e1 << 16 | e3 << 20 | o1 << 24 | o3 << 28
+          (v0..v3 = rows 2t, 2t+1, 2t+8, 2t+9), so `(word >> 8c) & 0x000F000F` is b0 of product c
+          and `(word >> (8c + 4)) & 0x000F000F` its b1, each half ready for the 0x6400 exponent trick;
+  8 bits: word i holds product i as bytes v0, v1, v2, v3 (b0 = bytes 0-1, b1 = bytes 2-3).
+
+Tiles are stored [n_tiles, steps, 32 lanes, 16 bytes], so a warp's read of one tile step is 512
+contiguous bytes. Scales and zero points become one fp16 pair per (column, block): [n_tiles, blocks, 8, 2]
+= (scale, 1024 + zero point); the kernel dequantizes as ((1024 + q) - (1024 + z)) * scale, the
+subtraction exact in fp16. N is padded to whole tiles and K to whole steps with zero weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LANES = 32
+TILE_N = 8
+
+
+def step_k(bits: int) -> int:
+    return 128 if bits == 4 else 64
+
+
+def codes_of(b: np.ndarray, n: int, bits: int, block: int) -> np.ndarray:
+    """MatMulNBits' B ([N, blocks, block * bits / 8] uint8, low nibble first) -> codes [N, blocks * block]."""
+    raw = np.asarray(b, np.uint8).reshape(n, -1)
+    if bits == 8:
+        return raw
+    codes = np.empty((n, raw.shape[1] * 2), np.uint8)
+    codes[:, 0::2] = raw & 0xF
+    codes[:, 1::2] = raw >> 4
+    return codes
+
+
+def zero_points_of(zp: np.ndarray | None, n: int, blocks: int, bits: int) -> np.ndarray:
+    """MatMulNBits' zero points (packed two a byte for 4 bits; absent means 2^(bits-1)) -> [N, blocks]."""
+    if zp is None:
+        return np.full((n, blocks), 1 << (bits - 1), np.uint8)
+    raw = np.asarray(zp, np.uint8).reshape(n, -1)
+    if bits == 8:
+        return raw[:, :blocks]
+    out = np.empty((n, raw.shape[1] * 2), np.uint8)
+    out[:, 0::2] = raw & 0xF
+    out[:, 1::2] = raw >> 4
+    return out[:, :blocks]
+
+
+def tile_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, bits: int,
+               block: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' (B, scales, zero points) -> (B tiled uint8 [n_tiles, steps, 32, 16], SZ fp16
+    [n_tiles, blocks_t, 8, 2]), blocks_t = the blocks that the padded K spans."""
+    if bits not in (4, 8) or block % 16:
+        raise ValueError(f"bits {bits}, block {block}: the tiled layout needs 4 or 8 bits and blocks of 16k")
+    blocks = -(-k // block)
+    sk = step_k(bits)
+    steps = -(-k // sk)
+    kp = steps * sk
+    blocks_t = -(-kp // block)
+    n_tiles = -(-n // TILE_N)
+    np_ = n_tiles * TILE_N
+
+    zps = zero_points_of(zero_points, n, blocks, bits)
+    codes = np.zeros((np_, kp), np.uint8)
+    src = codes_of(b, n, bits, block)[:, :min(kp, blocks * block)]
+    codes[:n, :src.shape[1]] = src
+    if src.shape[1] < kp:  # past MatMulNBits' last block: the zero point's code, i.e. weight 0
+        codes[:n, src.shape[1]:] = zps[:, -1:]
+
+    sz = np.zeros((np_, blocks_t, 2), np.float16)
+    sz[:, :, 1] = 1024.0  # padding: scale 0, zero point 0
+    sz[:n, :blocks, 0] = np.asarray(scales, np.float16).reshape(n, blocks)
+    sz[:n, :blocks, 1] = 1024.0 + zps.astype(np.float32)
+    sz = np.ascontiguousarray(sz.reshape(n_tiles, TILE_N, blocks_t, 2).transpose(0, 2, 1, 3))
+
+    # [tile, g, step, product c, 16 rows of the product]
+    c = codes.reshape(n_tiles, TILE_N, steps, sk // 16, 16).astype(np.uint32)
+    t = np.arange(4)
+    v = np.stack([c[..., 2 * t], c[..., 2 * t + 1], c[..., 2 * t + 8], c[..., 2 * t + 9]], axis=-1)
+    # v: [tile, g, step, product, t, 4 values] -> per lane (g, t) and product
+    if bits == 4:
+        e, o = v[:, :, :, 0::2], v[:, :, :, 1::2]  # products 2i and 2i + 1: [tile, g, step, 4 words, t, 4]
+        words = (e[..., 0] | e[..., 2] << 4 | o[..., 0] << 8 | o[..., 2] << 12
+                 | e[..., 1] << 16 | e[..., 3] << 20 | o[..., 1] << 24 | o[..., 3] << 28)
+    else:
+        words = v[..., 0] | v[..., 1] << 8 | v[..., 2] << 16 | v[..., 3] << 24  # [tile, g, step, 4 words, t]
+    # -> [tile, step, g, t, word] = [tile, step, lane, word]
+    words = words.transpose(0, 2, 1, 4, 3).reshape(n_tiles, steps, LANES, 4).astype("<u4")
+    return np.ascontiguousarray(words).view(np.uint8).reshape(n_tiles, steps, LANES, 16), sz
