@@ -1,6 +1,6 @@
 """Lower ONNX Runtime contrib ops to leptonc's own CUDA kernels (targets/kernels/), where they are faster.
 
-    com.microsoft.MatMulNBits (fp16 A, bits 4 or 8, block a multiple of 16, K even, constant weights,
+    com.microsoft.MatMulNBits (fp16 A, bits 4 or 8, block a multiple of 32, K a multiple of 8, constant weights,
     no g_idx or bias input)
         -> ai.leptonc.MatMulNBitsTiled (A, B tiled for the kernel's mma operands, SZ = scale and zero
            point pairs; targets/kernels/layout.py)
@@ -32,10 +32,10 @@ def _lowerable(node: gs.Node) -> str | None:
     bits, block = node.attrs.get("bits"), node.attrs.get("block_size")
     if bits not in (4, 8):
         return f"bits {bits}"
-    if not block or block % 16:
+    if not block or block % 32:
         return f"block {block}"
-    if node.attrs.get("K", 1) % 2:
-        return "odd K"
+    if node.attrs.get("K", 1) % 8:
+        return "K not a multiple of 8"
     if not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
         return "weights computed at run time"
     if len(node.inputs) == 4 and node.inputs[3].dtype is not None and np.dtype(node.inputs[3].dtype) != np.uint8:

@@ -2,20 +2,25 @@
 a warp loads, in one 16-byte read, exactly the B operands of its `mma.sync.m16n8k16` instructions.
 
 A tile is 8 output columns (n) by one *step* of K: 128 values for 4 bits, 64 for 8 bits (16 bytes a
-lane either way). The step holds CH = step / 16 products of k16 each. In the m16n8k16 B fragment, lane
-L = 4 g + t holds column g of the tile and, for a product starting at k0, the rows k0 + 2t, 2t + 1
-(register b0) and k0 + 2t + 8, 2t + 9 (register b1). Here the lane's 16 bytes are four 32-bit words:
+lane either way). The step holds CH = step / 16 products of k16 each. In the m16n8k16 fragments, lane
+L = 4 g + t holds column g of B and the k *slots* 2t, 2t + 1 (register b0) and 2t + 8, 2t + 9 (b1); A's
+registers hold the same slots of rows g and g + 8. Which actual k a slot stands for is ours to choose,
+the same for A and B: product c's four slots of lane t are k = 32 (c // 2) + 8 t + 4 (c % 2) + 0..3 of
+the step, so a lane's A values for products 2i and 2i + 1 are 8 consecutive fp16 (one 16-byte load).
+The lane's 16 bytes of B are four 32-bit words:
 
   4 bits: word i holds products 2i (e) and 2i + 1 (o), as nibbles
           e0 | e2 << 4 | o0 << 8 | o2 << 12 | e1 << 16 | e3 << 20 | o1 << 24 | o3 << 28
-          (v0..v3 = rows 2t, 2t+1, 2t+8, 2t+9), so `(word >> 8c) & 0x000F000F` is b0 of product c
-          and `(word >> (8c + 4)) & 0x000F000F` its b1, each half ready for the 0x6400 exponent trick;
+          (v0..v3 = the slots 2t, 2t+1, 2t+8, 2t+9), so `(word >> 8c) & 0x000F000F` is b0 of product
+          c and `(word >> (8c + 4)) & 0x000F000F` its b1, each half ready for the 0x6400 exponent trick;
   8 bits: word i holds product i as bytes v0, v1, v2, v3 (b0 = bytes 0-1, b1 = bytes 2-3).
 
 Tiles are stored [n_tiles, steps, 32 lanes, 16 bytes], so a warp's read of one tile step is 512
 contiguous bytes. Scales and zero points become one fp16 pair per (column, block): [n_tiles, blocks, 8, 2]
-= (scale, 1024 + zero point); the kernel dequantizes as ((1024 + q) - (1024 + z)) * scale, the
-subtraction exact in fp16. N is padded to whole tiles and K to whole steps with zero weights.
+= (scale, 1024 + zero point). The kernel's B operands are the exact integers (1024 + q) - (1024 + z);
+each block's partial sums are multiplied by the column's scale in fp32 after the products. N is padded
+to whole tiles and K to whole steps with zero weights. Blocks must be multiples of 32 (a product pair
+never straddles two).
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ def tile_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
                block: int) -> tuple[np.ndarray, np.ndarray]:
     """MatMulNBits' (B, scales, zero points) -> (B tiled uint8 [n_tiles, steps, 32, 16], SZ fp16
     [n_tiles, blocks_t, 8, 2]), blocks_t = the blocks that the padded K spans."""
-    if bits not in (4, 8) or block % 16:
-        raise ValueError(f"bits {bits}, block {block}: the tiled layout needs 4 or 8 bits and blocks of 16k")
+    if bits not in (4, 8) or block % 32:
+        raise ValueError(f"bits {bits}, block {block}: the tiled layout needs 4 or 8 bits and blocks of 32k")
     blocks = -(-k // block)
     sk = step_k(bits)
     steps = -(-k // sk)
@@ -81,10 +86,9 @@ def tile_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
     sz[:n, :blocks, 1] = 1024.0 + zps.astype(np.float32)
     sz = np.ascontiguousarray(sz.reshape(n_tiles, TILE_N, blocks_t, 2).transpose(0, 2, 1, 3))
 
-    # [tile, g, step, product c, 16 rows of the product]
-    c = codes.reshape(n_tiles, TILE_N, steps, sk // 16, 16).astype(np.uint32)
-    t = np.arange(4)
-    v = np.stack([c[..., 2 * t], c[..., 2 * t + 1], c[..., 2 * t + 8], c[..., 2 * t + 9]], axis=-1)
+    # k within a step = 32 pair + 8 t + 4 h + p, product c = 2 pair + h, slot p = 2t, 2t+1, 2t+8, 2t+9
+    r = codes.reshape(n_tiles, TILE_N, steps, sk // 32, 4, 2, 4).astype(np.uint32)
+    v = r.transpose(0, 1, 2, 3, 5, 4, 6).reshape(n_tiles, TILE_N, steps, sk // 16, 4, 4)
     # v: [tile, g, step, product, t, 4 values] -> per lane (g, t) and product
     if bits == 4:
         e, o = v[:, :, :, 0::2], v[:, :, :, 1::2]  # products 2i and 2i + 1: [tile, g, step, 4 words, t, 4]

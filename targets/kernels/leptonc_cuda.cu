@@ -8,10 +8,12 @@
 //
 //   M <= 16 (decode, batch <= 16): each warp streams 8 output columns x one step of K (128 values at 4
 //     bits, 64 at 8) per 16-byte load a lane; the load is exactly the lane's B operands of the step's
-//     mma.sync.m16n8k16 products, dequantized in registers (the 0x6400 exponent trick, then an exact
-//     fp16 subtraction of 1024 + zero point and one multiply by the scale) and multiplied on the tensor
-//     cores with fp32 accumulation. Rows of A past M are zero registers, so 1 and 16 rows cost the same
-//     weight traffic. The block's warps split K; partial sums are added in shared memory.
+//     mma.sync.m16n8k16 products, made in registers as exact fp16 integers q - z (the 0x6400 exponent
+//     trick, then one subtraction of 1024 + zero point) and multiplied on the tensor cores with fp32
+//     accumulation; each block's partial sums are then scaled in fp32. The products' k order is
+//     permuted (the same for A and B) so a lane's A values for two products are one 16-byte load. Rows
+//     of A past M are zero registers, so 1 and 16 rows cost the same weight traffic. The block's warps
+//     split K; partial sums are added in shared memory.
 //   M > 16 (prefill): tiles are dequantized into a scratch buffer in chunks and multiplied by cuBLAS
 //     (fp16 in and out, fp32 accumulation).
 //
@@ -52,29 +54,31 @@ struct Step {
 __device__ __forceinline__ uint32_t as_u32(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ half2 as_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
 
-__device__ __forceinline__ uint32_t load_a(const half* row, int k, bool ok) {
-  // two consecutive fp16 of A (k even, K even, so 4-byte aligned); zero past M or K
-  return ok ? __ldg(reinterpret_cast<const unsigned int*>(row + k)) : 0u;
+__device__ __forceinline__ uint4 load_a8(const half* row, int k, bool ok) {
+  // 8 consecutive fp16 of A (K % 8 == 0, so 16-byte aligned); zero past M or K
+  return ok ? __ldg(reinterpret_cast<const uint4*>(row + k)) : make_uint4(0, 0, 0, 0);
 }
 
-// The B operands (b0, b1) of product c of a step, dequantized, from the lane's four words.
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The B operands (b0, b1) of product c of a step: the exact integers q - z in fp16, from the lane's words.
 template <int BITS>
-__device__ __forceinline__ void operands(const uint4& w, int c, half2 sz, uint32_t& b0, uint32_t& b1) {
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+__device__ __forceinline__ void operands(const uint4& w, int c, half2 zz, uint32_t& b0, uint32_t& b1) {
   uint32_t q0, q1;
   if (BITS == 4) {
-    const uint32_t word = words[c >> 1];
+    const uint32_t word = word_of(w, c >> 1);
     const int shift = (c & 1) * 8;
     q0 = ((word >> shift) & 0x000F000Fu) | kExp1024;
     q1 = ((word >> (shift + 4)) & 0x000F000Fu) | kExp1024;
   } else {
-    const uint32_t word = words[c];
+    const uint32_t word = word_of(w, c);
     q0 = __byte_perm(word, 0x64646464u, 0x4140);
     q1 = __byte_perm(word, 0x64646464u, 0x4342);
   }
-  const half2 zz = __high2half2(sz), ss = __low2half2(sz);
-  b0 = as_u32(__hmul2(__hsub2(as_h2(q0), zz), ss));
-  b1 = as_u32(__hmul2(__hsub2(as_h2(q1), zz), ss));
+  b0 = as_u32(__hsub2(as_h2(q0), zz));
+  b1 = as_u32(__hsub2(as_h2(q1), zz));
 }
 
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -85,12 +89,14 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// NT tiles of 8 columns a block; the block's warps take the steps of K in turn.
-template <int BITS, int NT>
+// NT tiles of 8 columns a block; the block's warps take the steps of K in turn. PB products share a
+// scale (PB = block / 16, at most the step's): their partial sums are scaled and added in fp32.
+template <int BITS, int NT, int PB>
 __global__ void __launch_bounds__(kMaxWarps * 32)
 tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
              half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t) {
-  constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts;
+  constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
+  static_assert(PB % 2 == 0 && kProducts % PB == 0, "a scale group is whole product pairs of one step");
   __shared__ float red[kMaxWarps][NT][32][4];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -99,6 +105,9 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
   const half* a_lo = A + size_t(g) * K;      // row g of the mma tile
   const half* a_hi = A + size_t(g + 8) * K;  // row g + 8
   const bool lo = g < M, hi = g + 8 < M;
+  const half2* sz_tile[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) sz_tile[j] = SZ + size_t(min(tile0 + j, n_tiles - 1)) * blocks_t * 8;
 
   float acc[NT][4];
 #pragma unroll
@@ -110,40 +119,55 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
     for (int j = 0; j < NT; ++j)
       w[j] = (tile0 + j < n_tiles) ? __ldg(B + (size_t(tile0 + j) * steps + step) * 32 + lane) : make_uint4(0, 0, 0, 0);
   };
-  if (warp < steps) load_w(cur, warp);
+  load_w(cur, warp);  // warps <= steps
   for (int step = warp; step < steps; step += warps) {
     if (step + warps < steps) load_w(nxt, step + warps);  // the next step's weights are in flight meanwhile
     const int k_step = step * kStepK;
-    half2 sz[NT][kProducts];
+    uint4 alo[kPairs], ahi[kPairs];  // products 2i, 2i + 1 of rows g and g + 8: k_step + 32 i + 8 t .. + 7
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const half2* col = SZ + size_t(min(tile0 + j, n_tiles - 1)) * blocks_t * 8 + g;
-      if (block % kStepK == 0) {  // one block covers the step
-        const half2 v = __ldg(col + size_t(k_step / block) * 8);
-#pragma unroll
-        for (int c = 0; c < kProducts; ++c) sz[j][c] = v;
-      } else {
-#pragma unroll
-        for (int c = 0; c < kProducts; ++c) sz[j][c] = __ldg(col + size_t((k_step + 16 * c) / block) * 8);
-      }
+    for (int i = 0; i < kPairs; ++i) {
+      const int k = k_step + 32 * i + 8 * t;
+      alo[i] = load_a8(a_lo, k, lo && k < K);
+      ahi[i] = load_a8(a_hi, k, hi && k < K);
     }
 #pragma unroll
-    for (int c = 0; c < kProducts; ++c) {
-      const int k = k_step + 16 * c + 2 * t;
-      const uint32_t a0 = load_a(a_lo, k, lo && k < K), a1 = load_a(a_hi, k, hi && k < K);
-      const uint32_t a2 = load_a(a_lo, k + 8, lo && k + 8 < K), a3 = load_a(a_hi, k + 8, hi && k + 8 < K);
+    for (int c0 = 0; c0 < kProducts; c0 += PB) {
+      const int blk = (k_step + 16 * c0) / block;
+      float part[NT][4];
+      half2 zz[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        uint32_t b0, b1;
-        operands<BITS>(cur[j], c, sz[j][c], b0, b1);
-        mma16816(acc[j], a0, a1, a2, a3, b0, b1);
+        part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+        zz[j] = __high2half2(__ldg(sz_tile[j] + blk * 8 + g));
+      }
+#pragma unroll
+      for (int c = c0; c < c0 + PB; ++c) {
+        const int i = c >> 1, h = (c & 1) * 2;
+        const uint32_t a0 = word_of(alo[i], h), a2 = word_of(alo[i], h + 1);
+        const uint32_t a1 = word_of(ahi[i], h), a3 = word_of(ahi[i], h + 1);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          uint32_t b0, b1;
+          operands<BITS>(cur[j], c, zz[j], b0, b1);
+          mma16816(part[j], a0, a1, a2, a3, b0, b1);
+        }
+      }
+      // C fragment: c0, c1 = row g, columns 2t, 2t + 1; c2, c3 = row g + 8
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const float s0 = __low2float(__ldg(sz_tile[j] + blk * 8 + 2 * t));
+        const float s1 = __low2float(__ldg(sz_tile[j] + blk * 8 + 2 * t + 1));
+        acc[j][0] = fmaf(s0, part[j][0], acc[j][0]);
+        acc[j][1] = fmaf(s1, part[j][1], acc[j][1]);
+        acc[j][2] = fmaf(s0, part[j][2], acc[j][2]);
+        acc[j][3] = fmaf(s1, part[j][3], acc[j][3]);
       }
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) cur[j] = nxt[j];
   }
 
-  // add the warps' partial sums; C fragment: c0, c1 = row g, columns 2t, 2t + 1; c2, c3 = row g + 8
+  // add the warps' partial sums
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -166,7 +190,8 @@ template <int BITS>
 __global__ void tiled_dequantize(const uint32_t* __restrict__ B, const half2* __restrict__ SZ, half* __restrict__ W,
                                  int tile_first, int tiles, int K, int steps, int block, int blocks_t) {
   // W[tiles * 8, K] (row-major, ld K) = the dequantized columns of tiles tile_first .. + tiles; one
-  // thread a word (8 codes at 4 bits, 4 at 8)
+  // thread a word (two products' four values at 4 bits, one product's at 8; each product's four are
+  // consecutive k: layout.py)
   constexpr int kStepK = Step<BITS>::kK;
   const size_t words_per_tile = size_t(steps) * 32 * 4;
   const size_t total = size_t(tiles) * words_per_tile;
@@ -179,7 +204,6 @@ __global__ void tiled_dequantize(const uint32_t* __restrict__ B, const half2* __
     half* row = W + (size_t(local) * 8 + g) * K;
     for (int p = 0; p < (BITS == 4 ? 2 : 1); ++p) {
       const int c = BITS == 4 ? 2 * word_i + p : word_i;
-      const int k0 = step * kStepK + 16 * c;
       uint32_t v[4];
       if (BITS == 4) {
         const int s = p * 8;
@@ -188,11 +212,14 @@ __global__ void tiled_dequantize(const uint32_t* __restrict__ B, const half2* __
       } else {
         v[0] = word & 0xFF; v[1] = (word >> 8) & 0xFF; v[2] = (word >> 16) & 0xFF; v[3] = word >> 24;
       }
-      const half2 sz = SZ[(size_t(tile) * blocks_t + k0 / block) * 8 + g];
+      const int pair0 = step * kStepK + 32 * (c >> 1);
+      const int k = pair0 + 8 * t + 4 * (c & 1);
+      if (k >= K) continue;  // K % 8 == 0: the four are all in or all out
+      const half2 sz = SZ[(size_t(tile) * blocks_t + pair0 / block) * 8 + g];
       const float s = __low2float(sz), z = __high2float(sz) - 1024.f;
-      const int k = k0 + 2 * t;
-      if (k < K) *reinterpret_cast<half2*>(row + k) = __floats2half2_rn((float(v[0]) - z) * s, (float(v[1]) - z) * s);
-      if (k + 8 < K) *reinterpret_cast<half2*>(row + k + 8) = __floats2half2_rn((float(v[2]) - z) * s, (float(v[3]) - z) * s);
+      half2 out[2] = {__floats2half2_rn((float(v[0]) - z) * s, (float(v[1]) - z) * s),
+                      __floats2half2_rn((float(v[2]) - z) * s, (float(v[3]) - z) * s)};
+      *reinterpret_cast<uint2*>(row + k) = *reinterpret_cast<uint2*>(out);
     }
   }
 }
@@ -248,12 +275,19 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
     const int warps = std::min(kMaxWarps, steps);
     const auto* bw = reinterpret_cast<const uint4*>(b);
     const auto* szw = reinterpret_cast<const half2*>(sz);
-    if (n_tiles >= 2 * 4 * 132) {  // wide products (gate/up, LM head): two tiles a block share A's loads
-      tiled_stream<BITS, 2><<<(n_tiles + 1) / 2, warps * 32, 0, stream>>>(a, int(m), bw, szw, y, K, N, steps, block,
-                                                                          blocks_t);
+    const int pb = std::min(block, step_k) / 16;  // products that share a scale
+    const bool wide = n_tiles >= 2 * 4 * 132;     // gate/up, LM head: two tiles a block share A's loads
+#define LEPTONC_STREAM(NT, PB)                                                                              \
+  tiled_stream<BITS, NT, PB><<<(n_tiles + NT - 1) / NT, warps * 32, 0, stream>>>(a, int(m), bw, szw, y, K, N, \
+                                                                                 steps, block, blocks_t)
+    if (pb >= Step<BITS>::kProducts) {
+      if (wide) LEPTONC_STREAM(2, Step<BITS>::kProducts); else LEPTONC_STREAM(1, Step<BITS>::kProducts);
+    } else if (pb == 4) {
+      if (wide) LEPTONC_STREAM(2, 4); else LEPTONC_STREAM(1, 4);
     } else {
-      tiled_stream<BITS, 1><<<n_tiles, warps * 32, 0, stream>>>(a, int(m), bw, szw, y, K, N, steps, block, blocks_t);
+      if (wide) LEPTONC_STREAM(2, 2); else LEPTONC_STREAM(1, 2);
     }
+#undef LEPTONC_STREAM
     return cuda_check(cudaGetLastError(), "tiled_stream launch");
   }
   if (g_shared.scratch == nullptr || g_shared.cublas == nullptr) ORT_TRY(ensure_shared());
@@ -291,11 +325,11 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, con
     delete kn;
     return st;
   }
-  if ((kn->bits != 4 && kn->bits != 8) || kn->block < 16 || kn->block % 16 != 0 || kn->K <= 0 || kn->K % 2 != 0 ||
+  if ((kn->bits != 4 && kn->bits != 8) || kn->block < 32 || kn->block % 32 != 0 || kn->K <= 0 || kn->K % 8 != 0 ||
       kn->N <= 0) {
     const std::string msg = "unsupported attributes bits=" + std::to_string(kn->bits) + " block_size=" +
                             std::to_string(kn->block) + " K=" + std::to_string(kn->K) +
-                            " (needs bits 4 or 8, block a multiple of 16, K even)";
+                            " (needs bits 4 or 8, block a multiple of 32, K a multiple of 8)";
     delete kn;
     return api->CreateStatus(ORT_INVALID_ARGUMENT, ("leptonc MatMulNBitsTiled: " + msg).c_str());
   }

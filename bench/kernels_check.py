@@ -1,0 +1,62 @@
+"""Correctness of leptonc's MatMulNBitsTiled kernel without ONNX Runtime: random MatMulNBits weights
+(bench/device_kernels.py's cases) tiled by targets/kernels/layout.py, multiplied on the GPU by
+bench/kernels_microbench.cu's --check mode (the bundle's kernel source, both the M <= 16 streaming
+kernel and the M > 16 dequantize + cuBLAS path), compared with a float64 numpy reference.
+
+    nvcc -O3 -std=c++17 -arch=sm_90 -I$LEPTONC_ORT_INCLUDE bench/kernels_microbench.cu -lcublas -o /tmp/mb
+    python3 bench/kernels_check.py /tmp/mb OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from device_kernels import CASES, quantized  # noqa: E402
+
+from leptonc.targets.kernels.layout import tile_nbits  # noqa: E402
+
+CHECK_M = (1, 3, 8, 9, 16, 17, 128)
+LIMIT = 5e-3  # relative max error; fp16 output rounding alone is ~5e-4
+
+
+def main() -> int:
+    binary, out = sys.argv[1], Path(sys.argv[2])
+    rng = np.random.default_rng(0)
+    rows, ok = [], True
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for name, k, n, bits, block, zp in CASES:
+            packed, scales, zeros, w = quantized(rng, k, n, bits, block, zp)
+            tiled, sz = tile_nbits(packed, scales, zeros, k, n, bits, block)
+            tiled.tofile(d / "b.bin")
+            sz.tofile(d / "sz.bin")
+            for m in CHECK_M:
+                x = (rng.standard_normal((m, k)) * 0.5).astype(np.float16)
+                x.tofile(d / "a.bin")
+                proc = subprocess.run([binary, "--check", str(k), str(n), str(bits), str(block), str(m), str(d)],
+                                      capture_output=True, text=True)
+                row = {"case": name, "K": k, "N": n, "bits": bits, "block": block, "M": m}
+                if proc.returncode != 0:
+                    row["error"] = proc.stderr[-400:]
+                    ok = False
+                else:
+                    y = np.fromfile(d / "y.bin", np.float16).reshape(m, n).astype(np.float64)
+                    ref = x.astype(np.float64) @ w.T
+                    row["rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-9))
+                    ok &= row["rel_err"] <= LIMIT
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    out.write_text(json.dumps({"check_ok": ok, "limit": LIMIT, "rows": rows}, indent=1))
+    print(f"check ok: {ok}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+// Time leptonc's MatMulNBitsTiled decode kernel alone (no ONNX Runtime), against cuBLAS on the same
+// products in fp16, on the GPU. Each measurement replays a CUDA graph of R launches over R distinct
+// weight copies (more bytes than the L2 cache holds, so every launch reads from HBM); time per product
+// = graph time / R. Prints one JSON object per (matrix, M) and writes them all to the file given.
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90 -I$LEPTONC_ORT_INCLUDE bench/kernels_microbench.cu -lcublas -o /tmp/mb
+//   /tmp/mb OUT.json
+//   /tmp/mb --check K N BITS BLOCK M DIR   # Y = A x W^T for DIR/{a,b,sz}.bin -> DIR/y.bin (bench/kernels_check.py)
+//
+// The kernel source is included as built for the bundle (targets/kernels/leptonc_cuda.cu).
+
+#include "../targets/kernels/leptonc_cuda.cu"
+
+#include <cstdlib>
+#include <vector>
+
+namespace {
+
+struct Matrix {
+  const char* name;
+  int K, N, bits, block;
+};
+
+const Matrix kMatrices[] = {
+    {"llama qkv", 2048, 3072, 4, 128},      {"llama o", 2048, 2048, 4, 128},
+    {"llama gate_up", 2048, 16384, 4, 128}, {"llama down", 8192, 2048, 4, 128},
+    {"llama head int8", 2048, 128256, 8, 64}, {"smollm2 qkv", 576, 960, 4, 128},
+    {"smollm2 gate_up", 576, 3072, 4, 128}, {"smollm2 down", 1536, 576, 4, 128},
+};
+
+__global__ void fill_bytes(uint8_t* p, size_t n, uint32_t seed) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t x = uint32_t(i) * 2654435761u ^ seed;
+    x ^= x >> 13;
+    x *= 0x5bd1e995u;
+    p[i] = uint8_t(x >> 24);
+  }
+}
+
+__global__ void fill_half(half* p, size_t n, float base, float spread, uint32_t seed) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t x = uint32_t(i) * 2246822519u ^ seed;
+    x ^= x >> 15;
+    x *= 0x27d4eb2du;
+    p[i] = __float2half(base + spread * (float(x >> 8) / float(1u << 24) - 0.5f));
+  }
+}
+
+void check(cudaError_t e, const char* where) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", where, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+template <typename F>
+float graph_ms(cudaStream_t s, int reps, F&& body) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture");
+  for (int r = 0; r < reps; ++r) body(r);
+  check(cudaStreamEndCapture(s, &graph), "end capture");
+  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  for (int i = 0; i < 3; ++i) cudaGraphLaunch(exec, s);
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  const int iters = 20;
+  cudaEventRecord(a, s);
+  for (int i = 0; i < iters; ++i) cudaGraphLaunch(exec, s);
+  cudaEventRecord(b, s);
+  check(cudaEventSynchronize(b), "sync");
+  float ms = 0;
+  cudaEventElapsedTime(&ms, a, b);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return ms / iters;
+}
+
+}  // namespace
+
+std::vector<char> read_file(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) std::fprintf(stderr, "cannot read %s\n", path.c_str()), std::exit(1);
+  std::fseek(f, 0, SEEK_END);
+  std::vector<char> data(std::ftell(f));
+  std::fseek(f, 0, SEEK_SET);
+  if (std::fread(data.data(), 1, data.size(), f) != data.size()) std::exit(1);
+  std::fclose(f);
+  return data;
+}
+
+template <typename T>
+T* to_device(const std::vector<char>& host) {
+  T* p = nullptr;
+  check(cudaMalloc(&p, host.size()), "malloc");
+  check(cudaMemcpy(p, host.data(), host.size(), cudaMemcpyHostToDevice), "copy");
+  return p;
+}
+
+int check_mode(char** argv) {
+  NBitsKernel kn;
+  kn.K = std::atoi(argv[2]), kn.N = std::atoi(argv[3]), kn.bits = std::atoi(argv[4]), kn.block = std::atoi(argv[5]);
+  const int m = std::atoi(argv[6]);
+  const std::string dir = argv[7];
+  check(ensure_shared() == nullptr ? cudaSuccess : cudaErrorUnknown, "ensure_shared");
+  auto* a = to_device<half>(read_file(dir + "/a.bin"));
+  auto* b = to_device<uint8_t>(read_file(dir + "/b.bin"));
+  auto* sz = to_device<half>(read_file(dir + "/sz.bin"));
+  half* y = nullptr;
+  check(cudaMalloc(&y, size_t(m) * kn.N * sizeof(half)), "malloc Y");
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "stream");
+  OrtStatus* st = kn.bits == 4 ? launch<4>(kn, a, m, b, sz, y, s) : launch<8>(kn, a, m, b, sz, y, s);
+  if (st != nullptr) std::fprintf(stderr, "launch failed\n"), std::exit(2);
+  check(cudaStreamSynchronize(s), "run");
+  std::vector<char> out(size_t(m) * kn.N * sizeof(half));
+  check(cudaMemcpy(out.data(), y, out.size(), cudaMemcpyDeviceToHost), "copy back");
+  FILE* f = std::fopen((dir + "/y.bin").c_str(), "wb");
+  std::fwrite(out.data(), 1, out.size(), f);
+  std::fclose(f);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc == 8 && std::string(argv[1]) == "--check") return check_mode(argv);
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "stream");
+  cublasHandle_t blas;
+  cublasCreate(&blas);
+  cublasSetStream(blas, s);
+  check(ensure_shared() == nullptr ? cudaSuccess : cudaErrorUnknown, "ensure_shared");
+  std::string all = "[";
+  const size_t target_bytes = size_t(320) << 20;  // well past the 50 MB L2
+  for (const Matrix& mx : kMatrices) {
+    const int step_k = mx.bits == 4 ? 128 : 64;
+    const int steps = (mx.K + step_k - 1) / step_k, n_tiles = (mx.N + 7) / 8;
+    const int blocks_t = (steps * step_k + mx.block - 1) / mx.block;
+    const size_t b_bytes = size_t(n_tiles) * steps * 512, sz_count = size_t(n_tiles) * blocks_t * 8 * 2;
+    const int reps = int(std::max<size_t>(2, std::min<size_t>(64, target_bytes / b_bytes)));
+    std::vector<uint8_t*> bs(reps);
+    std::vector<half*> szs(reps);
+    for (int r = 0; r < reps; ++r) {
+      check(cudaMalloc(&bs[r], b_bytes), "malloc B");
+      check(cudaMalloc(&szs[r], sz_count * sizeof(half)), "malloc SZ");
+      fill_bytes<<<1024, 256, 0, s>>>(bs[r], b_bytes, 17u + r);
+      fill_half<<<256, 256, 0, s>>>(szs[r], sz_count, 0.01f, 0.005f, 5u + r);  // scale ~0.01 (z lanes: any)
+    }
+    half *a, *y;
+    check(cudaMalloc(&a, size_t(16) * mx.K * sizeof(half)), "malloc A");
+    check(cudaMalloc(&y, size_t(16) * mx.N * sizeof(half)), "malloc Y");
+    fill_half<<<256, 256, 0, s>>>(a, size_t(16) * mx.K, 0.f, 1.f, 3u);
+    // fp16 weights for cuBLAS, enough distinct copies to miss L2 as well
+    const size_t w_bytes = size_t(mx.N) * mx.K * sizeof(half);
+    const int w_reps = int(std::max<size_t>(2, std::min<size_t>(16, target_bytes / w_bytes)));
+    std::vector<half*> ws(w_reps);
+    for (int r = 0; r < w_reps; ++r) {
+      check(cudaMalloc(&ws[r], w_bytes), "malloc W");
+      fill_half<<<1024, 256, 0, s>>>(ws[r], size_t(mx.N) * mx.K, 0.f, 0.02f, 11u + r);
+    }
+    check(cudaStreamSynchronize(s), "fill");
+    NBitsKernel kn;
+    kn.K = mx.K, kn.N = mx.N, kn.bits = mx.bits, kn.block = mx.block;
+    for (int m : {1, 4, 16}) {
+      const float ms = graph_ms(s, reps, [&](int r) {
+        OrtStatus* st = mx.bits == 4 ? launch<4>(kn, a, m, bs[r], szs[r], y, s) : launch<8>(kn, a, m, bs[r], szs[r], y, s);
+        if (st != nullptr) std::exit(2);
+      });
+      const float ms_fp16 = graph_ms(s, w_reps, [&](int r) {
+        const float alpha = 1.f, beta = 0.f;
+        cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, mx.N, m, mx.K, &alpha, ws[r], CUDA_R_16F, mx.K, a, CUDA_R_16F,
+                     mx.K, &beta, y, CUDA_R_16F, mx.N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      });
+      const double us = 1e3 * ms / reps, us16 = 1e3 * ms_fp16 / w_reps;
+      const double bytes = double(b_bytes) + double(sz_count) * 2;
+      char line[512];
+      std::snprintf(line, sizeof(line),
+                    "{\"matrix\": \"%s\", \"K\": %d, \"N\": %d, \"bits\": %d, \"block\": %d, \"M\": %d, \"R\": %d, "
+                    "\"us\": %.2f, \"TBps\": %.2f, \"cublas_fp16_us\": %.2f, \"cublas_TBps\": %.2f, \"speedup\": %.2f}",
+                    mx.name, mx.K, mx.N, mx.bits, mx.block, m, reps, us, bytes / us / 1e6, us16,
+                    double(w_bytes) / us16 / 1e6, us16 / us);
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+      all += (all.size() > 1 ? ",\n " : "") + std::string(line);
+    }
+    for (int r = 0; r < reps; ++r) cudaFree(bs[r]), cudaFree(szs[r]);
+    for (int r = 0; r < w_reps; ++r) cudaFree(ws[r]);
+    cudaFree(a);
+    cudaFree(y);
+  }
+  all += "]\n";
+  if (argc > 1) {
+    FILE* f = std::fopen(argv[1], "w");
+    if (f) std::fputs(all.c_str(), f), std::fclose(f);
+  }
+  return 0;
+}
