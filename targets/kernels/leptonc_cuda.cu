@@ -13,7 +13,7 @@
 //     accumulation; each block's partial sums are then scaled in fp32. The products' k order is
 //     permuted (the same for A and B) so a lane's A values for two products are one 16-byte load. Rows
 //     of A past M are zero registers, so 1 and 16 rows cost the same weight traffic. A warp takes one
-//     tile and a share of its K, and issues the loads of up to 8 steps (128 bytes a lane) before it
+//     tile and a share of its K and keeps 4 steps of loads (64 bytes a lane) in flight while it
 //     multiplies; the warps of a tile add their partial sums in shared memory.
 //   M > 16 (prefill): tiles are dequantized into a scratch buffer in chunks and multiplied by cuBLAS
 //     (fp16 in and out, fp32 accumulation).
@@ -91,25 +91,59 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 }
 
 // One tile of 8 columns a warp; the tile's K is split among `ksplit` warps of the block (8 / ksplit
-// tiles a block). A warp issues the loads of up to kSpw steps at once before it multiplies, so enough
-// bytes are in flight to cover HBM latency. PB products share a scale (PB = block / 16, at most the
-// step's): their partial sums are scaled and added in fp32.
-constexpr int kSpw = 8;
+// tiles a block). A warp keeps kDepth steps of weights in flight: slot u holds step begin + u (mod
+// kDepth) and is reloaded with the step kDepth ahead as soon as it has been multiplied. PB products
+// share a scale (PB = block / 16, at most the step's): their partial sums are scaled and added in fp32.
+constexpr int kDepth = 4;
+int g_grid_warps = 132 * 24;  // the warps a decode grid aims for (H100: 132 SMs); bench/kernels_microbench.cu varies it
 
 template <int BITS, int PB>
-__global__ void __launch_bounds__(kMaxWarps * 32, 2)
+__device__ __forceinline__ void step_products(const uint4& w, int k_step, int K, const half* a_lo, const half* a_hi,
+                                              bool lo, bool hi, int g, int t, const half2* sz_tile, int block,
+                                              float (&acc)[4]) {
+  constexpr int kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
+  uint4 alo[kPairs], ahi[kPairs];  // products 2i, 2i + 1 of rows g and g + 8: k_step + 32 i + 8 t .. + 7
+#pragma unroll
+  for (int i = 0; i < kPairs; ++i) {
+    const int k = k_step + 32 * i + 8 * t;
+    alo[i] = load_a8(a_lo, k, lo && k < K);
+    ahi[i] = load_a8(a_hi, k, hi && k < K);
+  }
+#pragma unroll
+  for (int c0 = 0; c0 < kProducts; c0 += PB) {
+    const int blk = (k_step + 16 * c0) / block;
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
+    const half2 zz = __high2half2(__ldg(sz_tile + blk * 8 + g));
+#pragma unroll
+    for (int c = c0; c < c0 + PB; ++c) {
+      const int i = c >> 1, h = (c & 1) * 2;
+      uint32_t b0, b1;
+      operands<BITS>(w, c, zz, b0, b1);
+      mma16816(part, word_of(alo[i], h), word_of(ahi[i], h), word_of(alo[i], h + 1), word_of(ahi[i], h + 1), b0, b1);
+    }
+    // C fragment: c0, c1 = row g, columns 2t, 2t + 1; c2, c3 = row g + 8
+    const float s0 = __low2float(__ldg(sz_tile + blk * 8 + 2 * t));
+    const float s1 = __low2float(__ldg(sz_tile + blk * 8 + 2 * t + 1));
+    acc[0] = fmaf(s0, part[0], acc[0]);
+    acc[1] = fmaf(s1, part[1], acc[1]);
+    acc[2] = fmaf(s0, part[2], acc[2]);
+    acc[3] = fmaf(s1, part[3], acc[3]);
+  }
+}
+
+template <int BITS, int PB>
+__global__ void __launch_bounds__(kMaxWarps * 32, 3)
 tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
              half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t, int ksplit) {
-  constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
-  static_assert(PB % 2 == 0 && kProducts % PB == 0, "a scale group is whole product pairs of one step");
+  constexpr int kStepK = Step<BITS>::kK;
+  static_assert(PB % 2 == 0 && Step<BITS>::kProducts % PB == 0, "a scale group is whole product pairs of one step");
   __shared__ float red[kMaxWarps][32][4];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int n_tiles = (N + 7) >> 3, tiles_per_block = kMaxWarps / ksplit;
   const int tile = blockIdx.x * tiles_per_block + warp / ksplit, part = warp % ksplit;
   const int per = (steps + ksplit - 1) / ksplit;
-  const int s_begin = min(part * per, steps), s_end = min(s_begin + per, steps);
-  const bool live = tile < n_tiles;
+  const int s_begin = min(part * per, steps), s_end = tile < n_tiles ? min(s_begin + per, steps) : s_begin;
   const half* a_lo = A + size_t(g) * K;      // row g of the mma tile
   const half* a_hi = A + size_t(g + 8) * K;  // row g + 8
   const bool lo = g < M, hi = g + 8 < M;
@@ -117,43 +151,18 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
   const uint4* b_tile = B + size_t(min(tile, n_tiles - 1)) * steps * 32 + lane;
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int s0 = s_begin; s0 < s_end; s0 += kSpw) {
-    uint4 w[kSpw];
+  uint4 w[kDepth];
 #pragma unroll
-    for (int u = 0; u < kSpw; ++u)
-      w[u] = (live && s0 + u < s_end) ? __ldg(b_tile + size_t(s0 + u) * 32) : make_uint4(0, 0, 0, 0);
+  for (int u = 0; u < kDepth; ++u)
+    w[u] = s_begin + u < s_end ? __ldg(b_tile + size_t(s_begin + u) * 32) : make_uint4(0, 0, 0, 0);
+  for (int s0 = s_begin; s0 < s_end; s0 += kDepth) {
 #pragma unroll
-    for (int u = 0; u < kSpw; ++u) {
+    for (int u = 0; u < kDepth; ++u) {
       const int step = s0 + u;
-      if (step >= s_end) break;
-      const int k_step = step * kStepK;
-      uint4 alo[kPairs], ahi[kPairs];  // products 2i, 2i + 1 of rows g and g + 8: k_step + 32 i + 8 t .. + 7
-#pragma unroll
-      for (int i = 0; i < kPairs; ++i) {
-        const int k = k_step + 32 * i + 8 * t;
-        alo[i] = load_a8(a_lo, k, lo && k < K);
-        ahi[i] = load_a8(a_hi, k, hi && k < K);
-      }
-#pragma unroll
-      for (int c0 = 0; c0 < kProducts; c0 += PB) {
-        const int blk = (k_step + 16 * c0) / block;
-        float part_sum[4] = {0.f, 0.f, 0.f, 0.f};
-        const half2 zz = __high2half2(__ldg(sz_tile + blk * 8 + g));
-#pragma unroll
-        for (int c = c0; c < c0 + PB; ++c) {
-          const int i = c >> 1, h = (c & 1) * 2;
-          uint32_t b0, b1;
-          operands<BITS>(w[u], c, zz, b0, b1);
-          mma16816(part_sum, word_of(alo[i], h), word_of(ahi[i], h), word_of(alo[i], h + 1), word_of(ahi[i], h + 1),
-                   b0, b1);
-        }
-        // C fragment: c0, c1 = row g, columns 2t, 2t + 1; c2, c3 = row g + 8
-        const float s0c = __low2float(__ldg(sz_tile + blk * 8 + 2 * t));
-        const float s1c = __low2float(__ldg(sz_tile + blk * 8 + 2 * t + 1));
-        acc[0] = fmaf(s0c, part_sum[0], acc[0]);
-        acc[1] = fmaf(s1c, part_sum[1], acc[1]);
-        acc[2] = fmaf(s0c, part_sum[2], acc[2]);
-        acc[3] = fmaf(s1c, part_sum[3], acc[3]);
+      if (step < s_end) {
+        const uint4 cur = w[u];
+        if (step + kDepth < s_end) w[u] = __ldg(b_tile + size_t(step + kDepth) * 32);
+        step_products<BITS, PB>(cur, step * kStepK, K, a_lo, a_hi, lo, hi, g, t, sz_tile, block, acc);
       }
     }
   }
@@ -261,12 +270,10 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const int blocks_t = (steps * step_k + block - 1) / block;
   const int n_tiles = (N + 7) / 8;
   if (m <= kSmallM) {
-    // Split each tile's K among warps so that the grid has about 24 warps an SM (132 SMs on the H100)
-    // and each warp 2 to kSpw steps: ksplit a power of two up to the block's 8 warps.
-    const int64_t warp_steps = int64_t(n_tiles) * steps;
-    const int spw = int(std::min<int64_t>(kSpw, std::max<int64_t>(2, (warp_steps + 132 * 24 - 1) / (132 * 24))));
+    // Split each tile's K among warps (a power of two up to the block's 8) until the grid has about 24
+    // warps an SM (132 SMs on the H100) or each warp is down to 2 steps.
     int ksplit = 1;
-    while (ksplit < kMaxWarps && (steps + ksplit - 1) / ksplit > spw) ksplit *= 2;
+    while (ksplit < kMaxWarps && int64_t(n_tiles) * ksplit < g_grid_warps && (steps + ksplit - 1) / ksplit > 2) ksplit *= 2;
     const int tiles_per_block = kMaxWarps / ksplit;
     const dim3 grid((n_tiles + tiles_per_block - 1) / tiles_per_block);
     const auto* bw = reinterpret_cast<const uint4*>(b);
