@@ -4,7 +4,7 @@
 // = graph time / R. Prints one JSON object per (matrix, M) and writes them all to the file given.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 -I$LEPTONC_ORT_INCLUDE bench/kernels_microbench.cu -lcublas -o /tmp/mb
-//   /tmp/mb OUT.json [GRID_WARPS]   # GRID_WARPS: the decode grid's target warps (the kernel's g_grid_warps)
+//   /tmp/mb OUT.json
 //   /tmp/mb --check K N BITS BLOCK M DIR   # Y = A x W^T for DIR/{a,b,sz}.bin -> DIR/y.bin (bench/kernels_check.py)
 //
 // The kernel source is included as built for the bundle (targets/kernels/leptonc_cuda.cu).
@@ -124,7 +124,6 @@ int check_mode(char** argv) {
 
 int main(int argc, char** argv) {
   if (argc == 8 && std::string(argv[1]) == "--check") return check_mode(argv);
-  if (argc > 2) g_grid_warps = std::atoi(argv[2]);
   cudaStream_t s;
   check(cudaStreamCreate(&s), "stream");
   cublasHandle_t blas;
@@ -176,9 +175,9 @@ int main(int argc, char** argv) {
       const double bytes = double(b_bytes) + double(sz_count) * 2;
       char line[512];
       std::snprintf(line, sizeof(line),
-                    "{\"grid_warps\": %d, \"matrix\": \"%s\", \"K\": %d, \"N\": %d, \"bits\": %d, \"block\": %d, \"M\": %d, \"R\": %d, "
+                    "{\"matrix\": \"%s\", \"K\": %d, \"N\": %d, \"bits\": %d, \"block\": %d, \"M\": %d, \"R\": %d, "
                     "\"us\": %.2f, \"TBps\": %.2f, \"cublas_fp16_us\": %.2f, \"cublas_TBps\": %.2f, \"speedup\": %.2f}",
-                    g_grid_warps, mx.name, mx.K, mx.N, mx.bits, mx.block, m, reps, us, bytes / us / 1e6, us16,
+                    mx.name, mx.K, mx.N, mx.bits, mx.block, m, reps, us, bytes / us / 1e6, us16,
                     double(w_bytes) / us16 / 1e6, us16 / us);
       std::printf("%s\n", line);
       std::fflush(stdout);

@@ -12,9 +12,8 @@
 //     trick, then one subtraction of 1024 + zero point) and multiplied on the tensor cores with fp32
 //     accumulation; each block's partial sums are then scaled in fp32. The products' k order is
 //     permuted (the same for A and B) so a lane's A values for two products are one 16-byte load. Rows
-//     of A past M are zero registers, so 1 and 16 rows cost the same weight traffic. A warp takes one
-//     tile and a share of its K and keeps 4 steps of loads (64 bytes a lane) in flight while it
-//     multiplies; the warps of a tile add their partial sums in shared memory.
+//     of A past M are zero registers, so 1 and 16 rows cost the same weight traffic. The block's warps
+//     split K; partial sums are added in shared memory.
 //   M > 16 (prefill): tiles are dequantized into a scratch buffer in chunks and multiplied by cuBLAS
 //     (fp16 in and out, fp32 accumulation).
 //
@@ -90,93 +89,96 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// One tile of 8 columns a warp; the tile's K is split among `ksplit` warps of the block (8 / ksplit
-// tiles a block). A warp keeps kDepth steps of weights in flight: slot u holds step begin + u (mod
-// kDepth) and is reloaded with the step kDepth ahead as soon as it has been multiplied. PB products
-// share a scale (PB = block / 16, at most the step's): their partial sums are scaled and added in fp32.
-constexpr int kDepth = 4;
-int g_grid_warps = 132 * 24;  // the warps a decode grid aims for (H100: 132 SMs); bench/kernels_microbench.cu varies it
-
-template <int BITS, int PB>
-__device__ __forceinline__ void step_products(const uint4& w, int k_step, int K, const half* a_lo, const half* a_hi,
-                                              bool lo, bool hi, int g, int t, const half2* sz_tile, int block,
-                                              float (&acc)[4]) {
-  constexpr int kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
-  uint4 alo[kPairs], ahi[kPairs];  // products 2i, 2i + 1 of rows g and g + 8: k_step + 32 i + 8 t .. + 7
-#pragma unroll
-  for (int i = 0; i < kPairs; ++i) {
-    const int k = k_step + 32 * i + 8 * t;
-    alo[i] = load_a8(a_lo, k, lo && k < K);
-    ahi[i] = load_a8(a_hi, k, hi && k < K);
-  }
-#pragma unroll
-  for (int c0 = 0; c0 < kProducts; c0 += PB) {
-    const int blk = (k_step + 16 * c0) / block;
-    float part[4] = {0.f, 0.f, 0.f, 0.f};
-    const half2 zz = __high2half2(__ldg(sz_tile + blk * 8 + g));
-#pragma unroll
-    for (int c = c0; c < c0 + PB; ++c) {
-      const int i = c >> 1, h = (c & 1) * 2;
-      uint32_t b0, b1;
-      operands<BITS>(w, c, zz, b0, b1);
-      mma16816(part, word_of(alo[i], h), word_of(ahi[i], h), word_of(alo[i], h + 1), word_of(ahi[i], h + 1), b0, b1);
-    }
-    // C fragment: c0, c1 = row g, columns 2t, 2t + 1; c2, c3 = row g + 8
-    const float s0 = __low2float(__ldg(sz_tile + blk * 8 + 2 * t));
-    const float s1 = __low2float(__ldg(sz_tile + blk * 8 + 2 * t + 1));
-    acc[0] = fmaf(s0, part[0], acc[0]);
-    acc[1] = fmaf(s1, part[1], acc[1]);
-    acc[2] = fmaf(s0, part[2], acc[2]);
-    acc[3] = fmaf(s1, part[3], acc[3]);
-  }
-}
-
-template <int BITS, int PB>
-__global__ void __launch_bounds__(kMaxWarps * 32, 3)
+// NT tiles of 8 columns a block; the block's warps take the steps of K in turn. PB products share a
+// scale (PB = block / 16, at most the step's): their partial sums are scaled and added in fp32.
+template <int BITS, int NT, int PB>
+__global__ void __launch_bounds__(kMaxWarps * 32)
 tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
-             half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t, int ksplit) {
-  constexpr int kStepK = Step<BITS>::kK;
-  static_assert(PB % 2 == 0 && Step<BITS>::kProducts % PB == 0, "a scale group is whole product pairs of one step");
-  __shared__ float red[kMaxWarps][32][4];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+             half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t) {
+  constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
+  static_assert(PB % 2 == 0 && kProducts % PB == 0, "a scale group is whole product pairs of one step");
+  __shared__ float red[kMaxWarps][NT][32][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n_tiles = (N + 7) >> 3, tiles_per_block = kMaxWarps / ksplit;
-  const int tile = blockIdx.x * tiles_per_block + warp / ksplit, part = warp % ksplit;
-  const int per = (steps + ksplit - 1) / ksplit;
-  const int s_begin = min(part * per, steps), s_end = tile < n_tiles ? min(s_begin + per, steps) : s_begin;
+  const int n_tiles = (N + 7) >> 3;
+  const int tile0 = blockIdx.x * NT;
   const half* a_lo = A + size_t(g) * K;      // row g of the mma tile
   const half* a_hi = A + size_t(g + 8) * K;  // row g + 8
   const bool lo = g < M, hi = g + 8 < M;
-  const half2* sz_tile = SZ + size_t(min(tile, n_tiles - 1)) * blocks_t * 8;
-  const uint4* b_tile = B + size_t(min(tile, n_tiles - 1)) * steps * 32 + lane;
+  const half2* sz_tile[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) sz_tile[j] = SZ + size_t(min(tile0 + j, n_tiles - 1)) * blocks_t * 8;
 
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  uint4 w[kDepth];
+  float acc[NT][4];
 #pragma unroll
-  for (int u = 0; u < kDepth; ++u)
-    w[u] = s_begin + u < s_end ? __ldg(b_tile + size_t(s_begin + u) * 32) : make_uint4(0, 0, 0, 0);
-  for (int s0 = s_begin; s0 < s_end; s0 += kDepth) {
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  uint4 cur[NT], nxt[NT];
+  auto load_w = [&](uint4 (&w)[NT], int step) {
 #pragma unroll
-    for (int u = 0; u < kDepth; ++u) {
-      const int step = s0 + u;
-      if (step < s_end) {
-        const uint4 cur = w[u];
-        if (step + kDepth < s_end) w[u] = __ldg(b_tile + size_t(step + kDepth) * 32);
-        step_products<BITS, PB>(cur, step * kStepK, K, a_lo, a_hi, lo, hi, g, t, sz_tile, block, acc);
+    for (int j = 0; j < NT; ++j)
+      w[j] = (tile0 + j < n_tiles) ? __ldg(B + (size_t(tile0 + j) * steps + step) * 32 + lane) : make_uint4(0, 0, 0, 0);
+  };
+  load_w(cur, warp);  // warps <= steps
+  for (int step = warp; step < steps; step += warps) {
+    if (step + warps < steps) load_w(nxt, step + warps);  // the next step's weights are in flight meanwhile
+    const int k_step = step * kStepK;
+    uint4 alo[kPairs], ahi[kPairs];  // products 2i, 2i + 1 of rows g and g + 8: k_step + 32 i + 8 t .. + 7
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      const int k = k_step + 32 * i + 8 * t;
+      alo[i] = load_a8(a_lo, k, lo && k < K);
+      ahi[i] = load_a8(a_hi, k, hi && k < K);
+    }
+#pragma unroll
+    for (int c0 = 0; c0 < kProducts; c0 += PB) {
+      const int blk = (k_step + 16 * c0) / block;
+      float part[NT][4];
+      half2 zz[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+        zz[j] = __high2half2(__ldg(sz_tile[j] + blk * 8 + g));
+      }
+#pragma unroll
+      for (int c = c0; c < c0 + PB; ++c) {
+        const int i = c >> 1, h = (c & 1) * 2;
+        const uint32_t a0 = word_of(alo[i], h), a2 = word_of(alo[i], h + 1);
+        const uint32_t a1 = word_of(ahi[i], h), a3 = word_of(ahi[i], h + 1);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          uint32_t b0, b1;
+          operands<BITS>(cur[j], c, zz[j], b0, b1);
+          mma16816(part[j], a0, a1, a2, a3, b0, b1);
+        }
+      }
+      // C fragment: c0, c1 = row g, columns 2t, 2t + 1; c2, c3 = row g + 8
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const float s0 = __low2float(__ldg(sz_tile[j] + blk * 8 + 2 * t));
+        const float s1 = __low2float(__ldg(sz_tile[j] + blk * 8 + 2 * t + 1));
+        acc[j][0] = fmaf(s0, part[j][0], acc[j][0]);
+        acc[j][1] = fmaf(s1, part[j][1], acc[j][1]);
+        acc[j][2] = fmaf(s0, part[j][2], acc[j][2]);
+        acc[j][3] = fmaf(s1, part[j][3], acc[j][3]);
       }
     }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) cur[j] = nxt[j];
   }
 
-  // add the partial sums of each tile's warps
+  // add the warps' partial sums
 #pragma unroll
-  for (int e = 0; e < 4; ++e) red[warp][lane][e] = acc[e];
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][j][lane][e] = acc[j][e];
   __syncthreads();
-  for (int i = threadIdx.x; i < tiles_per_block * 128; i += blockDim.x) {
-    const int tl = i >> 7, l = (i >> 2) & 31, e = i & 3;
-    const int row = (l >> 2) + (e >= 2 ? 8 : 0), n = (blockIdx.x * tiles_per_block + tl) * 8 + 2 * (l & 3) + (e & 1);
+  for (int i = threadIdx.x; i < NT * 128; i += blockDim.x) {
+    const int j = i >> 7, l = (i >> 2) & 31, e = i & 3;
+    const int row = (l >> 2) + (e >= 2 ? 8 : 0), n = (tile0 + j) * 8 + 2 * (l & 3) + (e & 1);
     if (row < M && n < N) {
       float sum = 0.f;
-      for (int p = 0; p < ksplit; ++p) sum += red[tl * ksplit + p][l][e];
+      for (int w = 0; w < warps; ++w) sum += red[w][j][l][e];
       Y[size_t(row) * N + n] = __float2half(sum);
     }
   }
@@ -270,23 +272,20 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const int blocks_t = (steps * step_k + block - 1) / block;
   const int n_tiles = (N + 7) / 8;
   if (m <= kSmallM) {
-    // Split each tile's K among warps (a power of two up to the block's 8) until the grid has about 24
-    // warps an SM (132 SMs on the H100) or each warp is down to 2 steps.
-    int ksplit = 1;
-    while (ksplit < kMaxWarps && int64_t(n_tiles) * ksplit < g_grid_warps && (steps + ksplit - 1) / ksplit > 2) ksplit *= 2;
-    const int tiles_per_block = kMaxWarps / ksplit;
-    const dim3 grid((n_tiles + tiles_per_block - 1) / tiles_per_block);
+    const int warps = std::min(kMaxWarps, steps);
     const auto* bw = reinterpret_cast<const uint4*>(b);
     const auto* szw = reinterpret_cast<const half2*>(sz);
     const int pb = std::min(block, step_k) / 16;  // products that share a scale
-#define LEPTONC_STREAM(PB) \
-  tiled_stream<BITS, PB><<<grid, kMaxWarps * 32, 0, stream>>>(a, int(m), bw, szw, y, K, N, steps, block, blocks_t, ksplit)
+    const bool wide = n_tiles >= 2 * 4 * 132;     // gate/up, LM head: two tiles a block share A's loads
+#define LEPTONC_STREAM(NT, PB)                                                                              \
+  tiled_stream<BITS, NT, PB><<<(n_tiles + NT - 1) / NT, warps * 32, 0, stream>>>(a, int(m), bw, szw, y, K, N, \
+                                                                                 steps, block, blocks_t)
     if (pb >= Step<BITS>::kProducts) {
-      LEPTONC_STREAM(Step<BITS>::kProducts);
+      if (wide) LEPTONC_STREAM(2, Step<BITS>::kProducts); else LEPTONC_STREAM(1, Step<BITS>::kProducts);
     } else if (pb == 4) {
-      LEPTONC_STREAM(4);
+      if (wide) LEPTONC_STREAM(2, 4); else LEPTONC_STREAM(1, 4);
     } else {
-      LEPTONC_STREAM(2);
+      if (wide) LEPTONC_STREAM(2, 2); else LEPTONC_STREAM(1, 2);
     }
 #undef LEPTONC_STREAM
     return cuda_check(cudaGetLastError(), "tiled_stream launch");
