@@ -46,8 +46,9 @@ QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "int4": ["quant
 
 # GPU targets, last: MatMulNBits moved to leptonc's own CUDA kernel (targets/kernels/). After quantization
 # and select_logits, which create and rewire the MatMulNBits nodes it lowers. OPT-IN (LEPTONC_CUDA_KERNELS=1)
-# until it is faster everywhere: on the H100 it beats ONNX Runtime's kernel at batch 16 (llama-1b-shape int4
-# 5,801 tok/s) but loses at batch 1 (641 vs ~890 tok/s), BENCHMARKS.md "Session 8".
+# until it is faster everywhere: on the H100 it makes llama-1b-shape int4 faster than fp16 at batch 16
+# (7,597 vs 6,785 tok/s; ONNX Runtime's kernel ~4,155) but loses to ONNX Runtime's kernel at batch 1
+# (786 vs ~880 tok/s), BENCHMARKS.md "Session 9".
 GPU_LOWERING: list[str] = ["use_leptonc_kernels"]
 
 

@@ -1,15 +1,15 @@
 """leptonc's own CUDA kernels for ONNX Runtime (`leptonc_cuda.cu`): a custom-op library built with nvcc
 for one GPU architecture, shipped inside the bundle and registered by the runtime.
 
-What it holds: `ai.leptonc.MatMulNBits`, the weight-only int4/int8 matmul of ONNX Runtime's
-`com.microsoft.MatMulNBits` (same inputs and attributes) with a decode kernel that streams the weights
-once for up to 16 rows of activations on the tensor cores (ONNX Runtime's own kernel reads int4 weights
-at about 0.8 TB/s on the H100 and is slower than fp16 at batch 16; BENCHMARKS.md, issue 8).
+What it holds: `ai.leptonc.MatMulNBitsTiled`, the weight-only int4/int8 matmul of ONNX Runtime's
+`com.microsoft.MatMulNBits` on weights that passes/use_kernels.py rearranges (layout.py) so that each
+lane's 16-byte load is its tensor-core operands. It streams the weights once for up to 16 rows of
+activations; the M > 16 path dequantizes and calls cuBLAS.
 
-Status (H100, BENCHMARKS.md "Session 8"): correct (relative error 3-5e-4 against a float64 reference,
-lower than ONNX Runtime's kernel; smollm2 int4 greedy tokens identical), faster than ONNX Runtime's
-kernel at batch 16 (llama-1b-shape int4 5,801 tok/s) but slower at batch 1 (641 tok/s, about 0.4-0.7 TB/s
-per product against ONNX Runtime's 0.7-1.5). So the lowering is opt-in: LEPTONC_CUDA_KERNELS=1 at compile.
+Status (H100, BENCHMARKS.md "Session 9"): correct (relative error 4-5e-4 against a float64 reference).
+llama-1b-shape int4 with it: 786 tok/s at batch 1 (1.21x fp16, but below ONNX Runtime's kernel, about 880)
+and 7,597 at batch 16 (1.12x fp16; ONNX Runtime's kernel about 4,155). smollm2-135m: faster than ONNX
+Runtime's kernel at both. So the lowering is opt-in: LEPTONC_CUDA_KERNELS=1 at compile.
 
 Building needs, on the compiling machine (no GPU needed there):
   - nvcc (CUDA 12 or 13): `CUDA_HOME`, then `PATH`, then /usr/local/cuda;
