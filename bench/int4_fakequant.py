@@ -18,6 +18,20 @@ and tied embedding 8-bit symmetric block 64 in every variant, as the compile doe
   awq-refine    awq, then each block's scale refit by least squares on the calibration rows' block
                 covariance, codes re-rounded, a few rounds (calibration/scales.py, `refine`; the compile's
                 default from session 7)
+  awq-gptq      GPTQ (Frantar et al., 2023) error-compensated rounding in AWQ's scaled space: W' = W * s,
+                H' = diag(1/s) H diag(1/s) with H = sum of x x^T over every calibration token of the
+                linear's input (float64, fp32 model; --gptq-samples sequences of 256 tokens from the
+                compile's calibration text). The grid is fixed beforehand: each 128-block's scale and
+                integer zero point are awq-refine's (static groups); columns are quantized in order
+                (or by descending diag H', "act-order") and each column's rounding error is spread over
+                the columns not yet quantized through the Cholesky factor of H'^-1 (damping
+                --gptq-damp x mean diag H'), lazy batches of 128 columns. Weight = dequant / s.
+  gptq          the same with s = 1 (no AWQ scaling; grid from the same clip search and refit)
+  METHOD:OPTS   per-variant GPTQ options, comma separated: damp=0.1, samples=64, order=act,
+                refit=N (after GPTQ, all of a row's block scales refit jointly by least squares on H'
+                with the codes fixed, then GPTQ re-run on the new grid; N rounds), seq=1 (each layer's
+                H' collected with the layers before it already quantized, as GPTQ does),
+                e.g. "awq-gptq:damp=0.1,order=act"
 """
 
 from __future__ import annotations
@@ -33,6 +47,122 @@ import numpy as np
 from bench_json import emit
 
 
+# ---- GPTQ with a fixed (static-group) grid --------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised by a Hessian hook to end a forward early (sequential GPTQ needs one group's input)."""
+
+
+def hessians(module, linears: dict, firsts: list[str], batches: np.ndarray, stop_at: str | None = None,
+             chunk: int = 8) -> tuple[dict, int]:
+    """({first member: H = sum over every token of x x^T (float64 [K, K])}, tokens) for the inputs of
+    the linears named in `firsts` (one per input group), over `batches` ([n, seq] token ids). With
+    `stop_at`, each forward stops once that linear's input is recorded."""
+    import torch
+
+    acc: dict = {}
+    tokens = 0
+
+    def hook(name):
+        def fn(mod, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            acc[name] = acc[name] + x.T @ x if name in acc else x.T @ x
+            if name == stop_at:
+                raise _Stop
+        return fn
+
+    handles = [linears[n].register_forward_pre_hook(hook(n)) for n in firsts]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(batches), chunk):
+                rows = torch.from_numpy(np.ascontiguousarray(batches[i:i + chunk]))
+                tokens += rows.numel()
+                try:
+                    module(rows, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: h.numpy() for n, h in acc.items()}, tokens
+
+
+def gptq_fixed_grid(w: np.ndarray, h: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, block: int,
+                    levels: int = 15, damp: float = 0.01, act_order: bool = False,
+                    lazy: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al., 2023) of an [N, K] weight whose grid is fixed: column k rounds with its
+    block's scale and zero point (scales / zero_points [N, blocks], block k // `block`, "static
+    groups"), so act-order only changes the order in which columns are rounded. `h` [K, K] is the
+    input second moment. Returns (dequantized weight [N, K], codes minus zero point [N, K]), float64."""
+    import torch
+
+    W = torch.from_numpy(np.array(w, np.float64))
+    H = torch.from_numpy(np.array(h, np.float64))
+    n, k = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    cols = torch.arange(k)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else cols
+    W, H = W[:, perm], H[perm][:, perm]
+    blk = perm // block
+    sc = torch.from_numpy(np.asarray(scales, np.float64))[:, blk]  # [N, K]: each column's grid
+    zp = torch.from_numpy(np.asarray(zero_points, np.float64))[:, blk]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    C = torch.zeros_like(W)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        W1, hinv1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            col = W1[:, i]
+            c = torch.clamp(torch.round(col / sc[:, j]) + zp[:, j], 0, levels) - zp[:, j]
+            q = c * sc[:, j]
+            Q[:, j], C[:, j] = q, c
+            e = (col - q) / hinv1[i, i]
+            W1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return Q[:, inv].numpy(), C[:, inv].numpy()
+
+
+def refit_row_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.ndarray,
+                     block: int) -> np.ndarray:
+    """Given fixed codes (minus zero point, [N, K]), each row's block scales refit jointly: the least
+    squares solution of min_s (w - sum_b s_b q_b) H (w - ...)^T, q_b the row's codes in block b. A row
+    keeps its old scales where the solve fails or gives a scale <= 0 or a larger error."""
+    n, k = w.shape
+    nb = scales.shape[1]
+    spans = [slice(b * block, min((b + 1) * block, k)) for b in range(nb)]
+    hq = np.stack([codes[:, sp] @ h[sp, :] for sp in spans], axis=1)  # [N, nb, K]: q_b H
+    a = np.stack([np.einsum("nbk,nk->nb", hq[:, :, sp], codes[:, sp]) for sp in spans], axis=2)  # [N, nb, nb]
+    rhs = np.einsum("nbk,nk->nb", hq, w)
+    a = a + 1e-9 * np.trace(a, axis1=1, axis2=2)[:, None, None] / nb * np.eye(nb)
+    try:
+        new = np.linalg.solve(a, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return scales
+
+    def loss(sc):
+        d = w - codes * np.repeat(sc, block, axis=1)[:, :k]
+        return np.einsum("nk,nk->n", d @ h, d)
+
+    keep = (new <= 0).any(1) | ~np.isfinite(new).all(1)
+    new = np.where(keep[:, None], scales, new)
+    better = loss(new) < loss(scales)
+    return np.where(better[:, None], new, scales).astype(np.float32)
+
+
+def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
+    """Relative output error on the Hessian's tokens: tr(D H D^T) / tr(W H W^T), D = W - Wq."""
+    d = np.asarray(w, np.float64) - wq
+    return float(np.einsum("nk,nk->", d @ h, d) / np.einsum("nk,nk->", w @ h, w))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="smollm2-135m")
@@ -46,6 +176,12 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (the compile's default 16)")
     ap.add_argument("--awq-rows", type=int, default=None,
                     help="rows AWQ's search keeps per input group (default: the compile's AWQ_SAMPLE_ROWS)")
+    ap.add_argument("--gptq-samples", type=int, default=16,
+                    help="calibration sequences (x 256 tokens) whose every token enters GPTQ's Hessian")
+    ap.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, times mean diag H'")
+    ap.add_argument("--gptq-act-order", action="store_true", help="GPTQ columns by descending diag H'")
+    ap.add_argument("--gptq-report", default="layers.0.,layers.1.,layers.15.,layers.29.",
+                    help="layers whose per-linear output error (awq-refine vs GPTQ) is printed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -81,13 +217,25 @@ def main(argv=None) -> int:
                      offset_chars=args.offset_chars)
     ids = load_tokens(lm.tokenizer, cfg)
 
-    def quantize_member(w: np.ndarray, group, variant: str) -> np.ndarray:
+    grids: dict = {}  # (member, AWQ scaled?) -> (its group, awq-refine's BlockQuantized of W * s): GPTQ's grid
+
+    def refine_grid(name: str, w: np.ndarray, group, scaled: bool = True):
+        """awq-refine's quantization of W * s (s = 1 unless `scaled`), kept for the variants after."""
+        key = (name, scaled)
+        if key not in grids or grids[key][0] is not group:  # awq-seq's groups are new ones
+            s = group.prescale if scaled else np.ones(w.shape[1], np.float32)
+            q = block_quantize(w * s[None, :], 4, args.block, clip_rows=group.samples / s[None, :],
+                               clip_ratios=AWQ_CLIP_RATIOS, refine=AWQ_REFINE_ROUNDS)
+            grids[key] = (group, q)
+        return grids[key][1]
+
+    def quantize_member(w: np.ndarray, group, variant: str, name: str = "") -> np.ndarray:
         if variant == "rtn" or group is None or group.prescale is None:
             return block_quantize(w, 4, args.block).dequantize()
         s = group.prescale
-        kw = {"clip_rows": group.samples / s[None, :], "clip_ratios": AWQ_CLIP_RATIOS}
         if variant == "awq-refine":
-            kw["refine"] = AWQ_REFINE_ROUNDS
+            return refine_grid(name, w, group).dequantize() / s[None, :]
+        kw = {"clip_rows": group.samples / s[None, :], "clip_ratios": AWQ_CLIP_RATIOS}
         return block_quantize(w * s[None, :], 4, args.block, **kw).dequantize() / s[None, :]
 
     def sequential() -> None:
@@ -113,20 +261,101 @@ def main(argv=None) -> int:
                     output = gated_output(spec.activation, ws[0].shape[0])
                 g.prescale, _ = awq_search(g.samples, g.absmean, ws, 4, args.block, output=output)
                 for m, w in zip(g.members, ws):
-                    wq = quantize_member(w, g, "awq-refine")
+                    wq = quantize_member(w, g, "awq-refine", m)
                     linears[m].weight.data.copy_(torch.from_numpy(np.ascontiguousarray(wq, np.float32)))
             print(f"layer {i} done", file=sys.stderr, flush=True)
         w = originals["lm_head"].numpy()
         linears["lm_head"].weight.data.copy_(torch.from_numpy(
             np.ascontiguousarray(block_quantize(w, HEAD_BITS, HEAD_BLOCK, symmetric=True).dequantize(), np.float32)))
 
+    from leptonc.calibration.data import calibration_batches
+
+    groups = [g for g in cal.stats.groups if g.prescale is not None]  # every input group but the head's
+    hessian_cache: dict = {}  # sequences -> ({first member: H}, tokens), from the fp32 model
+    report_layers = tuple(filter(None, args.gptq_report.split(",")))
+
+    def gptq_options(text: str) -> dict:
+        opts = {"damp": args.gptq_damp, "samples": args.gptq_samples,
+                "order": "act" if args.gptq_act_order else "natural", "refit": 0, "seq": 0}
+        for item in filter(None, text.split(",")):
+            key, _, value = item.partition("=")
+            if key not in opts:
+                raise SystemExit(f"unknown GPTQ option {key!r}; use {', '.join(opts)}")
+            opts[key] = type(opts[key])(value) if key != "order" else value
+        return opts
+
+    def gptq(method: str, opts: dict, only: str) -> dict:
+        """Write GPTQ's weights (awq-gptq, or gptq with s = 1) into the module; returns a summary."""
+        awq = method == "awq-gptq"
+        batches = calibration_batches(lm.tokenizer, None, opts["samples"], settings.calib_seq_len)
+        t0 = time.perf_counter()
+        if not opts["seq"] and len(batches) not in hessian_cache:  # the module holds the fp32 weights here
+            hessian_cache[len(batches)] = hessians(lm.module, linears, [g.members[0] for g in groups], batches)
+        hs, tokens = hessian_cache.get(len(batches), ({}, 0))
+        hessian_s = time.perf_counter() - t0 if not opts["seq"] else 0.0
+        ratios, seq_layer = [], None
+        for g in groups:
+            kinds = [m.split(".")[-2] for m in g.members]
+            if only and not set(kinds) & set(only.split(",")):
+                continue
+            layer = g.members[0].split(".")[1]
+            if opts["seq"] and layer != seq_layer:  # this layer's inputs, the layers before it quantized
+                t0, seq_layer = time.perf_counter(), layer
+                firsts = [x.members[0] for x in groups if x.members[0].split(".")[1] == layer]
+                hs, tokens = hessians(lm.module, linears, firsts, batches, stop_at=firsts[-1])
+                hessian_s += time.perf_counter() - t0
+            h = hs[g.members[0]]
+            s = (g.prescale if awq else np.ones(h.shape[0], np.float32)).astype(np.float64)
+            hp = h / np.outer(s, s)  # H' = diag(1/s) H diag(1/s): the input of W * s
+            for m, kind in zip(g.members, kinds):
+                if only and kind not in only.split(","):
+                    continue
+                w = originals[m].numpy()
+                grid = refine_grid(m, w, g, scaled=awq)
+                ws, sc = w.astype(np.float64) * s[None, :], grid.scales
+                run = lambda sc: gptq_fixed_grid(ws, hp, sc, grid.zero_points, args.block, damp=opts["damp"],  # noqa: E731
+                                                 act_order=opts["order"] == "act")
+                dq, codes = run(sc)
+                for r in range(opts["refit"]):
+                    sc = refit_row_scales(ws, hp, codes, sc, args.block)
+                    dq = codes * np.repeat(sc, args.block, axis=1)[:, : ws.shape[1]]
+                    if r + 1 < opts["refit"]:
+                        dq, codes = run(sc)
+                wq = dq / s[None, :]
+                linears[m].weight.data.copy_(torch.from_numpy(np.ascontiguousarray(wq, np.float32)))
+                base = grid.dequantize() / s[None, :]
+                e_awq, e_gptq = output_error(w, base, h), output_error(w, wq, h)
+                ratios.append(e_gptq / e_awq)
+                if m.startswith(report_layers):
+                    x = g.samples.astype(np.float64)
+                    ref = x @ w.T
+                    rows_awq = float(((x @ base.T - ref) ** 2).mean())
+                    rows_gptq = float(((x @ wq.T - ref) ** 2).mean())
+                    print(f"  {m:26s} output error, all {tokens} calibration tokens (relative): awq-refine "
+                          f"{e_awq:.3e} {method} {e_gptq:.3e} | MSE on the {len(x)} sampled rows: "
+                          f"{rows_awq:.3e} -> {rows_gptq:.3e}", file=sys.stderr, flush=True)
+        return {"hessian_tokens": int(tokens), "hessian_seconds": round(hessian_s, 1),
+                "output_error_vs_awq_refine": {"median": round(float(np.median(ratios)), 4),
+                                               "mean": round(float(np.mean(ratios)), 4),
+                                               "lower": int(sum(r < 1 for r in ratios)), "linears": len(ratios)}}
+
     rows = []
     for variant in args.variants.split(";"):
         t = time.perf_counter()
         for name, mod in linears.items():
             mod.weight.data.copy_(originals[name])
+        extra = {}
+        base_name, _, only = variant.partition("@")
+        method, _, options = base_name.partition(":")
         if variant == "awq-seq":
             sequential()
+        elif method in ("awq-gptq", "gptq"):
+            opts = gptq_options(options)
+            extra = {"gptq": opts, **gptq(method, opts, only)}
+            if not only or "head" in only.split(","):
+                w = originals["lm_head"].numpy()
+                linears["lm_head"].weight.data.copy_(torch.from_numpy(np.ascontiguousarray(
+                    block_quantize(w, HEAD_BITS, HEAD_BLOCK, symmetric=True).dequantize(), np.float32)))
         elif variant != "fp32":
             method, _, only = variant.partition("@")  # "awq@down,o": only those layer types (head stays fp32)
             for name, mod in linears.items():
@@ -137,11 +366,12 @@ def main(argv=None) -> int:
                 if name == "lm_head":
                     wq = block_quantize(w, HEAD_BITS, HEAD_BLOCK, symmetric=True).dequantize()
                 else:
-                    wq = quantize_member(w, cal.stats.group_of(name), method)
+                    wq = quantize_member(w, cal.stats.group_of(name), method, name)
                 mod.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(wq, np.float32)))
         quant_s = time.perf_counter() - t
         res = perplexity(torch_scorer(lm.module), ids, cfg)
-        row = {"variant": variant, "perplexity": round(res["perplexity"], 4), "quantize_seconds": round(quant_s, 1)}
+        row = {"variant": variant, "perplexity": round(res["perplexity"], 4), "quantize_seconds": round(quant_s, 1),
+               **extra}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     ref = next((r["perplexity"] for r in rows if r["variant"] == "fp32"), None)
