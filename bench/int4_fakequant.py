@@ -21,7 +21,7 @@ and tied embedding 8-bit symmetric block 64 in every variant, as the compile doe
   awq-gptq      GPTQ (Frantar et al., 2023) error-compensated rounding in AWQ's scaled space: W' = W * s,
                 H' = diag(1/s) H diag(1/s) with H = sum of x x^T over every calibration token of the
                 linear's input (float64, fp32 model; --gptq-samples sequences of 256 tokens from the
-                compile's calibration text). The grid is fixed beforehand: each 128-block's scale and
+                compile's calibration text, which holds 119: samples=128 gives 30,464 tokens). The grid is fixed beforehand: each 128-block's scale and
                 integer zero point are awq-refine's (static groups); columns are quantized in order
                 (or by descending diag H', "act-order") and each column's rounding error is spread over
                 the columns not yet quantized through the Cholesky factor of H'^-1 (damping
@@ -98,12 +98,11 @@ def gptq_fixed_grid(w: np.ndarray, h: np.ndarray, scales: np.ndarray, zero_point
 
     W = torch.from_numpy(np.array(w, np.float64))
     H = torch.from_numpy(np.array(h, np.float64))
-    n, k = W.shape
+    k = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    cols = torch.arange(k)
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else cols
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
     blk = perm // block
     sc = torch.from_numpy(np.asarray(scales, np.float64))[:, blk]  # [N, K]: each column's grid
@@ -135,7 +134,7 @@ def refit_row_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np
     """Given fixed codes (minus zero point, [N, K]), each row's block scales refit jointly: the least
     squares solution of min_s (w - sum_b s_b q_b) H (w - ...)^T, q_b the row's codes in block b. A row
     keeps its old scales where the solve fails or gives a scale <= 0 or a larger error."""
-    n, k = w.shape
+    k = w.shape[1]
     nb = scales.shape[1]
     spans = [slice(b * block, min((b + 1) * block, k)) for b in range(nb)]
     hq = np.stack([codes[:, sp] @ h[sp, :] for sp in spans], axis=1)  # [N, nb, K]: q_b H
