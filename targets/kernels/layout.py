@@ -35,7 +35,7 @@ def step_k(bits: int) -> int:
     return 128 if bits == 4 else 64
 
 
-def codes_of(b: np.ndarray, n: int, bits: int, block: int) -> np.ndarray:
+def codes_of(b: np.ndarray, n: int, bits: int) -> np.ndarray:
     """MatMulNBits' B ([N, blocks, block * bits / 8] uint8, low nibble first) -> codes [N, blocks * block]."""
     raw = np.asarray(b, np.uint8).reshape(n, -1)
     if bits == 8:
@@ -75,7 +75,7 @@ def tile_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
 
     zps = zero_points_of(zero_points, n, blocks, bits)
     codes = np.zeros((np_, kp), np.uint8)
-    src = codes_of(b, n, bits, block)[:, :min(kp, blocks * block)]
+    src = codes_of(b, n, bits)[:, :min(kp, blocks * block)]
     codes[:n, :src.shape[1]] = src
     if src.shape[1] < kp:  # past MatMulNBits' last block: the zero point's code, i.e. weight 0
         codes[:n, src.shape[1]:] = zps[:, -1:]
