@@ -37,6 +37,7 @@ class GroupStats:
     alpha: float | None = None  # the SmoothQuant migration strength chosen for this group
     fingerprints: np.ndarray | None = None  # [members, K]: row 0 ([out, in] layout) of each member's weight,
     # so a graph pass can recognise the group in a merged weight (merge_qkv / merge_gate_up rename them)
+    rounded: dict | None = None  # {member: BlockQuantized of W * prescale}: int4 codes chosen by GPTQ (gptq.py)
 
 
 @dataclass

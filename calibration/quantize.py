@@ -8,7 +8,8 @@ cached on disk by content hash (model, data, settings) so a second compile skips
 What each format needs from calibration:
   int8 w8a8     per-channel max |x| -> SmoothQuant factors; per-tensor range of x / s (observer)
   fp8           per-tensor range of x (observer); SmoothQuant only with an explicit --smoothquant-alpha
-  int4 awq      mean |x| and sample rows -> AWQ scale search
+  int4 awq      mean |x| and sample rows -> AWQ scale search; then (rounding gptq, the default) the
+                input second moment over --gptq-samples sequences -> GPTQ codes on AWQ's grid (gptq.py)
   int4 rtn, int8 weight-only    sample rows only (for the per-layer SQNR report)
 """
 
@@ -19,16 +20,17 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from leptonc.calibration.collect import AWQ_SAMPLE_ROWS, SAMPLE_ROWS, ActivationStats, GroupStats, collect
+from leptonc.calibration.gptq import GPTQ_DAMP
 from leptonc.calibration.observers import METHODS
 from leptonc.errors import UnsupportedRequestError
 
-CALIB_VERSION = 5  # bump when the statistics change meaning (invalidates the cache)
+CALIB_VERSION = 6  # bump when the statistics change meaning (invalidates the cache)
 QUANTIZED = ("int8", "fp8", "int4")
 FP8_DEFAULT_KEEP = ("lm_head", "embed")  # --fp8 keeps these in higher precision; --fp8-lm-head quantizes them
 CLIPPING_OBSERVERS = ("percentile", "entropy")  # they clip activation outliers, which fp8 (E4M3) could represent
@@ -46,6 +48,9 @@ class QuantSettings:
     int8_block: int = 64  # weight-only int8 (MatMulNBits bits=8) block along K
     int4_block: int = 128
     int4_method: str = "awq"  # awq | rtn
+    int4_rounding: str | None = None  # gptq | nearest; None: gptq for awq, nearest for rtn (set in __post_init__)
+    gptq_samples: int = 128  # sequences of calib_seq_len whose every token enters GPTQ's Hessian (the shipped
+    # text holds 119 of 256 tokens: 128 takes it all; 16 gained nothing on smollm2-135m, BENCHMARKS.md)
     kv_cache: str | None = None
     calib_data: str | None = None  # None: the text shipped with leptonc
     calib_samples: int = 16
@@ -72,6 +77,16 @@ class QuantSettings:
             raise UnsupportedRequestError(f"--int4-block {self.int4_block}: use 32, 64 or 128")
         if self.int4_method not in ("awq", "rtn"):
             raise UnsupportedRequestError(f"--int4-method {self.int4_method!r}: use awq or rtn")
+        if self.int4_rounding not in (None, "gptq", "nearest"):
+            raise UnsupportedRequestError(f"--int4-rounding {self.int4_rounding!r}: use gptq or nearest")
+        if self.int4_rounding == "gptq" and (self.precision != "int4" or self.int4_method != "awq"):
+            raise UnsupportedRequestError("--int4-rounding gptq rounds on AWQ's grid: it needs --int4 --int4-method awq",
+                                          hint="drop --int4-rounding, or use --int4-method awq")
+        if self.int4_rounding is None:
+            object.__setattr__(self, "int4_rounding",
+                               "gptq" if self.precision == "int4" and self.int4_method == "awq" else "nearest")
+        if self.gptq_samples < 1:
+            raise UnsupportedRequestError("--gptq-samples must be >= 1")
         if self.fp8_lm_head and self.precision != "fp8":
             raise UnsupportedRequestError("--fp8-lm-head only applies to --fp8",
                                           hint="drop it, or use --keep-fp lm_head to keep an int8/int4 head in fp32")
@@ -107,6 +122,10 @@ class QuantSettings:
         if self.precision == "int4":
             return f"int4-{self.int4_method}"
         return "fp8"
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.format == "int4-awq" and self.int4_rounding == "gptq"
 
     @property
     def caution(self) -> str | None:
@@ -151,6 +170,7 @@ def cache_key(source_hash: str, settings: QuantSettings, data_digest: str, mlp_a
         "alpha": settings.smoothquant_alpha if settings.format in ("int8-w8a8", "fp8") else None,
         "block": settings.int4_block if settings.format == "int4-awq" else None,
         "mlp_activation": mlp_activation if settings.format == "int4-awq" else None,
+        "gptq": [settings.gptq_samples, GPTQ_DAMP] if settings.uses_gptq else None,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -164,7 +184,9 @@ def _save(stats: ActivationStats, path: Path) -> None:
             arrays[f"{i}.prescale"] = g.prescale
         if g.fingerprints is not None:
             arrays[f"{i}.fingerprints"] = g.fingerprints
-        meta["groups"].append({"members": g.members, "amax": g.amax, "alpha": g.alpha})
+        meta["groups"].append({"members": g.members, "amax": g.amax, "alpha": g.alpha,
+                               "rounded": _save_rounded(g.rounded, arrays, i) if g.rounded else None})
+    meta["gptq"] = stats.__dict__.get("gptq_summary")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -182,10 +204,38 @@ def _load(path: Path) -> ActivationStats | None:
                     g["members"], z[f"{i}.absmax"], z[f"{i}.absmean"], z[f"{i}.samples"].astype(np.float32),
                     g["amax"], z[f"{i}.prescale"] if f"{i}.prescale" in z.files else None,
                     alpha=g.get("alpha"),
-                    fingerprints=z[f"{i}.fingerprints"] if f"{i}.fingerprints" in z.files else None))
+                    fingerprints=z[f"{i}.fingerprints"] if f"{i}.fingerprints" in z.files else None,
+                    rounded=_load_rounded(g.get("rounded"), z, i)))
+            if meta.get("gptq") is not None:
+                stats.__dict__["gptq_summary"] = meta["gptq"]
         return stats
     except (OSError, ValueError, KeyError):  # a corrupt or partial cache entry: recompute
         return None
+
+
+def _save_rounded(rounded: dict, arrays: dict, i: int) -> list:
+    """Store a group's GPTQ codes (two 4-bit codes a byte), scales and zero points; returns the meta."""
+    meta = []
+    for j, (member, q) in enumerate(rounded.items()):
+        arrays[f"{i}.r{j}.codes"] = (q.codes[:, 0::2] | (q.codes[:, 1::2] << 4)).astype(np.uint8)
+        arrays[f"{i}.r{j}.scales"], arrays[f"{i}.r{j}.zero_points"] = q.scales, q.zero_points
+        meta.append({"member": member, "block": q.block_size, "k": q.k})
+    return meta
+
+
+def _load_rounded(meta: list | None, z, i: int) -> dict | None:
+    from leptonc.calibration.scales import BlockQuantized
+
+    if not meta:
+        return None
+    out = {}
+    for j, r in enumerate(meta):
+        packed = z[f"{i}.r{j}.codes"]
+        codes = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
+        codes[:, 0::2], codes[:, 1::2] = packed & 0x0F, packed >> 4
+        out[r["member"]] = BlockQuantized(codes, z[f"{i}.r{j}.scales"], z[f"{i}.r{j}.zero_points"], 4,
+                                          r["block"], r["k"])
+    return out
 
 
 @dataclass
@@ -220,6 +270,13 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         stats = collect(module, weights, batches, settings.calib_method, prescales=prescales,
                         on_batch=on_progress, need_ranges=fmt in ("int8-w8a8", "fp8"),
                         sample_rows=AWQ_SAMPLE_ROWS if fmt == "int4-awq" else SAMPLE_ROWS)
+        if settings.uses_gptq:
+            from leptonc.calibration.gptq import round_groups
+
+            t0 = time.perf_counter()
+            gptq_batches = calibration_batches(tokenizer, data_path, settings.gptq_samples, settings.calib_seq_len)
+            summary = round_groups(module, weights, stats, gptq_batches, settings.int4_block, on_progress=on_progress)
+            stats.__dict__["gptq_summary"] = {**summary, "seconds": round(time.perf_counter() - t0, 1)}
         _save(stats, path)
     summary = {
         "format": settings.format,
@@ -242,6 +299,8 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         summary["awq"] = ("grid search of alpha in s = mean|x|**alpha over 21 points per input group, on "
                           f"{AWQ_SAMPLE_ROWS} calibration rows; gate/up error measured after the MLP activation"
                           + ("" if mlp_activation else " (not here: no gated MLP without biases)"))
+        summary["rounding"] = stats.__dict__.get("gptq_summary") if settings.uses_gptq else \
+            {"rounding": "nearest", "note": "each weight rounds to its nearest code on AWQ's grid (--int4-rounding nearest)"}
     return CalibrationResult(stats, summary)
 
 
@@ -299,6 +358,10 @@ def check_request(config) -> None:
     if not config.passes:
         raise UnsupportedRequestError(f"--{config.precision} is a graph rewrite and --no-passes turns passes off; "
                                       "drop one of them")
+    if config.options.get("int4_rounding") == "gptq" and config.backend == "tensorrt":
+        raise UnsupportedRequestError("--int4-rounding gptq is for ONNX Runtime's MatMulNBits grid (asymmetric blocks); "
+                                      "the TensorRT int4 weights are symmetric blocks rounded to nearest",
+                                      hint="drop --int4-rounding, or use --backend onnxruntime")
     name = QUANT_PASS[config.precision]
     if name in config.disabled_passes:
         raise UnsupportedRequestError(f"--disable-pass {name} would leave the --{config.precision} bundle unquantized; "
@@ -360,6 +423,8 @@ class CompileQuantization:
 
 def calibrate_for_compile(config, lm, adapter, spec, on_progress=None) -> CompileQuantization:
     settings = QuantSettings.from_options(config.precision, config.options)
+    if settings.uses_gptq and config.backend == "tensorrt":  # its symmetric int4 grid is not AWQ's (the pass notes it)
+        settings = replace(settings, int4_rounding="nearest")
     weights = adapter.weights(lm.module, spec)
     gated = getattr(spec, "mlp", None) == "gated" and not getattr(spec, "mlp_bias", False)
     result = calibrate(lm.module, lm.tokenizer, weights, settings, lm.source_hash, on_progress=on_progress,

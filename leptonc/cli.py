@@ -142,6 +142,12 @@ def compile_cmd(
                                                                                   "--fp8 (default 0.5)."),
     int4_block: Optional[int] = typer.Option(None, "--int4-block", help="--int4 block size: 32, 64 or 128 (default)."),
     int4_method: Optional[str] = typer.Option(None, "--int4-method", help="--int4 scales: awq (default) or rtn."),
+    int4_rounding: Optional[str] = typer.Option(None, "--int4-rounding", help="--int4 awq codes: gptq (default; "
+                                                                              "error-compensated, on AWQ's grid) or "
+                                                                              "nearest."),
+    gptq_samples: Optional[int] = typer.Option(None, "--gptq-samples", help="GPTQ: calibration sequences whose every "
+                                                                            "token enters the Hessian (default 128, "
+                                                                            "capped by the text)."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV cache precision fp8|int8 (where the backend supports it)."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration text file (default: shipped WikiText-2 slice)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration sequences (default 16)."),
@@ -190,7 +196,8 @@ def compile_cmd(
                                         "version_compatible": version_compatible or None,
                                         "builder_opt_level": builder_opt_level}, dry_run)
     config = _quant_options(config, {"int8_mode": int8_mode, "smoothquant_alpha": smoothquant_alpha,
-                                     "int4_block": int4_block, "int4_method": int4_method, "kv_cache": kv_cache,
+                                     "int4_block": int4_block, "int4_method": int4_method, "int4_rounding": int4_rounding,
+                                     "gptq_samples": gptq_samples, "kv_cache": kv_cache,
                                      "calib_data": calib_data, "calib_samples": calib_samples,
                                      "calib_seq_len": calib_seq_len, "calib_method": calib_method,
                                      "keep_fp": list(keep_fp) or None, "int4_8bit": list(int4_8bit) or None,

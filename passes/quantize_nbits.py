@@ -4,6 +4,8 @@ embedding. A tied embedding / LM head is quantized once: the Gather and the head
 the same uint8 codes (8-bit, symmetric, zero point 128, the default of both ops).
 
   int4 (`--int4`): layers 4-bit asymmetric, block `--int4-block` (default 128), RTN or AWQ scales;
+                   with AWQ the codes are GPTQ's (calibration/gptq.py, on the grid this pass would
+                   choose: AWQ's clip search and refit) unless --int4-rounding nearest;
                    embedding and LM head 8-bit block 64 (a 4-bit head costs far more accuracy than
                    the 14 MB it would save on smollm2-135m).
   int8 weight-only (`--int8 --int8-mode weight-only`): everything 8-bit symmetric, block 64.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from leptonc.calibration.scales import block_quantize
+from leptonc.calibration.scales import BlockQuantized, block_quantize
 from leptonc.passes.quantize_common import MS_DOMAIN, Linear, apply_prescale, find_embedding, find_linears, \
     plan_groups, quant_context, record_layer
 from leptonc.passes.registry import PassResult, register_pass
@@ -42,7 +44,7 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     settings, stats, report = quant_context(ctx)
     level = int(ctx.options.get("accuracy_level", DEFAULT_ACCURACY_LEVEL))
     fmt = f"int{bits}-{'awq' if awq else ('rtn' if bits == 4 else 'weight-only')}"
-    counts = {"matmulnbits": 0, "kept_fp": 0, "awq_folded": 0, "awq_mul": 0, "embedding": 0}
+    counts = {"matmulnbits": 0, "kept_fp": 0, "awq_folded": 0, "awq_mul": 0, "embedding": 0, "gptq": 0, "gptq_missing": 0}
     if awq and stats is None:
         return PassResult.skipped("AWQ needs calibration statistics and none were supplied")
 
@@ -64,15 +66,21 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
         for lin in members:
             w = lin.w_oi()
             ws = w * s[None, :] if s is not None else w
-            clip = {}
-            if s is not None and g_bits == 4:  # AWQ's second step: activation-aware range clipping
-                clip = {"clip_rows": group.samples / s[None, :], "clip_ratios": AWQ_CLIP_RATIOS,
-                        "refine": AWQ_REFINE_ROUNDS}
-            q = block_quantize(ws, g_bits, g_block, symmetric=g_bits == 8, scale_multiplier=settings.break_scales,
-                               **clip)
+            q = None
+            if s is not None and g_bits == 4 and settings.int4_rounding == "gptq":
+                q = _gptq_rounding(lin, group, ws, g_block, settings)
+                counts["gptq" if q is not None else "gptq_missing"] += 1
+            rounding = "-gptq" if q is not None else ""
+            if q is None:
+                clip = {}
+                if s is not None and g_bits == 4:  # AWQ's second step: activation-aware range clipping
+                    clip = {"clip_rows": group.samples / s[None, :], "clip_ratios": AWQ_CLIP_RATIOS,
+                            "refine": AWQ_REFINE_ROUNDS}
+                q = block_quantize(ws, g_bits, g_block, symmetric=g_bits == 8,
+                                   scale_multiplier=settings.break_scales, **clip)
             wq = q.dequantize() / (s[None, :] if s is not None else 1.0)
             x = group.samples if group is not None else None
-            record_layer(report, lin.label, f"int{g_bits}" + ("-awq" if s is not None else ""), w, wq, x)
+            record_layer(report, lin.label, f"int{g_bits}" + ("-awq" if s is not None else "") + rounding, w, wq, x)
             codes = gs.Constant(f"{lin.weight.name}/q{g_bits}", q.packed())
             if is_head:
                 shared_head[lin.weight.name] = (codes, q)
@@ -93,12 +101,44 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
         parts.append("embedding -> GatherBlockQuantized" + (" sharing the head's codes" if shared_head else ""))
     if awq:
         parts.append(f"AWQ scales folded into {counts['awq_folded']} norms, {counts['awq_mul']} via Mul")
+        if settings.int4_rounding == "gptq":
+            parts.append(f"GPTQ rounding on AWQ's grid for {counts['gptq']} int4 MatMulNBits")
+            if counts["gptq_missing"]:
+                note = (f"{counts['gptq_missing']} AWQ layers had no GPTQ codes from calibration that fit their "
+                        "graph weight and were rounded to nearest")
+                parts.append(note)
+                report["notes"].append(note)
+        else:
+            parts.append("codes rounded to nearest (--int4-rounding nearest)")
     if counts.get("int8_layers"):
         parts.append(f"{counts['int8_layers']} layers at 8-bit block 64 by --int4-8bit {' '.join(settings.int4_8bit)}")
     if counts["kept_fp"]:
         parts.append(f"{counts['kept_fp']} kept in fp32 by --keep-fp")
     detail = "; ".join(parts)
     return PassResult(counts["matmulnbits"] > 0, detail, counts)
+
+
+def _gptq_rounding(lin: Linear, group, ws: np.ndarray, block: int, settings):
+    """The calibration's GPTQ codes for this linear (rows of its members, in the order a fusion merged
+    them), as one BlockQuantized of W * s; None where there are none or they do not fit this weight."""
+    rounded = getattr(group, "rounded", None) if settings.int4_rounding == "gptq" else None
+    names = lin.label.split("+")
+    if not rounded or any(n not in rounded for n in names):
+        return None
+    parts = [rounded[n] for n in names]
+    if any(p.block_size != block or p.k != ws.shape[1] for p in parts):
+        return None
+    q = BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                       np.concatenate([p.zero_points for p in parts]), 4, block, ws.shape[1])
+    if q.codes.shape[0] != ws.shape[0]:
+        return None
+    # the codes were chosen for the PyTorch weights; a graph weight they do not belong to (an fp16 copy
+    # rounds differently, but by far less than 4 bits) would show as an error near the weight itself
+    if np.linalg.norm(q.dequantize() - ws) > 0.5 * np.linalg.norm(ws):
+        return None
+    if settings.break_scales != 1.0:
+        q.scales = (q.scales * np.float32(settings.break_scales)).astype(np.float32)
+    return q
 
 
 def _replace_with_nbits(graph: gs.Graph, lin: Linear, q, codes: gs.Constant, level: int) -> None:

@@ -162,7 +162,8 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     if emb_note:
         parts.append(emb_note)
     if awq:
-        parts.append(f"AWQ scales folded into {counts['awq_folded']} norms, {counts['awq_mul']} via Mul")
+        parts.append(f"AWQ scales folded into {counts['awq_folded']} norms, {counts['awq_mul']} via Mul; int4 codes "
+                     "rounded to nearest on TensorRT's symmetric grid (GPTQ rounding is ONNX Runtime's MatMulNBits path)")
     if counts["kept_fp"]:
         parts.append(f"{counts['kept_fp']} kept in floating point by --keep-fp")
     applied = counts["int4_blocks"] + counts["int8_channels"]
