@@ -45,89 +45,10 @@ from pathlib import Path
 import numpy as np
 
 from bench_json import emit
+from leptonc.calibration.gptq import gptq_fixed_grid, hessians, output_error
 
 
-# ---- GPTQ with a fixed (static-group) grid --------------------------------------------------------
-
-class _Stop(Exception):
-    """Raised by a Hessian hook to end a forward early (sequential GPTQ needs one group's input)."""
-
-
-def hessians(module, linears: dict, firsts: list[str], batches: np.ndarray, stop_at: str | None = None,
-             chunk: int = 8) -> tuple[dict, int]:
-    """({first member: H = sum over every token of x x^T (float64 [K, K])}, tokens) for the inputs of
-    the linears named in `firsts` (one per input group), over `batches` ([n, seq] token ids). With
-    `stop_at`, each forward stops once that linear's input is recorded."""
-    import torch
-
-    acc: dict = {}
-    tokens = 0
-
-    def hook(name):
-        def fn(mod, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            acc[name] = acc[name] + x.T @ x if name in acc else x.T @ x
-            if name == stop_at:
-                raise _Stop
-        return fn
-
-    handles = [linears[n].register_forward_pre_hook(hook(n)) for n in firsts]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(batches), chunk):
-                rows = torch.from_numpy(np.ascontiguousarray(batches[i:i + chunk]))
-                tokens += rows.numel()
-                try:
-                    module(rows, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: h.numpy() for n, h in acc.items()}, tokens
-
-
-def gptq_fixed_grid(w: np.ndarray, h: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, block: int,
-                    levels: int = 15, damp: float = 0.01, act_order: bool = False,
-                    lazy: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ (Frantar et al., 2023) of an [N, K] weight whose grid is fixed: column k rounds with its
-    block's scale and zero point (scales / zero_points [N, blocks], block k // `block`, "static
-    groups"), so act-order only changes the order in which columns are rounded. `h` [K, K] is the
-    input second moment. Returns (dequantized weight [N, K], codes minus zero point [N, K]), float64."""
-    import torch
-
-    W = torch.from_numpy(np.array(w, np.float64))
-    H = torch.from_numpy(np.array(h, np.float64))
-    k = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
-    blk = perm // block
-    sc = torch.from_numpy(np.asarray(scales, np.float64))[:, blk]  # [N, K]: each column's grid
-    zp = torch.from_numpy(np.asarray(zero_points, np.float64))[:, blk]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(W)
-    C = torch.zeros_like(W)
-    for i1 in range(0, k, lazy):
-        i2 = min(i1 + lazy, k)
-        W1, hinv1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            col = W1[:, i]
-            c = torch.clamp(torch.round(col / sc[:, j]) + zp[:, j], 0, levels) - zp[:, j]
-            q = c * sc[:, j]
-            Q[:, j], C[:, j] = q, c
-            e = (col - q) / hinv1[i, i]
-            W1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    inv = torch.argsort(perm)
-    return Q[:, inv].numpy(), C[:, inv].numpy()
-
+# ---- GPTQ pieces the compile does not use ---------------------------------------------------------
 
 def refit_row_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.ndarray,
                      block: int) -> np.ndarray:
@@ -154,12 +75,6 @@ def refit_row_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np
     new = np.where(keep[:, None], scales, new)
     better = loss(new) < loss(scales)
     return np.where(better[:, None], new, scales).astype(np.float32)
-
-
-def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
-    """Relative output error on the Hessian's tokens: tr(D H D^T) / tr(W H W^T), D = W - Wq."""
-    d = np.asarray(w, np.float64) - wq
-    return float(np.einsum("nk,nk->", d @ h, d) / np.einsum("nk,nk->", w @ h, w))
 
 
 def main(argv=None) -> int:
@@ -204,7 +119,8 @@ def main(argv=None) -> int:
         import leptonc.calibration.quantize as quantize_module
 
         quantize_module.AWQ_SAMPLE_ROWS = args.awq_rows
-    settings = QuantSettings("int4", int4_block=args.block, calib_samples=args.calib_samples, check=False)
+    settings = QuantSettings("int4", int4_block=args.block, calib_samples=args.calib_samples, check=False,
+                             int4_rounding="nearest")  # this harness runs its own GPTQ variants
     t = time.perf_counter()
     cal = calibrate(lm.module, lm.tokenizer, weights, settings, lm.source_hash,
                     mlp_activation=spec.activation if gated else None)

@@ -157,22 +157,28 @@ def test_cli_int4_compile_reports_accuracy_and_cache_hit(tmp_path, cache):
 
 @pytest.mark.slow
 def test_smollm2_int4_awq_meets_size_and_gate(tmp_path, cache, smollm2_bundle):
-    """The real model: int4 AWQ block 128 is under 22% of the fp32 bundle, and its perplexity
-    increase stays under 30% (this implementation measures +14-16% with 16 x 256 calibration tokens:
-    issue 6 asks for <= 10%, not met; see BENCHMARKS.md `## Quantization`), so the gate is run at 30%."""
+    """The real model: int4 AWQ block 128 (with GPTQ rounding, the default) is under 22% of the fp32
+    bundle, every int4 layer carries GPTQ's codes, and the gate's perplexity increase stays under 15%
+    (measured +9.1% with 16 AWQ calibration sequences; nearest rounding on the same grid measured
+    +14.5%: BENCHMARKS.md `## Quantization`)."""
     from leptonc.compiler import compile_model
     from leptonc.config import CompileConfig
 
     bundle = compile_model(CompileConfig(source="smollm2-135m", target="cpu", output=str(tmp_path / "s4.lepton"),
                                          precision="int4", verify=False,
                                          options={"calib_samples": 8, "calib_seq_len": 256, "check_tokens": 1024,
-                                                  "max_ppl_increase": 30.0}))
+                                                  "max_ppl_increase": 15.0}))
     fp32 = json.loads((smollm2_bundle / "manifest.json").read_text())
     size = sum(f["bytes"] for f in bundle.manifest["files"].values())
     size32 = sum(f["bytes"] for f in fp32["files"].values())
     assert size / size32 <= 0.22, (size, size32)
+    rounding = bundle.manifest["calibration"]["rounding"]
+    assert rounding["rounding"] == "gptq" and rounding["output_error_vs_nearest"]["linears"] == 30 * 7
+    assert rounding["tokens"] >= 119 * 256  # every token of the shipped calibration text
+    detail = next(p["detail"] for p in bundle.manifest["passes"] if p["name"] == "quantize_int4")
+    assert "GPTQ rounding on AWQ's grid for 120 int4 MatMulNBits" in detail, detail
     gate = bundle.manifest["verification"]["accuracy_gate"]
-    assert gate["status"] == "passed" and gate["ppl_increase_pct"] <= 30 and gate["top1_agreement"] > 0.7
+    assert gate["status"] == "passed" and gate["ppl_increase_pct"] <= 15 and gate["top1_agreement"] > 0.75
 
 
 @pytest.mark.parametrize("method,noted", [("percentile", True), ("entropy", True), ("minmax", False)])

@@ -1,0 +1,167 @@
+"""GPTQ rounding on AWQ's grid (calibration/gptq.py): the error feedback lowers the output error
+against nearest rounding on correlated inputs and reduces to nearest rounding when the inputs are
+uncorrelated; on tiny-llama the compile's MatMulNBits carry GPTQ's codes, whose output SQNR on the
+calibration rows beats nearest rounding's; the codes survive the calibration cache exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, run_cli
+
+SMALL = {"calib_samples": 4, "calib_seq_len": 64, "check_tokens": 512}
+
+
+def _problem(seed=0, n=48, k=256, rows=4096):
+    """An [n, k] weight and 2 x `rows` correlated input rows (the same mixing): fit half, test half."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    mix = np.eye(k) + 0.6 * rng.standard_normal((k, k)) / np.sqrt(k)
+    x = rng.standard_normal((2 * rows, k)) @ mix
+    return w, x[:rows], x[rows:]
+
+
+def _grid(w):
+    from leptonc.calibration.scales import block_quantize
+
+    return block_quantize(w, 4, 128)
+
+
+def test_gptq_lowers_output_error_on_correlated_inputs():
+    from leptonc.calibration.gptq import gptq_fixed_grid, output_error
+
+    w, x, x2 = _problem()
+    h = x.T @ x
+    grid = _grid(w)
+    dq, c = gptq_fixed_grid(w, h, grid.scales, grid.zero_points, 128)
+    nearest = grid.dequantize()
+    # the codes lie on the fixed grid: integers, in range, and the weight is exactly code x scale
+    zp = np.repeat(grid.zero_points.astype(np.float64), 128, axis=1)
+    assert np.array_equal(c, np.rint(c)) and (c + zp >= 0).all() and (c + zp <= 15).all()
+    assert np.allclose(dq, c * np.repeat(grid.scales, 128, axis=1), rtol=0, atol=1e-12)
+    e_gptq, e_near = output_error(w, dq, h), output_error(w, nearest, h)
+    assert e_gptq < 0.85 * e_near, (e_gptq, e_near)
+    # and on rows it never saw (same distribution): the gain is in the output, not an overfit
+    mse = lambda wq: float(((x2 @ (w - wq).T) ** 2).mean())  # noqa: E731
+    assert mse(dq) < 0.9 * mse(nearest)
+
+
+def test_gptq_with_uncorrelated_inputs_is_nearest_rounding():
+    """H diagonal: no column's error can be compensated by another, so GPTQ picks the nearest codes."""
+    from leptonc.calibration.gptq import gptq_fixed_grid
+
+    w, _, _ = _problem()
+    h = np.diag(np.random.default_rng(1).uniform(0.5, 2.0, w.shape[1]))
+    grid = _grid(w)
+    _, c = gptq_fixed_grid(w, h, grid.scales, grid.zero_points, 128)
+    nearest = grid.codes.astype(np.float64) - np.repeat(grid.zero_points, 128, axis=1)
+    assert np.array_equal(c, nearest)
+
+
+def test_rounded_codes_survive_the_calibration_cache(tmp_path):
+    from leptonc.calibration.collect import ActivationStats, GroupStats
+    from leptonc.calibration.quantize import _load, _save
+    from leptonc.calibration.scales import block_quantize
+
+    w = np.random.default_rng(2).standard_normal((10, 200)).astype(np.float32)
+    q = block_quantize(w, 4, 64)  # K padded 200 -> 256: an odd number of blocks' worth of codes
+    g = GroupStats(["a.weight"], np.ones(200, np.float32), np.ones(200, np.float32), np.zeros((4, 200), np.float32),
+                   prescale=np.ones(200, np.float32), rounded={"a.weight": q})
+    stats = ActivationStats(groups=[g], tokens=4)
+    _save(stats, tmp_path / "c.npz")
+    back = _load(tmp_path / "c.npz").groups[0].rounded["a.weight"]
+    assert np.array_equal(back.codes, q.codes) and np.array_equal(back.scales, q.scales)
+    assert np.array_equal(back.zero_points, q.zero_points) and (back.k, back.block_size) == (200, 64)
+
+
+@pytest.fixture(scope="module")
+def int4_pair(tmp_path_factory):
+    """tiny-llama int4 AWQ block 32 compiled twice: GPTQ codes (the default) and nearest rounding."""
+    import os
+
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+
+    root = tmp_path_factory.mktemp("gptq")
+    old = os.environ.get("LEPTONC_CACHE")
+    os.environ["LEPTONC_CACHE"] = str(root / "cache")
+    try:
+        out = {}
+        for rounding in ("gptq", "nearest"):
+            opts = {**SMALL, "int4_block": 32, **({"int4_rounding": "nearest"} if rounding == "nearest" else {})}
+            out[rounding] = compile_model(CompileConfig(source="tiny-llama", target="cpu", precision="int4",
+                                                        output=str(root / f"{rounding}.lepton"), options=opts))
+        yield out
+    finally:
+        if old is None:
+            os.environ.pop("LEPTONC_CACHE", None)
+        else:
+            os.environ["LEPTONC_CACHE"] = old
+
+
+def test_tiny_llama_int4_carries_gptq_codes_with_better_output_sqnr(int4_pair):
+    gptq, nearest = int4_pair["gptq"], int4_pair["nearest"]
+    cal = gptq.manifest["calibration"]
+    assert cal["settings"]["int4_rounding"] == "gptq" and cal["rounding"]["rounding"] == "gptq"
+    # the Hessian took every calibration token asked for: 128 sequences of 64 (the text holds more)
+    assert cal["rounding"]["sequences"] == 128 and cal["rounding"]["tokens"] == 128 * 64
+    err = cal["rounding"]["output_error_vs_nearest"]
+    assert err["linears"] == 2 * 7 and err["median"] < 0.9 and err["lower"] >= 12, err
+    detail = next(p["detail"] for p in gptq.manifest["passes"] if p["name"] == "quantize_int4")
+    assert "GPTQ rounding on AWQ's grid for 8 int4 MatMulNBits" in detail, detail  # 2 layers x qkv, o, gate_up, down
+    assert "rounded to nearest" not in detail
+    near_detail = next(p["detail"] for p in nearest.manifest["passes"] if p["name"] == "quantize_int4")
+    assert "--int4-rounding nearest" in near_detail and nearest.manifest["calibration"]["rounding"]["rounding"] == "nearest"
+    # output SQNR on the calibration rows (report layers): GPTQ's codes beat nearest rounding's
+    layers = lambda b: {r["name"]: r for r in b.report()["quantization"]["layers"] if r["format"].startswith("int4")}  # noqa: E731
+    lg, ln = layers(gptq), layers(nearest)
+    assert set(lg) == set(ln) and len(lg) == 8 and all(r["format"] == "int4-awq-gptq" for r in lg.values())
+    better = [name for name in lg if lg[name]["sqnr_db"] > ln[name]["sqnr_db"]]
+    assert len(better) >= 6, {n: (lg[n]["sqnr_db"], ln[n]["sqnr_db"]) for n in lg}
+    assert np.mean([lg[n]["sqnr_db"] - ln[n]["sqnr_db"] for n in lg]) > 0.5
+    for bundle in (gptq, nearest):
+        gate = bundle.manifest["verification"]["accuracy_gate"]
+        assert gate["status"] == "passed" and abs(gate["ppl_increase_pct"]) < 5
+
+
+def test_bundle_codes_are_the_calibration_codes(int4_pair):
+    """The pass writes the cached GPTQ codes (rows of q, k, v in the merged projection) into MatMulNBits."""
+    import onnx
+    from onnx import numpy_helper
+
+    from leptonc.calibration.quantize import _load
+
+    bundle = int4_pair["gptq"]
+    stats = _load(__import__("pathlib").Path(bundle.manifest["calibration"]["cache"]["path"]))
+    rounded = {m: q for g in stats.groups if g.rounded for m, q in g.rounded.items()}
+    assert len(rounded) == 2 * 7
+    model = onnx.load(str(bundle.model_path))
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    inits = {t.name: t for t in model.graph.initializer}
+    want = {}
+    for name, q in rounded.items():
+        want.setdefault(name.split(".")[1] + "." + {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gu", "up": "gu"}.get(
+            name.split(".")[2], name.split(".")[2]), []).append(q.packed())
+    found = 0
+    for node in nodes:
+        b = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
+        if b is None:
+            continue
+        for key, parts in want.items():
+            if b.shape[0] == sum(p.shape[0] for p in parts) and np.array_equal(b, np.concatenate(parts)):
+                found += 1
+    assert found == 8, found
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--int4", "--int4-method", "rtn", "--int4-rounding", "gptq"], "--int4-rounding gptq rounds on AWQ's grid"),
+    (["--int4", "--int4-rounding", "best"], "--int4-rounding 'best'"),
+    (["--int8", "--int4-rounding", "gptq"], "--int4-rounding gptq"),
+    (["--int4", "--gptq-samples", "0"], "--gptq-samples must be >= 1"),
+])
+def test_cli_refuses_bad_rounding_flags(tmp_path, args, needle):
+    proc = run_cli("compile", "tiny-llama", "-o", tmp_path / "x.lepton", *args, timeout=300)
+    assert_clean_error(proc, 2)
+    assert needle in " ".join(proc.stderr.split()), proc.stderr
+    assert not (tmp_path / "x.lepton").exists()
