@@ -88,6 +88,8 @@ def gate_hint(settings) -> str:
     fmt, steps = settings.format, []
     if fmt == "int4-rtn":
         steps.append("--int4-method awq")
+    elif fmt == "int4-awq" and settings.int4_rounding == "nearest":
+        steps.append("--int4-rounding gptq")
     if fmt.startswith("int4"):
         steps += ["a smaller --int4-block (64 or 32)", "--int4-8bit for the most sensitive layers"]
     elif fmt == "int8-w8a8":

@@ -280,6 +280,8 @@ def test_calibration_cache_hits_on_the_second_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("precision,options,says,never", [
     ("int4", {"int4_method": "rtn"}, "--int4-method awq", "--calib-method"),
     ("int4", {}, "--int4-block", "--int4-method awq"),
+    ("int4", {"int4_rounding": "nearest"}, "--int4-rounding gptq", "--int4-method awq"),
+    ("int4", {"int4_rounding": "gptq"}, "--int4-block", "--int4-rounding"),
     ("int8", {}, "--int8-mode weight-only", "--int4"),
     ("fp8", {"calib_method": "percentile"}, "--calib-method minmax", "--int4"),
     ("fp8", {}, "--keep-fp", "--int4"),
