@@ -54,14 +54,19 @@ class ActivationStats:
 
     def group_of_weight(self, w_oi: np.ndarray) -> GroupStats | None:
         """The group whose members' weights are all row blocks of `w_oi` ([out, in]): a merged
-        projection (q|k|v or gate|up concatenated along the output) made by a fusion pass."""
+        projection (q|k|v or gate|up concatenated along the output) made by a fusion pass, in the
+        model's float type or an fp16 / bf16 export of it."""
         index = self.__dict__.get("_fp_index")
         if index is None:  # fingerprint bytes -> (group number, member number)
+            import ml_dtypes
+
             index = {}
             for gi, g in enumerate(self.groups):
                 if g.fingerprints is not None:
                     for mi, fp in enumerate(np.asarray(g.fingerprints, np.float32)):
-                        index[fp.tobytes()] = (gi, mi)
+                        # the row as an fp32, fp16 or bf16 graph holds it (read back as float32)
+                        for dtype in (np.float32, np.float16, ml_dtypes.bfloat16):
+                            index[fp.astype(dtype).astype(np.float32).tobytes()] = (gi, mi)
             self.__dict__["_fp_index"] = index
         w = np.ascontiguousarray(w_oi, np.float32)
         found: dict[int, set[int]] = {}

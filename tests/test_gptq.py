@@ -165,3 +165,24 @@ def test_cli_refuses_bad_rounding_flags(tmp_path, args, needle):
     assert_clean_error(proc, 2)
     assert needle in " ".join(proc.stderr.split()), proc.stderr
     assert not (tmp_path / "x.lepton").exists()
+
+
+def test_fp16_gpu_graph_finds_every_group(tmp_path, monkeypatch):
+    """An fp16 export (a GPU target) holds the weights rounded to fp16: the merged q|k|v and gate|up
+    projections must still be matched to their calibration groups (AWQ scales, GPTQ codes), not
+    fall back to round-to-nearest. (onnxruntime-gpu is not needed to write the graph: no verify, no gate.)"""
+    import leptonc.targets.onnxruntime as ort_target
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+
+    monkeypatch.setattr(ort_target, "check_available", lambda *a, **k: None)
+    monkeypatch.setenv("LEPTONC_CACHE", str(tmp_path / "cache"))
+    bundle = compile_model(CompileConfig(source="tiny-llama", target="h100", backend="onnxruntime", precision="int4",
+                                         output=str(tmp_path / "g.lepton"), verify=False,
+                                         options={**SMALL, "int4_block": 32, "check": False}))
+    assert bundle.manifest["precision"] == "int4"
+    detail = next(p["detail"] for p in bundle.manifest["passes"] if p["name"] == "quantize_int4")
+    assert "GPTQ rounding on AWQ's grid for 8 int4 MatMulNBits" in detail and "folded into 4 norms" in detail, detail
+    layers = [r for r in bundle.report()["quantization"]["layers"] if r["format"].startswith("int4")]
+    assert len(layers) == 8 and all(r["format"] == "int4-awq-gptq" for r in layers), layers
+    assert any("+" in r["name"] for r in layers)  # the merged projections are among them
