@@ -477,6 +477,18 @@ def kernels(s: Session) -> None:
         bench(s, small_ort, "smollm2 int4 (ORT kernel)", "--batch", "1,16")
 
 
+def int4_accuracy(s: Session) -> None:
+    """smollm2-135m int4 AWQ on the GPU target (fp16 graph): GPTQ codes (the default) and nearest rounding,
+    each compile's accuracy gate run on the H100 (perplexity on leptonc/data/heldout.txt against the
+    unquantized model), 32 greedy tokens each, and the int4 decode speed of the GPTQ bundle."""
+    for name, extra in (("smollm2.h100.int4.gptq", ()), ("smollm2.h100.int4.nearest", ("--int4-rounding", "nearest"))):
+        b = compile_bundle(s, "smollm2-135m", "h100", name, "--int4", "--max-ppl-increase", "60", *extra)
+        if b:
+            s.record.setdefault("parity", {})[name] = greedy(s, b, f"greedy {name}", n=32)
+            if name.endswith("gptq"):
+                bench(s, b, "smollm2 int4 gptq", "--batch", "1,16")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -497,7 +509,8 @@ def summary(s: Session) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
-                                            "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama"))
+                                            "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
+                                            "int4_accuracy"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -510,7 +523,8 @@ def main() -> None:
          "decode_int4": decode_int4, "decode_final": decode_final, "graph_probe": graph_probe,
          "cuda_graph": cuda_graph, "cuda_graph_big": cuda_graph_big, "fpa_memory": fpa_memory,
          "attn_memory": attn_memory, "kv_block": kv_block,
-         "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels, "kernels_llama": kernels_llama}[args.session](s)
+         "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels, "kernels_llama": kernels_llama,
+         "int4_accuracy": int4_accuracy}[args.session](s)
     finally:
         s.save()
         summary(s)
