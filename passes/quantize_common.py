@@ -96,6 +96,8 @@ def apply_prescale(graph: gs.Graph, x: gs.Tensor, s: np.ndarray, tag: str, consu
                                                      (np.asarray(g.values, np.float32) * inv).astype(g.values.dtype))
             return x, "folded"
     out = gs.Variable(f"{x.name}/prescaled_{tag}", dtype=x.dtype, shape=x.shape)
+    if x.dtype is not None and np.dtype(x.dtype) == np.float16:  # an fp16 graph (GPU targets): Mul needs one type
+        inv = inv.astype(np.float16)
     graph.nodes.append(gs.Node("Mul", f"prescale_{tag}", inputs=[x, gs.Constant(f"prescale_{tag}/inv_s", inv)],
                                outputs=[out]))
     for node in consumers:

@@ -170,7 +170,8 @@ def test_cli_refuses_bad_rounding_flags(tmp_path, args, needle):
 def test_fp16_gpu_graph_finds_every_group(tmp_path, monkeypatch):
     """An fp16 export (a GPU target) holds the weights rounded to fp16: the merged q|k|v and gate|up
     projections must still be matched to their calibration groups (AWQ scales, GPTQ codes), not
-    fall back to round-to-nearest. (onnxruntime-gpu is not needed to write the graph: no verify, no gate.)"""
+    fall back to round-to-nearest, and AWQ's explicit Mul (o, down) is fp16 like its input.
+    (onnxruntime-gpu is not needed to write the graph: no verify, no gate.)"""
     import leptonc.targets.onnxruntime as ort_target
     from leptonc.compiler import compile_model
     from leptonc.config import CompileConfig
@@ -186,3 +187,7 @@ def test_fp16_gpu_graph_finds_every_group(tmp_path, monkeypatch):
     layers = [r for r in bundle.report()["quantization"]["layers"] if r["format"].startswith("int4")]
     assert len(layers) == 8 and all(r["format"] == "int4-awq-gptq" for r in layers), layers
     assert any("+" in r["name"] for r in layers)  # the merged projections are among them
+    # the graph type-checks: ONNX Runtime resolves it (types included) even where it will not run it
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
