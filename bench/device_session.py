@@ -489,6 +489,21 @@ def int4_accuracy(s: Session) -> None:
                 bench(s, b, "smollm2 int4 gptq", "--batch", "1,16")
 
 
+def int4_awq_speed(s: Session) -> None:
+    """smollm2-135m int4 on the H100 in one call: AWQ + GPTQ (the default: one prescale Mul a layer, before
+    the o projection) against RTN (no prescale), decode at batch 1 and 16, ONNX Runtime's kernel."""
+    awq = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.int4.awq", "--int4", "--max-ppl-increase", "60")
+    rtn = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.int4.rtn", "--int4", "--int4-method", "rtn",
+                         "--no-check")
+    for name, b in (("awq", awq), ("rtn", rtn)):
+        if b:
+            s.record.setdefault("parity", {})[name] = greedy(s, b, f"greedy smollm2 int4 {name}", n=32)
+    for rnd in range(2):  # interleaved: awq, rtn, awq, rtn
+        for name, b in (("awq", awq), ("rtn", rtn)):
+            if b:
+                bench(s, b, f"smollm2 int4 {name} round {rnd + 1}", "--batch", "1,16")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -510,7 +525,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
-                                            "int4_accuracy"))
+                                            "int4_accuracy", "int4_awq_speed"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -524,7 +539,7 @@ def main() -> None:
          "cuda_graph": cuda_graph, "cuda_graph_big": cuda_graph_big, "fpa_memory": fpa_memory,
          "attn_memory": attn_memory, "kv_block": kv_block,
          "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels, "kernels_llama": kernels_llama,
-         "int4_accuracy": int4_accuracy}[args.session](s)
+         "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed}[args.session](s)
     finally:
         s.save()
         summary(s)

@@ -51,6 +51,7 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     planned = plan_groups(graph, settings, stats, report)
     counts["kept_fp"] = len(report["kept_fp"])
     shared_head: dict[str, tuple] = {}  # weight name -> (codes constant, BlockQuantized) of an 8-bit head
+    deferred: list = []  # (up projection's output, AWQ scales, members) of a down projection (_gated_up_product)
     for members, group in planned:
         is_head = any(m.kind == "gemm" for m in members)
         g_bits, g_block = (HEAD_BITS, HEAD_BLOCK) if is_head else (bits, block)
@@ -60,9 +61,14 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
         s = None
         if awq and g_bits == 4 and group is not None and group.prescale is not None:
             s = group.prescale
-            _, how = apply_prescale(graph, members[0].x, s, members[0].name.replace(".weight", ""),
-                                    [m.node for m in members])
-            counts["awq_folded" if how == "folded" else "awq_mul"] += 1
+            up = _gated_up_product(members[0].x, [m.node for m in members]) \
+                if ctx.options.get("_awq_fold_up", True) else None
+            if up is not None:  # folded into the up projection's scales once that is quantized (below)
+                deferred.append((up, s, members))
+            else:
+                _, how = apply_prescale(graph, members[0].x, s, members[0].name.replace(".weight", ""),
+                                        [m.node for m in members])
+                counts["awq_folded" if how == "folded" else "awq_mul"] += 1
         for lin in members:
             w = lin.w_oi()
             ws = w * s[None, :] if s is not None else w
@@ -87,6 +93,14 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
             _replace_with_nbits(graph, lin, q, codes, level)
             counts["matmulnbits"] += 1
 
+    for (tensor, offset), s, members in deferred:
+        if _scale_rows(tensor, offset, 1.0 / s):
+            counts["awq_up"] = counts.get("awq_up", 0) + 1
+        else:  # the up projection is not a MatMulNBits after all (e.g. kept in fp32): an explicit Mul
+            _, how = apply_prescale(graph, members[0].x, s, members[0].name.replace(".weight", ""),
+                                    [m.node for m in members])
+            counts["awq_folded" if how == "folded" else "awq_mul"] += 1
+
     emb = find_embedding(graph)
     if emb is not None:
         name = emb.inputs[0].name
@@ -100,7 +114,9 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     if counts["embedding"]:
         parts.append("embedding -> GatherBlockQuantized" + (" sharing the head's codes" if shared_head else ""))
     if awq:
-        parts.append(f"AWQ scales folded into {counts['awq_folded']} norms, {counts['awq_mul']} via Mul")
+        parts.append(f"AWQ scales folded into {counts['awq_folded']} norms, "
+                     + (f"{counts['awq_up']} up-projection scales, " if counts.get("awq_up") else "")
+                     + f"{counts['awq_mul']} via Mul")
         if settings.int4_rounding == "gptq":
             parts.append(f"GPTQ rounding on AWQ's grid for {counts['gptq']} int4 MatMulNBits")
             if counts["gptq_missing"]:
@@ -116,6 +132,59 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
         parts.append(f"{counts['kept_fp']} kept in fp32 by --keep-fp")
     detail = "; ".join(parts)
     return PassResult(counts["matmulnbits"] > 0, detail, counts)
+
+
+def _gated_up_product(x: gs.Tensor, consumers: list[gs.Node]):
+    """Where `x` (a down projection's input, read only by `consumers`) is act(gate) * up and `up` is a
+    linear's output (whole, or one slice of a merged gate|up Split along the last axis), returns
+    (that linear's output tensor, the slice's first row): x / s is then exactly that linear with its
+    output rows scaled by 1 / s, which for a block-quantized weight is its scales' rows (codes and zero
+    points unchanged). AutoAWQ folds the down projection's scales into the up projection the same way.
+    None where the pattern does not hold."""
+    mul = x.inputs[0] if len(x.inputs) == 1 else None
+    if mul is None or mul.op != "Mul" or {id(n) for n in x.outputs} - {id(n) for n in consumers}:
+        return None
+    for up in mul.inputs:
+        if len(up.outputs) != 1 or len(up.inputs) != 1 or up is x:
+            continue
+        producer = up.inputs[0]
+        if producer.op == "Split" and len(producer.inputs[0].outputs) == 1:
+            sizes = _split_sizes(producer)
+            axis = producer.attrs.get("axis", 0)
+            shape = producer.inputs[0].shape
+            last = shape is not None and axis in (-1, len(shape) - 1)
+            if sizes is None or not last:
+                continue
+            index = next(i for i, t in enumerate(producer.outputs) if t is up)
+            return producer.inputs[0], int(sum(sizes[:index]))
+        if producer.op in ("MatMul", "MatMulNBits"):
+            return up, 0
+    return None
+
+
+def _split_sizes(split: gs.Node):
+    if len(split.inputs) > 1 and isinstance(split.inputs[1], gs.Constant):
+        return [int(v) for v in np.asarray(split.inputs[1].values).reshape(-1)]
+    if "split" in split.attrs:
+        return [int(v) for v in split.attrs["split"]]
+    return None
+
+
+def _scale_rows(tensor: gs.Tensor, offset: int, factor: np.ndarray) -> bool:
+    """Multiply the output rows [offset, offset + len(factor)) of the MatMulNBits producing `tensor` by
+    `factor`, through its scales. False (nothing changed) where `tensor` is not such a node's output."""
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is None or node.op != "MatMulNBits" or not isinstance(node.inputs[2], gs.Constant):
+        return False
+    n = int(node.attrs["N"])
+    if offset + len(factor) > n:
+        return False
+    old = node.inputs[2]
+    scales = np.asarray(old.values).reshape(n, -1)
+    new = scales.astype(np.float32)
+    new[offset:offset + len(factor)] *= np.asarray(factor, np.float32)[:, None]
+    node.inputs[2] = gs.Constant(f"{old.name}/awq_down", new.astype(scales.dtype).reshape(np.asarray(old.values).shape))
+    return True
 
 
 def _gptq_rounding(lin: Linear, group, ws: np.ndarray, block: int, settings):

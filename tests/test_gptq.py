@@ -77,7 +77,8 @@ def test_rounded_codes_survive_the_calibration_cache(tmp_path):
 
 @pytest.fixture(scope="module")
 def int4_pair(tmp_path_factory):
-    """tiny-llama int4 AWQ block 32 compiled twice: GPTQ codes (the default) and nearest rounding."""
+    """tiny-llama int4 AWQ block 32: GPTQ codes (the default), nearest rounding, and GPTQ with the down
+    projections' AWQ scales applied by an explicit Mul instead of folded into the up projections."""
     import os
 
     from leptonc.compiler import compile_model
@@ -88,10 +89,11 @@ def int4_pair(tmp_path_factory):
     os.environ["LEPTONC_CACHE"] = str(root / "cache")
     try:
         out = {}
-        for rounding in ("gptq", "nearest"):
-            opts = {**SMALL, "int4_block": 32, **({"int4_rounding": "nearest"} if rounding == "nearest" else {})}
-            out[rounding] = compile_model(CompileConfig(source="tiny-llama", target="cpu", precision="int4",
-                                                        output=str(root / f"{rounding}.lepton"), options=opts))
+        variants = {"gptq": {}, "nearest": {"int4_rounding": "nearest"}, "mul": {"_awq_fold_up": False}}
+        for name, extra in variants.items():
+            opts = {**SMALL, "int4_block": 32, **extra}
+            out[name] = compile_model(CompileConfig(source="tiny-llama", target="cpu", precision="int4",
+                                                    output=str(root / f"{name}.lepton"), options=opts))
         yield out
     finally:
         if old is None:
@@ -191,3 +193,17 @@ def test_fp16_gpu_graph_finds_every_group(tmp_path, monkeypatch):
     import onnxruntime as ort
 
     ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+
+
+def test_down_scales_folded_into_up_rows_change_nothing(int4_pair):
+    """x / s before each down projection is folded into the up projection's scale rows (exact for block
+    quantization): the same function as the explicit Mul, with one node fewer per layer."""
+    folded, mul = int4_pair["gptq"], int4_pair["mul"]
+    detail = lambda b: next(p["detail"] for p in b.manifest["passes"] if p["name"] == "quantize_int4")  # noqa: E731
+    assert "folded into 4 norms, 2 up-projection scales, 2 via Mul" in detail(folded), detail(folded)
+    assert "folded into 4 norms, 4 via Mul" in detail(mul), detail(mul)
+    ops = lambda b: b.report()["graph"]["op_counts"]  # noqa: E731
+    assert ops(mul)["Mul"] - ops(folded)["Mul"] == 2
+    g1, g2 = (b.manifest["verification"]["accuracy_gate"] for b in (folded, mul))
+    assert g1["quantized_perplexity"] == pytest.approx(g2["quantized_perplexity"], rel=1e-4)
+    assert g1["top1_agreement"] == pytest.approx(g2["top1_agreement"], abs=2e-3)
