@@ -133,6 +133,10 @@ def test_no_check_skips_the_gate_and_says_so(tmp_path, cache):
     (["--int8", "--no-passes"], "--no-passes"),
     (["--int4", "--fp8-lm-head"], "--fp8-lm-head only applies to --fp8"),
     (["--int4", "--calib-data", "/nonexistent.txt"], "does not exist"),
+    (["--int4", "--int4-method", "rtn", "--int4-rounding", "gptq"], "--int4-rounding gptq rounds on AWQ's grid"),
+    (["--int4", "--int4-rounding", "best"], "--int4-rounding 'best'"),
+    (["--int8", "--int4-rounding", "gptq"], "--int4-rounding gptq"),
+    (["--int4", "--gptq-samples", "0"], "--gptq-samples must be >= 1"),
 ])
 def test_cli_refuses_bad_quantization_flags(tmp_path, args, needle):
     proc = run_cli("compile", "tiny-llama", "-o", tmp_path / "x.lepton", *args, timeout=300)
