@@ -192,3 +192,35 @@ def test_down_scales_folded_into_up_rows_change_nothing(int4_pair):
     g1, g2 = (b.manifest["verification"]["accuracy_gate"] for b in (folded, mul))
     assert g1["quantized_perplexity"] == pytest.approx(g2["quantized_perplexity"], rel=1e-4)
     assert g1["top1_agreement"] == pytest.approx(g2["top1_agreement"], abs=2e-3)
+
+
+def test_hessian_windows_give_the_same_codes(monkeypatch):
+    """Models whose Hessians do not fit HESSIAN_BYTES at once are done a window of layers at a time, each
+    forward stopping after its window: the codes must be exactly those of one window."""
+    import copy
+
+    import leptonc.calibration.gptq as gptq
+    from leptonc.calibration.collect import collect
+    from leptonc.calibration.data import calibration_batches
+    from leptonc.calibration.quantize import QuantSettings, _awq
+    from leptonc.models.adapters import get_adapter
+    from leptonc.models.intake import load_model
+
+    lm = load_model("tiny-llama")
+    adapter = get_adapter(lm.model_type)
+    spec = adapter.spec(lm.module)
+    weights = adapter.weights(lm.module, spec)
+    settings = QuantSettings("int4", int4_block=32)
+    batches = calibration_batches(lm.tokenizer, None, 4, 64)
+    stats = collect(lm.module, weights, batches, prescales=lambda st: _awq(st, weights, settings, spec.activation),
+                    need_ranges=False, sample_rows=256)
+    one, windowed = stats, copy.deepcopy(stats)
+    s1 = gptq.round_groups(lm.module, weights, one, batches, 32)
+    monkeypatch.setattr(gptq, "HESSIAN_BYTES", 1)  # every group its own window
+    s2 = gptq.round_groups(lm.module, weights, windowed, batches, 32)
+    assert s1["windows"] == 1 and s2["windows"] == len([g for g in stats.groups if g.prescale is not None]) == 8
+    assert s1["tokens"] == s2["tokens"] == 4 * 64
+    for g1, g2 in zip(one.groups, windowed.groups):
+        assert (g1.rounded is None) == (g2.rounded is None)
+        for m in g1.rounded or {}:
+            assert np.array_equal(g1.rounded[m].codes, g2.rounded[m].codes), m
