@@ -40,7 +40,7 @@ namespace {
 
 const OrtApi* g_api = nullptr;
 
-constexpr int kMaxWarps = 8;      // warps per block; they split K
+constexpr int kMaxWarps = 16;     // warps per block at most; they split K
 constexpr int kSmallM = 16;       // rows of A served by the streaming kernel (the mma tile's M)
 constexpr size_t kScratchHalves = size_t(16) << 20;  // 32 MiB of dequantized rows for the M > 16 path
 constexpr uint32_t kExp1024 = 0x64006400u;           // two fp16 1024.0: OR-ing a code below 1024 gives 1024 + code
@@ -272,11 +272,15 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const int blocks_t = (steps * step_k + block - 1) / block;
   const int n_tiles = (N + 7) / 8;
   if (m <= kSmallM) {
-    const int warps = std::min(kMaxWarps, steps);
+    // 8 warps a block, more where there are few blocks (o, down: 256 tiles) so that about 32 warps an SM
+    // of a 132-SM H100 are streaming: a warp with few steps of K has few loads in flight
+    const bool wide_ = n_tiles >= 2 * 4 * 132;
+    const int blocks = wide_ ? (n_tiles + 1) / 2 : n_tiles;
+    const int warps = std::min({kMaxWarps, steps, std::max(8, (32 * 132 + blocks - 1) / blocks)});
     const auto* bw = reinterpret_cast<const uint4*>(b);
     const auto* szw = reinterpret_cast<const half2*>(sz);
     const int pb = std::min(block, step_k) / 16;  // products that share a scale
-    const bool wide = n_tiles >= 2 * 4 * 132;     // gate/up, LM head: two tiles a block share A's loads
+    const bool wide = wide_;                      // gate/up, LM head: two tiles a block share A's loads
 #define LEPTONC_STREAM(NT, PB)                                                                              \
   tiled_stream<BITS, NT, PB><<<(n_tiles + NT - 1) / NT, warps * 32, 0, stream>>>(a, int(m), bw, szw, y, K, N, \
                                                                                  steps, block, blocks_t)
