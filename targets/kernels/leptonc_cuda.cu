@@ -91,13 +91,13 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 
 // NT tiles of 8 columns a block; the block's warps take the steps of K in turn. PB products share a
 // scale (PB = block / 16, at most the step's): their partial sums are scaled and added in fp32.
-template <int BITS, int NT, int PB>
-__global__ void __launch_bounds__(kMaxWarps * 32)
+template <int BITS, int NT, int PB, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
 tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
              half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t) {
   constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
   static_assert(PB % 2 == 0 && kProducts % PB == 0, "a scale group is whole product pairs of one step");
-  __shared__ float red[kMaxWarps][NT][32][4];
+  __shared__ float red[WARPS][NT][32][4];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int n_tiles = (N + 7) >> 3;
@@ -272,18 +272,25 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const int blocks_t = (steps * step_k + block - 1) / block;
   const int n_tiles = (N + 7) / 8;
   if (m <= kSmallM) {
-    // 8 warps a block, more where there are few blocks (o, down: 256 tiles) so that about 32 warps an SM
-    // of a 132-SM H100 are streaming: a warp with few steps of K has few loads in flight
+    // 8 warps a block; 16 where the blocks are few (llama-1b's o and down: 256 tiles), so that about 32
+    // warps an SM of a 132-SM H100 stream K (v3e, BENCHMARKS.md session 10: o 4.30 -> 3.74 us, down
+    // 13.05 -> 9.33; the 16-warp instance everywhere slowed gate/up, 15.0 -> 17.2, and qkv)
     const bool wide_ = n_tiles >= 2 * 4 * 132;
-    const int blocks = wide_ ? (n_tiles + 1) / 2 : n_tiles;
-    const int warps = std::min({kMaxWarps, steps, std::max(8, (32 * 132 + blocks - 1) / blocks)});
+    const bool deep = !wide_ && n_tiles <= 2 * 132 && steps >= 16;
+    const int warps = std::min(deep ? kMaxWarps : 8, steps);
     const auto* bw = reinterpret_cast<const uint4*>(b);
     const auto* szw = reinterpret_cast<const half2*>(sz);
     const int pb = std::min(block, step_k) / 16;  // products that share a scale
     const bool wide = wide_;                      // gate/up, LM head: two tiles a block share A's loads
-#define LEPTONC_STREAM(NT, PB)                                                                              \
-  tiled_stream<BITS, NT, PB><<<(n_tiles + NT - 1) / NT, warps * 32, 0, stream>>>(a, int(m), bw, szw, y, K, N, \
-                                                                                 steps, block, blocks_t)
+#define LEPTONC_STREAM(NT, PB)                                                                               \
+  do {                                                                                                       \
+    if (deep)                                                                                                \
+      tiled_stream<BITS, NT, PB, kMaxWarps><<<(n_tiles + NT - 1) / NT, warps * 32, 0, stream>>>(             \
+          a, int(m), bw, szw, y, K, N, steps, block, blocks_t);                                              \
+    else                                                                                                     \
+      tiled_stream<BITS, NT, PB, 8><<<(n_tiles + NT - 1) / NT, warps * 32, 0, stream>>>(                     \
+          a, int(m), bw, szw, y, K, N, steps, block, blocks_t);                                              \
+  } while (0)
     if (pb >= Step<BITS>::kProducts) {
       if (wide) LEPTONC_STREAM(2, Step<BITS>::kProducts); else LEPTONC_STREAM(1, Step<BITS>::kProducts);
     } else if (pb == 4) {
