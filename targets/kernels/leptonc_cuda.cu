@@ -272,11 +272,12 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const int blocks_t = (steps * step_k + block - 1) / block;
   const int n_tiles = (N + 7) / 8;
   if (m <= kSmallM) {
-    // 8 warps a block; 16 where the blocks are few (llama-1b's o and down: 256 tiles), so that about 32
-    // warps an SM of a 132-SM H100 stream K (v3e, BENCHMARKS.md session 10: o 4.30 -> 3.74 us, down
-    // 13.05 -> 9.33; the 16-warp instance everywhere slowed gate/up, 15.0 -> 17.2, and qkv)
+    // 8 warps a block; up to 16 where the blocks are few and K is long (llama-1b's o and down: 256 tiles;
+    // smollm2's down: 72), so that more warps an SM stream K (v3e/v3f, BENCHMARKS.md session 10: llama o
+    // 4.30 -> 3.73 us, down 13.05 -> 9.33, smollm2 down 3.41 -> 2.60; the 16-warp instance everywhere
+    // slowed llama gate/up, 15.0 -> 17.2, and qkv)
     const bool wide_ = n_tiles >= 2 * 4 * 132;
-    const bool deep = !wide_ && n_tiles <= 2 * 132 && steps >= 16;
+    const bool deep = !wide_ && n_tiles <= 2 * 132 && steps > 8;
     const int warps = std::min(deep ? kMaxWarps : 8, steps);
     const auto* bw = reinterpret_cast<const uint4*>(b);
     const auto* szw = reinterpret_cast<const half2*>(sz);
