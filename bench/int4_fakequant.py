@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     from leptonc.calibration.scales import block_quantize
     from leptonc.models.adapters import get_adapter
     from leptonc.models.intake import load_model
-    from leptonc.passes.quantize_nbits import AWQ_CLIP_RATIOS, AWQ_REFINE_ROUNDS, HEAD_BITS, HEAD_BLOCK
+    from leptonc.calibration.awq import AWQ_CLIP_RATIOS, awq_grid
+    from leptonc.passes.quantize_nbits import HEAD_BITS, HEAD_BLOCK
     from leptonc.runtime.evaluate import EvalConfig, load_tokens, perplexity, torch_scorer
 
     torch.set_grad_enabled(False)
@@ -139,8 +140,7 @@ def main(argv=None) -> int:
         key = (name, scaled)
         if key not in grids or grids[key][0] is not group:  # awq-seq's groups are new ones
             s = group.prescale if scaled else np.ones(w.shape[1], np.float32)
-            q = block_quantize(w * s[None, :], 4, args.block, clip_rows=group.samples / s[None, :],
-                               clip_ratios=AWQ_CLIP_RATIOS, refine=AWQ_REFINE_ROUNDS)
+            q = awq_grid(w * s[None, :], args.block, group.samples / s[None, :])
             grids[key] = (group, q)
         return grids[key][1]
 

@@ -45,6 +45,7 @@ class ActivationStats:
     groups: list[GroupStats] = field(default_factory=list)
     tokens: int = 0
     method: str = "minmax"
+    rounding: dict | None = None  # GPTQ's summary when the groups carry GPTQ codes (gptq.round_groups)
 
     def group_of(self, weight_name: str) -> GroupStats | None:
         for g in self.groups:

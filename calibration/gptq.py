@@ -21,6 +21,8 @@ import numpy as np
 
 GPTQ_DAMP = 0.1  # x mean diag H': 0.01 (the paper's) +10.3%, 0.1 +9.1% on the tuning text (BENCHMARKS.md)
 GPTQ_LAZY = 128  # columns per lazy batch update (the paper's B)
+GPTQ_SAMPLES = 128  # calibration sequences for the Hessian (--gptq-samples): the shipped text holds 119 of 256
+# tokens, so 128 takes every token; 16 gained nothing on smollm2-135m (BENCHMARKS.md, session 9 screen)
 HESSIAN_BYTES = 4 << 30  # float64 Hessians held at once; more layers than fit are done in windows
 
 
@@ -117,9 +119,9 @@ def round_groups(module, weights, stats, batches: np.ndarray, block: int, damp: 
                  on_progress=None) -> dict:
     """GPTQ-round every AWQ-scaled group of `stats` (groups with a prescale) into `group.rounded`
     ({member: BlockQuantized of W * s on AWQ's grid}); returns the summary the manifest records."""
+    from leptonc.calibration.awq import awq_grid
     from leptonc.calibration.collect import find_linears
-    from leptonc.calibration.scales import BlockQuantized, block_quantize
-    from leptonc.passes.quantize_nbits import AWQ_CLIP_RATIOS, AWQ_REFINE_ROUNDS
+    from leptonc.calibration.scales import BlockQuantized
 
     linears = find_linears(module, weights)
     groups = [g for g in stats.groups if g.prescale is not None and g.members[0] in linears]
@@ -148,8 +150,7 @@ def round_groups(module, weights, stats, batches: np.ndarray, block: int, damp: 
             for m in g.members:
                 w = np.asarray(weights(m), np.float32)
                 ws = w * g.prescale[None, :]
-                grid = block_quantize(ws, 4, block, clip_rows=g.samples / g.prescale[None, :],
-                                      clip_ratios=AWQ_CLIP_RATIOS, refine=AWQ_REFINE_ROUNDS)
+                grid = awq_grid(ws, block, g.samples / g.prescale[None, :])
                 dq, c = gptq_fixed_grid(ws, hp, grid.scales, grid.zero_points, block, damp=damp)
                 codes = grid.codes.copy()  # padded columns keep their (zero-weight) codes
                 zp = np.repeat(grid.zero_points.astype(np.float64), block, axis=1)[:, : w.shape[1]]

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from leptonc.calibration.collect import AWQ_SAMPLE_ROWS, SAMPLE_ROWS, ActivationStats, GroupStats, collect
-from leptonc.calibration.gptq import GPTQ_DAMP
+from leptonc.calibration.gptq import GPTQ_DAMP, GPTQ_SAMPLES
 from leptonc.calibration.observers import METHODS
 from leptonc.errors import UnsupportedRequestError
 
@@ -49,8 +49,8 @@ class QuantSettings:
     int4_block: int = 128
     int4_method: str = "awq"  # awq | rtn
     int4_rounding: str | None = None  # gptq | nearest; None: gptq for awq, nearest for rtn (set in __post_init__)
-    gptq_samples: int = 128  # sequences of calib_seq_len whose every token enters GPTQ's Hessian (the shipped
-    # text holds 119 of 256 tokens: 128 takes it all; 16 gained nothing on smollm2-135m, BENCHMARKS.md)
+    gptq_samples: int | None = None  # sequences of calib_seq_len whose every token enters GPTQ's Hessian; None:
+    # GPTQ_SAMPLES with GPTQ rounding (set in __post_init__), else unused
     kv_cache: str | None = None
     calib_data: str | None = None  # None: the text shipped with leptonc
     calib_samples: int = 16
@@ -85,8 +85,13 @@ class QuantSettings:
         if self.int4_rounding is None:
             object.__setattr__(self, "int4_rounding",
                                "gptq" if self.precision == "int4" and self.int4_method == "awq" else "nearest")
-        if self.gptq_samples < 1:
+        if self.gptq_samples is not None and self.gptq_samples < 1:
             raise UnsupportedRequestError("--gptq-samples must be >= 1")
+        if self.gptq_samples is not None and not self.uses_gptq:
+            raise UnsupportedRequestError("--gptq-samples only applies to GPTQ rounding (--int4 with --int4-method awq "
+                                          "and --int4-rounding gptq, the defaults)", hint="drop --gptq-samples")
+        if self.uses_gptq and self.gptq_samples is None:
+            object.__setattr__(self, "gptq_samples", GPTQ_SAMPLES)
         if self.fp8_lm_head and self.precision != "fp8":
             raise UnsupportedRequestError("--fp8-lm-head only applies to --fp8",
                                           hint="drop it, or use --keep-fp lm_head to keep an int8/int4 head in fp32")
@@ -186,7 +191,7 @@ def _save(stats: ActivationStats, path: Path) -> None:
             arrays[f"{i}.fingerprints"] = g.fingerprints
         meta["groups"].append({"members": g.members, "amax": g.amax, "alpha": g.alpha,
                                "rounded": _save_rounded(g.rounded, arrays, i) if g.rounded else None})
-    meta["gptq"] = stats.__dict__.get("gptq_summary")
+    meta["gptq"] = stats.rounding
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -206,8 +211,7 @@ def _load(path: Path) -> ActivationStats | None:
                     alpha=g.get("alpha"),
                     fingerprints=z[f"{i}.fingerprints"] if f"{i}.fingerprints" in z.files else None,
                     rounded=_load_rounded(g.get("rounded"), z, i)))
-            if meta.get("gptq") is not None:
-                stats.__dict__["gptq_summary"] = meta["gptq"]
+            stats.rounding = meta.get("gptq")
         return stats
     except (OSError, ValueError, KeyError):  # a corrupt or partial cache entry: recompute
         return None
@@ -217,22 +221,21 @@ def _save_rounded(rounded: dict, arrays: dict, i: int) -> list:
     """Store a group's GPTQ codes (two 4-bit codes a byte), scales and zero points; returns the meta."""
     meta = []
     for j, (member, q) in enumerate(rounded.items()):
-        arrays[f"{i}.r{j}.codes"] = (q.codes[:, 0::2] | (q.codes[:, 1::2] << 4)).astype(np.uint8)
+        arrays[f"{i}.r{j}.codes"] = q.packed()  # MatMulNBits' B: two 4-bit codes a byte
         arrays[f"{i}.r{j}.scales"], arrays[f"{i}.r{j}.zero_points"] = q.scales, q.zero_points
         meta.append({"member": member, "block": q.block_size, "k": q.k})
     return meta
 
 
 def _load_rounded(meta: list | None, z, i: int) -> dict | None:
-    from leptonc.calibration.scales import BlockQuantized
+    from leptonc.calibration.scales import BlockQuantized, unpack_nibbles
 
     if not meta:
         return None
     out = {}
     for j, r in enumerate(meta):
         packed = z[f"{i}.r{j}.codes"]
-        codes = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
-        codes[:, 0::2], codes[:, 1::2] = packed & 0x0F, packed >> 4
+        codes = unpack_nibbles(packed.reshape(packed.shape[0], -1))
         out[r["member"]] = BlockQuantized(codes, z[f"{i}.r{j}.scales"], z[f"{i}.r{j}.zero_points"], 4,
                                           r["block"], r["k"])
     return out
@@ -276,7 +279,7 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
             t0 = time.perf_counter()
             gptq_batches = calibration_batches(tokenizer, data_path, settings.gptq_samples, settings.calib_seq_len)
             summary = round_groups(module, weights, stats, gptq_batches, settings.int4_block, on_progress=on_progress)
-            stats.__dict__["gptq_summary"] = {**summary, "seconds": round(time.perf_counter() - t0, 1)}
+            stats.rounding = {**summary, "seconds": round(time.perf_counter() - t0, 1)}
         _save(stats, path)
     summary = {
         "format": settings.format,
@@ -299,7 +302,7 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         summary["awq"] = ("grid search of alpha in s = mean|x|**alpha over 21 points per input group, on "
                           f"{AWQ_SAMPLE_ROWS} calibration rows; gate/up error measured after the MLP activation"
                           + ("" if mlp_activation else " (not here: no gated MLP without biases)"))
-        summary["rounding"] = stats.__dict__.get("gptq_summary") if settings.uses_gptq else \
+        summary["rounding"] = stats.rounding if settings.uses_gptq else \
             {"rounding": "nearest", "note": "each weight rounds to its nearest code on AWQ's grid (--int4-rounding nearest)"}
     return CalibrationResult(stats, summary)
 
@@ -358,10 +361,11 @@ def check_request(config) -> None:
     if not config.passes:
         raise UnsupportedRequestError(f"--{config.precision} is a graph rewrite and --no-passes turns passes off; "
                                       "drop one of them")
-    if config.options.get("int4_rounding") == "gptq" and config.backend == "tensorrt":
-        raise UnsupportedRequestError("--int4-rounding gptq is for ONNX Runtime's MatMulNBits grid (asymmetric blocks); "
+    if config.backend == "tensorrt" and (config.options.get("int4_rounding") == "gptq"
+                                         or config.options.get("gptq_samples") is not None):
+        raise UnsupportedRequestError("GPTQ rounding is for ONNX Runtime's MatMulNBits grid (asymmetric blocks); "
                                       "the TensorRT int4 weights are symmetric blocks rounded to nearest",
-                                      hint="drop --int4-rounding, or use --backend onnxruntime")
+                                      hint="drop --int4-rounding / --gptq-samples, or use --backend onnxruntime")
     name = QUANT_PASS[config.precision]
     if name in config.disabled_passes:
         raise UnsupportedRequestError(f"--disable-pass {name} would leave the --{config.precision} bundle unquantized; "
@@ -424,7 +428,7 @@ class CompileQuantization:
 def calibrate_for_compile(config, lm, adapter, spec, on_progress=None) -> CompileQuantization:
     settings = QuantSettings.from_options(config.precision, config.options)
     if settings.uses_gptq and config.backend == "tensorrt":  # its symmetric int4 grid is not AWQ's (the pass notes it)
-        settings = replace(settings, int4_rounding="nearest")
+        settings = replace(settings, int4_rounding="nearest", gptq_samples=None)
     weights = adapter.weights(lm.module, spec)
     gated = getattr(spec, "mlp", None) == "gated" and not getattr(spec, "mlp_bias", False)
     result = calibrate(lm.module, lm.tokenizer, weights, settings, lm.source_hash, on_progress=on_progress,

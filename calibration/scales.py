@@ -110,6 +110,14 @@ class BlockQuantized:
         return np.ascontiguousarray((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8))
 
 
+def unpack_nibbles(raw: np.ndarray) -> np.ndarray:
+    """[N, B] bytes of two 4-bit values, low nibble first (MatMulNBits' B and zero points) -> [N, 2B]."""
+    raw = np.asarray(raw, np.uint8)
+    out = np.empty((raw.shape[0], raw.shape[1] * 2), np.uint8)
+    out[:, 0::2], out[:, 1::2] = raw & 0x0F, raw >> 4
+    return out
+
+
 def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetric: bool = False,
                    scale_multiplier: float = 1.0, clip_rows: np.ndarray | None = None,
                    clip_ratios: tuple[float, ...] = (), refine: int = 0) -> BlockQuantized:

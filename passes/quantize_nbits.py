@@ -16,15 +16,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from leptonc.calibration.awq import awq_grid
 from leptonc.calibration.scales import BlockQuantized, block_quantize
-from leptonc.passes.quantize_common import MS_DOMAIN, Linear, apply_prescale, find_embedding, find_linears, \
+from leptonc.passes.quantize_common import MS_DOMAIN, Linear, apply_prescale, find_embedding, \
     plan_groups, quant_context, record_layer
 from leptonc.passes.registry import PassResult, register_pass
 
 HEAD_BITS, HEAD_BLOCK = 8, 64
-AWQ_CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(1, 21))  # down to 50%, AWQ's max_shrink
-AWQ_REFINE_ROUNDS = 4  # least-squares refit of each block's scale after the clip search (scales.block_quantize):
-# smollm2-135m int4 AWQ +17.03% -> +16.56% on the tuning text (bench/int4_fakequant.py, BENCHMARKS.md)
 DEFAULT_ACCURACY_LEVEL = 4  # int8 compute of the activations inside MatMulNBits: ORT CPU's fast path
 
 
@@ -52,6 +50,11 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     counts["kept_fp"] = len(report["kept_fp"])
     shared_head: dict[str, tuple] = {}  # weight name -> (codes constant, BlockQuantized) of an 8-bit head
     deferred: list = []  # (up projection's output, AWQ scales, members) of a down projection (_gated_up_product)
+
+    def prescale(members, s) -> None:  # x / s for these linears: folded into a norm, else an explicit Mul
+        _, how = apply_prescale(graph, members[0].x, s, members[0].name.replace(".weight", ""),
+                                [m.node for m in members])
+        counts["awq_folded" if how == "folded" else "awq_mul"] += 1
     for members, group in planned:
         is_head = any(m.kind == "gemm" for m in members)
         g_bits, g_block = (HEAD_BITS, HEAD_BLOCK) if is_head else (bits, block)
@@ -62,13 +65,11 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
         if awq and g_bits == 4 and group is not None and group.prescale is not None:
             s = group.prescale
             up = _gated_up_product(members[0].x, [m.node for m in members]) \
-                if ctx.options.get("_awq_fold_up", True) else None
+                if ctx.options.get("_awq_fold_up", True) else None  # "_awq_fold_up": False, a test's switch
             if up is not None:  # folded into the up projection's scales once that is quantized (below)
                 deferred.append((up, s, members))
             else:
-                _, how = apply_prescale(graph, members[0].x, s, members[0].name.replace(".weight", ""),
-                                        [m.node for m in members])
-                counts["awq_folded" if how == "folded" else "awq_mul"] += 1
+                prescale(members, s)
         for lin in members:
             w = lin.w_oi()
             ws = w * s[None, :] if s is not None else w
@@ -77,13 +78,10 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
                 q = _gptq_rounding(lin, group, ws, g_block, settings)
                 counts["gptq" if q is not None else "gptq_missing"] += 1
             rounding = "-gptq" if q is not None else ""
-            if q is None:
-                clip = {}
-                if s is not None and g_bits == 4:  # AWQ's second step: activation-aware range clipping
-                    clip = {"clip_rows": group.samples / s[None, :], "clip_ratios": AWQ_CLIP_RATIOS,
-                            "refine": AWQ_REFINE_ROUNDS}
-                q = block_quantize(ws, g_bits, g_block, symmetric=g_bits == 8,
-                                   scale_multiplier=settings.break_scales, **clip)
+            if q is None and s is not None and g_bits == 4:
+                q = awq_grid(ws, g_block, group.samples / s[None, :], settings.break_scales)
+            elif q is None:
+                q = block_quantize(ws, g_bits, g_block, symmetric=g_bits == 8, scale_multiplier=settings.break_scales)
             wq = q.dequantize() / (s[None, :] if s is not None else 1.0)
             x = group.samples if group is not None else None
             record_layer(report, lin.label, f"int{g_bits}" + ("-awq" if s is not None else "") + rounding, w, wq, x)
@@ -96,10 +94,8 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     for (tensor, offset), s, members in deferred:
         if _scale_rows(tensor, offset, 1.0 / s):
             counts["awq_up"] = counts.get("awq_up", 0) + 1
-        else:  # the up projection is not a MatMulNBits after all (e.g. kept in fp32): an explicit Mul
-            _, how = apply_prescale(graph, members[0].x, s, members[0].name.replace(".weight", ""),
-                                    [m.node for m in members])
-            counts["awq_folded" if how == "folded" else "awq_mul"] += 1
+        else:  # the up projection is not a MatMulNBits after all (e.g. kept in fp32)
+            prescale(members, s)
 
     emb = find_embedding(graph)
     if emb is not None:
@@ -190,7 +186,7 @@ def _scale_rows(tensor: gs.Tensor, offset: int, factor: np.ndarray) -> bool:
 def _gptq_rounding(lin: Linear, group, ws: np.ndarray, block: int, settings):
     """The calibration's GPTQ codes for this linear (rows of its members, in the order a fusion merged
     them), as one BlockQuantized of W * s; None where there are none or they do not fit this weight."""
-    rounded = getattr(group, "rounded", None) if settings.int4_rounding == "gptq" else None
+    rounded = group.rounded
     names = lin.label.split("+")
     if not rounded or any(n not in rounded for n in names):
         return None

@@ -224,3 +224,19 @@ def test_hessian_windows_give_the_same_codes(monkeypatch):
         assert (g1.rounded is None) == (g2.rounded is None)
         for m in g1.rounded or {}:
             assert np.array_equal(g1.rounded[m].codes, g2.rounded[m].codes), m
+
+
+@pytest.mark.parametrize("options", [{"int4_rounding": "gptq"}, {"gptq_samples": 64}])
+def test_tensorrt_refuses_gptq_flags_and_rounds_to_nearest(options):
+    """TensorRT's int4 weights are symmetric blocks: GPTQ's flags are refused there, and a default int4
+    AWQ compile for it calibrates without GPTQ (no Hessians to pay for)."""
+    from leptonc.calibration.quantize import QuantSettings, check_request
+    from leptonc.config import CompileConfig
+    from leptonc.errors import UnsupportedRequestError
+
+    config = CompileConfig(source="tiny-llama", target="h100", backend="tensorrt", precision="int4", options=options)
+    with pytest.raises(UnsupportedRequestError, match="GPTQ rounding is for ONNX Runtime"):
+        check_request(config)
+    default = CompileConfig(source="tiny-llama", target="h100", backend="tensorrt", precision="int4")
+    check_request(default)
+    assert QuantSettings.from_options("int4", {}).uses_gptq  # the onnxruntime default

@@ -137,6 +137,7 @@ def test_no_check_skips_the_gate_and_says_so(tmp_path, cache):
     (["--int4", "--int4-rounding", "best"], "--int4-rounding 'best'"),
     (["--int8", "--int4-rounding", "gptq"], "--int4-rounding gptq"),
     (["--int4", "--gptq-samples", "0"], "--gptq-samples must be >= 1"),
+    (["--int4", "--int4-rounding", "nearest", "--gptq-samples", "64"], "--gptq-samples only applies to GPTQ rounding"),
 ])
 def test_cli_refuses_bad_quantization_flags(tmp_path, args, needle):
     proc = run_cli("compile", "tiny-llama", "-o", tmp_path / "x.lepton", *args, timeout=300)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from leptonc.calibration.scales import unpack_nibbles
+
 LANES = 32
 TILE_N = 8
 
@@ -38,12 +40,7 @@ def step_k(bits: int) -> int:
 def codes_of(b: np.ndarray, n: int, bits: int) -> np.ndarray:
     """MatMulNBits' B ([N, blocks, block * bits / 8] uint8, low nibble first) -> codes [N, blocks * block]."""
     raw = np.asarray(b, np.uint8).reshape(n, -1)
-    if bits == 8:
-        return raw
-    codes = np.empty((n, raw.shape[1] * 2), np.uint8)
-    codes[:, 0::2] = raw & 0xF
-    codes[:, 1::2] = raw >> 4
-    return codes
+    return raw if bits == 8 else unpack_nibbles(raw)
 
 
 def zero_points_of(zp: np.ndarray | None, n: int, blocks: int, bits: int) -> np.ndarray:
@@ -51,12 +48,7 @@ def zero_points_of(zp: np.ndarray | None, n: int, blocks: int, bits: int) -> np.
     if zp is None:
         return np.full((n, blocks), 1 << (bits - 1), np.uint8)
     raw = np.asarray(zp, np.uint8).reshape(n, -1)
-    if bits == 8:
-        return raw[:, :blocks]
-    out = np.empty((n, raw.shape[1] * 2), np.uint8)
-    out[:, 0::2] = raw & 0xF
-    out[:, 1::2] = raw >> 4
-    return out[:, :blocks]
+    return (raw if bits == 8 else unpack_nibbles(raw))[:, :blocks]
 
 
 def tile_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, bits: int,
