@@ -23,6 +23,9 @@ from device_kernels import CASES, quantized  # noqa: E402
 from leptonc.targets.kernels.layout import tile_nbits  # noqa: E402
 
 CHECK_M = (1, 3, 8, 9, 16, 17, 128)
+# the decode kernel the shape picks (auto), and each one forced: the M <= 16 streaming kernel, the
+# few-rows kernel with its default, 4 and 16 steps a warp
+VARIANTS = ("auto", "stream", "gemv", "gemv:4", "gemv:16")
 LIMIT = 5e-3  # relative max error; fp16 output rounding alone is ~5e-4
 
 
@@ -37,12 +40,15 @@ def main() -> int:
             tiled, sz = tile_nbits(packed, scales, zeros, k, n, bits, block)
             tiled.tofile(d / "b.bin")
             sz.tofile(d / "sz.bin")
-            for m in CHECK_M:
+            variants = VARIANTS if k * n <= 64 << 20 else VARIANTS[:2]  # the LM head: auto and stream only
+            for m, variant in [(m, v) for m in CHECK_M for v in (variants if m <= 8 else ("auto",))]:
                 x = (rng.standard_normal((m, k)) * 0.5).astype(np.float16)
                 x.tofile(d / "a.bin")
-                proc = subprocess.run([binary, "--check", str(k), str(n), str(bits), str(block), str(m), str(d)],
-                                      capture_output=True, text=True)
-                row = {"case": name, "K": k, "N": n, "bits": bits, "block": block, "M": m}
+                proc = subprocess.run([binary, "--check", str(k), str(n), str(bits), str(block), str(m), str(d),
+                                       variant], capture_output=True, text=True)
+                row = {"case": name, "K": k, "N": n, "bits": bits, "block": block, "M": m, "variant": variant}
+                if proc.returncode == 3:  # the forced kernel does not apply to this shape
+                    continue
                 if proc.returncode != 0:
                     row["error"] = proc.stderr[-400:]
                     ok = False

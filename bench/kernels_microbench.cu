@@ -5,7 +5,7 @@
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 -I$LEPTONC_ORT_INCLUDE bench/kernels_microbench.cu -lcublas -o /tmp/mb
 //   /tmp/mb OUT.json
-//   /tmp/mb --check K N BITS BLOCK M DIR   # Y = A x W^T for DIR/{a,b,sz}.bin -> DIR/y.bin (bench/kernels_check.py)
+//   /tmp/mb --check K N BITS BLOCK M DIR [stream|gemv[:S]]   # Y = A x W^T for DIR/{a,b,sz}.bin -> DIR/y.bin (bench/kernels_check.py)
 //
 // The kernel source is included as built for the bundle (targets/kernels/leptonc_cuda.cu).
 
@@ -98,7 +98,7 @@ T* to_device(const std::vector<char>& host) {
   return p;
 }
 
-int check_mode(char** argv) {
+int check_mode(int argc, char** argv) {
   NBitsKernel kn;
   kn.K = std::atoi(argv[2]), kn.N = std::atoi(argv[3]), kn.bits = std::atoi(argv[4]), kn.block = std::atoi(argv[5]);
   const int m = std::atoi(argv[6]);
@@ -111,7 +111,17 @@ int check_mode(char** argv) {
   check(cudaMalloc(&y, size_t(m) * kn.N * sizeof(half)), "malloc Y");
   cudaStream_t s;
   check(cudaStreamCreate(&s), "stream");
-  OrtStatus* st = kn.bits == 4 ? launch<4>(kn, a, m, b, sz, y, s) : launch<8>(kn, a, m, b, sz, y, s);
+  // argv[8], optional: "stream" or "gemv[:S]" forces a decode kernel (bench/kernels_check.py checks each)
+  Path path = Path::kAuto;
+  int force_s = 0;
+  if (argc > 8) {
+    const std::string v = argv[8];
+    if (v == "stream") path = Path::kStream;
+    if (v.rfind("gemv", 0) == 0) path = Path::kGemv, force_s = v.size() > 5 ? std::atoi(v.c_str() + 5) : 0;
+  }
+  if (path == Path::kGemv && gemv_plan(m, int(kn.K), int(kn.N), int(kn.bits), force_s).s == 0) return 3;  // n/a
+  OrtStatus* st = kn.bits == 4 ? launch<4>(kn, a, m, b, sz, y, s, path, force_s)
+                               : launch<8>(kn, a, m, b, sz, y, s, path, force_s);
   if (st != nullptr) std::fprintf(stderr, "launch failed\n"), std::exit(2);
   check(cudaStreamSynchronize(s), "run");
   std::vector<char> out(size_t(m) * kn.N * sizeof(half));
@@ -123,7 +133,7 @@ int check_mode(char** argv) {
 }
 
 int main(int argc, char** argv) {
-  if (argc == 8 && std::string(argv[1]) == "--check") return check_mode(argv);
+  if (argc >= 8 && std::string(argv[1]) == "--check") return check_mode(argc, argv);
   cudaStream_t s;
   check(cudaStreamCreate(&s), "stream");
   cublasHandle_t blas;
@@ -161,12 +171,26 @@ int main(int argc, char** argv) {
     check(cudaStreamSynchronize(s), "fill");
     NBitsKernel kn;
     kn.K = mx.K, kn.N = mx.N, kn.bits = mx.bits, kn.block = mx.block;
-    for (int m : {1, 4, 16}) {
+    // (path, S, tiles a block): the shipped choice first, then the alternatives at M <= 4
+    struct Variant {
+      const char* name;
+      Path path;
+      int s, tb;
+    };
+    const Variant variants[] = {{"auto", Path::kAuto, 0, 0},     {"stream", Path::kStream, 0, 0},
+                                {"gemv", Path::kGemv, 0, 0},     {"gemv s4", Path::kGemv, 4, 0},
+                                {"gemv s8 tb1", Path::kGemv, 8, 1}, {"gemv s16", Path::kGemv, 16, 0}};
+    for (int m : {1, 4, 16})
+    for (const Variant& v : variants) {
+      if (v.path != Path::kAuto && m > 4) continue;
+      if (v.path == Path::kGemv && gemv_plan(m, mx.K, mx.N, mx.bits, v.s, v.tb).s == 0) continue;
       const float ms = graph_ms(s, reps, [&](int r) {
-        OrtStatus* st = mx.bits == 4 ? launch<4>(kn, a, m, bs[r], szs[r], y, s) : launch<8>(kn, a, m, bs[r], szs[r], y, s);
+        OrtStatus* st = mx.bits == 4 ? launch<4>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb)
+                                     : launch<8>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb);
         if (st != nullptr) std::exit(2);
       });
-      const float ms_fp16 = graph_ms(s, w_reps, [&](int r) {
+      static float ms_fp16 = 0.f;  // cuBLAS once per M (the auto row), reused by the variants' rows
+      if (v.path == Path::kAuto) ms_fp16 = graph_ms(s, w_reps, [&](int r) {
         const float alpha = 1.f, beta = 0.f;
         cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, mx.N, m, mx.K, &alpha, ws[r], CUDA_R_16F, mx.K, a, CUDA_R_16F,
                      mx.K, &beta, y, CUDA_R_16F, mx.N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
@@ -175,9 +199,9 @@ int main(int argc, char** argv) {
       const double bytes = double(b_bytes) + double(sz_count) * 2;
       char line[512];
       std::snprintf(line, sizeof(line),
-                    "{\"matrix\": \"%s\", \"K\": %d, \"N\": %d, \"bits\": %d, \"block\": %d, \"M\": %d, \"R\": %d, "
+                    "{\"matrix\": \"%s\", \"variant\": \"%s\", \"K\": %d, \"N\": %d, \"bits\": %d, \"block\": %d, \"M\": %d, \"R\": %d, "
                     "\"us\": %.2f, \"TBps\": %.2f, \"cublas_fp16_us\": %.2f, \"cublas_TBps\": %.2f, \"speedup\": %.2f}",
-                    mx.name, mx.K, mx.N, mx.bits, mx.block, m, reps, us, bytes / us / 1e6, us16,
+                    mx.name, v.name, mx.K, mx.N, mx.bits, mx.block, m, reps, us, bytes / us / 1e6, us16,
                     double(w_bytes) / us16 / 1e6, us16 / us);
       std::printf("%s\n", line);
       std::fflush(stdout);

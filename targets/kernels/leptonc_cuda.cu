@@ -184,6 +184,173 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
   }
 }
 
+// ---- few rows (batch-1 decode): every load of a warp's K chunk in flight at once ---------------------
+//
+// For M rows with A small enough to stage in shared memory (M x K fp16 <= kGemvSmemBytes), a tile's steps
+// of K are split into chunks of S steps, one warp a chunk (wpt warps a tile, tb tiles a block). A warp
+// issues all S of its 16-byte weight loads and its scale loads before anything else, so one HBM latency
+// covers the whole chunk; the block meanwhile copies A into shared memory. mma rows past M read a real
+// row of A and their results are dropped (rows of an mma product never mix). Each lane loads only its own
+// column's (scale, zero) pair; the C fragment's columns 2t, 2t + 1 take their scales by shuffle.
+
+constexpr int kGemvSmemBytes = 32 << 10;
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+template <int BITS, int PB, int S>
+__global__ void __launch_bounds__(512)
+tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
+           half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t, int wpt, int tb) {
+  constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
+  constexpr int G = kProducts / PB;  // scale groups a step
+  extern __shared__ uint4 gemv_smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_tiles = (N + 7) >> 3;
+  const int tile = blockIdx.x * tb + warp / wpt, part = warp % wpt;
+  const bool live = tile < n_tiles;
+  const int step0 = part * S;
+  const int n_steps = live ? min(S, steps - step0) : 0;
+
+  uint4 w[S];
+  half2 sz[S][G];
+  const uint4* bt = B + size_t(live ? tile : 0) * steps * 32 + lane;
+  const half2* st = SZ + size_t(live ? tile : 0) * blocks_t * 8 + g;
+#pragma unroll
+  for (int j = 0; j < S; ++j) {
+    w[j] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int q = 0; q < G; ++q) sz[j][q] = __floats2half2_rn(0.f, 0.f);
+    if (j < n_steps) {
+      const int step = step0 + j;
+      w[j] = ld_stream(bt + size_t(step) * 32);
+#pragma unroll
+      for (int q = 0; q < G; ++q) sz[j][q] = __ldg(st + ((step * kStepK + 16 * PB * q) / block) * 8);
+    }
+  }
+
+  // A [M, steps * kStepK] in shared memory (zeros past K), rows ks apart (+8 halves: rows in other banks)
+  const int kfull = steps * kStepK, ks = kfull + 8;
+  half* as = reinterpret_cast<half*>(gemv_smem);
+  for (int i = threadIdx.x; i < M * (kfull >> 3); i += blockDim.x) {
+    const int row = i / (kfull >> 3), k = (i % (kfull >> 3)) * 8;
+    *reinterpret_cast<uint4*>(as + row * ks + k) = load_a8(A + size_t(row) * K, k, k < K);
+  }
+  __syncthreads();
+
+  float acc0 = 0.f, acc1 = 0.f;  // row g, columns 2t and 2t + 1 (the C fragment's c0, c1)
+  const half* arow = as + min(g, M - 1) * ks;
+#pragma unroll
+  for (int j = 0; j < S; ++j) {
+    if (j < n_steps) {
+      const int k_step = (step0 + j) * kStepK;
+      uint4 a[kPairs];
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i) a[i] = *reinterpret_cast<const uint4*>(arow + k_step + 32 * i + 8 * t);
+#pragma unroll
+      for (int q = 0; q < G; ++q) {
+        const half2 zz = __high2half2(sz[j][q]);
+        float part4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int c = q * PB; c < q * PB + PB; ++c) {
+          const int i = c >> 1, h = (c & 1) * 2;
+          uint32_t b0, b1;
+          operands<BITS>(w[j], c, zz, b0, b1);
+          mma16816(part4, word_of(a[i], h), 0u, word_of(a[i], h + 1), 0u, b0, b1);
+        }
+        const uint32_t sv = as_u32(sz[j][q]);
+        const float s0 = __low2float(as_h2(__shfl_sync(0xffffffffu, sv, 8 * t)));
+        const float s1 = __low2float(as_h2(__shfl_sync(0xffffffffu, sv, 8 * t + 4)));
+        acc0 = fmaf(s0, part4[0], acc0);
+        acc1 = fmaf(s1, part4[1], acc1);
+      }
+    }
+  }
+
+  const int n = tile * 8 + 2 * t;
+  if (wpt > 1) {  // add the chunks of K: the tile's first warp sums its wpt warps' partial sums
+    float2* red = reinterpret_cast<float2*>(as + M * ks);
+    red[warp * 32 + lane] = make_float2(acc0, acc1);
+    __syncthreads();
+    if (part != 0) return;
+    for (int p = 1; p < wpt; ++p) {
+      const float2 v = red[(warp + p) * 32 + lane];
+      acc0 += v.x;
+      acc1 += v.y;
+    }
+  }
+  if (!live || g >= M) return;
+  half* yr = Y + size_t(g) * N;
+  if (n + 1 < N) {
+    *reinterpret_cast<half2*>(yr + n) = __floats2half2_rn(acc0, acc1);  // N even here: n is even
+  } else if (n < N) {
+    yr[n] = __float2half(acc0);
+  }
+}
+
+struct GemvPlan {
+  int s = 0, wpt = 0, tb = 0, blocks = 0, smem = 0;
+};
+
+// The few-rows plan for M rows (s = 0 when the kernel does not apply): S = 8 steps a warp unless forced,
+// up to 8 warps a block, fewer tiles a block while blocks would not cover the SMs twice.
+inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int force_tb = 0) {
+  GemvPlan p;
+  const int step_k = bits == 4 ? 128 : 64;
+  const int steps = (K + step_k - 1) / step_k, kfull = steps * step_k;
+  const int a_bytes = m * (kfull + 8) * 2;
+  if (m < 1 || m > 8 || a_bytes > kGemvSmemBytes || N % 2 != 0) return p;
+  p.s = force_s > 0 ? force_s : 8;
+  p.wpt = (steps + p.s - 1) / p.s;
+  if (p.wpt > 16) p.s = 16, p.wpt = (steps + 15) / 16;
+  if (p.wpt > 16) return GemvPlan();
+  const int n_tiles = (N + 7) / 8;
+  p.tb = force_tb > 0 ? force_tb : std::max(1, 8 / p.wpt);
+  while (force_tb <= 0 && p.tb > 1 && (n_tiles + p.tb - 1) / p.tb < 2 * 132) p.tb /= 2;
+  if (p.tb * p.wpt > 16) p.tb = std::max(1, 16 / p.wpt);
+  p.blocks = (n_tiles + p.tb - 1) / p.tb;
+  p.smem = a_bytes + p.tb * p.wpt * 32 * 8;
+  return p;
+}
+
+template <int BITS, int PB>
+cudaError_t launch_gemv_pb(const GemvPlan& p, const half* a, int m, const uint4* b, const half2* sz, half* y, int K,
+                           int N, int steps, int block, int blocks_t, cudaStream_t stream) {
+  const dim3 grid(p.blocks), threads(p.tb * p.wpt * 32);
+  switch (p.s) {
+    case 4:
+      tiled_gemv<BITS, PB, 4><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
+      break;
+    case 16:
+      tiled_gemv<BITS, PB, 16><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
+      break;
+    default:
+      tiled_gemv<BITS, PB, 8><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
+  }
+  return cudaGetLastError();
+}
+
+template <int BITS>
+cudaError_t launch_gemv(const GemvPlan& p, const half* a, int m, const uint8_t* b, const half* sz, half* y, int K,
+                        int N, int block, cudaStream_t stream) {
+  const int step_k = Step<BITS>::kK;
+  const int steps = (K + step_k - 1) / step_k;
+  const int blocks_t = (steps * step_k + block - 1) / block;
+  const int pb = std::min(block, step_k) / 16;
+  const auto* bw = reinterpret_cast<const uint4*>(b);
+  const auto* szw = reinterpret_cast<const half2*>(sz);
+  if (pb >= Step<BITS>::kProducts)
+    return launch_gemv_pb<BITS, Step<BITS>::kProducts>(p, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
+  if (pb == 4) return launch_gemv_pb<BITS, 4>(p, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
+  return launch_gemv_pb<BITS, 2>(p, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
+}
+
 // ---- the prefill path (M > 16): dequantize tiles, then cuBLAS -------------------------------------
 
 template <int BITS>
@@ -263,14 +430,23 @@ OrtStatus* ensure_shared() {
   return nullptr;
 }
 
+// Which decode kernel serves M <= kGemvMaxM rows: the plan (auto), or the benchmark's choice.
+constexpr int kGemvMaxM = 1;
+enum class Path { kAuto, kStream, kGemv };
+
 template <int BITS>
 OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t* b, const half* sz, half* y,
-                  cudaStream_t stream) {
+                  cudaStream_t stream, Path path = Path::kAuto, int force_s = 0, int force_tb = 0) {
   const int K = int(kn.K), N = int(kn.N), block = int(kn.block);
   const int step_k = Step<BITS>::kK;
   const int steps = (K + step_k - 1) / step_k;
   const int blocks_t = (steps * step_k + block - 1) / block;
   const int n_tiles = (N + 7) / 8;
+  if (path != Path::kStream && (path == Path::kGemv || m <= kGemvMaxM)) {
+    const GemvPlan plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb);
+    if (plan.s > 0) return cuda_check(launch_gemv<BITS>(plan, a, int(m), b, sz, y, K, N, block, stream), "tiled_gemv launch");
+    if (path == Path::kGemv) return make_error("the few-rows kernel does not apply to this shape");
+  }
   if (m <= kSmallM) {
     // 8 warps a block; up to 16 where the blocks are few and K is long (llama-1b's o and down: 256 tiles;
     // smollm2's down: 72), so that more warps an SM stream K (v3e/v3f, BENCHMARKS.md session 10: llama o
