@@ -20,12 +20,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from device_kernels import CASES, quantized  # noqa: E402
 
-from leptonc.targets.kernels.layout import tile_nbits  # noqa: E402
+from leptonc.targets.kernels.layout import interleave_gate_up, tile_nbits  # noqa: E402
 
 CHECK_M = (1, 3, 8, 9, 16, 17, 128)
 # the decode kernel the shape picks (auto), and each one forced: the M <= 16 streaming kernel, the
 # few-rows kernel with its default, 4 and 16 steps a warp
 VARIANTS = ("auto", "stream", "gemv", "gemv:4", "gemv:16")
+# the SwiGLU epilogue (activation 1) over merged gate|up weights: llama-1b's and smollm2's shapes, block 32
+SWIGLU_CASES = [("llama gate_up swiglu", 2048, 16384, 4, 128, True), ("smollm2 gate_up swiglu", 576, 3072, 4, 128, True),
+                ("block 32 swiglu", 608, 200, 4, 32, True)]
 LIMIT = 5e-3  # relative max error; fp16 output rounding alone is ~5e-4
 
 
@@ -35,8 +38,10 @@ def main() -> int:
     rows, ok = [], True
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        for name, k, n, bits, block, zp in CASES:
+        for name, k, n, bits, block, zp, act in [c + (0,) for c in CASES] + [c + (1,) for c in SWIGLU_CASES]:
             packed, scales, zeros, w = quantized(rng, k, n, bits, block, zp)
+            if act:  # gate = rows 0..F-1 of w, up = F..2F-1; the kernel takes them in (gate, up) pairs
+                packed, scales, zeros = interleave_gate_up(packed, scales, zeros, n)
             tiled, sz = tile_nbits(packed, scales, zeros, k, n, bits, block)
             tiled.tofile(d / "b.bin")
             sz.tofile(d / "sz.bin")
@@ -45,16 +50,20 @@ def main() -> int:
                 x = (rng.standard_normal((m, k)) * 0.5).astype(np.float16)
                 x.tofile(d / "a.bin")
                 proc = subprocess.run([binary, "--check", str(k), str(n), str(bits), str(block), str(m), str(d),
-                                       variant], capture_output=True, text=True)
-                row = {"case": name, "K": k, "N": n, "bits": bits, "block": block, "M": m, "variant": variant}
+                                       variant, str(act)], capture_output=True, text=True)
+                row = {"case": name, "K": k, "N": n, "bits": bits, "block": block, "M": m, "variant": variant,
+                       "activation": act}
                 if proc.returncode == 3:  # the forced kernel does not apply to this shape
                     continue
                 if proc.returncode != 0:
                     row["error"] = proc.stderr[-400:]
                     ok = False
                 else:
-                    y = np.fromfile(d / "y.bin", np.float16).reshape(m, n).astype(np.float64)
+                    y = np.fromfile(d / "y.bin", np.float16).reshape(m, n // 2 if act else n).astype(np.float64)
                     ref = x.astype(np.float64) @ w.T
+                    if act:
+                        gate, up = ref[:, :n // 2], ref[:, n // 2:]
+                        ref = gate / (1.0 + np.exp(-gate)) * up
                     row["rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-9))
                     ok &= row["rel_err"] <= LIMIT
                 rows.append(row)

@@ -5,7 +5,7 @@
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 -I$LEPTONC_ORT_INCLUDE bench/kernels_microbench.cu -lcublas -o /tmp/mb
 //   /tmp/mb OUT.json
-//   /tmp/mb --check K N BITS BLOCK M DIR [stream|gemv[:S]]   # Y = A x W^T for DIR/{a,b,sz}.bin -> DIR/y.bin (bench/kernels_check.py)
+//   /tmp/mb --check K N BITS BLOCK M DIR [auto|stream|gemv[:S] [ACTIVATION]]   # Y = A x W^T for DIR/{a,b,sz}.bin -> DIR/y.bin (bench/kernels_check.py)
 //
 // The kernel source is included as built for the bundle (targets/kernels/leptonc_cuda.cu).
 
@@ -19,6 +19,7 @@ namespace {
 struct Matrix {
   const char* name;
   int K, N, bits, block;
+  int activation = 0;  // 1: the SwiGLU epilogue (gate/up products)
 };
 
 const Matrix kMatrices[] = {
@@ -26,6 +27,7 @@ const Matrix kMatrices[] = {
     {"llama gate_up", 2048, 16384, 4, 128}, {"llama down", 8192, 2048, 4, 128},
     {"llama head int8", 2048, 128256, 8, 64}, {"smollm2 qkv", 576, 960, 4, 128},
     {"smollm2 gate_up", 576, 3072, 4, 128}, {"smollm2 down", 1536, 576, 4, 128},
+    {"llama gate_up swiglu", 2048, 16384, 4, 128, 1}, {"smollm2 gate_up swiglu", 576, 3072, 4, 128, 1},
 };
 
 __global__ void fill_bytes(uint8_t* p, size_t n, uint32_t seed) {
@@ -101,6 +103,8 @@ T* to_device(const std::vector<char>& host) {
 int check_mode(int argc, char** argv) {
   NBitsKernel kn;
   kn.K = std::atoi(argv[2]), kn.N = std::atoi(argv[3]), kn.bits = std::atoi(argv[4]), kn.block = std::atoi(argv[5]);
+  kn.activation = argc > 9 ? std::atoi(argv[9]) : 0;  // 1: SwiGLU epilogue, Y has N / 2 columns
+  const int64_t n_out = kn.activation == 1 ? kn.N / 2 : kn.N;
   const int m = std::atoi(argv[6]);
   const std::string dir = argv[7];
   check(ensure_shared() == nullptr ? cudaSuccess : cudaErrorUnknown, "ensure_shared");
@@ -108,7 +112,7 @@ int check_mode(int argc, char** argv) {
   auto* b = to_device<uint8_t>(read_file(dir + "/b.bin"));
   auto* sz = to_device<half>(read_file(dir + "/sz.bin"));
   half* y = nullptr;
-  check(cudaMalloc(&y, size_t(m) * kn.N * sizeof(half)), "malloc Y");
+  check(cudaMalloc(&y, size_t(m) * n_out * sizeof(half)), "malloc Y");
   cudaStream_t s;
   check(cudaStreamCreate(&s), "stream");
   // argv[8], optional: "stream" or "gemv[:S]" forces a decode kernel (bench/kernels_check.py checks each)
@@ -119,12 +123,12 @@ int check_mode(int argc, char** argv) {
     if (v == "stream") path = Path::kStream;
     if (v.rfind("gemv", 0) == 0) path = Path::kGemv, force_s = v.size() > 5 ? std::atoi(v.c_str() + 5) : 0;
   }
-  if (path == Path::kGemv && gemv_plan(m, int(kn.K), int(kn.N), int(kn.bits), force_s).s == 0) return 3;  // n/a
+  if (path == Path::kGemv && gemv_plan(m, int(kn.K), int(kn.N), int(kn.bits), force_s, 0, true).s == 0) return 3;  // n/a
   OrtStatus* st = kn.bits == 4 ? launch<4>(kn, a, m, b, sz, y, s, path, force_s)
                                : launch<8>(kn, a, m, b, sz, y, s, path, force_s);
   if (st != nullptr) std::fprintf(stderr, "launch failed\n"), std::exit(2);
   check(cudaStreamSynchronize(s), "run");
-  std::vector<char> out(size_t(m) * kn.N * sizeof(half));
+  std::vector<char> out(size_t(m) * n_out * sizeof(half));
   check(cudaMemcpy(out.data(), y, out.size(), cudaMemcpyDeviceToHost), "copy back");
   FILE* f = std::fopen((dir + "/y.bin").c_str(), "wb");
   std::fwrite(out.data(), 1, out.size(), f);
@@ -170,7 +174,7 @@ int main(int argc, char** argv) {
     }
     check(cudaStreamSynchronize(s), "fill");
     NBitsKernel kn;
-    kn.K = mx.K, kn.N = mx.N, kn.bits = mx.bits, kn.block = mx.block;
+    kn.K = mx.K, kn.N = mx.N, kn.bits = mx.bits, kn.block = mx.block, kn.activation = mx.activation;
     // (path, S, tiles a block): the shipped choice first, then the alternatives at M <= 4
     struct Variant {
       const char* name;
@@ -183,7 +187,7 @@ int main(int argc, char** argv) {
     for (int m : {1, 4, 16})
     for (const Variant& v : variants) {
       if (v.path != Path::kAuto && m > 4) continue;
-      if (v.path == Path::kGemv && gemv_plan(m, mx.K, mx.N, mx.bits, v.s, v.tb).s == 0) continue;
+      if (v.path == Path::kGemv && gemv_plan(m, mx.K, mx.N, mx.bits, v.s, v.tb, true).s == 0) continue;
       const float ms = graph_ms(s, reps, [&](int r) {
         OrtStatus* st = mx.bits == 4 ? launch<4>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb)
                                      : launch<8>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb);

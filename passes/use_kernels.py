@@ -5,6 +5,10 @@
         -> ai.leptonc.MatMulNBitsTiled (A, B tiled for the kernel's mma operands, SZ = scale and zero
            point pairs; targets/kernels/layout.py)
 
+    ... -> Split(last axis, halves) -> QuickGelu(alpha 1) on one half, Mul with the other (SiLU(gate) x up)
+        -> one ai.leptonc.MatMulNBitsTiled with activation = 1 (columns interleaved in (gate, up) pairs;
+           the kernel writes SiLU(gate) x up: three kernels and the gate|up product's round trip go)
+
 The library must have been built for the target (targets/onnxruntime.py builds it before the pipeline
 and puts it in `ctx.options["cuda_kernels"]`); when it could not be, the pass is skipped with the reason
 and the graph keeps ONNX Runtime's kernel.
@@ -15,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from leptonc.passes.matching import MS_DOMAIN
+from leptonc.passes.matching import MS_DOMAIN, attr, const_ints, detach, is_last_axis, is_safe_to_fuse
 from leptonc.passes.registry import PassContext, PassResult, register_pass
-from leptonc.targets.kernels.layout import tile_nbits
+from leptonc.targets.kernels.layout import interleave_gate_up, tile_nbits
 
 LEPTONC_DOMAIN = "ai.leptonc"
 
@@ -53,7 +57,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if not kernels.get("file"):
         return PassResult.skipped(f"leptonc's CUDA kernels were not built: {kernels.get('unavailable', 'not requested')}; "
                                   "MatMulNBits stays on ONNX Runtime's kernel")
-    counts = {"lowered": 0, "left_alone": 0}
+    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0}
     reasons: dict[str, int] = {}
     for node in nodes:
         why = _lowerable(node)
@@ -61,23 +65,72 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
             counts["left_alone"] += 1
             reasons[why] = reasons.get(why, 0) + 1
             continue
-        _lower(node)
+        swiglu = _match_swiglu(graph, node)
+        _lower(node, swiglu)
         counts["lowered"] += 1
+        counts["swiglu"] += swiglu is not None
+    graph.cleanup()
     if not counts["lowered"]:
         return PassResult(False, "no MatMulNBits could be lowered: " + ", ".join(f"{k} ({v})" for k, v in reasons.items()),
                           counts)
     detail = f"{counts['lowered']} MatMulNBits -> {LEPTONC_DOMAIN}.MatMulNBitsTiled ({kernels.get('arch')})"
+    if counts["swiglu"]:
+        detail += f", {counts['swiglu']} of them with the SwiGLU epilogue (Split, QuickGelu and Mul folded in)"
     if reasons:
         detail += "; left on ONNX Runtime's kernel: " + ", ".join(f"{k} ({v})" for k, v in reasons.items())
     return PassResult(True, detail, counts)
 
 
-def _lower(node: gs.Node) -> None:
+def _match_swiglu(graph: gs.Graph, node: gs.Node):
+    """(gate_first, Mul node, nodes to drop) when the product's only reader is Split(last axis, two
+    halves) -> QuickGelu(alpha 1) on one half x the other half, else None."""
+    n = int(node.attrs["N"])
+    y = node.outputs[0]
+    if n % 8 or len(y.outputs) != 1 or y in graph.outputs:
+        return None
+    split = y.outputs[0]
+    if split.op != "Split" or len(split.outputs) != 2 or not is_last_axis(attr(split, "axis", 0), y):
+        return None
+    sizes = const_ints(split.inputs[1]) if len(split.inputs) > 1 else None
+    if sizes is not None and list(sizes) != [n // 2, n // 2]:
+        return None
+    if sizes is None and len(split.inputs) == 1 and attr(split, "split") not in (None, [n // 2, n // 2]):
+        return None
+    for gate_i in (0, 1):
+        gate, up = split.outputs[gate_i], split.outputs[1 - gate_i]
+        if len(gate.outputs) != 1 or len(up.outputs) != 1:
+            return None
+        act = gate.outputs[0]
+        if act.op != "QuickGelu" or act.domain != MS_DOMAIN or abs(float(attr(act, "alpha", 1.702)) - 1.0) > 1e-6:
+            continue
+        if len(act.outputs[0].outputs) != 1:
+            return None
+        mul = act.outputs[0].outputs[0]
+        if mul.op != "Mul" or up.outputs[0] is not mul or len(mul.inputs) != 2:
+            return None
+        drop = [split, act, mul]
+        if not is_safe_to_fuse(graph, drop, [mul.outputs[0]]):
+            return None
+        return gate_i == 0, mul, drop
+    return None
+
+
+def _lower(node: gs.Node, swiglu=None) -> None:
     k, n, bits, block = (int(node.attrs[a]) for a in ("K", "N", "bits", "block_size"))
     b, scales = node.inputs[1], node.inputs[2]
     zp = node.inputs[3].values if len(node.inputs) > 3 else None
-    tiled, sz = tile_nbits(b.values, scales.values, zp, k, n, bits, block)
+    codes, scale_values = b.values, scales.values
+    if swiglu is not None:
+        codes, scale_values, zp = interleave_gate_up(codes, scale_values, zp, n, gate_first=swiglu[0])
+    tiled, sz = tile_nbits(codes, scale_values, zp, k, n, bits, block)
     name = b.name
     node.inputs = [node.inputs[0], gs.Constant(f"{name}/tiled", tiled), gs.Constant(f"{name}/sz", sz)]
     node.op, node.domain = "MatMulNBitsTiled", LEPTONC_DOMAIN
     node.attrs = {"K": k, "N": n, "bits": bits, "block_size": block}  # accuracy_level is ONNX Runtime's CPU setting
+    if swiglu is not None:
+        _, mul, drop = swiglu
+        out = mul.outputs[0]
+        detach(drop)
+        node.outputs.clear()
+        node.outputs.append(out)
+        node.attrs["activation"] = 1

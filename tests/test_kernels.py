@@ -42,7 +42,7 @@ def _ctx(**kernel_info) -> PassContext:
 def test_lowering_moves_fp16_matmulnbits_to_the_leptonc_domain():
     graph = _nbits_graph()
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
-    assert result.applied and result.counts == {"lowered": 1, "left_alone": 0}
+    assert result.applied and result.counts == {"lowered": 1, "left_alone": 0, "swiglu": 0}
     node = graph.nodes[0]
     assert node.domain == "ai.leptonc" and node.op == "MatMulNBitsTiled"
     assert node.attrs == {"K": 256, "N": 64, "bits": 4, "block_size": 128}  # no accuracy_level (ORT's CPU setting)
@@ -131,6 +131,57 @@ def test_tiled_layout_gives_the_kernel_the_right_weights(k, n, bits, block, zp):
     got = _kernel_weights(tiled, sz, k, n, bits, block).astype(np.float64)
     # the kernel multiplies the exact integer q - z by the fp16 scale in fp32: exact up to fp32 rounding
     np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-9)
+
+
+def _gated_graph(b, scales, zeros, k, n, gate_first=True, extra_reader=False) -> gs.Graph:
+    """x -> MatMulNBits (merged gate|up, N = 2F) -> Split -> QuickGelu(gate) x up, as the fused passes leave
+    a llama MLP; `extra_reader` also makes the up half a graph output."""
+    f = n // 2
+    x = gs.Variable("x", dtype=np.float16, shape=[1, 3, k])
+    y = gs.Variable("gate_up", dtype=np.float16, shape=[1, 3, n])
+    halves = [gs.Variable(name, dtype=np.float16, shape=[1, 3, f]) for name in ("h0", "h1")]
+    gate, up = halves if gate_first else halves[::-1]
+    silu = gs.Variable("silu", dtype=np.float16, shape=[1, 3, f])
+    out = gs.Variable("out", dtype=np.float16, shape=[1, 3, f])
+    mm = gs.Node("MatMulNBits", "mm", domain="com.microsoft",
+                 attrs={"K": k, "N": n, "bits": 4, "block_size": 128, "accuracy_level": 4},
+                 inputs=[x, gs.Constant("b", b), gs.Constant("s", scales), gs.Constant("z", zeros)], outputs=[y])
+    split = gs.Node("Split", "split", attrs={"axis": -1}, inputs=[y, gs.Constant("sizes", np.array([f, f], np.int64))],
+                    outputs=halves)
+    act = gs.Node("QuickGelu", "act", domain="com.microsoft", attrs={"alpha": 1.0}, inputs=[gate], outputs=[silu])
+    mul = gs.Node("Mul", "mul", inputs=[silu, up], outputs=[out])
+    return gs.Graph(nodes=[mm, split, act, mul], inputs=[x], outputs=[out] + ([up] if extra_reader else []), opset=17)
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_swiglu_folds_into_the_gate_up_kernel_with_columns_in_pairs(gate_first):
+    k, n = 256, 48
+    b, scales, zeros, w = _quantized(np.random.default_rng(7), k, n, 4, 128, True)
+    graph = _gated_graph(b, scales, zeros, k, n, gate_first)
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    assert result.applied and result.counts["swiglu"] == 1 and "SwiGLU epilogue" in result.detail
+    assert [nd.op for nd in graph.nodes] == ["MatMulNBitsTiled"]  # Split, QuickGelu and Mul are gone
+    node = graph.nodes[0]
+    assert node.attrs["activation"] == 1 and node.attrs["N"] == n and node.outputs[0].name == "out"
+    # the kernel's column 2j is feature j's gate and 2j + 1 its up, wherever the graph had them
+    got = _kernel_weights(node.inputs[1].values, node.inputs[2].values, k, n, 4, 128).astype(np.float64)
+    gate_w, up_w = (w[:n // 2], w[n // 2:]) if gate_first else (w[n // 2:], w[:n // 2])
+    np.testing.assert_allclose(got[0::2], gate_w, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got[1::2], up_w, rtol=1e-6, atol=1e-9)
+    x = np.random.default_rng(1).standard_normal((3, k))
+    g, u = x @ got[0::2].T, x @ got[1::2].T
+    ref_g, ref_u = x @ gate_w.T, x @ up_w.T
+    np.testing.assert_allclose(g / (1 + np.exp(-g)) * u, ref_g / (1 + np.exp(-ref_g)) * ref_u, rtol=1e-9, atol=1e-9)
+
+
+def test_swiglu_is_not_folded_when_a_half_is_read_elsewhere():
+    k, n = 256, 48
+    b, scales, zeros, _ = _quantized(np.random.default_rng(7), k, n, 4, 128, True)
+    graph = _gated_graph(b, scales, zeros, k, n, extra_reader=True)
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    assert result.applied and result.counts["swiglu"] == 0
+    assert sorted(nd.op for nd in graph.nodes) == ["MatMulNBitsTiled", "Mul", "QuickGelu", "Split"]
+    assert "activation" not in next(nd for nd in graph.nodes if nd.op == "MatMulNBitsTiled").attrs
 
 
 def test_lowering_is_skipped_with_the_build_reason():

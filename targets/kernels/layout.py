@@ -91,3 +91,22 @@ def tile_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
     # -> [tile, step, g, t, word] = [tile, step, lane, word]
     words = words.transpose(0, 2, 1, 4, 3).reshape(n_tiles, steps, LANES, 4).astype("<u4")
     return np.ascontiguousarray(words).view(np.uint8).reshape(n_tiles, steps, LANES, 16), sz
+
+
+def interleave_gate_up(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, n: int,
+                       gate_first: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """MatMulNBits' (B, scales, zero points) of a merged gate|up product (gate = columns 0..F-1 and up =
+    F..2F-1, or the reverse when not `gate_first`) -> the same with columns in (gate j, up j) pairs, for
+    the kernel's SwiGLU epilogue (`activation` 1): a lane's C fragment then holds one feature's gate and
+    up. Same shapes as given."""
+    if n % 8:
+        raise ValueError(f"N {n}: the SwiGLU epilogue needs gate|up columns in whole tiles (N a multiple of 8)")
+    f = n // 2
+    gate, up = (np.arange(f), f + np.arange(f)) if gate_first else (f + np.arange(f), np.arange(f))
+    order = np.stack([gate, up], axis=1).reshape(-1)
+
+    def rows(a):
+        a = np.asarray(a)
+        return np.ascontiguousarray(a.reshape(n, -1)[order]).reshape(a.shape)
+
+    return rows(b), rows(scales), (rows(zero_points) if zero_points is not None else None)

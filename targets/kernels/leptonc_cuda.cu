@@ -81,6 +81,10 @@ __device__ __forceinline__ void operands(const uint4& w, int c, half2 zz, uint32
   b1 = as_u32(__hsub2(as_h2(q1), zz));
 }
 
+// SwiGLU epilogue (attribute activation = 1): the weights' columns come in (gate j, up j) pairs, so a
+// lane's C fragment columns 2t, 2t + 1 are one feature's gate and up; the output has N / 2 columns.
+__device__ __forceinline__ float silu_mul(float gate, float up) { return gate / (1.f + __expf(-gate)) * up; }
+
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -91,7 +95,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 
 // NT tiles of 8 columns a block; the block's warps take the steps of K in turn. PB products share a
 // scale (PB = block / 16, at most the step's): their partial sums are scaled and added in fp32.
-template <int BITS, int NT, int PB, int WARPS>
+template <int BITS, int NT, int PB, int WARPS, bool ACT>
 __global__ void __launch_bounds__(WARPS * 32)
 tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
              half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t) {
@@ -173,13 +177,25 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
 #pragma unroll
     for (int e = 0; e < 4; ++e) red[warp][j][lane][e] = acc[j][e];
   __syncthreads();
-  for (int i = threadIdx.x; i < NT * 128; i += blockDim.x) {
-    const int j = i >> 7, l = (i >> 2) & 31, e = i & 3;
-    const int row = (l >> 2) + (e >= 2 ? 8 : 0), n = (tile0 + j) * 8 + 2 * (l & 3) + (e & 1);
-    if (row < M && n < N) {
-      float sum = 0.f;
-      for (int w = 0; w < warps; ++w) sum += red[w][j][l][e];
-      Y[size_t(row) * N + n] = __float2half(sum);
+  if constexpr (ACT) {  // (gate, up) = C elements (0, 1) of row g and (2, 3) of row g + 8
+    for (int i = threadIdx.x; i < NT * 64; i += blockDim.x) {
+      const int j = i >> 6, l = (i >> 1) & 31, r = i & 1;
+      const int row = (l >> 2) + 8 * r, f = (tile0 + j) * 4 + (l & 3);
+      if (row < M && 2 * f < N) {
+        float gate = 0.f, up = 0.f;
+        for (int w = 0; w < warps; ++w) gate += red[w][j][l][2 * r], up += red[w][j][l][2 * r + 1];
+        Y[size_t(row) * (N / 2) + f] = __float2half(silu_mul(gate, up));
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < NT * 128; i += blockDim.x) {
+      const int j = i >> 7, l = (i >> 2) & 31, e = i & 3;
+      const int row = (l >> 2) + (e >= 2 ? 8 : 0), n = (tile0 + j) * 8 + 2 * (l & 3) + (e & 1);
+      if (row < M && n < N) {
+        float sum = 0.f;
+        for (int w = 0; w < warps; ++w) sum += red[w][j][l][e];
+        Y[size_t(row) * N + n] = __float2half(sum);
+      }
     }
   }
 }
@@ -203,7 +219,7 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return v;
 }
 
-template <int BITS, int PB, int S>
+template <int BITS, int PB, int S, bool ACT>
 __global__ void __launch_bounds__(512)
 tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
            half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t, int wpt, int tb) {
@@ -286,6 +302,11 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
     }
   }
   if (!live || g >= M) return;
+  if (ACT) {
+    const int f = tile * 4 + t;
+    if (2 * f < N) Y[size_t(g) * (N / 2) + f] = __float2half(silu_mul(acc0, acc1));
+    return;
+  }
   half* yr = Y + size_t(g) * N;
   if (n + 1 < N) {
     *reinterpret_cast<half2*>(yr + n) = __floats2half2_rn(acc0, acc1);  // N even here: n is even
@@ -298,15 +319,22 @@ struct GemvPlan {
   int s = 0, wpt = 0, tb = 0, blocks = 0, smem = 0;
 };
 
-// The few-rows plan for M rows (s = 0 when the kernel does not apply): S = 8 steps a warp unless forced,
-// up to 8 warps a block, fewer tiles a block while blocks would not cover the SMs twice.
-inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int force_tb = 0) {
+// The few-rows plan for M rows (s = 0 when the kernel does not apply): 512 values of K a warp (S = 4
+// steps at 4 bits, 8 at 8 bits) unless forced, up to 8 warps a block, fewer tiles a block while blocks
+// would not cover the SMs twice. Measured at M = 1 (BENCHMARKS.md, session 11), against the streaming
+// kernel: llama-1b qkv 4.70 -> 4.33 us, gate/up 14.98 -> 11.40, down 9.31 -> 7.62, the int8 LM head
+// 120.7 -> 92.3 (3.0 TB/s); o (2 MiB) ties, and smaller products (smollm2's) are faster streamed
+// (2.3-2.7 us against 3.0-3.4), so the plan takes weights of at least kGemvMinBytes.
+constexpr size_t kGemvMinBytes = size_t(3) << 20;
+
+inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int force_tb = 0, bool any_size = false) {
   GemvPlan p;
   const int step_k = bits == 4 ? 128 : 64;
   const int steps = (K + step_k - 1) / step_k, kfull = steps * step_k;
   const int a_bytes = m * (kfull + 8) * 2;
   if (m < 1 || m > 8 || a_bytes > kGemvSmemBytes || N % 2 != 0) return p;
-  p.s = force_s > 0 ? force_s : 8;
+  if (!any_size && size_t((N + 7) / 8) * steps * 512 < kGemvMinBytes) return p;
+  p.s = force_s > 0 ? force_s : 512 / step_k;
   p.wpt = (steps + p.s - 1) / p.s;
   if (p.wpt > 16) p.s = 16, p.wpt = (steps + 15) / 16;
   if (p.wpt > 16) return GemvPlan();
@@ -319,26 +347,33 @@ inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int fo
   return p;
 }
 
-template <int BITS, int PB>
-cudaError_t launch_gemv_pb(const GemvPlan& p, const half* a, int m, const uint4* b, const half2* sz, half* y, int K,
-                           int N, int steps, int block, int blocks_t, cudaStream_t stream) {
+template <int BITS, int PB, bool ACT>
+cudaError_t launch_gemv_act(const GemvPlan& p, const half* a, int m, const uint4* b, const half2* sz, half* y, int K,
+                            int N, int steps, int block, int blocks_t, cudaStream_t stream) {
   const dim3 grid(p.blocks), threads(p.tb * p.wpt * 32);
   switch (p.s) {
     case 4:
-      tiled_gemv<BITS, PB, 4><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
+      tiled_gemv<BITS, PB, 4, ACT><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
       break;
     case 16:
-      tiled_gemv<BITS, PB, 16><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
+      tiled_gemv<BITS, PB, 16, ACT><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
       break;
     default:
-      tiled_gemv<BITS, PB, 8><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
+      tiled_gemv<BITS, PB, 8, ACT><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
   }
   return cudaGetLastError();
 }
 
+template <int BITS, int PB>
+cudaError_t launch_gemv_pb(const GemvPlan& p, bool act, const half* a, int m, const uint4* b, const half2* sz, half* y,
+                           int K, int N, int steps, int block, int blocks_t, cudaStream_t stream) {
+  return act ? launch_gemv_act<BITS, PB, true>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, stream)
+             : launch_gemv_act<BITS, PB, false>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, stream);
+}
+
 template <int BITS>
-cudaError_t launch_gemv(const GemvPlan& p, const half* a, int m, const uint8_t* b, const half* sz, half* y, int K,
-                        int N, int block, cudaStream_t stream) {
+cudaError_t launch_gemv(const GemvPlan& p, bool act, const half* a, int m, const uint8_t* b, const half* sz, half* y,
+                        int K, int N, int block, cudaStream_t stream) {
   const int step_k = Step<BITS>::kK;
   const int steps = (K + step_k - 1) / step_k;
   const int blocks_t = (steps * step_k + block - 1) / block;
@@ -346,9 +381,9 @@ cudaError_t launch_gemv(const GemvPlan& p, const half* a, int m, const uint8_t* 
   const auto* bw = reinterpret_cast<const uint4*>(b);
   const auto* szw = reinterpret_cast<const half2*>(sz);
   if (pb >= Step<BITS>::kProducts)
-    return launch_gemv_pb<BITS, Step<BITS>::kProducts>(p, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
-  if (pb == 4) return launch_gemv_pb<BITS, 4>(p, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
-  return launch_gemv_pb<BITS, 2>(p, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
+    return launch_gemv_pb<BITS, Step<BITS>::kProducts>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
+  if (pb == 4) return launch_gemv_pb<BITS, 4>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
+  return launch_gemv_pb<BITS, 2>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
 }
 
 // ---- the prefill path (M > 16): dequantize tiles, then cuBLAS -------------------------------------
@@ -391,10 +426,22 @@ __global__ void tiled_dequantize(const uint32_t* __restrict__ B, const half2* __
   }
 }
 
-struct Shared {  // one per process: the cuBLAS handle and the dequantization scratch
+// SwiGLU on the prefill path: Y[r, f0 + f] = silu(P[r, 2f]) * P[r, 2f + 1] for a product P [rows, cols]
+__global__ void swiglu_rows(const half* __restrict__ P, int rows, int cols, half* __restrict__ Y, int ld_y, int f0) {
+  const int pairs = cols / 2;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size_t(rows) * pairs;
+       i += size_t(gridDim.x) * blockDim.x) {
+    const int r = int(i / pairs), f = int(i % pairs);
+    const half2 gu = *reinterpret_cast<const half2*>(P + size_t(r) * cols + 2 * f);
+    Y[size_t(r) * ld_y + f0 + f] = __float2half(silu_mul(__low2float(gu), __high2float(gu)));
+  }
+}
+
+struct Shared {  // one per process: the cuBLAS handle, the dequantization scratch, SwiGLU's product rows
   std::mutex lock;
   cublasHandle_t cublas = nullptr;
   half* scratch = nullptr;
+  half* product = nullptr;  // kScratchHalves too; made only for a node with the SwiGLU epilogue
 };
 Shared g_shared;
 
@@ -402,6 +449,7 @@ Shared g_shared;
 
 struct NBitsKernel {
   int64_t K = 0, N = 0, bits = 0, block = 0;
+  int64_t activation = 0;  // 1: SwiGLU epilogue, output N / 2 columns
 };
 
 OrtStatus* make_error(const std::string& what) {
@@ -419,13 +467,16 @@ OrtStatus* cuda_check(cudaError_t err, const char* where) {
     if (_st != nullptr) return _st; \
   } while (0)
 
-OrtStatus* ensure_shared() {
+OrtStatus* ensure_shared(bool product = false) {
   std::lock_guard<std::mutex> guard(g_shared.lock);
   if (g_shared.cublas == nullptr) {
     if (cublasCreate(&g_shared.cublas) != CUBLAS_STATUS_SUCCESS) return make_error("cublasCreate failed");
   }
   if (g_shared.scratch == nullptr) {
     ORT_TRY(cuda_check(cudaMalloc(&g_shared.scratch, kScratchHalves * sizeof(half)), "cudaMalloc(scratch)"));
+  }
+  if (product && g_shared.product == nullptr) {
+    ORT_TRY(cuda_check(cudaMalloc(&g_shared.product, kScratchHalves * sizeof(half)), "cudaMalloc(product)"));
   }
   return nullptr;
 }
@@ -442,9 +493,11 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const int steps = (K + step_k - 1) / step_k;
   const int blocks_t = (steps * step_k + block - 1) / block;
   const int n_tiles = (N + 7) / 8;
+  const bool act = kn.activation == 1;
   if (path != Path::kStream && (path == Path::kGemv || m <= kGemvMaxM)) {
-    const GemvPlan plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb);
-    if (plan.s > 0) return cuda_check(launch_gemv<BITS>(plan, a, int(m), b, sz, y, K, N, block, stream), "tiled_gemv launch");
+    const GemvPlan plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb, path == Path::kGemv);
+    if (plan.s > 0)
+      return cuda_check(launch_gemv<BITS>(plan, act, a, int(m), b, sz, y, K, N, block, stream), "tiled_gemv launch");
     if (path == Path::kGemv) return make_error("the few-rows kernel does not apply to this shape");
   }
   if (m <= kSmallM) {
@@ -461,11 +514,18 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
     const bool wide = wide_;                      // gate/up, LM head: two tiles a block share A's loads
 #define LEPTONC_STREAM(NT, PB)                                                                               \
   do {                                                                                                       \
-    if (deep)                                                                                                \
-      tiled_stream<BITS, NT, PB, kMaxWarps><<<(n_tiles + NT - 1) / NT, warps * 32, 0, stream>>>(             \
+    const int grid = (n_tiles + NT - 1) / NT;                                                                \
+    if (deep && act)                                                                                         \
+      tiled_stream<BITS, NT, PB, kMaxWarps, true><<<grid, warps * 32, 0, stream>>>(                          \
+          a, int(m), bw, szw, y, K, N, steps, block, blocks_t);                                              \
+    else if (deep)                                                                                           \
+      tiled_stream<BITS, NT, PB, kMaxWarps, false><<<grid, warps * 32, 0, stream>>>(                         \
+          a, int(m), bw, szw, y, K, N, steps, block, blocks_t);                                              \
+    else if (act)                                                                                            \
+      tiled_stream<BITS, NT, PB, 8, true><<<grid, warps * 32, 0, stream>>>(                                  \
           a, int(m), bw, szw, y, K, N, steps, block, blocks_t);                                              \
     else                                                                                                     \
-      tiled_stream<BITS, NT, PB, 8><<<(n_tiles + NT - 1) / NT, warps * 32, 0, stream>>>(                     \
+      tiled_stream<BITS, NT, PB, 8, false><<<grid, warps * 32, 0, stream>>>(                                 \
           a, int(m), bw, szw, y, K, N, steps, block, blocks_t);                                              \
   } while (0)
     if (pb >= Step<BITS>::kProducts) {
@@ -478,7 +538,8 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
 #undef LEPTONC_STREAM
     return cuda_check(cudaGetLastError(), "tiled_stream launch");
   }
-  if (g_shared.scratch == nullptr || g_shared.cublas == nullptr) ORT_TRY(ensure_shared());
+  if (g_shared.scratch == nullptr || g_shared.cublas == nullptr || (act && g_shared.product == nullptr))
+    ORT_TRY(ensure_shared(act));
   if (cublasSetStream(g_shared.cublas, stream) != CUBLAS_STATUS_SUCCESS) return make_error("cublasSetStream failed");
   const int64_t chunk_tiles = std::max<int64_t>(1, std::min<int64_t>(n_tiles, int64_t(kScratchHalves) / (8 * int64_t(K))));
   const float alpha = 1.f, beta = 0.f;
@@ -493,10 +554,26 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
                                                          int(tile_first), tiles, K, steps, block, blocks_t);
     ORT_TRY(cuda_check(cudaGetLastError(), "dequantize launch"));
     // column-major view: Y^T[N, M] (ld N) = W[rows, K]^T-as-stored (op T, ld K) x A^T[K, M] (ld K)
-    const cublasStatus_t st = cublasGemmEx(g_shared.cublas, CUBLAS_OP_T, CUBLAS_OP_N, rows, int(m), K, &alpha,
-                                           g_shared.scratch, CUDA_R_16F, K, a, CUDA_R_16F, K, &beta, y + n_first,
-                                           CUDA_R_16F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    if (st != CUBLAS_STATUS_SUCCESS) return make_error("cublasGemmEx failed with status " + std::to_string(int(st)));
+    if (!act) {
+      const cublasStatus_t st = cublasGemmEx(g_shared.cublas, CUBLAS_OP_T, CUBLAS_OP_N, rows, int(m), K, &alpha,
+                                             g_shared.scratch, CUDA_R_16F, K, a, CUDA_R_16F, K, &beta, y + n_first,
+                                             CUDA_R_16F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      if (st != CUBLAS_STATUS_SUCCESS) return make_error("cublasGemmEx failed with status " + std::to_string(int(st)));
+      continue;
+    }
+    // SwiGLU: the product's rows in chunks through g_shared.product, then the epilogue (rows is even)
+    const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / rows);
+    for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
+      const int r = int(std::min<int64_t>(chunk_rows, m - r0));
+      const cublasStatus_t st = cublasGemmEx(g_shared.cublas, CUBLAS_OP_T, CUBLAS_OP_N, rows, r, K, &alpha,
+                                             g_shared.scratch, CUDA_R_16F, K, a + r0 * K, CUDA_R_16F, K, &beta,
+                                             g_shared.product, CUDA_R_16F, rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      if (st != CUBLAS_STATUS_SUCCESS) return make_error("cublasGemmEx failed with status " + std::to_string(int(st)));
+      const int64_t pairs = int64_t(r) * (rows / 2);
+      const int g2 = int(std::min<int64_t>((pairs + 255) / 256, 65535));
+      swiglu_rows<<<g2, 256, 0, stream>>>(g_shared.product, r, rows, y + r0 * (N / 2), N / 2, n_first / 2);
+      ORT_TRY(cuda_check(cudaGetLastError(), "swiglu launch"));
+    }
   }
   return nullptr;
 }
@@ -521,8 +598,18 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, con
     delete kn;
     return api->CreateStatus(ORT_INVALID_ARGUMENT, ("leptonc MatMulNBitsTiled: " + msg).c_str());
   }
+  if ((st = read_int_attr(info, "activation", &kn->activation)) != nullptr) {  // absent: no epilogue
+    api->ReleaseStatus(st);
+    kn->activation = 0;
+  }
+  if (kn->activation != 0 && (kn->activation != 1 || kn->N % 8 != 0)) {
+    const std::string msg = "unsupported activation " + std::to_string(kn->activation) + " with N=" +
+                            std::to_string(kn->N) + " (1 = SwiGLU over (gate, up) column pairs, N a multiple of 8)";
+    delete kn;
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, ("leptonc MatMulNBitsTiled: " + msg).c_str());
+  }
   // The prefill path's cuBLAS handle and scratch are made here, before any graph capture can begin.
-  if ((st = ensure_shared()) != nullptr) {
+  if ((st = ensure_shared(kn->activation == 1)) != nullptr) {
     delete kn;
     return st;
   }
@@ -553,7 +640,7 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   for (size_t i = 0; i + 1 < rank; ++i) m *= dims[i];
   int64_t out_dims[8];
   for (size_t i = 0; i + 1 < rank; ++i) out_dims[i] = dims[i];
-  out_dims[rank - 1] = kn.N;
+  out_dims[rank - 1] = kn.activation == 1 ? kn.N / 2 : kn.N;
   OrtValue* out = nullptr;
   ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, out_dims, rank, &out));
   if (m == 0) return nullptr;
