@@ -451,7 +451,7 @@ def kernels_llama(s: Session) -> None:
     Runtime's (bench/device_kernels.py: correctness, time per product in CUDA graphs), then llama-1b-shape
     fp16 and int4 (RTN) with it, batch 1 and 16, in one call."""
     script(s, "kernels op check + speed", "bench/device_kernels.py", out_name="kernels.json", timeout=220)
-    os.environ["LEPTONC_CUDA_KERNELS"] = "1"  # the lowering is opt-in (targets/onnxruntime.py)
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"  # the default since session 11; set for the earlier commits too
     fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
     q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
                         "--int4-method", "rtn", "--no-check")

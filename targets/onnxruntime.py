@@ -45,15 +45,17 @@ QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "int4": ["quant
 
 
 # GPU targets, last: MatMulNBits moved to leptonc's own CUDA kernel (targets/kernels/). After quantization
-# and select_logits, which create and rewire the MatMulNBits nodes it lowers. OPT-IN (LEPTONC_CUDA_KERNELS=1)
-# until it is faster everywhere: on the H100 it makes llama-1b-shape int4 faster than fp16 at batch 16
-# (7,597 vs 6,785 tok/s; ONNX Runtime's kernel ~4,155) but loses to ONNX Runtime's kernel at batch 1
-# (786 vs ~880 tok/s), BENCHMARKS.md "Session 9".
+# and select_logits, which create and rewire the MatMulNBits nodes it lowers. On by default since session
+# 11, where it is faster than ONNX Runtime's kernel at batch 1 and 16 on both models measured (H100,
+# BENCHMARKS.md "Session 11": llama-1b-shape int4 1,035 tok/s at batch 1, 1.62x fp16 in the same call;
+# smollm2-135m int4 1,130 against 861 with ONNX Runtime's kernel, the same greedy tokens). Where the
+# library cannot be built (no nvcc or no ONNX Runtime header), the pass is skipped with the reason.
+# LEPTONC_CUDA_KERNELS=0 or --disable-pass use_leptonc_kernels keeps ONNX Runtime's kernel.
 GPU_LOWERING: list[str] = ["use_leptonc_kernels"]
 
 
 def pipeline(target, precision: str) -> list[str]:
-    lower = target.is_gpu and os.environ.get("LEPTONC_CUDA_KERNELS") == "1"
+    lower = target.is_gpu and os.environ.get("LEPTONC_CUDA_KERNELS", "1") != "0"
     return (list(CUDA_PIPELINE if target.is_gpu else CPU_PIPELINE) + QUANT_PASSES.get(precision, [])
             + (GPU_LOWERING if lower else []))
 

@@ -191,16 +191,16 @@ def test_lowering_is_skipped_with_the_build_reason():
     assert g.nodes[0].domain == "com.microsoft"
 
 
-def test_gpu_pipeline_lowers_only_when_asked(monkeypatch):
+def test_gpu_pipeline_lowers_unless_turned_off(monkeypatch):
     from leptonc.targets import get_target
     from leptonc.targets import onnxruntime as ort_backend
 
     h100, cpu = get_target("h100"), get_target("cpu")
     monkeypatch.delenv("LEPTONC_CUDA_KERNELS", raising=False)
-    assert "use_leptonc_kernels" not in ort_backend.pipeline(h100, "int4")
-    monkeypatch.setenv("LEPTONC_CUDA_KERNELS", "1")
     assert ort_backend.pipeline(h100, "int4")[-1] == "use_leptonc_kernels"  # last: after quantize_int4
     assert "use_leptonc_kernels" not in ort_backend.pipeline(cpu, "int4")
+    monkeypatch.setenv("LEPTONC_CUDA_KERNELS", "0")
+    assert "use_leptonc_kernels" not in ort_backend.pipeline(h100, "int4")
 
 
 def test_arch_for_compute_capability():

@@ -6,10 +6,15 @@ What it holds: `ai.leptonc.MatMulNBitsTiled`, the weight-only int4/int8 matmul o
 lane's 16-byte load is its tensor-core operands. It streams the weights once for up to 16 rows of
 activations; the M > 16 path dequantizes and calls cuBLAS.
 
-Status (H100, BENCHMARKS.md "Session 9"): correct (relative error 4-5e-4 against a float64 reference).
-llama-1b-shape int4 with it: 786 tok/s at batch 1 (1.21x fp16, but below ONNX Runtime's kernel, about 880)
-and 7,597 at batch 16 (1.12x fp16; ONNX Runtime's kernel about 4,155). smollm2-135m: faster than ONNX
-Runtime's kernel at both. So the lowering is opt-in: LEPTONC_CUDA_KERNELS=1 at compile.
+A single row (batch-1 decode) of a product of 3 MiB or more takes a second kernel, `tiled_gemv`, whose
+warps issue every load of their K chunk at once. A merged gate|up product followed by SiLU(gate) x up
+gets the SwiGLU epilogue (`activation` 1), so the Split, QuickGelu and Mul kernels go.
+
+Status (H100, BENCHMARKS.md "Session 11"): correct (relative error <= 7e-4 against a float64 reference).
+llama-1b-shape int4 with it: 1,035 tok/s at batch 1 (1.62x fp16 in the same call) and 7,700 at batch 16
+(1.20x fp16). smollm2-135m int4: 1,130 and 12,637 tok/s against 861 and 6,949 with ONNX Runtime's
+kernel, the same greedy tokens. The lowering is on by default for GPU targets (LEPTONC_CUDA_KERNELS=0 or
+`--disable-pass use_leptonc_kernels` turns it off).
 
 Building needs, on the compiling machine (no GPU needed there):
   - nvcc (CUDA 12 or 13): `CUDA_HOME`, then `PATH`, then /usr/local/cuda;
