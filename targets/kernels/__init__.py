@@ -11,8 +11,8 @@ warps issue every load of their K chunk at once. A merged gate|up product follow
 gets the SwiGLU epilogue (`activation` 1), so the Split, QuickGelu and Mul kernels go.
 
 Status (H100, BENCHMARKS.md "Session 11"): correct (relative error <= 7e-4 against a float64 reference).
-llama-1b-shape int4 with it: 1,035 tok/s at batch 1 (1.62x fp16 in the same call) and 7,700 at batch 16
-(1.20x fp16). smollm2-135m int4: 1,130 and 12,637 tok/s against 861 and 6,949 with ONNX Runtime's
+llama-1b-shape int4 with it: 1,035 and 985 tok/s at batch 1 in two calls (1.62x and 1.59x fp16 in the
+same call) and 7,700 and 7,209 at batch 16 (1.20x and 1.17x). smollm2-135m int4: 1,130 and 12,637 tok/s against 861 and 6,949 with ONNX Runtime's
 kernel, the same greedy tokens. The lowering is on by default for GPU targets (LEPTONC_CUDA_KERNELS=0 or
 `--disable-pass use_leptonc_kernels` turns it off).
 
