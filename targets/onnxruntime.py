@@ -46,10 +46,11 @@ QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "int4": ["quant
 
 # GPU targets, last: MatMulNBits moved to leptonc's own CUDA kernel (targets/kernels/). After quantization
 # and select_logits, which create and rewire the MatMulNBits nodes it lowers. On by default since session
-# 11, where it is faster than ONNX Runtime's kernel at batch 1 and 16 on both models measured (H100,
-# BENCHMARKS.md "Session 11": llama-1b-shape int4 1,035 and 985 tok/s at batch 1 in two calls, 1.62x and 1.59x fp16;
-# smollm2-135m int4 1,130 against 861 with ONNX Runtime's kernel, the same greedy tokens). Where the
-# library cannot be built (no nvcc or no ONNX Runtime header), the pass is skipped with the reason.
+# 11 (H100, BENCHMARKS.md "Session 11"): smollm2-135m int4 1,130 tok/s at batch 1 and 12,637 at batch 16
+# against 861 and 6,949 with ONNX Runtime's kernel in the same call, the same greedy tokens; llama-1b-shape
+# int4 1,035 and 985 tok/s at batch 1 in two calls (1.62x and 1.59x fp16), where ONNX Runtime's kernel
+# measured 876-890 in earlier sessions (not the same call). Where the library cannot be built (no nvcc or
+# no ONNX Runtime header), the pass is skipped with the reason.
 # LEPTONC_CUDA_KERNELS=0 or --disable-pass use_leptonc_kernels keeps ONNX Runtime's kernel.
 GPU_LOWERING: list[str] = ["use_leptonc_kernels"]
 

@@ -4,9 +4,13 @@
 // 8 bits quantized in blocks along K (ONNX Runtime's com.microsoft.MatMulNBits, whose codes, scales and
 // zero points passes/use_kernels.py rearranges ahead of time; targets/kernels/layout.py documents the
 // layout). Inputs: A fp16 [..., K]; B uint8 [n_tiles, steps, 32, 16]; SZ fp16 [n_tiles, blocks, 8, 2] =
-// (scale, 1024 + zero point). Attributes: K, N, bits, block_size.
+// (scale, 1024 + zero point). Attributes: K, N, bits, block_size, and optionally activation = 1: the
+// SwiGLU epilogue, for merged gate|up weights whose columns come in (gate j, up j) pairs; Y is then
+// SiLU(gate) x up, [..., N / 2].
 //
-//   M <= 16 (decode, batch <= 16): each warp streams 8 output columns x one step of K (128 values at 4
+//   M = 1 (batch-1 decode), weights of 3 MiB and more: tiled_gemv, below; each warp issues every load of
+//     its chunk of K at once.
+//   Other M <= 16 (decode, batch <= 16): each warp streams 8 output columns x one step of K (128 values at 4
 //     bits, 64 at 8) per 16-byte load a lane; the load is exactly the lane's B operands of the step's
 //     mma.sync.m16n8k16 products, made in registers as exact fp16 integers q - z (the 0x6400 exponent
 //     trick, then one subtraction of 1024 + zero point) and multiplied on the tensor cores with fp32
@@ -15,7 +19,8 @@
 //     of A past M are zero registers, so 1 and 16 rows cost the same weight traffic. The block's warps
 //     split K; partial sums are added in shared memory.
 //   M > 16 (prefill): tiles are dequantized into a scratch buffer in chunks and multiplied by cuBLAS
-//     (fp16 in and out, fp32 accumulation).
+//     (fp16 in and out, fp32 accumulation); with the SwiGLU epilogue cuBLAS writes the gate|up product
+//     into a second scratch and one kernel takes SiLU(gate) x up from it.
 //
 // Everything runs on ONNX Runtime's compute stream (KernelContext_GetGPUComputeStream) with no host
 // synchronization and no allocation after the first call, so a decode step that uses it can be
@@ -302,7 +307,7 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
     }
   }
   if (!live || g >= M) return;
-  if (ACT) {
+  if constexpr (ACT) {
     const int f = tile * 4 + t;
     if (2 * f < N) Y[size_t(g) * (N / 2) + f] = __float2half(silu_mul(acc0, acc1));
     return;
@@ -372,14 +377,8 @@ cudaError_t launch_gemv_pb(const GemvPlan& p, bool act, const half* a, int m, co
 }
 
 template <int BITS>
-cudaError_t launch_gemv(const GemvPlan& p, bool act, const half* a, int m, const uint8_t* b, const half* sz, half* y,
-                        int K, int N, int block, cudaStream_t stream) {
-  const int step_k = Step<BITS>::kK;
-  const int steps = (K + step_k - 1) / step_k;
-  const int blocks_t = (steps * step_k + block - 1) / block;
-  const int pb = std::min(block, step_k) / 16;
-  const auto* bw = reinterpret_cast<const uint4*>(b);
-  const auto* szw = reinterpret_cast<const half2*>(sz);
+cudaError_t launch_gemv(const GemvPlan& p, bool act, int pb, const half* a, int m, const uint4* bw, const half2* szw,
+                        half* y, int K, int N, int steps, int block, int blocks_t, cudaStream_t stream) {
   if (pb >= Step<BITS>::kProducts)
     return launch_gemv_pb<BITS, Step<BITS>::kProducts>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
   if (pb == 4) return launch_gemv_pb<BITS, 4>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
@@ -494,10 +493,14 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const int blocks_t = (steps * step_k + block - 1) / block;
   const int n_tiles = (N + 7) / 8;
   const bool act = kn.activation == 1;
+  const auto* bw = reinterpret_cast<const uint4*>(b);
+  const auto* szw = reinterpret_cast<const half2*>(sz);
+  const int pb = std::min(block, step_k) / 16;  // products that share a scale
   if (path != Path::kStream && (path == Path::kGemv || m <= kGemvMaxM)) {
     const GemvPlan plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb, path == Path::kGemv);
     if (plan.s > 0)
-      return cuda_check(launch_gemv<BITS>(plan, act, a, int(m), b, sz, y, K, N, block, stream), "tiled_gemv launch");
+      return cuda_check(launch_gemv<BITS>(plan, act, pb, a, int(m), bw, szw, y, K, N, steps, block, blocks_t, stream),
+                        "tiled_gemv launch");
     if (path == Path::kGemv) return make_error("the few-rows kernel does not apply to this shape");
   }
   if (m <= kSmallM) {
@@ -505,13 +508,9 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
     // smollm2's down: 72), so that more warps an SM stream K (v3e/v3f, BENCHMARKS.md session 10: llama o
     // 4.30 -> 3.73 us, down 13.05 -> 9.33, smollm2 down 3.41 -> 2.60; the 16-warp instance everywhere
     // slowed llama gate/up, 15.0 -> 17.2, and qkv)
-    const bool wide_ = n_tiles >= 2 * 4 * 132;
-    const bool deep = !wide_ && n_tiles <= 2 * 132 && steps > 8;
+    const bool wide = n_tiles >= 2 * 4 * 132;  // gate/up, LM head: two tiles a block share A's loads
+    const bool deep = !wide && n_tiles <= 2 * 132 && steps > 8;
     const int warps = std::min(deep ? kMaxWarps : 8, steps);
-    const auto* bw = reinterpret_cast<const uint4*>(b);
-    const auto* szw = reinterpret_cast<const half2*>(sz);
-    const int pb = std::min(block, step_k) / 16;  // products that share a scale
-    const bool wide = wide_;                      // gate/up, LM head: two tiles a block share A's loads
 #define LEPTONC_STREAM(NT, PB)                                                                               \
   do {                                                                                                       \
     const int grid = (n_tiles + NT - 1) / NT;                                                                \
