@@ -31,7 +31,8 @@ CPU_PIPELINE: list[str] = CLEANUP + [
     "merge_qkv",            # after fuse_gqa, so attention matching sees three separate projections
     "fold_rotary_into_gqa",  # after merge_qkv: GQA takes the packed projection; mask-sum graphs only
     "merge_gate_up",
-    "select_logits",        # last: the LM head reads only the positions the runtime asks for
+    "select_logits",        # the LM head reads only the positions the runtime asks for
+    "greedy_token",         # after select_logits: ArgMax over the selected logits, a next_token output
 ]
 # ONNX Runtime's CUDA provider has kernels for every contrib op above (GroupQueryAttention in fp16).
 CUDA_PIPELINE: list[str] = list(CPU_PIPELINE)
@@ -51,7 +52,8 @@ QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "int4": ["quant
 # int4 1,035 and 985 tok/s at batch 1 in two calls (1.62x and 1.59x fp16), where ONNX Runtime's kernel
 # measured 876-890 in earlier sessions (not the same call). Where the library cannot be built (no nvcc or
 # no ONNX Runtime header), the pass is skipped with the reason.
-# LEPTONC_CUDA_KERNELS=0 or --disable-pass use_leptonc_kernels keeps ONNX Runtime's kernel.
+# fp16 graphs (session 12): SiLU(gate) x up behind ONNX Runtime's MatMul -> ai.leptonc.SwiGLU, one kernel for three.
+# LEPTONC_CUDA_KERNELS=0 or --disable-pass use_leptonc_kernels keeps ONNX Runtime's kernels.
 GPU_LOWERING: list[str] = ["use_leptonc_kernels"]
 
 
@@ -115,6 +117,9 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
                                                "shape": ["batch", "logits_sequence"]}],
               "outputs": [({**t, "shape": [t["shape"][0], "logits_sequence", *t["shape"][2:]]} if t["name"] == "logits"
                            else t) for t in io["outputs"]]}
+    if any(r["name"] == "greedy_token" and r["status"] == "applied" for r in records):
+        logits = next(t for t in io["outputs"] if t["name"] == "logits")
+        io = {**io, "outputs": [*io["outputs"], {"name": "next_token", "dtype": "int64", "shape": logits["shape"][:2]}]}
     session = session_settings(ctx.target)
     if any(r["name"] == "fuse_gqa" and (r.get("counts") or {}).get("mask_sum") for r in records):
         # The runtime's side of the contract (passes/fuse_attention.py): right-padded prompts, a fixed
@@ -136,12 +141,13 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
 
 
 def _prepare_kernels(ctx, pipeline_names: list[str], disabled: tuple[str, ...]):
-    """Build leptonc's CUDA kernel library when the pipeline may lower ops to it (quantized GPU graphs,
-    whose MatMulNBits it runs). Where it cannot be built, the pass is skipped and its record says why."""
+    """Build leptonc's CUDA kernel library when the pipeline may lower ops to it (fp16 GPU graphs: the
+    MatMulNBits of int4/int8 weights, and SwiGLU). Where it cannot be built, the pass is skipped and its
+    record says why."""
     if "use_leptonc_kernels" not in pipeline_names or "use_leptonc_kernels" in disabled:
         return None
-    if ctx.precision not in ("int4", "int8"):
-        ctx.options["cuda_kernels"] = {"unavailable": f"not needed for {ctx.precision} (no MatMulNBits)"}
+    if export_dtype(ctx.target, ctx.precision) != "fp16":
+        ctx.options["cuda_kernels"] = {"unavailable": f"not needed for {ctx.precision} (the kernels are fp16)"}
         return None
     from leptonc.targets.kernels import KernelsUnavailable, build_library
 

@@ -423,3 +423,75 @@ def test_last_position_gather_runs_on_the_runners_provider(tiny):
                        max_sequence=48, max_batch=bundle.max_batch) as runner:
         got = runner._last_position(runner._ortvalue(logits), last)
     np.testing.assert_array_equal(got, logits[np.arange(3), last])
+
+
+@pytest.mark.parametrize("graph", ["cpu contract", "mask_sum"])
+def test_greedy_tokens_come_from_the_graph(tiny, mask_sum_bundle, graph):
+    """passes/greedy_token.py: the bundle has a `next_token` output (ArgMax in the graph, listed in the
+    manifest), and a greedy step that copies only it gives the argmax of the same step's logits, for
+    left-padded rows and through the shared and growing cache layouts."""
+    import onnx
+
+    bundle = tiny[0] if graph == "cpu contract" else mask_sum_bundle
+    assert {"name": "next_token", "dtype": "int64", "shape": ["batch", "logits_sequence"]} in bundle.io["outputs"]
+    g = onnx.load(str(bundle.model_path), load_external_data=False).graph
+    assert [o.name for o in g.output].count("next_token") == 1
+    assert sum(n.op_type == "ArgMax" for n in g.node) == 1
+    rng = np.random.default_rng(11)
+    ids = rng.integers(3, 500, size=(3, 7), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[2, :3] = 0
+    kinds = ["iobinding"] if graph == "mask_sum" else ["cpu", "iobinding"]
+    for kind in kinds:
+        with _runner(bundle, kind, max_sequence=48) as greedy, _runner(bundle, kind, max_sequence=48) as full:
+            assert getattr(greedy, "greedy_output", True)
+            tok = greedy.prefill(ids, mask, last_only=True).argmax(-1)
+            full.prefill(ids, mask, last_only=True)
+            seen = set()
+            for _ in range(12):
+                want = full.decode(tok).argmax(-1)
+                tok = greedy.decode_tokens(tok)
+                assert tok.shape == (3,) and tok.dtype == np.int64
+                np.testing.assert_array_equal(tok, want)
+                seen.update(tok.tolist())
+            assert len(seen) > 3  # the tokens move: not a constant answer
+
+
+def test_greedy_generation_reads_tokens_not_logits(tiny):
+    """`generate` at temperature 0 runs decode_tokens; its tokens equal greedy decoding from the logits."""
+    bundle, tok = tiny
+
+    class LogitsOnly:  # the same runner, forced through decode() + host argmax
+        def __init__(self, r):
+            self.r = r
+
+        def __getattr__(self, name):
+            return getattr(self.r, name)
+
+        def decode_tokens(self, token_ids):
+            return self.r.decode(token_ids).argmax(-1)
+
+    cfg = SamplingConfig(max_new_tokens=12, stop_at_eos=False)
+    with _runner(bundle, "iobinding") as r:
+        a = generate(r, tok, ["The capital of France is", "hi"], cfg)
+        b = generate(LogitsOnly(r), tok, ["The capital of France is", "hi"], cfg)
+    assert [g.token_ids for g in a.outputs] == [g.token_ids for g in b.outputs]
+    assert all(len(g.token_ids) == 12 for g in a.outputs)
+
+
+def test_device_argmax_switch_reads_logits_instead(mask_sum_bundle, monkeypatch):
+    """LEPTONC_DEVICE_ARGMAX=0 (the bench A/B) keeps next_token bound but takes the argmax of the logits
+    on the host; both give the same tokens, and describe() says which one ran."""
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, 500, size=(2, 6), dtype=np.int64)
+    mask = np.ones_like(ids)
+    with _runner(mask_sum_bundle, "iobinding", max_sequence=32) as on:
+        monkeypatch.setenv("LEPTONC_DEVICE_ARGMAX", "0")
+        with _runner(mask_sum_bundle, "iobinding", max_sequence=32) as off:
+            assert on.greedy_output and not off.greedy_output and off.token_output
+            assert "device" in on.describe()["greedy_tokens"] and "host" in off.describe()["greedy_tokens"]
+            a = on.prefill(ids, mask, last_only=True).argmax(-1)
+            b = off.prefill(ids, mask, last_only=True).argmax(-1)
+            for _ in range(8):
+                a, b = on.decode_tokens(a), off.decode_tokens(b)
+                np.testing.assert_array_equal(a, b)

@@ -26,6 +26,11 @@ class Runner(ABC):
     def decode(self, token_ids: np.ndarray) -> np.ndarray:
         """token_ids [batch] int64 -> logits [batch, vocab] for the new position."""
 
+    def decode_tokens(self, token_ids: np.ndarray) -> np.ndarray:
+        """token_ids [batch] int64 -> the greedy next token per row [batch] (argmax of this step's logits).
+        Runners whose graph computes the argmax on the device (passes/greedy_token.py) copy only the tokens."""
+        return self.decode(token_ids).argmax(-1)
+
     @property
     @abstractmethod
     def sequence_length(self) -> int:

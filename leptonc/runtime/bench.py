@@ -51,15 +51,17 @@ def peak_host_mb() -> float:
 
 
 def run_once(runner, ids: np.ndarray, gen_len: int) -> tuple[float, list[float]]:
+    """Greedy generation as `leptonc run` does it: a step takes the tokens in and gives the next ones out
+    (Runner.decode_tokens: the argmax on the device where the graph has it, as the HF baseline does)."""
     mask = np.ones_like(ids)
     start = time.perf_counter()
     logits = runner.prefill(ids, mask, last_only=True)
     ttft = time.perf_counter() - start
+    token = logits.argmax(-1)
     steps = []
     for _ in range(gen_len - 1):
-        token = logits.argmax(-1)
         s = time.perf_counter()
-        logits = runner.decode(token)
+        token = runner.decode_tokens(token)
         steps.append(time.perf_counter() - s)
     return ttft, steps
 
@@ -174,7 +176,7 @@ def hf_baseline(source: str, cfg: BenchConfig, device: str, dtype: str, vocab_li
                 out = module(input_ids=token, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
-                token.cpu()  # the runner hands logits to the host each step too
+                token.cpu()  # the runner hands the step's tokens to the host too (decode_tokens)
                 steps.append(time.perf_counter() - s)
         return ttft, steps
 

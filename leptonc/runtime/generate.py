@@ -109,8 +109,11 @@ def generate(runner, tokenizer, prompts: list[str], cfg: SamplingConfig, *, eos_
     t_first = time.perf_counter()
     active = np.ones(len(prompts), dtype=bool)
     step_times: list[float] = []
+    # Greedy steps ask the runner for tokens only (Runner.decode_tokens): where the graph computes the
+    # argmax, the logits never leave the device.
+    greedy = cfg.temperature == 0
+    tokens = sample(logits, cfg, rng)
     for step in range(cfg.max_new_tokens):
-        tokens = sample(logits, cfg, rng)
         for row, g in enumerate(outs):
             if not active[row]:
                 continue
@@ -133,10 +136,15 @@ def generate(runner, tokenizer, prompts: list[str], cfg: SamplingConfig, *, eos_
                 streamed[row] = text
         if not active.any() or step == cfg.max_new_tokens - 1:
             break
-        tokens = np.where(active, tokens, pad)
+        fed = np.where(active, tokens, pad)
         s = time.perf_counter()
-        logits = runner.decode(tokens)
-        step_times.append(time.perf_counter() - s)
+        if greedy:
+            tokens = runner.decode_tokens(fed)
+            step_times.append(time.perf_counter() - s)
+        else:
+            logits = runner.decode(fed)
+            step_times.append(time.perf_counter() - s)
+            tokens = sample(logits, cfg, rng)
     total = time.perf_counter() - t0
     decoded = sum(len(g.token_ids) for g in outs)
     timings = {

@@ -68,6 +68,8 @@ class OrtCpuRunner(Runner):
         self._positions: np.ndarray | None = None
         # passes/select_logits.py: the LM head runs only on the positions fed here.
         self.selects_logits = "logits_positions" in {i.name for i in self.session.get_inputs()}
+        # By name: the graph may have outputs past the cache (next_token, passes/greedy_token.py).
+        self._fetches = ["logits"] + [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
 
     @property
     def sequence_length(self) -> int:
@@ -82,7 +84,7 @@ class OrtCpuRunner(Runner):
         for i in range(self.num_layers):
             feed[f"past_key_values.{i}.key"] = self._past[2 * i]
             feed[f"past_key_values.{i}.value"] = self._past[2 * i + 1]
-        outputs = self.session.run(None, feed)
+        outputs = self.session.run(self._fetches, feed)
         self._past = outputs[1:]
         return outputs[0]
 

@@ -250,6 +250,11 @@ class OrtCudaRunner(Runner):
         # passes/select_logits.py: the LM head runs only on the positions bound here.
         self.selects_logits = "logits_positions" in self.input_names
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # passes/greedy_token.py: the graph's argmax of the logits, so greedy steps copy B tokens, not B x vocab.
+        # The output is always bound where it exists (a captured step must not write to memory it does not
+        # own); LEPTONC_DEVICE_ARGMAX=0 reads the logits instead (the A/B in bench/device_session.py).
+        self.token_output = "next_token" in self.output_names
+        self.greedy_output = self.token_output and os.environ.get("LEPTONC_DEVICE_ARGMAX", "1") != "0"
         self.logits_dtype = np.float16 if self.session.get_outputs()[0].type == "tensor(float16)" else np.float32
         self._batch = 0
         self._mask: np.ndarray | None = None  # left-padded layout: the mask so far
@@ -286,7 +291,10 @@ class OrtCudaRunner(Runner):
                 "kv_layout": "shared" if self.shared_kv else "growing",
                 "padding": "right (fixed-shape decode mask)" if self.right_pad else "left",
                 **({"prefill_tokens": self.prefill_tokens} if self.shared_kv else {}),
-                "cuda_graph": self.cuda_graph_reason}
+                "cuda_graph": self.cuda_graph_reason,
+                "greedy_tokens": ("argmax on the device (next_token output)" if self.greedy_output else
+                                  "argmax of the logits on the host" + (" (LEPTONC_DEVICE_ARGMAX=0)"
+                                                                        if self.token_output else ""))}
 
     def _sample_memory(self) -> None:
         if self.memory is not None:
@@ -436,6 +444,18 @@ class OrtCudaRunner(Runner):
     # ---- decode -----------------------------------------------------------------------------------
 
     def decode(self, token_ids: np.ndarray) -> np.ndarray:
+        logits = self._decode(token_ids)["logits"].numpy()
+        return logits.reshape(self._batch, -1).astype(np.float32, copy=False)
+
+    def decode_tokens(self, token_ids: np.ndarray) -> np.ndarray:
+        """The greedy next token per row. With the graph's `next_token` output, only the B tokens are
+        copied to the host: the logits stay on the device (bound, but not read)."""
+        if not self.greedy_output:
+            return super().decode_tokens(token_ids)
+        return self._decode(token_ids)["next_token"].numpy().reshape(self._batch)
+
+    def _decode(self, token_ids: np.ndarray) -> dict:
+        """One decode step; its outputs as device values by name (logits, and next_token where the graph has it)."""
         if self._total == 0:
             raise RuntimeError("decode before prefill")
         if self._total >= self.max_sequence:
@@ -444,14 +464,12 @@ class OrtCudaRunner(Runner):
         ids = np.asarray(token_ids, dtype=np.int64).reshape(batch, 1)
         self._total += 1
         if self.right_pad:
-            logits = self._decode_shared(ids)
-        else:
-            self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
-            self._positions = self._positions[:, -1:] + 1
-            logits = self._decode_shared(ids) if self.shared_kv else self._decode_bound(ids)
-        return logits.reshape(batch, -1).astype(np.float32, copy=False)
+            return self._decode_shared(ids)
+        self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
+        self._positions = self._positions[:, -1:] + 1
+        return self._decode_shared(ids) if self.shared_kv else self._decode_bound(ids)
 
-    def _decode_bound(self, ids: np.ndarray) -> np.ndarray:
+    def _decode_bound(self, ids: np.ndarray) -> dict:
         """One step of the growing layout: past <- the last step's present, both on the device."""
         self._feeds = []
         binding = self.session.io_binding()
@@ -464,10 +482,12 @@ class OrtCudaRunner(Runner):
         for j, (past, present) in enumerate(self._kv_names()):
             binding.bind_ortvalue_input(past, self._kv[j])
             binding.bind_output(present, self.device_type, self.device_id)
+        if self.token_output:  # last, after the cache
+            binding.bind_output("next_token", self.device_type, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        self._kv = list(outputs[1:])
-        return outputs[0].numpy()
+        self._kv = list(outputs[1:1 + 2 * self.num_layers])
+        return {"logits": outputs[0], **({"next_token": outputs[-1]} if self.token_output else {})}
 
     def _decode_state(self, batch: int) -> dict:
         """The shared layout's decode binding for one batch size, made once: ids, positions, K/V (past and
@@ -484,6 +504,9 @@ class OrtCudaRunner(Runner):
             b.bind_ortvalue_input("position_ids", static["pos"])
             static["kv"].bind(b)
             b.bind_ortvalue_output("logits", static["logits"])
+            if self.token_output:
+                static["next_token"] = self._empty((batch, 1), np.int64)
+                b.bind_ortvalue_output("next_token", static["next_token"])
             if self.selects_logits:  # the one new position of each row: a constant buffer of zeros
                 static["logits_positions"] = self.ort.OrtValue.ortvalue_from_numpy(
                     np.zeros((batch, 1), np.int64), self.device_type, self.device_id)
@@ -506,7 +529,7 @@ class OrtCudaRunner(Runner):
         host_mask[:] = 0
         host_mask[np.arange(self.capacity)[None, :] < self._lengths[:, None]] = 1
 
-    def _decode_shared(self, ids: np.ndarray) -> np.ndarray:
+    def _decode_shared(self, ids: np.ndarray) -> dict:
         state = self._decode_state(self._batch)
         state["ids"].update_inplace(ids)
         if self.right_pad:
@@ -521,7 +544,7 @@ class OrtCudaRunner(Runner):
             self._feeds = []
             state["binding"].bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
         self.session.run_with_iobinding(state["binding"], state["run_options"])
-        return state["logits"].numpy()
+        return {name: state[name] for name in ("logits", "next_token") if name in state}
 
     # ---- teardown ---------------------------------------------------------------------------------
 
