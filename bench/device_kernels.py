@@ -8,7 +8,10 @@
    cost is cancelled by timing models of R and 2R independent products (distinct weights, so nothing
    is reused from cache): time per product = (t(2R) - t(R)) / R. Weight bytes / time = read rate.
 
-    LEPTONC_ORT_INCLUDE=.ort-include python3 bench/device_kernels.py OUT.json
+3. `--swiglu-only`: the SwiGLU op (fp16 graphs' SiLU(gate) x up) against a numpy float64 reference,
+   for each half order, beside ONNX Runtime's Split + QuickGelu + Mul on the same input.
+
+    LEPTONC_ORT_INCLUDE=.ort-include python3 bench/device_kernels.py OUT.json [--swiglu-only]
 """
 
 from __future__ import annotations
@@ -120,11 +123,50 @@ def timed(ort, proto, lib, m: int, k: int, n: int, reps: int, iters: int) -> flo
     return statistics.median(blocks)
 
 
+SWIGLU_CASES = ((1, 8192), (16, 8192), (128, 1536), (3, 8), (0, 64))  # (rows, F)
+
+
+def swiglu_model(f: int, gate_first: bool, fused: bool) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["rows", 2 * f])
+    y = helper.make_tensor_value_info("y0", TensorProto.FLOAT16, ["rows", f])
+    if fused:
+        nodes = [helper.make_node("SwiGLU", ["x"], ["y0"], domain="ai.leptonc", gate_first=int(gate_first))]
+    else:
+        gate, up = ("h0", "h1") if gate_first else ("h1", "h0")
+        nodes = [helper.make_node("Split", ["x", "sizes"], ["h0", "h1"], axis=-1),
+                 helper.make_node("QuickGelu", [gate], ["silu"], domain="com.microsoft", alpha=1.0),
+                 helper.make_node("Mul", ["silu", up], ["y0"])]
+    graph = helper.make_graph(nodes, "swiglu", [x], [y], [numpy_helper.from_array(np.array([f, f], np.int64), "sizes")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                   helper.make_opsetid("ai.leptonc", 1)], ir_version=8)
+
+
+def swiglu_check(ort, lib: str, result: dict) -> None:
+    rng = np.random.default_rng(1)
+    for rows, f in SWIGLU_CASES:
+        for gate_first in (True, False):
+            x = (rng.standard_normal((rows, 2 * f)) * 2).astype(np.float16)
+            g, u = (x[:, :f], x[:, f:]) if gate_first else (x[:, f:], x[:, :f])
+            g, u = g.astype(np.float64), u.astype(np.float64)
+            ref = g / (1 + np.exp(-g)) * u
+            row = {"case": "SwiGLU", "rows": rows, "F": f, "gate_first": gate_first}
+            for who, fused, path in (("leptonc", True, lib), ("onnxruntime", False, None)):
+                try:
+                    y = run_once(ort, session(ort, swiglu_model(f, gate_first, fused), path), x).astype(np.float64)
+                    assert y.shape == ref.shape, (y.shape, ref.shape)
+                    row[f"{who}_rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-9)) if rows else 0.0
+                except Exception as exc:  # noqa: BLE001 - a failure is a result
+                    row[f"{who}_error"] = f"{type(exc).__name__}: {str(exc)[-400:]}"
+            result["check"].append(row)
+            print(json.dumps(row), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--swiglu-only", action="store_true", help="check the SwiGLU op only")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -141,8 +183,10 @@ def main() -> int:
     def save():
         out.write_text(json.dumps(result, indent=1))
 
+    swiglu_check(ort, str(lib.path), result)
+    save()
     rng = np.random.default_rng(0)
-    for name, k, n, bits, block, zp in CASES:
+    for name, k, n, bits, block, zp in CASES if not args.swiglu_only else ():
         w = quantized(rng, k, n, bits, block, zp)
         sessions = {}
         for who, domain, path in (("leptonc", "ai.leptonc", str(lib.path)), ("onnxruntime", "com.microsoft", None)):
@@ -164,7 +208,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
         save()
 
-    for name, k, n, bits, block, zp in CASES:
+    for name, k, n, bits, block, zp in CASES if not args.swiglu_only else ():
         if name not in SPEED_CASES:
             continue
         first = quantized(rng, k, n, bits, block, zp)
@@ -188,7 +232,7 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
                 save()
     bad = [r for r in result["check"] if "leptonc_rel_err" in r and r["leptonc_rel_err"] > 5e-3]
-    result["check_ok"] = not bad and all("leptonc_rel_err" in r for r in result["check"] if "M" in r)
+    result["check_ok"] = not bad and all("leptonc_rel_err" in r for r in result["check"] if "M" in r or r.get("case") == "SwiGLU")
     save()
     print(f"check ok: {result['check_ok']}", file=sys.stderr)
     return 0

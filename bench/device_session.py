@@ -504,6 +504,69 @@ def int4_awq_speed(s: Session) -> None:
                 bench(s, b, f"smollm2 int4 {name} round {rnd + 1}", "--batch", "1,16")
 
 
+def greedy_device(s: Session) -> None:
+    """Issue 8 (session 12): the greedy token computed in the graph (passes/greedy_token.py), so a decode
+    step copies B tokens to the host instead of B x vocab logits. Each bundle is benched with it and with
+    LEPTONC_DEVICE_ARGMAX=0 (the logits copied and argmaxed on the host, as before), interleaved, in one
+    call; greedy tokens with either must be identical. smollm2 fp16 runs with the HF baseline (line 7)."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    host = {"LEPTONC_DEVICE_ARGMAX": "0"}
+    parity = s.record.setdefault("parity", {})
+    for name, b in (("llama1b int4", q4), ("smollm2 fp16", small)):
+        if b:
+            got = {}
+            for how, env in (("device", None), ("host", host)):
+                data = s.cli(f"greedy {name} ({how} argmax)", "run", b, "--prompt", PROMPT, "-n", 32, "--ignore-eos",
+                             "--json", "--no-verify", env=env)
+                got[how] = data["outputs"][0]["token_ids"] if data else None
+            parity[name] = {**got, "identical": got["device"] is not None and got["device"] == got["host"]}
+    s.save()
+    for rnd in range(2):
+        for name, b in (("llama1b fp16", fp16), ("llama1b int4", q4)):
+            if b:
+                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+                bench(s, b, f"{name} host argmax round {rnd + 1}", "--batch", "1,16", env=host)
+    if fp16:
+        s.cli("llama1b fp16 ttft 1024", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 2, "--iters", 5, "--json", "--no-verify")
+    if small:
+        bench(s, small, "smollm2 fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
+        bench(s, small, "smollm2 fp16 host argmax", "--batch", "1,16", env=host)
+
+
+def fp16_swiglu(s: Session) -> None:
+    """Issue 8 lines 1 and 3 (session 12): fp16 bundles with leptonc's SwiGLU kernel (passes/use_kernels.py:
+    Split + QuickGelu + Mul -> ai.leptonc.SwiGLU) against the same compile without leptonc's kernels, in
+    one call: the op against a float64 reference, smollm2 greedy tokens with either, speed interleaved;
+    smollm2 with the HF baseline (line 7)."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    script(s, "SwiGLU op check", "bench/device_kernels.py", "--swiglu-only", out_name="swiglu_check.json", timeout=150)
+    off = ("--disable-pass", "use_leptonc_kernels")
+    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    big_off = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.nokernels", "--max-seq", "1280", *off)
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    small_off = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.nokernels", *off)
+    ids = {}
+    for name, b in (("swiglu kernel", small), ("onnxruntime ops", small_off)):
+        if b:
+            ids[name] = greedy(s, b, f"greedy smollm2 fp16 {name}", n=32)
+    s.record["parity"] = {"smollm2 fp16 greedy, SwiGLU kernel vs ONNX Runtime's ops": ids,
+                          "identical": len(ids) == 2 and None not in ids.values() and len(set(map(tuple, ids.values()))) == 1}
+    s.save()
+    for rnd in range(2):
+        for name, b in (("llama1b fp16 swiglu", big), ("llama1b fp16 no kernels", big_off)):
+            if b:
+                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    if small:
+        bench(s, small, "smollm2 fp16 swiglu (+hf)", "--batch", "1,16", "--baseline", "hf")
+    if small_off:
+        bench(s, small_off, "smollm2 fp16 no kernels", "--batch", "1,16")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -525,7 +588,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
-                                            "int4_accuracy", "int4_awq_speed"))
+                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -539,7 +602,8 @@ def main() -> None:
          "cuda_graph": cuda_graph, "cuda_graph_big": cuda_graph_big, "fpa_memory": fpa_memory,
          "attn_memory": attn_memory, "kv_block": kv_block,
          "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels, "kernels_llama": kernels_llama,
-         "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed}[args.session](s)
+         "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
+         "greedy": greedy_device, "fp16_swiglu": fp16_swiglu}[args.session](s)
     finally:
         s.save()
         summary(s)

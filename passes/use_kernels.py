@@ -9,6 +9,9 @@
         -> one ai.leptonc.MatMulNBitsTiled with activation = 1 (columns interleaved in (gate, up) pairs;
            the kernel writes SiLU(gate) x up: three kernels and the gate|up product's round trip go)
 
+    any other fp16 product (fp16 graphs: ONNX Runtime's MatMul) -> the same Split, QuickGelu and Mul
+        -> ai.leptonc.SwiGLU(product, gate_first): one kernel instead of three
+
 The library must have been built for the target (targets/onnxruntime.py builds it before the pipeline
 and puts it in `ctx.options["cuda_kernels"]`); when it could not be, the pass is skipped with the reason
 and the graph keeps ONNX Runtime's kernel.
@@ -49,15 +52,17 @@ def _lowerable(node: gs.Node) -> str | None:
 
 @register_pass("use_leptonc_kernels")
 def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """MatMulNBits -> leptonc's CUDA kernel (streams int4/int8 weights once for up to 16 rows)."""
+    """MatMulNBits -> leptonc's CUDA kernel (streams int4/int8 weights once for up to 16 rows); the SiLU(gate)
+    x up of other fp16 products -> its SwiGLU kernel."""
     nodes = [n for n in graph.nodes if n.op == "MatMulNBits" and n.domain == MS_DOMAIN]
-    if not nodes:
-        return PassResult.skipped("no MatMulNBits in the graph")
+    splits = [n for n in graph.nodes if n.op == "Split" and len(n.outputs) == 2]
+    if not nodes and not any(_match_swiglu(graph, n.inputs[0]) for n in splits):
+        return PassResult.skipped("no MatMulNBits and no SiLU(gate) x up in the graph")
     kernels = ctx.options.get("cuda_kernels") or {}
     if not kernels.get("file"):
         return PassResult.skipped(f"leptonc's CUDA kernels were not built: {kernels.get('unavailable', 'not requested')}; "
-                                  "MatMulNBits stays on ONNX Runtime's kernel")
-    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0}
+                                  "ONNX Runtime's kernels run the graph")
+    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0, "swiglu_op": 0}
     reasons: dict[str, int] = {}
     for node in nodes:
         why = _lowerable(node)
@@ -65,27 +70,47 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
             counts["left_alone"] += 1
             reasons[why] = reasons.get(why, 0) + 1
             continue
-        swiglu = _match_swiglu(graph, node)
+        swiglu = _match_swiglu(graph, node.outputs[0], int(node.attrs["N"]))
         _lower(node, swiglu)
         counts["lowered"] += 1
         counts["swiglu"] += swiglu is not None
+    # Then SiLU(gate) x up behind any other product (fp16 graphs, or a MatMulNBits left alone above).
+    for split in splits:
+        y = split.inputs[0] if split.inputs else None
+        match = _match_swiglu(graph, y) if y is not None and y.dtype is not None and np.dtype(y.dtype) == np.float16 else None
+        if match is None or y.shape is None or not isinstance(y.shape[-1], int) or y.shape[-1] % 16:
+            continue
+        gate_first, mul, drop = match
+        out = mul.outputs[0]
+        detach(drop)
+        graph.nodes.append(gs.Node("SwiGLU", f"{split.name}/swiglu", {"gate_first": int(gate_first)}, [y], [out],
+                                   domain=LEPTONC_DOMAIN))
+        counts["swiglu_op"] += 1
     graph.cleanup()
-    if not counts["lowered"]:
-        return PassResult(False, "no MatMulNBits could be lowered: " + ", ".join(f"{k} ({v})" for k, v in reasons.items()),
-                          counts)
-    detail = f"{counts['lowered']} MatMulNBits -> {LEPTONC_DOMAIN}.MatMulNBitsTiled ({kernels.get('arch')})"
-    if counts["swiglu"]:
-        detail += f", {counts['swiglu']} of them with the SwiGLU epilogue (Split, QuickGelu and Mul folded in)"
+    if not counts["lowered"] and not counts["swiglu_op"]:
+        why = ("no MatMulNBits could be lowered: " + ", ".join(f"{k} ({v})" for k, v in reasons.items()) if reasons
+               else "no SiLU(gate) x up the SwiGLU kernel runs (it needs fp16 and a last axis of 2F, F a multiple of 8)")
+        return PassResult(False, why, counts)
+    parts = []
+    if counts["lowered"]:
+        parts.append(f"{counts['lowered']} MatMulNBits -> {LEPTONC_DOMAIN}.MatMulNBitsTiled ({kernels.get('arch')})"
+                     + (f", {counts['swiglu']} of them with the SwiGLU epilogue (Split, QuickGelu and Mul folded in)"
+                        if counts["swiglu"] else ""))
+    if counts["swiglu_op"]:
+        parts.append(f"{counts['swiglu_op']} Split + QuickGelu + Mul -> {LEPTONC_DOMAIN}.SwiGLU ({kernels.get('arch')})")
+    detail = "; ".join(parts)
     if reasons:
         detail += "; left on ONNX Runtime's kernel: " + ", ".join(f"{k} ({v})" for k, v in reasons.items())
     return PassResult(True, detail, counts)
 
 
-def _match_swiglu(graph: gs.Graph, node: gs.Node):
-    """(gate_first, Mul node, nodes to drop) when the product's only reader is Split(last axis, two
-    halves) -> QuickGelu(alpha 1) on one half x the other half, else None."""
-    n = int(node.attrs["N"])
-    y = node.outputs[0]
+def _match_swiglu(graph: gs.Graph, y: gs.Tensor, n: int | None = None):
+    """(gate_first, Mul node, nodes to drop) when the product `y` (last axis n wide, when known) has one
+    reader, Split(last axis, two halves) -> QuickGelu(alpha 1) on one half x the other half, else None."""
+    if n is None:
+        n = y.shape[-1] if y.shape is not None and len(y.shape) and isinstance(y.shape[-1], int) else None
+        if n is None:
+            return None
     if n % 8 or len(y.outputs) != 1 or y in graph.outputs:
         return None
     split = y.outputs[0]

@@ -42,7 +42,7 @@ def _ctx(**kernel_info) -> PassContext:
 def test_lowering_moves_fp16_matmulnbits_to_the_leptonc_domain():
     graph = _nbits_graph()
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
-    assert result.applied and result.counts == {"lowered": 1, "left_alone": 0, "swiglu": 0}
+    assert result.applied and result.counts == {"lowered": 1, "left_alone": 0, "swiglu": 0, "swiglu_op": 0}
     node = graph.nodes[0]
     assert node.domain == "ai.leptonc" and node.op == "MatMulNBitsTiled"
     assert node.attrs == {"K": 256, "N": 64, "bits": 4, "block_size": 128}  # no accuracy_level (ORT's CPU setting)
@@ -182,6 +182,47 @@ def test_swiglu_is_not_folded_when_a_half_is_read_elsewhere():
     assert result.applied and result.counts["swiglu"] == 0
     assert sorted(nd.op for nd in graph.nodes) == ["MatMulNBitsTiled", "Mul", "QuickGelu", "Split"]
     assert "activation" not in next(nd for nd in graph.nodes if nd.op == "MatMulNBitsTiled").attrs
+
+
+def _fp16_gated_graph(f=32, gate_first=True, dtype=np.float16, extra_reader=False) -> gs.Graph:
+    """x -> MatMul (fp16 merged gate|up, 2F wide) -> Split -> QuickGelu(gate) x up: an fp16 llama MLP."""
+    k = 64
+    x = gs.Variable("x", dtype=dtype, shape=[2, 3, k])
+    y = gs.Variable("gate_up", dtype=dtype, shape=[2, 3, 2 * f])
+    halves = [gs.Variable(name, dtype=dtype, shape=[2, 3, f]) for name in ("h0", "h1")]
+    gate, up = halves if gate_first else halves[::-1]
+    silu = gs.Variable("silu", dtype=dtype, shape=[2, 3, f])
+    out = gs.Variable("out", dtype=dtype, shape=[2, 3, f])
+    w = gs.Constant("w", np.random.default_rng(0).standard_normal((k, 2 * f)).astype(dtype))
+    mm = gs.Node("MatMul", "mm", inputs=[x, w], outputs=[y])
+    split = gs.Node("Split", "split", attrs={"axis": 2}, inputs=[y, gs.Constant("sizes", np.array([f, f], np.int64))],
+                    outputs=halves)
+    act = gs.Node("QuickGelu", "act", domain="com.microsoft", attrs={"alpha": 1.0}, inputs=[gate], outputs=[silu])
+    mul = gs.Node("Mul", "mul", inputs=[up, silu], outputs=[out])
+    return gs.Graph(nodes=[mm, split, act, mul], inputs=[x], outputs=[out] + ([up] if extra_reader else []), opset=17)
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_fp16_swiglu_becomes_one_kernel(gate_first):
+    """fp16 graphs (no MatMulNBits): Split, QuickGelu and Mul behind the gate|up MatMul become one
+    ai.leptonc.SwiGLU that reads the product and knows which half is the gate."""
+    graph = _fp16_gated_graph(gate_first=gate_first)
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    assert result.applied and result.counts["swiglu_op"] == 1 and result.counts["lowered"] == 0
+    assert "SwiGLU" in result.detail
+    assert sorted(nd.op for nd in graph.nodes) == ["MatMul", "SwiGLU"]
+    node = next(nd for nd in graph.nodes if nd.op == "SwiGLU")
+    assert node.domain == "ai.leptonc" and node.attrs == {"gate_first": int(gate_first)}
+    assert node.inputs[0].name == "gate_up" and node.outputs[0].name == "out" and graph.outputs[0] is node.outputs[0]
+
+
+@pytest.mark.parametrize("case", ["fp32", "half read elsewhere", "F not a multiple of 8"])
+def test_fp16_swiglu_left_alone(case):
+    graph = {"fp32": lambda: _fp16_gated_graph(dtype=np.float32), "half read elsewhere":
+             lambda: _fp16_gated_graph(extra_reader=True), "F not a multiple of 8": lambda: _fp16_gated_graph(f=12)}[case]()
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    assert not result.applied and "SiLU(gate) x up" in result.detail
+    assert sorted(nd.op for nd in graph.nodes) == ["MatMul", "Mul", "QuickGelu", "Split"]
 
 
 def test_lowering_is_skipped_with_the_build_reason():

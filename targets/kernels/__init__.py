@@ -8,7 +8,9 @@ activations; the M > 16 path dequantizes and calls cuBLAS.
 
 A single row (batch-1 decode) of a product of 3 MiB or more takes a second kernel, `tiled_gemv`, whose
 warps issue every load of their K chunk at once. A merged gate|up product followed by SiLU(gate) x up
-gets the SwiGLU epilogue (`activation` 1), so the Split, QuickGelu and Mul kernels go.
+gets the SwiGLU epilogue (`activation` 1), so the Split, QuickGelu and Mul kernels go. `ai.leptonc.SwiGLU`
+does the same in one kernel behind any other fp16 product (fp16 graphs, whose products are ONNX
+Runtime's MatMul).
 
 Status (H100, BENCHMARKS.md "Session 11"): correct (relative error <= 7e-4 against a float64 reference).
 llama-1b-shape int4 with it: 1,035 and 985 tok/s at batch 1 in two calls (1.62x and 1.59x fp16 in the
@@ -40,7 +42,7 @@ SOURCE = Path(__file__).with_name("leptonc_cuda.cu")
 LIBRARY = "libleptonc_cuda.so"
 DOMAIN = "ai.leptonc"
 BUNDLE_DIR = "kernels"  # where the library goes inside a bundle
-OPS = ("MatMulNBitsTiled",)
+OPS = ("MatMulNBitsTiled", "SwiGLU")
 
 
 class KernelsUnavailable(Exception):

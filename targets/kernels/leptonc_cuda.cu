@@ -22,6 +22,10 @@
 //     (fp16 in and out, fp32 accumulation); with the SwiGLU epilogue cuBLAS writes the gate|up product
 //     into a second scratch and one kernel takes SiLU(gate) x up from it.
 //
+// SwiGLU: Y[..., F] = SiLU(gate) x up of X[..., 2F] whose halves are gate and up (attribute gate_first: 1 if
+// the gate is the first half). It replaces Split, QuickGelu and Mul behind fp16 products that are not
+// MatMulNBitsTiled (fp16 graphs); eight values a thread, F a multiple of 8.
+//
 // Everything runs on ONNX Runtime's compute stream (KernelContext_GetGPUComputeStream) with no host
 // synchronization and no allocation after the first call, so a decode step that uses it can be
 // captured in a CUDA graph. Built by targets/kernels/__init__.py with nvcc against the ONNX Runtime C
@@ -436,6 +440,30 @@ __global__ void swiglu_rows(const half* __restrict__ P, int rows, int cols, half
   }
 }
 
+// SwiGLU of a product in halves (the SwiGLU op): Y[r, f] = silu(X[r, g0 + f]) * X[r, u0 + f] for f < F,
+// X [rows, 2F]; eight values a thread (one 16-byte load of each half), F a multiple of 8.
+__global__ void swiglu_halves(const half* __restrict__ X, int64_t rows, int F, int g0, int u0, half* __restrict__ Y) {
+  const int vecs = F / 8;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * vecs;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / vecs;
+    const int f = int(i % vecs) * 8;
+    const half* row = X + r * 2 * F;
+    const uint4 g = *reinterpret_cast<const uint4*>(row + g0 + f);
+    const uint4 u = *reinterpret_cast<const uint4*>(row + u0 + f);
+    const half2* gh = reinterpret_cast<const half2*>(&g);
+    const half2* uh = reinterpret_cast<const half2*>(&u);
+    uint4 out;
+    half2* oh = reinterpret_cast<half2*>(&out);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 gf = __half22float2(gh[j]), uf = __half22float2(uh[j]);
+      oh[j] = __floats2half2_rn(silu_mul(gf.x, uf.x), silu_mul(gf.y, uf.y));
+    }
+    *reinterpret_cast<uint4*>(Y + r * F + f) = out;
+  }
+}
+
 struct Shared {  // one per process: the cuBLAS handle, the dequantization scratch, SwiGLU's product rows
   std::mutex lock;
   cublasHandle_t cublas = nullptr;
@@ -721,6 +749,85 @@ OrtCustomOp make_op() {
 
 OrtCustomOp g_matmul_tiled = make_op();
 
+// ---- SwiGLU: SiLU(gate) x up of a gate|up product in halves, one kernel for Split, QuickGelu and Mul ----
+// Input X fp16 [..., 2F]; attribute gate_first (1: gate is the first half, 0: the second); Y fp16 [..., F].
+
+struct SwiGluKernel {
+  int64_t gate_first = 1;
+};
+
+OrtStatus* swiglu_error(const std::string& what) {
+  return g_api->CreateStatus(ORT_EP_FAIL, ("leptonc SwiGLU: " + what).c_str());
+}
+
+OrtStatus* ORT_API_CALL create_swiglu(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
+  auto* kn = new SwiGluKernel();
+  OrtStatus* st = read_int_attr(info, "gate_first", &kn->gate_first);
+  if (st != nullptr) {  // absent: gate first
+    api->ReleaseStatus(st);
+    kn->gate_first = 1;
+  }
+  *kernel = kn;
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute_swiglu(void* kernel, OrtKernelContext* ctx) {
+  const auto& kn = *static_cast<SwiGluKernel*>(kernel);
+  const OrtValue* x = nullptr;
+  ORT_TRY(g_api->KernelContext_GetInput(ctx, 0, &x));
+  if (x == nullptr) return swiglu_error("X is required");
+  OrtTensorTypeAndShapeInfo* shape_info = nullptr;
+  ORT_TRY(g_api->GetTensorTypeAndShape(x, &shape_info));
+  size_t rank = 0;
+  OrtStatus* st = g_api->GetDimensionsCount(shape_info, &rank);
+  int64_t dims[8] = {0};
+  if (st == nullptr && (rank < 1 || rank > 8)) st = swiglu_error("X must have rank 1 to 8");
+  if (st == nullptr) st = g_api->GetDimensions(shape_info, dims, rank);
+  g_api->ReleaseTensorTypeAndShapeInfo(shape_info);
+  if (st != nullptr) return st;
+  const int64_t width = dims[rank - 1];
+  if (width % 16 != 0) return swiglu_error("X's last dimension is " + std::to_string(width) +
+                                           "; it must be 2F with F a multiple of 8");
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < rank; ++i) rows *= dims[i];
+  dims[rank - 1] = width / 2;
+  OrtValue* out = nullptr;
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, dims, rank, &out));
+  if (rows == 0) return nullptr;
+  void *px = nullptr, *py = nullptr;
+  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(x), &px));
+  ORT_TRY(g_api->GetTensorMutableData(out, &py));
+  void* stream = nullptr;
+  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  const int F = int(width / 2);
+  const int64_t work = rows * (F / 8);
+  const int blocks = int(std::min<int64_t>((work + 255) / 256, 132 * 16));
+  swiglu_halves<<<blocks, 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const half*>(px), rows, F, kn.gate_first ? 0 : F, kn.gate_first ? F : 0, static_cast<half*>(py));
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : swiglu_error(std::string("launch: ") + cudaGetErrorString(err));
+}
+
+void ORT_API_CALL destroy_swiglu(void* kernel) { delete static_cast<SwiGluKernel*>(kernel); }
+const char* ORT_API_CALL swiglu_name(const OrtCustomOp*) { return "SwiGLU"; }
+ONNXTensorElementDataType ORT_API_CALL swiglu_input_type(const OrtCustomOp*, size_t) {
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+size_t ORT_API_CALL swiglu_input_count(const OrtCustomOp*) { return 1; }
+
+OrtCustomOp make_swiglu_op() {
+  OrtCustomOp op = make_op();  // the same provider, characteristics and versions
+  op.GetName = swiglu_name;
+  op.GetInputType = swiglu_input_type;
+  op.GetInputTypeCount = swiglu_input_count;
+  op.KernelDestroy = destroy_swiglu;
+  op.CreateKernelV2 = create_swiglu;
+  op.KernelComputeV2 = compute_swiglu;
+  return op;
+}
+
+OrtCustomOp g_swiglu = make_swiglu_op();
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -734,5 +841,6 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   OrtCustomOpDomain* domain = nullptr;
   ORT_TRY(g_api->CreateCustomOpDomain("ai.leptonc", &domain));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_matmul_tiled));
+  ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_swiglu));
   return g_api->AddCustomOpDomain(options, domain);
 }
