@@ -567,6 +567,27 @@ def fp16_swiglu(s: Session) -> None:
         bench(s, small_off, "smollm2 fp16 no kernels", "--batch", "1,16")
 
 
+def confirm(s: Session) -> None:
+    """Issue 8 (session 12, last call): the committed state (greedy token in the graph, SwiGLU kernel, one
+    input copy a step) on llama-1b-shape fp16 and int4, three interleaved rounds at batch 1 and 16, where
+    a step's time goes (bench/device_step_probe.py), then smollm2-135m fp16."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    for rnd in range(3):
+        for name, b in (("llama1b fp16", fp16), ("llama1b int4", q4)):
+            if b:
+                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    for name, b in (("llama1b", fp16), ("llama1b_int4", q4)):
+        if b:
+            step_probe(s, b, name)
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    if small:
+        bench(s, small, "smollm2 fp16", "--batch", "1,16")
+        step_probe(s, small, "smollm2")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -588,7 +609,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
-                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu"))
+                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -603,7 +624,7 @@ def main() -> None:
          "attn_memory": attn_memory, "kv_block": kv_block,
          "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels, "kernels_llama": kernels_llama,
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
-         "greedy": greedy_device, "fp16_swiglu": fp16_swiglu}[args.session](s)
+         "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm}[args.session](s)
     finally:
         s.save()
         summary(s)

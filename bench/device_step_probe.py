@@ -1,10 +1,12 @@
 """Where a decode step's time goes on the GPU (bench only): for a CUDA bundle, after a 128-token
 prefill at batch B, time in one process
-  full    - runner.decode(token) as `leptonc bench` times it (inputs in, replay, logits to the host);
+  full    - runner.decode_tokens(token) as `leptonc bench` times it (inputs in, replay, the greedy tokens
+            to the host: only they where the graph has a next_token output);
+  full_logits - runner.decode(token): the same step with the logits copied to the host instead;
   replay  - the bound decode step alone, repeated (one captured-graph replay + ORT's end-of-run sync);
   async   - the same with ORT's end-of-run synchronisation off, synchronised once at the end (GPU time);
-  inputs  - only the per-step input copies (ids, positions, the [B, capacity] mask);
-  logits  - only the logits copy to the host.
+  inputs  - only the per-step input copies (ids, positions, the [B, capacity] mask: one buffer);
+  logits  - only the logits copy to the host; token - only the next_token copy.
 
     python3 bench/device_step_probe.py BUNDLE OUT.json [--batch 1] [--steps 200]
 """
@@ -50,7 +52,8 @@ def main() -> None:
     for _ in range(5):
         tok = r.decode(tok).argmax(-1)
     result = {"bundle": str(args.bundle), "batch": args.batch, "runner": r.describe()}
-    result["full_ms"] = timed(lambda: r.decode(tok), args.steps)
+    result["full_ms"] = timed(lambda: r.decode_tokens(tok), args.steps)
+    result["full_logits_ms"] = timed(lambda: r.decode(tok), args.steps)
     state = r._decode_state(args.batch)
     binding, ro = state["binding"], state["run_options"]
     result["replay_ms"] = timed(lambda: r.session.run_with_iobinding(binding, ro), args.steps)
@@ -64,10 +67,14 @@ def main() -> None:
 
     result["async_ms"] = round(timed(burst, 1) / args.steps, 4)
     ids1 = np.ones((args.batch, 1), np.int64)
-    result["inputs_ms"] = timed(lambda: (state["ids"].update_inplace(ids1), state["pos"].update_inplace(ids1),
-                                         state["mask"].update_inplace(state["host_mask"]) if "mask" in state else None),
-                                args.steps)
+    if "inputs" in state:  # right-padded: one buffer
+        result["inputs_ms"] = timed(lambda: state["inputs"].update_inplace(state["host_inputs"]), args.steps)
+    else:
+        result["inputs_ms"] = timed(lambda: (state["ids"].update_inplace(ids1), state["pos"].update_inplace(ids1)),
+                                    args.steps)
     result["logits_ms"] = timed(lambda: state["logits"].numpy(), args.steps)
+    if "next_token" in state:
+        result["token_ms"] = timed(lambda: state["next_token"].numpy(), args.steps)
     out = r.decode(tok)
     result["argmax_ms"] = timed(lambda: out.argmax(-1), args.steps)
     Path(args.out).write_text(json.dumps(result, indent=1))

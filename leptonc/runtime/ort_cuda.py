@@ -292,7 +292,7 @@ class OrtCudaRunner(Runner):
                 "padding": "right (fixed-shape decode mask)" if self.right_pad else "left",
                 **({"prefill_tokens": self.prefill_tokens} if self.shared_kv else {}),
                 "cuda_graph": self.cuda_graph_reason,
-                "greedy_tokens": ("argmax on the device (next_token output)" if self.greedy_output else
+                "greedy_tokens": ("argmax in the graph (next_token output)" if self.greedy_output else
                                   "argmax of the logits on the host" + (" (LEPTONC_DEVICE_ARGMAX=0)"
                                                                         if self.token_output else ""))}
 
@@ -496,12 +496,26 @@ class OrtCudaRunner(Runner):
         which is what lets the step be captured as a CUDA graph."""
         static = self._static[batch]
         if "binding" not in static:
-            static["ids"] = self._empty((batch, 1), np.int64)
-            static["pos"] = self._empty((batch, 1), np.int64)
             static["logits"] = self._empty((batch, 1, self.vocab_size), self.logits_dtype)
             b = self.session.io_binding()
-            b.bind_ortvalue_input("input_ids", static["ids"])
-            b.bind_ortvalue_input("position_ids", static["pos"])
+            if self.right_pad:
+                # ids, positions and the [B, capacity] mask are three views of one device buffer (and of one
+                # host array), so a step's inputs reach the device in one copy, not three.
+                # Each view starts on a 256-byte boundary, as a separate allocation would.
+                cap, seg = self.capacity, -(-batch // 32) * 32
+                static["inputs"] = self._empty((2 * seg + batch * cap,), np.int64)
+                host = static["host_inputs"] = np.zeros(2 * seg + batch * cap, np.int64)
+                static["host_ids"], static["host_pos"] = host[:batch].reshape(batch, 1), host[seg:seg + batch].reshape(batch, 1)
+                static["host_mask"] = host[2 * seg:].reshape(batch, cap)
+                ptr = static["inputs"].data_ptr()
+                for name, shape, offset in (("input_ids", [batch, 1], 0), ("position_ids", [batch, 1], seg),
+                                            ("attention_mask", [batch, cap], 2 * seg)):
+                    b.bind_input(name, self.device_type, self.device_id, np.int64, shape, ptr + 8 * offset)
+            else:
+                static["ids"] = self._empty((batch, 1), np.int64)
+                static["pos"] = self._empty((batch, 1), np.int64)
+                b.bind_ortvalue_input("input_ids", static["ids"])
+                b.bind_ortvalue_input("position_ids", static["pos"])
             static["kv"].bind(b)
             b.bind_ortvalue_output("logits", static["logits"])
             if self.token_output:
@@ -511,10 +525,6 @@ class OrtCudaRunner(Runner):
                 static["logits_positions"] = self.ort.OrtValue.ortvalue_from_numpy(
                     np.zeros((batch, 1), np.int64), self.device_type, self.device_id)
                 b.bind_ortvalue_input("logits_positions", static["logits_positions"])
-            if self.right_pad:
-                static["mask"] = self._empty((batch, self.capacity), np.int64)
-                static["host_mask"] = np.zeros((batch, self.capacity), np.int64)
-                b.bind_ortvalue_input("attention_mask", static["mask"])
             if self.cuda_graph:
                 self._graph_ids.setdefault(batch, len(self._graph_ids) + 1)
                 static["run_options"] = self._run_options(self._graph_ids[batch])
@@ -531,15 +541,15 @@ class OrtCudaRunner(Runner):
 
     def _decode_shared(self, ids: np.ndarray) -> dict:
         state = self._decode_state(self._batch)
-        state["ids"].update_inplace(ids)
         if self.right_pad:
             # Row b's new token sits at index len_b: its position, and the mask entry that turns on.
-            rows = np.arange(self._batch)
-            state["pos"].update_inplace(self._lengths.reshape(-1, 1).copy())
-            state["host_mask"][rows, self._lengths] = 1
+            state["host_ids"][:] = ids
+            state["host_pos"][:, 0] = self._lengths
+            state["host_mask"][np.arange(self._batch), self._lengths] = 1
             self._lengths += 1
-            state["mask"].update_inplace(state["host_mask"])
+            state["inputs"].update_inplace(state["host_inputs"])
         else:
+            state["ids"].update_inplace(ids)
             state["pos"].update_inplace(np.ascontiguousarray(self._positions))
             self._feeds = []
             state["binding"].bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
