@@ -8,10 +8,12 @@
    cost is cancelled by timing models of R and 2R independent products (distinct weights, so nothing
    is reused from cache): time per product = (t(2R) - t(R)) / R. Weight bytes / time = read rate.
 
-3. `--swiglu-only`: the SwiGLU op (fp16 graphs' SiLU(gate) x up) against a numpy float64 reference,
-   for each half order, beside ONNX Runtime's Split + QuickGelu + Mul on the same input.
+3. The fp16 ops, always (and alone with `--fp16-only`): SwiGLU (fp16 graphs' SiLU(gate) x up) against a
+   numpy float64 reference for each half order, beside ONNX Runtime's Split + QuickGelu + Mul on the same
+   input; MatMulF16 (fp16 weights as [N, K], with and without the SwiGLU epilogue) against float64, beside
+   ONNX Runtime's MatMul on the same weights.
 
-    LEPTONC_ORT_INCLUDE=.ort-include python3 bench/device_kernels.py OUT.json [--swiglu-only]
+    LEPTONC_ORT_INCLUDE=.ort-include python3 bench/device_kernels.py OUT.json [--fp16-only]
 """
 
 from __future__ import annotations
@@ -161,12 +163,57 @@ def swiglu_check(ort, lib: str, result: dict) -> None:
             print(json.dumps(row), flush=True)
 
 
+# (M, K, N, activation): llama-1b-shape and smollm2 products, the LM head, K past the one-row kernel's limit
+F16_CASES = ((1, 2048, 3072, 0), (1, 2048, 2048, 0), (1, 2048, 16384, 1), (1, 8192, 2048, 0), (16, 2048, 3072, 0),
+             (16, 2048, 16384, 1), (128, 2048, 16384, 1), (1, 576, 960, 0), (1, 576, 3072, 1), (3, 1536, 576, 0),
+             (1, 2048, 128256, 0), (1, 24, 40, 0), (1, 20480, 64, 0), (2, 20480, 64, 1))
+
+
+def f16_model(k: int, n: int, act: int, w_nk: np.ndarray, fused: bool) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["rows", k])
+    y = helper.make_tensor_value_info("y0", TensorProto.FLOAT16, ["rows", n // 2 if act else n])
+    if fused:
+        nodes = [helper.make_node("MatMulF16", ["x", "w"], ["y0"], domain="ai.leptonc", K=k, N=n, activation=act)]
+        inits = [numpy_helper.from_array(w_nk, "w")]
+    else:  # ONNX Runtime: MatMul on [K, N] (pairs de-interleaved), then Split / QuickGelu / Mul
+        w = w_nk if not act else np.concatenate([w_nk[0::2], w_nk[1::2]])
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["p" if act else "y0"])]
+        inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")]
+        if act:
+            inits.append(numpy_helper.from_array(np.array([n // 2, n // 2], np.int64), "sizes"))
+            nodes += [helper.make_node("Split", ["p", "sizes"], ["g", "u"], axis=-1),
+                      helper.make_node("QuickGelu", ["g"], ["s"], domain="com.microsoft", alpha=1.0),
+                      helper.make_node("Mul", ["s", "u"], ["y0"])]
+    graph = helper.make_graph(nodes, "f16", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                   helper.make_opsetid("ai.leptonc", 1)], ir_version=8)
+
+
+def f16_check(ort, lib: str, result: dict) -> None:
+    rng = np.random.default_rng(2)
+    for m, k, n, act in F16_CASES:
+        w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
+        x = rng.standard_normal((m, k)).astype(np.float16)
+        full = x.astype(np.float64) @ w.astype(np.float64).T
+        ref = full[:, 0::2] / (1 + np.exp(-full[:, 0::2])) * full[:, 1::2] if act else full
+        row = {"case": "MatMulF16", "M": m, "K": k, "N": n, "activation": act}
+        for who, fused, path in (("leptonc", True, lib), ("onnxruntime", False, None)):
+            try:
+                y = run_once(ort, session(ort, f16_model(k, n, act, w, fused), path), x).astype(np.float64)
+                assert y.shape == ref.shape, (y.shape, ref.shape)
+                row[f"{who}_rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-9))
+            except Exception as exc:  # noqa: BLE001 - a failure is a result
+                row[f"{who}_error"] = f"{type(exc).__name__}: {str(exc)[-400:]}"
+        result["check"].append(row)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--iters", type=int, default=100)
-    ap.add_argument("--swiglu-only", action="store_true", help="check the SwiGLU op only")
+    ap.add_argument("--fp16-only", action="store_true", help="check the fp16 ops (SwiGLU, MatMulF16) only")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -184,9 +231,10 @@ def main() -> int:
         out.write_text(json.dumps(result, indent=1))
 
     swiglu_check(ort, str(lib.path), result)
+    f16_check(ort, str(lib.path), result)
     save()
     rng = np.random.default_rng(0)
-    for name, k, n, bits, block, zp in CASES if not args.swiglu_only else ():
+    for name, k, n, bits, block, zp in CASES if not args.fp16_only else ():
         w = quantized(rng, k, n, bits, block, zp)
         sessions = {}
         for who, domain, path in (("leptonc", "ai.leptonc", str(lib.path)), ("onnxruntime", "com.microsoft", None)):
@@ -208,7 +256,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
         save()
 
-    for name, k, n, bits, block, zp in CASES if not args.swiglu_only else ():
+    for name, k, n, bits, block, zp in CASES if not args.fp16_only else ():
         if name not in SPEED_CASES:
             continue
         first = quantized(rng, k, n, bits, block, zp)
@@ -233,6 +281,8 @@ def main() -> int:
                 save()
     bad = [r for r in result["check"] if "leptonc_rel_err" in r and r["leptonc_rel_err"] > 5e-3]
     result["check_ok"] = not bad and all("leptonc_rel_err" in r for r in result["check"] if "M" in r or r.get("case") == "SwiGLU")
+    result["check_ok"] = result["check_ok"] and all("leptonc_rel_err" in r for r in result["check"]
+                                                    if r.get("case") == "MatMulF16")
     save()
     print(f"check ok: {result['check_ok']}", file=sys.stderr)
     return 0

@@ -544,7 +544,7 @@ def fp16_swiglu(s: Session) -> None:
     one call: the op against a float64 reference, smollm2 greedy tokens with either, speed interleaved;
     smollm2 with the HF baseline (line 7)."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    script(s, "SwiGLU op check", "bench/device_kernels.py", "--swiglu-only", out_name="swiglu_check.json", timeout=150)
+    script(s, "SwiGLU op check", "bench/device_kernels.py", "--fp16-only", out_name="swiglu_check.json", timeout=150)
     off = ("--disable-pass", "use_leptonc_kernels")
     big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
     big_off = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.nokernels", "--max-seq", "1280", *off)

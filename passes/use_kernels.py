@@ -9,7 +9,13 @@
         -> one ai.leptonc.MatMulNBitsTiled with activation = 1 (columns interleaved in (gate, up) pairs;
            the kernel writes SiLU(gate) x up: three kernels and the gate|up product's round trip go)
 
-    any other fp16 product (fp16 graphs: ONNX Runtime's MatMul) -> the same Split, QuickGelu and Mul
+    MatMul (fp16 A, constant fp16 weights [K, N], K a multiple of 8), and Gemm of that kind (the LM head:
+    no bias, alpha 1, A not transposed)
+        -> ai.leptonc.MatMulF16 (A, W = the weights as [N, K], rows are outputs): one row of A (batch-1
+           decode) streams W in 16-byte loads; more rows go to cuBLAS. The SwiGLU behind a merged gate|up
+           product folds in as above (activation 1, W's rows in (gate, up) pairs).
+
+    any other fp16 product -> the same Split, QuickGelu and Mul
         -> ai.leptonc.SwiGLU(product, gate_first): one kernel instead of three
 
 The library must have been built for the target (targets/onnxruntime.py builds it before the pipeline
@@ -55,14 +61,15 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """MatMulNBits -> leptonc's CUDA kernel (streams int4/int8 weights once for up to 16 rows); the SiLU(gate)
     x up of other fp16 products -> its SwiGLU kernel."""
     nodes = [n for n in graph.nodes if n.op == "MatMulNBits" and n.domain == MS_DOMAIN]
+    dense = [n for n in graph.nodes if n.op in ("MatMul", "Gemm") and _f16_weights(n) is not None]
     splits = [n for n in graph.nodes if n.op == "Split" and len(n.outputs) == 2]
-    if not nodes and not any(_match_swiglu(graph, n.inputs[0]) for n in splits):
-        return PassResult.skipped("no MatMulNBits and no SiLU(gate) x up in the graph")
+    if not nodes and not dense and not any(_match_swiglu(graph, n.inputs[0]) for n in splits):
+        return PassResult.skipped("no MatMulNBits, fp16 product with constant weights or SiLU(gate) x up in the graph")
     kernels = ctx.options.get("cuda_kernels") or {}
     if not kernels.get("file"):
         return PassResult.skipped(f"leptonc's CUDA kernels were not built: {kernels.get('unavailable', 'not requested')}; "
                                   "ONNX Runtime's kernels run the graph")
-    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0, "swiglu_op": 0}
+    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0, "f16": 0, "f16_swiglu": 0, "swiglu_op": 0}
     reasons: dict[str, int] = {}
     for node in nodes:
         why = _lowerable(node)
@@ -74,7 +81,13 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         _lower(node, swiglu)
         counts["lowered"] += 1
         counts["swiglu"] += swiglu is not None
-    # Then SiLU(gate) x up behind any other product (fp16 graphs, or a MatMulNBits left alone above).
+    for node in dense:  # fp16 products with constant weights
+        weights = _f16_weights(node)
+        swiglu = _match_swiglu(graph, node.outputs[0], weights.shape[0])
+        _lower_f16(node, weights, swiglu)
+        counts["f16"] += 1
+        counts["f16_swiglu"] += swiglu is not None
+    # Then SiLU(gate) x up behind any other product (a MatMulNBits left alone above, a product computed at run time).
     for split in splits:
         y = split.inputs[0] if split.inputs else None
         match = _match_swiglu(graph, y) if y is not None and y.dtype is not None and np.dtype(y.dtype) == np.float16 else None
@@ -87,7 +100,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
                                    domain=LEPTONC_DOMAIN))
         counts["swiglu_op"] += 1
     graph.cleanup()
-    if not counts["lowered"] and not counts["swiglu_op"]:
+    if not counts["lowered"] and not counts["swiglu_op"] and not counts["f16"]:
         why = ("no MatMulNBits could be lowered: " + ", ".join(f"{k} ({v})" for k, v in reasons.items()) if reasons
                else "no SiLU(gate) x up the SwiGLU kernel runs (it needs fp16 and a last axis of 2F, F a multiple of 8)")
         return PassResult(False, why, counts)
@@ -96,6 +109,9 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         parts.append(f"{counts['lowered']} MatMulNBits -> {LEPTONC_DOMAIN}.MatMulNBitsTiled ({kernels.get('arch')})"
                      + (f", {counts['swiglu']} of them with the SwiGLU epilogue (Split, QuickGelu and Mul folded in)"
                         if counts["swiglu"] else ""))
+    if counts["f16"]:
+        parts.append(f"{counts['f16']} fp16 MatMul/Gemm -> {LEPTONC_DOMAIN}.MatMulF16 ({kernels.get('arch')})"
+                     + (f", {counts['f16_swiglu']} of them with the SwiGLU epilogue" if counts["f16_swiglu"] else ""))
     if counts["swiglu_op"]:
         parts.append(f"{counts['swiglu_op']} Split + QuickGelu + Mul -> {LEPTONC_DOMAIN}.SwiGLU ({kernels.get('arch')})")
     detail = "; ".join(parts)
@@ -138,6 +154,46 @@ def _match_swiglu(graph: gs.Graph, y: gs.Tensor, n: int | None = None):
             return None
         return gate_i == 0, mul, drop
     return None
+
+
+def _f16_weights(node: gs.Node) -> np.ndarray | None:
+    """The weights of an fp16 product that MatMulF16 runs, as [N, K] (rows are outputs), else None."""
+    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant) or isinstance(node.inputs[0], gs.Constant):
+        return None
+    a, b = node.inputs[0], node.inputs[1]
+    if a.dtype is None or np.dtype(a.dtype) != np.float16 or b.values.dtype != np.float16 or b.values.ndim != 2:
+        return None
+    if node.op == "Gemm":
+        if (len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name) or attr(node, "transA", 0) \
+                or float(attr(node, "alpha", 1.0)) != 1.0:
+            return None
+        w = b.values if attr(node, "transB", 0) else b.values.T
+    else:
+        w = b.values.T
+    return w if w.shape[1] % 8 == 0 else None
+
+
+def _lower_f16(node: gs.Node, weights: np.ndarray, swiglu=None) -> None:
+    n, k = weights.shape
+    w = weights
+    if swiglu is not None:  # rows in (gate j, up j) pairs
+        half = n // 2
+        gate, up = (w[:half], w[half:]) if swiglu[0] else (w[half:], w[:half])
+        w = np.stack([gate, up], axis=1).reshape(n, k)
+    if w is node.inputs[1].values:  # a Gemm's [N, K] weights as stored: shared, not copied
+        constant = node.inputs[1]
+    else:
+        constant = gs.Constant(f"{node.inputs[1].name}/nk", np.ascontiguousarray(w))
+    node.inputs = [node.inputs[0], constant]
+    node.op, node.domain = "MatMulF16", LEPTONC_DOMAIN
+    node.attrs = {"K": int(k), "N": int(n)}
+    if swiglu is not None:
+        _, mul, drop = swiglu
+        out = mul.outputs[0]
+        detach(drop)
+        node.outputs.clear()
+        node.outputs.append(out)
+        node.attrs["activation"] = 1
 
 
 def _lower(node: gs.Node, swiglu=None) -> None:

@@ -42,7 +42,8 @@ def _ctx(**kernel_info) -> PassContext:
 def test_lowering_moves_fp16_matmulnbits_to_the_leptonc_domain():
     graph = _nbits_graph()
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
-    assert result.applied and result.counts == {"lowered": 1, "left_alone": 0, "swiglu": 0, "swiglu_op": 0}
+    assert result.applied and result.counts == {"lowered": 1, "left_alone": 0, "swiglu": 0, "f16": 0, "f16_swiglu": 0,
+                                               "swiglu_op": 0}
     node = graph.nodes[0]
     assert node.domain == "ai.leptonc" and node.op == "MatMulNBitsTiled"
     assert node.attrs == {"K": 256, "N": 64, "bits": 4, "block_size": 128}  # no accuracy_level (ORT's CPU setting)
@@ -184,8 +185,9 @@ def test_swiglu_is_not_folded_when_a_half_is_read_elsewhere():
     assert "activation" not in next(nd for nd in graph.nodes if nd.op == "MatMulNBitsTiled").attrs
 
 
-def _fp16_gated_graph(f=32, gate_first=True, dtype=np.float16, extra_reader=False) -> gs.Graph:
-    """x -> MatMul (fp16 merged gate|up, 2F wide) -> Split -> QuickGelu(gate) x up: an fp16 llama MLP."""
+def _fp16_gated_graph(f=32, gate_first=True, dtype=np.float16, extra_reader=False, const_weights=True) -> gs.Graph:
+    """x -> MatMul (fp16 merged gate|up, 2F wide) -> Split -> QuickGelu(gate) x up: an fp16 llama MLP (with
+    `const_weights` False, the weights are a graph input: a product computed at run time)."""
     k = 64
     x = gs.Variable("x", dtype=dtype, shape=[2, 3, k])
     y = gs.Variable("gate_up", dtype=dtype, shape=[2, 3, 2 * f])
@@ -193,22 +195,76 @@ def _fp16_gated_graph(f=32, gate_first=True, dtype=np.float16, extra_reader=Fals
     gate, up = halves if gate_first else halves[::-1]
     silu = gs.Variable("silu", dtype=dtype, shape=[2, 3, f])
     out = gs.Variable("out", dtype=dtype, shape=[2, 3, f])
-    w = gs.Constant("w", np.random.default_rng(0).standard_normal((k, 2 * f)).astype(dtype))
+    values = np.random.default_rng(0).standard_normal((k, 2 * f)).astype(dtype)
+    w = gs.Constant("w", values) if const_weights else gs.Variable("w", dtype=dtype, shape=[k, 2 * f])
     mm = gs.Node("MatMul", "mm", inputs=[x, w], outputs=[y])
     split = gs.Node("Split", "split", attrs={"axis": 2}, inputs=[y, gs.Constant("sizes", np.array([f, f], np.int64))],
                     outputs=halves)
     act = gs.Node("QuickGelu", "act", domain="com.microsoft", attrs={"alpha": 1.0}, inputs=[gate], outputs=[silu])
     mul = gs.Node("Mul", "mul", inputs=[up, silu], outputs=[out])
-    return gs.Graph(nodes=[mm, split, act, mul], inputs=[x], outputs=[out] + ([up] if extra_reader else []), opset=17)
+    inputs = [x] if const_weights else [x, w]
+    return gs.Graph(nodes=[mm, split, act, mul], inputs=inputs, outputs=[out] + ([up] if extra_reader else []), opset=17)
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_fp16_gate_up_product_becomes_one_kernel_with_rows_in_pairs(gate_first):
+    """An fp16 MatMul with constant weights -> ai.leptonc.MatMulF16 (weights as [N, K]); the SiLU(gate) x up
+    behind a merged gate|up folds in, W's rows in (gate j, up j) pairs: the kernel's result equals the graph's."""
+    graph = _fp16_gated_graph(gate_first=gate_first)
+    w = graph.nodes[0].inputs[1].values.astype(np.float64)  # [K, 2F]
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    assert result.applied and result.counts["f16"] == 1 and result.counts["f16_swiglu"] == 1
+    assert [nd.op for nd in graph.nodes] == ["MatMulF16"] and "MatMulF16" in result.detail
+    node = graph.nodes[0]
+    assert node.attrs == {"K": 64, "N": 64, "activation": 1} and node.outputs[0].name == "out"
+    nk = node.inputs[1].values.astype(np.float64)
+    assert nk.shape == (64, 64) and node.inputs[1].values.flags["C_CONTIGUOUS"]
+    x = np.random.default_rng(3).standard_normal((5, 64))
+    g, u = x @ nk[0::2].T, x @ nk[1::2].T  # what the kernel computes per output pair
+    y = x @ w
+    ref_g, ref_u = (y[:, :32], y[:, 32:]) if gate_first else (y[:, 32:], y[:, :32])
+    np.testing.assert_allclose(g / (1 + np.exp(-g)) * u, ref_g / (1 + np.exp(-ref_g)) * ref_u, rtol=1e-9, atol=1e-9)
+
+
+def test_fp16_product_whose_half_is_read_elsewhere_keeps_its_split():
+    graph = _fp16_gated_graph(extra_reader=True)
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    assert result.applied and result.counts["f16"] == 1 and result.counts["f16_swiglu"] == 0
+    assert sorted(nd.op for nd in graph.nodes) == ["MatMulF16", "Mul", "QuickGelu", "Split"]
+    node = next(nd for nd in graph.nodes if nd.op == "MatMulF16")
+    assert "activation" not in node.attrs and node.outputs[0].name == "gate_up"
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_lm_head_gemm_becomes_matmul_f16(trans_b):
+    """The LM head's Gemm: [N, K] weights are used as stored (transB 1, no copy), [K, N] transposed; a Gemm
+    with a bias stays."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((40, 16)).astype(np.float16)  # [N, K]
+    stored = w if trans_b else np.ascontiguousarray(w.T)
+    x = gs.Variable("h", dtype=np.float16, shape=[2, 16])
+    y = gs.Variable("logits", dtype=np.float16, shape=[2, 40])
+    const = gs.Constant("lm_head", stored)
+    graph = gs.Graph(nodes=[gs.Node("Gemm", "head", {"transB": trans_b}, [x, const], [y])], inputs=[x], outputs=[y],
+                     opset=17)
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    node = graph.nodes[0]
+    assert result.applied and node.op == "MatMulF16" and node.attrs == {"K": 16, "N": 40}
+    np.testing.assert_array_equal(node.inputs[1].values, w)
+    assert (node.inputs[1] is const) == bool(trans_b)
+    biased = gs.Graph(nodes=[gs.Node("Gemm", "head", {"transB": 1}, [x, gs.Constant("w2", w),
+                                                                      gs.Constant("c", np.zeros(40, np.float16))], [y])],
+                      inputs=[x], outputs=[y], opset=17)
+    assert not use_leptonc_kernels(biased, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90")).applied
 
 
 @pytest.mark.parametrize("gate_first", [True, False])
 def test_fp16_swiglu_becomes_one_kernel(gate_first):
-    """fp16 graphs (no MatMulNBits): Split, QuickGelu and Mul behind the gate|up MatMul become one
+    """A product computed at run time (no constant weights): Split, QuickGelu and Mul become one
     ai.leptonc.SwiGLU that reads the product and knows which half is the gate."""
-    graph = _fp16_gated_graph(gate_first=gate_first)
+    graph = _fp16_gated_graph(gate_first=gate_first, const_weights=False)
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
-    assert result.applied and result.counts["swiglu_op"] == 1 and result.counts["lowered"] == 0
+    assert result.applied and result.counts["swiglu_op"] == 1 and result.counts["lowered"] == result.counts["f16"] == 0
     assert "SwiGLU" in result.detail
     assert sorted(nd.op for nd in graph.nodes) == ["MatMul", "SwiGLU"]
     node = next(nd for nd in graph.nodes if nd.op == "SwiGLU")
@@ -219,7 +275,8 @@ def test_fp16_swiglu_becomes_one_kernel(gate_first):
 @pytest.mark.parametrize("case", ["fp32", "half read elsewhere", "F not a multiple of 8"])
 def test_fp16_swiglu_left_alone(case):
     graph = {"fp32": lambda: _fp16_gated_graph(dtype=np.float32), "half read elsewhere":
-             lambda: _fp16_gated_graph(extra_reader=True), "F not a multiple of 8": lambda: _fp16_gated_graph(f=12)}[case]()
+             lambda: _fp16_gated_graph(extra_reader=True, const_weights=False),
+             "F not a multiple of 8": lambda: _fp16_gated_graph(f=12, const_weights=False)}[case]()
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert not result.applied and "SiLU(gate) x up" in result.detail
     assert sorted(nd.op for nd in graph.nodes) == ["MatMul", "Mul", "QuickGelu", "Split"]

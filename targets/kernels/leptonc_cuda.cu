@@ -52,6 +52,7 @@ const OrtApi* g_api = nullptr;
 constexpr int kMaxWarps = 16;     // warps per block at most; they split K
 constexpr int kSmallM = 16;       // rows of A served by the streaming kernel (the mma tile's M)
 constexpr size_t kScratchHalves = size_t(16) << 20;  // 32 MiB of dequantized rows for the M > 16 path
+constexpr size_t kCublasWorkspace = size_t(32) << 20;  // cuBLAS's recommendation for Hopper
 constexpr uint32_t kExp1024 = 0x64006400u;           // two fp16 1024.0: OR-ing a code below 1024 gives 1024 + code
 
 template <int BITS>
@@ -464,11 +465,66 @@ __global__ void swiglu_halves(const half* __restrict__ X, int64_t rows, int F, i
   }
 }
 
+// fp16 weights, one row of A (the MatMulF16 op at M = 1): Y[n] = sum_k A[k] W[n, k], W [N, K] row-major (rows
+// are outputs), K a multiple of 8. A is staged in shared memory; each warp owns R rows and its lanes read
+// them in 16-byte loads (R loads a step, unrolled 4 steps, so 4R are in flight), fp32 sums reduced by
+// shuffle. With ACT, rows come in (gate j, up j) pairs and Y[j] = SiLU(gate) x up.
+constexpr int kF16Warps = 8;
+constexpr int kF16GemvMaxK = 16384;  // A's 32 KiB of shared memory
+
+template <int R, bool ACT>
+__global__ void __launch_bounds__(kF16Warps * 32)
+f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restrict__ Y, int K, int N) {
+  extern __shared__ uint4 a_s[];
+  const int kv = K / 8;
+  for (int i = threadIdx.x; i < kv; i += blockDim.x) a_s[i] = __ldg(reinterpret_cast<const uint4*>(A) + i);
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n0 = (blockIdx.x * kF16Warps + warp) * R;
+  if (n0 >= N) return;
+  const uint4* w = reinterpret_cast<const uint4*>(W);
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#pragma unroll 4
+  for (int i = lane; i < kv; i += 32) {
+    uint4 wv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[r] = n0 + r < N ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
+    const uint4 av = a_s[i];
+    const half2* ah = reinterpret_cast<const half2*>(&av);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const half2* wh = reinterpret_cast<const half2*>(&wv[r]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 x = __half22float2(ah[j]), y = __half22float2(wh[j]);
+        acc[r] = fmaf(x.x, y.x, fmaf(x.y, y.y, acc[r]));
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+  if (lane != 0) return;
+  if (ACT) {
+#pragma unroll
+    for (int r = 0; r + 1 < R; r += 2)
+      if (n0 + r + 1 < N) Y[(n0 + r) / 2] = __float2half(silu_mul(acc[r], acc[r + 1]));
+  } else {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (n0 + r < N) Y[n0 + r] = __float2half(acc[r]);
+  }
+}
+
 struct Shared {  // one per process: the cuBLAS handle, the dequantization scratch, SwiGLU's product rows
   std::mutex lock;
   cublasHandle_t cublas = nullptr;
   half* scratch = nullptr;
   half* product = nullptr;  // kScratchHalves too; made only for a node with the SwiGLU epilogue
+  void* workspace = nullptr;  // cuBLAS's, set explicitly: no allocation inside a captured decode step
 };
 Shared g_shared;
 
@@ -494,13 +550,16 @@ OrtStatus* cuda_check(cudaError_t err, const char* where) {
     if (_st != nullptr) return _st; \
   } while (0)
 
-OrtStatus* ensure_shared(bool product = false) {
+OrtStatus* ensure_shared(bool product = false, bool scratch = true) {
   std::lock_guard<std::mutex> guard(g_shared.lock);
   if (g_shared.cublas == nullptr) {
     if (cublasCreate(&g_shared.cublas) != CUBLAS_STATUS_SUCCESS) return make_error("cublasCreate failed");
   }
-  if (g_shared.scratch == nullptr) {
+  if (scratch && g_shared.scratch == nullptr) {  // MatMulF16 needs no dequantization scratch
     ORT_TRY(cuda_check(cudaMalloc(&g_shared.scratch, kScratchHalves * sizeof(half)), "cudaMalloc(scratch)"));
+  }
+  if (g_shared.workspace == nullptr) {
+    ORT_TRY(cuda_check(cudaMalloc(&g_shared.workspace, kCublasWorkspace), "cudaMalloc(cuBLAS workspace)"));
   }
   if (product && g_shared.product == nullptr) {
     ORT_TRY(cuda_check(cudaMalloc(&g_shared.product, kScratchHalves * sizeof(half)), "cudaMalloc(product)"));
@@ -568,6 +627,8 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   if (g_shared.scratch == nullptr || g_shared.cublas == nullptr || (act && g_shared.product == nullptr))
     ORT_TRY(ensure_shared(act));
   if (cublasSetStream(g_shared.cublas, stream) != CUBLAS_STATUS_SUCCESS) return make_error("cublasSetStream failed");
+  if (cublasSetWorkspace(g_shared.cublas, g_shared.workspace, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS)
+    return make_error("cublasSetWorkspace failed");
   const int64_t chunk_tiles = std::max<int64_t>(1, std::min<int64_t>(n_tiles, int64_t(kScratchHalves) / (8 * int64_t(K))));
   const float alpha = 1.f, beta = 0.f;
   for (int64_t tile_first = 0; tile_first < n_tiles; tile_first += chunk_tiles) {
@@ -828,6 +889,143 @@ OrtCustomOp make_swiglu_op() {
 
 OrtCustomOp g_swiglu = make_swiglu_op();
 
+// ---- MatMulF16: Y = A x W^T for fp16 weights stored [N, K] (rows are outputs) ---------------------------
+// One row of A (batch-1 decode, K <= kF16GemvMaxK): f16_gemv. More rows: cuBLAS (fp32 accumulation). With
+// activation 1, W's rows come in (gate j, up j) pairs and Y is SiLU(gate) x up, [..., N / 2].
+
+struct F16Kernel {
+  int64_t K = 0, N = 0, activation = 0;
+};
+
+OrtStatus* f16_error(const std::string& what) {
+  return g_api->CreateStatus(ORT_EP_FAIL, ("leptonc MatMulF16: " + what).c_str());
+}
+
+OrtStatus* ORT_API_CALL create_f16(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
+  auto* kn = new F16Kernel();
+  OrtStatus* st = nullptr;
+  if ((st = read_int_attr(info, "K", &kn->K)) || (st = read_int_attr(info, "N", &kn->N))) {
+    delete kn;
+    return st;
+  }
+  if ((st = read_int_attr(info, "activation", &kn->activation)) != nullptr) {
+    api->ReleaseStatus(st);
+    kn->activation = 0;
+  }
+  if (kn->K <= 0 || kn->K % 8 != 0 || kn->N <= 0 || (kn->activation != 0 && (kn->activation != 1 || kn->N % 2))) {
+    const std::string msg = "unsupported attributes K=" + std::to_string(kn->K) + " N=" + std::to_string(kn->N) +
+                            " activation=" + std::to_string(kn->activation) +
+                            " (needs K a multiple of 8; activation 1 needs N even)";
+    delete kn;
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, ("leptonc MatMulF16: " + msg).c_str());
+  }
+  if ((st = ensure_shared(kn->activation == 1, false)) != nullptr) {  // cuBLAS, workspace before any capture
+    delete kn;
+    return st;
+  }
+  *kernel = kn;
+  return nullptr;
+}
+
+template <int R>
+void launch_f16_gemv(bool act, const half* a, const half* w, half* y, int K, int N, cudaStream_t stream) {
+  const int grid = (N + kF16Warps * R - 1) / (kF16Warps * R);
+  const size_t smem = size_t(K / 8) * sizeof(uint4);
+  if (act)
+    f16_gemv<R, true><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N);
+  else
+    f16_gemv<R, false><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N);
+}
+
+OrtStatus* launch_f16(const F16Kernel& kn, const half* a, int64_t m, const half* w, half* y, cudaStream_t stream) {
+  const int K = int(kn.K), N = int(kn.N);
+  const bool act = kn.activation == 1;
+  if (m == 1 && K <= kF16GemvMaxK) {
+    // rows a warp: as many as keep two blocks an SM (132 SMs) busy; pairs with the SwiGLU epilogue
+    const int r = N >= 2 * 132 * kF16Warps * 4 ? 4 : (N >= 132 * kF16Warps * 2 || act) ? 2 : 1;
+    if (r == 4) launch_f16_gemv<4>(act, a, w, y, K, N, stream);
+    else if (r == 2) launch_f16_gemv<2>(act, a, w, y, K, N, stream);
+    else launch_f16_gemv<1>(act, a, w, y, K, N, stream);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : f16_error(std::string("f16_gemv launch: ") + cudaGetErrorString(err));
+  }
+  if (g_shared.cublas == nullptr || (act && g_shared.product == nullptr)) ORT_TRY(ensure_shared(act, false));
+  if (cublasSetStream(g_shared.cublas, stream) != CUBLAS_STATUS_SUCCESS) return f16_error("cublasSetStream failed");
+  if (cublasSetWorkspace(g_shared.cublas, g_shared.workspace, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS)
+    return f16_error("cublasSetWorkspace failed");
+  const float alpha = 1.f, beta = 0.f;
+  // column-major view: Y^T[N, M] (ld N) = W[N, K] (op T, ld K) x A^T[K, M] (ld K)
+  if (!act) {
+    const cublasStatus_t st = cublasGemmEx(g_shared.cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, int(m), K, &alpha, w,
+                                           CUDA_R_16F, K, a, CUDA_R_16F, K, &beta, y, CUDA_R_16F, N,
+                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    return st == CUBLAS_STATUS_SUCCESS ? nullptr : f16_error("cublasGemmEx failed with status " + std::to_string(int(st)));
+  }
+  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / N);
+  for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
+    const int r = int(std::min<int64_t>(chunk_rows, m - r0));
+    const cublasStatus_t st = cublasGemmEx(g_shared.cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, r, K, &alpha, w, CUDA_R_16F,
+                                           K, a + r0 * K, CUDA_R_16F, K, &beta, g_shared.product, CUDA_R_16F, N,
+                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS) return f16_error("cublasGemmEx failed with status " + std::to_string(int(st)));
+    const int64_t pairs = int64_t(r) * (N / 2);
+    const int g2 = int(std::min<int64_t>((pairs + 255) / 256, 65535));
+    swiglu_rows<<<g2, 256, 0, stream>>>(g_shared.product, r, N, y + r0 * (N / 2), N / 2, 0);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return f16_error(std::string("swiglu launch: ") + cudaGetErrorString(err));
+  }
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute_f16(void* kernel, OrtKernelContext* ctx) {
+  const auto& kn = *static_cast<F16Kernel*>(kernel);
+  const OrtValue* in[2] = {nullptr, nullptr};
+  for (size_t i = 0; i < 2; ++i) ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &in[i]));
+  if (in[0] == nullptr || in[1] == nullptr) return f16_error("A and W are required");
+  OrtTensorTypeAndShapeInfo* shape_info = nullptr;
+  ORT_TRY(g_api->GetTensorTypeAndShape(in[0], &shape_info));
+  size_t rank = 0;
+  OrtStatus* st = g_api->GetDimensionsCount(shape_info, &rank);
+  int64_t dims[8] = {0};
+  if (st == nullptr && (rank < 1 || rank > 8)) st = f16_error("A must have rank 1 to 8");
+  if (st == nullptr) st = g_api->GetDimensions(shape_info, dims, rank);
+  g_api->ReleaseTensorTypeAndShapeInfo(shape_info);
+  if (st != nullptr) return st;
+  if (dims[rank - 1] != kn.K)
+    return f16_error("A's last dimension is " + std::to_string(dims[rank - 1]) + ", the node's K is " + std::to_string(kn.K));
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < rank; ++i) m *= dims[i];
+  dims[rank - 1] = kn.activation == 1 ? kn.N / 2 : kn.N;
+  OrtValue* out = nullptr;
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, dims, rank, &out));
+  if (m == 0) return nullptr;
+  void *pa = nullptr, *pw = nullptr, *py = nullptr;
+  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[0]), &pa));
+  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[1]), &pw));
+  ORT_TRY(g_api->GetTensorMutableData(out, &py));
+  void* stream = nullptr;
+  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  return launch_f16(kn, static_cast<const half*>(pa), m, static_cast<const half*>(pw), static_cast<half*>(py),
+                    static_cast<cudaStream_t>(stream));
+}
+
+void ORT_API_CALL destroy_f16(void* kernel) { delete static_cast<F16Kernel*>(kernel); }
+const char* ORT_API_CALL f16_name(const OrtCustomOp*) { return "MatMulF16"; }
+size_t ORT_API_CALL f16_input_count(const OrtCustomOp*) { return 2; }
+
+OrtCustomOp make_f16_op() {
+  OrtCustomOp op = make_op();
+  op.GetName = f16_name;
+  op.GetInputType = swiglu_input_type;  // every input fp16
+  op.GetInputTypeCount = f16_input_count;
+  op.KernelDestroy = destroy_f16;
+  op.CreateKernelV2 = create_f16;
+  op.KernelComputeV2 = compute_f16;
+  return op;
+}
+
+OrtCustomOp g_matmul_f16 = make_f16_op();
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -842,5 +1040,6 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   ORT_TRY(g_api->CreateCustomOpDomain("ai.leptonc", &domain));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_matmul_tiled));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_swiglu));
+  ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_matmul_f16));
   return g_api->AddCustomOpDomain(options, domain);
 }
