@@ -567,6 +567,34 @@ def fp16_swiglu(s: Session) -> None:
         bench(s, small_off, "smollm2 fp16 no kernels", "--batch", "1,16")
 
 
+def f16_gemv(s: Session) -> None:
+    """Issue 8 lines 1 and 3 (session 12): fp16 bundles with leptonc's MatMulF16 (every product with constant
+    weights, the SwiGLU epilogue on gate|up, the LM head) against the same compile on ONNX Runtime's ops,
+    in one call: the fp16 ops against float64 references, smollm2 greedy tokens with either, speed
+    interleaved."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    script(s, "fp16 ops check", "bench/device_kernels.py", "--fp16-only", out_name="fp16_check.json", timeout=150)
+    off = ("--disable-pass", "use_leptonc_kernels")
+    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    big_off = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.nokernels", "--max-seq", "1280", *off)
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    small_off = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.nokernels", *off)
+    ids = {}
+    for name, b in (("leptonc kernels", small), ("onnxruntime ops", small_off)):
+        if b:
+            ids[name] = greedy(s, b, f"greedy smollm2 fp16 {name}", n=32)
+    s.record["parity"] = {"smollm2 fp16 greedy, leptonc kernels vs ONNX Runtime's ops": ids,
+                          "identical": len(ids) == 2 and None not in ids.values() and len(set(map(tuple, ids.values()))) == 1}
+    s.save()
+    for rnd in range(2):
+        for name, b in (("llama1b fp16", big), ("llama1b fp16 no kernels", big_off)):
+            if b:
+                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    for name, b in (("smollm2 fp16", small), ("smollm2 fp16 no kernels", small_off)):
+        if b:
+            bench(s, b, name, "--batch", "1,16")
+
+
 def confirm(s: Session) -> None:
     """Issue 8 (session 12, last call): the committed state (greedy token in the graph, SwiGLU kernel, one
     input copy a step) on llama-1b-shape fp16 and int4, three interleaved rounds at batch 1 and 16, where
@@ -609,7 +637,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
-                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm"))
+                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -624,7 +652,8 @@ def main() -> None:
          "attn_memory": attn_memory, "kv_block": kv_block,
          "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels, "kernels_llama": kernels_llama,
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
-         "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm}[args.session](s)
+         "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
+         "f16_gemv": f16_gemv}[args.session](s)
     finally:
         s.save()
         summary(s)
