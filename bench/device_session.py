@@ -595,6 +595,17 @@ def f16_gemv(s: Session) -> None:
             bench(s, b, name, "--batch", "1,16")
 
 
+def ttft_hf(s: Session) -> None:
+    """Issue 8 lines 5 and 7 on the final session-12 code: llama-1b-shape fp16 (MatMulF16 in prefill too),
+    time to first token for a 1,024-token prompt over 20 runs, and decode beside Hugging Face eager."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if fp16:
+        s.cli("llama1b fp16 ttft 1024", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 3, "--iters", 20, "--json", "--no-verify")
+        bench(s, fp16, "llama1b fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
+
+
 def confirm(s: Session) -> None:
     """Issue 8 (session 12, last call): the committed state (greedy token in the graph, SwiGLU kernel, one
     input copy a step) on llama-1b-shape fp16 and int4, three interleaved rounds at batch 1 and 16, where
@@ -637,7 +648,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
-                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv"))
+                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -653,7 +664,7 @@ def main() -> None:
          "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels, "kernels_llama": kernels_llama,
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
-         "f16_gemv": f16_gemv}[args.session](s)
+         "f16_gemv": f16_gemv, "ttft_hf": ttft_hf}[args.session](s)
     finally:
         s.save()
         summary(s)
