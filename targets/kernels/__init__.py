@@ -8,11 +8,17 @@ activations; the M > 16 path dequantizes and calls cuBLAS.
 
 A single row (batch-1 decode) of a product of 3 MiB or more takes a second kernel, `tiled_gemv`, whose
 warps issue every load of their K chunk at once. A merged gate|up product followed by SiLU(gate) x up
-gets the SwiGLU epilogue (`activation` 1), so the Split, QuickGelu and Mul kernels go. `ai.leptonc.SwiGLU`
-does the same in one kernel behind any other fp16 product (fp16 graphs, whose products are ONNX
-Runtime's MatMul).
+gets the SwiGLU epilogue (`activation` 1), so the Split, QuickGelu and Mul kernels go.
 
-Status (H100, BENCHMARKS.md "Session 11"): correct (relative error <= 7e-4 against a float64 reference).
+`ai.leptonc.MatMulF16` runs fp16 products with constant weights (fp16 graphs: every projection and the
+LM head), weights stored [N, K]: one row of A streams them in 16-byte loads (`f16_gemv`), more rows go
+to cuBLAS; the same SwiGLU epilogue. `ai.leptonc.SwiGLU` is the epilogue alone, for a product computed
+at run time.
+
+Status (H100, BENCHMARKS.md "Session 12"): MatMulF16 and SwiGLU are correct (relative error <= 9e-4 against
+float64); llama-1b-shape fp16 745 tok/s at batch 1 against 676-684 on ONNX Runtime's ops, smollm2-135m
+fp16 1,024 against 910, in one call, the same greedy tokens.
+Session 11, MatMulNBitsTiled: correct (relative error <= 7e-4 against a float64 reference).
 llama-1b-shape int4 with it: 1,035 and 985 tok/s at batch 1 in two calls (1.62x and 1.59x fp16 in the
 same call) and 7,700 and 7,209 at batch 16 (1.20x and 1.17x). smollm2-135m int4: 1,130 and 12,637 tok/s against 861 and 6,949 with ONNX Runtime's
 kernel, the same greedy tokens. The lowering is on by default for GPU targets (LEPTONC_CUDA_KERNELS=0 or
@@ -42,7 +48,7 @@ SOURCE = Path(__file__).with_name("leptonc_cuda.cu")
 LIBRARY = "libleptonc_cuda.so"
 DOMAIN = "ai.leptonc"
 BUNDLE_DIR = "kernels"  # where the library goes inside a bundle
-OPS = ("MatMulNBitsTiled", "SwiGLU")
+OPS = ("MatMulNBitsTiled", "SwiGLU", "MatMulF16")
 
 
 class KernelsUnavailable(Exception):

@@ -22,9 +22,12 @@
 //     (fp16 in and out, fp32 accumulation); with the SwiGLU epilogue cuBLAS writes the gate|up product
 //     into a second scratch and one kernel takes SiLU(gate) x up from it.
 //
+// MatMulF16: Y = A x W^T for fp16 weights stored [N, K] (rows are outputs); attributes K, N, activation (1: the
+// SwiGLU epilogue over (gate j, up j) row pairs). One row of A: f16_gemv; more rows: cuBLAS.
+//
 // SwiGLU: Y[..., F] = SiLU(gate) x up of X[..., 2F] whose halves are gate and up (attribute gate_first: 1 if
 // the gate is the first half). It replaces Split, QuickGelu and Mul behind fp16 products that are not
-// MatMulNBitsTiled (fp16 graphs); eight values a thread, F a multiple of 8.
+// MatMulNBitsTiled or MatMulF16; eight values a thread, F a multiple of 8.
 //
 // Everything runs on ONNX Runtime's compute stream (KernelContext_GetGPUComputeStream) with no host
 // synchronization and no allocation after the first call, so a decode step that uses it can be
