@@ -1,4 +1,4 @@
-"""The greedy next token on the device: a `next_token` output, ArgMax of the logits over the vocabulary.
+"""The greedy next token in the graph (on the device for GPU bundles): a `next_token` output, ArgMax of the logits over the vocabulary.
 
 Greedy generation reads one number per row from each step's [B, K, vocab] logits. Copying the logits
 to the host to find it moves B x vocab values a step (256 KiB at batch 1 for a 128k vocabulary in
@@ -35,5 +35,5 @@ def greedy_token(graph: gs.Graph, ctx: PassContext) -> PassResult:
     token = gs.Variable(OUTPUT, dtype=np.int64, shape=shape[:2])
     add_node(graph, "ArgMax", [logits], [token], "greedy_token/argmax", axis=-1, keepdims=0)
     graph.outputs.append(token)
-    return PassResult(True, f"greedy token computed on the device ({OUTPUT} = ArgMax of the logits)",
+    return PassResult(True, f"greedy token computed in the graph ({OUTPUT} = ArgMax of the logits)",
                       {"outputs_added": 1})

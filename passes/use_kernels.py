@@ -58,8 +58,8 @@ def _lowerable(node: gs.Node) -> str | None:
 
 @register_pass("use_leptonc_kernels")
 def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """MatMulNBits -> leptonc's CUDA kernel (streams int4/int8 weights once for up to 16 rows); the SiLU(gate)
-    x up of other fp16 products -> its SwiGLU kernel."""
+    """MatMulNBits -> leptonc's CUDA kernel (streams int4/int8 weights once for up to 16 rows); fp16 MatMul/Gemm
+    with constant weights -> MatMulF16; the SiLU(gate) x up of any other fp16 product -> its SwiGLU kernel."""
     nodes = [n for n in graph.nodes if n.op == "MatMulNBits" and n.domain == MS_DOMAIN]
     dense = [n for n in graph.nodes if n.op in ("MatMul", "Gemm") and _f16_weights(n) is not None]
     splits = [n for n in graph.nodes if n.op == "Split" and len(n.outputs) == 2]
