@@ -606,6 +606,55 @@ def ttft_hf(s: Session) -> None:
         bench(s, fp16, "llama1b fp16 (+hf)", "--batch", "1,16", "--baseline", "hf")
 
 
+def ncu_step(s: Session, bundle: Path, name: str) -> None:
+    """One batch-1 decode step's kernels under Nsight Compute (bench/device_kernel_times.py)."""
+    import glob
+    import shutil
+
+    ncu = shutil.which("ncu") or next(iter(sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu")) +
+                                           glob.glob("/usr/local/cuda/bin/ncu")), None)
+    left = s.deadline - time.time()
+    if ncu is None or left < 40:
+        s.record["steps"].append({"label": f"ncu {name}", "rc": "skipped", "why": "no ncu" if ncu is None else "time"})
+        return
+    csv_path, out = s.out / f"ncu_{name}.csv", s.out / f"kernel_times_{name}.json"
+    cmd = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--print-units", "base",
+           "--metrics", "gpu__time_duration.sum",
+           "--csv", "--log-file", str(csv_path), sys.executable, "bench/device_kernel_times.py", str(bundle)]
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(240, left))
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = "timeout", str(exc.stdout or "")[-2000:]
+    data = None
+    if csv_path.is_file():
+        summ = subprocess.run([sys.executable, "bench/device_kernel_times.py", "--summarize", str(csv_path), str(out)],
+                              capture_output=True, text=True)
+        tail += summ.stdout[-3000:] + summ.stderr[-1000:]
+        data = json.loads(out.read_text()) if out.is_file() else None
+    s.record["steps"].append({"label": f"ncu {name}", "command": " ".join(cmd[1:]), "rc": rc,
+                              "seconds": round(time.time() - start, 1), "json": data, "tail": tail})
+    s.save()
+    print(f"[ncu {name}] rc={rc}\n{tail[-2500:]}", flush=True)
+
+
+def kernel_times(s: Session) -> None:
+    """Where a batch-1 decode step's GPU time goes, kernel by kernel (Nsight Compute): smollm2 fp16, then
+    llama-1b-shape fp16 and int4, each as shipped by default (leptonc's kernels on)."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    if small:
+        ncu_step(s, small, "smollm2_fp16")
+    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if big:
+        ncu_step(s, big, "llama1b_fp16")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if q4:
+        ncu_step(s, q4, "llama1b_int4")
+
+
 def confirm(s: Session) -> None:
     """Issue 8 (session 12, last call): the committed state (greedy token in the graph, SwiGLU kernel, one
     input copy a step) on llama-1b-shape fp16 and int4, three interleaved rounds at batch 1 and 16, where
@@ -648,7 +697,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
-                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf"))
+                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -664,7 +713,7 @@ def main() -> None:
          "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels, "kernels_llama": kernels_llama,
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
-         "f16_gemv": f16_gemv, "ttft_hf": ttft_hf}[args.session](s)
+         "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times}[args.session](s)
     finally:
         s.save()
         summary(s)
