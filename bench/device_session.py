@@ -538,61 +538,45 @@ def greedy_device(s: Session) -> None:
         bench(s, small, "smollm2 fp16 host argmax", "--batch", "1,16", env=host)
 
 
-def fp16_swiglu(s: Session) -> None:
-    """Issue 8 lines 1 and 3 (session 12): fp16 bundles with leptonc's SwiGLU kernel (passes/use_kernels.py:
-    Split + QuickGelu + Mul -> ai.leptonc.SwiGLU) against the same compile without leptonc's kernels, in
-    one call: the op against a float64 reference, smollm2 greedy tokens with either, speed interleaved;
-    smollm2 with the HF baseline (line 7)."""
+def fp16_kernels_ab(s: Session, check_out: str, label: str, smollm2_hf: bool) -> None:
+    """fp16 bundles compiled as shipped (leptonc's kernels on) against the same compile on ONNX Runtime's ops
+    (--disable-pass use_leptonc_kernels), in one call: the fp16 ops against float64 references, smollm2's
+    32 greedy tokens with either, speed interleaved (llama two rounds, smollm2 once)."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    script(s, "SwiGLU op check", "bench/device_kernels.py", "--fp16-only", out_name="swiglu_check.json", timeout=150)
+    script(s, "fp16 ops check", "bench/device_kernels.py", "--fp16-only", out_name=check_out, timeout=150)
     off = ("--disable-pass", "use_leptonc_kernels")
     big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
     big_off = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.nokernels", "--max-seq", "1280", *off)
     small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
     small_off = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.nokernels", *off)
     ids = {}
-    for name, b in (("swiglu kernel", small), ("onnxruntime ops", small_off)):
+    for name, b in ((label, small), ("onnxruntime ops", small_off)):
         if b:
             ids[name] = greedy(s, b, f"greedy smollm2 fp16 {name}", n=32)
-    s.record["parity"] = {"smollm2 fp16 greedy, SwiGLU kernel vs ONNX Runtime's ops": ids,
+    s.record["parity"] = {f"smollm2 fp16 greedy, {label} vs ONNX Runtime's ops": ids,
                           "identical": len(ids) == 2 and None not in ids.values() and len(set(map(tuple, ids.values()))) == 1}
     s.save()
     for rnd in range(2):
-        for name, b in (("llama1b fp16 swiglu", big), ("llama1b fp16 no kernels", big_off)):
+        for name, b in ((f"llama1b fp16 {label}", big), ("llama1b fp16 no kernels", big_off)):
             if b:
                 bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
     if small:
-        bench(s, small, "smollm2 fp16 swiglu (+hf)", "--batch", "1,16", "--baseline", "hf")
+        bench(s, small, f"smollm2 fp16 {label}" + (" (+hf)" if smollm2_hf else ""), "--batch", "1,16",
+              *(("--baseline", "hf") if smollm2_hf else ()))
     if small_off:
         bench(s, small_off, "smollm2 fp16 no kernels", "--batch", "1,16")
 
 
+def fp16_swiglu(s: Session) -> None:
+    """Issue 8 lines 1 and 3 (session 12, call 1, commit ae1f389): the SwiGLU op (Split + QuickGelu + Mul ->
+    ai.leptonc.SwiGLU) against ONNX Runtime's ops; smollm2 with the HF baseline (line 7)."""
+    fp16_kernels_ab(s, "swiglu_check.json", "swiglu kernel", smollm2_hf=True)
+
+
 def f16_gemv(s: Session) -> None:
-    """Issue 8 lines 1 and 3 (session 12): fp16 bundles with leptonc's MatMulF16 (every product with constant
-    weights, the SwiGLU epilogue on gate|up, the LM head) against the same compile on ONNX Runtime's ops,
-    in one call: the fp16 ops against float64 references, smollm2 greedy tokens with either, speed
-    interleaved."""
-    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    script(s, "fp16 ops check", "bench/device_kernels.py", "--fp16-only", out_name="fp16_check.json", timeout=150)
-    off = ("--disable-pass", "use_leptonc_kernels")
-    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
-    big_off = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.nokernels", "--max-seq", "1280", *off)
-    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
-    small_off = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.nokernels", *off)
-    ids = {}
-    for name, b in (("leptonc kernels", small), ("onnxruntime ops", small_off)):
-        if b:
-            ids[name] = greedy(s, b, f"greedy smollm2 fp16 {name}", n=32)
-    s.record["parity"] = {"smollm2 fp16 greedy, leptonc kernels vs ONNX Runtime's ops": ids,
-                          "identical": len(ids) == 2 and None not in ids.values() and len(set(map(tuple, ids.values()))) == 1}
-    s.save()
-    for rnd in range(2):
-        for name, b in (("llama1b fp16", big), ("llama1b fp16 no kernels", big_off)):
-            if b:
-                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
-    for name, b in (("smollm2 fp16", small), ("smollm2 fp16 no kernels", small_off)):
-        if b:
-            bench(s, b, name, "--batch", "1,16")
+    """Issue 8 lines 1 and 3 (session 12, call 4): MatMulF16 (every product with constant weights, the
+    SwiGLU epilogue on gate|up, the LM head) against ONNX Runtime's ops."""
+    fp16_kernels_ab(s, "fp16_check.json", "leptonc kernels", smollm2_hf=False)
 
 
 def ttft_hf(s: Session) -> None:

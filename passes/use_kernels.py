@@ -188,12 +188,18 @@ def _lower_f16(node: gs.Node, weights: np.ndarray, swiglu=None) -> None:
     node.op, node.domain = "MatMulF16", LEPTONC_DOMAIN
     node.attrs = {"K": int(k), "N": int(n)}
     if swiglu is not None:
-        _, mul, drop = swiglu
-        out = mul.outputs[0]
-        detach(drop)
-        node.outputs.clear()
-        node.outputs.append(out)
-        node.attrs["activation"] = 1
+        _take_swiglu(node, swiglu)
+
+
+def _take_swiglu(node: gs.Node, swiglu) -> None:
+    """The product writes SiLU(gate) x up itself (activation 1): it takes the Mul's output, and the Split,
+    QuickGelu and Mul are detached."""
+    _, mul, drop = swiglu
+    out = mul.outputs[0]
+    detach(drop)
+    node.outputs.clear()
+    node.outputs.append(out)
+    node.attrs["activation"] = 1
 
 
 def _lower(node: gs.Node, swiglu=None) -> None:
@@ -209,9 +215,4 @@ def _lower(node: gs.Node, swiglu=None) -> None:
     node.op, node.domain = "MatMulNBitsTiled", LEPTONC_DOMAIN
     node.attrs = {"K": k, "N": n, "bits": bits, "block_size": block}  # accuracy_level is ONNX Runtime's CPU setting
     if swiglu is not None:
-        _, mul, drop = swiglu
-        out = mul.outputs[0]
-        detach(drop)
-        node.outputs.clear()
-        node.outputs.append(out)
-        node.attrs["activation"] = 1
+        _take_swiglu(node, swiglu)
