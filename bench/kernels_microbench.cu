@@ -1,5 +1,5 @@
 // Time leptonc's MatMulNBitsTiled decode kernel alone (no ONNX Runtime), against cuBLAS on the same
-// products in fp16, on the GPU. Each measurement replays a CUDA graph of R launches over R distinct
+// products in fp16, on the GPU; at M = 1 also MatMulF16's one-row kernel (f16_gemv) on the fp16 weights. Each measurement replays a CUDA graph of R launches over R distinct
 // weight copies (more bytes than the L2 cache holds, so every launch reads from HBM); time per product
 // = graph time / R. Prints one JSON object per (matrix, M) and writes them all to the file given.
 //
@@ -193,20 +193,28 @@ int main(int argc, char** argv) {
                                      : launch<8>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb);
         if (st != nullptr) std::exit(2);
       });
-      static float ms_fp16 = 0.f;  // cuBLAS once per M (the auto row), reused by the variants' rows
-      if (v.path == Path::kAuto) ms_fp16 = graph_ms(s, w_reps, [&](int r) {
-        const float alpha = 1.f, beta = 0.f;
-        cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, mx.N, m, mx.K, &alpha, ws[r], CUDA_R_16F, mx.K, a, CUDA_R_16F,
-                     mx.K, &beta, y, CUDA_R_16F, mx.N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-      });
-      const double us = 1e3 * ms / reps, us16 = 1e3 * ms_fp16 / w_reps;
+      static float ms_fp16 = 0.f, ms_f16 = 0.f;  // once per M (the auto row), reused by the variants' rows
+      if (v.path == Path::kAuto) {
+        ms_fp16 = graph_ms(s, w_reps, [&](int r) {
+          const float alpha = 1.f, beta = 0.f;
+          cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, mx.N, m, mx.K, &alpha, ws[r], CUDA_R_16F, mx.K, a, CUDA_R_16F,
+                       mx.K, &beta, y, CUDA_R_16F, mx.N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        });
+        F16Kernel fk;  // the fp16 graphs' op on the same [N, K] weights (one row: f16_gemv)
+        fk.K = mx.K, fk.N = mx.N, fk.activation = mx.activation;
+        ms_f16 = m == 1 ? graph_ms(s, w_reps, [&](int r) {
+          if (launch_f16(fk, a, 1, ws[r], y, s) != nullptr) std::exit(2);
+        }) : 0.f;
+      }
+      const double us = 1e3 * ms / reps, us16 = 1e3 * ms_fp16 / w_reps, usf = 1e3 * ms_f16 / w_reps;
       const double bytes = double(b_bytes) + double(sz_count) * 2;
       char line[512];
       std::snprintf(line, sizeof(line),
                     "{\"matrix\": \"%s\", \"variant\": \"%s\", \"K\": %d, \"N\": %d, \"bits\": %d, \"block\": %d, \"M\": %d, \"R\": %d, "
-                    "\"us\": %.2f, \"TBps\": %.2f, \"cublas_fp16_us\": %.2f, \"cublas_TBps\": %.2f, \"speedup\": %.2f}",
+                    "\"us\": %.2f, \"TBps\": %.2f, \"cublas_fp16_us\": %.2f, \"cublas_TBps\": %.2f, \"speedup\": %.2f, "
+                    "\"f16_gemv_us\": %.2f, \"f16_gemv_TBps\": %.2f}",
                     mx.name, v.name, mx.K, mx.N, mx.bits, mx.block, m, reps, us, bytes / us / 1e6, us16,
-                    double(w_bytes) / us16 / 1e6, us16 / us);
+                    double(w_bytes) / us16 / 1e6, us16 / us, usf, usf > 0 ? double(w_bytes) / usf / 1e6 : 0.0);
       std::printf("%s\n", line);
       std::fflush(stdout);
       all += (all.size() > 1 ? ",\n " : "") + std::string(line);
