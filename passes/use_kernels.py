@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 
 from leptonc.passes.matching import MS_DOMAIN, attr, const_ints, detach, is_last_axis, is_safe_to_fuse
 from leptonc.passes.registry import PassContext, PassResult, register_pass
-from leptonc.targets.kernels.layout import interleave_gate_up, tile_nbits
+from leptonc.targets.kernels.layout import gate_up_pairs, interleave_gate_up, tile_nbits
 
 LEPTONC_DOMAIN = "ai.leptonc"
 
@@ -61,7 +61,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """MatMulNBits -> leptonc's CUDA kernel (streams int4/int8 weights once for up to 16 rows); fp16 MatMul/Gemm
     with constant weights -> MatMulF16; the SiLU(gate) x up of any other fp16 product -> its SwiGLU kernel."""
     nodes = [n for n in graph.nodes if n.op == "MatMulNBits" and n.domain == MS_DOMAIN]
-    dense = [n for n in graph.nodes if n.op in ("MatMul", "Gemm") and _f16_weights(n) is not None]
+    dense = [(n, w) for n in graph.nodes if n.op in ("MatMul", "Gemm") and (w := _f16_weights(n)) is not None]
     splits = [n for n in graph.nodes if n.op == "Split" and len(n.outputs) == 2]
     if not nodes and not dense and not any(_match_swiglu(graph, n.inputs[0]) for n in splits):
         return PassResult.skipped("no MatMulNBits, fp16 product with constant weights or SiLU(gate) x up in the graph")
@@ -81,8 +81,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         _lower(node, swiglu)
         counts["lowered"] += 1
         counts["swiglu"] += swiglu is not None
-    for node in dense:  # fp16 products with constant weights
-        weights = _f16_weights(node)
+    for node, weights in dense:  # fp16 products with constant weights, as [N, K]
         swiglu = _match_swiglu(graph, node.outputs[0], weights.shape[0])
         _lower_f16(node, weights, swiglu)
         counts["f16"] += 1
@@ -175,11 +174,7 @@ def _f16_weights(node: gs.Node) -> np.ndarray | None:
 
 def _lower_f16(node: gs.Node, weights: np.ndarray, swiglu=None) -> None:
     n, k = weights.shape
-    w = weights
-    if swiglu is not None:  # rows in (gate j, up j) pairs
-        half = n // 2
-        gate, up = (w[:half], w[half:]) if swiglu[0] else (w[half:], w[:half])
-        w = np.stack([gate, up], axis=1).reshape(n, k)
+    w = gate_up_pairs(weights, n, gate_first=swiglu[0]) if swiglu is not None else weights
     if w is node.inputs[1].values:  # a Gemm's [N, K] weights as stored: shared, not copied
         constant = node.inputs[1]
     else:

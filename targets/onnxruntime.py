@@ -143,8 +143,8 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
 
 def _prepare_kernels(ctx, pipeline_names: list[str], disabled: tuple[str, ...]):
     """Build leptonc's CUDA kernel library when the pipeline may lower ops to it (fp16 GPU graphs: the
-    MatMulNBits of int4/int8 weights, and SwiGLU). Where it cannot be built, the pass is skipped and its
-    record says why."""
+    MatMulNBits of int4/int8 weights, fp16 products with constant weights, SwiGLU). Where it cannot be
+    built, the pass is skipped and its record says why."""
     if "use_leptonc_kernels" not in pipeline_names or "use_leptonc_kernels" in disabled:
         return None
     if export_dtype(ctx.target, ctx.precision) != "fp16":

@@ -101,12 +101,15 @@ def interleave_gate_up(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
     up. Same shapes as given."""
     if n % 8:
         raise ValueError(f"N {n}: the SwiGLU epilogue needs gate|up columns in whole tiles (N a multiple of 8)")
+    return (gate_up_pairs(b, n, gate_first), gate_up_pairs(scales, n, gate_first),
+            gate_up_pairs(zero_points, n, gate_first) if zero_points is not None else None)
+
+
+def gate_up_pairs(a: np.ndarray, n: int, gate_first: bool = True) -> np.ndarray:
+    """The n output rows of `a` (its first axis, n = 2F: gate then up, or up then gate when not
+    `gate_first`) reordered as (gate j, up j) pairs: gate_0, up_0, gate_1, up_1, ... Same shape as given."""
     f = n // 2
     gate, up = (np.arange(f), f + np.arange(f)) if gate_first else (f + np.arange(f), np.arange(f))
     order = np.stack([gate, up], axis=1).reshape(-1)
-
-    def rows(a):
-        a = np.asarray(a)
-        return np.ascontiguousarray(a.reshape(n, -1)[order]).reshape(a.shape)
-
-    return rows(b), rows(scales), (rows(zero_points) if zero_points is not None else None)
+    a = np.asarray(a)
+    return np.ascontiguousarray(a.reshape(n, -1)[order]).reshape(a.shape)
