@@ -18,6 +18,14 @@
     any other fp16 product -> the same Split, QuickGelu and Mul
         -> ai.leptonc.SwiGLU(product, gate_first): one kernel instead of three
 
+    com.microsoft.GroupQueryAttention in the GPU form (passes/fuse_attention.py: packed fp16 Q/K/V, rotary folded
+    in over the whole head, head size 64 or 128, at most 8 query heads a KV head, no window or softcap)
+        -> ai.leptonc.CachedAttention(qkv, past_key, past_value, seqlens_k, total_sequence_length, cos, sin):
+           the rotary, the cache append and the attention in one decode kernel (two with split keys) instead
+           of ONNX Runtime's three to five; prefill on tensor cores. EXPERIMENTAL and off by default: written
+           in session 13 without a GPU, it has not yet run; LEPTONC_ATTENTION_KERNEL=1 turns it on
+           (targets/onnxruntime.py), for bench/device_session.py's attention A/B.
+
 The library must have been built for the target (targets/onnxruntime.py builds it before the pipeline
 and puts it in `ctx.options["cuda_kernels"]`); when it could not be, the pass is skipped with the reason
 and the graph keeps ONNX Runtime's kernel.
@@ -61,15 +69,17 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """MatMulNBits -> leptonc's CUDA kernel (streams int4/int8 weights once for up to 16 rows); fp16 MatMul/Gemm
     with constant weights -> MatMulF16; the SiLU(gate) x up of any other fp16 product -> its SwiGLU kernel."""
     nodes = [n for n in graph.nodes if n.op == "MatMulNBits" and n.domain == MS_DOMAIN]
+    attention = [n for n in graph.nodes if n.op == "GroupQueryAttention" and n.domain == MS_DOMAIN] \
+        if ctx.options.get("attention_kernel") else []
     dense = [(n, w) for n in graph.nodes if n.op in ("MatMul", "Gemm") and (w := _f16_weights(n)) is not None]
     splits = [n for n in graph.nodes if n.op == "Split" and len(n.outputs) == 2]
-    if not nodes and not dense and not any(_match_swiglu(graph, n.inputs[0]) for n in splits):
+    if not nodes and not dense and not attention and not any(_match_swiglu(graph, n.inputs[0]) for n in splits):
         return PassResult.skipped("no MatMulNBits, fp16 product with constant weights or SiLU(gate) x up in the graph")
     kernels = ctx.options.get("cuda_kernels") or {}
     if not kernels.get("file"):
         return PassResult.skipped(f"leptonc's CUDA kernels were not built: {kernels.get('unavailable', 'not requested')}; "
                                   "ONNX Runtime's kernels run the graph")
-    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0, "f16": 0, "f16_swiglu": 0, "swiglu_op": 0}
+    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0, "f16": 0, "f16_swiglu": 0, "swiglu_op": 0, "attention": 0}
     reasons: dict[str, int] = {}
     for node in nodes:
         why = _lowerable(node)
@@ -86,6 +96,13 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         _lower_f16(node, weights, swiglu)
         counts["f16"] += 1
         counts["f16_swiglu"] += swiglu is not None
+    for node in attention:
+        why = _attention_lowerable(node)
+        if why is not None:
+            reasons[f"attention: {why}"] = reasons.get(f"attention: {why}", 0) + 1
+            continue
+        _lower_attention(node)
+        counts["attention"] += 1
     # Then SiLU(gate) x up behind any other product (a MatMulNBits left alone above, a product computed at run time).
     for split in splits:
         y = split.inputs[0] if split.inputs else None
@@ -99,7 +116,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
                                    domain=LEPTONC_DOMAIN))
         counts["swiglu_op"] += 1
     graph.cleanup()
-    if not counts["lowered"] and not counts["swiglu_op"] and not counts["f16"]:
+    if not counts["lowered"] and not counts["swiglu_op"] and not counts["f16"] and not counts["attention"]:
         why = ("no MatMulNBits could be lowered: " + ", ".join(f"{k} ({v})" for k, v in reasons.items()) if reasons
                else "no SiLU(gate) x up the SwiGLU kernel runs (it needs fp16 and a last axis of 2F, F a multiple of 8)")
         return PassResult(False, why, counts)
@@ -113,6 +130,9 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
                      + (f", {counts['f16_swiglu']} of them with the SwiGLU epilogue" if counts["f16_swiglu"] else ""))
     if counts["swiglu_op"]:
         parts.append(f"{counts['swiglu_op']} Split + QuickGelu + Mul -> {LEPTONC_DOMAIN}.SwiGLU ({kernels.get('arch')})")
+    if counts["attention"]:
+        parts.append(f"{counts['attention']} GroupQueryAttention -> {LEPTONC_DOMAIN}.CachedAttention ({kernels.get('arch')}; "
+                     "experimental, LEPTONC_ATTENTION_KERNEL=1)")
     detail = "; ".join(parts)
     if reasons:
         detail += "; left on ONNX Runtime's kernel: " + ", ".join(f"{k} ({v})" for k, v in reasons.items())
@@ -211,3 +231,52 @@ def _lower(node: gs.Node, swiglu=None) -> None:
     node.attrs = {"K": k, "N": n, "bits": bits, "block_size": block}  # accuracy_level is ONNX Runtime's CPU setting
     if swiglu is not None:
         _take_swiglu(node, swiglu)
+
+
+# GroupQueryAttention attributes CachedAttention serves: what passes/fuse_attention.py writes for GPU graphs.
+_ATTENTION_ATTRS = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved", "local_window_size",
+                    "softcap", "smooth_softmax"}
+
+
+def _attention_lowerable(node: gs.Node) -> str | None:
+    """None when ai.leptonc.CachedAttention runs this GroupQueryAttention, else why not."""
+    extra = sorted(set(node.attrs) - _ATTENTION_ATTRS)
+    if extra:
+        return "attribute " + ", ".join(extra)
+    if not attr(node, "do_rotary", 0) or attr(node, "rotary_interleaved", 0):
+        return "rotary not folded in (rotate-half)"
+    if attr(node, "local_window_size", -1) != -1:
+        return "sliding window"
+    if float(attr(node, "softcap", 0.0)) != 0.0 or attr(node, "smooth_softmax", 0):
+        return "softcap or smooth softmax"
+    ins = node.inputs
+    if len(ins) < 9 or any(t.name for t in ins[9:]) or ins[1].name or ins[2].name:
+        return "not the packed form (separate key/value, or position ids, bias or other extra inputs)"
+    if len(node.outputs) != 3:
+        return "not three outputs"
+    qkv, cos, sin = ins[0], ins[7], ins[8]
+    if qkv.dtype is None or np.dtype(qkv.dtype) != np.float16:
+        return "not fp16"
+    if not isinstance(cos, gs.Constant) or not isinstance(sin, gs.Constant) or cos.values.dtype != np.float16 \
+            or cos.values.ndim != 2 or cos.values.shape != sin.values.shape:
+        return "rotary tables are not fp16 constants [positions, head size / 2]"
+    d = 2 * cos.values.shape[1]
+    h, kvh = int(attr(node, "num_heads", 0)), int(attr(node, "kv_num_heads", 0))
+    if d not in (64, 128):
+        return f"head size {d}"
+    if kvh <= 0 or h % kvh or h // kvh > 8:
+        return f"{h} query heads over {kvh} KV heads"
+    width = qkv.shape[-1] if qkv.shape is not None and len(qkv.shape) else None
+    if isinstance(width, int) and width != (h + 2 * kvh) * d:
+        return "packed width does not match the heads"
+    return None
+
+
+def _lower_attention(node: gs.Node) -> None:
+    ins = node.inputs
+    node.inputs = [ins[0], ins[3], ins[4], ins[5], ins[6], ins[7], ins[8]]
+    node.op, node.domain = "CachedAttention", LEPTONC_DOMAIN
+    attrs = {"num_heads": int(attr(node, "num_heads")), "kv_num_heads": int(attr(node, "kv_num_heads"))}
+    if attr(node, "scale", 0.0):
+        attrs["scale"] = float(attr(node, "scale"))
+    node.attrs = attrs

@@ -43,7 +43,7 @@ def test_lowering_moves_fp16_matmulnbits_to_the_leptonc_domain():
     graph = _nbits_graph()
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert result.applied and result.counts == {"lowered": 1, "left_alone": 0, "swiglu": 0, "f16": 0, "f16_swiglu": 0,
-                                               "swiglu_op": 0}
+                                               "swiglu_op": 0, "attention": 0}
     node = graph.nodes[0]
     assert node.domain == "ai.leptonc" and node.op == "MatMulNBitsTiled"
     assert node.attrs == {"K": 256, "N": 64, "bits": 4, "block_size": 128}  # no accuracy_level (ORT's CPU setting)
@@ -343,3 +343,142 @@ def test_library_builds_and_registers(tmp_path):
         if "libcublas" not in str(exc):
             raise
         pytest.skip(f"the library builds; loading it needs cuBLAS on LD_LIBRARY_PATH: {exc}")
+
+
+# ---- GroupQueryAttention -> ai.leptonc.CachedAttention (experimental, LEPTONC_ATTENTION_KERNEL=1) -------------
+
+def _gqa_graph(h=8, kvh=2, d=64, dtype=np.float16, **attrs) -> gs.Graph:
+    """One GroupQueryAttention in the GPU form passes/fuse_attention.py writes: packed Q/K/V, rotary folded in."""
+    b, s, cap, positions = "batch", "seq", "capacity", 32
+    qkv = gs.Variable("qkv", dtype=dtype, shape=[b, s, (h + 2 * kvh) * d])
+    past_k = gs.Variable("past_key_values.0.key", dtype=dtype, shape=[b, kvh, cap, d])
+    past_v = gs.Variable("past_key_values.0.value", dtype=dtype, shape=[b, kvh, cap, d])
+    seqlens = gs.Variable("gqa/seqlens_k", dtype=np.int32, shape=[b])
+    total = gs.Variable("gqa/total_sequence_length", dtype=np.int32, shape=[])
+    cos = gs.Constant("rotary.cos_cache0", np.ones((positions, d // 2), dtype))
+    sin = gs.Constant("rotary.sin_cache0", np.zeros((positions, d // 2), dtype))
+    out = gs.Variable("attn", dtype=dtype, shape=[b, s, h * d])
+    pk = gs.Variable("present.0.key", dtype=dtype, shape=[b, kvh, cap, d])
+    pv = gs.Variable("present.0.value", dtype=dtype, shape=[b, kvh, cap, d])
+    e = gs.Variable.empty
+    node = gs.Node("GroupQueryAttention", "layer0/gqa", domain="com.microsoft",
+                   attrs={"num_heads": h, "kv_num_heads": kvh, "scale": 0.125, "do_rotary": 1, "rotary_interleaved": 0,
+                          **attrs},
+                   inputs=[qkv, e(), e(), past_k, past_v, seqlens, total, cos, sin], outputs=[out, pk, pv])
+    return gs.Graph(nodes=[node], inputs=[qkv, past_k, past_v, seqlens, total], outputs=[out, pk, pv], opset=17)
+
+
+def test_attention_lowers_only_when_asked():
+    info = {"file": "kernels/libleptonc_cuda.so", "arch": "sm_90"}
+    graph = _gqa_graph()
+    result = use_leptonc_kernels(graph, PassContext(backend="onnxruntime", precision="fp16", options={"cuda_kernels": info}))
+    assert not result.applied and graph.nodes[0].op == "GroupQueryAttention"  # off by default: not yet run on a GPU
+
+    ctx = PassContext(backend="onnxruntime", precision="fp16", options={"cuda_kernels": info, "attention_kernel": True})
+    result = use_leptonc_kernels(graph, ctx)
+    assert result.applied and result.counts["attention"] == 1 and "experimental" in result.detail
+    node = graph.nodes[0]
+    assert (node.op, node.domain) == ("CachedAttention", "ai.leptonc")
+    assert [t.name for t in node.inputs] == ["qkv", "past_key_values.0.key", "past_key_values.0.value", "gqa/seqlens_k",
+                                             "gqa/total_sequence_length", "rotary.cos_cache0", "rotary.sin_cache0"]
+    assert [t.name for t in node.outputs] == ["attn", "present.0.key", "present.0.value"]
+    assert node.attrs == {"num_heads": 8, "kv_num_heads": 2, "scale": 0.125}
+    model = gs.export_onnx(graph)
+    assert {o.domain for o in model.opset_import} >= {"ai.leptonc"}
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    ({"d": 96}, "head size 96"),
+    ({"h": 18, "kvh": 2}, "18 query heads over 2 KV heads"),
+    ({"dtype": np.float32}, "not fp16"),
+    ({"local_window_size": 16}, "sliding window"),
+    ({"softcap": 30.0}, "softcap"),
+    ({"rotary_interleaved": 1}, "rotary not folded in"),
+    ({"qk_output": 1}, "attribute qk_output"),
+])
+def test_attention_left_on_onnx_runtime_when_the_kernel_cannot_run_it(kwargs, why):
+    graph = _gqa_graph(**kwargs)
+    ctx = PassContext(backend="onnxruntime", precision="fp16",
+                      options={"cuda_kernels": {"file": "k.so", "arch": "sm_90"}, "attention_kernel": True})
+    result = use_leptonc_kernels(graph, ctx)
+    assert not result.applied and why in result.detail
+    assert graph.nodes[0].op == "GroupQueryAttention"
+
+
+def test_runner_takes_cached_attention_as_a_shared_cache_graph(tmp_path):
+    """A CachedAttention bundle keeps GroupQueryAttention's runtime contract (shared K/V block, right padding): the
+    runner must not fall back to the growing layout, which would feed the kernel a cache of the wrong shape."""
+    from leptonc.runtime.ort_cuda import CACHE_ATTENTION_OPS, graph_op_types
+
+    graph = _gqa_graph()
+    ctx = PassContext(backend="onnxruntime", precision="fp16",
+                      options={"cuda_kernels": {"file": "k.so", "arch": "sm_90"}, "attention_kernel": True})
+    use_leptonc_kernels(graph, ctx)
+    model = tmp_path / "model.onnx"
+    onnx.save(gs.export_onnx(graph), model)
+    ops = graph_op_types(model)
+    assert ops == {"CachedAttention"} and ops & CACHE_ATTENTION_OPS
+
+
+def test_gpu_build_asks_for_the_attention_kernel_only_with_the_switch(monkeypatch):
+    from leptonc.targets import get_target
+    from leptonc.targets import onnxruntime as ort_backend
+
+    monkeypatch.setattr(kernels, "build_library", lambda cc: (_ for _ in ()).throw(kernels.KernelsUnavailable("no nvcc")))
+    for value, expected in ((None, False), ("0", False), ("1", True)):
+        if value is None:
+            monkeypatch.delenv("LEPTONC_ATTENTION_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("LEPTONC_ATTENTION_KERNEL", value)
+        ctx = PassContext(backend="onnxruntime", precision="fp16", target=get_target("h100"), options={})
+        ort_backend._prepare_kernels(ctx, ["use_leptonc_kernels"], ())
+        assert ctx.options["attention_kernel"] is expected
+
+
+def _gqa_session(h, kvh, d, cos, sin):
+    """ONNX Runtime's own GroupQueryAttention (CPU, float32) in the form CachedAttention replaces."""
+    import onnxruntime as ort
+
+    graph = _gqa_graph(h=h, kvh=kvh, d=d, dtype=np.float32)
+    graph.nodes[0].inputs[7] = gs.Constant("cos", cos.astype(np.float32))
+    graph.nodes[0].inputs[8] = gs.Constant("sin", sin.astype(np.float32))
+    graph.nodes[0].attrs["scale"] = float(1 / np.sqrt(d))
+    model = gs.export_onnx(graph)
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_cached_attention_contract_matches_onnx_runtime_group_query_attention():
+    """The numpy contract the CUDA kernels implement (targets/kernels/attention_reference.py) against ONNX Runtime's
+    GroupQueryAttention, the op they replace: a right-padded first prompt into a shared cache, then two decode steps
+    at different lengths per row. Outputs of real tokens and every cache entry they wrote must agree."""
+    from leptonc.targets.kernels.attention_reference import cached_attention
+
+    rng = np.random.default_rng(0)
+    h, kvh, d, cap, positions = 6, 2, 64, 24, 64
+    inv = 10000.0 ** (-np.arange(0, d, 2) / d)
+    angles = np.arange(positions)[:, None] * inv[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    sess = _gqa_session(h, kvh, d, cos, sin)
+    b, s = 2, 7
+    lengths = np.array([7, 4])  # row 1 is right-padded
+    k_ort = np.zeros((b, kvh, cap, d), np.float32)
+    v_ort = np.zeros_like(k_ort)
+    k_ref, v_ref = k_ort.astype(np.float64), v_ort.astype(np.float64)
+    steps = [(rng.standard_normal((b, s, (h + 2 * kvh) * d)).astype(np.float32), lengths - 1, s)]
+    for step in range(2):  # decode: each row's next token at its own length
+        steps.append((rng.standard_normal((b, 1, (h + 2 * kvh) * d)).astype(np.float32), lengths + step, cap))
+    for i, (qkv, seqlens, total) in enumerate(steps):
+        feeds = {"qkv": qkv, "past_key_values.0.key": k_ort, "past_key_values.0.value": v_ort,
+                 "gqa/seqlens_k": seqlens.astype(np.int32), "gqa/total_sequence_length": np.array(total, np.int32)}
+        out_ort, k_ort, v_ort = sess.run(None, feeds)
+        out_ref, k_ref, v_ref = cached_attention(qkv, k_ref, v_ref, seqlens, total, cos, sin, num_heads=h,
+                                                 kv_num_heads=kvh)
+        assert k_ort.shape == k_ref.shape == (b, kvh, cap, d)
+        for row in range(b):
+            real = lengths[row] if i == 0 else 1  # rows' padded positions are garbage on both sides
+            np.testing.assert_allclose(out_ort[row, :real], out_ref[row, :real], atol=2e-5, err_msg=f"step {i} row {row}")
+            end = int(seqlens[row]) + 1
+            np.testing.assert_allclose(k_ort[row, :, :end], k_ref[row, :, :end], atol=2e-5)
+            np.testing.assert_allclose(v_ort[row, :, :end], v_ref[row, :, :end], atol=2e-5)
+        k_ref[:, :, :], v_ref[:, :, :] = k_ort, v_ort  # both continue from the same cache (padding included)

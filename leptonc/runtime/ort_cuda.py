@@ -37,6 +37,7 @@ import numpy as np
 from leptonc.errors import BackendUnavailableError, InputError
 from leptonc.runtime.base import Runner, positions_from_mask
 
+CACHE_ATTENTION_OPS = frozenset({"GroupQueryAttention", "CachedAttention"})  # attention that owns a K/V cache
 _DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
 PREFILL_TOKENS = 4096  # tokens per prefill chunk (whole rows); module doc
 
@@ -185,16 +186,19 @@ class OrtCudaRunner(Runner):
                              f"a positive integer (default {PREFILL_TOKENS})")
 
         ops = graph_op_types(model_path)
+        # ai.leptonc.CachedAttention (passes/use_kernels.py) keeps GroupQueryAttention's contract: shared past/present
+        # buffer, lengths from the mask's contents.
+        cached = bool(ops & CACHE_ATTENTION_OPS)
         # LEPTONC_KV_LAYOUT=growing forces the growing layout (for the cache-layout ablation in bench/).
         layout = os.environ.get("LEPTONC_KV_LAYOUT") or settings.get("kv_layout", "shared")
         if layout not in ("shared", "growing"):
             raise InputError(f"kv layout {layout!r}: use 'shared' or 'growing'")
-        self.shared_kv = "GroupQueryAttention" in ops and layout == "shared"
+        self.shared_kv = cached and layout == "shared"
         env_graph = os.environ.get("LEPTONC_CUDA_GRAPH")
         if cuda_graph is None:
             cuda_graph = settings.get("cuda_graph", True) if env_graph is None else env_graph == "1"
         # "mask_sum" graphs take right-padded prompts and a fixed [B, capacity] decode mask (module doc).
-        self.right_pad = "GroupQueryAttention" in ops and settings.get("gqa_lengths") == "mask_sum"
+        self.right_pad = cached and settings.get("gqa_lengths") == "mask_sum"
         if self.right_pad and not self.shared_kv:
             raise InputError("this bundle's attention reads sequence lengths from a fixed-size mask, which "
                              "needs the shared KV layout", hint="unset LEPTONC_KV_LAYOUT")
@@ -203,7 +207,7 @@ class OrtCudaRunner(Runner):
             self.cuda_graph_reason = "on"
         elif not self.shared_kv:
             self.cuda_graph_reason = ("off: the growing cache layout changes shapes every step"
-                                      if "GroupQueryAttention" in ops else
+                                      if cached else
                                       "off: the graph has no GroupQueryAttention, so the cache grows each step")
         elif not self.right_pad:
             self.cuda_graph_reason = ("off: this graph derives attention lengths from the mask's length "

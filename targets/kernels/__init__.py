@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("leptonc_cuda.cu")
+HEADERS = (Path(__file__).with_name("attention.cuh"),)  # included by SOURCE: part of the build's cache key
 LIBRARY = "libleptonc_cuda.so"
 DOMAIN = "ai.leptonc"
 BUNDLE_DIR = "kernels"  # where the library goes inside a bundle
@@ -139,7 +140,7 @@ def build_library(compute_capability, cache_dir: Path | None = None) -> KernelLi
     m = re.search(rb"#define ORT_API_VERSION (\d+)", header)
     api_version = int(m.group(1)) if m else 0
     release = _nvcc_release(nvcc)
-    source = SOURCE.read_bytes()
+    source = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
     source_sha = hashlib.sha256(source).hexdigest()
     key = hashlib.sha256(b"\0".join([source, header, release.encode(), arch.encode()])).hexdigest()[:20]
     root = cache_dir or Path(os.environ.get("LEPTONC_CACHE") or Path.home() / ".cache" / "leptonc") / "kernels"
