@@ -660,6 +660,65 @@ def confirm(s: Session) -> None:
         step_probe(s, small, "smollm2")
 
 
+def _with_attention_kernel(on: bool, fn, *args):
+    """fn(*args) with LEPTONC_ATTENTION_KERNEL set for the compiles it runs (passes/use_kernels.py reads it)."""
+    before = os.environ.get("LEPTONC_ATTENTION_KERNEL")
+    os.environ["LEPTONC_ATTENTION_KERNEL"] = "1" if on else "0"
+    try:
+        return fn(*args)
+    finally:
+        if before is None:
+            os.environ.pop("LEPTONC_ATTENTION_KERNEL", None)
+        else:
+            os.environ["LEPTONC_ATTENTION_KERNEL"] = before
+
+
+def _attention_checked(s: Session) -> bool:
+    script(s, "attention check", "bench/device_attention_check.py", out_name="attention_check.json", timeout=300)
+    last = s.record["steps"][-1] if s.record["steps"] else {}
+    data = last.get("json") or {}
+    ok = bool(data.get("kernels", {}).get("all_pass") and data.get("op", {}).get("all_pass"))
+    s.record["attention_check_pass"] = ok
+    if not ok:
+        print("CachedAttention failed its check: no bundle uses it in this call", flush=True)
+    return ok
+
+
+def attention(s: Session) -> None:
+    """Issue 8 line 3 (session 13's ai.leptonc.CachedAttention, its first run on a GPU): the op alone against ONNX
+    Runtime's GroupQueryAttention and a float64 reference (bench/device_attention_check.py); only if that passes,
+    smollm2-135m fp16 compiled with it (LEPTONC_ATTENTION_KERNEL=1) against the same compile without, in one call:
+    32 greedy tokens each, decode at batch 1 and 16, interleaved twice."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    if not _attention_checked(s):
+        return
+    on = _with_attention_kernel(True, compile_bundle, s, "smollm2-135m", "h100", "smollm2.h100.attn")
+    off = _with_attention_kernel(False, compile_bundle, s, "smollm2-135m", "h100", "smollm2.h100")
+    ids = {name: greedy(s, b, f"greedy smollm2 fp16 {name}", n=32) for name, b in (("attention kernel", on), ("gqa", off)) if b}
+    s.record["parity"] = {"smollm2 fp16 greedy, CachedAttention vs GroupQueryAttention": ids,
+                          "identical": len(ids) == 2 and None not in ids.values() and len(set(map(tuple, ids.values()))) == 1}
+    s.save()
+    for rnd in range(2):
+        for name, b in (("smollm2 fp16 attention kernel", on), ("smollm2 fp16 gqa", off)):
+            if b:
+                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+
+
+def attention_llama(s: Session) -> None:
+    """Issue 8 lines 1 and 5 with CachedAttention (after `attention` passed): llama-1b-shape fp16 with it against
+    without, decode at batch 1 and 16 interleaved twice, then time to first token at 1,024 tokens with it."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    on = _with_attention_kernel(True, compile_bundle, s, "llama-1b-shape", "h100", "llama1b.h100.attn", "--max-seq", "1280")
+    off = _with_attention_kernel(False, compile_bundle, s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    for rnd in range(2):
+        for name, b in (("llama1b fp16 attention kernel", on), ("llama1b fp16 gqa", off)):
+            if b:
+                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    if on:
+        s.cli("llama1b fp16 attention kernel ttft 1024", "bench", on, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 3, "--iters", 20, "--json", "--no-verify")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -681,7 +740,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
-                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times"))
+                                            "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
+                                            "attention", "attention_llama"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -697,7 +757,8 @@ def main() -> None:
          "kv_exact": kv_exact, "gemv": gemv, "kernels": kernels, "kernels_llama": kernels_llama,
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
-         "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times}[args.session](s)
+         "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
+         "attention": attention, "attention_llama": attention_llama}[args.session](s)
     finally:
         s.save()
         summary(s)
