@@ -482,3 +482,43 @@ def test_cached_attention_contract_matches_onnx_runtime_group_query_attention():
             np.testing.assert_allclose(k_ort[row, :, :end], k_ref[row, :, :end], atol=2e-5)
             np.testing.assert_allclose(v_ort[row, :, :end], v_ref[row, :, :end], atol=2e-5)
         k_ref[:, :, :], v_ref[:, :, :] = k_ort, v_ort  # both continue from the same cache (padding included)
+
+
+def test_h100_pipeline_lowers_every_attention_of_a_real_graph_when_asked(tmp_path, monkeypatch):
+    """The whole GPU pipeline on a small llama with head size 64 (5 query heads over 1 KV head, llama3 rotary):
+    with LEPTONC_ATTENTION_KERNEL=1 every GroupQueryAttention the fusions write becomes a CachedAttention whose
+    rotary tables are the fused ones, and the bundle records what ran. (The library is not built here: a stand-in
+    file takes its place; the graph is only written and type-checked, not run.)"""
+    import leptonc.targets.onnxruntime as ort_target
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+    from tests.test_architectures import build_random_model
+
+    model_dir = tmp_path / "llama64"
+    build_random_model("llama", {"vocab_size": 320, "max_position_embeddings": 256, "bos_token_id": 1,
+                                 "eos_token_id": 2, "hidden_size": 320, "intermediate_size": 256, "num_hidden_layers": 2,
+                                 "num_attention_heads": 5, "num_key_value_heads": 1, "head_dim": 64,
+                                 "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 500000.0,
+                                 "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+                       model_dir)
+    stand_in = tmp_path / "libleptonc_cuda.so"
+    stand_in.write_bytes(b"not a library: the graph is written, not run")
+    library = kernels.KernelLibrary(stand_in, "sm_90", "13.0, V13.0.0", 29, "0" * 64)
+    monkeypatch.setattr(ort_target, "check_available", lambda *a, **k: None)
+    monkeypatch.setattr(kernels, "build_library", lambda cc: library)
+    monkeypatch.setenv("LEPTONC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LEPTONC_ATTENTION_KERNEL", "1")
+    bundle = compile_model(CompileConfig(source=str(model_dir), target="h100", backend="onnxruntime", precision="fp16",
+                                         output=str(tmp_path / "g.lepton"), verify=False))
+    record = next(p for p in bundle.manifest["passes"] if p["name"] == "use_leptonc_kernels")
+    assert "2 GroupQueryAttention -> ai.leptonc.CachedAttention" in record["detail"], record["detail"]
+    ops = bundle.report()["graph"]["op_counts"]
+    assert ops.get("CachedAttention") == 2 and "GroupQueryAttention" not in ops, ops
+    model = onnx.load(str(bundle.model_path), load_external_data=False)
+    node = next(n for n in model.graph.node if n.op_type == "CachedAttention")
+    assert node.domain == "ai.leptonc" and len(node.input) == 7
+    assert {a.name: a.i for a in node.attribute if a.name != "scale"} == {"num_heads": 5, "kv_num_heads": 1}
+    tables = {t.name: t for t in model.graph.initializer}
+    cos = tables[node.input[5]]
+    assert cos.data_type == onnx.TensorProto.FLOAT16 and list(cos.dims)[1] == 32  # [positions, head size / 2]
