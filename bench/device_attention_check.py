@@ -48,43 +48,18 @@ def run_kernels(tmp: Path) -> dict:
 
 def _graphs(h: int, kvh: int, d: int, cos: np.ndarray, sin: np.ndarray):
     """(GroupQueryAttention model, CachedAttention model) of one node each, the second made by the pass."""
-    import onnx
     import onnx_graphsurgeon as gs
 
     from leptonc.passes import PassContext
     from leptonc.passes.use_kernels import use_leptonc_kernels
+    from leptonc.targets.kernels.attention_reference import gqa_graph
 
-    def graph():
-        f16 = np.float16
-        qkv = gs.Variable("qkv", dtype=f16, shape=["batch", "seq", (h + 2 * kvh) * d])
-        pk = gs.Variable("past_key", dtype=f16, shape=["batch", kvh, "capacity", d])
-        pv = gs.Variable("past_value", dtype=f16, shape=["batch", kvh, "capacity", d])
-        seqlens = gs.Variable("seqlens_k", dtype=np.int32, shape=["batch"])
-        total = gs.Variable("total_sequence_length", dtype=np.int32, shape=[])
-        out = gs.Variable("out", dtype=f16, shape=["batch", "seq", h * d])
-        qk = gs.Variable("present_key", dtype=f16, shape=["batch", kvh, "capacity", d])
-        qv = gs.Variable("present_value", dtype=f16, shape=["batch", kvh, "capacity", d])
-        e = gs.Variable.empty
-        node = gs.Node("GroupQueryAttention", "gqa", domain="com.microsoft",
-                       attrs={"num_heads": h, "kv_num_heads": kvh, "scale": float(1 / np.sqrt(d)), "do_rotary": 1,
-                              "rotary_interleaved": 0},
-                       inputs=[qkv, e(), e(), pk, pv, seqlens, total, gs.Constant("cos", cos.astype(f16)),
-                               gs.Constant("sin", sin.astype(f16))], outputs=[out, qk, qv])
-        return gs.Graph(nodes=[node], inputs=[qkv, pk, pv, seqlens, total], outputs=[out, qk, qv], opset=17)
-
-    def model(g):
-        m = gs.export_onnx(g)
-        if not any(o.domain == "com.microsoft" for o in m.opset_import):
-            m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        return m
-
-    gqa = model(graph())
-    lowered = graph()
+    lowered = gqa_graph(h, kvh, d, cos, sin)
     result = use_leptonc_kernels(lowered, PassContext(backend="onnxruntime", precision="fp16", options={
         "cuda_kernels": {"file": "libleptonc_cuda.so", "arch": "sm_90"}, "attention_kernel": True}))
     if not result.applied or lowered.nodes[0].op != "CachedAttention":
         raise SystemExit(f"the pass did not lower the node: {result.detail}")
-    return gqa, model(lowered)
+    return gs.export_onnx(gqa_graph(h, kvh, d, cos, sin)), gs.export_onnx(lowered)
 
 
 def run_op() -> dict:
@@ -119,13 +94,14 @@ def run_op() -> dict:
             for name, sess in sessions.items():
                 bind = sess.io_binding()
                 bind.bind_ortvalue_input("qkv", ort.OrtValue.ortvalue_from_numpy(qkv, "cuda", 0))
-                for kind, value in zip(("key", "value"), caches[name]):
-                    for io in ("past", "present"):
-                        args = (f"{io}_{kind}", "cuda", 0, np.float16, [b, kvh, cap, d], value.data_ptr())
-                        (bind.bind_input if io == "past" else bind.bind_output)(*args)
-                bind.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(seqlens.astype(np.int32), "cuda", 0))
-                bind.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-                bind.bind_output("out", "cuda", 0)
+                bind.bind_output("attn", "cuda", 0)  # first: get_outputs() follows the binding order
+                for kind, value in zip(("key", "value"), caches[name]):  # past and present: one buffer
+                    shape, ptr = [b, kvh, cap, d], value.data_ptr()
+                    bind.bind_input(f"past_key_values.0.{kind}", "cuda", 0, np.float16, shape, ptr)
+                    bind.bind_output(f"present.0.{kind}", "cuda", 0, np.float16, shape, ptr)
+                bind.bind_ortvalue_input("gqa/seqlens_k",
+                                         ort.OrtValue.ortvalue_from_numpy(seqlens.astype(np.int32), "cuda", 0))
+                bind.bind_cpu_input("gqa/total_sequence_length", np.array(total, np.int32))
                 sess.run_with_iobinding(bind)
                 outs[name] = bind.get_outputs()[0].numpy().astype(np.float64)
             ref_out, ref_k, ref_v = cached_attention(qkv, ref_k, ref_v, seqlens, total, cos, sin, num_heads=h,
@@ -148,11 +124,12 @@ def run_op() -> dict:
             ref_k, ref_v = k_ours.copy(), v_ours.copy()  # the reference continues from our cache (padding included)
         # present left to ONNX Runtime: the op copies the past into a fresh present, then appends
         qkv, seqlens = steps[-1][0], lengths + 5
-        feeds = {"qkv": qkv, "past_key": caches["leptonc"][0].numpy(), "past_value": caches["leptonc"][1].numpy(),
-                 "seqlens_k": seqlens.astype(np.int32), "total_sequence_length": np.array(cap, np.int32)}
+        past_k, past_v = (c.numpy() for c in caches["leptonc"])
+        feeds = {"qkv": qkv, "past_key_values.0.key": past_k, "past_key_values.0.value": past_v,
+                 "gqa/seqlens_k": seqlens.astype(np.int32), "gqa/total_sequence_length": np.array(cap, np.int32)}
         out, k_new, v_new = sessions["leptonc"].run(None, feeds)
-        ref_out, ref_k, ref_v = cached_attention(qkv, feeds["past_key"], feeds["past_value"], seqlens, cap, cos, sin,
-                                                 num_heads=h, kv_num_heads=kvh)
+        ref_out, ref_k, ref_v = cached_attention(qkv, past_k, past_v, seqlens, cap, cos, sin, num_heads=h,
+                                                 kv_num_heads=kvh)
         copy_err = float(np.abs(out.astype(np.float64) - ref_out).max())
         k_err = float(np.abs(k_new.astype(np.float64) - ref_k).max())
         report["cases"].append({"heads": [h, kvh, d], "step": "decode, present not bound (copy path)",

@@ -94,10 +94,10 @@ def machine() -> dict:
     return info
 
 
-def compile_bundle(s: Session, source: str, target: str, name: str, *extra: str) -> Path | None:
+def compile_bundle(s: Session, source: str, target: str, name: str, *extra: str, env: dict | None = None) -> Path | None:
     path = WORK / f"{name}.lepton"
     data = s.cli(f"compile {name}", "compile", source, "--target", target, "-o", path, "--force", "--json", *extra,
-                 *(("--backend", "onnxruntime") if target != "cpu" else ()))
+                 *(("--backend", "onnxruntime") if target != "cpu" else ()), env=env)
     if data is None:
         return None
     rep = data.get("report", {})
@@ -327,14 +327,14 @@ def cuda_graph_big(s: Session) -> None:
         step_probe(s, q4, "llama1b_int4")
 
 
-def script(s: Session, label: str, *argv: str, out_name: str, timeout: float, env: dict | None = None) -> None:
-    """A bench/ script run as one step; its JSON file is kept in the session record."""
+def script(s: Session, label: str, *argv: str, out_name: str, timeout: float, env: dict | None = None) -> dict | None:
+    """A bench/ script run as one step; its JSON file is kept in the session record and returned."""
     out = s.out / out_name
     cmd = [sys.executable, *argv, str(out)]
     left = s.deadline - time.time()
     if left < 30:
         print(f"[{label}] skipped: the call's time budget is spent", flush=True)
-        return
+        return None
     print(f"[{label}] {' '.join(cmd[1:])} {json.dumps(env or {})}", flush=True)
     start = time.time()
     try:
@@ -348,6 +348,7 @@ def script(s: Session, label: str, *argv: str, out_name: str, timeout: float, en
                               "seconds": round(time.time() - start, 1), "json": data, "tail": tail})
     s.save()
     print(tail[-2500:], flush=True)
+    return data
 
 
 def fpa_memory(s: Session) -> None:
@@ -660,23 +661,12 @@ def confirm(s: Session) -> None:
         step_probe(s, small, "smollm2")
 
 
-def _with_attention_kernel(on: bool, fn, *args):
-    """fn(*args) with LEPTONC_ATTENTION_KERNEL set for the compiles it runs (passes/use_kernels.py reads it)."""
-    before = os.environ.get("LEPTONC_ATTENTION_KERNEL")
-    os.environ["LEPTONC_ATTENTION_KERNEL"] = "1" if on else "0"
-    try:
-        return fn(*args)
-    finally:
-        if before is None:
-            os.environ.pop("LEPTONC_ATTENTION_KERNEL", None)
-        else:
-            os.environ["LEPTONC_ATTENTION_KERNEL"] = before
+ATTENTION_ON, ATTENTION_OFF = {"LEPTONC_ATTENTION_KERNEL": "1"}, {"LEPTONC_ATTENTION_KERNEL": "0"}
 
 
 def _attention_checked(s: Session) -> bool:
-    script(s, "attention check", "bench/device_attention_check.py", out_name="attention_check.json", timeout=300)
-    last = s.record["steps"][-1] if s.record["steps"] else {}
-    data = last.get("json") or {}
+    data = script(s, "attention check", "bench/device_attention_check.py", out_name="attention_check.json",
+                  timeout=300) or {}
     ok = bool(data.get("kernels", {}).get("all_pass") and data.get("op", {}).get("all_pass"))
     s.record["attention_check_pass"] = ok
     if not ok:
@@ -692,8 +682,8 @@ def attention(s: Session) -> None:
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     if not _attention_checked(s):
         return
-    on = _with_attention_kernel(True, compile_bundle, s, "smollm2-135m", "h100", "smollm2.h100.attn")
-    off = _with_attention_kernel(False, compile_bundle, s, "smollm2-135m", "h100", "smollm2.h100")
+    on = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.attn", env=ATTENTION_ON)
+    off = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100", env=ATTENTION_OFF)
     ids = {name: greedy(s, b, f"greedy smollm2 fp16 {name}", n=32) for name, b in (("attention kernel", on), ("gqa", off)) if b}
     s.record["parity"] = {"smollm2 fp16 greedy, CachedAttention vs GroupQueryAttention": ids,
                           "identical": len(ids) == 2 and None not in ids.values() and len(set(map(tuple, ids.values()))) == 1}
@@ -708,8 +698,8 @@ def attention_llama(s: Session) -> None:
     """Issue 8 lines 1 and 5 with CachedAttention (after `attention` passed): llama-1b-shape fp16 with it against
     without, decode at batch 1 and 16 interleaved twice, then time to first token at 1,024 tokens with it."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    on = _with_attention_kernel(True, compile_bundle, s, "llama-1b-shape", "h100", "llama1b.h100.attn", "--max-seq", "1280")
-    off = _with_attention_kernel(False, compile_bundle, s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    on = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.attn", "--max-seq", "1280", env=ATTENTION_ON)
+    off = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280", env=ATTENTION_OFF)
     for rnd in range(2):
         for name, b in (("llama1b fp16 attention kernel", on), ("llama1b fp16 gqa", off)):
             if b:

@@ -1,4 +1,5 @@
-"""The greedy next token in the graph (on the device for GPU bundles): a `next_token` output, ArgMax of the logits over the vocabulary.
+"""The greedy next token in the graph (on the device for GPU bundles): a `next_token` output, ArgMax of the
+logits over the vocabulary.
 
 Greedy generation reads one number per row from each step's [B, K, vocab] logits. Copying the logits
 to the host to find it moves B x vocab values a step (256 KiB at batch 1 for a 128k vocabulary in

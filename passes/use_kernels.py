@@ -67,7 +67,8 @@ def _lowerable(node: gs.Node) -> str | None:
 @register_pass("use_leptonc_kernels")
 def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """MatMulNBits -> leptonc's CUDA kernel (streams int4/int8 weights once for up to 16 rows); fp16 MatMul/Gemm
-    with constant weights -> MatMulF16; the SiLU(gate) x up of any other fp16 product -> its SwiGLU kernel."""
+    with constant weights -> MatMulF16; the SiLU(gate) x up of any other fp16 product -> its SwiGLU kernel;
+    GroupQueryAttention -> CachedAttention when ctx.options["attention_kernel"] (experimental, module doc)."""
     nodes = [n for n in graph.nodes if n.op == "MatMulNBits" and n.domain == MS_DOMAIN]
     attention = [n for n in graph.nodes if n.op == "GroupQueryAttention" and n.domain == MS_DOMAIN] \
         if ctx.options.get("attention_kernel") else []
@@ -117,7 +118,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         counts["swiglu_op"] += 1
     graph.cleanup()
     if not counts["lowered"] and not counts["swiglu_op"] and not counts["f16"] and not counts["attention"]:
-        why = ("no MatMulNBits could be lowered: " + ", ".join(f"{k} ({v})" for k, v in reasons.items()) if reasons
+        why = ("nothing could be lowered: " + ", ".join(f"{k} ({v})" for k, v in reasons.items()) if reasons
                else "no SiLU(gate) x up the SwiGLU kernel runs (it needs fp16 and a last axis of 2F, F a multiple of 8)")
         return PassResult(False, why, counts)
     parts = []

@@ -348,24 +348,9 @@ def test_library_builds_and_registers(tmp_path):
 # ---- GroupQueryAttention -> ai.leptonc.CachedAttention (experimental, LEPTONC_ATTENTION_KERNEL=1) -------------
 
 def _gqa_graph(h=8, kvh=2, d=64, dtype=np.float16, **attrs) -> gs.Graph:
-    """One GroupQueryAttention in the GPU form passes/fuse_attention.py writes: packed Q/K/V, rotary folded in."""
-    b, s, cap, positions = "batch", "seq", "capacity", 32
-    qkv = gs.Variable("qkv", dtype=dtype, shape=[b, s, (h + 2 * kvh) * d])
-    past_k = gs.Variable("past_key_values.0.key", dtype=dtype, shape=[b, kvh, cap, d])
-    past_v = gs.Variable("past_key_values.0.value", dtype=dtype, shape=[b, kvh, cap, d])
-    seqlens = gs.Variable("gqa/seqlens_k", dtype=np.int32, shape=[b])
-    total = gs.Variable("gqa/total_sequence_length", dtype=np.int32, shape=[])
-    cos = gs.Constant("rotary.cos_cache0", np.ones((positions, d // 2), dtype))
-    sin = gs.Constant("rotary.sin_cache0", np.zeros((positions, d // 2), dtype))
-    out = gs.Variable("attn", dtype=dtype, shape=[b, s, h * d])
-    pk = gs.Variable("present.0.key", dtype=dtype, shape=[b, kvh, cap, d])
-    pv = gs.Variable("present.0.value", dtype=dtype, shape=[b, kvh, cap, d])
-    e = gs.Variable.empty
-    node = gs.Node("GroupQueryAttention", "layer0/gqa", domain="com.microsoft",
-                   attrs={"num_heads": h, "kv_num_heads": kvh, "scale": 0.125, "do_rotary": 1, "rotary_interleaved": 0,
-                          **attrs},
-                   inputs=[qkv, e(), e(), past_k, past_v, seqlens, total, cos, sin], outputs=[out, pk, pv])
-    return gs.Graph(nodes=[node], inputs=[qkv, past_k, past_v, seqlens, total], outputs=[out, pk, pv], opset=17)
+    from leptonc.targets.kernels.attention_reference import gqa_graph
+
+    return gqa_graph(h, kvh, d, np.ones((32, d // 2)), np.zeros((32, d // 2)), dtype, scale=0.125, **attrs)
 
 
 def test_attention_lowers_only_when_asked():
@@ -439,12 +424,9 @@ def _gqa_session(h, kvh, d, cos, sin):
     """ONNX Runtime's own GroupQueryAttention (CPU, float32) in the form CachedAttention replaces."""
     import onnxruntime as ort
 
-    graph = _gqa_graph(h=h, kvh=kvh, d=d, dtype=np.float32)
-    graph.nodes[0].inputs[7] = gs.Constant("cos", cos.astype(np.float32))
-    graph.nodes[0].inputs[8] = gs.Constant("sin", sin.astype(np.float32))
-    graph.nodes[0].attrs["scale"] = float(1 / np.sqrt(d))
-    model = gs.export_onnx(graph)
-    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    from leptonc.targets.kernels.attention_reference import gqa_graph
+
+    model = gs.export_onnx(gqa_graph(h, kvh, d, cos, sin, np.float32))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 

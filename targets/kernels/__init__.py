@@ -31,7 +31,8 @@ Building needs, on the compiling machine (no GPU needed there):
     Runtime release archive for your version (or any older one: the header's API version must not be
     newer than the runtime's).
 Without them the compile keeps ONNX Runtime's kernel and its report says why (passes/use_kernels.py).
-Builds are cached by the hash of the source, the header, nvcc's version and the architecture.
+Builds are cached by the hash of the source (with the .cuh files it includes), the ONNX Runtime header, nvcc's
+version and the architecture.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("leptonc_cuda.cu")
-HEADERS = (Path(__file__).with_name("attention.cuh"),)  # included by SOURCE: part of the build's cache key
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("common.cuh", "attention.cuh"))  # included by SOURCE: part of the build's cache key
 LIBRARY = "libleptonc_cuda.so"
 DOMAIN = "ai.leptonc"
 BUNDLE_DIR = "kernels"  # where the library goes inside a bundle

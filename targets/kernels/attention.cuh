@@ -28,6 +28,8 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace leptonc_attn {
 
 constexpr int kMaxGroup = 8;         // query heads per KV head in the decode kernel
@@ -68,14 +70,6 @@ __device__ __forceinline__ uint32_t pack_halves(half lo, half hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // One rotate-half pair of a head: (x1, x2) at columns i and i + D/2 -> (x1 cos - x2 sin, x2 cos + x1 sin).
 __device__ __forceinline__ void rotate(float& x1, float& x2, float c, float s) {
   const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
@@ -105,9 +99,7 @@ __global__ void rope_append(Params p) {
 }
 
 // ---- S > 1: causal attention over the cache, tensor cores --------------------------------------------------------
-// Fragments of mma.m16n8k16 (g = lane / 4, t = lane % 4): A registers (row g, cols 2t..2t+1), (row g + 8, same),
-// (row g, cols 2t + 8..), (row g + 8, cols 2t + 8..); B registers (k 2t..2t+1, col g), (k 2t + 8.., col g);
-// C (row g, cols 2t, 2t + 1), (row g + 8, same). Two adjacent 8-key score tiles are then one 16-key A operand.
+// With mma16816's fragments (common.cuh), two adjacent 8-key score tiles are one 16-key A operand of P x V.
 template <int D>
 __global__ void __launch_bounds__(128) prefill_attention(Params p) {
   static_assert(D % 32 == 0, "head size a multiple of 32");
@@ -194,7 +186,7 @@ __global__ void __launch_bounds__(128) prefill_attention(Params p) {
       for (int kk = 0; kk < kSteps; ++kk) {
         const uint32_t b0 = *reinterpret_cast<const uint32_t*>(kr + 16 * kk);
         const uint32_t b1 = *reinterpret_cast<const uint32_t*>(kr + 16 * kk + 8);
-        mma_16816(s[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
+        mma16816(s[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
       }
     }
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
@@ -247,7 +239,7 @@ __global__ void __launch_bounds__(128) prefill_attention(Params p) {
         const half* v0 = vr + nd * 8;
         const uint32_t b0 = pack_halves(v0[0], v0[kStride]);
         const uint32_t b1 = pack_halves(v0[8 * kStride], v0[9 * kStride]);
-        mma_16816(o[nd], pa[jk][0], pa[jk][1], pa[jk][2], pa[jk][3], b0, b1);
+        mma16816(o[nd], pa[jk][0], pa[jk][1], pa[jk][2], pa[jk][3], b0, b1);
       }
     }
   }

@@ -1,11 +1,35 @@
-"""ai.leptonc.CachedAttention's contract in numpy (float64): what targets/kernels/attention.cuh computes.
+"""ai.leptonc.CachedAttention's contract in numpy (float64): what targets/kernels/attention.cuh computes, and the
+one-node GroupQueryAttention graph it replaces.
 
-tests/test_kernels.py holds it against ONNX Runtime's own GroupQueryAttention on the CPU (the op it replaces), and
+tests/test_kernels.py holds the contract against ONNX Runtime's own GroupQueryAttention on the CPU, and
 bench/device_attention_check.py holds the CUDA kernels against both on the GPU."""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def gqa_graph(h: int, kvh: int, d: int, cos: np.ndarray, sin: np.ndarray, dtype=np.float16, **attrs):
+    """One GroupQueryAttention in the GPU form passes/fuse_attention.py writes (packed Q/K/V, rotary folded in),
+    with the runner's names for the cache: inputs qkv, past_key_values.0.{key,value}, gqa/seqlens_k,
+    gqa/total_sequence_length; outputs attn, present.0.{key,value}. `attrs` adds or overrides attributes."""
+    import onnx_graphsurgeon as gs
+
+    b, s, cap = "batch", "seq", "capacity"
+    qkv = gs.Variable("qkv", dtype=dtype, shape=[b, s, (h + 2 * kvh) * d])
+    cache = [gs.Variable(f"{io}.0.{kind}", dtype=dtype, shape=[b, kvh, cap, d])
+             for io in ("past_key_values", "present") for kind in ("key", "value")]
+    seqlens = gs.Variable("gqa/seqlens_k", dtype=np.int32, shape=[b])
+    total = gs.Variable("gqa/total_sequence_length", dtype=np.int32, shape=[])
+    out = gs.Variable("attn", dtype=dtype, shape=[b, s, h * d])
+    tables = [gs.Constant(f"rotary.{n}_cache0", np.asarray(t, dtype)) for n, t in (("cos", cos), ("sin", sin))]
+    e = gs.Variable.empty
+    node = gs.Node("GroupQueryAttention", "layer0/gqa", domain="com.microsoft",
+                   attrs={"num_heads": h, "kv_num_heads": kvh, "scale": float(1 / np.sqrt(d)), "do_rotary": 1,
+                          "rotary_interleaved": 0, **attrs},
+                   inputs=[qkv, e(), e(), cache[0], cache[1], seqlens, total, *tables], outputs=[out, cache[2], cache[3]])
+    return gs.Graph(nodes=[node], inputs=[qkv, cache[0], cache[1], seqlens, total], outputs=[out, cache[2], cache[3]],
+                    opset=17)
 
 
 def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

@@ -110,14 +110,6 @@ __device__ __forceinline__ void operands(const uint4& w, int c, half2 zz, uint32
 // lane's C fragment columns 2t, 2t + 1 are one feature's gate and up; the output has N / 2 columns.
 __device__ __forceinline__ float silu_mul(float gate, float up) { return gate / (1.f + __expf(-gate)) * up; }
 
-__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // NT tiles of 8 columns a block; the block's warps take the steps of K in turn. PB products share a
 // scale (PB = block / 16, at most the step's): their partial sums are scaled and added in fp32.
 template <int BITS, int NT, int PB, int WARPS, bool ACT>
@@ -763,7 +755,8 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   return kn.bits == 4 ? launch<4>(kn, a, m, b, sc, y, s) : launch<8>(kn, a, m, b, sc, y, s);
 }
 
-void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<NBitsKernel*>(kernel); }
+template <class Kernel>
+void ORT_API_CALL destroy_of(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
 const char* ORT_API_CALL op_name(const OrtCustomOp*) { return "MatMulNBitsTiled"; }
 const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
@@ -803,7 +796,7 @@ OrtCustomOp make_op() {
   op.GetInputTypeCount = input_count;
   op.GetOutputType = output_type;
   op.GetOutputTypeCount = output_count;
-  op.KernelDestroy = destroy_kernel;
+  op.KernelDestroy = destroy_of<NBitsKernel>;
   op.GetInputCharacteristic = input_kind;
   op.GetOutputCharacteristic = output_kind;
   op.GetInputMemoryType = input_memory;
@@ -824,6 +817,20 @@ OrtCustomOp make_op() {
 }
 
 OrtCustomOp g_matmul_tiled = make_op();
+
+// The library's other ops: make_op()'s provider, characteristics and versions, their own name, inputs and kernel.
+OrtCustomOp derived_op(decltype(OrtCustomOp::GetName) name, decltype(OrtCustomOp::GetInputType) input_type,
+                       decltype(OrtCustomOp::GetInputTypeCount) input_count, decltype(OrtCustomOp::CreateKernelV2) create,
+                       decltype(OrtCustomOp::KernelComputeV2) compute, decltype(OrtCustomOp::KernelDestroy) destroy) {
+  OrtCustomOp op = make_op();
+  op.GetName = name;
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = input_count;
+  op.CreateKernelV2 = create;
+  op.KernelComputeV2 = compute;
+  op.KernelDestroy = destroy;
+  return op;
+}
 
 // ---- SwiGLU: SiLU(gate) x up of a gate|up product in halves, one kernel for Split, QuickGelu and Mul ----
 // Input X fp16 [..., 2F]; attribute gate_first (1: gate is the first half, 0: the second); Y fp16 [..., F].
@@ -884,25 +891,14 @@ OrtStatus* ORT_API_CALL compute_swiglu(void* kernel, OrtKernelContext* ctx) {
   return err == cudaSuccess ? nullptr : swiglu_error(std::string("launch: ") + cudaGetErrorString(err));
 }
 
-void ORT_API_CALL destroy_swiglu(void* kernel) { delete static_cast<SwiGluKernel*>(kernel); }
 const char* ORT_API_CALL swiglu_name(const OrtCustomOp*) { return "SwiGLU"; }
 ONNXTensorElementDataType ORT_API_CALL swiglu_input_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
 size_t ORT_API_CALL swiglu_input_count(const OrtCustomOp*) { return 1; }
 
-OrtCustomOp make_swiglu_op() {
-  OrtCustomOp op = make_op();  // the same provider, characteristics and versions
-  op.GetName = swiglu_name;
-  op.GetInputType = swiglu_input_type;
-  op.GetInputTypeCount = swiglu_input_count;
-  op.KernelDestroy = destroy_swiglu;
-  op.CreateKernelV2 = create_swiglu;
-  op.KernelComputeV2 = compute_swiglu;
-  return op;
-}
-
-OrtCustomOp g_swiglu = make_swiglu_op();
+OrtCustomOp g_swiglu = derived_op(swiglu_name, swiglu_input_type, swiglu_input_count, create_swiglu, compute_swiglu,
+                                  destroy_of<SwiGluKernel>);
 
 // ---- MatMulF16: Y = A x W^T for fp16 weights stored [N, K] (rows are outputs) ---------------------------
 // One row of A (batch-1 decode, K <= kF16GemvMaxK): f16_gemv. More rows: cuBLAS (fp32 accumulation). With
@@ -1024,22 +1020,11 @@ OrtStatus* ORT_API_CALL compute_f16(void* kernel, OrtKernelContext* ctx) {
                     static_cast<cudaStream_t>(stream));
 }
 
-void ORT_API_CALL destroy_f16(void* kernel) { delete static_cast<F16Kernel*>(kernel); }
 const char* ORT_API_CALL f16_name(const OrtCustomOp*) { return "MatMulF16"; }
 size_t ORT_API_CALL f16_input_count(const OrtCustomOp*) { return 2; }
 
-OrtCustomOp make_f16_op() {
-  OrtCustomOp op = make_op();
-  op.GetName = f16_name;
-  op.GetInputType = swiglu_input_type;  // every input fp16
-  op.GetInputTypeCount = f16_input_count;
-  op.KernelDestroy = destroy_f16;
-  op.CreateKernelV2 = create_f16;
-  op.KernelComputeV2 = compute_f16;
-  return op;
-}
-
-OrtCustomOp g_matmul_f16 = make_f16_op();
+OrtCustomOp g_matmul_f16 = derived_op(f16_name, swiglu_input_type /* every input fp16 */, f16_input_count, create_f16,
+                                      compute_f16, destroy_of<F16Kernel>);
 
 // ---- CachedAttention ------------------------------------------------------------------------------------------
 
@@ -1136,8 +1121,8 @@ OrtStatus* ORT_API_CALL compute_attn(void* kernel, OrtKernelContext* ctx) {
   if (q_dims[2] != (H + 2 * KVH) * D)
     return attn_error("qkv's last dimension is " + std::to_string(q_dims[2]) + ", not (num_heads + 2 kv_num_heads) x " +
                       std::to_string(D));
-  if (c_dims[1] != D / 2 || n_dims[0] != c_dims[0] || n_dims[1] != c_dims[1])
-    return attn_error("cos_cache and sin_cache must both be [positions, head size / 2]");
+  if (c_dims[0] < 1 || c_dims[1] != D / 2 || n_dims[0] != c_dims[0] || n_dims[1] != c_dims[1])
+    return attn_error("cos_cache and sin_cache must both be [positions >= 1, head size / 2]");
   void* total_data = nullptr;
   ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(total), &total_data));
   const int64_t total_len = *static_cast<const int32_t*>(total_data);  // host memory (input_memory below)
@@ -1196,13 +1181,11 @@ OrtStatus* ORT_API_CALL compute_attn(void* kernel, OrtKernelContext* ctx) {
   }
   const float scale = kn.scale > 0.f ? kn.scale : 1.f / std::sqrt(float(D));
   p.scale_log2 = scale * 1.4426950408889634f;
-  if (p.P < 1) return attn_error("the rotary tables are empty");
   if (!leptonc_attn::launch(p, stream)) return attn_error("shapes outside what the kernels serve");
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : attn_error(std::string("launch: ") + cudaGetErrorString(err));
 }
 
-void ORT_API_CALL destroy_attn(void* kernel) { delete static_cast<AttnKernel*>(kernel); }
 const char* ORT_API_CALL attn_name(const OrtCustomOp*) { return "CachedAttention"; }
 size_t ORT_API_CALL attn_input_count(const OrtCustomOp*) { return 7; }
 size_t ORT_API_CALL attn_output_count(const OrtCustomOp*) { return 3; }
@@ -1215,15 +1198,9 @@ OrtMemType ORT_API_CALL attn_input_memory(const OrtCustomOp*, size_t index) {
 }
 
 OrtCustomOp make_attn_op() {
-  OrtCustomOp op = make_op();
-  op.GetName = attn_name;
-  op.GetInputType = attn_input_type;
-  op.GetInputTypeCount = attn_input_count;
+  OrtCustomOp op = derived_op(attn_name, attn_input_type, attn_input_count, create_attn, compute_attn, destroy_of<AttnKernel>);
   op.GetOutputTypeCount = attn_output_count;
   op.GetInputMemoryType = attn_input_memory;
-  op.KernelDestroy = destroy_attn;
-  op.CreateKernelV2 = create_attn;
-  op.KernelComputeV2 = compute_attn;
   return op;
 }
 
