@@ -678,7 +678,8 @@ def attention(s: Session) -> None:
     """Issue 8 line 3 (session 13's ai.leptonc.CachedAttention, its first run on a GPU): the op alone against ONNX
     Runtime's GroupQueryAttention and a float64 reference (bench/device_attention_check.py); only if that passes,
     smollm2-135m fp16 compiled with it (LEPTONC_ATTENTION_KERNEL=1) against the same compile without, in one call:
-    32 greedy tokens each, decode at batch 1 and 16, interleaved twice."""
+    32 greedy tokens each, decode at batch 1 and 16, interleaved twice; then each batch-1 decode step's kernels under
+    Nsight Compute."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     if not _attention_checked(s):
         return
@@ -692,6 +693,9 @@ def attention(s: Session) -> None:
         for name, b in (("smollm2 fp16 attention kernel", on), ("smollm2 fp16 gqa", off)):
             if b:
                 bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    for name, b in (("smollm2_fp16_attention_kernel", on), ("smollm2_fp16_gqa", off)):  # where a step's time goes
+        if b:
+            ncu_step(s, b, name)
 
 
 def attention_llama(s: Session) -> None:

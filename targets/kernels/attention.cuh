@@ -15,7 +15,8 @@
 //
 //   S = 1 (decode): decode_attention, one block per (split of the keys, KV head, row) serving the KV head's G
 //     query heads; the split holding the new token first rotates its key and appends K and V. Lanes own keys for
-//     the scores and head columns for P x V; with more than one split, decode_combine merges the partial
+//     the scores and head columns for P x V; with more than one split, the last split of a (row, KV head) to
+//     finish (an atomic count) merges the partial
 //     (max, sum, output) triples. The launch shape depends only on B, KVH and C, so a captured decode step
 //     replays with the lengths it reads from seqlens at run time.
 //   S > 1 (prefill): rope_append writes the new keys and values, then prefill_attention runs 64 query rows a
@@ -48,6 +49,7 @@ struct Params {
   half* out;
   float* partial_o;    // decode with splits > 1: [B, H, splits, D] unnormalized outputs
   float2* partial_ml;  // [B, H, splits]: (running max, sum of exponentials), base 2
+  unsigned* counters;  // [B, KVH]: splits finished, zero between calls (the last split resets its own)
   int B, S, H, KVH, D, C, P;
   int first_prompt;    // 1: the new tokens start at position 0
   int splits;          // decode splits of the keys (1: no combine step)
@@ -346,33 +348,46 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
       pr[h] = exp2f(sc[h] - mn);
       l[h] += pr[h];
     }
-    const int n = min(32, k_end - base);  // P x V: the chunk's keys in turn, lanes own columns
-    for (int jj = 0; jj < n; ++jj) {
-      const half* vr = vc + size_t(base + jj) * D + lane * kPer;
-      float vf[kPer];
-      if constexpr (kPer == 2) {
-        const float2 x = __half22float2(*reinterpret_cast<const half2*>(vr));
-        vf[0] = x.x;
-        vf[1] = x.y;
-      } else {
-        const uint2 raw = *reinterpret_cast<const uint2*>(vr);
-        const float2 x = __half22float2(*reinterpret_cast<const half2*>(&raw.x));
-        const float2 y = __half22float2(*reinterpret_cast<const half2*>(&raw.y));
-        vf[0] = x.x;
-        vf[1] = x.y;
-        vf[2] = y.x;
-        vf[3] = y.y;
+    // P x V: the chunk's keys eight at a time, lanes own columns; the eight V rows are loaded before any is used,
+    // so their latencies overlap (a key past the chunk has probability 0 and a zero row)
+    const int n = min(32, k_end - base);
+    for (int j0 = 0; j0 < n; j0 += 8) {
+      float vf[8][kPer];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (j0 + u < n) {
+          const half* vr = vc + size_t(base + j0 + u) * D + lane * kPer;
+          if constexpr (kPer == 2) {
+            const float2 x = __half22float2(*reinterpret_cast<const half2*>(vr));
+            vf[u][0] = x.x;
+            vf[u][1] = x.y;
+          } else {
+            const uint2 raw = *reinterpret_cast<const uint2*>(vr);
+            const float2 x = __half22float2(*reinterpret_cast<const half2*>(&raw.x));
+            const float2 y = __half22float2(*reinterpret_cast<const half2*>(&raw.y));
+            vf[u][0] = x.x;
+            vf[u][1] = x.y;
+            vf[u][2] = y.x;
+            vf[u][3] = y.y;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < kPer; ++e) vf[u][e] = 0.f;
+        }
       }
 #pragma unroll
-      for (int h = 0; h < G; ++h) {
-        const float ph = __shfl_sync(0xffffffffu, pr[h], jj);
+      for (int u = 0; u < 8; ++u) {
 #pragma unroll
-        for (int e = 0; e < kPer; ++e) o[h][e] = fmaf(ph, vf[e], o[h][e]);
+        for (int h = 0; h < G; ++h) {
+          const float ph = __shfl_sync(0xffffffffu, pr[h], j0 + u);
+#pragma unroll
+          for (int e = 0; e < kPer; ++e) o[h][e] = fmaf(ph, vf[u][e], o[h][e]);
+        }
       }
     }
   }
 
-  // the block's four warps, then (with splits) the partial triple for decode_combine
+  // the block's four warps, then (with splits) the partial triple for the merge
 #pragma unroll
   for (int h = 0; h < G; ++h) {
     float sum = l[h];
@@ -409,23 +424,48 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
       if (d == 0) p.partial_ml[slot] = make_float2(mx, sum);
     }
   }
-}
+  if (p.splits == 1) return;
 
-// One block a (row, query head), one thread a column: the splits' partial outputs, weighted by their maxima.
-__global__ void decode_combine(Params p) {
-  const int bh = blockIdx.x, d = threadIdx.x;
-  const float2* ml = p.partial_ml + size_t(bh) * p.splits;
-  float mx = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, ml[s].x);
-  float sum = 0.f, acc = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < p.splits; ++s) {
-      const float f = exp2f(ml[s].x - mx);
-      sum += ml[s].y * f;
-      acc += p.partial_o[(size_t(bh) * p.splits + s) * p.D + d] * f;
-    }
+  // The last of the (row, KV head)'s splits to finish merges the partial triples, weighted by their maxima (no
+  // second kernel). Its counter goes back to 0 for the next call, so a captured step replays.
+  __shared__ int is_last;
+  __threadfence();  // this block's partials are visible before its count
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned* counter = p.counters + size_t(b) * p.KVH + j;
+    is_last = atomicAdd(counter, 1u) == unsigned(p.splits - 1);
+    if (is_last) *counter = 0u;
   }
-  p.out[size_t(bh) * p.D + d] = __float2half(sum > 0.f ? acc / sum : 0.f);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+    const int hh = idx / D, d = idx % D;
+    const size_t slot0 = (size_t(b) * p.H + j * G + hh) * p.splits;
+    float2 ml[kMaxSplits];
+    float po[kMaxSplits];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp) {  // all loads first (L2: other blocks wrote them)
+      if (sp < p.splits) {
+        ml[sp] = __ldcg(p.partial_ml + slot0 + sp);
+        po[sp] = __ldcg(p.partial_o + (slot0 + sp) * D + d);
+        mx = fmaxf(mx, ml[sp].x);
+      }
+    }
+    float sum = 0.f, acc = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int sp = 0; sp < kMaxSplits; ++sp) {
+        if (sp < p.splits) {
+          const float f = exp2f(ml[sp].x - mx);
+          sum += ml[sp].y * f;
+          acc += po[sp] * f;
+        }
+      }
+    }
+    p.out[(size_t(b) * p.H + j * G + hh) * D + d] = __float2half(sum > 0.f ? acc / sum : 0.f);
+  }
 }
 
 // Splits of the keys for decode: enough blocks to cover the GPU twice at short lengths, at most kMaxSplits, and no
@@ -442,7 +482,6 @@ inline int decode_splits(int B, int KVH, int C, int sms) {
 template <int D, int G>
 void launch_decode(const Params& p, cudaStream_t stream) {
   decode_attention<D, G><<<dim3(p.splits, p.KVH, p.B), kDecodeThreads, 0, stream>>>(p);
-  if (p.splits > 1) decode_combine<<<p.B * p.H, D, 0, stream>>>(p);
 }
 
 template <int D>

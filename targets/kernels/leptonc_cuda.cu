@@ -1041,6 +1041,7 @@ struct AttnScratch {
   std::mutex lock;
   float* partial_o = nullptr;
   float2* partial_ml = nullptr;
+  unsigned* counters = nullptr;  // per (row, KV head): splits finished; zero between calls
 };
 AttnScratch g_attn;
 
@@ -1075,6 +1076,9 @@ OrtStatus* ORT_API_CALL create_attn(const OrtCustomOp*, const OrtApi* api, const
     if (g_attn.partial_o == nullptr) {
       cudaError_t err = cudaMalloc(&g_attn.partial_o, kAttnPartialFloats * sizeof(float));
       if (err == cudaSuccess) err = cudaMalloc(&g_attn.partial_ml, kAttnPartialSlots * sizeof(float2));
+      if (err == cudaSuccess) err = cudaMalloc(&g_attn.counters, kAttnPartialSlots * sizeof(unsigned));
+      if (err == cudaSuccess) err = cudaMemset(g_attn.counters, 0, kAttnPartialSlots * sizeof(unsigned));
+      if (err == cudaSuccess) err = cudaDeviceSynchronize();  // zero before any stream of ONNX Runtime's uses them
       if (err != cudaSuccess) {
         delete kn;
         return attn_error(std::string("cudaMalloc(split scratch): ") + cudaGetErrorString(err));
@@ -1171,6 +1175,7 @@ OrtStatus* ORT_API_CALL compute_attn(void* kernel, OrtKernelContext* ctx) {
   p.out = static_cast<half*>(p_out);
   p.partial_o = g_attn.partial_o;
   p.partial_ml = g_attn.partial_ml;
+  p.counters = g_attn.counters;  // B * KVH <= B * H * splits <= kAttnPartialSlots (checked below)
   p.B = int(B), p.S = int(S), p.H = int(H), p.KVH = int(KVH), p.D = int(D), p.C = int(present_len), p.P = int(c_dims[0]);
   p.first_prompt = total_len == S ? 1 : 0;
   p.splits = 1;
