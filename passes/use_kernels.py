@@ -22,9 +22,10 @@
     in over the whole head, head size 64 or 128, at most 8 query heads a KV head, no window or softcap)
         -> ai.leptonc.CachedAttention(qkv, past_key, past_value, seqlens_k, total_sequence_length, cos, sin):
            the rotary, the cache append and the attention in one decode kernel (two with split keys) instead
-           of ONNX Runtime's three to five; prefill on tensor cores. EXPERIMENTAL and off by default: written
-           in session 13 without a GPU, it has not yet run; LEPTONC_ATTENTION_KERNEL=1 turns it on
-           (targets/onnxruntime.py), for bench/device_session.py's attention A/B.
+           of ONNX Runtime's three to five; prefill on tensor cores. On by default since session 15, where
+           it ran on the H100 (BENCHMARKS.md): the same greedy tokens, smollm2-135m fp16 1,217-1,235 tok/s at
+           batch 1 against 1,097-1,145 with GroupQueryAttention in one call. LEPTONC_ATTENTION_KERNEL=0 at
+           compile keeps GroupQueryAttention (targets/onnxruntime.py).
 
 The library must have been built for the target (targets/onnxruntime.py builds it before the pipeline
 and puts it in `ctx.options["cuda_kernels"]`); when it could not be, the pass is skipped with the reason
@@ -68,10 +69,10 @@ def _lowerable(node: gs.Node) -> str | None:
 def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """MatMulNBits -> leptonc's CUDA kernel (streams int4/int8 weights once for up to 16 rows); fp16 MatMul/Gemm
     with constant weights -> MatMulF16; the SiLU(gate) x up of any other fp16 product -> its SwiGLU kernel;
-    GroupQueryAttention -> CachedAttention when ctx.options["attention_kernel"] (experimental, module doc)."""
+    GroupQueryAttention -> CachedAttention unless ctx.options["attention_kernel"] is False (module doc)."""
     nodes = [n for n in graph.nodes if n.op == "MatMulNBits" and n.domain == MS_DOMAIN]
     attention = [n for n in graph.nodes if n.op == "GroupQueryAttention" and n.domain == MS_DOMAIN] \
-        if ctx.options.get("attention_kernel") else []
+        if ctx.options.get("attention_kernel", True) else []
     dense = [(n, w) for n in graph.nodes if n.op in ("MatMul", "Gemm") and (w := _f16_weights(n)) is not None]
     splits = [n for n in graph.nodes if n.op == "Split" and len(n.outputs) == 2]
     if not nodes and not dense and not attention and not any(_match_swiglu(graph, n.inputs[0]) for n in splits):
@@ -132,8 +133,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if counts["swiglu_op"]:
         parts.append(f"{counts['swiglu_op']} Split + QuickGelu + Mul -> {LEPTONC_DOMAIN}.SwiGLU ({kernels.get('arch')})")
     if counts["attention"]:
-        parts.append(f"{counts['attention']} GroupQueryAttention -> {LEPTONC_DOMAIN}.CachedAttention ({kernels.get('arch')}; "
-                     "experimental, LEPTONC_ATTENTION_KERNEL=1)")
+        parts.append(f"{counts['attention']} GroupQueryAttention -> {LEPTONC_DOMAIN}.CachedAttention ({kernels.get('arch')})")
     detail = "; ".join(parts)
     if reasons:
         detail += "; left on ONNX Runtime's kernel: " + ", ".join(f"{k} ({v})" for k, v in reasons.items())

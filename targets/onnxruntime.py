@@ -152,8 +152,8 @@ def _prepare_kernels(ctx, pipeline_names: list[str], disabled: tuple[str, ...]):
         return None
     from leptonc.targets.kernels import KernelsUnavailable, build_library
 
-    # passes/use_kernels.py: GroupQueryAttention -> ai.leptonc.CachedAttention only when asked (not yet run on a GPU)
-    ctx.options["attention_kernel"] = os.environ.get("LEPTONC_ATTENTION_KERNEL", "0") == "1"
+    # passes/use_kernels.py: GroupQueryAttention -> ai.leptonc.CachedAttention unless LEPTONC_ATTENTION_KERNEL=0
+    ctx.options["attention_kernel"] = os.environ.get("LEPTONC_ATTENTION_KERNEL", "1") != "0"
 
     try:
         lib = build_library(ctx.target.compute_capability)

@@ -345,7 +345,7 @@ def test_library_builds_and_registers(tmp_path):
         pytest.skip(f"the library builds; loading it needs cuBLAS on LD_LIBRARY_PATH: {exc}")
 
 
-# ---- GroupQueryAttention -> ai.leptonc.CachedAttention (experimental, LEPTONC_ATTENTION_KERNEL=1) -------------
+# ---- GroupQueryAttention -> ai.leptonc.CachedAttention (default; LEPTONC_ATTENTION_KERNEL=0 keeps GQA) ---------
 
 def _gqa_graph(h=8, kvh=2, d=64, dtype=np.float16, **attrs) -> gs.Graph:
     from leptonc.targets.kernels.attention_reference import gqa_graph
@@ -353,15 +353,16 @@ def _gqa_graph(h=8, kvh=2, d=64, dtype=np.float16, **attrs) -> gs.Graph:
     return gqa_graph(h, kvh, d, np.ones((32, d // 2)), np.zeros((32, d // 2)), dtype, scale=0.125, **attrs)
 
 
-def test_attention_lowers_only_when_asked():
+def test_attention_lowers_by_default_and_not_when_switched_off():
     info = {"file": "kernels/libleptonc_cuda.so", "arch": "sm_90"}
     graph = _gqa_graph()
-    result = use_leptonc_kernels(graph, PassContext(backend="onnxruntime", precision="fp16", options={"cuda_kernels": info}))
-    assert not result.applied and graph.nodes[0].op == "GroupQueryAttention"  # off by default: not yet run on a GPU
-
-    ctx = PassContext(backend="onnxruntime", precision="fp16", options={"cuda_kernels": info, "attention_kernel": True})
+    ctx = PassContext(backend="onnxruntime", precision="fp16", options={"cuda_kernels": info, "attention_kernel": False})
     result = use_leptonc_kernels(graph, ctx)
-    assert result.applied and result.counts["attention"] == 1 and "experimental" in result.detail
+    assert not result.applied and graph.nodes[0].op == "GroupQueryAttention"  # LEPTONC_ATTENTION_KERNEL=0
+
+    result = use_leptonc_kernels(graph, PassContext(backend="onnxruntime", precision="fp16", options={"cuda_kernels": info}))
+    assert result.applied and result.counts["attention"] == 1
+    assert "1 GroupQueryAttention -> ai.leptonc.CachedAttention (sm_90)" in result.detail
     node = graph.nodes[0]
     assert (node.op, node.domain) == ("CachedAttention", "ai.leptonc")
     assert [t.name for t in node.inputs] == ["qkv", "past_key_values.0.key", "past_key_values.0.value", "gqa/seqlens_k",
@@ -405,12 +406,12 @@ def test_runner_takes_cached_attention_as_a_shared_cache_graph(tmp_path):
     assert ops == {"CachedAttention"} and ops & CACHE_ATTENTION_OPS
 
 
-def test_gpu_build_asks_for_the_attention_kernel_only_with_the_switch(monkeypatch):
+def test_gpu_build_uses_the_attention_kernel_unless_switched_off(monkeypatch):
     from leptonc.targets import get_target
     from leptonc.targets import onnxruntime as ort_backend
 
     monkeypatch.setattr(kernels, "build_library", lambda cc: (_ for _ in ()).throw(kernels.KernelsUnavailable("no nvcc")))
-    for value, expected in ((None, False), ("0", False), ("1", True)):
+    for value, expected in ((None, True), ("0", False), ("1", True)):
         if value is None:
             monkeypatch.delenv("LEPTONC_ATTENTION_KERNEL", raising=False)
         else:
@@ -466,9 +467,9 @@ def test_cached_attention_contract_matches_onnx_runtime_group_query_attention():
         k_ref[:, :, :], v_ref[:, :, :] = k_ort, v_ort  # both continue from the same cache (padding included)
 
 
-def test_h100_pipeline_lowers_every_attention_of_a_real_graph_when_asked(tmp_path, monkeypatch):
+def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypatch):
     """The whole GPU pipeline on a small llama with head size 64 (5 query heads over 1 KV head, llama3 rotary):
-    with LEPTONC_ATTENTION_KERNEL=1 every GroupQueryAttention the fusions write becomes a CachedAttention whose
+    by default every GroupQueryAttention the fusions write becomes a CachedAttention whose
     rotary tables are the fused ones, and the bundle records what ran. (The library is not built here: a stand-in
     file takes its place; the graph is only written and type-checked, not run.)"""
     import leptonc.targets.onnxruntime as ort_target
@@ -490,7 +491,7 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph_when_asked(tmp_pat
     monkeypatch.setattr(ort_target, "check_available", lambda *a, **k: None)
     monkeypatch.setattr(kernels, "build_library", lambda cc: library)
     monkeypatch.setenv("LEPTONC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("LEPTONC_ATTENTION_KERNEL", "1")
+    monkeypatch.delenv("LEPTONC_ATTENTION_KERNEL", raising=False)
     bundle = compile_model(CompileConfig(source=str(model_dir), target="h100", backend="onnxruntime", precision="fp16",
                                          output=str(tmp_path / "g.lepton"), verify=False))
     record = next(p for p in bundle.manifest["passes"] if p["name"] == "use_leptonc_kernels")
