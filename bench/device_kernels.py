@@ -11,7 +11,8 @@
 3. The fp16 ops, always (and alone with `--fp16-only`): SwiGLU (fp16 graphs' SiLU(gate) x up) against a
    numpy float64 reference for each half order, beside ONNX Runtime's Split + QuickGelu + Mul on the same
    input; MatMulF16 (fp16 weights as [N, K], with and without the SwiGLU epilogue) against float64, beside
-   ONNX Runtime's MatMul on the same weights.
+   ONNX Runtime's MatMul on the same weights; NormMatMulF16 (the same with RMSNorm(A + skip) x gamma in front:
+   the product against float64, the sum output exactly) beside SkipSimplifiedLayerNormalization + MatMul.
 
     LEPTONC_ORT_INCLUDE=.ort-include python3 bench/device_kernels.py OUT.json [--fp16-only]
 """
@@ -208,6 +209,63 @@ def f16_check(ort, lib: str, result: dict) -> None:
         print(json.dumps(row), flush=True)
 
 
+# (M, K, N, activation): NormMatMulF16 (the SkipSimplifiedLayerNormalization in front folded in) on the same shapes
+NORM_CASES = ((1, 2048, 3072, 0), (1, 2048, 16384, 1), (1, 576, 960, 0), (1, 576, 3072, 1), (1, 2048, 128256, 0),
+              (16, 2048, 3072, 0), (16, 2048, 16384, 1), (128, 2048, 16384, 1), (3, 576, 960, 0), (1, 24, 40, 0))
+
+
+def norm_model(k: int, n: int, act: int, w_nk: np.ndarray, gamma: np.ndarray, fused: bool) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["rows", k])
+    skip = helper.make_tensor_value_info("skip", TensorProto.FLOAT16, ["rows", k])
+    y = helper.make_tensor_value_info("y0", TensorProto.FLOAT16, ["rows", n // 2 if act else n])
+    total = helper.make_tensor_value_info("sum", TensorProto.FLOAT16, ["rows", k])
+    inits = [numpy_helper.from_array(gamma, "gamma")]
+    if fused:
+        nodes = [helper.make_node("NormMatMulF16", ["x", "skip", "gamma", "w"], ["y0", "sum"], domain="ai.leptonc",
+                                  K=k, N=n, activation=act, epsilon=1e-5)]
+        inits.append(numpy_helper.from_array(w_nk, "w"))
+    else:  # ONNX Runtime: SkipSimplifiedLayerNormalization, MatMul on [K, N] (pairs de-interleaved), SwiGLU's three ops
+        w = w_nk if not act else np.concatenate([w_nk[0::2], w_nk[1::2]])
+        nodes = [helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma"], ["xn", "", "", "sum"],
+                                  domain="com.microsoft", epsilon=1e-5),
+                 helper.make_node("MatMul", ["xn", "w"], ["p" if act else "y0"])]
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "w"))
+        if act:
+            inits.append(numpy_helper.from_array(np.array([n // 2, n // 2], np.int64), "sizes"))
+            nodes += [helper.make_node("Split", ["p", "sizes"], ["g", "u"], axis=-1),
+                      helper.make_node("QuickGelu", ["g"], ["s"], domain="com.microsoft", alpha=1.0),
+                      helper.make_node("Mul", ["s", "u"], ["y0"])]
+    graph = helper.make_graph(nodes, "norm_f16", [x, skip], [y, total], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                   helper.make_opsetid("ai.leptonc", 1)], ir_version=8)
+
+
+def norm_check(ort, lib: str, result: dict) -> None:
+    """NormMatMulF16 against float64 (the sum rounded to fp16 as the op stores it) and ONNX Runtime's ops beside it."""
+    rng = np.random.default_rng(3)
+    for m, k, n, act in NORM_CASES:
+        w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
+        gamma = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
+        x = rng.standard_normal((m, k)).astype(np.float16)
+        skip = (3 * rng.standard_normal((m, k))).astype(np.float16)
+        total = (x.astype(np.float32) + skip.astype(np.float32)).astype(np.float16).astype(np.float64)
+        xn = total / np.sqrt((total ** 2).mean(axis=-1, keepdims=True) + 1e-5) * gamma.astype(np.float64)
+        full = xn @ w.astype(np.float64).T
+        ref = full[:, 0::2] / (1 + np.exp(-full[:, 0::2])) * full[:, 1::2] if act else full
+        row = {"case": "NormMatMulF16", "M": m, "K": k, "N": n, "activation": act}
+        for who, fused, path in (("leptonc", True, lib), ("onnxruntime", False, None)):
+            try:
+                sess = session(ort, norm_model(k, n, act, w, gamma, fused), path)
+                y, s = (v.astype(np.float64) for v in sess.run(["y0", "sum"], {"x": x, "skip": skip}))
+                assert y.shape == ref.shape and s.shape == total.shape, (y.shape, ref.shape, s.shape)
+                row[f"{who}_rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-9))
+                row[f"{who}_sum_max_abs_err"] = float(np.abs(s - total).max())
+            except Exception as exc:  # noqa: BLE001 - a failure is a result
+                row[f"{who}_error"] = f"{type(exc).__name__}: {str(exc)[-400:]}"
+        result["check"].append(row)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
@@ -232,6 +290,7 @@ def main() -> int:
 
     swiglu_check(ort, str(lib.path), result)
     f16_check(ort, str(lib.path), result)
+    norm_check(ort, str(lib.path), result)
     save()
     rng = np.random.default_rng(0)
     for name, k, n, bits, block, zp in CASES if not args.fp16_only else ():
@@ -282,7 +341,9 @@ def main() -> int:
     bad = [r for r in result["check"] if "leptonc_rel_err" in r and r["leptonc_rel_err"] > 5e-3]
     result["check_ok"] = not bad and all("leptonc_rel_err" in r for r in result["check"] if "M" in r or r.get("case") == "SwiGLU")
     result["check_ok"] = result["check_ok"] and all("leptonc_rel_err" in r for r in result["check"]
-                                                    if r.get("case") == "MatMulF16")
+                                                    if r.get("case") in ("MatMulF16", "NormMatMulF16"))
+    result["check_ok"] = result["check_ok"] and all(r.get("leptonc_sum_max_abs_err", 1.0) == 0.0 for r in result["check"]
+                                                    if r.get("case") == "NormMatMulF16")
     save()
     print(f"check ok: {result['check_ok']}", file=sys.stderr)
     return 0

@@ -713,6 +713,42 @@ def attention_llama(s: Session) -> None:
               "--warmup", 3, "--iters", 20, "--json", "--no-verify")
 
 
+NORM_ON, NORM_OFF = {"LEPTONC_NORM_PROLOGUE": "1"}, {"LEPTONC_NORM_PROLOGUE": "0"}
+
+
+def norm(s: Session) -> None:
+    """Issue 8 lines 1 and 3 (session 15): NormMatMulF16, each residual SkipSimplifiedLayerNormalization folded into
+    the product it feeds. The fp16 ops against float64 first (bench/device_kernels.py --fp16-only; NormMatMulF16's
+    product and its sum output); only if they pass: smollm2-135m and llama-1b-shape fp16 compiled with the fold
+    (the default) against the same compile without (LEPTONC_NORM_PROLOGUE=0), 32 greedy tokens of smollm2 with each,
+    decode at batch 1 and 16 interleaved twice, then llama's time to first token at 1,024 tokens with the fold."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    data = script(s, "fp16 ops check", "bench/device_kernels.py", "--fp16-only", out_name="norm_check.json",
+                  timeout=150) or {}
+    rows = [r for r in data.get("check", []) if r.get("case") == "NormMatMulF16"]
+    ok = bool(data.get("check_ok")) and bool(rows)
+    s.record["norm_check_pass"] = ok
+    if not ok:
+        print("NormMatMulF16 failed its check: no bundle uses it in this call", flush=True)
+        return
+    on = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.norm", env=NORM_ON)
+    off = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100", env=NORM_OFF)
+    ids = {name: greedy(s, b, f"greedy smollm2 fp16 {name}", n=32) for name, b in (("norm folded", on), ("norm op", off)) if b}
+    s.record["parity"] = {"smollm2 fp16 greedy, NormMatMulF16 vs SkipSimplifiedLayerNormalization + MatMulF16": ids,
+                          "identical": len(ids) == 2 and None not in ids.values() and len(set(map(tuple, ids.values()))) == 1}
+    s.save()
+    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.norm", "--max-seq", "1280", env=NORM_ON)
+    big_off = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280", env=NORM_OFF)
+    for rnd in range(2):
+        for name, b in (("llama1b fp16 norm folded", big), ("llama1b fp16 norm op", big_off),
+                        ("smollm2 fp16 norm folded", on), ("smollm2 fp16 norm op", off)):
+            if b:
+                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    if big:
+        s.cli("llama1b fp16 norm folded ttft 1024", "bench", big, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 3, "--iters", 20, "--json", "--no-verify")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -735,7 +771,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama"))
+                                            "attention", "attention_llama", "norm"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -752,7 +788,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm}[args.session](s)
     finally:
         s.save()
         summary(s)

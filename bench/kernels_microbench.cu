@@ -193,7 +193,7 @@ int main(int argc, char** argv) {
                                      : launch<8>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb);
         if (st != nullptr) std::exit(2);
       });
-      static float ms_fp16 = 0.f, ms_f16 = 0.f;  // once per M (the auto row), reused by the variants' rows
+      static float ms_fp16 = 0.f, ms_f16 = 0.f, ms_norm = 0.f;  // once per M (the auto row), reused below
       if (v.path == Path::kAuto) {
         ms_fp16 = graph_ms(s, w_reps, [&](int r) {
           const float alpha = 1.f, beta = 0.f;
@@ -203,18 +203,27 @@ int main(int argc, char** argv) {
         F16Kernel fk;  // the fp16 graphs' op on the same [N, K] weights (one row: f16_gemv)
         fk.K = mx.K, fk.N = mx.N, fk.activation = mx.activation;
         ms_f16 = m == 1 ? graph_ms(s, w_reps, [&](int r) {
-          if (launch_f16(fk, a, 1, ws[r], y, s) != nullptr) std::exit(2);
+          if (launch_f16(fk, a, 1, ws[r], y, RowNorm{}, s) != nullptr) std::exit(2);
+        }) : 0.f;
+        // NormMatMulF16: the same with RMSNorm(A + skip) x gamma as f16_gemv's prologue (skip, gamma: A's rows 1, 2)
+        F16Kernel nk = fk;
+        nk.norm = true;
+        nk.eps = 1e-5f;
+        const RowNorm nm{a + mx.K, a + 2 * mx.K, a + 3 * mx.K, 1e-5f};
+        ms_norm = m == 1 ? graph_ms(s, w_reps, [&](int r) {
+          if (launch_f16(nk, a, 1, ws[r], y, nm, s) != nullptr) std::exit(2);
         }) : 0.f;
       }
-      const double us = 1e3 * ms / reps, us16 = 1e3 * ms_fp16 / w_reps, usf = 1e3 * ms_f16 / w_reps;
+      const double us = 1e3 * ms / reps, us16 = 1e3 * ms_fp16 / w_reps, usf = 1e3 * ms_f16 / w_reps,
+                   usn = 1e3 * ms_norm / w_reps;
       const double bytes = double(b_bytes) + double(sz_count) * 2;
       char line[512];
       std::snprintf(line, sizeof(line),
                     "{\"matrix\": \"%s\", \"variant\": \"%s\", \"K\": %d, \"N\": %d, \"bits\": %d, \"block\": %d, \"M\": %d, \"R\": %d, "
                     "\"us\": %.2f, \"TBps\": %.2f, \"cublas_fp16_us\": %.2f, \"cublas_TBps\": %.2f, \"speedup\": %.2f, "
-                    "\"f16_gemv_us\": %.2f, \"f16_gemv_TBps\": %.2f}",
+                    "\"f16_gemv_us\": %.2f, \"f16_gemv_TBps\": %.2f, \"norm_f16_gemv_us\": %.2f}",
                     mx.name, v.name, mx.K, mx.N, mx.bits, mx.block, m, reps, us, bytes / us / 1e6, us16,
-                    double(w_bytes) / us16 / 1e6, us16 / us, usf, usf > 0 ? double(w_bytes) / usf / 1e6 : 0.0);
+                    double(w_bytes) / us16 / 1e6, us16 / us, usf, usf > 0 ? double(w_bytes) / usf / 1e6 : 0.0, usn);
       std::printf("%s\n", line);
       std::fflush(stdout);
       all += (all.size() > 1 ? ",\n " : "") + std::string(line);

@@ -15,6 +15,11 @@
            decode) streams W in 16-byte loads; more rows go to cuBLAS. The SwiGLU behind a merged gate|up
            product folds in as above (activation 1, W's rows in (gate, up) pairs).
 
+    SkipSimplifiedLayerNormalization(A, skip, gamma) whose normalized output only a MatMulF16 reads
+        -> ai.leptonc.NormMatMulF16(A, skip, gamma, W) -> (Y, A + skip): at one row the norm is the product kernel's
+           prologue (each block normalizes the row it stages; block 0 writes the sum), so the norm kernel goes;
+           more rows run a norm kernel, then cuBLAS. Two of a llama layer's seven decode kernels.
+
     any other fp16 product -> the same Split, QuickGelu and Mul
         -> ai.leptonc.SwiGLU(product, gate_first): one kernel instead of three
 
@@ -81,7 +86,8 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if not kernels.get("file"):
         return PassResult.skipped(f"leptonc's CUDA kernels were not built: {kernels.get('unavailable', 'not requested')}; "
                                   "ONNX Runtime's kernels run the graph")
-    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0, "f16": 0, "f16_swiglu": 0, "swiglu_op": 0, "attention": 0}
+    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0, "f16": 0, "f16_swiglu": 0, "f16_norm": 0, "swiglu_op": 0,
+              "attention": 0}
     reasons: dict[str, int] = {}
     for node in nodes:
         why = _lowerable(node)
@@ -98,6 +104,8 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         _lower_f16(node, weights, swiglu)
         counts["f16"] += 1
         counts["f16_swiglu"] += swiglu is not None
+        if ctx.options.get("norm_prologue", True):
+            counts["f16_norm"] += _fold_norm(graph, node)
     for node in attention:
         why = _attention_lowerable(node)
         if why is not None:
@@ -129,7 +137,9 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
                         if counts["swiglu"] else ""))
     if counts["f16"]:
         parts.append(f"{counts['f16']} fp16 MatMul/Gemm -> {LEPTONC_DOMAIN}.MatMulF16 ({kernels.get('arch')})"
-                     + (f", {counts['f16_swiglu']} of them with the SwiGLU epilogue" if counts["f16_swiglu"] else ""))
+                     + (f", {counts['f16_swiglu']} of them with the SwiGLU epilogue" if counts["f16_swiglu"] else "")
+                     + (f", {counts['f16_norm']} with the SkipSimplifiedLayerNormalization in front folded in "
+                        "(NormMatMulF16)" if counts["f16_norm"] else ""))
     if counts["swiglu_op"]:
         parts.append(f"{counts['swiglu_op']} Split + QuickGelu + Mul -> {LEPTONC_DOMAIN}.SwiGLU ({kernels.get('arch')})")
     if counts["attention"]:
@@ -205,6 +215,40 @@ def _lower_f16(node: gs.Node, weights: np.ndarray, swiglu=None) -> None:
     node.attrs = {"K": int(k), "N": int(n)}
     if swiglu is not None:
         _take_swiglu(node, swiglu)
+
+
+def _fold_norm(graph: gs.Graph, node: gs.Node) -> bool:
+    """MatMulF16 `node` takes the SkipSimplifiedLayerNormalization in front of it (-> NormMatMulF16) when the norm
+    has no bias, an fp16 gamma constant of K values, and its normalized output is read by `node` alone."""
+    norm = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if norm is None or norm.op != "SkipSimplifiedLayerNormalization" or norm.domain != MS_DOMAIN:
+        return False
+    k = int(node.attrs["K"])
+    ins = norm.inputs
+    if len(ins) < 3 or (len(ins) > 3 and ins[3].name) or not isinstance(ins[2], gs.Constant):
+        return False
+    gamma = ins[2].values
+    if gamma.dtype != np.float16 or gamma.shape != (k,):
+        return False
+    if any(t.dtype is None or np.dtype(t.dtype) != np.float16 for t in ins[:2]):
+        return False
+    if any(t.shape is None or list(t.shape) != list(ins[0].shape) for t in ins[:2]):
+        return False  # the op reads skip row by row with A's shape: no broadcasting
+    normed = norm.outputs[0]
+    if normed.outputs != [node] or any(t is normed for t in graph.outputs):
+        return False
+    if any(t.name and (t.outputs or any(t is o for o in graph.outputs)) for t in norm.outputs[1:3]):
+        return False  # its mean or inverse standard deviation is read
+    total = norm.outputs[3] if len(norm.outputs) > 3 and norm.outputs[3].name else \
+        gs.Variable(f"{norm.name}/sum", np.float16, ins[0].shape)  # unread; the op writes it anyway
+    a, skip, gamma_t = ins[0], ins[1], ins[2]
+    eps = float(norm.attrs.get("epsilon", 1e-5))
+    detach([norm])
+    node.inputs = [a, skip, gamma_t, node.inputs[1]]
+    node.op = "NormMatMulF16"
+    node.attrs["epsilon"] = eps
+    node.outputs.append(total)
+    return True
 
 
 def _take_swiglu(node: gs.Node, swiglu) -> None:

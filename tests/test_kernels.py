@@ -43,7 +43,7 @@ def test_lowering_moves_fp16_matmulnbits_to_the_leptonc_domain():
     graph = _nbits_graph()
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert result.applied and result.counts == {"lowered": 1, "left_alone": 0, "swiglu": 0, "f16": 0, "f16_swiglu": 0,
-                                               "swiglu_op": 0, "attention": 0}
+                                               "f16_norm": 0, "swiglu_op": 0, "attention": 0}
     node = graph.nodes[0]
     assert node.domain == "ai.leptonc" and node.op == "MatMulNBitsTiled"
     assert node.attrs == {"K": 256, "N": 64, "bits": 4, "block_size": 128}  # no accuracy_level (ORT's CPU setting)
@@ -256,6 +256,83 @@ def test_lm_head_gemm_becomes_matmul_f16(trans_b):
                                                                       gs.Constant("c", np.zeros(40, np.float16))], [y])],
                       inputs=[x], outputs=[y], opset=17)
     assert not use_leptonc_kernels(biased, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90")).applied
+
+
+def _norm_graph(k=64, n=48, *, reader=False, mean_read=False, const_gamma=True, with_sum=True) -> gs.Graph:
+    """SkipSimplifiedLayerNormalization(a, skip, gamma) -> MatMul(constant fp16 [K, N]) -> y; its sum a graph output."""
+    rng = np.random.default_rng(5)
+    a = gs.Variable("a", dtype=np.float16, shape=[2, 3, k])
+    skip = gs.Variable("skip", dtype=np.float16, shape=[2, 3, k])
+    gamma = gs.Constant("gamma", (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)) if const_gamma \
+        else gs.Variable("gamma", dtype=np.float16, shape=[k])
+    normed = gs.Variable("normed", dtype=np.float16, shape=[2, 3, k])
+    mean = gs.Variable("mean", dtype=np.float32, shape=[2, 3, 1]) if mean_read else gs.Variable.empty()
+    total = gs.Variable("sum", dtype=np.float16, shape=[2, 3, k])
+    y = gs.Variable("y", dtype=np.float16, shape=[2, 3, n])
+    w = gs.Constant("w", (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float16))
+    outs = [normed, mean, gs.Variable.empty()] + ([total] if with_sum else [])
+    nodes = [gs.Node("SkipSimplifiedLayerNormalization", "norm", {"epsilon": 1e-6}, [a, skip, gamma], outs,
+                     domain="com.microsoft"),
+             gs.Node("MatMul", "mm", inputs=[normed, w], outputs=[y])]
+    graph_outputs = [y] + ([total] if with_sum else []) + ([mean] if mean_read else [])
+    if reader:
+        extra = gs.Variable("extra", dtype=np.float16, shape=[2, 3, k])
+        nodes.append(gs.Node("Relu", "other", inputs=[normed], outputs=[extra]))
+        graph_outputs.append(extra)
+    inputs = [a, skip] + ([] if const_gamma else [gamma])
+    return gs.Graph(nodes=nodes, inputs=inputs, outputs=graph_outputs, opset=17)
+
+
+@pytest.mark.parametrize("with_sum", [True, False])
+def test_norm_in_front_of_an_fp16_product_folds_into_it(with_sum):
+    """SkipSimplifiedLayerNormalization whose normalized output only a MatMulF16 reads -> NormMatMulF16(a, skip,
+    gamma, W) with outputs (y, a + skip). Its contract, computed in numpy from the lowered node's own inputs and
+    attributes, equals ONNX Runtime's CPU result for the original graph; the sum keeps its name and readers."""
+    import onnxruntime as ort
+
+    graph = _norm_graph(with_sum=with_sum)
+    model = gs.export_onnx(graph.copy())
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(6)
+    a, skip = (rng.standard_normal((2, 3, 64)).astype(np.float16) for _ in range(2))
+    expected = sess.run(None, {"a": a, "skip": skip})
+
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    assert result.applied and result.counts["f16"] == 1 and result.counts["f16_norm"] == 1
+    assert "1 with the SkipSimplifiedLayerNormalization in front folded in" in result.detail
+    assert [nd.op for nd in graph.nodes] == ["NormMatMulF16"]
+    node = graph.nodes[0]
+    assert node.domain == "ai.leptonc" and [t.name for t in node.inputs][:3] == ["a", "skip", "gamma"]
+    assert node.attrs["K"] == 64 and node.attrs["N"] == 48 and node.attrs["epsilon"] == pytest.approx(1e-6)
+    assert node.outputs[0].name == "y" and len(node.outputs) == 2
+    assert (node.outputs[1].name == "sum") == with_sum
+    assert any(t is node.outputs[1] for t in graph.outputs) == with_sum
+    gamma, w_nk = node.inputs[2].values.astype(np.float64), node.inputs[3].values.astype(np.float64)
+    total = (a.astype(np.float32) + skip.astype(np.float32)).astype(np.float16).astype(np.float64)
+    xn = total / np.sqrt((total ** 2).mean(-1, keepdims=True) + node.attrs["epsilon"]) * gamma
+    np.testing.assert_allclose(xn @ w_nk.T, expected[0], atol=2e-2)
+    if with_sum:
+        np.testing.assert_array_equal(total, expected[1].astype(np.float64))
+    gs.export_onnx(graph)  # still a valid graph
+
+
+@pytest.mark.parametrize("case", ["normed read elsewhere", "mean read", "gamma computed"])
+def test_norm_stays_when_the_product_cannot_take_it(case):
+    graph = {"normed read elsewhere": lambda: _norm_graph(reader=True), "mean read": lambda: _norm_graph(mean_read=True),
+             "gamma computed": lambda: _norm_graph(const_gamma=False)}[case]()
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    assert result.applied and result.counts["f16"] == 1 and result.counts["f16_norm"] == 0
+    assert sorted(nd.op for nd in graph.nodes if nd.op != "Relu") == ["MatMulF16", "SkipSimplifiedLayerNormalization"]
+
+
+def test_norm_fold_can_be_switched_off():
+    graph = _norm_graph()
+    ctx = PassContext(backend="onnxruntime", precision="fp16",
+                      options={"cuda_kernels": {"file": "k.so", "arch": "sm_90"}, "norm_prologue": False})
+    result = use_leptonc_kernels(graph, ctx)
+    assert result.counts["f16_norm"] == 0 and sorted(nd.op for nd in graph.nodes) == ["MatMulF16",
+                                                                                       "SkipSimplifiedLayerNormalization"]
 
 
 @pytest.mark.parametrize("gate_first", [True, False])
@@ -498,6 +575,10 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
     assert "2 GroupQueryAttention -> ai.leptonc.CachedAttention" in record["detail"], record["detail"]
     ops = bundle.report()["graph"]["op_counts"]
     assert ops.get("CachedAttention") == 2 and "GroupQueryAttention" not in ops, ops
+    # the residual norms fold into the products they feed (gate|up, the next layer's qkv); the last one feeds the
+    # GatherND that picks each row's last position for the LM head, so it stays
+    assert ops.get("NormMatMulF16") == 3 and ops.get("SkipSimplifiedLayerNormalization") == 1, ops
+    assert "3 with the SkipSimplifiedLayerNormalization in front folded in" in record["detail"], record["detail"]
     model = onnx.load(str(bundle.model_path), load_external_data=False)
     node = next(n for n in model.graph.node if n.op_type == "CachedAttention")
     assert node.domain == "ai.leptonc" and len(node.input) == 7

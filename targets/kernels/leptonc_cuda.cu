@@ -475,40 +475,117 @@ __global__ void swiglu_halves(const half* __restrict__ X, int64_t rows, int F, i
 // fp16 weights, one row of A (the MatMulF16 op at M = 1): Y[n] = sum_k A[k] W[n, k], W [N, K] row-major (rows
 // are outputs), K a multiple of 8. A is staged in shared memory; each warp owns R rows and its lanes read
 // them in 16-byte loads (R loads a step, unrolled 4 steps, so 4R are in flight), fp32 sums reduced by
-// shuffle. With ACT, rows come in (gate j, up j) pairs and Y[j] = SiLU(gate) x up.
+// shuffle. The first kPre = 8 / R steps' weights are loaded before A is staged, so HBM's latency overlaps the
+// staging. With ACT, rows come in (gate j, up j) pairs and Y[j] = SiLU(gate) x up. With NORM (NormMatMulF16) the
+// row staged is RMSNorm(A + skip) x gamma, as com.microsoft.SkipSimplifiedLayerNormalization computes it (the
+// sum rounded to fp16, its mean square in fp32); block 0 also writes the fp16 sum A + skip to S.
 constexpr int kF16Warps = 8;
 constexpr int kF16GemvMaxK = 16384;  // A's 32 KiB of shared memory
 
-template <int R, bool ACT>
-__global__ void __launch_bounds__(kF16Warps * 32)
-f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restrict__ Y, int K, int N) {
-  extern __shared__ uint4 a_s[];
-  const int kv = K / 8;
-  for (int i = threadIdx.x; i < kv; i += blockDim.x) a_s[i] = __ldg(reinterpret_cast<const uint4*>(A) + i);
+struct RowNorm {  // NormMatMulF16's prologue: skip, gamma, the sum's output and epsilon
+  const half* skip = nullptr;
+  const half* gamma = nullptr;
+  half* sum = nullptr;
+  float eps = 0.f;
+};
+
+// Stages one row of A (kv 16-byte vectors) in shared memory, RMS-normalized with NORM (above), writing the sum
+// A + skip to nm.sum where write_sum. Ends synchronized.
+template <bool NORM>
+__device__ __forceinline__ void stage_row(uint4* a_s, const half* __restrict__ A, const RowNorm& nm, int kv,
+                                          bool write_sum) {
+  const uint4* a4 = reinterpret_cast<const uint4*>(A);
+  if (!NORM) {
+    for (int i = threadIdx.x; i < kv; i += blockDim.x) a_s[i] = __ldg(a4 + i);
+    __syncthreads();
+    return;
+  }
+  __shared__ float partial[kF16Warps];
+  const uint4* s4 = reinterpret_cast<const uint4*>(nm.skip);
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < kv; i += blockDim.x) {
+    uint4 x = __ldg(a4 + i);
+    const uint4 y = __ldg(s4 + i);
+    half2* xh = reinterpret_cast<half2*>(&x);
+    const half2* yh = reinterpret_cast<const half2*>(&y);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      xh[j] = __hadd2(xh[j], yh[j]);
+      const float2 f = __half22float2(xh[j]);
+      ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+    }
+    a_s[i] = x;
+    if (write_sum) reinterpret_cast<uint4*>(nm.sum)[i] = x;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
   __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kF16Warps; ++w) total += partial[w];
+  const float inv = rsqrtf(total / float(kv * 8) + nm.eps);
+  const uint4* g4 = reinterpret_cast<const uint4*>(nm.gamma);
+  for (int i = threadIdx.x; i < kv; i += blockDim.x) {  // the same i as above: this thread's own entries
+    uint4 x = a_s[i];
+    const uint4 g = __ldg(g4 + i);
+    half2* xh = reinterpret_cast<half2*>(&x);
+    const half2* gh = reinterpret_cast<const half2*>(&g);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(xh[j]), gf = __half22float2(gh[j]);
+      xh[j] = __floats2half2_rn(f.x * inv * gf.x, f.y * inv * gf.y);
+    }
+    a_s[i] = x;
+  }
+  __syncthreads();
+}
+
+template <int R>
+__device__ __forceinline__ void dot_step(float (&acc)[R], const uint4& av, const uint4 (&wv)[R]) {
+  const half2* ah = reinterpret_cast<const half2*>(&av);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const half2* wh = reinterpret_cast<const half2*>(&wv[r]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 x = __half22float2(ah[j]), y = __half22float2(wh[j]);
+      acc[r] = fmaf(x.x, y.x, fmaf(x.y, y.y, acc[r]));
+    }
+  }
+}
+
+template <int R, bool ACT, bool NORM>
+__global__ void __launch_bounds__(kF16Warps * 32)
+f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restrict__ Y, int K, int N, RowNorm nm) {
+  extern __shared__ uint4 a_s[];
+  constexpr int kPre = 8 / R;  // steps whose weights are loaded before A is staged
+  const int kv = K / 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n0 = (blockIdx.x * kF16Warps + warp) * R;
-  if (n0 >= N) return;
   const uint4* w = reinterpret_cast<const uint4*>(W);
+  uint4 pre[kPre][R];
+#pragma unroll
+  for (int p = 0; p < kPre; ++p)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int i = lane + 32 * p;
+      pre[p][r] = n0 + r < N && i < kv ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
+    }
+  stage_row<NORM>(a_s, A, nm, kv, blockIdx.x == 0);
+  if (n0 >= N) return;
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#pragma unroll
+  for (int p = 0; p < kPre; ++p)
+    if (lane + 32 * p < kv) dot_step<R>(acc, a_s[lane + 32 * p], pre[p]);
 #pragma unroll 4
-  for (int i = lane; i < kv; i += 32) {
+  for (int i = lane + 32 * kPre; i < kv; i += 32) {
     uint4 wv[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) wv[r] = n0 + r < N ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
-    const uint4 av = a_s[i];
-    const half2* ah = reinterpret_cast<const half2*>(&av);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const half2* wh = reinterpret_cast<const half2*>(&wv[r]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 x = __half22float2(ah[j]), y = __half22float2(wh[j]);
-        acc[r] = fmaf(x.x, y.x, fmaf(x.y, y.y, acc[r]));
-      }
-    }
+    dot_step<R>(acc, a_s[i], wv);
   }
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -524,6 +601,21 @@ f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restric
     for (int r = 0; r < R; ++r)
       if (n0 + r < N) Y[n0 + r] = __float2half(acc[r]);
   }
+}
+
+// NormMatMulF16 for more rows (before cuBLAS): Xn[r] = RMSNorm(A[r] + skip[r]) x gamma and S[r] = A[r] + skip[r],
+// one block of kF16Warps warps a row, K a multiple of 8 and at most kF16GemvMaxK.
+__global__ void __launch_bounds__(kF16Warps * 32)
+skip_rms_norm_rows(const half* __restrict__ A, RowNorm nm, half* __restrict__ Xn, int K) {
+  extern __shared__ uint4 a_s[];
+  const size_t off = size_t(blockIdx.x) * K;
+  const int kv = K / 8;
+  RowNorm row = nm;
+  row.skip += off;
+  row.sum += off;
+  stage_row<true>(a_s, A + off, row, kv, true);
+  uint4* out = reinterpret_cast<uint4*>(Xn + off);
+  for (int i = threadIdx.x; i < kv; i += blockDim.x) out[i] = a_s[i];
 }
 
 struct Shared {  // one per process: the cuBLAS handle, the dequantization scratch, SwiGLU's product rows
@@ -903,17 +995,25 @@ OrtCustomOp g_swiglu = derived_op(swiglu_name, swiglu_input_type, swiglu_input_c
 // ---- MatMulF16: Y = A x W^T for fp16 weights stored [N, K] (rows are outputs) ---------------------------
 // One row of A (batch-1 decode, K <= kF16GemvMaxK): f16_gemv. More rows: cuBLAS (fp32 accumulation). With
 // activation 1, W's rows come in (gate j, up j) pairs and Y is SiLU(gate) x up, [..., N / 2].
+//
+// NormMatMulF16: the same product of RMSNorm(A + skip) x gamma, the SkipSimplifiedLayerNormalization in front of
+// it folded in. Inputs A, skip (A's shape), gamma [K], W; attributes K, N, activation, epsilon; outputs Y and
+// S = A + skip (the residual stream the next norm reads). One row: the norm is f16_gemv's prologue (one kernel
+// instead of two); more rows: skip_rms_norm_rows into the scratch, then cuBLAS.
 
 struct F16Kernel {
   int64_t K = 0, N = 0, activation = 0;
+  bool norm = false;
+  float eps = 0.f;
 };
 
 OrtStatus* f16_error(const std::string& what) {
   return g_api->CreateStatus(ORT_EP_FAIL, ("leptonc MatMulF16: " + what).c_str());
 }
 
-OrtStatus* ORT_API_CALL create_f16(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
+OrtStatus* create_f16_kernel(const OrtApi* api, const OrtKernelInfo* info, bool norm, void** kernel) {
   auto* kn = new F16Kernel();
+  kn->norm = norm;
   OrtStatus* st = nullptr;
   if ((st = read_int_attr(info, "K", &kn->K)) || (st = read_int_attr(info, "N", &kn->N))) {
     delete kn;
@@ -923,14 +1023,21 @@ OrtStatus* ORT_API_CALL create_f16(const OrtCustomOp*, const OrtApi* api, const 
     api->ReleaseStatus(st);
     kn->activation = 0;
   }
-  if (kn->K <= 0 || kn->K % 8 != 0 || kn->N <= 0 || (kn->activation != 0 && (kn->activation != 1 || kn->N % 2))) {
+  if (norm && (st = api->KernelInfoGetAttribute_float(info, "epsilon", &kn->eps)) != nullptr) {
+    delete kn;
+    return st;
+  }
+  if (kn->K <= 0 || kn->K % 8 != 0 || kn->N <= 0 || (kn->activation != 0 && (kn->activation != 1 || kn->N % 2)) ||
+      (norm && (kn->K > kF16GemvMaxK || !(kn->eps >= 0.f)))) {
     const std::string msg = "unsupported attributes K=" + std::to_string(kn->K) + " N=" + std::to_string(kn->N) +
                             " activation=" + std::to_string(kn->activation) +
-                            " (needs K a multiple of 8; activation 1 needs N even)";
+                            " (needs K a multiple of 8; activation 1 needs N even; the norm needs K <= " +
+                            std::to_string(kF16GemvMaxK) + " and epsilon >= 0)";
     delete kn;
-    return api->CreateStatus(ORT_INVALID_ARGUMENT, ("leptonc MatMulF16: " + msg).c_str());
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, ((norm ? "leptonc NormMatMulF16: " : "leptonc MatMulF16: ") + msg).c_str());
   }
-  if ((st = ensure_shared(kn->activation == 1, false)) != nullptr) {  // cuBLAS, workspace before any capture
+  // cuBLAS and its workspace (and the norm's row scratch) before any capture
+  if ((st = ensure_shared(kn->activation == 1, norm)) != nullptr) {
     delete kn;
     return st;
   }
@@ -938,40 +1045,46 @@ OrtStatus* ORT_API_CALL create_f16(const OrtCustomOp*, const OrtApi* api, const 
   return nullptr;
 }
 
-template <int R>
-void launch_f16_gemv(bool act, const half* a, const half* w, half* y, int K, int N, cudaStream_t stream) {
+OrtStatus* ORT_API_CALL create_f16(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
+  return create_f16_kernel(api, info, false, kernel);
+}
+
+OrtStatus* ORT_API_CALL create_norm_f16(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
+  return create_f16_kernel(api, info, true, kernel);
+}
+
+template <int R, bool NORM>
+void launch_f16_gemv(bool act, const half* a, const half* w, half* y, int K, int N, const RowNorm& nm,
+                     cudaStream_t stream) {
   const int grid = (N + kF16Warps * R - 1) / (kF16Warps * R);
   const size_t smem = size_t(K / 8) * sizeof(uint4);
   if (act)
-    f16_gemv<R, true><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N);
+    f16_gemv<R, true, NORM><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N, nm);
   else
-    f16_gemv<R, false><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N);
+    f16_gemv<R, false, NORM><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N, nm);
 }
 
-OrtStatus* launch_f16(const F16Kernel& kn, const half* a, int64_t m, const half* w, half* y, cudaStream_t stream) {
+template <bool NORM>
+void launch_f16_gemv_rows(int r, bool act, const half* a, const half* w, half* y, int K, int N, const RowNorm& nm,
+                          cudaStream_t stream) {
+  if (r == 4) launch_f16_gemv<4, NORM>(act, a, w, y, K, N, nm, stream);
+  else if (r == 2) launch_f16_gemv<2, NORM>(act, a, w, y, K, N, nm, stream);
+  else launch_f16_gemv<1, NORM>(act, a, w, y, K, N, nm, stream);
+}
+
+// cuBLAS for m rows of (already normalized) A: Y = A W^T, or SiLU(gate) x up through the product scratch.
+OrtStatus* f16_gemm_rows(const F16Kernel& kn, const half* a, int64_t m, const half* w, half* y) {
   const int K = int(kn.K), N = int(kn.N);
-  const bool act = kn.activation == 1;
-  if (m == 1 && K <= kF16GemvMaxK) {
-    // rows a warp: as many as keep two blocks an SM (132 SMs) busy; pairs with the SwiGLU epilogue
-    const int r = N >= 2 * 132 * kF16Warps * 4 ? 4 : (N >= 132 * kF16Warps * 2 || act) ? 2 : 1;
-    if (r == 4) launch_f16_gemv<4>(act, a, w, y, K, N, stream);
-    else if (r == 2) launch_f16_gemv<2>(act, a, w, y, K, N, stream);
-    else launch_f16_gemv<1>(act, a, w, y, K, N, stream);
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : f16_error(std::string("f16_gemv launch: ") + cudaGetErrorString(err));
-  }
-  if (g_shared.cublas == nullptr || (act && g_shared.product == nullptr)) ORT_TRY(ensure_shared(act, false));
-  if (cublasSetStream(g_shared.cublas, stream) != CUBLAS_STATUS_SUCCESS) return f16_error("cublasSetStream failed");
-  if (cublasSetWorkspace(g_shared.cublas, g_shared.workspace, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS)
-    return f16_error("cublasSetWorkspace failed");
   const float alpha = 1.f, beta = 0.f;
   // column-major view: Y^T[N, M] (ld N) = W[N, K] (op T, ld K) x A^T[K, M] (ld K)
-  if (!act) {
+  if (kn.activation != 1) {
     const cublasStatus_t st = cublasGemmEx(g_shared.cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, int(m), K, &alpha, w,
                                            CUDA_R_16F, K, a, CUDA_R_16F, K, &beta, y, CUDA_R_16F, N,
                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     return st == CUBLAS_STATUS_SUCCESS ? nullptr : f16_error("cublasGemmEx failed with status " + std::to_string(int(st)));
   }
+  cudaStream_t stream = nullptr;
+  if (cublasGetStream(g_shared.cublas, &stream) != CUBLAS_STATUS_SUCCESS) return f16_error("cublasGetStream failed");
   const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / N);
   for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
     const int r = int(std::min<int64_t>(chunk_rows, m - r0));
@@ -988,35 +1101,101 @@ OrtStatus* launch_f16(const F16Kernel& kn, const half* a, int64_t m, const half*
   return nullptr;
 }
 
-OrtStatus* ORT_API_CALL compute_f16(void* kernel, OrtKernelContext* ctx) {
-  const auto& kn = *static_cast<F16Kernel*>(kernel);
-  const OrtValue* in[2] = {nullptr, nullptr};
-  for (size_t i = 0; i < 2; ++i) ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &in[i]));
-  if (in[0] == nullptr || in[1] == nullptr) return f16_error("A and W are required");
+OrtStatus* launch_f16(const F16Kernel& kn, const half* a, int64_t m, const half* w, half* y, const RowNorm& nm,
+                      cudaStream_t stream) {
+  const int K = int(kn.K), N = int(kn.N);
+  const bool act = kn.activation == 1;
+  if (m == 1 && K <= kF16GemvMaxK) {
+    // rows a warp: as many as keep two blocks an SM (132 SMs) busy; pairs with the SwiGLU epilogue
+    const int r = N >= 2 * 132 * kF16Warps * 4 ? 4 : (N >= 132 * kF16Warps * 2 || act) ? 2 : 1;
+    if (kn.norm) launch_f16_gemv_rows<true>(r, act, a, w, y, K, N, nm, stream);
+    else launch_f16_gemv_rows<false>(r, act, a, w, y, K, N, nm, stream);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : f16_error(std::string("f16_gemv launch: ") + cudaGetErrorString(err));
+  }
+  if (g_shared.cublas == nullptr || (act && g_shared.product == nullptr) || (kn.norm && g_shared.scratch == nullptr))
+    ORT_TRY(ensure_shared(act, kn.norm));
+  if (cublasSetStream(g_shared.cublas, stream) != CUBLAS_STATUS_SUCCESS) return f16_error("cublasSetStream failed");
+  if (cublasSetWorkspace(g_shared.cublas, g_shared.workspace, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS)
+    return f16_error("cublasSetWorkspace failed");
+  if (!kn.norm) return f16_gemm_rows(kn, a, m, w, y);
+  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / K);
+  const int64_t out_n = act ? N / 2 : N;
+  for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
+    const int r = int(std::min<int64_t>(chunk_rows, m - r0));
+    RowNorm chunk = nm;
+    chunk.skip += r0 * K;
+    chunk.sum += r0 * K;
+    skip_rms_norm_rows<<<r, kF16Warps * 32, size_t(K / 8) * sizeof(uint4), stream>>>(a + r0 * K, chunk,
+                                                                                    g_shared.scratch, K);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return f16_error(std::string("skip_rms_norm_rows launch: ") + cudaGetErrorString(err));
+    ORT_TRY(f16_gemm_rows(kn, g_shared.scratch, r, w, y + r0 * out_n));
+  }
+  return nullptr;
+}
+
+// A's dimensions (rank 1 to 8) into dims; the element count of all but the last into *m.
+OrtStatus* f16_shape(const OrtValue* value, int64_t (&dims)[8], size_t* rank, int64_t* m) {
   OrtTensorTypeAndShapeInfo* shape_info = nullptr;
-  ORT_TRY(g_api->GetTensorTypeAndShape(in[0], &shape_info));
-  size_t rank = 0;
-  OrtStatus* st = g_api->GetDimensionsCount(shape_info, &rank);
-  int64_t dims[8] = {0};
-  if (st == nullptr && (rank < 1 || rank > 8)) st = f16_error("A must have rank 1 to 8");
-  if (st == nullptr) st = g_api->GetDimensions(shape_info, dims, rank);
+  ORT_TRY(g_api->GetTensorTypeAndShape(value, &shape_info));
+  OrtStatus* st = g_api->GetDimensionsCount(shape_info, rank);
+  if (st == nullptr && (*rank < 1 || *rank > 8)) st = f16_error("A must have rank 1 to 8");
+  if (st == nullptr) st = g_api->GetDimensions(shape_info, dims, *rank);
   g_api->ReleaseTensorTypeAndShapeInfo(shape_info);
   if (st != nullptr) return st;
+  *m = 1;
+  for (size_t i = 0; i + 1 < *rank; ++i) *m *= dims[i];
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute_f16(void* kernel, OrtKernelContext* ctx) {
+  const auto& kn = *static_cast<F16Kernel*>(kernel);
+  const size_t n_in = kn.norm ? 4 : 2;
+  const OrtValue* in[4] = {nullptr, nullptr, nullptr, nullptr};
+  for (size_t i = 0; i < n_in; ++i) ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &in[i]));
+  for (size_t i = 0; i < n_in; ++i)
+    if (in[i] == nullptr) return f16_error(kn.norm ? "A, skip, gamma and W are required" : "A and W are required");
+  int64_t dims[8] = {0};
+  size_t rank = 0;
+  int64_t m = 1;
+  ORT_TRY(f16_shape(in[0], dims, &rank, &m));
   if (dims[rank - 1] != kn.K)
     return f16_error("A's last dimension is " + std::to_string(dims[rank - 1]) + ", the node's K is " + std::to_string(kn.K));
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < rank; ++i) m *= dims[i];
+  RowNorm nm;
+  void* psum = nullptr;
+  if (kn.norm) {
+    int64_t sdims[8] = {0}, gdims[8] = {0};
+    size_t srank = 0, grank = 0;
+    int64_t sm = 1, gm = 1;
+    ORT_TRY(f16_shape(in[1], sdims, &srank, &sm));
+    ORT_TRY(f16_shape(in[2], gdims, &grank, &gm));
+    if (sm != m || sdims[srank - 1] != kn.K) return f16_error("skip must have A's shape");
+    if (gm * gdims[grank - 1] != kn.K) return f16_error("gamma must have K elements");
+    OrtValue* sum = nullptr;
+    ORT_TRY(g_api->KernelContext_GetOutput(ctx, 1, dims, rank, &sum));  // A's shape, before dims changes below
+    if (m > 0) {
+      void *ps = nullptr, *pg = nullptr;
+      ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[1]), &ps));
+      ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[2]), &pg));
+      ORT_TRY(g_api->GetTensorMutableData(sum, &psum));
+      nm.skip = static_cast<const half*>(ps);
+      nm.gamma = static_cast<const half*>(pg);
+      nm.sum = static_cast<half*>(psum);
+      nm.eps = kn.eps;
+    }
+  }
   dims[rank - 1] = kn.activation == 1 ? kn.N / 2 : kn.N;
   OrtValue* out = nullptr;
   ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, dims, rank, &out));
   if (m == 0) return nullptr;
   void *pa = nullptr, *pw = nullptr, *py = nullptr;
   ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[0]), &pa));
-  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[1]), &pw));
+  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[n_in - 1]), &pw));
   ORT_TRY(g_api->GetTensorMutableData(out, &py));
   void* stream = nullptr;
   ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
-  return launch_f16(kn, static_cast<const half*>(pa), m, static_cast<const half*>(pw), static_cast<half*>(py),
+  return launch_f16(kn, static_cast<const half*>(pa), m, static_cast<const half*>(pw), static_cast<half*>(py), nm,
                     static_cast<cudaStream_t>(stream));
 }
 
@@ -1025,6 +1204,19 @@ size_t ORT_API_CALL f16_input_count(const OrtCustomOp*) { return 2; }
 
 OrtCustomOp g_matmul_f16 = derived_op(f16_name, swiglu_input_type /* every input fp16 */, f16_input_count, create_f16,
                                       compute_f16, destroy_of<F16Kernel>);
+
+const char* ORT_API_CALL norm_f16_name(const OrtCustomOp*) { return "NormMatMulF16"; }
+size_t ORT_API_CALL norm_f16_input_count(const OrtCustomOp*) { return 4; }
+size_t ORT_API_CALL norm_f16_output_count(const OrtCustomOp*) { return 2; }
+
+OrtCustomOp make_norm_f16_op() {
+  OrtCustomOp op = derived_op(norm_f16_name, swiglu_input_type, norm_f16_input_count, create_norm_f16, compute_f16,
+                              destroy_of<F16Kernel>);
+  op.GetOutputTypeCount = norm_f16_output_count;
+  return op;
+}
+
+OrtCustomOp g_norm_matmul_f16 = make_norm_f16_op();
 
 // ---- CachedAttention ------------------------------------------------------------------------------------------
 
@@ -1226,6 +1418,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_matmul_tiled));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_swiglu));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_matmul_f16));
+  ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_norm_matmul_f16));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_cached_attention));
   return g_api->AddCustomOpDomain(options, domain);
 }
