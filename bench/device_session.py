@@ -749,6 +749,28 @@ def norm(s: Session) -> None:
               "--warmup", 3, "--iters", 20, "--json", "--no-verify")
 
 
+def final15(s: Session) -> None:
+    """Issue 8 lines 1, 2, 3, 4, 5, 6 on session 15's defaults (CachedAttention on, the norm fold off, f16_gemv loading
+    its first weights before staging A): smollm2-135m fp16, then llama-1b-shape fp16 and int4 (RTN), decode at batch
+    1 and 16 interleaved twice, then llama fp16's time to first token at 1,024 tokens."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    if small:
+        bench(s, small, "smollm2 fp16 round 1", "--batch", "1,16")
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    for rnd in range(2):
+        for name, b in (("llama1b fp16", fp16), ("llama1b int4", q4)):
+            if b:
+                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    if small:
+        bench(s, small, "smollm2 fp16 round 2", "--batch", "1,16")
+    if fp16:
+        s.cli("llama1b fp16 ttft 1024", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 3, "--iters", 20, "--json", "--no-verify")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -771,7 +793,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm"))
+                                            "attention", "attention_llama", "norm", "final15"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -788,7 +810,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15}[args.session](s)
     finally:
         s.save()
         summary(s)

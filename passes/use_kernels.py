@@ -18,7 +18,10 @@
     SkipSimplifiedLayerNormalization(A, skip, gamma) whose normalized output only a MatMulF16 reads
         -> ai.leptonc.NormMatMulF16(A, skip, gamma, W) -> (Y, A + skip): at one row the norm is the product kernel's
            prologue (each block normalizes the row it stages; block 0 writes the sum), so the norm kernel goes;
-           more rows run a norm kernel, then cuBLAS. Two of a llama layer's seven decode kernels.
+           more rows run a norm kernel, then cuBLAS. Two of a llama layer's seven decode kernels. Off by default
+           (LEPTONC_NORM_PROLOGUE=1 turns it on): on the H100 it was correct and gave the same greedy tokens, but
+           no faster at batch 1 (llama-1b-shape 788 vs 808 tok/s, smollm2 1,345 vs 1,346) and slower at batch 16
+           (10,292 vs 10,805; 14,386 vs 15,560) in one call (BENCHMARKS.md, session 15).
 
     any other fp16 product -> the same Split, QuickGelu and Mul
         -> ai.leptonc.SwiGLU(product, gate_first): one kernel instead of three
@@ -104,7 +107,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         _lower_f16(node, weights, swiglu)
         counts["f16"] += 1
         counts["f16_swiglu"] += swiglu is not None
-        if ctx.options.get("norm_prologue", True):
+        if ctx.options.get("norm_prologue", False):
             counts["f16_norm"] += _fold_norm(graph, node)
     for node in attention:
         why = _attention_lowerable(node)

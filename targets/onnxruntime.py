@@ -154,8 +154,9 @@ def _prepare_kernels(ctx, pipeline_names: list[str], disabled: tuple[str, ...]):
 
     # passes/use_kernels.py: GroupQueryAttention -> ai.leptonc.CachedAttention unless LEPTONC_ATTENTION_KERNEL=0
     ctx.options["attention_kernel"] = os.environ.get("LEPTONC_ATTENTION_KERNEL", "1") != "0"
-    # and SkipSimplifiedLayerNormalization + MatMulF16 -> NormMatMulF16 unless LEPTONC_NORM_PROLOGUE=0
-    ctx.options["norm_prologue"] = os.environ.get("LEPTONC_NORM_PROLOGUE", "1") != "0"
+    # SkipSimplifiedLayerNormalization + MatMulF16 -> NormMatMulF16 only with LEPTONC_NORM_PROLOGUE=1: on the H100 it
+    # was no faster at batch 1 and 5-8% slower at batch 16 (BENCHMARKS.md, session 15)
+    ctx.options["norm_prologue"] = os.environ.get("LEPTONC_NORM_PROLOGUE", "0") == "1"
 
     try:
         lib = build_library(ctx.target.compute_capability)

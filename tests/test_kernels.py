@@ -35,8 +35,11 @@ def _nbits_graph(dtype=np.float16, bits=4, block=128, extra_inputs=0) -> gs.Grap
     return gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=17)
 
 
-def _ctx(**kernel_info) -> PassContext:
-    return PassContext(backend="onnxruntime", precision="int4", options={"cuda_kernels": kernel_info})
+def _ctx(norm_prologue=None, **kernel_info) -> PassContext:
+    options = {"cuda_kernels": kernel_info}
+    if norm_prologue is not None:
+        options["norm_prologue"] = norm_prologue
+    return PassContext(backend="onnxruntime", precision="int4", options=options)
 
 
 def test_lowering_moves_fp16_matmulnbits_to_the_leptonc_domain():
@@ -298,7 +301,7 @@ def test_norm_in_front_of_an_fp16_product_folds_into_it(with_sum):
     a, skip = (rng.standard_normal((2, 3, 64)).astype(np.float16) for _ in range(2))
     expected = sess.run(None, {"a": a, "skip": skip})
 
-    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    result = use_leptonc_kernels(graph, _ctx(True, file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert result.applied and result.counts["f16"] == 1 and result.counts["f16_norm"] == 1
     assert "1 with the SkipSimplifiedLayerNormalization in front folded in" in result.detail
     assert [nd.op for nd in graph.nodes] == ["NormMatMulF16"]
@@ -321,16 +324,14 @@ def test_norm_in_front_of_an_fp16_product_folds_into_it(with_sum):
 def test_norm_stays_when_the_product_cannot_take_it(case):
     graph = {"normed read elsewhere": lambda: _norm_graph(reader=True), "mean read": lambda: _norm_graph(mean_read=True),
              "gamma computed": lambda: _norm_graph(const_gamma=False)}[case]()
-    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    result = use_leptonc_kernels(graph, _ctx(True, file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert result.applied and result.counts["f16"] == 1 and result.counts["f16_norm"] == 0
     assert sorted(nd.op for nd in graph.nodes if nd.op != "Relu") == ["MatMulF16", "SkipSimplifiedLayerNormalization"]
 
 
-def test_norm_fold_can_be_switched_off():
+def test_norm_fold_is_off_unless_asked():
     graph = _norm_graph()
-    ctx = PassContext(backend="onnxruntime", precision="fp16",
-                      options={"cuda_kernels": {"file": "k.so", "arch": "sm_90"}, "norm_prologue": False})
-    result = use_leptonc_kernels(graph, ctx)
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert result.counts["f16_norm"] == 0 and sorted(nd.op for nd in graph.nodes) == ["MatMulF16",
                                                                                        "SkipSimplifiedLayerNormalization"]
 
@@ -569,6 +570,7 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
     monkeypatch.setattr(kernels, "build_library", lambda cc: library)
     monkeypatch.setenv("LEPTONC_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LEPTONC_ATTENTION_KERNEL", raising=False)
+    monkeypatch.setenv("LEPTONC_NORM_PROLOGUE", "1")
     bundle = compile_model(CompileConfig(source=str(model_dir), target="h100", backend="onnxruntime", precision="fp16",
                                          output=str(tmp_path / "g.lepton"), verify=False))
     record = next(p for p in bundle.manifest["passes"] if p["name"] == "use_leptonc_kernels")
