@@ -13,7 +13,14 @@ gets the SwiGLU epilogue (`activation` 1), so the Split, QuickGelu and Mul kerne
 `ai.leptonc.MatMulF16` runs fp16 products with constant weights (fp16 graphs: every projection and the
 LM head), weights stored [N, K]: one row of A streams them in 16-byte loads (`f16_gemv`), more rows go
 to cuBLAS; the same SwiGLU epilogue. `ai.leptonc.SwiGLU` is the epilogue alone, for a product computed
-at run time.
+at run time. `ai.leptonc.NormMatMulF16` is MatMulF16 with the SkipSimplifiedLayerNormalization in front
+folded in (off by default: not faster on the H100, BENCHMARKS.md session 15).
+
+`ai.leptonc.CachedAttention` (attention.cuh) replaces GroupQueryAttention in the GPU form: rotary, cache
+append and attention in one decode kernel; prefill on tensor cores. Session 15 on the H100: correct against
+float64 and ONNX Runtime's op, the same greedy tokens, smollm2-135m fp16 1,217-1,235 tok/s at batch 1
+against 1,097-1,145 with GroupQueryAttention in one call; on by default (LEPTONC_ATTENTION_KERNEL=0 keeps
+GroupQueryAttention).
 
 Status (H100, BENCHMARKS.md "Session 12"): MatMulF16 and SwiGLU are correct (relative error <= 9e-4 against
 float64); llama-1b-shape fp16 745 tok/s at batch 1 against 676-684 on ONNX Runtime's ops, smollm2-135m
