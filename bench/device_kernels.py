@@ -129,6 +129,17 @@ def timed(ort, proto, lib, m: int, k: int, n: int, reps: int, iters: int) -> flo
 SWIGLU_CASES = ((1, 8192), (16, 8192), (128, 1536), (3, 8), (0, 64))  # (rows, F)
 
 
+def fp16_proto(graph) -> onnx.ModelProto:
+    """The fp16 checks' model: the standard, com.microsoft and ai.leptonc opsets, IR 8 (what ONNX Runtime 1.31 reads)."""
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                   helper.make_opsetid("ai.leptonc", 1)], ir_version=8)
+
+
+def swiglu_reference(full: np.ndarray, act: int) -> np.ndarray:
+    """SiLU(gate) x up over (gate, up) column pairs of a float64 product when act, else the product."""
+    return full[:, 0::2] / (1 + np.exp(-full[:, 0::2])) * full[:, 1::2] if act else full
+
+
 def swiglu_model(f: int, gate_first: bool, fused: bool) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["rows", 2 * f])
     y = helper.make_tensor_value_info("y0", TensorProto.FLOAT16, ["rows", f])
@@ -140,8 +151,7 @@ def swiglu_model(f: int, gate_first: bool, fused: bool) -> onnx.ModelProto:
                  helper.make_node("QuickGelu", [gate], ["silu"], domain="com.microsoft", alpha=1.0),
                  helper.make_node("Mul", ["silu", up], ["y0"])]
     graph = helper.make_graph(nodes, "swiglu", [x], [y], [numpy_helper.from_array(np.array([f, f], np.int64), "sizes")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                                   helper.make_opsetid("ai.leptonc", 1)], ir_version=8)
+    return fp16_proto(graph)
 
 
 def swiglu_check(ort, lib: str, result: dict) -> None:
@@ -170,24 +180,29 @@ F16_CASES = ((1, 2048, 3072, 0), (1, 2048, 2048, 0), (1, 2048, 16384, 1), (1, 81
              (1, 2048, 128256, 0), (1, 24, 40, 0), (1, 20480, 64, 0), (2, 20480, 64, 1))
 
 
+def ort_product(x: str, n: int, act: int, w_nk: np.ndarray) -> tuple[list, list]:
+    """ONNX Runtime's nodes for y0 = x W^T: MatMul on [K, N] (pairs de-interleaved), then Split / QuickGelu / Mul."""
+    w = w_nk if not act else np.concatenate([w_nk[0::2], w_nk[1::2]])
+    nodes = [helper.make_node("MatMul", [x, "w"], ["p" if act else "y0"])]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")]
+    if act:
+        inits.append(numpy_helper.from_array(np.array([n // 2, n // 2], np.int64), "sizes"))
+        nodes += [helper.make_node("Split", ["p", "sizes"], ["g", "u"], axis=-1),
+                  helper.make_node("QuickGelu", ["g"], ["s"], domain="com.microsoft", alpha=1.0),
+                  helper.make_node("Mul", ["s", "u"], ["y0"])]
+    return nodes, inits
+
+
 def f16_model(k: int, n: int, act: int, w_nk: np.ndarray, fused: bool) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["rows", k])
     y = helper.make_tensor_value_info("y0", TensorProto.FLOAT16, ["rows", n // 2 if act else n])
     if fused:
         nodes = [helper.make_node("MatMulF16", ["x", "w"], ["y0"], domain="ai.leptonc", K=k, N=n, activation=act)]
         inits = [numpy_helper.from_array(w_nk, "w")]
-    else:  # ONNX Runtime: MatMul on [K, N] (pairs de-interleaved), then Split / QuickGelu / Mul
-        w = w_nk if not act else np.concatenate([w_nk[0::2], w_nk[1::2]])
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["p" if act else "y0"])]
-        inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")]
-        if act:
-            inits.append(numpy_helper.from_array(np.array([n // 2, n // 2], np.int64), "sizes"))
-            nodes += [helper.make_node("Split", ["p", "sizes"], ["g", "u"], axis=-1),
-                      helper.make_node("QuickGelu", ["g"], ["s"], domain="com.microsoft", alpha=1.0),
-                      helper.make_node("Mul", ["s", "u"], ["y0"])]
+    else:
+        nodes, inits = ort_product("x", n, act, w_nk)
     graph = helper.make_graph(nodes, "f16", [x], [y], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                                   helper.make_opsetid("ai.leptonc", 1)], ir_version=8)
+    return fp16_proto(graph)
 
 
 def f16_check(ort, lib: str, result: dict) -> None:
@@ -195,8 +210,7 @@ def f16_check(ort, lib: str, result: dict) -> None:
     for m, k, n, act in F16_CASES:
         w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
         x = rng.standard_normal((m, k)).astype(np.float16)
-        full = x.astype(np.float64) @ w.astype(np.float64).T
-        ref = full[:, 0::2] / (1 + np.exp(-full[:, 0::2])) * full[:, 1::2] if act else full
+        ref = swiglu_reference(x.astype(np.float64) @ w.astype(np.float64).T, act)
         row = {"case": "MatMulF16", "M": m, "K": k, "N": n, "activation": act}
         for who, fused, path in (("leptonc", True, lib), ("onnxruntime", False, None)):
             try:
@@ -224,20 +238,13 @@ def norm_model(k: int, n: int, act: int, w_nk: np.ndarray, gamma: np.ndarray, fu
         nodes = [helper.make_node("NormMatMulF16", ["x", "skip", "gamma", "w"], ["y0", "sum"], domain="ai.leptonc",
                                   K=k, N=n, activation=act, epsilon=1e-5)]
         inits.append(numpy_helper.from_array(w_nk, "w"))
-    else:  # ONNX Runtime: SkipSimplifiedLayerNormalization, MatMul on [K, N] (pairs de-interleaved), SwiGLU's three ops
-        w = w_nk if not act else np.concatenate([w_nk[0::2], w_nk[1::2]])
+    else:  # ONNX Runtime: SkipSimplifiedLayerNormalization, then the product as in f16_model
+        product, more = ort_product("xn", n, act, w_nk)
         nodes = [helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma"], ["xn", "", "", "sum"],
-                                  domain="com.microsoft", epsilon=1e-5),
-                 helper.make_node("MatMul", ["xn", "w"], ["p" if act else "y0"])]
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "w"))
-        if act:
-            inits.append(numpy_helper.from_array(np.array([n // 2, n // 2], np.int64), "sizes"))
-            nodes += [helper.make_node("Split", ["p", "sizes"], ["g", "u"], axis=-1),
-                      helper.make_node("QuickGelu", ["g"], ["s"], domain="com.microsoft", alpha=1.0),
-                      helper.make_node("Mul", ["s", "u"], ["y0"])]
+                                  domain="com.microsoft", epsilon=1e-5), *product]
+        inits += more
     graph = helper.make_graph(nodes, "norm_f16", [x, skip], [y, total], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                                   helper.make_opsetid("ai.leptonc", 1)], ir_version=8)
+    return fp16_proto(graph)
 
 
 def norm_check(ort, lib: str, result: dict) -> None:
@@ -250,8 +257,7 @@ def norm_check(ort, lib: str, result: dict) -> None:
         skip = (3 * rng.standard_normal((m, k))).astype(np.float16)
         total = (x.astype(np.float32) + skip.astype(np.float32)).astype(np.float16).astype(np.float64)
         xn = total / np.sqrt((total ** 2).mean(axis=-1, keepdims=True) + 1e-5) * gamma.astype(np.float64)
-        full = xn @ w.astype(np.float64).T
-        ref = full[:, 0::2] / (1 + np.exp(-full[:, 0::2])) * full[:, 1::2] if act else full
+        ref = swiglu_reference(xn @ w.astype(np.float64).T, act)
         row = {"case": "NormMatMulF16", "M": m, "K": k, "N": n, "activation": act}
         for who, fused, path in (("leptonc", True, lib), ("onnxruntime", False, None)):
             try:

@@ -640,18 +640,25 @@ def kernel_times(s: Session) -> None:
         ncu_step(s, q4, "llama1b_int4")
 
 
+def llama_fp16_int4(s: Session, rounds: int) -> tuple[Path | None, Path | None]:
+    """llama-1b-shape compiled in fp16 and int4 (RTN: its weights are random), decode at batch 1 and 16, the two
+    interleaved `rounds` times. Returns the two bundles (None where a compile failed)."""
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    for rnd in range(rounds):
+        for name, b in (("llama1b fp16", fp16), ("llama1b int4", q4)):
+            if b:
+                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    return fp16, q4
+
+
 def confirm(s: Session) -> None:
     """Issue 8 (session 12, last call): the committed state (greedy token in the graph, SwiGLU kernel, one
     input copy a step) on llama-1b-shape fp16 and int4, three interleaved rounds at batch 1 and 16, where
     a step's time goes (bench/device_step_probe.py), then smollm2-135m fp16."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
-    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
-                        "--int4-method", "rtn", "--no-check")
-    for rnd in range(3):
-        for name, b in (("llama1b fp16", fp16), ("llama1b int4", q4)):
-            if b:
-                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    fp16, q4 = llama_fp16_int4(s, rounds=3)
     for name, b in (("llama1b", fp16), ("llama1b_int4", q4)):
         if b:
             step_probe(s, b, name)
@@ -659,6 +666,14 @@ def confirm(s: Session) -> None:
     if small:
         bench(s, small, "smollm2 fp16", "--batch", "1,16")
         step_probe(s, small, "smollm2")
+
+
+def greedy_parity(s: Session, what: str, bundles: dict) -> None:
+    """32 greedy tokens from each of two bundles (name -> path); the record says whether they are identical."""
+    ids = {name: greedy(s, b, f"greedy {name}", n=32) for name, b in bundles.items() if b}
+    s.record["parity"] = {what: ids,
+                          "identical": len(ids) == 2 and None not in ids.values() and len(set(map(tuple, ids.values()))) == 1}
+    s.save()
 
 
 ATTENTION_ON, ATTENTION_OFF = {"LEPTONC_ATTENTION_KERNEL": "1"}, {"LEPTONC_ATTENTION_KERNEL": "0"}
@@ -685,10 +700,8 @@ def attention(s: Session) -> None:
         return
     on = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.attn", env=ATTENTION_ON)
     off = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100", env=ATTENTION_OFF)
-    ids = {name: greedy(s, b, f"greedy smollm2 fp16 {name}", n=32) for name, b in (("attention kernel", on), ("gqa", off)) if b}
-    s.record["parity"] = {"smollm2 fp16 greedy, CachedAttention vs GroupQueryAttention": ids,
-                          "identical": len(ids) == 2 and None not in ids.values() and len(set(map(tuple, ids.values()))) == 1}
-    s.save()
+    greedy_parity(s, "smollm2 fp16 greedy, CachedAttention vs GroupQueryAttention",
+                  {"smollm2 fp16 attention kernel": on, "smollm2 fp16 gqa": off})
     for rnd in range(2):
         for name, b in (("smollm2 fp16 attention kernel", on), ("smollm2 fp16 gqa", off)):
             if b:
@@ -733,10 +746,8 @@ def norm(s: Session) -> None:
         return
     on = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.norm", env=NORM_ON)
     off = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100", env=NORM_OFF)
-    ids = {name: greedy(s, b, f"greedy smollm2 fp16 {name}", n=32) for name, b in (("norm folded", on), ("norm op", off)) if b}
-    s.record["parity"] = {"smollm2 fp16 greedy, NormMatMulF16 vs SkipSimplifiedLayerNormalization + MatMulF16": ids,
-                          "identical": len(ids) == 2 and None not in ids.values() and len(set(map(tuple, ids.values()))) == 1}
-    s.save()
+    greedy_parity(s, "smollm2 fp16 greedy, NormMatMulF16 vs SkipSimplifiedLayerNormalization + MatMulF16",
+                  {"smollm2 fp16 norm folded": on, "smollm2 fp16 norm op": off})
     big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.norm", "--max-seq", "1280", env=NORM_ON)
     big_off = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280", env=NORM_OFF)
     for rnd in range(2):
@@ -757,13 +768,7 @@ def final15(s: Session) -> None:
     small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
     if small:
         bench(s, small, "smollm2 fp16 round 1", "--batch", "1,16")
-    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
-    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
-                        "--int4-method", "rtn", "--no-check")
-    for rnd in range(2):
-        for name, b in (("llama1b fp16", fp16), ("llama1b int4", q4)):
-            if b:
-                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    fp16, _ = llama_fp16_int4(s, rounds=2)
     if small:
         bench(s, small, "smollm2 fp16 round 2", "--batch", "1,16")
     if fp16:
