@@ -327,15 +327,18 @@ def cuda_graph_big(s: Session) -> None:
         step_probe(s, q4, "llama1b_int4")
 
 
-def script(s: Session, label: str, *argv: str, out_name: str, timeout: float, env: dict | None = None) -> dict | None:
-    """A bench/ script run as one step; its JSON file is kept in the session record and returned."""
+def script(s: Session, label: str, *argv: str, out_name: str, timeout: float, env: dict | None = None,
+           interpreter: str | None = sys.executable) -> dict | None:
+    """A bench/ script (or, with interpreter None, a program) run as one step; its JSON file is kept in the session
+    record and returned."""
     out = s.out / out_name
-    cmd = [sys.executable, *argv, str(out)]
+    cmd = [*([interpreter] if interpreter else []), *argv, str(out)]
     left = s.deadline - time.time()
     if left < 30:
         print(f"[{label}] skipped: the call's time budget is spent", flush=True)
         return None
-    print(f"[{label}] {' '.join(cmd[1:])} {json.dumps(env or {})}", flush=True)
+    shown = " ".join(cmd[1:] if interpreter else cmd)
+    print(f"[{label}] {shown} {json.dumps(env or {})}", flush=True)
     start = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(timeout, left),
@@ -344,7 +347,7 @@ def script(s: Session, label: str, *argv: str, out_name: str, timeout: float, en
     except subprocess.TimeoutExpired as exc:
         rc, tail = "timeout", str(exc.stdout or "")[-3000:]
     data = json.loads(out.read_text()) if out.is_file() else None
-    s.record["steps"].append({"label": label, "command": " ".join(cmd[1:]), "env": env or {}, "rc": rc,
+    s.record["steps"].append({"label": label, "command": shown, "env": env or {}, "rc": rc,
                               "seconds": round(time.time() - start, 1), "json": data, "tail": tail})
     s.save()
     print(tail[-2500:], flush=True)
@@ -776,6 +779,41 @@ def final15(s: Session) -> None:
               "--warmup", 3, "--iters", 20, "--json", "--no-verify")
 
 
+def f16_sweep(s: Session) -> None:
+    """MatMulF16's one-row kernels alone (bench/kernels_microbench.cu --f16-sweep): rows a warp group x warps along K,
+    each against the shipped choice on the same weights, time and agreement."""
+    from leptonc.targets.kernels import _cublas_flag, _cuda_lib_dirs, find_nvcc, find_ort_include
+
+    nvcc, include = find_nvcc(), find_ort_include()
+    if nvcc is None or include is None:
+        print(f"[f16 sweep] skipped: nvcc {nvcc}, ONNX Runtime header {include}", flush=True)
+        return
+    binary = WORK / "kernels_microbench"
+    dirs = _cuda_lib_dirs(nvcc)
+    build = subprocess.run([str(nvcc), "-O3", "-std=c++17", "-arch=sm_90", f"-I{include}", "bench/kernels_microbench.cu",
+                            "-o", str(binary), *[f"-L{d}" for d in dirs], *_cublas_flag(dirs),
+                            *[a for d in dirs for a in ("-Xlinker", f"-rpath={d}")]], capture_output=True, text=True,
+                           timeout=300)
+    if build.returncode != 0:
+        print(f"[f16 sweep] build failed: {(build.stderr or build.stdout)[-1500:]}", flush=True)
+        s.record["steps"].append({"label": "f16 sweep build", "rc": build.returncode, "seconds": 0,
+                                  "tail": (build.stderr or build.stdout)[-3000:]})
+        return
+    script(s, "f16 sweep", str(binary), "--f16-sweep", out_name="f16_sweep.json", timeout=180, interpreter=None)
+
+
+def next16(s: Session) -> None:
+    """Issue 8 lines 1 and 2 (prepared in session 15, not yet run): the one-row fp16 kernel sweep, then llama-1b-shape
+    fp16 and int4 (RTN) on the shipped defaults, decode at batch 1 and 16 interleaved twice, then time to first
+    token at 1,024 tokens."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    f16_sweep(s)
+    fp16, _ = llama_fp16_int4(s, rounds=2)
+    if fp16:
+        s.cli("llama1b fp16 ttft 1024", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 3, "--iters", 20, "--json", "--no-verify")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -798,7 +836,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15"))
+                                            "attention", "attention_llama", "norm", "final15", "next16"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -815,7 +853,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16}[args.session](s)
     finally:
         s.save()
         summary(s)

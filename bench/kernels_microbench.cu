@@ -5,6 +5,7 @@
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 -I$LEPTONC_ORT_INCLUDE bench/kernels_microbench.cu -lcublas -o /tmp/mb
 //   /tmp/mb OUT.json
+//   /tmp/mb --f16-sweep OUT.json    # MatMulF16's one-row kernels: rows a warp group x warps along K (f16_sweep)
 //   /tmp/mb --check K N BITS BLOCK M DIR [auto|stream|gemv[:S] [ACTIVATION]]   # Y = A x W^T for DIR/{a,b,sz}.bin -> DIR/y.bin (bench/kernels_check.py)
 //
 // The kernel source is included as built for the bundle (targets/kernels/leptonc_cuda.cu).
@@ -21,6 +22,34 @@ struct Matrix {
   int K, N, bits, block;
   int activation = 0;  // 1: the SwiGLU epilogue (gate/up products)
 };
+
+// One row of A through f16_gemv (split 1) or f16_gemv_split with r rows a warp group (1, 2 or 4; even with the
+// SwiGLU epilogue) and `split` warps along K (1, 2 or 4): the microbenchmark's sweep. False for other choices.
+template <int R, bool ACT>
+bool launch_f16_split_r(int split, const half* a, const half* w, half* y, int K, int N, cudaStream_t stream) {
+  const size_t smem = size_t(K / 8) * sizeof(uint4);
+  const int rows = (kF16Warps / split) * R;
+  const int grid = (N + rows - 1) / rows;
+  if (split == 1) f16_gemv<R, ACT, false><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N, RowNorm{});
+  else if (split == 2) f16_gemv_split<R, ACT, 2><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N);
+  else if (split == 4) f16_gemv_split<R, ACT, 4><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N);
+  else return false;
+  return true;
+}
+
+bool launch_f16_variant(bool act, int r, int split, const half* a, const half* w, half* y, int K, int N,
+                        cudaStream_t stream) {
+  if (K > kF16GemvMaxK || K % 8) return false;
+  if (act) {
+    if (r == 2) return launch_f16_split_r<2, true>(split, a, w, y, K, N, stream);
+    if (r == 4) return launch_f16_split_r<4, true>(split, a, w, y, K, N, stream);
+    return false;
+  }
+  if (r == 1) return launch_f16_split_r<1, false>(split, a, w, y, K, N, stream);
+  if (r == 2) return launch_f16_split_r<2, false>(split, a, w, y, K, N, stream);
+  if (r == 4) return launch_f16_split_r<4, false>(split, a, w, y, K, N, stream);
+  return false;
+}
 
 const Matrix kMatrices[] = {
     {"llama qkv", 2048, 3072, 4, 128},      {"llama o", 2048, 2048, 4, 128},
@@ -136,7 +165,82 @@ int check_mode(int argc, char** argv) {
   return 0;
 }
 
+// --f16-sweep OUT.json: f16_gemv (split 1) and f16_gemv_split (2, 4 warps along K) at r rows a warp group, one
+// row of A, on the fp16 products of llama-1b-shape and smollm2 (distinct weight copies past the L2, CUDA graph as
+// above). Each variant's output is compared with the shipped choice's (launch_f16, whose kernel the device check
+// holds to float64): max |y - y_shipped| / max |y_shipped|.
+int f16_sweep(const char* out_path) {
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "stream");
+  check(ensure_shared(true, false) == nullptr ? cudaSuccess : cudaErrorUnknown, "ensure_shared");
+  struct F16Matrix {
+    const char* name;
+    int K, N, activation;
+  };
+  const F16Matrix mats[] = {{"llama qkv", 2048, 3072, 0},      {"llama o", 2048, 2048, 0},
+                            {"llama gate_up swiglu", 2048, 16384, 1}, {"llama down", 8192, 2048, 0},
+                            {"llama head", 2048, 128256, 0},   {"smollm2 qkv", 576, 960, 0},
+                            {"smollm2 o", 576, 576, 0},        {"smollm2 gate_up swiglu", 576, 3072, 1},
+                            {"smollm2 down", 1536, 576, 0},    {"smollm2 head", 576, 49152, 0}};
+  const size_t target_bytes = size_t(320) << 20;
+  std::string all = "[";
+  for (const F16Matrix& mx : mats) {
+    const size_t w_bytes = size_t(mx.N) * mx.K * sizeof(half);
+    const int reps = int(std::max<size_t>(2, std::min<size_t>(64, target_bytes / w_bytes)));
+    std::vector<half*> ws(reps);
+    for (int r = 0; r < reps; ++r) {
+      check(cudaMalloc(&ws[r], w_bytes), "malloc W");
+      fill_half<<<1024, 256, 0, s>>>(ws[r], size_t(mx.N) * mx.K, 0.f, 0.02f, 11u + r);
+    }
+    half *a, *y, *y_ref;
+    const int n_out = mx.activation ? mx.N / 2 : mx.N;
+    check(cudaMalloc(&a, size_t(mx.K) * sizeof(half)), "malloc A");
+    check(cudaMalloc(&y, size_t(n_out) * sizeof(half)), "malloc Y");
+    check(cudaMalloc(&y_ref, size_t(n_out) * sizeof(half)), "malloc Y ref");
+    fill_half<<<256, 256, 0, s>>>(a, mx.K, 0.f, 1.f, 3u);
+    F16Kernel fk;
+    fk.K = mx.K, fk.N = mx.N, fk.activation = mx.activation;
+    if (launch_f16(fk, a, 1, ws[0], y_ref, RowNorm{}, s) != nullptr) std::exit(2);
+    std::vector<half> ref(n_out), got(n_out);
+    check(cudaMemcpyAsync(ref.data(), y_ref, n_out * sizeof(half), cudaMemcpyDeviceToHost, s), "copy ref");
+    check(cudaStreamSynchronize(s), "ref");
+    float ref_max = 0.f;
+    for (half v : ref) ref_max = std::max(ref_max, std::fabs(__half2float(v)));
+    const float shipped_ms = graph_ms(s, reps, [&](int r) {
+      if (launch_f16(fk, a, 1, ws[r], y, RowNorm{}, s) != nullptr) std::exit(2);
+    });
+    for (int rows : {1, 2, 4})
+    for (int split : {1, 2, 4}) {
+      if (!launch_f16_variant(mx.activation == 1, rows, split, a, ws[0], y, mx.K, mx.N, s)) continue;
+      check(cudaMemcpyAsync(got.data(), y, n_out * sizeof(half), cudaMemcpyDeviceToHost, s), "copy");
+      check(cudaStreamSynchronize(s), "variant");
+      float err = 0.f;
+      for (int i = 0; i < n_out; ++i) err = std::max(err, std::fabs(__half2float(got[i]) - __half2float(ref[i])));
+      const float ms = graph_ms(s, reps, [&](int r) {
+        if (!launch_f16_variant(mx.activation == 1, rows, split, a, ws[r], y, mx.K, mx.N, s)) std::exit(2);
+      });
+      const double us = 1e3 * ms / reps, us_shipped = 1e3 * shipped_ms / reps;
+      char line[512];
+      std::snprintf(line, sizeof(line),
+                    "{\"matrix\": \"%s\", \"K\": %d, \"N\": %d, \"activation\": %d, \"rows_a_group\": %d, \"split\": %d, "
+                    "\"R\": %d, \"us\": %.2f, \"TBps\": %.2f, \"shipped_us\": %.2f, \"rel_diff_vs_shipped\": %.2e}",
+                    mx.name, mx.K, mx.N, mx.activation, rows, split, reps, us, double(w_bytes) / us / 1e6, us_shipped,
+                    double(err) / std::max(ref_max, 1e-9f));
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+      all += (all.size() > 1 ? ",\n " : "") + std::string(line);
+    }
+    for (half* w : ws) cudaFree(w);
+    cudaFree(a), cudaFree(y), cudaFree(y_ref);
+  }
+  all += "]\n";
+  FILE* f = std::fopen(out_path, "w");
+  if (f) std::fputs(all.c_str(), f), std::fclose(f);
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--f16-sweep") return f16_sweep(argv[2]);
   if (argc >= 8 && std::string(argv[1]) == "--check") return check_mode(argc, argv);
   cudaStream_t s;
   check(cudaStreamCreate(&s), "stream");

@@ -603,6 +603,68 @@ f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restric
   }
 }
 
+// f16_gemv with S warps splitting each group of R rows along K (lanes of warp s take the 16-byte vectors
+// s * 32 + lane, stepping 32 S), partial sums added in shared memory. For products with few rows (N of 2,048 to
+// 3,072: f16_gemv launches only 1.5-2 blocks an SM there), so that more warps, and more loads, are in flight.
+// NOT YET CHOSEN by launch_f16: bench/kernels_microbench.cu --f16-sweep times it against f16_gemv first.
+template <int R, bool ACT, int S>
+__global__ void __launch_bounds__(kF16Warps * 32)
+f16_gemv_split(const half* __restrict__ A, const half* __restrict__ W, half* __restrict__ Y, int K, int N) {
+  static_assert(kF16Warps % S == 0, "whole groups of S warps a block");
+  extern __shared__ uint4 a_s[];
+  __shared__ float partial[kF16Warps][R];
+  constexpr int kPre = 8 / R;
+  const int kv = K / 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int part = warp % S;
+  const int n0 = (blockIdx.x * (kF16Warps / S) + warp / S) * R;
+  const int first = part * 32 + lane, stride = 32 * S;
+  const uint4* w = reinterpret_cast<const uint4*>(W);
+  uint4 pre[kPre][R];
+#pragma unroll
+  for (int p = 0; p < kPre; ++p)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int i = first + stride * p;
+      pre[p][r] = n0 + r < N && i < kv ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
+    }
+  stage_row<false>(a_s, A, RowNorm{}, kv, false);
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#pragma unroll
+  for (int p = 0; p < kPre; ++p)
+    if (first + stride * p < kv) dot_step<R>(acc, a_s[first + stride * p], pre[p]);
+#pragma unroll 4
+  for (int i = first + stride * kPre; i < kv; i += stride) {
+    uint4 wv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[r] = n0 + r < N ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
+    dot_step<R>(acc, a_s[i], wv);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+    if (lane == 0) partial[warp][r] = acc[r];
+  }
+  __syncthreads();
+  if (part != 0 || lane != 0 || n0 >= N) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 1; j < S; ++j) acc[r] += partial[warp + j][r];
+  if (ACT) {
+#pragma unroll
+    for (int r = 0; r + 1 < R; r += 2)
+      if (n0 + r + 1 < N) Y[(n0 + r) / 2] = __float2half(silu_mul(acc[r], acc[r + 1]));
+  } else {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (n0 + r < N) Y[n0 + r] = __float2half(acc[r]);
+  }
+}
+
 // NormMatMulF16 for more rows (before cuBLAS): Xn[r] = RMSNorm(A[r] + skip[r]) x gamma and S[r] = A[r] + skip[r],
 // one block of kF16Warps warps a row, K a multiple of 8 and at most kF16GemvMaxK.
 __global__ void __launch_bounds__(kF16Warps * 32)
