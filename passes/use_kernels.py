@@ -238,7 +238,7 @@ def _fold_norm(graph: gs.Graph, node: gs.Node) -> bool:
     if any(t.shape is None or list(t.shape) != list(ins[0].shape) for t in ins[:2]):
         return False  # the op reads skip row by row with A's shape: no broadcasting
     normed = norm.outputs[0]
-    if normed.outputs != [node] or any(t is normed for t in graph.outputs):
+    if len(normed.outputs) != 1 or normed.outputs[0] is not node or any(t is normed for t in graph.outputs):
         return False
     if any(t.name and (t.outputs or any(t is o for o in graph.outputs)) for t in norm.outputs[1:3]):
         return False  # its mean or inverse standard deviation is read
