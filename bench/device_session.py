@@ -108,8 +108,8 @@ def compile_bundle(s: Session, source: str, target: str, name: str, *extra: str,
     return path
 
 
-def greedy(s: Session, bundle: Path, label: str, n: int = 16) -> list[int] | None:
-    data = s.cli(label, "run", bundle, "--prompt", PROMPT, "-n", n, "--ignore-eos", "--json", "--no-verify")
+def greedy(s: Session, bundle: Path, label: str, n: int = 16, env: dict | None = None) -> list[int] | None:
+    data = s.cli(label, "run", bundle, "--prompt", PROMPT, "-n", n, "--ignore-eos", "--json", "--no-verify", env=env)
     return data["outputs"][0]["token_ids"] if data else None
 
 
@@ -671,7 +671,7 @@ def confirm(s: Session) -> None:
         step_probe(s, small, "smollm2")
 
 
-def greedy_parity(s: Session, what: str, bundles: dict) -> None:
+def greedy_pair(s: Session, what: str, bundles: dict) -> None:
     """32 greedy tokens from each of two bundles (name -> path); the record says whether they are identical."""
     ids = {name: greedy(s, b, f"greedy {name}", n=32) for name, b in bundles.items() if b}
     s.record["parity"] = {what: ids,
@@ -703,7 +703,7 @@ def attention(s: Session) -> None:
         return
     on = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.attn", env=ATTENTION_ON)
     off = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100", env=ATTENTION_OFF)
-    greedy_parity(s, "smollm2 fp16 greedy, CachedAttention vs GroupQueryAttention",
+    greedy_pair(s, "smollm2 fp16 greedy, CachedAttention vs GroupQueryAttention",
                   {"smollm2 fp16 attention kernel": on, "smollm2 fp16 gqa": off})
     for rnd in range(2):
         for name, b in (("smollm2 fp16 attention kernel", on), ("smollm2 fp16 gqa", off)):
@@ -749,7 +749,7 @@ def norm(s: Session) -> None:
         return
     on = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100.norm", env=NORM_ON)
     off = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100", env=NORM_OFF)
-    greedy_parity(s, "smollm2 fp16 greedy, NormMatMulF16 vs SkipSimplifiedLayerNormalization + MatMulF16",
+    greedy_pair(s, "smollm2 fp16 greedy, NormMatMulF16 vs SkipSimplifiedLayerNormalization + MatMulF16",
                   {"smollm2 fp16 norm folded": on, "smollm2 fp16 norm op": off})
     big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.norm", "--max-seq", "1280", env=NORM_ON)
     big_off = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280", env=NORM_OFF)
@@ -814,6 +814,31 @@ def next16(s: Session) -> None:
               "--warmup", 3, "--iters", 20, "--json", "--no-verify")
 
 
+PDL_ON, PDL_OFF = {"LEPTONC_PDL": "1"}, {"LEPTONC_PDL": "0"}
+
+
+def pdl(s: Session) -> None:
+    """Issue 8 lines 1 and 3 (prepared in session 15, not yet run): programmatic dependent launch for leptonc's decode
+    kernels (targets/kernels/common.cuh), a run-time switch, so the same bundles run with it (LEPTONC_PDL=1) and
+    without: 32 greedy tokens of smollm2-135m and llama-1b-shape fp16 each way, then decode at batch 1 and 16
+    interleaved twice."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    big = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    parity = {}
+    for name, b in (("smollm2 fp16", small), ("llama1b fp16", big)):
+        if b:
+            ids = {w: greedy(s, b, f"greedy {name} pdl {w}", n=32, env=e) for w, e in (("on", PDL_ON), ("off", PDL_OFF))}
+            parity[name] = {**ids, "identical": None not in ids.values() and ids["on"] == ids["off"]}
+    s.record["parity"] = {"greedy, LEPTONC_PDL=1 vs 0": parity}
+    s.save()
+    for rnd in range(2):
+        for name, b in (("smollm2 fp16", small), ("llama1b fp16", big)):
+            if b:
+                for w, e in (("pdl on", PDL_ON), ("pdl off", PDL_OFF)):
+                    bench(s, b, f"{name} {w} round {rnd + 1}", "--batch", "1,16", env=e)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -836,7 +861,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -853,7 +878,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl}[args.session](s)
     finally:
         s.save()
         summary(s)

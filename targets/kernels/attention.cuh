@@ -272,6 +272,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
   __shared__ float red_o[kWarps][G][D];
   const int split = blockIdx.x, j = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  pdl_trigger();
+  pdl_wait();  // every input but the tables comes from the kernels before (common.cuh)
   const int pos = past_length(p, b);  // the new token's position
   const int n_keys = pos + 1;
   const int k_begin = int(int64_t(split) * n_keys / p.splits), k_end = int(int64_t(split + 1) * n_keys / p.splits);
@@ -481,7 +483,7 @@ inline int decode_splits(int B, int KVH, int C, int sms) {
 
 template <int D, int G>
 void launch_decode(const Params& p, cudaStream_t stream) {
-  decode_attention<D, G><<<dim3(p.splits, p.KVH, p.B), kDecodeThreads, 0, stream>>>(p);
+  launch_dependent(decode_attention<D, G>, dim3(p.splits, p.KVH, p.B), dim3(kDecodeThreads), 0, stream, p);
 }
 
 template <int D>

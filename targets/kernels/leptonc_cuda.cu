@@ -251,6 +251,7 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
   const int step0 = part * S;
   const int n_steps = live ? min(S, steps - step0) : 0;
 
+  pdl_trigger();
   uint4 w[S];
   half2 sz[S][G];
   const uint4* bt = B + size_t(live ? tile : 0) * steps * 32 + lane;
@@ -268,6 +269,7 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
     }
   }
 
+  pdl_wait();  // A comes from the kernels before
   // A [M, steps * kStepK] in shared memory (zeros past K), rows ks apart (+8 halves: rows in other banks)
   const int kfull = steps * kStepK, ks = kfull + 8;
   half* as = reinterpret_cast<half*>(gemv_smem);
@@ -370,15 +372,15 @@ cudaError_t launch_gemv_act(const GemvPlan& p, const half* a, int m, const uint4
   const dim3 grid(p.blocks), threads(p.tb * p.wpt * 32);
   switch (p.s) {
     case 4:
-      tiled_gemv<BITS, PB, 4, ACT><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
-      break;
+      return launch_dependent(tiled_gemv<BITS, PB, 4, ACT>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N, steps, block,
+                              blocks_t, p.wpt, p.tb);
     case 16:
-      tiled_gemv<BITS, PB, 16, ACT><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
-      break;
+      return launch_dependent(tiled_gemv<BITS, PB, 16, ACT>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N, steps, block,
+                              blocks_t, p.wpt, p.tb);
     default:
-      tiled_gemv<BITS, PB, 8, ACT><<<grid, threads, p.smem, stream>>>(a, m, b, sz, y, K, N, steps, block, blocks_t, p.wpt, p.tb);
+      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N, steps, block,
+                              blocks_t, p.wpt, p.tb);
   }
-  return cudaGetLastError();
 }
 
 template <int BITS, int PB>
@@ -564,6 +566,7 @@ f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restric
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n0 = (blockIdx.x * kF16Warps + warp) * R;
   const uint4* w = reinterpret_cast<const uint4*>(W);
+  pdl_trigger();
   uint4 pre[kPre][R];
 #pragma unroll
   for (int p = 0; p < kPre; ++p)
@@ -572,6 +575,7 @@ f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restric
       const int i = lane + 32 * p;
       pre[p][r] = n0 + r < N && i < kv ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
     }
+  pdl_wait();  // A (and the norm's inputs) come from the kernels before
   stage_row<NORM>(a_s, A, nm, kv, blockIdx.x == 0);
   if (n0 >= N) return;
   float acc[R];
@@ -620,6 +624,7 @@ f16_gemv_split(const half* __restrict__ A, const half* __restrict__ W, half* __r
   const int n0 = (blockIdx.x * (kF16Warps / S) + warp / S) * R;
   const int first = part * 32 + lane, stride = 32 * S;
   const uint4* w = reinterpret_cast<const uint4*>(W);
+  pdl_trigger();
   uint4 pre[kPre][R];
 #pragma unroll
   for (int p = 0; p < kPre; ++p)
@@ -628,6 +633,7 @@ f16_gemv_split(const half* __restrict__ A, const half* __restrict__ W, half* __r
       const int i = first + stride * p;
       pre[p][r] = n0 + r < N && i < kv ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
     }
+  pdl_wait();
   stage_row<false>(a_s, A, RowNorm{}, kv, false);
   float acc[R];
 #pragma unroll
@@ -1121,9 +1127,9 @@ void launch_f16_gemv(bool act, const half* a, const half* w, half* y, int K, int
   const int grid = (N + kF16Warps * R - 1) / (kF16Warps * R);
   const size_t smem = size_t(K / 8) * sizeof(uint4);
   if (act)
-    f16_gemv<R, true, NORM><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N, nm);
+    launch_dependent(f16_gemv<R, true, NORM>, dim3(grid), dim3(kF16Warps * 32), smem, stream, a, w, y, K, N, nm);
   else
-    f16_gemv<R, false, NORM><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N, nm);
+    launch_dependent(f16_gemv<R, false, NORM>, dim3(grid), dim3(kF16Warps * 32), smem, stream, a, w, y, K, N, nm);
 }
 
 template <bool NORM>
