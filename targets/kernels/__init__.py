@@ -22,6 +22,9 @@ float64 and ONNX Runtime's op, the same greedy tokens, smollm2-135m fp16 1,217-1
 against 1,097-1,145 with GroupQueryAttention in one call; on by default (LEPTONC_ATTENTION_KERNEL=0 keeps
 GroupQueryAttention).
 
+LEPTONC_PDL=1, read by the library when a bundle runs, launches the decode kernels with programmatic dependent
+launch (common.cuh); experimental, not yet run on a GPU.
+
 Status (H100, BENCHMARKS.md "Session 12"): MatMulF16 and SwiGLU are correct (relative error <= 9e-4 against
 float64); llama-1b-shape fp16 745 tok/s at batch 1 against 676-684 on ONNX Runtime's ops, smollm2-135m
 fp16 1,024 against 910, in one call, the same greedy tokens.
