@@ -803,15 +803,18 @@ def f16_sweep(s: Session) -> None:
 
 
 def next16(s: Session) -> None:
-    """Issue 8 lines 1 and 2 (prepared in session 15, not yet run): the one-row fp16 kernel sweep, then llama-1b-shape
-    fp16 and int4 (RTN) on the shipped defaults, decode at batch 1 and 16 interleaved twice, then time to first
-    token at 1,024 tokens."""
+    """Issue 8 lines 1, 2 and 6 (prepared in session 15, not yet run): the one-row fp16 kernel sweep, then
+    llama-1b-shape fp16 and int4 (RTN) on the shipped defaults, decode at batch 1 and 16 interleaved twice, time to
+    first token at 1,024 tokens, and where batch 16's device memory goes."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     f16_sweep(s)
     fp16, _ = llama_fp16_int4(s, rounds=2)
     if fp16:
         s.cli("llama1b fp16 ttft 1024", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
               "--warmup", 3, "--iters", 20, "--json", "--no-verify")
+        # line 6: batch 16 alone in a fresh process (bench's peak also holds batch 1's block and graph)
+        script(s, "memory probe llama1b b16 alone", "bench/device_memory_probe.py", str(fp16), "--batches", "16",
+               out_name="memory_llama1b_b16.json", timeout=180)
 
 
 PDL_ON, PDL_OFF = {"LEPTONC_PDL": "1"}, {"LEPTONC_PDL": "0"}
