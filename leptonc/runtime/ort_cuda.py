@@ -224,6 +224,10 @@ class OrtCudaRunner(Runner):
                              "ONNX Runtime's CUDA provider", hint="run it on a machine with an NVIDIA GPU and "
                              "onnxruntime-gpu, or compile with --disable-pass use_leptonc_kernels")
         so = session_options(settings, Path(model_path).parent)
+        # leptonc's decode kernels read LEPTONC_PDL when they launch (targets/kernels/common.cuh): say what ran
+        self.kernel_launch = None if not settings.get("custom_ops_library") else (
+            "programmatic dependent launch (LEPTONC_PDL=1, experimental)" if os.environ.get("LEPTONC_PDL") == "1"
+            else "stream order")
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement
             so.enable_profiling = True
             so.profile_file_prefix = os.environ["LEPTONC_ORT_PROFILE"]
@@ -296,6 +300,7 @@ class OrtCudaRunner(Runner):
                 "padding": "right (fixed-shape decode mask)" if self.right_pad else "left",
                 **({"prefill_tokens": self.prefill_tokens} if self.shared_kv else {}),
                 "cuda_graph": self.cuda_graph_reason,
+                **({"leptonc_kernels": self.kernel_launch} if self.kernel_launch else {}),
                 "greedy_tokens": ("argmax in the graph (next_token output)" if self.greedy_output else
                                   "argmax of the logits on the host" + (" (LEPTONC_DEVICE_ARGMAX=0)"
                                                                         if self.token_output else ""))}
