@@ -478,7 +478,10 @@ __global__ void swiglu_halves(const half* __restrict__ X, int64_t rows, int F, i
 // are outputs), K a multiple of 8. A is staged in shared memory; each warp owns R rows and its lanes read
 // them in 16-byte loads (R loads a step, unrolled 4 steps, so 4R are in flight), fp32 sums reduced by
 // shuffle. The first kPre = 8 / R steps' weights are loaded before A is staged, so HBM's latency overlaps the
-// staging. With ACT, rows come in (gate j, up j) pairs and Y[j] = SiLU(gate) x up. With NORM (NormMatMulF16) the
+// staging. With S > 1, S warps split each group of R rows along K and add their partial sums in shared memory
+// (more warps and loads in flight where N is small; launch_f16 does not choose it yet: bench/kernels_microbench.cu
+// --f16-sweep times it first). With ACT, rows come in (gate j, up j) pairs and Y[j] = SiLU(gate) x up. With NORM
+// (NormMatMulF16) the
 // row staged is RMSNorm(A + skip) x gamma, as com.microsoft.SkipSimplifiedLayerNormalization computes it (the
 // sum rounded to fp16, its mean square in fp32); block 0 also writes the fp16 sum A + skip to S.
 constexpr int kF16Warps = 8;
@@ -557,70 +560,15 @@ __device__ __forceinline__ void dot_step(float (&acc)[R], const uint4& av, const
   }
 }
 
-template <int R, bool ACT, bool NORM>
+template <int R, bool ACT, bool NORM, int S = 1>
 __global__ void __launch_bounds__(kF16Warps * 32)
 f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restrict__ Y, int K, int N, RowNorm nm) {
+  static_assert(kF16Warps % S == 0, "whole groups of S warps a block");
   extern __shared__ uint4 a_s[];
   constexpr int kPre = 8 / R;  // steps whose weights are loaded before A is staged
   const int kv = K / 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int n0 = (blockIdx.x * kF16Warps + warp) * R;
-  const uint4* w = reinterpret_cast<const uint4*>(W);
-  pdl_trigger();
-  uint4 pre[kPre][R];
-#pragma unroll
-  for (int p = 0; p < kPre; ++p)
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int i = lane + 32 * p;
-      pre[p][r] = n0 + r < N && i < kv ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
-    }
-  pdl_wait();  // A (and the norm's inputs) come from the kernels before
-  stage_row<NORM>(a_s, A, nm, kv, blockIdx.x == 0);
-  if (n0 >= N) return;
-  float acc[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-#pragma unroll
-  for (int p = 0; p < kPre; ++p)
-    if (lane + 32 * p < kv) dot_step<R>(acc, a_s[lane + 32 * p], pre[p]);
-#pragma unroll 4
-  for (int i = lane + 32 * kPre; i < kv; i += 32) {
-    uint4 wv[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) wv[r] = n0 + r < N ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
-    dot_step<R>(acc, a_s[i], wv);
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-  if (lane != 0) return;
-  if (ACT) {
-#pragma unroll
-    for (int r = 0; r + 1 < R; r += 2)
-      if (n0 + r + 1 < N) Y[(n0 + r) / 2] = __float2half(silu_mul(acc[r], acc[r + 1]));
-  } else {
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      if (n0 + r < N) Y[n0 + r] = __float2half(acc[r]);
-  }
-}
-
-// f16_gemv with S warps splitting each group of R rows along K (lanes of warp s take the 16-byte vectors
-// s * 32 + lane, stepping 32 S), partial sums added in shared memory. For products with few rows (N of 2,048 to
-// 3,072: f16_gemv launches only 1.5-2 blocks an SM there), so that more warps, and more loads, are in flight.
-// NOT YET CHOSEN by launch_f16: bench/kernels_microbench.cu --f16-sweep times it against f16_gemv first.
-template <int R, bool ACT, int S>
-__global__ void __launch_bounds__(kF16Warps * 32)
-f16_gemv_split(const half* __restrict__ A, const half* __restrict__ W, half* __restrict__ Y, int K, int N) {
-  static_assert(kF16Warps % S == 0, "whole groups of S warps a block");
-  extern __shared__ uint4 a_s[];
-  __shared__ float partial[kF16Warps][R];
-  constexpr int kPre = 8 / R;
-  const int kv = K / 8;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int part = warp % S;
+  const int part = warp % S;  // S > 1: warp `part` of its group takes the vectors part * 32 + lane, stepping 32 S
   const int n0 = (blockIdx.x * (kF16Warps / S) + warp / S) * R;
   const int first = part * 32 + lane, stride = 32 * S;
   const uint4* w = reinterpret_cast<const uint4*>(W);
@@ -633,8 +581,9 @@ f16_gemv_split(const half* __restrict__ A, const half* __restrict__ W, half* __r
       const int i = first + stride * p;
       pre[p][r] = n0 + r < N && i < kv ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
     }
-  pdl_wait();
-  stage_row<false>(a_s, A, RowNorm{}, kv, false);
+  pdl_wait();  // A (and the norm's inputs) come from the kernels before
+  stage_row<NORM>(a_s, A, nm, kv, blockIdx.x == 0);
+  if (S == 1 && n0 >= N) return;  // with S > 1 every warp reaches the partial sums' barrier
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.f;
@@ -649,17 +598,22 @@ f16_gemv_split(const half* __restrict__ A, const half* __restrict__ W, half* __r
     dot_step<R>(acc, a_s[i], wv);
   }
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-    if (lane == 0) partial[warp][r] = acc[r];
-  }
-  __syncthreads();
-  if (part != 0 || lane != 0 || n0 >= N) return;
-#pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int j = 1; j < S; ++j) acc[r] += partial[warp + j][r];
+    for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+  if constexpr (S > 1) {  // the group's S partial sums, added by its first warp
+    __shared__ float partial[kF16Warps][R];
+    if (lane == 0)
+#pragma unroll
+      for (int r = 0; r < R; ++r) partial[warp][r] = acc[r];
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 1; j < S; ++j) acc[r] += partial[warp + j][r];
+  }
+  if (lane != 0 || n0 >= N) return;
   if (ACT) {
 #pragma unroll
     for (int r = 0; r + 1 < R; r += 2)
@@ -717,12 +671,29 @@ OrtStatus* cuda_check(cudaError_t err, const char* where) {
     if (_st != nullptr) return _st; \
   } while (0)
 
+// A tensor's dimensions (rank 1 to 8) into dims and the product of all but the last into *rows; `op` names the
+// custom op and `what` the input in the error.
+OrtStatus* row_shape(const OrtValue* value, const char* op, const char* what, int64_t (&dims)[8], size_t* rank,
+                     int64_t* rows) {
+  OrtTensorTypeAndShapeInfo* shape_info = nullptr;
+  ORT_TRY(g_api->GetTensorTypeAndShape(value, &shape_info));
+  OrtStatus* st = g_api->GetDimensionsCount(shape_info, rank);
+  if (st == nullptr && (*rank < 1 || *rank > 8))
+    st = g_api->CreateStatus(ORT_EP_FAIL, (std::string("leptonc ") + op + ": " + what + " must have rank 1 to 8").c_str());
+  if (st == nullptr) st = g_api->GetDimensions(shape_info, dims, *rank);
+  g_api->ReleaseTensorTypeAndShapeInfo(shape_info);
+  if (st != nullptr) return st;
+  *rows = 1;
+  for (size_t i = 0; i + 1 < *rank; ++i) *rows *= dims[i];
+  return nullptr;
+}
+
 OrtStatus* ensure_shared(bool product = false, bool scratch = true) {
   std::lock_guard<std::mutex> guard(g_shared.lock);
   if (g_shared.cublas == nullptr) {
     if (cublasCreate(&g_shared.cublas) != CUBLAS_STATUS_SUCCESS) return make_error("cublasCreate failed");
   }
-  if (scratch && g_shared.scratch == nullptr) {  // MatMulF16 needs no dequantization scratch
+  if (scratch && g_shared.scratch == nullptr) {  // dequantized rows; NormMatMulF16's normalized rows
     ORT_TRY(cuda_check(cudaMalloc(&g_shared.scratch, kScratchHalves * sizeof(half)), "cudaMalloc(scratch)"));
   }
   if (g_shared.workspace == nullptr) {
@@ -880,19 +851,11 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   for (size_t i = 0; i < n_inputs && i < 3; ++i) ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &in[i]));
   if (in[0] == nullptr || in[1] == nullptr || in[2] == nullptr) return make_error("A, B and SZ are required");
 
-  OrtTensorTypeAndShapeInfo* shape_info = nullptr;
-  ORT_TRY(g_api->GetTensorTypeAndShape(in[0], &shape_info));
+  int64_t dims[8] = {0}, m = 1;
   size_t rank = 0;
-  OrtStatus* st = g_api->GetDimensionsCount(shape_info, &rank);
-  int64_t dims[8] = {0};
-  if (st == nullptr && (rank < 1 || rank > 8)) st = make_error("A must have rank 1 to 8");
-  if (st == nullptr) st = g_api->GetDimensions(shape_info, dims, rank);
-  g_api->ReleaseTensorTypeAndShapeInfo(shape_info);
-  if (st != nullptr) return st;
+  ORT_TRY(row_shape(in[0], "MatMulNBitsTiled", "A", dims, &rank, &m));
   if (dims[rank - 1] != kn.K) return make_error("A's last dimension is " + std::to_string(dims[rank - 1]) +
                                                 ", the node's K is " + std::to_string(kn.K));
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < rank; ++i) m *= dims[i];
   int64_t out_dims[8];
   for (size_t i = 0; i + 1 < rank; ++i) out_dims[i] = dims[i];
   out_dims[rank - 1] = kn.activation == 1 ? kn.N / 2 : kn.N;
@@ -1019,20 +982,12 @@ OrtStatus* ORT_API_CALL compute_swiglu(void* kernel, OrtKernelContext* ctx) {
   const OrtValue* x = nullptr;
   ORT_TRY(g_api->KernelContext_GetInput(ctx, 0, &x));
   if (x == nullptr) return swiglu_error("X is required");
-  OrtTensorTypeAndShapeInfo* shape_info = nullptr;
-  ORT_TRY(g_api->GetTensorTypeAndShape(x, &shape_info));
+  int64_t dims[8] = {0}, rows = 1;
   size_t rank = 0;
-  OrtStatus* st = g_api->GetDimensionsCount(shape_info, &rank);
-  int64_t dims[8] = {0};
-  if (st == nullptr && (rank < 1 || rank > 8)) st = swiglu_error("X must have rank 1 to 8");
-  if (st == nullptr) st = g_api->GetDimensions(shape_info, dims, rank);
-  g_api->ReleaseTensorTypeAndShapeInfo(shape_info);
-  if (st != nullptr) return st;
+  ORT_TRY(row_shape(x, "SwiGLU", "X", dims, &rank, &rows));
   const int64_t width = dims[rank - 1];
   if (width % 16 != 0) return swiglu_error("X's last dimension is " + std::to_string(width) +
                                            "; it must be 2F with F a multiple of 8");
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < rank; ++i) rows *= dims[i];
   dims[rank - 1] = width / 2;
   OrtValue* out = nullptr;
   ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, dims, rank, &out));
@@ -1141,7 +1096,7 @@ void launch_f16_gemv_rows(int r, bool act, const half* a, const half* w, half* y
 }
 
 // cuBLAS for m rows of (already normalized) A: Y = A W^T, or SiLU(gate) x up through the product scratch.
-OrtStatus* f16_gemm_rows(const F16Kernel& kn, const half* a, int64_t m, const half* w, half* y) {
+OrtStatus* f16_gemm_rows(const F16Kernel& kn, const half* a, int64_t m, const half* w, half* y, cudaStream_t stream) {
   const int K = int(kn.K), N = int(kn.N);
   const float alpha = 1.f, beta = 0.f;
   // column-major view: Y^T[N, M] (ld N) = W[N, K] (op T, ld K) x A^T[K, M] (ld K)
@@ -1151,8 +1106,6 @@ OrtStatus* f16_gemm_rows(const F16Kernel& kn, const half* a, int64_t m, const ha
                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     return st == CUBLAS_STATUS_SUCCESS ? nullptr : f16_error("cublasGemmEx failed with status " + std::to_string(int(st)));
   }
-  cudaStream_t stream = nullptr;
-  if (cublasGetStream(g_shared.cublas, &stream) != CUBLAS_STATUS_SUCCESS) return f16_error("cublasGetStream failed");
   const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / N);
   for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
     const int r = int(std::min<int64_t>(chunk_rows, m - r0));
@@ -1186,7 +1139,7 @@ OrtStatus* launch_f16(const F16Kernel& kn, const half* a, int64_t m, const half*
   if (cublasSetStream(g_shared.cublas, stream) != CUBLAS_STATUS_SUCCESS) return f16_error("cublasSetStream failed");
   if (cublasSetWorkspace(g_shared.cublas, g_shared.workspace, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS)
     return f16_error("cublasSetWorkspace failed");
-  if (!kn.norm) return f16_gemm_rows(kn, a, m, w, y);
+  if (!kn.norm) return f16_gemm_rows(kn, a, m, w, y, stream);
   const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / K);
   const int64_t out_n = act ? N / 2 : N;
   for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
@@ -1198,22 +1151,8 @@ OrtStatus* launch_f16(const F16Kernel& kn, const half* a, int64_t m, const half*
                                                                                     g_shared.scratch, K);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return f16_error(std::string("skip_rms_norm_rows launch: ") + cudaGetErrorString(err));
-    ORT_TRY(f16_gemm_rows(kn, g_shared.scratch, r, w, y + r0 * out_n));
+    ORT_TRY(f16_gemm_rows(kn, g_shared.scratch, r, w, y + r0 * out_n, stream));
   }
-  return nullptr;
-}
-
-// A's dimensions (rank 1 to 8) into dims; the element count of all but the last into *m.
-OrtStatus* f16_shape(const OrtValue* value, int64_t (&dims)[8], size_t* rank, int64_t* m) {
-  OrtTensorTypeAndShapeInfo* shape_info = nullptr;
-  ORT_TRY(g_api->GetTensorTypeAndShape(value, &shape_info));
-  OrtStatus* st = g_api->GetDimensionsCount(shape_info, rank);
-  if (st == nullptr && (*rank < 1 || *rank > 8)) st = f16_error("A must have rank 1 to 8");
-  if (st == nullptr) st = g_api->GetDimensions(shape_info, dims, *rank);
-  g_api->ReleaseTensorTypeAndShapeInfo(shape_info);
-  if (st != nullptr) return st;
-  *m = 1;
-  for (size_t i = 0; i + 1 < *rank; ++i) *m *= dims[i];
   return nullptr;
 }
 
@@ -1227,23 +1166,22 @@ OrtStatus* ORT_API_CALL compute_f16(void* kernel, OrtKernelContext* ctx) {
   int64_t dims[8] = {0};
   size_t rank = 0;
   int64_t m = 1;
-  ORT_TRY(f16_shape(in[0], dims, &rank, &m));
+  ORT_TRY(row_shape(in[0], kn.norm ? "NormMatMulF16" : "MatMulF16", "A", dims, &rank, &m));
   if (dims[rank - 1] != kn.K)
     return f16_error("A's last dimension is " + std::to_string(dims[rank - 1]) + ", the node's K is " + std::to_string(kn.K));
   RowNorm nm;
-  void* psum = nullptr;
   if (kn.norm) {
     int64_t sdims[8] = {0}, gdims[8] = {0};
     size_t srank = 0, grank = 0;
     int64_t sm = 1, gm = 1;
-    ORT_TRY(f16_shape(in[1], sdims, &srank, &sm));
-    ORT_TRY(f16_shape(in[2], gdims, &grank, &gm));
+    ORT_TRY(row_shape(in[1], "NormMatMulF16", "skip", sdims, &srank, &sm));
+    ORT_TRY(row_shape(in[2], "NormMatMulF16", "gamma", gdims, &grank, &gm));
     if (sm != m || sdims[srank - 1] != kn.K) return f16_error("skip must have A's shape");
     if (gm * gdims[grank - 1] != kn.K) return f16_error("gamma must have K elements");
     OrtValue* sum = nullptr;
     ORT_TRY(g_api->KernelContext_GetOutput(ctx, 1, dims, rank, &sum));  // A's shape, before dims changes below
     if (m > 0) {
-      void *ps = nullptr, *pg = nullptr;
+      void *ps = nullptr, *pg = nullptr, *psum = nullptr;
       ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[1]), &ps));
       ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[2]), &pg));
       ORT_TRY(g_api->GetTensorMutableData(sum, &psum));
