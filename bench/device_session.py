@@ -842,6 +842,34 @@ def pdl(s: Session) -> None:
                     bench(s, b, f"{name} {w} round {rnd + 1}", "--batch", "1,16", env=e)
 
 
+SPLIT_AUTO = {"LEPTONC_F16_SPLIT": "auto"}
+
+
+def s16a(s: Session) -> None:
+    """Issue 8 line 1 (session 16, first call after `pdl`): the one-row fp16 kernel sweep, then llama-1b-shape fp16
+    compiled twice, as shipped and with the norm folded into the products (LEPTONC_NORM_PROLOGUE=1, so every kernel
+    boundary of a layer is between leptonc's kernels), each run with the run-time switches: programmatic dependent
+    launch (LEPTONC_PDL=1) and K-split one-row products (LEPTONC_F16_SPLIT=auto). 32 greedy tokens for the two
+    extremes against the shipped run, then decode at batch 1 (and 16 in round 1) for every variant, interleaved."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    f16_sweep(s)
+    plain = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    norm = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.norm", "--max-seq", "1280",
+                          env={"LEPTONC_NORM_PROLOGUE": "1"})
+    both = {**PDL_ON, **SPLIT_AUTO}
+    variants = [("shipped", plain, {}), ("pdl", plain, PDL_ON), ("split", plain, SPLIT_AUTO), ("pdl+split", plain, both),
+                ("norm pdl+split", norm, both), ("norm pdl", norm, PDL_ON)]
+    ids = {name: greedy(s, b, f"greedy llama1b {name}", n=32, env=e) for name, b, e in variants
+           if b and name in ("shipped", "pdl+split", "norm pdl+split")}
+    s.record["parity"] = {"greedy llama1b fp16, each against shipped": {
+        **ids, "identical": {k: v is not None and v == ids.get("shipped") for k, v in ids.items()}}}
+    s.save()
+    for rnd in range(2):
+        for name, b, e in variants:
+            if b:
+                bench(s, b, f"llama1b fp16 {name} round {rnd + 1}", "--batch", "1,16" if rnd == 0 else "1", env=e)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -864,7 +892,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -881,7 +909,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a}[args.session](s)
     finally:
         s.save()
         summary(s)

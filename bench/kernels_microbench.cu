@@ -27,12 +27,9 @@ struct Matrix {
 // SwiGLU epilogue) and `split` warps along K (1, 2 or 4): the microbenchmark's sweep. False for other choices.
 template <int R, bool ACT>
 bool launch_f16_split_r(int split, const half* a, const half* w, half* y, int K, int N, cudaStream_t stream) {
-  const size_t smem = size_t(K / 8) * sizeof(uint4);
-  const int rows = (kF16Warps / split) * R;
-  const int grid = (N + rows - 1) / rows;
-  if (split == 1) f16_gemv<R, ACT, false, 1><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N, RowNorm{});
-  else if (split == 2) f16_gemv<R, ACT, false, 2><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N, RowNorm{});
-  else if (split == 4) f16_gemv<R, ACT, false, 4><<<grid, kF16Warps * 32, smem, stream>>>(a, w, y, K, N, RowNorm{});
+  if (split == 1) launch_f16_gemv<R, 1, false>(ACT, a, w, y, K, N, RowNorm{}, stream);
+  else if (split == 2) launch_f16_gemv<R, 2, false>(ACT, a, w, y, K, N, RowNorm{}, stream);
+  else if (split == 4) launch_f16_gemv<R, 4, false>(ACT, a, w, y, K, N, RowNorm{}, stream);
   else return false;
   return true;
 }
@@ -232,9 +229,11 @@ int f16_sweep(const char* out_path) {
       char line[512];
       std::snprintf(line, sizeof(line),
                     "{\"matrix\": \"%s\", \"K\": %d, \"N\": %d, \"activation\": %d, \"rows_a_group\": %d, \"split\": %d, "
-                    "\"R\": %d, \"us\": %.2f, \"TBps\": %.2f, \"shipped_us\": %.2f, \"rel_diff_vs_shipped\": %.2e}",
+                    "\"R\": %d, \"us\": %.2f, \"TBps\": %.2f, \"shipped_us\": %.2f, \"rel_diff_vs_shipped\": %.2e, "
+                    "\"shipped_rows\": %d, \"rule_split\": %d}",
                     mx.name, mx.K, mx.N, mx.activation, rows, split, reps, us, double(w_bytes) / us / 1e6, us_shipped,
-                    double(err) / std::max(ref_max, 1e-9f));
+                    double(err) / std::max(ref_max, 1e-9f), f16_rows_for(mx.N, mx.activation == 1),
+                    f16_split_rule(mx.K, mx.N, f16_rows_for(mx.N, mx.activation == 1)));
       std::printf("%s\n", line);
       std::fflush(stdout);
       all += (all.size() > 1 ? ",\n " : "") + std::string(line);

@@ -224,10 +224,14 @@ class OrtCudaRunner(Runner):
                              "ONNX Runtime's CUDA provider", hint="run it on a machine with an NVIDIA GPU and "
                              "onnxruntime-gpu, or compile with --disable-pass use_leptonc_kernels")
         so = session_options(settings, Path(model_path).parent)
-        # leptonc's decode kernels read LEPTONC_PDL when they launch (targets/kernels/common.cuh): say what ran
-        self.kernel_launch = None if not settings.get("custom_ops_library") else (
-            "programmatic dependent launch (LEPTONC_PDL=1, experimental)" if os.environ.get("LEPTONC_PDL") == "1"
-            else "stream order")
+        # leptonc's decode kernels read LEPTONC_PDL and LEPTONC_F16_SPLIT when they launch
+        # (targets/kernels/common.cuh, leptonc_cuda.cu): say what ran
+        self.kernel_launch = None
+        if settings.get("custom_ops_library"):
+            self.kernel_launch = ("programmatic dependent launch (LEPTONC_PDL=1, experimental)"
+                                  if os.environ.get("LEPTONC_PDL") == "1" else "stream order")
+            if os.environ.get("LEPTONC_F16_SPLIT") == "auto":
+                self.kernel_launch += "; one-row fp16 products split along K (LEPTONC_F16_SPLIT=auto, experimental)"
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement
             so.enable_profiling = True
             so.profile_file_prefix = os.environ["LEPTONC_ORT_PROFILE"]
