@@ -870,6 +870,39 @@ def s16a(s: Session) -> None:
                 bench(s, b, f"llama1b fp16 {name} round {rnd + 1}", "--batch", "1,16" if rnd == 0 else "1", env=e)
 
 
+LAUNCH_BEFORE_S16 = {"LEPTONC_PDL": "0", "LEPTONC_F16_SPLIT": "0"}
+
+
+def s16b(s: Session) -> None:
+    """Issue 8 (session 16, the new defaults: norms folded into the fp16 products, programmatic dependent launch, the
+    tuned one-row fp16 plan): llama-1b-shape fp16 (32 greedy tokens) and int4 (RTN), decode at batch 1 and 16
+    interleaved twice, each fp16 round beside the same bundle launched as before session 16 (LEPTONC_PDL=0
+    LEPTONC_F16_SPLIT=0); time to first token at 1,024 tokens; smollm2-135m fp16 both ways; batch 16's device
+    memory alone."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if fp16:
+        s.record["greedy_llama1b_fp16"] = greedy(s, fp16, "greedy llama1b fp16", n=32)
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    for rnd in range(2):
+        if fp16:
+            bench(s, fp16, f"llama1b fp16 round {rnd + 1}", "--batch", "1,16")
+            bench(s, fp16, f"llama1b fp16 launch before s16 round {rnd + 1}", "--batch", "1", env=LAUNCH_BEFORE_S16)
+        if q4:
+            bench(s, q4, f"llama1b int4 round {rnd + 1}", "--batch", "1,16")
+    if fp16:
+        s.cli("llama1b fp16 ttft 1024", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 3, "--iters", 20, "--json", "--no-verify")
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    if small:
+        bench(s, small, "smollm2 fp16", "--batch", "1,16")
+        bench(s, small, "smollm2 fp16 launch before s16", "--batch", "1", env=LAUNCH_BEFORE_S16)
+    if fp16:
+        script(s, "memory probe llama1b b16 alone", "bench/device_memory_probe.py", str(fp16), "--batches", "16",
+               out_name="memory_llama1b_b16.json", timeout=120)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -892,7 +925,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -909,7 +942,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b}[args.session](s)
     finally:
         s.save()
         summary(s)

@@ -154,9 +154,10 @@ def _prepare_kernels(ctx, pipeline_names: list[str], disabled: tuple[str, ...]):
 
     # passes/use_kernels.py: GroupQueryAttention -> ai.leptonc.CachedAttention unless LEPTONC_ATTENTION_KERNEL=0
     ctx.options["attention_kernel"] = os.environ.get("LEPTONC_ATTENTION_KERNEL", "1") != "0"
-    # SkipSimplifiedLayerNormalization + MatMulF16 -> NormMatMulF16 only with LEPTONC_NORM_PROLOGUE=1: on the H100 it
-    # was no faster at batch 1 and 5-8% slower at batch 16 (BENCHMARKS.md, session 15)
-    ctx.options["norm_prologue"] = os.environ.get("LEPTONC_NORM_PROLOGUE", "0") == "1"
+    # SkipSimplifiedLayerNormalization + MatMulF16 -> NormMatMulF16 unless LEPTONC_NORM_PROLOGUE=0: alone it was no
+    # faster (session 15), but it leaves only leptonc's kernels in a decode layer, whose launches then overlap
+    # (programmatic dependent launch): +4-5% at batch 1 on llama-1b-shape fp16 (BENCHMARKS.md, session 16)
+    ctx.options["norm_prologue"] = os.environ.get("LEPTONC_NORM_PROLOGUE", "1") != "0"
 
     try:
         lib = build_library(ctx.target.compute_capability)

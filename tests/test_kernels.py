@@ -329,7 +329,7 @@ def test_norm_stays_when_the_product_cannot_take_it(case):
     assert sorted(nd.op for nd in graph.nodes if nd.op != "Relu") == ["MatMulF16", "SkipSimplifiedLayerNormalization"]
 
 
-def test_norm_fold_is_off_unless_asked():
+def test_norm_fold_needs_the_targets_option():
     graph = _norm_graph()
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert result.counts["f16_norm"] == 0 and sorted(nd.op for nd in graph.nodes) == ["MatMulF16",
@@ -570,7 +570,7 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
     monkeypatch.setattr(kernels, "build_library", lambda cc: library)
     monkeypatch.setenv("LEPTONC_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LEPTONC_ATTENTION_KERNEL", raising=False)
-    monkeypatch.setenv("LEPTONC_NORM_PROLOGUE", "1")
+    monkeypatch.delenv("LEPTONC_NORM_PROLOGUE", raising=False)
     bundle = compile_model(CompileConfig(source=str(model_dir), target="h100", backend="onnxruntime", precision="fp16",
                                          output=str(tmp_path / "g.lepton"), verify=False))
     record = next(p for p in bundle.manifest["passes"] if p["name"] == "use_leptonc_kernels")
@@ -588,3 +588,9 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
     tables = {t.name: t for t in model.graph.initializer}
     cos = tables[node.input[5]]
     assert cos.data_type == onnx.TensorProto.FLOAT16 and list(cos.dims)[1] == 32  # [positions, head size / 2]
+    # LEPTONC_NORM_PROLOGUE=0 keeps ONNX Runtime's norms in front of plain MatMulF16 products
+    monkeypatch.setenv("LEPTONC_NORM_PROLOGUE", "0")
+    plain = compile_model(CompileConfig(source=str(model_dir), target="h100", backend="onnxruntime", precision="fp16",
+                                        output=str(tmp_path / "plain.lepton"), verify=False))
+    ops = plain.report()["graph"]["op_counts"]
+    assert "NormMatMulF16" not in ops and ops.get("SkipSimplifiedLayerNormalization") == 4, ops

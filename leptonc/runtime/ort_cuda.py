@@ -228,10 +228,11 @@ class OrtCudaRunner(Runner):
         # (targets/kernels/common.cuh, leptonc_cuda.cu): say what ran
         self.kernel_launch = None
         if settings.get("custom_ops_library"):
-            self.kernel_launch = ("programmatic dependent launch (LEPTONC_PDL=1, experimental)"
-                                  if os.environ.get("LEPTONC_PDL") == "1" else "stream order")
-            if os.environ.get("LEPTONC_F16_SPLIT") == "auto":
-                self.kernel_launch += "; one-row fp16 products split along K (LEPTONC_F16_SPLIT=auto, experimental)"
+            self.kernel_launch = ("stream order (LEPTONC_PDL=0)" if os.environ.get("LEPTONC_PDL") == "0" else
+                                  "programmatic dependent launch on sm_90 and later (LEPTONC_PDL=0 turns it off)")
+            self.kernel_launch += ("; one-row fp16 products untuned (LEPTONC_F16_SPLIT=0)"
+                                   if os.environ.get("LEPTONC_F16_SPLIT") == "0" else
+                                   "; one-row fp16 products tuned (rows and K split by shape)")
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement
             so.enable_profiling = True
             so.profile_file_prefix = os.environ["LEPTONC_ORT_PROFILE"]

@@ -18,12 +18,13 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Programmatic dependent launch (Hopper; LEPTONC_PDL=1 in the environment of the process that runs the bundle): a
-// kernel launched by launch_dependent may start while the kernel before it on the stream is still running. Such a
-// kernel calls pdl_trigger first (its own successor may then launch), loads only what no earlier kernel writes (the
-// weights), and calls pdl_wait, which returns once the kernel before it has completed and its writes are visible,
-// before it reads activations or writes anything. Both are no-ops in a kernel launched without the attribute, and
-// before sm_90. Off by default until measured (bench/device_session.py pdl).
+// Programmatic dependent launch (Hopper and later; on unless LEPTONC_PDL=0 is in the environment of the process that
+// runs the bundle): a kernel launched by launch_dependent may start while the kernel before it on the stream is
+// still running. Such a kernel calls pdl_trigger first (its own successor may then launch), loads only what no
+// earlier kernel writes (the weights), and calls pdl_wait, which returns once the kernel before it has completed
+// and its writes are visible, before it reads activations or writes anything. Both are no-ops in a kernel launched
+// without the attribute, and before sm_90. Measured in session 16 (BENCHMARKS.md): with the norms folded into the
+// fp16 products, every kernel boundary of a decode layer is between leptonc's kernels and overlaps.
 __device__ __forceinline__ void pdl_trigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -39,7 +40,10 @@ __device__ __forceinline__ void pdl_wait() {
 inline bool pdl_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("LEPTONC_PDL");
-    return v != nullptr && v[0] == '1' && v[1] == '\0';
+    if (v != nullptr && v[0] == '0' && v[1] == '\0') return false;
+    int device = 0, major = 0;
+    return cudaGetDevice(&device) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
   }();
   return on;
 }

@@ -479,8 +479,8 @@ __global__ void swiglu_halves(const half* __restrict__ X, int64_t rows, int F, i
 // them in 16-byte loads (R loads a step, unrolled 4 steps, so 4R are in flight), fp32 sums reduced by
 // shuffle. The first kPre = 8 / R steps' weights are loaded before A is staged, so HBM's latency overlaps the
 // staging. With S > 1, S warps split each group of R rows along K and add their partial sums in shared memory
-// (more warps and loads in flight where N is small: f16_split_for, off unless LEPTONC_F16_SPLIT=auto until
-// measured; bench/kernels_microbench.cu --f16-sweep times every choice). With ACT, rows come in (gate j, up j) pairs and Y[j] = SiLU(gate) x up. With NORM
+// (more warps and loads in flight where N is small or K long: f16_plan; bench/kernels_microbench.cu --f16-sweep
+// times every choice). With ACT, rows come in (gate j, up j) pairs and Y[j] = SiLU(gate) x up. With NORM
 // (NormMatMulF16) the
 // row staged is RMSNorm(A + skip) x gamma, as com.microsoft.SkipSimplifiedLayerNormalization computes it (the
 // sum rounded to fp16, its mean square in fp32); block 0 also writes the fp16 sum A + skip to S.
@@ -1087,43 +1087,44 @@ void launch_f16_gemv(bool act, const half* a, const half* w, half* y, int K, int
     launch_dependent(f16_gemv<R, false, NORM, S>, dim3(grid), dim3(kF16Warps * 32), smem, stream, a, w, y, K, N, nm);
 }
 
-// r rows a warp group (1, 2 or 4) and s warps along K (1, 2 or 4; only with r = 1: f16_split_for).
+// r rows a warp group (1, 2 or 4) and s warps along K (1, 2 or 4; s <= 2r: f16_plan).
 template <bool NORM>
 void launch_f16_gemv_rows(int r, int s, bool act, const half* a, const half* w, half* y, int K, int N,
                           const RowNorm& nm, cudaStream_t stream) {
   if (r == 4) launch_f16_gemv<4, 1, NORM>(act, a, w, y, K, N, nm, stream);
+  else if (r == 2 && s == 4) launch_f16_gemv<2, 4, NORM>(act, a, w, y, K, N, nm, stream);
+  else if (r == 2 && s == 2) launch_f16_gemv<2, 2, NORM>(act, a, w, y, K, N, nm, stream);
   else if (r == 2) launch_f16_gemv<2, 1, NORM>(act, a, w, y, K, N, nm, stream);
-  else if (s == 4) launch_f16_gemv<1, 4, NORM>(act, a, w, y, K, N, nm, stream);
   else if (s == 2) launch_f16_gemv<1, 2, NORM>(act, a, w, y, K, N, nm, stream);
   else launch_f16_gemv<1, 1, NORM>(act, a, w, y, K, N, nm, stream);
 }
 
-// Rows a warp group for one row of A: as many as keep two blocks an SM (132 SMs) busy; pairs with the SwiGLU
-// epilogue.
-inline int f16_rows_for(int N, bool act) {
-  return N >= 2 * 132 * kF16Warps * 4 ? 4 : (N >= 132 * kF16Warps * 2 || act) ? 2 : 1;
+struct F16Plan {
+  int rows;   // rows a warp group
+  int split;  // warps a group (along K)
+};
+
+// The launch of one row of A. Tuned (the default): 2 rows a group where N fills 132 SMs at two blocks each (always
+// with the SwiGLU epilogue, whose rows come in pairs), else 1; the group's warps split K while every lane keeps
+// at least one 16-byte vector a row and a block still covers 4 rows (each block stages all of A, so fewer rows a
+// block means more staging for the same weights). Session 16's sweep on the H100 (bench/kernels_microbench.cu
+// --f16-sweep, BENCHMARKS.md) put this within 0.1 us of the best of 9 choices on every llama-1b-shape product and
+// within 0.3 us on smollm2's. Untuned (LEPTONC_F16_SPLIT=0, the launch before session 16): one warp a row group,
+// 4 rows where N fills two blocks an SM at 4, 2 where it does at 2.
+inline F16Plan f16_plan(int K, int N, bool act, bool tuned) {
+  if (!tuned) return {N >= 2 * 132 * kF16Warps * 4 ? 4 : (N >= 132 * kF16Warps * 2 || act) ? 2 : 1, 1};
+  const int rows = (N >= 132 * kF16Warps * 2 || act) ? 2 : 1, kv = K / 8;
+  int split = 1;
+  while (split < 4 && split < 2 * rows && 32 * 2 * split <= kv) split *= 2;
+  return {rows, split};
 }
 
-// Warps along K for one row of A at r rows a warp group. Where the products have few rows (r = 1), one warp a row
-// leaves most of an SM's warp slots empty and too few loads in flight (llama's down: 256 blocks for 132 SMs), so
-// the split doubles while the grid stays within one full wave (8 blocks of 8 warps an SM) and each lane keeps at
-// least 4 steps of 16 bytes.
-inline int f16_split_rule(int K, int N, int r) {
-  if (r != 1) return 1;
-  const int blocks = (N + kF16Warps - 1) / kF16Warps, kv = K / 8;
-  int s = 1;
-  while (s < 4 && blocks * 2 * s <= 8 * 132 && kv / (32 * 2 * s) >= 4) s *= 2;
-  return s;
-}
-
-// The split launch_f16 uses: f16_split_rule with LEPTONC_F16_SPLIT=auto in the environment of the process that
-// runs the bundle; one warp a row otherwise (until measured: bench/device_session.py s16a).
-inline int f16_split_for(int K, int N, int r) {
+inline bool f16_tuned() {
   static const bool on = [] {
     const char* v = std::getenv("LEPTONC_F16_SPLIT");
-    return v != nullptr && std::string(v) == "auto";
+    return v == nullptr || std::string(v) != "0";
   }();
-  return on ? f16_split_rule(K, N, r) : 1;
+  return on;
 }
 
 // cuBLAS for m rows of (already normalized) A: Y = A W^T, or SiLU(gate) x up through the product scratch.
@@ -1158,9 +1159,9 @@ OrtStatus* launch_f16(const F16Kernel& kn, const half* a, int64_t m, const half*
   const int K = int(kn.K), N = int(kn.N);
   const bool act = kn.activation == 1;
   if (m == 1 && K <= kF16GemvMaxK) {
-    const int r = f16_rows_for(N, act), split = f16_split_for(K, N, r);
-    if (kn.norm) launch_f16_gemv_rows<true>(r, split, act, a, w, y, K, N, nm, stream);
-    else launch_f16_gemv_rows<false>(r, split, act, a, w, y, K, N, nm, stream);
+    const F16Plan plan = f16_plan(K, N, act, f16_tuned());
+    if (kn.norm) launch_f16_gemv_rows<true>(plan.rows, plan.split, act, a, w, y, K, N, nm, stream);
+    else launch_f16_gemv_rows<false>(plan.rows, plan.split, act, a, w, y, K, N, nm, stream);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? nullptr : f16_error(std::string("f16_gemv launch: ") + cudaGetErrorString(err));
   }
