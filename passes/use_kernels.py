@@ -18,10 +18,11 @@
     SkipSimplifiedLayerNormalization(A, skip, gamma) whose normalized output only a MatMulF16 reads
         -> ai.leptonc.NormMatMulF16(A, skip, gamma, W) -> (Y, A + skip): at one row the norm is the product kernel's
            prologue (each block normalizes the row it stages; block 0 writes the sum), so the norm kernel goes;
-           more rows run a norm kernel, then cuBLAS. Two of a llama layer's seven decode kernels. Off by default
-           (LEPTONC_NORM_PROLOGUE=1 turns it on): on the H100 it was correct and gave the same greedy tokens, but
-           no faster at batch 1 (llama-1b-shape 788 vs 808 tok/s, smollm2 1,345 vs 1,346) and slower at batch 16
-           (10,292 vs 10,805; 14,386 vs 15,560) in one call (BENCHMARKS.md, session 15).
+           more rows run a norm kernel, then cuBLAS. Two of a llama layer's seven decode kernels. The target asks
+           for it (ctx.options["norm_prologue"]; targets/onnxruntime.py: on unless LEPTONC_NORM_PROLOGUE=0). Alone
+           it was no faster on the H100 (session 15). But once it has run, a decode layer is only leptonc's
+           kernels, and with programmatic dependent launch each one overlaps the one before it. That gave
+           llama-1b-shape fp16 +5% at batch 1, with the same greedy tokens (BENCHMARKS.md, session 16).
 
     any other fp16 product -> the same Split, QuickGelu and Mul
         -> ai.leptonc.SwiGLU(product, gate_first): one kernel instead of three

@@ -14,7 +14,7 @@ gets the SwiGLU epilogue (`activation` 1), so the Split, QuickGelu and Mul kerne
 LM head), weights stored [N, K]: one row of A streams them in 16-byte loads (`f16_gemv`), more rows go
 to cuBLAS; the same SwiGLU epilogue. `ai.leptonc.SwiGLU` is the epilogue alone, for a product computed
 at run time. `ai.leptonc.NormMatMulF16` is MatMulF16 with the SkipSimplifiedLayerNormalization in front
-folded in (off by default: not faster on the H100, BENCHMARKS.md session 15).
+folded in (on by default, LEPTONC_NORM_PROLOGUE=0 keeps the norm apart; see below).
 
 `ai.leptonc.CachedAttention` (attention.cuh) replaces GroupQueryAttention in the GPU form: rotary, cache
 append and attention in one decode kernel; prefill on tensor cores. Session 15 on the H100: correct against
@@ -22,8 +22,11 @@ float64 and ONNX Runtime's op, the same greedy tokens, smollm2-135m fp16 1,217-1
 against 1,097-1,145 with GroupQueryAttention in one call; on by default (LEPTONC_ATTENTION_KERNEL=0 keeps
 GroupQueryAttention).
 
-LEPTONC_PDL=1, read by the library when a bundle runs, launches the decode kernels with programmatic dependent
-launch (common.cuh); experimental, not yet run on a GPU.
+When a bundle runs on sm_90 or later, the library launches the decode kernels with programmatic dependent launch
+(common.cuh; LEPTONC_PDL=0 turns it off). One-row fp16 products choose rows a warp group and warps along K by shape
+(f16_plan; LEPTONC_F16_SPLIT=0 gives the launch from before session 16). Session 16 on the H100: with the norms
+folded, a decode layer runs only these kernels, and each launch overlaps the one before. llama-1b-shape fp16 gained
++5% at batch 1 in one call and 1.5% on average in the next; smollm2 gained 9%. The greedy tokens were the same.
 
 Status (H100, BENCHMARKS.md "Session 12"): MatMulF16 and SwiGLU are correct (relative error <= 9e-4 against
 float64); llama-1b-shape fp16 745 tok/s at batch 1 against 676-684 on ONNX Runtime's ops, smollm2-135m
