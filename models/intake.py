@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,11 +94,44 @@ def _load_builtin(b: Builtin) -> LoadedModel:
     config = AutoConfig.for_model(**b.config)
     check_host_memory(b.name, fp32_parameter_bytes(config))
     torch.manual_seed(b.seed)
-    with torch.no_grad():
+    with torch.no_grad(), _layer_init_skipped(b.init == "normal"):
         module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if b.init == "normal":
+            _ensure_normal_init(module, config)
     module.eval()
-    digest = hashlib.sha256(json.dumps({"config": b.config, "seed": b.seed}, sort_keys=True).encode()).hexdigest()
+    identity = {"config": b.config, "seed": b.seed, **({"init": b.init} if b.init != "torch" else {})}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return LoadedModel(b.name, "builtin", b.description, module, byte_level_tokenizer(), f"sha256:{digest}", True)
+
+
+@contextmanager
+def _layer_init_skipped(skip: bool):
+    """While a model is built: Linear and Embedding layers skip their own reset_parameters (transformers' init
+    then sets every weight once)."""
+    import torch
+
+    if not skip:
+        yield
+        return
+    saved = torch.nn.Linear.reset_parameters, torch.nn.Embedding.reset_parameters
+    torch.nn.Linear.reset_parameters = torch.nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        torch.nn.Linear.reset_parameters, torch.nn.Embedding.reset_parameters = saved
+
+
+def _ensure_normal_init(module: Any, config: Any) -> None:
+    """A transformers release that did not initialize a layer would leave torch.empty's bytes in it: any matrix that
+    is not finite with roughly the configured spread is set from N(0, initializer_range) here."""
+    std = float(getattr(config, "initializer_range", 0.02))
+    for p in module.parameters():
+        if p.dim() < 2:
+            continue
+        sample = p.detach().reshape(-1)[:: max(1, p.numel() // 65536)]
+        spread = float(sample.std()) if bool(sample.isfinite().all()) else float("nan")
+        if not (0.5 * std <= spread <= 2.0 * std):
+            p.normal_(0.0, std)
 
 
 def fp32_parameter_bytes(config: Any) -> int:

@@ -123,3 +123,37 @@ def test_random_shape_too_large_for_this_host_is_refused_up_front(monkeypatch):
     with pytest.raises(ModelSourceError, match="needs 4.9 GB") as exc:
         intake.load_model("llama-1b-shape")
     assert exc.value.exit_code == 3
+
+
+def test_benchmark_shapes_skip_the_layers_own_init_but_keep_transformers_normal_init():
+    """init="normal" (the llama-*-shape builtins): one init pass, N(0, initializer_range); the layers' own
+    reset_parameters is back afterwards; the source hash says which init made the weights."""
+    import dataclasses
+
+    import torch
+
+    from leptonc.models import intake
+
+    tiny = intake.BUILTINS["tiny-llama"]
+    fast = dataclasses.replace(tiny, init="normal")
+    assert intake.BUILTINS["llama-1b-shape"].init == "normal" and tiny.init == "torch"
+    lm = intake._load_builtin(fast)
+    for name, p in lm.module.named_parameters():
+        if p.dim() == 2:
+            assert float(p.detach().std()) == pytest.approx(0.02, rel=0.15), name
+    assert lm.source_hash != intake._load_builtin(tiny).source_hash
+    layer = torch.nn.Linear(64, 64)
+    assert float(layer.weight.detach().abs().max()) > 0 and float(layer.weight.detach().std()) > 0.05  # kaiming again
+
+
+def test_a_layer_left_uninitialized_is_set_from_the_normal_init():
+    import torch
+
+    from leptonc.models import intake
+
+    module = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.LayerNorm(256))
+    with torch.no_grad():
+        module[0].weight.fill_(float("nan"))
+        intake._ensure_normal_init(module, type("Cfg", (), {"initializer_range": 0.02})())
+    assert bool(module[0].weight.isfinite().all()) and float(module[0].weight.std()) == pytest.approx(0.02, rel=0.1)
+    assert bool((module[1].weight == 1).all())  # 1-D parameters are left alone
