@@ -12,7 +12,9 @@
    numpy float64 reference for each half order, beside ONNX Runtime's Split + QuickGelu + Mul on the same
    input; MatMulF16 (fp16 weights as [N, K], with and without the SwiGLU epilogue) against float64, beside
    ONNX Runtime's MatMul on the same weights; NormMatMulF16 (the same with RMSNorm(A + skip) x gamma in front:
-   the product against float64, the sum output exactly) beside SkipSimplifiedLayerNormalization + MatMul.
+   the product against float64, the sum output exactly) beside SkipSimplifiedLayerNormalization + MatMul;
+   NormMatMulNBitsTiled (the same norm in front of int4/int8 weights) beside SkipSimplifiedLayerNormalization +
+   MatMulNBits.
 
     LEPTONC_ORT_INCLUDE=.ort-include python3 bench/device_kernels.py OUT.json [--fp16-only]
 """
@@ -272,12 +274,79 @@ def norm_check(ort, lib: str, result: dict) -> None:
         print(json.dumps(row), flush=True)
 
 
+# (M, K, N, bits, block, zero points, activation): the few-rows kernel with the norm as its prologue (M 1 on llama's
+# qkv and gate|up, the int8 head, K 576 padded to 640), and the norm kernel + product elsewhere (small products
+# streamed, M 3 and 16, the prefill's dequantize + cuBLAS at M 128)
+NORM_NBITS_CASES = ((1, 2048, 3072, 4, 128, True, 0), (1, 2048, 16384, 4, 128, True, 1), (1, 2048, 128256, 8, 64, False, 0),
+                    (1, 576, 16384, 4, 128, True, 0), (1, 576, 960, 4, 128, True, 0), (1, 576, 3072, 4, 128, True, 1),
+                    (3, 576, 960, 4, 128, False, 0), (16, 2048, 3072, 4, 128, True, 0), (128, 2048, 16384, 4, 128, True, 1))
+
+
+def norm_nbits_model(k: int, n: int, bits: int, block: int, act: int, w, gamma: np.ndarray, fused: bool) -> onnx.ModelProto:
+    from leptonc.targets.kernels.layout import tile_nbits
+
+    packed, scales, zeros, _ = w
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["rows", k])
+    skip = helper.make_tensor_value_info("skip", TensorProto.FLOAT16, ["rows", k])
+    y = helper.make_tensor_value_info("y0", TensorProto.FLOAT16, ["rows", n // 2 if act else n])
+    total = helper.make_tensor_value_info("sum", TensorProto.FLOAT16, ["rows", k])
+    inits = [numpy_helper.from_array(gamma, "gamma")]
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
+    if fused:  # the rows of W are taken as (gate j, up j) pairs where act, as the pass leaves them
+        tiled, sz = tile_nbits(packed, scales, zeros, k, n, bits, block)
+        inits += [numpy_helper.from_array(tiled, "b"), numpy_helper.from_array(sz, "s")]
+        nodes = [helper.make_node("NormMatMulNBitsTiled", ["x", "skip", "gamma", "b", "s"], ["y0", "sum"],
+                                  domain="ai.leptonc", activation=act, epsilon=1e-5, **attrs)]
+    else:  # ONNX Runtime: SkipSimplifiedLayerNormalization, then MatMulNBits (act 0 only)
+        inits += [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s")]
+        inputs = ["xn", "b", "s"]
+        if zeros is not None:
+            inits.append(numpy_helper.from_array(zeros, "z"))
+            inputs.append("z")
+        nodes = [helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma"], ["xn", "", "", "sum"],
+                                  domain="com.microsoft", epsilon=1e-5),
+                 helper.make_node("MatMulNBits", inputs, ["y0"], domain="com.microsoft", **attrs)]
+    graph = helper.make_graph(nodes, "norm_nbits", [x, skip], [y, total], inits)
+    return fp16_proto(graph)
+
+
+def norm_nbits_check(ort, lib: str, result: dict) -> None:
+    """NormMatMulNBitsTiled against float64 (the sum rounded to fp16 as the op stores it), with ONNX Runtime's
+    SkipSimplifiedLayerNormalization + MatMulNBits beside it where there is no SwiGLU epilogue."""
+    rng = np.random.default_rng(4)
+    for m, k, n, bits, block, zp, act in NORM_NBITS_CASES:
+        w = quantized(rng, k, n, bits, block, zp)
+        gamma = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
+        x = rng.standard_normal((m, k)).astype(np.float16)
+        skip = (3 * rng.standard_normal((m, k))).astype(np.float16)
+        total = (x.astype(np.float32) + skip.astype(np.float32)).astype(np.float16).astype(np.float64)
+        xn = total / np.sqrt((total ** 2).mean(axis=-1, keepdims=True) + 1e-5) * gamma.astype(np.float64)
+        ref = swiglu_reference(xn @ w[3].T, act)
+        row = {"case": "NormMatMulNBitsTiled", "M": m, "K": k, "N": n, "bits": bits, "block": block,
+               "zero_points": zp, "activation": act}
+        for who, fused, path in (("leptonc", True, lib), ("onnxruntime", False, None)):
+            if not fused and act:
+                continue
+            try:
+                sess = session(ort, norm_nbits_model(k, n, bits, block, act, w, gamma, fused), path)
+                y, s = (v.astype(np.float64) for v in sess.run(["y0", "sum"], {"x": x, "skip": skip}))
+                assert y.shape == ref.shape and s.shape == total.shape, (y.shape, ref.shape, s.shape)
+                row[f"{who}_rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-9))
+                row[f"{who}_sum_max_abs_err"] = float(np.abs(s - total).max())
+            except Exception as exc:  # noqa: BLE001 - a failure is a result
+                row[f"{who}_error"] = f"{type(exc).__name__}: {str(exc)[-400:]}"
+        result["check"].append(row)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--fp16-only", action="store_true", help="check the fp16 ops (SwiGLU, MatMulF16) only")
+    ap.add_argument("--norm-nbits-only", action="store_true",
+                    help="NormMatMulNBitsTiled's check alone")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -294,10 +363,15 @@ def main() -> int:
     def save():
         out.write_text(json.dumps(result, indent=1))
 
-    swiglu_check(ort, str(lib.path), result)
-    f16_check(ort, str(lib.path), result)
-    norm_check(ort, str(lib.path), result)
+    if not args.norm_nbits_only:
+        swiglu_check(ort, str(lib.path), result)
+        f16_check(ort, str(lib.path), result)
+        norm_check(ort, str(lib.path), result)
+        save()
+    norm_nbits_check(ort, str(lib.path), result)
     save()
+    if args.norm_nbits_only:
+        return 0
     rng = np.random.default_rng(0)
     for name, k, n, bits, block, zp in CASES if not args.fp16_only else ():
         w = quantized(rng, k, n, bits, block, zp)

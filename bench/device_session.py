@@ -903,6 +903,35 @@ def s16b(s: Session) -> None:
                out_name="memory_llama1b_b16.json", timeout=120)
 
 
+NBITS_NORM_ON, NBITS_NORM_OFF = {"LEPTONC_NORM_PROLOGUE_NBITS": "1"}, {"LEPTONC_NORM_PROLOGUE_NBITS": "0"}
+
+
+def s17(s: Session) -> None:
+    """Issue 8 line 2 (written in session 16, not yet run): NormMatMulNBitsTiled, the residual norms folded into the
+    int4 products (LEPTONC_NORM_PROLOGUE_NBITS=1 at compile), so an int4 decode layer, like the fp16 one, runs only
+    leptonc's kernels and every launch overlaps the one before. First the op alone against float64
+    (bench/device_kernels.py --norm-nbits-only); only if every case passes, llama-1b-shape int4 (RTN) compiled with
+    the fold and without: 32 greedy tokens each, then decode at batch 1 and 16, interleaved twice."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    data = script(s, "NormMatMulNBitsTiled check", "bench/device_kernels.py", "--norm-nbits-only",
+                  out_name="norm_nbits_check.json", timeout=240) or {}
+    rows = [r for r in data.get("check", []) if r.get("case") == "NormMatMulNBitsTiled"]
+    ok = bool(rows) and all(r.get("leptonc_rel_err", 1) < 2e-3 and r.get("leptonc_sum_max_abs_err", 1) == 0 for r in rows)
+    s.record["norm_nbits_check_pass"] = ok
+    s.save()
+    if not ok:
+        print("NormMatMulNBitsTiled failed its check: no bundle uses it in this call", flush=True)
+        return
+    args = ("--max-seq", "1280", "--int4", "--int4-method", "rtn", "--no-check")
+    folded = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4.norm", *args, env=NBITS_NORM_ON)
+    plain = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", *args, env=NBITS_NORM_OFF)
+    greedy_pair(s, "llama1b int4, norm folded vs not", {"folded": folded, "plain": plain})
+    for rnd in range(2):
+        for name, b in (("norm folded", folded), ("norm op", plain)):
+            if b:
+                bench(s, b, f"llama1b int4 {name} round {rnd + 1}", "--batch", "1,16")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -925,7 +954,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -942,7 +971,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17}[args.session](s)
     finally:
         s.save()
         summary(s)

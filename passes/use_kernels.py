@@ -24,6 +24,13 @@
            kernels, and with programmatic dependent launch each one overlaps the one before it. That gave
            llama-1b-shape fp16 +5% at batch 1, with the same greedy tokens (BENCHMARKS.md, session 16).
 
+    SkipSimplifiedLayerNormalization(A, skip, gamma) whose normalized output only a MatMulNBitsTiled reads
+        -> ai.leptonc.NormMatMulNBitsTiled(A, skip, gamma, B, SZ) -> (Y, A + skip): the same fold for int4/int8
+           weights. At one row where the few-rows kernel serves the shape (llama's qkv and gate|up), the norm is
+           its prologue. Otherwise a norm kernel runs, then the product. Off unless the target asks
+           (ctx.options["norm_prologue_nbits"]; LEPTONC_NORM_PROLOGUE_NBITS=1 at compile). Written in session 16
+           after the device time ran out: it has not run on a GPU.
+
     any other fp16 product -> the same Split, QuickGelu and Mul
         -> ai.leptonc.SwiGLU(product, gate_first): one kernel instead of three
 
@@ -90,8 +97,8 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if not kernels.get("file"):
         return PassResult.skipped(f"leptonc's CUDA kernels were not built: {kernels.get('unavailable', 'not requested')}; "
                                   "ONNX Runtime's kernels run the graph")
-    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0, "f16": 0, "f16_swiglu": 0, "f16_norm": 0, "swiglu_op": 0,
-              "attention": 0}
+    counts = {"lowered": 0, "left_alone": 0, "swiglu": 0, "nbits_norm": 0, "f16": 0, "f16_swiglu": 0, "f16_norm": 0,
+              "swiglu_op": 0, "attention": 0}
     reasons: dict[str, int] = {}
     for node in nodes:
         why = _lowerable(node)
@@ -103,13 +110,15 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         _lower(node, swiglu)
         counts["lowered"] += 1
         counts["swiglu"] += swiglu is not None
+        if ctx.options.get("norm_prologue_nbits", False):
+            counts["nbits_norm"] += _fold_norm(graph, node, "NormMatMulNBitsTiled")
     for node, weights in dense:  # fp16 products with constant weights, as [N, K]
         swiglu = _match_swiglu(graph, node.outputs[0], weights.shape[0])
         _lower_f16(node, weights, swiglu)
         counts["f16"] += 1
         counts["f16_swiglu"] += swiglu is not None
         if ctx.options.get("norm_prologue", False):
-            counts["f16_norm"] += _fold_norm(graph, node)
+            counts["f16_norm"] += _fold_norm(graph, node, "NormMatMulF16")
     for node in attention:
         why = _attention_lowerable(node)
         if why is not None:
@@ -138,7 +147,9 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if counts["lowered"]:
         parts.append(f"{counts['lowered']} MatMulNBits -> {LEPTONC_DOMAIN}.MatMulNBitsTiled ({kernels.get('arch')})"
                      + (f", {counts['swiglu']} of them with the SwiGLU epilogue (Split, QuickGelu and Mul folded in)"
-                        if counts["swiglu"] else ""))
+                        if counts["swiglu"] else "")
+                     + (f", {counts['nbits_norm']} with the SkipSimplifiedLayerNormalization in front folded in "
+                        "(NormMatMulNBitsTiled)" if counts["nbits_norm"] else ""))
     if counts["f16"]:
         parts.append(f"{counts['f16']} fp16 MatMul/Gemm -> {LEPTONC_DOMAIN}.MatMulF16 ({kernels.get('arch')})"
                      + (f", {counts['f16_swiglu']} of them with the SwiGLU epilogue" if counts["f16_swiglu"] else "")
@@ -221,8 +232,9 @@ def _lower_f16(node: gs.Node, weights: np.ndarray, swiglu=None) -> None:
         _take_swiglu(node, swiglu)
 
 
-def _fold_norm(graph: gs.Graph, node: gs.Node) -> bool:
-    """MatMulF16 `node` takes the SkipSimplifiedLayerNormalization in front of it (-> NormMatMulF16) when the norm
+def _fold_norm(graph: gs.Graph, node: gs.Node, op: str) -> bool:
+    """A MatMulF16 or MatMulNBitsTiled `node` takes the SkipSimplifiedLayerNormalization in front of it (-> `op`:
+    NormMatMulF16 or NormMatMulNBitsTiled, inputs A, skip, gamma and then the product's own weights) when the norm
     has no bias, an fp16 gamma constant of K values, and its normalized output is read by `node` alone."""
     norm = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
     if norm is None or norm.op != "SkipSimplifiedLayerNormalization" or norm.domain != MS_DOMAIN:
@@ -248,8 +260,8 @@ def _fold_norm(graph: gs.Graph, node: gs.Node) -> bool:
     a, skip, gamma_t = ins[0], ins[1], ins[2]
     eps = float(norm.attrs.get("epsilon", 1e-5))
     detach([norm])
-    node.inputs = [a, skip, gamma_t, node.inputs[1]]
-    node.op = "NormMatMulF16"
+    node.inputs = [a, skip, gamma_t, *node.inputs[1:]]
+    node.op = op
     node.attrs["epsilon"] = eps
     node.outputs.append(total)
     return True

@@ -158,6 +158,9 @@ def _prepare_kernels(ctx, pipeline_names: list[str], disabled: tuple[str, ...]):
     # faster (session 15), but it leaves only leptonc's kernels in a decode layer, whose launches then overlap
     # (programmatic dependent launch): +4-5% at batch 1 on llama-1b-shape fp16 (BENCHMARKS.md, session 16)
     ctx.options["norm_prologue"] = os.environ.get("LEPTONC_NORM_PROLOGUE", "1") != "0"
+    # the same fold into the int4/int8 products (NormMatMulNBitsTiled) only with LEPTONC_NORM_PROLOGUE_NBITS=1: it
+    # has not run on a GPU yet (bench/device_session.py s17)
+    ctx.options["norm_prologue_nbits"] = os.environ.get("LEPTONC_NORM_PROLOGUE_NBITS", "0") == "1"
 
     try:
         lib = build_library(ctx.target.compute_capability)

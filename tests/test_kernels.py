@@ -45,8 +45,8 @@ def _ctx(norm_prologue=None, **kernel_info) -> PassContext:
 def test_lowering_moves_fp16_matmulnbits_to_the_leptonc_domain():
     graph = _nbits_graph()
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
-    assert result.applied and result.counts == {"lowered": 1, "left_alone": 0, "swiglu": 0, "f16": 0, "f16_swiglu": 0,
-                                               "f16_norm": 0, "swiglu_op": 0, "attention": 0}
+    assert result.applied and result.counts == {"lowered": 1, "left_alone": 0, "swiglu": 0, "nbits_norm": 0, "f16": 0,
+                                               "f16_swiglu": 0, "f16_norm": 0, "swiglu_op": 0, "attention": 0}
     node = graph.nodes[0]
     assert node.domain == "ai.leptonc" and node.op == "MatMulNBitsTiled"
     assert node.attrs == {"K": 256, "N": 64, "bits": 4, "block_size": 128}  # no accuracy_level (ORT's CPU setting)
@@ -317,6 +317,65 @@ def test_norm_in_front_of_an_fp16_product_folds_into_it(with_sum):
     np.testing.assert_allclose(xn @ w_nk.T, expected[0], atol=2e-2)
     if with_sum:
         np.testing.assert_array_equal(total, expected[1].astype(np.float64))
+    gs.export_onnx(graph)  # still a valid graph
+
+
+def _norm_nbits_graph(k=256, n=64, bits=4, block=128) -> tuple[gs.Graph, np.ndarray]:
+    """SkipSimplifiedLayerNormalization(a, skip, gamma) -> MatMulNBits (random codes and scales, default zero points)
+    -> y, the sum a graph output; and the float64 weight [N, K] the codes stand for."""
+    rng = np.random.default_rng(11)
+    b, scales, _, w = _quantized(rng, k, n, bits, block, zp=False)
+    a = gs.Variable("a", dtype=np.float16, shape=[1, 1, k])
+    skip = gs.Variable("skip", dtype=np.float16, shape=[1, 1, k])
+    gamma = gs.Constant("gamma", (1 + 0.1 * rng.standard_normal(k)).astype(np.float16))
+    normed = gs.Variable("normed", dtype=np.float16, shape=[1, 1, k])
+    total = gs.Variable("sum", dtype=np.float16, shape=[1, 1, k])
+    y = gs.Variable("y", dtype=np.float16, shape=[1, 1, n])
+    nodes = [gs.Node("SkipSimplifiedLayerNormalization", "norm", {"epsilon": 1e-6}, [a, skip, gamma],
+                     [normed, gs.Variable.empty(), gs.Variable.empty(), total], domain="com.microsoft"),
+             gs.Node("MatMulNBits", "mm", domain="com.microsoft",
+                     attrs={"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 4},
+                     inputs=[normed, gs.Constant("b", b), gs.Constant("s", scales)], outputs=[y])]
+    return gs.Graph(nodes=nodes, inputs=[a, skip], outputs=[y, total], opset=17), w
+
+
+def test_norm_in_front_of_an_int4_product_folds_into_it_when_asked():
+    """With ctx.options["norm_prologue_nbits"], SkipSimplifiedLayerNormalization -> MatMulNBits becomes
+    NormMatMulNBitsTiled(a, skip, gamma, B, SZ) -> (y, a + skip). The contract, computed in numpy from the lowered
+    node's own inputs (the kernel's view of the tiled weights), equals ONNX Runtime's CPU result for the original
+    graph. Without the option the norm stays in front of a MatMulNBitsTiled."""
+    import onnxruntime as ort
+
+    graph, _ = _norm_nbits_graph()
+    model = gs.export_onnx(graph.copy())
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(12)
+    a, skip = (rng.standard_normal((1, 1, 256)).astype(np.float16) for _ in range(2))
+    expected = sess.run(None, {"a": a, "skip": skip})
+
+    plain = graph.copy()
+    result = use_leptonc_kernels(plain, _ctx(True, file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    assert result.counts["lowered"] == 1 and result.counts["nbits_norm"] == 0
+    assert sorted(nd.op for nd in plain.nodes) == ["MatMulNBitsTiled", "SkipSimplifiedLayerNormalization"]
+
+    ctx = _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90")
+    ctx.options["norm_prologue_nbits"] = True
+    result = use_leptonc_kernels(graph, ctx)
+    assert result.applied and result.counts["lowered"] == 1 and result.counts["nbits_norm"] == 1
+    assert "1 with the SkipSimplifiedLayerNormalization in front folded in (NormMatMulNBitsTiled)" in result.detail
+    assert [nd.op for nd in graph.nodes] == ["NormMatMulNBitsTiled"]
+    node = graph.nodes[0]
+    assert node.domain == "ai.leptonc" and [t.name for t in node.inputs][:3] == ["a", "skip", "gamma"]
+    assert len(node.inputs) == 5 and node.inputs[3].values.dtype == np.uint8 and node.inputs[4].values.dtype == np.float16
+    assert node.attrs["epsilon"] == pytest.approx(1e-6) and node.attrs["K"] == 256 and node.attrs["N"] == 64
+    assert [t.name for t in node.outputs] == ["y", "sum"]
+    gamma = node.inputs[2].values.astype(np.float64)
+    w = _kernel_weights(node.inputs[3].values, node.inputs[4].values, 256, 64, 4, 128).astype(np.float64)
+    total = (a.astype(np.float32) + skip.astype(np.float32)).astype(np.float16).astype(np.float64)
+    xn = total / np.sqrt((total ** 2).mean(-1, keepdims=True) + node.attrs["epsilon"]) * gamma
+    np.testing.assert_allclose(xn @ w.T, expected[0], atol=2e-2, rtol=2e-2)
+    np.testing.assert_array_equal(total, expected[1].astype(np.float64))
     gs.export_onnx(graph)  # still a valid graph
 
 
@@ -594,3 +653,16 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
                                         output=str(tmp_path / "plain.lepton"), verify=False))
     ops = plain.report()["graph"]["op_counts"]
     assert "NormMatMulF16" not in ops and ops.get("SkipSimplifiedLayerNormalization") == 4, ops
+    # int4 (RTN): the same norms fold into the int4 products only with LEPTONC_NORM_PROLOGUE_NBITS=1
+    monkeypatch.delenv("LEPTONC_NORM_PROLOGUE", raising=False)
+    for flag, folded in ((None, 0), ("1", 3)):
+        if flag is None:
+            monkeypatch.delenv("LEPTONC_NORM_PROLOGUE_NBITS", raising=False)
+        else:
+            monkeypatch.setenv("LEPTONC_NORM_PROLOGUE_NBITS", flag)
+        q4 = compile_model(CompileConfig(source=str(model_dir), target="h100", backend="onnxruntime", precision="int4",
+                                         output=str(tmp_path / f"q4{flag}.lepton"), verify=False,
+                                         options={"int4_method": "rtn", "check": False}))
+        ops = q4.report()["graph"]["op_counts"]
+        assert ops.get("NormMatMulNBitsTiled", 0) == folded, ops
+        assert ops.get("SkipSimplifiedLayerNormalization") == 4 - folded, ops

@@ -63,7 +63,7 @@ HEADERS = tuple(Path(__file__).with_name(n) for n in ("common.cuh", "attention.c
 LIBRARY = "libleptonc_cuda.so"
 DOMAIN = "ai.leptonc"
 BUNDLE_DIR = "kernels"  # where the library goes inside a bundle
-OPS = ("MatMulNBitsTiled", "SwiGLU", "MatMulF16", "NormMatMulF16", "CachedAttention")
+OPS = ("MatMulNBitsTiled", "SwiGLU", "MatMulF16", "NormMatMulF16", "NormMatMulNBitsTiled", "CachedAttention")
 
 
 class KernelsUnavailable(Exception):

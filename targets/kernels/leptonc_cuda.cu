@@ -226,6 +226,64 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
 // row of A and their results are dropped (rows of an mma product never mix). Each lane loads only its own
 // column's (scale, zero) pair; the C fragment's columns 2t, 2t + 1 take their scales by shuffle.
 
+struct RowNorm {  // the norm folded into a product (NormMatMulF16, NormMatMulNBitsTiled): skip, gamma, the sum's
+                 // output and epsilon
+  const half* skip = nullptr;
+  const half* gamma = nullptr;
+  half* sum = nullptr;
+  float eps = 0.f;
+};
+
+// One row of RMSNorm(A + skip) x gamma into shared memory `out` ([kpad] halves, zeros past K; K and kpad multiples
+// of 8), as com.microsoft.SkipSimplifiedLayerNormalization computes it: the sum rounded to fp16, its mean square in
+// fp32. Where write_sum, the fp16 sum A + skip also goes to nm.sum. Any block size up to 1,024 threads. Ends
+// synchronized.
+__device__ __forceinline__ void stage_norm_row(half* out, const half* __restrict__ A, const RowNorm& nm, int K,
+                                               int kpad, bool write_sum) {
+  __shared__ float partial[32];
+  const int kv = K / 8;
+  uint4* o4 = reinterpret_cast<uint4*>(out);
+  const uint4* a4 = reinterpret_cast<const uint4*>(A);
+  const uint4* s4 = reinterpret_cast<const uint4*>(nm.skip);
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < kv; i += blockDim.x) {
+    uint4 x = __ldg(a4 + i);
+    const uint4 y = __ldg(s4 + i);
+    half2* xh = reinterpret_cast<half2*>(&x);
+    const half2* yh = reinterpret_cast<const half2*>(&y);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      xh[j] = __hadd2(xh[j], yh[j]);
+      const float2 f = __half22float2(xh[j]);
+      ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+    }
+    o4[i] = x;
+    if (write_sum) reinterpret_cast<uint4*>(nm.sum)[i] = x;
+  }
+  for (int i = kv + threadIdx.x; i < kpad / 8; i += blockDim.x) o4[i] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) total += partial[w];
+  const float inv = rsqrtf(total / float(K) + nm.eps);
+  const uint4* g4 = reinterpret_cast<const uint4*>(nm.gamma);
+  for (int i = threadIdx.x; i < kv; i += blockDim.x) {  // the same i as above: this thread's own entries
+    uint4 x = o4[i];
+    const uint4 g = __ldg(g4 + i);
+    half2* xh = reinterpret_cast<half2*>(&x);
+    const half2* gh = reinterpret_cast<const half2*>(&g);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(xh[j]), gf = __half22float2(gh[j]);
+      xh[j] = __floats2half2_rn(f.x * inv * gf.x, f.y * inv * gf.y);
+    }
+    o4[i] = x;
+  }
+  __syncthreads();
+}
+
 constexpr int kGemvSmemBytes = 32 << 10;
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
@@ -236,10 +294,10 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return v;
 }
 
-template <int BITS, int PB, int S, bool ACT>
+template <int BITS, int PB, int S, bool ACT, bool NORM>
 __global__ void __launch_bounds__(512)
 tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
-           half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t, int wpt, int tb) {
+           half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t, int wpt, int tb, RowNorm nm) {
   constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
   constexpr int G = kProducts / PB;  // scale groups a step
   extern __shared__ uint4 gemv_smem[];
@@ -269,15 +327,20 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
     }
   }
 
-  pdl_wait();  // A comes from the kernels before
-  // A [M, steps * kStepK] in shared memory (zeros past K), rows ks apart (+8 halves: rows in other banks)
+  pdl_wait();  // A (and the norm's inputs) come from the kernels before
+  // A [M, steps * kStepK] in shared memory (zeros past K), rows ks apart (+8 halves: rows in other banks). With
+  // NORM (NormMatMulNBitsTiled, M = 1) the row is RMSNorm(A + skip) x gamma and block 0 writes the sum.
   const int kfull = steps * kStepK, ks = kfull + 8;
   half* as = reinterpret_cast<half*>(gemv_smem);
-  for (int i = threadIdx.x; i < M * (kfull >> 3); i += blockDim.x) {
-    const int row = i / (kfull >> 3), k = (i % (kfull >> 3)) * 8;
-    *reinterpret_cast<uint4*>(as + row * ks + k) = load_a8(A + size_t(row) * K, k, k < K);
+  if constexpr (NORM) {
+    stage_norm_row(as, A, nm, K, kfull, blockIdx.x == 0);
+  } else {
+    for (int i = threadIdx.x; i < M * (kfull >> 3); i += blockDim.x) {
+      const int row = i / (kfull >> 3), k = (i % (kfull >> 3)) * 8;
+      *reinterpret_cast<uint4*>(as + row * ks + k) = load_a8(A + size_t(row) * K, k, k < K);
+    }
+    __syncthreads();
   }
-  __syncthreads();
 
   float acc0 = 0.f, acc1 = 0.f;  // row g, columns 2t and 2t + 1 (the C fragment's c0, c1)
   const half* arow = as + min(g, M - 1) * ks;
@@ -366,37 +429,40 @@ inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int fo
   return p;
 }
 
-template <int BITS, int PB, bool ACT>
+template <int BITS, int PB, bool ACT, bool NORM>
 cudaError_t launch_gemv_act(const GemvPlan& p, const half* a, int m, const uint4* b, const half2* sz, half* y, int K,
-                            int N, int steps, int block, int blocks_t, cudaStream_t stream) {
+                            int N, int steps, int block, int blocks_t, const RowNorm& nm, cudaStream_t stream) {
   const dim3 grid(p.blocks), threads(p.tb * p.wpt * 32);
   switch (p.s) {
     case 4:
-      return launch_dependent(tiled_gemv<BITS, PB, 4, ACT>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N, steps, block,
-                              blocks_t, p.wpt, p.tb);
+      return launch_dependent(tiled_gemv<BITS, PB, 4, ACT, NORM>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N,
+                              steps, block, blocks_t, p.wpt, p.tb, nm);
     case 16:
-      return launch_dependent(tiled_gemv<BITS, PB, 16, ACT>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N, steps, block,
-                              blocks_t, p.wpt, p.tb);
+      return launch_dependent(tiled_gemv<BITS, PB, 16, ACT, NORM>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N,
+                              steps, block, blocks_t, p.wpt, p.tb, nm);
     default:
-      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N, steps, block,
-                              blocks_t, p.wpt, p.tb);
+      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, NORM>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N,
+                              steps, block, blocks_t, p.wpt, p.tb, nm);
   }
 }
 
-template <int BITS, int PB>
+template <int BITS, int PB, bool NORM>
 cudaError_t launch_gemv_pb(const GemvPlan& p, bool act, const half* a, int m, const uint4* b, const half2* sz, half* y,
-                           int K, int N, int steps, int block, int blocks_t, cudaStream_t stream) {
-  return act ? launch_gemv_act<BITS, PB, true>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, stream)
-             : launch_gemv_act<BITS, PB, false>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, stream);
+                           int K, int N, int steps, int block, int blocks_t, const RowNorm& nm, cudaStream_t stream) {
+  return act ? launch_gemv_act<BITS, PB, true, NORM>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, nm, stream)
+             : launch_gemv_act<BITS, PB, false, NORM>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, nm, stream);
 }
 
-template <int BITS>
+// The few-rows kernel; with NORM (m = 1 only) the norm nm is its prologue.
+template <int BITS, bool NORM = false>
 cudaError_t launch_gemv(const GemvPlan& p, bool act, int pb, const half* a, int m, const uint4* bw, const half2* szw,
-                        half* y, int K, int N, int steps, int block, int blocks_t, cudaStream_t stream) {
+                        half* y, int K, int N, int steps, int block, int blocks_t, cudaStream_t stream,
+                        const RowNorm& nm = RowNorm{}) {
   if (pb >= Step<BITS>::kProducts)
-    return launch_gemv_pb<BITS, Step<BITS>::kProducts>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
-  if (pb == 4) return launch_gemv_pb<BITS, 4>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
-  return launch_gemv_pb<BITS, 2>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, stream);
+    return launch_gemv_pb<BITS, Step<BITS>::kProducts, NORM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm,
+                                                             stream);
+  if (pb == 4) return launch_gemv_pb<BITS, 4, NORM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm, stream);
+  return launch_gemv_pb<BITS, 2, NORM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm, stream);
 }
 
 // ---- the prefill path (M > 16): dequantize tiles, then cuBLAS -------------------------------------
@@ -487,62 +553,17 @@ __global__ void swiglu_halves(const half* __restrict__ X, int64_t rows, int F, i
 constexpr int kF16Warps = 8;
 constexpr int kF16GemvMaxK = 16384;  // A's 32 KiB of shared memory
 
-struct RowNorm {  // NormMatMulF16's prologue: skip, gamma, the sum's output and epsilon
-  const half* skip = nullptr;
-  const half* gamma = nullptr;
-  half* sum = nullptr;
-  float eps = 0.f;
-};
-
-// Stages one row of A (kv 16-byte vectors) in shared memory, RMS-normalized with NORM (above), writing the sum
-// A + skip to nm.sum where write_sum. Ends synchronized.
+// Stages one row of A (kv 16-byte vectors) in shared memory, RMS-normalized with NORM (stage_norm_row), writing
+// the sum A + skip to nm.sum where write_sum. Ends synchronized.
 template <bool NORM>
 __device__ __forceinline__ void stage_row(uint4* a_s, const half* __restrict__ A, const RowNorm& nm, int kv,
                                           bool write_sum) {
-  const uint4* a4 = reinterpret_cast<const uint4*>(A);
-  if (!NORM) {
-    for (int i = threadIdx.x; i < kv; i += blockDim.x) a_s[i] = __ldg(a4 + i);
-    __syncthreads();
+  if (NORM) {
+    stage_norm_row(reinterpret_cast<half*>(a_s), A, nm, kv * 8, kv * 8, write_sum);
     return;
   }
-  __shared__ float partial[kF16Warps];
-  const uint4* s4 = reinterpret_cast<const uint4*>(nm.skip);
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < kv; i += blockDim.x) {
-    uint4 x = __ldg(a4 + i);
-    const uint4 y = __ldg(s4 + i);
-    half2* xh = reinterpret_cast<half2*>(&x);
-    const half2* yh = reinterpret_cast<const half2*>(&y);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      xh[j] = __hadd2(xh[j], yh[j]);
-      const float2 f = __half22float2(xh[j]);
-      ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
-    }
-    a_s[i] = x;
-    if (write_sum) reinterpret_cast<uint4*>(nm.sum)[i] = x;
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kF16Warps; ++w) total += partial[w];
-  const float inv = rsqrtf(total / float(kv * 8) + nm.eps);
-  const uint4* g4 = reinterpret_cast<const uint4*>(nm.gamma);
-  for (int i = threadIdx.x; i < kv; i += blockDim.x) {  // the same i as above: this thread's own entries
-    uint4 x = a_s[i];
-    const uint4 g = __ldg(g4 + i);
-    half2* xh = reinterpret_cast<half2*>(&x);
-    const half2* gh = reinterpret_cast<const half2*>(&g);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __half22float2(xh[j]), gf = __half22float2(gh[j]);
-      xh[j] = __floats2half2_rn(f.x * inv * gf.x, f.y * inv * gf.y);
-    }
-    a_s[i] = x;
-  }
+  const uint4* a4 = reinterpret_cast<const uint4*>(A);
+  for (int i = threadIdx.x; i < kv; i += blockDim.x) a_s[i] = __ldg(a4 + i);
   __syncthreads();
 }
 
@@ -646,6 +667,7 @@ struct Shared {  // one per process: the cuBLAS handle, the dequantization scrat
   half* scratch = nullptr;
   half* product = nullptr;  // kScratchHalves too; made only for a node with the SwiGLU epilogue
   void* workspace = nullptr;  // cuBLAS's, set explicitly: no allocation inside a captured decode step
+  half* normed = nullptr;  // kScratchHalves: NormMatMulNBitsTiled's normalized rows where the norm is not a prologue
 };
 Shared g_shared;
 
@@ -654,6 +676,8 @@ Shared g_shared;
 struct NBitsKernel {
   int64_t K = 0, N = 0, bits = 0, block = 0;
   int64_t activation = 0;  // 1: SwiGLU epilogue, output N / 2 columns
+  bool norm = false;       // NormMatMulNBitsTiled: the SkipSimplifiedLayerNormalization in front folded in
+  float eps = 0.f;
 };
 
 OrtStatus* make_error(const std::string& what) {
@@ -688,7 +712,7 @@ OrtStatus* row_shape(const OrtValue* value, const char* op, const char* what, in
   return nullptr;
 }
 
-OrtStatus* ensure_shared(bool product = false, bool scratch = true) {
+OrtStatus* ensure_shared(bool product = false, bool scratch = true, bool normed = false) {
   std::lock_guard<std::mutex> guard(g_shared.lock);
   if (g_shared.cublas == nullptr) {
     if (cublasCreate(&g_shared.cublas) != CUBLAS_STATUS_SUCCESS) return make_error("cublasCreate failed");
@@ -701,6 +725,9 @@ OrtStatus* ensure_shared(bool product = false, bool scratch = true) {
   }
   if (product && g_shared.product == nullptr) {
     ORT_TRY(cuda_check(cudaMalloc(&g_shared.product, kScratchHalves * sizeof(half)), "cudaMalloc(product)"));
+  }
+  if (normed && g_shared.normed == nullptr) {
+    ORT_TRY(cuda_check(cudaMalloc(&g_shared.normed, kScratchHalves * sizeof(half)), "cudaMalloc(normed rows)"));
   }
   return nullptr;
 }
@@ -804,12 +831,49 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   return nullptr;
 }
 
+// NormMatMulNBitsTiled: Y = RMSNorm(A + skip) x gamma x W^T and S = A + skip. One row where the few-rows kernel
+// serves the shape: the norm is its prologue (one kernel). Otherwise the rows are normalized into g_shared.normed
+// (skip_rms_norm_rows, in chunks of kScratchHalves), then launch() as for MatMulNBitsTiled.
+template <int BITS>
+OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const RowNorm& nm, const uint8_t* b,
+                       const half* sz, half* y, cudaStream_t stream) {
+  const int K = int(kn.K), N = int(kn.N), block = int(kn.block);
+  const int step_k = Step<BITS>::kK;
+  const int steps = (K + step_k - 1) / step_k;
+  const int blocks_t = (steps * step_k + block - 1) / block;
+  if (m == 1) {
+    const GemvPlan plan = gemv_plan(1, K, N, BITS);
+    if (plan.s > 0)
+      return cuda_check(launch_gemv<BITS, true>(plan, kn.activation == 1, std::min(block, step_k) / 16, a, 1,
+                                                reinterpret_cast<const uint4*>(b), reinterpret_cast<const half2*>(sz), y,
+                                                K, N, steps, block, blocks_t, stream, nm),
+                        "tiled_gemv (norm prologue) launch");
+  }
+  if (g_shared.normed == nullptr) ORT_TRY(ensure_shared(kn.activation == 1, true, true));
+  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / K);
+  const int64_t out_n = kn.activation == 1 ? N / 2 : N;
+  for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
+    const int r = int(std::min<int64_t>(chunk_rows, m - r0));
+    RowNorm chunk = nm;
+    chunk.skip += r0 * K;
+    chunk.sum += r0 * K;
+    skip_rms_norm_rows<<<r, kF16Warps * 32, size_t(K / 8) * sizeof(uint4), stream>>>(a + r0 * K, chunk,
+                                                                                    g_shared.normed, K);
+    ORT_TRY(cuda_check(cudaGetLastError(), "skip_rms_norm_rows launch"));
+    ORT_TRY(launch<BITS>(kn, g_shared.normed, r, b, sz, y + r0 * out_n, stream));
+  }
+  return nullptr;
+}
+
 OrtStatus* read_int_attr(const OrtKernelInfo* info, const char* name, int64_t* out) {
   return g_api->KernelInfoGetAttribute_int64(info, name, out);
 }
 
-OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
+// MatMulNBitsTiled (norm false) or NormMatMulNBitsTiled (norm true: also epsilon, and K within the norm's staging)
+OrtStatus* create_nbits_kernel(const OrtApi* api, const OrtKernelInfo* info, bool norm, void** kernel) {
+  const char* op = norm ? "leptonc NormMatMulNBitsTiled: " : "leptonc MatMulNBitsTiled: ";
   auto* kn = new NBitsKernel();
+  kn->norm = norm;
   OrtStatus* st = nullptr;
   if ((st = read_int_attr(info, "K", &kn->K)) || (st = read_int_attr(info, "N", &kn->N)) ||
       (st = read_int_attr(info, "bits", &kn->bits)) || (st = read_int_attr(info, "block_size", &kn->block))) {
@@ -822,7 +886,7 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, con
                             std::to_string(kn->block) + " K=" + std::to_string(kn->K) +
                             " (needs bits 4 or 8, block a multiple of 32, K a multiple of 8)";
     delete kn;
-    return api->CreateStatus(ORT_INVALID_ARGUMENT, ("leptonc MatMulNBitsTiled: " + msg).c_str());
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, (op + msg).c_str());
   }
   if ((st = read_int_attr(info, "activation", &kn->activation)) != nullptr) {  // absent: no epilogue
     api->ReleaseStatus(st);
@@ -832,10 +896,21 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, con
     const std::string msg = "unsupported activation " + std::to_string(kn->activation) + " with N=" +
                             std::to_string(kn->N) + " (1 = SwiGLU over (gate, up) column pairs, N a multiple of 8)";
     delete kn;
-    return api->CreateStatus(ORT_INVALID_ARGUMENT, ("leptonc MatMulNBitsTiled: " + msg).c_str());
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, (op + msg).c_str());
   }
-  // The prefill path's cuBLAS handle and scratch are made here, before any graph capture can begin.
-  if ((st = ensure_shared(kn->activation == 1)) != nullptr) {
+  if (norm && (st = api->KernelInfoGetAttribute_float(info, "epsilon", &kn->eps)) != nullptr) {
+    delete kn;
+    return st;
+  }
+  if (norm && (kn->K > kF16GemvMaxK || !(kn->eps >= 0.f))) {
+    const std::string msg = "unsupported K=" + std::to_string(kn->K) + " or epsilon (the norm needs K <= " +
+                            std::to_string(kF16GemvMaxK) + " and epsilon >= 0)";
+    delete kn;
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, (op + msg).c_str());
+  }
+  // The prefill path's cuBLAS handle and scratch (and the norm's row buffer) are made here, before any graph
+  // capture can begin.
+  if ((st = ensure_shared(kn->activation == 1, true, norm)) != nullptr) {
     delete kn;
     return st;
   }
@@ -843,19 +918,51 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, con
   return nullptr;
 }
 
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
+  return create_nbits_kernel(api, info, false, kernel);
+}
+
+OrtStatus* ORT_API_CALL create_norm_nbits(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
+                                          void** kernel) {
+  return create_nbits_kernel(api, info, true, kernel);
+}
+
+// Inputs A, B, SZ (MatMulNBitsTiled) or A, skip, gamma, B, SZ (NormMatMulNBitsTiled); outputs Y (and S = A + skip).
 OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   const auto& kn = *static_cast<NBitsKernel*>(kernel);
-  size_t n_inputs = 0;
-  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &n_inputs));
-  const OrtValue* in[3] = {nullptr, nullptr, nullptr};
-  for (size_t i = 0; i < n_inputs && i < 3; ++i) ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &in[i]));
-  if (in[0] == nullptr || in[1] == nullptr || in[2] == nullptr) return make_error("A, B and SZ are required");
+  const char* op = kn.norm ? "NormMatMulNBitsTiled" : "MatMulNBitsTiled";
+  const size_t n_in = kn.norm ? 5 : 3, ib = n_in - 2;  // ib: B's index
+  const OrtValue* in[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  for (size_t i = 0; i < n_in; ++i) ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &in[i]));
+  for (size_t i = 0; i < n_in; ++i)
+    if (in[i] == nullptr) return make_error(kn.norm ? "A, skip, gamma, B and SZ are required" : "A, B and SZ are required");
 
   int64_t dims[8] = {0}, m = 1;
   size_t rank = 0;
-  ORT_TRY(row_shape(in[0], "MatMulNBitsTiled", "A", dims, &rank, &m));
+  ORT_TRY(row_shape(in[0], op, "A", dims, &rank, &m));
   if (dims[rank - 1] != kn.K) return make_error("A's last dimension is " + std::to_string(dims[rank - 1]) +
                                                 ", the node's K is " + std::to_string(kn.K));
+  RowNorm nm;
+  if (kn.norm) {
+    int64_t sdims[8] = {0}, gdims[8] = {0}, sm = 1, gm = 1;
+    size_t srank = 0, grank = 0;
+    ORT_TRY(row_shape(in[1], op, "skip", sdims, &srank, &sm));
+    ORT_TRY(row_shape(in[2], op, "gamma", gdims, &grank, &gm));
+    if (sm != m || sdims[srank - 1] != kn.K) return g_api->CreateStatus(ORT_EP_FAIL, "leptonc NormMatMulNBitsTiled: skip must have A's shape");
+    if (gm * gdims[grank - 1] != kn.K) return g_api->CreateStatus(ORT_EP_FAIL, "leptonc NormMatMulNBitsTiled: gamma must have K elements");
+    OrtValue* sum = nullptr;
+    ORT_TRY(g_api->KernelContext_GetOutput(ctx, 1, dims, rank, &sum));  // A's shape
+    if (m > 0) {
+      void *ps = nullptr, *pg = nullptr, *psum = nullptr;
+      ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[1]), &ps));
+      ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[2]), &pg));
+      ORT_TRY(g_api->GetTensorMutableData(sum, &psum));
+      nm.skip = static_cast<const half*>(ps);
+      nm.gamma = static_cast<const half*>(pg);
+      nm.sum = static_cast<half*>(psum);
+      nm.eps = kn.eps;
+    }
+  }
   int64_t out_dims[8];
   for (size_t i = 0; i + 1 < rank; ++i) out_dims[i] = dims[i];
   out_dims[rank - 1] = kn.activation == 1 ? kn.N / 2 : kn.N;
@@ -865,8 +972,8 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
 
   void *pa = nullptr, *pb = nullptr, *ps = nullptr, *py = nullptr;
   ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[0]), &pa));
-  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[1]), &pb));
-  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[2]), &ps));
+  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[ib]), &pb));
+  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[ib + 1]), &ps));
   ORT_TRY(g_api->GetTensorMutableData(out, &py));
   void* stream = nullptr;
   ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
@@ -875,6 +982,7 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   const auto* b = static_cast<const uint8_t*>(pb);
   const auto* sc = static_cast<const half*>(ps);
   auto* y = static_cast<half*>(py);
+  if (kn.norm) return kn.bits == 4 ? launch_norm<4>(kn, a, m, nm, b, sc, y, s) : launch_norm<8>(kn, a, m, nm, b, sc, y, s);
   return kn.bits == 4 ? launch<4>(kn, a, m, b, sc, y, s) : launch<8>(kn, a, m, b, sc, y, s);
 }
 
@@ -1255,6 +1363,25 @@ OrtCustomOp make_norm_f16_op() {
 
 OrtCustomOp g_norm_matmul_f16 = make_norm_f16_op();
 
+// ---- NormMatMulNBitsTiled: MatMulNBitsTiled with the SkipSimplifiedLayerNormalization in front folded in -------
+// Inputs A, skip (A's shape), gamma [K] (fp16), B (uint8), SZ (fp16); attributes as MatMulNBitsTiled's plus
+// epsilon; outputs Y and S = A + skip (launch_norm).
+
+const char* ORT_API_CALL norm_nbits_name(const OrtCustomOp*) { return "NormMatMulNBitsTiled"; }
+ONNXTensorElementDataType ORT_API_CALL norm_nbits_input_type(const OrtCustomOp*, size_t index) {
+  return index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+size_t ORT_API_CALL norm_nbits_input_count(const OrtCustomOp*) { return 5; }
+
+OrtCustomOp make_norm_nbits_op() {
+  OrtCustomOp op = derived_op(norm_nbits_name, norm_nbits_input_type, norm_nbits_input_count, create_norm_nbits,
+                              compute, destroy_of<NBitsKernel>);
+  op.GetOutputTypeCount = norm_f16_output_count;
+  return op;
+}
+
+OrtCustomOp g_norm_matmul_nbits = make_norm_nbits_op();
+
 // ---- CachedAttention ------------------------------------------------------------------------------------------
 
 struct AttnKernel {
@@ -1456,6 +1583,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_swiglu));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_matmul_f16));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_norm_matmul_f16));
+  ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_norm_matmul_nbits));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_cached_attention));
   return g_api->AddCustomOpDomain(options, domain);
 }
