@@ -249,6 +249,20 @@ def norm_model(k: int, n: int, act: int, w_nk: np.ndarray, gamma: np.ndarray, fu
     return fp16_proto(graph)
 
 
+def norm_row(row: dict, who: str, make_session, x: np.ndarray, skip: np.ndarray, ref: np.ndarray,
+             total: np.ndarray) -> None:
+    """One folded-norm model's outputs (y0, sum) on (x, skip) against the float64 product and the fp16 sum, into
+    row as {who}_rel_err and {who}_sum_max_abs_err, or {who}_error."""
+    try:
+        sess = make_session()
+        y, s = (v.astype(np.float64) for v in sess.run(["y0", "sum"], {"x": x, "skip": skip}))
+        assert y.shape == ref.shape and s.shape == total.shape, (y.shape, ref.shape, s.shape)
+        row[f"{who}_rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-9))
+        row[f"{who}_sum_max_abs_err"] = float(np.abs(s - total).max())
+    except Exception as exc:  # noqa: BLE001 - a failure is a result
+        row[f"{who}_error"] = f"{type(exc).__name__}: {str(exc)[-400:]}"
+
+
 def norm_check(ort, lib: str, result: dict) -> None:
     """NormMatMulF16 against float64 (the sum rounded to fp16 as the op stores it) and ONNX Runtime's ops beside it."""
     rng = np.random.default_rng(3)
@@ -262,14 +276,7 @@ def norm_check(ort, lib: str, result: dict) -> None:
         ref = swiglu_reference(xn @ w.astype(np.float64).T, act)
         row = {"case": "NormMatMulF16", "M": m, "K": k, "N": n, "activation": act}
         for who, fused, path in (("leptonc", True, lib), ("onnxruntime", False, None)):
-            try:
-                sess = session(ort, norm_model(k, n, act, w, gamma, fused), path)
-                y, s = (v.astype(np.float64) for v in sess.run(["y0", "sum"], {"x": x, "skip": skip}))
-                assert y.shape == ref.shape and s.shape == total.shape, (y.shape, ref.shape, s.shape)
-                row[f"{who}_rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-9))
-                row[f"{who}_sum_max_abs_err"] = float(np.abs(s - total).max())
-            except Exception as exc:  # noqa: BLE001 - a failure is a result
-                row[f"{who}_error"] = f"{type(exc).__name__}: {str(exc)[-400:]}"
+            norm_row(row, who, lambda: session(ort, norm_model(k, n, act, w, gamma, fused), path), x, skip, ref, total)
         result["check"].append(row)
         print(json.dumps(row), flush=True)
 
@@ -325,16 +332,9 @@ def norm_nbits_check(ort, lib: str, result: dict) -> None:
         row = {"case": "NormMatMulNBitsTiled", "M": m, "K": k, "N": n, "bits": bits, "block": block,
                "zero_points": zp, "activation": act}
         for who, fused, path in (("leptonc", True, lib), ("onnxruntime", False, None)):
-            if not fused and act:
-                continue
-            try:
-                sess = session(ort, norm_nbits_model(k, n, bits, block, act, w, gamma, fused), path)
-                y, s = (v.astype(np.float64) for v in sess.run(["y0", "sum"], {"x": x, "skip": skip}))
-                assert y.shape == ref.shape and s.shape == total.shape, (y.shape, ref.shape, s.shape)
-                row[f"{who}_rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-9))
-                row[f"{who}_sum_max_abs_err"] = float(np.abs(s - total).max())
-            except Exception as exc:  # noqa: BLE001 - a failure is a result
-                row[f"{who}_error"] = f"{type(exc).__name__}: {str(exc)[-400:]}"
+            if fused or not act:
+                norm_row(row, who, lambda: session(ort, norm_nbits_model(k, n, bits, block, act, w, gamma, fused), path),
+                         x, skip, ref, total)
         result["check"].append(row)
         print(json.dumps(row), flush=True)
 

@@ -712,6 +712,32 @@ OrtStatus* row_shape(const OrtValue* value, const char* op, const char* what, in
   return nullptr;
 }
 
+// A folded norm's inputs skip (in[1], A's shape) and gamma (in[2], K values), and its output 1, the sum (A's shape,
+// dims/rank), into *nm; `op` names the op in errors.
+OrtStatus* read_row_norm(OrtKernelContext* ctx, const OrtValue* const* in, const char* op, int64_t m, int64_t K,
+                         float eps, const int64_t* dims, size_t rank, RowNorm* nm) {
+  int64_t sdims[8] = {0}, gdims[8] = {0}, sm = 1, gm = 1;
+  size_t srank = 0, grank = 0;
+  ORT_TRY(row_shape(in[1], op, "skip", sdims, &srank, &sm));
+  ORT_TRY(row_shape(in[2], op, "gamma", gdims, &grank, &gm));
+  const char* bad = sm != m || sdims[srank - 1] != K ? "skip must have A's shape"
+                    : gm * gdims[grank - 1] != K   ? "gamma must have K elements"
+                                                   : nullptr;
+  if (bad != nullptr) return g_api->CreateStatus(ORT_EP_FAIL, (std::string("leptonc ") + op + ": " + bad).c_str());
+  OrtValue* sum = nullptr;
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 1, dims, rank, &sum));
+  if (m == 0) return nullptr;
+  void *ps = nullptr, *pg = nullptr, *psum = nullptr;
+  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[1]), &ps));
+  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[2]), &pg));
+  ORT_TRY(g_api->GetTensorMutableData(sum, &psum));
+  nm->skip = static_cast<const half*>(ps);
+  nm->gamma = static_cast<const half*>(pg);
+  nm->sum = static_cast<half*>(psum);
+  nm->eps = eps;
+  return nullptr;
+}
+
 OrtStatus* ensure_shared(bool product = false, bool scratch = true, bool normed = false) {
   std::lock_guard<std::mutex> guard(g_shared.lock);
   if (g_shared.cublas == nullptr) {
@@ -943,26 +969,7 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   if (dims[rank - 1] != kn.K) return make_error("A's last dimension is " + std::to_string(dims[rank - 1]) +
                                                 ", the node's K is " + std::to_string(kn.K));
   RowNorm nm;
-  if (kn.norm) {
-    int64_t sdims[8] = {0}, gdims[8] = {0}, sm = 1, gm = 1;
-    size_t srank = 0, grank = 0;
-    ORT_TRY(row_shape(in[1], op, "skip", sdims, &srank, &sm));
-    ORT_TRY(row_shape(in[2], op, "gamma", gdims, &grank, &gm));
-    if (sm != m || sdims[srank - 1] != kn.K) return g_api->CreateStatus(ORT_EP_FAIL, "leptonc NormMatMulNBitsTiled: skip must have A's shape");
-    if (gm * gdims[grank - 1] != kn.K) return g_api->CreateStatus(ORT_EP_FAIL, "leptonc NormMatMulNBitsTiled: gamma must have K elements");
-    OrtValue* sum = nullptr;
-    ORT_TRY(g_api->KernelContext_GetOutput(ctx, 1, dims, rank, &sum));  // A's shape
-    if (m > 0) {
-      void *ps = nullptr, *pg = nullptr, *psum = nullptr;
-      ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[1]), &ps));
-      ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[2]), &pg));
-      ORT_TRY(g_api->GetTensorMutableData(sum, &psum));
-      nm.skip = static_cast<const half*>(ps);
-      nm.gamma = static_cast<const half*>(pg);
-      nm.sum = static_cast<half*>(psum);
-      nm.eps = kn.eps;
-    }
-  }
+  if (kn.norm) ORT_TRY(read_row_norm(ctx, in, op, m, kn.K, kn.eps, dims, rank, &nm));
   int64_t out_dims[8];
   for (size_t i = 0; i + 1 < rank; ++i) out_dims[i] = dims[i];
   out_dims[rank - 1] = kn.activation == 1 ? kn.N / 2 : kn.N;
@@ -1309,27 +1316,7 @@ OrtStatus* ORT_API_CALL compute_f16(void* kernel, OrtKernelContext* ctx) {
   if (dims[rank - 1] != kn.K)
     return f16_error("A's last dimension is " + std::to_string(dims[rank - 1]) + ", the node's K is " + std::to_string(kn.K));
   RowNorm nm;
-  if (kn.norm) {
-    int64_t sdims[8] = {0}, gdims[8] = {0};
-    size_t srank = 0, grank = 0;
-    int64_t sm = 1, gm = 1;
-    ORT_TRY(row_shape(in[1], "NormMatMulF16", "skip", sdims, &srank, &sm));
-    ORT_TRY(row_shape(in[2], "NormMatMulF16", "gamma", gdims, &grank, &gm));
-    if (sm != m || sdims[srank - 1] != kn.K) return f16_error("skip must have A's shape");
-    if (gm * gdims[grank - 1] != kn.K) return f16_error("gamma must have K elements");
-    OrtValue* sum = nullptr;
-    ORT_TRY(g_api->KernelContext_GetOutput(ctx, 1, dims, rank, &sum));  // A's shape, before dims changes below
-    if (m > 0) {
-      void *ps = nullptr, *pg = nullptr, *psum = nullptr;
-      ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[1]), &ps));
-      ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[2]), &pg));
-      ORT_TRY(g_api->GetTensorMutableData(sum, &psum));
-      nm.skip = static_cast<const half*>(ps);
-      nm.gamma = static_cast<const half*>(pg);
-      nm.sum = static_cast<half*>(psum);
-      nm.eps = kn.eps;
-    }
-  }
+  if (kn.norm) ORT_TRY(read_row_norm(ctx, in, "NormMatMulF16", m, kn.K, kn.eps, dims, rank, &nm));
   dims[rank - 1] = kn.activation == 1 ? kn.N / 2 : kn.N;
   OrtValue* out = nullptr;
   ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, dims, rank, &out));
