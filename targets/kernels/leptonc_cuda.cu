@@ -857,6 +857,26 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   return nullptr;
 }
 
+// The folded norm where it is not a product kernel's prologue: m rows of RMSNorm(A + skip) x gamma (and the sum
+// nm.sum) into `rows` (kScratchHalves halves) in chunks, each followed by product(first row, rows in the chunk).
+// `fail` makes the op's error.
+template <class Product>
+OrtStatus* norm_rows_then(const half* a, int64_t m, int K, const RowNorm& nm, half* rows, cudaStream_t stream,
+                          OrtStatus* (*fail)(const std::string&), Product product) {
+  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / K);
+  for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
+    const int r = int(std::min<int64_t>(chunk_rows, m - r0));
+    RowNorm chunk = nm;
+    chunk.skip += r0 * K;
+    chunk.sum += r0 * K;
+    skip_rms_norm_rows<<<r, kF16Warps * 32, size_t(K / 8) * sizeof(uint4), stream>>>(a + r0 * K, chunk, rows, K);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return fail(std::string("skip_rms_norm_rows launch: ") + cudaGetErrorString(err));
+    ORT_TRY(product(r0, r));
+  }
+  return nullptr;
+}
+
 // NormMatMulNBitsTiled: Y = RMSNorm(A + skip) x gamma x W^T and S = A + skip. One row where the few-rows kernel
 // serves the shape: the norm is its prologue (one kernel). Otherwise the rows are normalized into g_shared.normed
 // (skip_rms_norm_rows, in chunks of kScratchHalves), then launch() as for MatMulNBitsTiled.
@@ -876,19 +896,10 @@ OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const Ro
                         "tiled_gemv (norm prologue) launch");
   }
   if (g_shared.normed == nullptr) ORT_TRY(ensure_shared(kn.activation == 1, true, true));
-  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / K);
   const int64_t out_n = kn.activation == 1 ? N / 2 : N;
-  for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
-    const int r = int(std::min<int64_t>(chunk_rows, m - r0));
-    RowNorm chunk = nm;
-    chunk.skip += r0 * K;
-    chunk.sum += r0 * K;
-    skip_rms_norm_rows<<<r, kF16Warps * 32, size_t(K / 8) * sizeof(uint4), stream>>>(a + r0 * K, chunk,
-                                                                                    g_shared.normed, K);
-    ORT_TRY(cuda_check(cudaGetLastError(), "skip_rms_norm_rows launch"));
-    ORT_TRY(launch<BITS>(kn, g_shared.normed, r, b, sz, y + r0 * out_n, stream));
-  }
-  return nullptr;
+  return norm_rows_then(a, m, K, nm, g_shared.normed, stream, make_error, [&](int64_t r0, int r) {
+    return launch<BITS>(kn, g_shared.normed, r, b, sz, y + r0 * out_n, stream);
+  });
 }
 
 OrtStatus* read_int_attr(const OrtKernelInfo* info, const char* name, int64_t* out) {
@@ -1286,20 +1297,10 @@ OrtStatus* launch_f16(const F16Kernel& kn, const half* a, int64_t m, const half*
   if (cublasSetWorkspace(g_shared.cublas, g_shared.workspace, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS)
     return f16_error("cublasSetWorkspace failed");
   if (!kn.norm) return f16_gemm_rows(kn, a, m, w, y, stream);
-  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / K);
   const int64_t out_n = act ? N / 2 : N;
-  for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
-    const int r = int(std::min<int64_t>(chunk_rows, m - r0));
-    RowNorm chunk = nm;
-    chunk.skip += r0 * K;
-    chunk.sum += r0 * K;
-    skip_rms_norm_rows<<<r, kF16Warps * 32, size_t(K / 8) * sizeof(uint4), stream>>>(a + r0 * K, chunk,
-                                                                                    g_shared.scratch, K);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return f16_error(std::string("skip_rms_norm_rows launch: ") + cudaGetErrorString(err));
-    ORT_TRY(f16_gemm_rows(kn, g_shared.scratch, r, w, y + r0 * out_n, stream));
-  }
-  return nullptr;
+  return norm_rows_then(a, m, K, nm, g_shared.scratch, stream, f16_error, [&](int64_t r0, int r) {
+    return f16_gemm_rows(kn, g_shared.scratch, r, w, y + r0 * out_n, stream);
+  });
 }
 
 OrtStatus* ORT_API_CALL compute_f16(void* kernel, OrtKernelContext* ctx) {
