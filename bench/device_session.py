@@ -932,6 +932,34 @@ def s17(s: Session) -> None:
                 bench(s, b, f"llama1b int4 {name} round {rnd + 1}", "--batch", "1,16")
 
 
+PERSISTENT = {"LEPTONC_F16_PERSISTENT": "1"}
+
+
+def s17b(s: Session) -> None:
+    """Issue 8 lines 1 and 6 (written in session 16, not yet run): the one-row fp16 sweep, which now also times each
+    product's shipped plan on a persistent grid (LEPTONC_F16_PERSISTENT=1: at most the resident blocks, each looping
+    over row groups with A staged once); llama-1b-shape fp16 on the defaults against the same bundle with persistent
+    grids (32 greedy tokens each, then decode at batch 1 and 16, three interleaved rounds); then batch 16's device
+    memory alone with the default 4,096-token prefill chunks and with 1,024."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    f16_sweep(s)
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if not fp16:
+        return
+    ids = {name: greedy(s, fp16, f"greedy llama1b {name}", n=32, env=e) for name, e in (("defaults", {}),
+                                                                                     ("persistent", PERSISTENT))}
+    s.record["parity"] = {"llama1b fp16, persistent grids vs not": {
+        **ids, "identical": None not in ids.values() and ids["defaults"] == ids["persistent"]}}
+    s.save()
+    for rnd in range(3):
+        for name, e in (("defaults", {}), ("persistent", PERSISTENT)):
+            bench(s, fp16, f"llama1b fp16 {name} round {rnd + 1}", "--batch", "1,16" if rnd == 0 else "1", env=e)
+    for chunk in ("4096", "1024"):
+        script(s, f"memory probe llama1b b16 alone, prefill chunks {chunk}", "bench/device_memory_probe.py", str(fp16),
+               "--batches", "16", out_name=f"memory_llama1b_b16_chunk{chunk}.json", timeout=120,
+               env={"LEPTONC_PREFILL_TOKENS": chunk})
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -954,7 +982,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -971,7 +999,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b}[args.session](s)
     finally:
         s.save()
         summary(s)

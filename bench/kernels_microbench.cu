@@ -216,6 +216,27 @@ int f16_sweep(const char* out_path) {
     const float shipped_ms = graph_ms(s, reps, [&](int r) {
       if (launch_f16(fk, a, 1, ws[r], y, RowNorm{}, s) != nullptr) std::exit(2);
     });
+    {  // the shipped plan with the persistent grid (LEPTONC_F16_PERSISTENT=1): time and agreement
+      const bool act = mx.activation == 1;
+      launch_f16_gemv_rows<false>(shipped.rows, shipped.split, act, a, ws[0], y, mx.K, mx.N, RowNorm{}, s, true);
+      check(cudaMemcpyAsync(got.data(), y, n_out * sizeof(half), cudaMemcpyDeviceToHost, s), "copy persistent");
+      check(cudaStreamSynchronize(s), "persistent");
+      float err = 0.f;
+      for (int i = 0; i < n_out; ++i) err = std::max(err, std::fabs(__half2float(got[i]) - __half2float(ref[i])));
+      const float ms = graph_ms(s, reps, [&](int r) {
+        launch_f16_gemv_rows<false>(shipped.rows, shipped.split, act, a, ws[r], y, mx.K, mx.N, RowNorm{}, s, true);
+      });
+      char line[512];
+      std::snprintf(line, sizeof(line),
+                    "{\"matrix\": \"%s\", \"K\": %d, \"N\": %d, \"activation\": %d, \"persistent\": 1, "
+                    "\"rows_a_group\": %d, \"split\": %d, \"R\": %d, \"us\": %.2f, \"TBps\": %.2f, "
+                    "\"shipped_us\": %.2f, \"rel_diff_vs_shipped\": %.2e}",
+                    mx.name, mx.K, mx.N, mx.activation, shipped.rows, shipped.split, reps, 1e3 * ms / reps,
+                    double(w_bytes) / (1e3 * ms / reps) / 1e6, 1e3 * shipped_ms / reps,
+                    double(err) / std::max(ref_max, 1e-9f));
+      std::printf("%s\n", line);
+      all += (all.size() > 1 ? ",\n " : "") + std::string(line);
+    }
     for (int rows : {1, 2, 4})
     for (int split : {1, 2, 4}) {
       if (!launch_f16_variant(mx.activation == 1, rows, split, a, ws[0], y, mx.K, mx.N, s)) continue;

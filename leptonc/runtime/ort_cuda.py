@@ -233,6 +233,8 @@ class OrtCudaRunner(Runner):
             self.kernel_launch += ("; one-row fp16 products untuned (LEPTONC_F16_SPLIT=0)"
                                    if os.environ.get("LEPTONC_F16_SPLIT") == "0" else
                                    "; one-row fp16 products tuned (rows and K split by shape)")
+            if os.environ.get("LEPTONC_F16_PERSISTENT") == "1":
+                self.kernel_launch += "; persistent one-row fp16 grids (LEPTONC_F16_PERSISTENT=1, experimental)"
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement
             so.enable_profiling = True
             so.profile_file_prefix = os.environ["LEPTONC_ORT_PROFILE"]

@@ -581,18 +581,23 @@ __device__ __forceinline__ void dot_step(float (&acc)[R], const uint4& av, const
   }
 }
 
-template <int R, bool ACT, bool NORM, int S = 1>
+template <int R, bool ACT, bool NORM, int S = 1, bool P = false>
 __global__ void __launch_bounds__(kF16Warps * 32)
 f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restrict__ Y, int K, int N, RowNorm nm) {
   static_assert(kF16Warps % S == 0, "whole groups of S warps a block");
   extern __shared__ uint4 a_s[];
   constexpr int kPre = 8 / R;  // steps whose weights are loaded before A is staged
-  const int kv = K / 8;
+  constexpr int kRows = (kF16Warps / S) * R;  // rows a block covers in one pass
+  const int kv = K / 8, passes = (N + kRows - 1) / kRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int part = warp % S;  // S > 1: warp `part` of its group takes the vectors part * 32 + lane, stepping 32 S
-  const int n0 = (blockIdx.x * (kF16Warps / S) + warp / S) * R;
   const int first = part * 32 + lane, stride = 32 * S;
   const uint4* w = reinterpret_cast<const uint4*>(W);
+  // P (f16_persistent): a grid smaller than `passes` makes each block take passes blockIdx.x, + gridDim.x, ...: A
+  // is staged once a block, and every block is resident when the kernel before it ends. Without P the grid is
+  // `passes` and the loop below runs once (the same code as before persistence was written).
+  int pass = blockIdx.x;
+  int n0 = (pass * (kF16Warps / S) + warp / S) * R;
   pdl_trigger();
   uint4 pre[kPre][R];
 #pragma unroll
@@ -604,45 +609,57 @@ f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restric
     }
   pdl_wait();  // A (and the norm's inputs) come from the kernels before
   stage_row<NORM>(a_s, A, nm, kv, blockIdx.x == 0);
-  if (S == 1 && n0 >= N) return;  // with S > 1 every warp reaches the partial sums' barrier
-  float acc[R];
+  for (bool preloaded = true;; preloaded = false) {
+    if (S == 1 && n0 >= N) return;  // with S > 1 every warp reaches the partial sums' barriers
+    float acc[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    int i0 = first;
+    if (preloaded) {
 #pragma unroll
-  for (int p = 0; p < kPre; ++p)
-    if (first + stride * p < kv) dot_step<R>(acc, a_s[first + stride * p], pre[p]);
+      for (int p = 0; p < kPre; ++p)
+        if (first + stride * p < kv) dot_step<R>(acc, a_s[first + stride * p], pre[p]);
+      i0 = first + stride * kPre;
+    }
 #pragma unroll 4
-  for (int i = first + stride * kPre; i < kv; i += stride) {
-    uint4 wv[R];
+    for (int i = i0; i < kv; i += stride) {
+      uint4 wv[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) wv[r] = n0 + r < N ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
-    dot_step<R>(acc, a_s[i], wv);
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-  if constexpr (S > 1) {  // the group's S partial sums, added by its first warp
-    __shared__ float partial[kF16Warps][R];
-    if (lane == 0)
-#pragma unroll
-      for (int r = 0; r < R; ++r) partial[warp][r] = acc[r];
-    __syncthreads();
-    if (part != 0) return;
+      for (int r = 0; r < R; ++r) wv[r] = n0 + r < N ? __ldg(w + size_t(n0 + r) * kv + i) : make_uint4(0, 0, 0, 0);
+      dot_step<R>(acc, a_s[i], wv);
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int j = 1; j < S; ++j) acc[r] += partial[warp + j][r];
-  }
-  if (lane != 0 || n0 >= N) return;
-  if (ACT) {
+      for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+    if constexpr (S > 1) {  // the group's S partial sums, added by its first warp
+      __shared__ float partial[kF16Warps][R];
+      if (lane == 0)
 #pragma unroll
-    for (int r = 0; r + 1 < R; r += 2)
-      if (n0 + r + 1 < N) Y[(n0 + r) / 2] = __float2half(silu_mul(acc[r], acc[r + 1]));
-  } else {
+        for (int r = 0; r < R; ++r) partial[warp][r] = acc[r];
+      __syncthreads();
+      if (!P && part != 0) return;  // with P every warp reaches the next pass's barriers
 #pragma unroll
-    for (int r = 0; r < R; ++r)
-      if (n0 + r < N) Y[n0 + r] = __float2half(acc[r]);
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 1; j < S; ++j) acc[r] += part == 0 ? partial[warp + j][r] : 0.f;
+    }
+    if (part == 0 && lane == 0 && n0 < N) {
+      if (ACT) {
+#pragma unroll
+        for (int r = 0; r + 1 < R; r += 2)
+          if (n0 + r + 1 < N) Y[(n0 + r) / 2] = __float2half(silu_mul(acc[r], acc[r + 1]));
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          if (n0 + r < N) Y[n0 + r] = __float2half(acc[r]);
+      }
+    }
+    if constexpr (!P) return;
+    pass += gridDim.x;
+    if (pass >= passes) return;
+    n0 = (pass * (kF16Warps / S) + warp / S) * R;
+    if constexpr (S > 1) __syncthreads();  // `partial` is written again in the next pass
   }
 }
 
@@ -1202,27 +1219,59 @@ OrtStatus* ORT_API_CALL create_norm_f16(const OrtCustomOp*, const OrtApi* api, c
   return create_f16_kernel(api, info, true, kernel);
 }
 
+// Persistent one-row fp16 products (LEPTONC_F16_PERSISTENT=1 where the bundle runs; off until measured): the grid
+// is at most the blocks that fit on the GPU at once, each block looping over passes (f16_gemv).
+inline bool f16_persistent() {
+  static const bool on = [] {
+    const char* v = std::getenv("LEPTONC_F16_PERSISTENT");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
+// At most the blocks of `kernel` (kF16Warps warps, smem bytes) resident on the current GPU at once; 0 if unknown.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, size_t smem) {
+  static const int sms = [] {
+    int device = 0, n = 0;
+    return cudaGetDevice(&device) == cudaSuccess &&
+                   cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) == cudaSuccess
+               ? n
+               : 0;
+  }();
+  int per_sm = 0;
+  if (sms == 0 || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kF16Warps * 32, smem) != cudaSuccess)
+    return 0;
+  return per_sm * sms;
+}
+
 template <int R, int S, bool NORM>
 void launch_f16_gemv(bool act, const half* a, const half* w, half* y, int K, int N, const RowNorm& nm,
-                     cudaStream_t stream) {
-  const int grid = (N + (kF16Warps / S) * R - 1) / ((kF16Warps / S) * R);
+                     cudaStream_t stream, bool persistent = f16_persistent()) {
+  int grid = (N + (kF16Warps / S) * R - 1) / ((kF16Warps / S) * R);
   const size_t smem = size_t(K / 8) * sizeof(uint4);
-  if (act)
-    launch_dependent(f16_gemv<R, true, NORM, S>, dim3(grid), dim3(kF16Warps * 32), smem, stream, a, w, y, K, N, nm);
-  else
-    launch_dependent(f16_gemv<R, false, NORM, S>, dim3(grid), dim3(kF16Warps * 32), smem, stream, a, w, y, K, N, nm);
+  if (persistent) {
+    auto kernel = act ? f16_gemv<R, true, NORM, S, true> : f16_gemv<R, false, NORM, S, true>;
+    const int resident = resident_blocks(kernel, smem);
+    if (resident > 0) grid = std::min(grid, resident);
+    launch_dependent(kernel, dim3(grid), dim3(kF16Warps * 32), smem, stream, a, w, y, K, N, nm);
+    return;
+  }
+  auto kernel = act ? f16_gemv<R, true, NORM, S> : f16_gemv<R, false, NORM, S>;
+  launch_dependent(kernel, dim3(grid), dim3(kF16Warps * 32), smem, stream, a, w, y, K, N, nm);
 }
 
 // r rows a warp group (1, 2 or 4) and s warps along K (1, 2 or 4; s <= 2r: f16_plan).
 template <bool NORM>
 void launch_f16_gemv_rows(int r, int s, bool act, const half* a, const half* w, half* y, int K, int N,
-                          const RowNorm& nm, cudaStream_t stream) {
-  if (r == 4) launch_f16_gemv<4, 1, NORM>(act, a, w, y, K, N, nm, stream);
-  else if (r == 2 && s == 4) launch_f16_gemv<2, 4, NORM>(act, a, w, y, K, N, nm, stream);
-  else if (r == 2 && s == 2) launch_f16_gemv<2, 2, NORM>(act, a, w, y, K, N, nm, stream);
-  else if (r == 2) launch_f16_gemv<2, 1, NORM>(act, a, w, y, K, N, nm, stream);
-  else if (s == 2) launch_f16_gemv<1, 2, NORM>(act, a, w, y, K, N, nm, stream);
-  else launch_f16_gemv<1, 1, NORM>(act, a, w, y, K, N, nm, stream);
+                          const RowNorm& nm, cudaStream_t stream, bool persistent = f16_persistent()) {
+  const bool p = persistent;
+  if (r == 4) launch_f16_gemv<4, 1, NORM>(act, a, w, y, K, N, nm, stream, p);
+  else if (r == 2 && s == 4) launch_f16_gemv<2, 4, NORM>(act, a, w, y, K, N, nm, stream, p);
+  else if (r == 2 && s == 2) launch_f16_gemv<2, 2, NORM>(act, a, w, y, K, N, nm, stream, p);
+  else if (r == 2) launch_f16_gemv<2, 1, NORM>(act, a, w, y, K, N, nm, stream, p);
+  else if (s == 2) launch_f16_gemv<1, 2, NORM>(act, a, w, y, K, N, nm, stream, p);
+  else launch_f16_gemv<1, 1, NORM>(act, a, w, y, K, N, nm, stream, p);
 }
 
 struct F16Plan {
