@@ -1284,7 +1284,7 @@ struct F16Plan {
 // at least one 16-byte vector a row and a block still covers 4 rows (each block stages all of A, so fewer rows a
 // block means more staging for the same weights). Session 16's sweep on the H100 (bench/kernels_microbench.cu
 // --f16-sweep, BENCHMARKS.md) put this within 0.1 us of the best of 9 choices on every llama-1b-shape product and
-// within 0.3 us on smollm2's. Untuned (LEPTONC_F16_SPLIT=0, the launch before session 16): one warp a row group,
+// within 0.33 us on smollm2's. Untuned (LEPTONC_F16_SPLIT=0, the launch before session 16): one warp a row group,
 // 4 rows where N fills two blocks an SM at 4, 2 where it does at 2.
 inline F16Plan f16_plan(int K, int N, bool act, bool tuned) {
   if (!tuned) return {N >= 2 * 132 * kF16Warps * 4 ? 4 : (N >= 132 * kF16Warps * 2 || act) ? 2 : 1, 1};
