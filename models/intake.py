@@ -176,7 +176,9 @@ def _load_gguf(path: Path, *, name: str, kind: str, description: str) -> LoadedM
     except Exception as exc:  # gguf raises many types for a bad file
         raise ModelSourceError(f"{path} is not a readable GGUF model: {exc}") from None
     get_adapter(config.model_type)
-    module = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # the config read above, passed on: from_pretrained would otherwise parse the GGUF file for it again (~5 s for
+    # smollm2's 49k-token vocabulary)
+    module = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
     module.eval()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return LoadedModel(name, kind, description, module, tokenizer, f"sha256:{sha256_file(path)}", False, str(path))
