@@ -286,20 +286,25 @@ def _norm_graph(k=64, n=48, *, reader=False, mean_read=False, const_gamma=True, 
     return gs.Graph(nodes=nodes, inputs=inputs, outputs=graph_outputs, opset=17)
 
 
+def _ort_cpu_on_random_rows(graph: gs.Graph, shape, seed: int):
+    """Random fp16 (a, skip) of `shape` and ONNX Runtime's CPU outputs of `graph` (left untouched) on them."""
+    import onnxruntime as ort
+
+    model = gs.export_onnx(graph.copy())
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    a, skip = (rng.standard_normal(shape).astype(np.float16) for _ in range(2))
+    return a, skip, sess.run(None, {"a": a, "skip": skip})
+
+
 @pytest.mark.parametrize("with_sum", [True, False])
 def test_norm_in_front_of_an_fp16_product_folds_into_it(with_sum):
     """SkipSimplifiedLayerNormalization whose normalized output only a MatMulF16 reads -> NormMatMulF16(a, skip,
     gamma, W) with outputs (y, a + skip). Its contract, computed in numpy from the lowered node's own inputs and
     attributes, equals ONNX Runtime's CPU result for the original graph; the sum keeps its name and readers."""
-    import onnxruntime as ort
-
     graph = _norm_graph(with_sum=with_sum)
-    model = gs.export_onnx(graph.copy())
-    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(6)
-    a, skip = (rng.standard_normal((2, 3, 64)).astype(np.float16) for _ in range(2))
-    expected = sess.run(None, {"a": a, "skip": skip})
+    a, skip, expected = _ort_cpu_on_random_rows(graph, (2, 3, 64), seed=6)
 
     result = use_leptonc_kernels(graph, _ctx(True, file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert result.applied and result.counts["f16"] == 1 and result.counts["f16_norm"] == 1
@@ -320,11 +325,11 @@ def test_norm_in_front_of_an_fp16_product_folds_into_it(with_sum):
     gs.export_onnx(graph)  # still a valid graph
 
 
-def _norm_nbits_graph(k=256, n=64, bits=4, block=128) -> tuple[gs.Graph, np.ndarray]:
+def _norm_nbits_graph(k=256, n=64, bits=4, block=128) -> gs.Graph:
     """SkipSimplifiedLayerNormalization(a, skip, gamma) -> MatMulNBits (random codes and scales, default zero points)
-    -> y, the sum a graph output; and the float64 weight [N, K] the codes stand for."""
+    -> y, the sum a graph output."""
     rng = np.random.default_rng(11)
-    b, scales, _, w = _quantized(rng, k, n, bits, block, zp=False)
+    b, scales, _, _ = _quantized(rng, k, n, bits, block, zp=False)
     a = gs.Variable("a", dtype=np.float16, shape=[1, 1, k])
     skip = gs.Variable("skip", dtype=np.float16, shape=[1, 1, k])
     gamma = gs.Constant("gamma", (1 + 0.1 * rng.standard_normal(k)).astype(np.float16))
@@ -336,7 +341,7 @@ def _norm_nbits_graph(k=256, n=64, bits=4, block=128) -> tuple[gs.Graph, np.ndar
              gs.Node("MatMulNBits", "mm", domain="com.microsoft",
                      attrs={"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 4},
                      inputs=[normed, gs.Constant("b", b), gs.Constant("s", scales)], outputs=[y])]
-    return gs.Graph(nodes=nodes, inputs=[a, skip], outputs=[y, total], opset=17), w
+    return gs.Graph(nodes=nodes, inputs=[a, skip], outputs=[y, total], opset=17)
 
 
 def test_norm_in_front_of_an_int4_product_folds_into_it_when_asked():
@@ -344,15 +349,8 @@ def test_norm_in_front_of_an_int4_product_folds_into_it_when_asked():
     NormMatMulNBitsTiled(a, skip, gamma, B, SZ) -> (y, a + skip). The contract, computed in numpy from the lowered
     node's own inputs (the kernel's view of the tiled weights), equals ONNX Runtime's CPU result for the original
     graph. Without the option the norm stays in front of a MatMulNBitsTiled."""
-    import onnxruntime as ort
-
-    graph, _ = _norm_nbits_graph()
-    model = gs.export_onnx(graph.copy())
-    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(12)
-    a, skip = (rng.standard_normal((1, 1, 256)).astype(np.float16) for _ in range(2))
-    expected = sess.run(None, {"a": a, "skip": skip})
+    graph = _norm_nbits_graph()
+    a, skip, expected = _ort_cpu_on_random_rows(graph, (1, 1, 256), seed=12)
 
     plain = graph.copy()
     result = use_leptonc_kernels(plain, _ctx(True, file="kernels/libleptonc_cuda.so", arch="sm_90"))
