@@ -1,8 +1,8 @@
 """Where a CUDA bundle's device memory goes (bench only, issue 8 line 6).
 
 Device memory in use (NVML, whole device, relative to this process's start) after each phase of the
-`leptonc bench` sequence: session created; batch 1 prefill (128 tokens) and 8 decode steps; batch 16
-the same. Beside it, the bytes the runner itself asked for (K/V buffers) and the bundle's weight bytes,
+`leptonc bench` sequence: the CUDA context alone; session created; batch 1 prefill (128 tokens) and 8
+decode steps; batch 16 the same. Beside it, the bytes the runner itself asked for (K/V buffers) and the bundle's weight bytes,
 so the remainder (CUDA context, cuBLAS workspaces, ONNX Runtime's arena, captured graphs) is visible.
 
     python3 bench/device_memory_probe.py BUNDLE OUT.json [--batches 1,16]
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,14 @@ def main() -> None:
 
     bundle = load_bundle(args.bundle, verify=False)
     phases = [("start", used())]
+    # The CUDA primary context alone (driver API; ONNX Runtime's runtime calls share it), so what the session adds
+    # on top of the context is visible apart from the context itself.
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    ctx = ctypes.c_void_p()
+    if cuda.cuInit(0) == 0 and cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0:
+        phases.append(("cuda context", used()))
     r = open_bundle_runner(bundle)
     phases.append(("session", used()))
     rng = np.random.default_rng(0)
@@ -54,6 +63,12 @@ def main() -> None:
               "weights_mb": round(bundle_weight_bytes(bundle) / 2**20, 1), "kv_buffers_mb": round(kv_asked / 2**20, 1),
               "phases_mb": dict(phases), "runner_peak_mb": r.peak_device_memory_mb()}
     result["unexplained_mb"] = round(max(v for _, v in phases) - result["weights_mb"] - result["kv_buffers_mb"], 1)
+    context = dict(phases).get("cuda context")
+    if context is not None:  # the same peak without the context every CUDA process pays
+        result["peak_above_context_mb"] = round(max(v for _, v in phases) - context, 1)
+    result["settings"] = {k: os.environ.get(k) for k in ("LEPTONC_PREFILL_TOKENS", "LEPTONC_KERNEL_BUFFER_MB",
+                                                         "LEPTONC_CUBLAS_WORKSPACE_MB")}
+    result["bound_mb"] = round(1.25 * (result["weights_mb"] + result["kv_buffers_mb"]), 1)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
 

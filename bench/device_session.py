@@ -911,7 +911,8 @@ def s17(s: Session) -> None:
     int4 products (LEPTONC_NORM_PROLOGUE_NBITS=1 at compile), so an int4 decode layer, like the fp16 one, runs only
     leptonc's kernels and every launch overlaps the one before. First the op alone against float64
     (bench/device_kernels.py --norm-nbits-only); only if every case passes, llama-1b-shape int4 (RTN) compiled with
-    the fold and without: 32 greedy tokens each, then decode at batch 1 and 16, interleaved twice."""
+    the fold and without: 32 greedy tokens each, then decode at batch 1 and 16, interleaved twice (with s17b's fp16
+    bundle where the machine still holds it, for line 2's ratio in one call)."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     data = script(s, "NormMatMulNBitsTiled check", "bench/device_kernels.py", "--norm-nbits-only",
                   out_name="norm_nbits_check.json", timeout=240) or {}
@@ -926,10 +927,14 @@ def s17(s: Session) -> None:
     folded = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4.norm", *args, env=NBITS_NORM_ON)
     plain = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", *args, env=NBITS_NORM_OFF)
     greedy_pair(s, "llama1b int4, norm folded vs not", {"folded": folded, "plain": plain})
+    # line 2's ratio needs fp16 in the same call: s17b's bundle where this call follows it on a still-warm machine
+    fp16 = WORK / "llama1b.h100.lepton"
+    variants = [("int4 norm folded", folded), ("int4 norm op", plain), ("fp16", fp16 if fp16.exists() else None)]
+    print(f"[s17] fp16 bundle from an earlier call on this machine: {variants[2][1]}", flush=True)
     for rnd in range(2):
-        for name, b in (("norm folded", folded), ("norm op", plain)):
+        for name, b in variants:
             if b:
-                bench(s, b, f"llama1b int4 {name} round {rnd + 1}", "--batch", "1,16")
+                bench(s, b, f"llama1b {name} round {rnd + 1}", "--batch", "1,16")
 
 
 PERSISTENT = {"LEPTONC_F16_PERSISTENT": "1"}
@@ -954,10 +959,37 @@ def s17b(s: Session) -> None:
     for rnd in range(3):
         for name, e in (("defaults", {}), ("persistent", PERSISTENT)):
             bench(s, fp16, f"llama1b fp16 {name} round {rnd + 1}", "--batch", "1,16" if rnd == 0 else "1", env=e)
-    for chunk in ("4096", "1024"):
-        script(s, f"memory probe llama1b b16 alone, prefill chunks {chunk}", "bench/device_memory_probe.py", str(fp16),
-               "--batches", "16", out_name=f"memory_llama1b_b16_chunk{chunk}.json", timeout=120,
-               env={"LEPTONC_PREFILL_TOKENS": chunk})
+    memory_variants(s, fp16)
+
+
+# Line 6's candidates: prefill chunk tokens, the kernel library's shared buffers, its cuBLAS workspace (all run time).
+LEAN = {"LEPTONC_PREFILL_TOKENS": "1024", "LEPTONC_KERNEL_BUFFER_MB": "8", "LEPTONC_CUBLAS_WORKSPACE_MB": "4"}
+MEMORY_VARIANTS = [
+    ("defaults", {}),
+    ("chunk1024", {"LEPTONC_PREFILL_TOKENS": "1024"}),
+    ("lean", LEAN),
+    ("chunk512 buf4 ws1", {"LEPTONC_PREFILL_TOKENS": "512", "LEPTONC_KERNEL_BUFFER_MB": "4",
+                           "LEPTONC_CUBLAS_WORKSPACE_MB": "1"}),
+    ("buf8 ws4", {"LEPTONC_KERNEL_BUFFER_MB": "8", "LEPTONC_CUBLAS_WORKSPACE_MB": "4"}),
+]
+
+
+def memory_variants(s: Session, fp16: Path) -> None:
+    """Line 6: batch 16's device memory alone (a fresh process each, with the CUDA context measured apart) for each
+    of MEMORY_VARIANTS; then the lean settings against the defaults where they could cost: 32 greedy tokens,
+    time to first token at 1,024 tokens (line 5) and decode at batch 1 and 16."""
+    for name, env in MEMORY_VARIANTS:
+        script(s, f"memory probe llama1b b16 alone, {name}", "bench/device_memory_probe.py", str(fp16),
+               "--batches", "16", out_name=f"memory_llama1b_b16_{name.replace(' ', '_')}.json", timeout=120, env=env)
+    ids = {name: greedy(s, fp16, f"greedy llama1b {name}", n=32, env=e) for name, e in (("defaults", {}),
+                                                                                     ("lean", LEAN))}
+    s.record.setdefault("parity", {})["llama1b fp16, lean memory settings vs defaults"] = {
+        **ids, "identical": None not in ids.values() and ids["defaults"] == ids["lean"]}
+    s.save()
+    for name, env in (("defaults", {}), ("lean", LEAN)):
+        s.cli(f"llama1b fp16 ttft 1024 {name}", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 3, "--iters", 20, "--json", "--no-verify", env=env)
+    bench(s, fp16, "llama1b fp16 lean round 1", "--batch", "1,16", env=LEAN)
 
 
 def summary(s: Session) -> None:

@@ -233,6 +233,9 @@ class OrtCudaRunner(Runner):
             self.kernel_launch += ("; one-row fp16 products untuned (LEPTONC_F16_SPLIT=0)"
                                    if os.environ.get("LEPTONC_F16_SPLIT") == "0" else
                                    "; one-row fp16 products tuned (rows and K split by shape)")
+            buffers = {k: os.environ.get(k) for k in ("LEPTONC_KERNEL_BUFFER_MB", "LEPTONC_CUBLAS_WORKSPACE_MB")}
+            self.kernel_launch += "; shared buffers " + ", ".join(
+                f"{k.removeprefix('LEPTONC_').lower()} {v or '32 (default)'}" for k, v in buffers.items())
             if os.environ.get("LEPTONC_F16_PERSISTENT") == "1":
                 self.kernel_launch += "; persistent one-row fp16 grids (LEPTONC_F16_PERSISTENT=1, experimental)"
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement

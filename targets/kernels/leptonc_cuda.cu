@@ -55,6 +55,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -66,8 +67,26 @@ const OrtApi* g_api = nullptr;
 
 constexpr int kMaxWarps = 16;     // warps per block at most; they split K
 constexpr int kSmallM = 16;       // rows of A served by the streaming kernel (the mma tile's M)
-constexpr size_t kScratchHalves = size_t(16) << 20;  // 32 MiB of dequantized rows for the M > 16 path
-constexpr size_t kCublasWorkspace = size_t(32) << 20;  // cuBLAS's recommendation for Hopper
+
+// Sizes of the process's shared buffers (Shared below), read once where a bundle runs:
+//   LEPTONC_KERNEL_BUFFER_MB: each of the scratch, product and normed-row buffers (default 32 MiB); the M > 16
+//     paths work through them in row chunks, so a smaller buffer means more, smaller cuBLAS calls, not wrong results;
+//   LEPTONC_CUBLAS_WORKSPACE_MB: the cuBLAS workspace (default 32 MiB, cuBLAS's recommendation for Hopper).
+size_t env_mib(const char* name, size_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long mib = std::strtol(v, &end, 10);
+  return (end != nullptr && *end == '\0' && mib >= 1 && mib <= 4096) ? size_t(mib) : fallback;
+}
+size_t scratch_halves() {  // halves in each shared buffer
+  static const size_t halves = env_mib("LEPTONC_KERNEL_BUFFER_MB", 32) << 19;
+  return halves;
+}
+size_t cublas_workspace_bytes() {
+  static const size_t bytes = env_mib("LEPTONC_CUBLAS_WORKSPACE_MB", 32) << 20;
+  return bytes;
+}
 constexpr uint32_t kExp1024 = 0x64006400u;           // two fp16 1024.0: OR-ing a code below 1024 gives 1024 + code
 
 template <int BITS>
@@ -682,9 +701,9 @@ struct Shared {  // one per process: the cuBLAS handle, the dequantization scrat
   std::mutex lock;
   cublasHandle_t cublas = nullptr;
   half* scratch = nullptr;
-  half* product = nullptr;  // kScratchHalves too; made only for a node with the SwiGLU epilogue
+  half* product = nullptr;  // scratch_halves() too; made only for a node with the SwiGLU epilogue
   void* workspace = nullptr;  // cuBLAS's, set explicitly: no allocation inside a captured decode step
-  half* normed = nullptr;  // kScratchHalves: NormMatMulNBitsTiled's normalized rows where the norm is not a prologue
+  half* normed = nullptr;  // scratch_halves(): NormMatMulNBitsTiled's normalized rows where the norm is not a prologue
 };
 Shared g_shared;
 
@@ -761,16 +780,16 @@ OrtStatus* ensure_shared(bool product = false, bool scratch = true, bool normed 
     if (cublasCreate(&g_shared.cublas) != CUBLAS_STATUS_SUCCESS) return make_error("cublasCreate failed");
   }
   if (scratch && g_shared.scratch == nullptr) {  // dequantized rows; NormMatMulF16's normalized rows
-    ORT_TRY(cuda_check(cudaMalloc(&g_shared.scratch, kScratchHalves * sizeof(half)), "cudaMalloc(scratch)"));
+    ORT_TRY(cuda_check(cudaMalloc(&g_shared.scratch, scratch_halves() * sizeof(half)), "cudaMalloc(scratch)"));
   }
   if (g_shared.workspace == nullptr) {
-    ORT_TRY(cuda_check(cudaMalloc(&g_shared.workspace, kCublasWorkspace), "cudaMalloc(cuBLAS workspace)"));
+    ORT_TRY(cuda_check(cudaMalloc(&g_shared.workspace, cublas_workspace_bytes()), "cudaMalloc(cuBLAS workspace)"));
   }
   if (product && g_shared.product == nullptr) {
-    ORT_TRY(cuda_check(cudaMalloc(&g_shared.product, kScratchHalves * sizeof(half)), "cudaMalloc(product)"));
+    ORT_TRY(cuda_check(cudaMalloc(&g_shared.product, scratch_halves() * sizeof(half)), "cudaMalloc(product)"));
   }
   if (normed && g_shared.normed == nullptr) {
-    ORT_TRY(cuda_check(cudaMalloc(&g_shared.normed, kScratchHalves * sizeof(half)), "cudaMalloc(normed rows)"));
+    ORT_TRY(cuda_check(cudaMalloc(&g_shared.normed, scratch_halves() * sizeof(half)), "cudaMalloc(normed rows)"));
   }
   return nullptr;
 }
@@ -835,9 +854,9 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   if (g_shared.scratch == nullptr || g_shared.cublas == nullptr || (act && g_shared.product == nullptr))
     ORT_TRY(ensure_shared(act));
   if (cublasSetStream(g_shared.cublas, stream) != CUBLAS_STATUS_SUCCESS) return make_error("cublasSetStream failed");
-  if (cublasSetWorkspace(g_shared.cublas, g_shared.workspace, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS)
+  if (cublasSetWorkspace(g_shared.cublas, g_shared.workspace, cublas_workspace_bytes()) != CUBLAS_STATUS_SUCCESS)
     return make_error("cublasSetWorkspace failed");
-  const int64_t chunk_tiles = std::max<int64_t>(1, std::min<int64_t>(n_tiles, int64_t(kScratchHalves) / (8 * int64_t(K))));
+  const int64_t chunk_tiles = std::max<int64_t>(1, std::min<int64_t>(n_tiles, int64_t(scratch_halves()) / (8 * int64_t(K))));
   const float alpha = 1.f, beta = 0.f;
   for (int64_t tile_first = 0; tile_first < n_tiles; tile_first += chunk_tiles) {
     const int tiles = int(std::min<int64_t>(chunk_tiles, n_tiles - tile_first));
@@ -858,7 +877,7 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
       continue;
     }
     // SwiGLU: the product's rows in chunks through g_shared.product, then the epilogue (rows is even)
-    const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / rows);
+    const int64_t chunk_rows = std::max<int64_t>(1, int64_t(scratch_halves()) / rows);
     for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
       const int r = int(std::min<int64_t>(chunk_rows, m - r0));
       const cublasStatus_t st = cublasGemmEx(g_shared.cublas, CUBLAS_OP_T, CUBLAS_OP_N, rows, r, K, &alpha,
@@ -875,12 +894,12 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
 }
 
 // The folded norm where it is not a product kernel's prologue: m rows of RMSNorm(A + skip) x gamma (and the sum
-// nm.sum) into `rows` (kScratchHalves halves) in chunks, each followed by product(first row, rows in the chunk).
+// nm.sum) into `rows` (scratch_halves() halves) in chunks, each followed by product(first row, rows in the chunk).
 // `fail` makes the op's error.
 template <class Product>
 OrtStatus* norm_rows_then(const half* a, int64_t m, int K, const RowNorm& nm, half* rows, cudaStream_t stream,
                           OrtStatus* (*fail)(const std::string&), Product product) {
-  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / K);
+  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(scratch_halves()) / K);
   for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
     const int r = int(std::min<int64_t>(chunk_rows, m - r0));
     RowNorm chunk = nm;
@@ -896,7 +915,7 @@ OrtStatus* norm_rows_then(const half* a, int64_t m, int K, const RowNorm& nm, ha
 
 // NormMatMulNBitsTiled: Y = RMSNorm(A + skip) x gamma x W^T and S = A + skip. One row where the few-rows kernel
 // serves the shape: the norm is its prologue (one kernel). Otherwise the rows are normalized into g_shared.normed
-// (skip_rms_norm_rows, in chunks of kScratchHalves), then launch() as for MatMulNBitsTiled.
+// (skip_rms_norm_rows, in chunks of scratch_halves()), then launch() as for MatMulNBitsTiled.
 template <int BITS>
 OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const RowNorm& nm, const uint8_t* b,
                        const half* sz, half* y, cudaStream_t stream) {
@@ -1313,7 +1332,7 @@ OrtStatus* f16_gemm_rows(const F16Kernel& kn, const half* a, int64_t m, const ha
                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     return st == CUBLAS_STATUS_SUCCESS ? nullptr : f16_error("cublasGemmEx failed with status " + std::to_string(int(st)));
   }
-  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kScratchHalves) / N);
+  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(scratch_halves()) / N);
   for (int64_t r0 = 0; r0 < m; r0 += chunk_rows) {
     const int r = int(std::min<int64_t>(chunk_rows, m - r0));
     const cublasStatus_t st = cublasGemmEx(g_shared.cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, r, K, &alpha, w, CUDA_R_16F,
@@ -1343,7 +1362,7 @@ OrtStatus* launch_f16(const F16Kernel& kn, const half* a, int64_t m, const half*
   if (g_shared.cublas == nullptr || (act && g_shared.product == nullptr) || (kn.norm && g_shared.scratch == nullptr))
     ORT_TRY(ensure_shared(act, kn.norm));
   if (cublasSetStream(g_shared.cublas, stream) != CUBLAS_STATUS_SUCCESS) return f16_error("cublasSetStream failed");
-  if (cublasSetWorkspace(g_shared.cublas, g_shared.workspace, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS)
+  if (cublasSetWorkspace(g_shared.cublas, g_shared.workspace, cublas_workspace_bytes()) != CUBLAS_STATUS_SUCCESS)
     return f16_error("cublasSetWorkspace failed");
   if (!kn.norm) return f16_gemm_rows(kn, a, m, w, y, stream);
   const int64_t out_n = act ? N / 2 : N;
