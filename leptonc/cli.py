@@ -540,6 +540,8 @@ def bench(
             with engine_load_errors(Path(bundle)):  # a graph that loads but fails to run: exit 7
                 result = run_bench(runner, cfg, on_progress=progress)
             runner_device = runner.device
+            # one preallocated K/V block per batch size, each at the runner's capacity (shared layout only)
+            capacity = getattr(runner, "capacity", None) if getattr(runner, "shared_kv", False) else None
         finally:
             runner.release()
         result["bundle"] = bundle
@@ -549,9 +551,13 @@ def bench(
             result.update({"target": b.manifest["target"]["name"], "backend": b.backend,
                            "precision": b.manifest["precision"]})
             weights, kv_tok = bench_mod.bundle_weight_bytes(b), bench_mod.kv_bytes_per_token(b.io)
+            kv_held = 0
             for r in result["results"]:
                 r["memory_floor"] = bench_mod.memory_floor(r["batch"], weights, kv_tok,
                                                            prompt_len + gen_len / 2, bandwidth)
+                if capacity and r["peak_gpu_mb"] is not None:
+                    kv_held += r["batch"] * kv_tok * capacity
+                    r["memory_bound"] = bench_mod.memory_bound(weights, kv_held, r["peak_gpu_mb"])
                 if r["decode_tokens_per_s"]:
                     r["fraction_of_floor"] = round(r["decode_tokens_per_s"] / r["memory_floor"]["floor_tokens_per_s"], 3)
         if baseline == "hf":
@@ -586,6 +592,12 @@ def bench(
                           f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-",
                           f"{r.get('fraction_of_floor', 0):.0%}")
         out.print(floor)
+    bounds = [r for r in result["results"] if "memory_bound" in r]
+    if bounds:  # issue 8 line 6: peak device memory against weights + K/V blocks held + 25%
+        out.print("; ".join(f"batch {r['batch']}: peak GPU {r['peak_gpu_mb']:.0f} MB vs bound "
+                            f"{r['memory_bound']['bound_mb']:.0f} MB (weights {r['memory_bound']['weights_mb']:.0f} + "
+                            f"K/V held {r['memory_bound']['kv_held_mb']:.0f}, + 25%)" for r in bounds)
+                  + " (peak includes the CUDA context)")
     if "comparison" in result:
         cmp = Table(title=f"bundle vs {result['baseline']['framework']} on {result['baseline']['device']}")
         for col in ("batch", "decode tok/s", "HF tok/s", "speedup", "TTFT ms", "HF TTFT ms", "TTFT speedup"):

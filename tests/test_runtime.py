@@ -7,6 +7,7 @@ CPU runner: the same cache handling that keeps the KV cache on the GPU, checked 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -497,3 +498,55 @@ def test_device_argmax_switch_reads_logits_instead(mask_sum_bundle, monkeypatch)
             for _ in range(8):
                 a, b = on.decode_tokens(a), off.decode_tokens(b)
                 np.testing.assert_array_equal(a, b)
+
+
+def test_cublas_workspace_env_is_set_where_unset_kept_where_given_and_restored(monkeypatch):
+    """issue 8 line 6: the CUDA runner caps cuBLAS's default workspace pool only where the user said nothing,
+    and `bench --baseline hf` gets the user's environment back."""
+    from leptonc.runtime import ort_cuda
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(ort_cuda, "_cublas_env_set", False)
+    assert ort_cuda.cublas_workspace_env() == ":4096:1 (leptonc's default)"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:1"
+    ort_cuda.restore_cublas_env()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    assert ort_cuda.cublas_workspace_env() == ":4096:8 (set by the user)"
+    ort_cuda.restore_cublas_env()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_memory_bound_is_weights_plus_kv_held_plus_a_quarter():
+    """issue 8 line 6's arithmetic, with llama-1b-shape fp16's figures from the H100 (BENCHMARKS.md session 17)."""
+    from leptonc.runtime.bench import memory_bound
+
+    mib = 2**20
+    ok = memory_bound(2373 * mib, 640 * mib, 3732.8)
+    assert ok == {"weights_mb": 2373.0, "kv_held_mb": 640.0, "bound_mb": 3766.2, "peak_mb": 3732.8, "within": True}
+    assert not memory_bound(2373 * mib, 640 * mib, 4004.8)["within"]
+
+
+def test_bench_reports_peak_against_the_memory_bound(mask_sum_bundle, monkeypatch):
+    """`leptonc bench` on the shared-cache runner (ONNX Runtime's CPU provider standing in for CUDA, with a
+    device peak supplied): each batch's K/V blocks held, the bound, and whether the peak is within it."""
+    from typer.testing import CliRunner
+
+    from leptonc import cli
+    from leptonc.runtime.bench import kv_bytes_per_token
+    from leptonc.runtime.ort_cuda import OrtCudaRunner
+
+    runner = _runner(mask_sum_bundle, "iobinding")
+    peaks = iter([1.0, 1e9])  # batch 1 within its bound, batch 2 far over
+    monkeypatch.setattr(runner, "peak_device_memory_mb", lambda: next(peaks))
+    monkeypatch.setattr(cli, "_open", lambda *a, **k: (runner, None, (), mask_sum_bundle))
+    assert isinstance(runner, OrtCudaRunner) and runner.shared_kv
+    res = CliRunner().invoke(cli.app, ["bench", str(mask_sum_bundle.path), "--batch", "1,2", "--prompt-len", "8",
+                                       "--gen-len", "4", "--warmup", "0", "--iters", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    results = json.loads(res.stdout)["results"]
+    kv = kv_bytes_per_token(mask_sum_bundle.io) * runner.capacity / 2**20
+    b1, b2 = (r["memory_bound"] for r in results)
+    assert b1["kv_held_mb"] == pytest.approx(kv, abs=0.1) and b2["kv_held_mb"] == pytest.approx(3 * kv, abs=0.1)
+    assert b1["bound_mb"] == pytest.approx(1.25 * (b1["weights_mb"] + b1["kv_held_mb"]), abs=0.2)
+    assert (b1["within"], b2["within"]) == (True, False)

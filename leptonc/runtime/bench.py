@@ -136,13 +136,24 @@ def memory_floor(batch: int, weight_bytes: int, kv_per_token: int, mean_context:
             "floor_with_kv_tokens_per_s": round(batch * bandwidth / (weight_bytes + kv), 1)}
 
 
+def memory_bound(weight_bytes: int, kv_held_bytes: int, peak_mb: float) -> dict:
+    """Issue 8 line 6: peak device memory (NVML, the whole process, CUDA context included) against the weights
+    plus the K/V blocks held so far plus 25%."""
+    weights, kv = weight_bytes / 2**20, kv_held_bytes / 2**20
+    bound = 1.25 * (weights + kv)
+    return {"weights_mb": round(weights, 1), "kv_held_mb": round(kv, 1), "bound_mb": round(bound, 1),
+            "peak_mb": peak_mb, "within": peak_mb <= bound}
+
+
 def hf_baseline(source: str, cfg: BenchConfig, device: str, dtype: str, vocab_limit: int, on_progress=None) -> dict:
     """The source model under Hugging Face transformers (eager attention) with the same prompt and
     generation lengths, timed the same way as the runner: prefill, then one forward per new token."""
     import torch
 
     from leptonc.models.intake import load_model
+    from leptonc.runtime.ort_cuda import restore_cublas_env
 
+    restore_cublas_env()  # PyTorch's cuBLAS gets the environment the user gave, not the runner's pool size
     if on_progress:
         on_progress(f"loading {source} in transformers")
     lm = load_model(source)

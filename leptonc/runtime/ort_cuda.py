@@ -25,6 +25,12 @@ the new token ids (and mask/positions) and reads back only the logits. Two cache
   still pass left-padded batches and get logits in their own layout back. Graphs fused for the CPU
   ("mask_length": lengths from the mask's length, padding masked by a bias) keep left padding and a
   mask that grows each step, so they cannot be captured; `describe()` says why.
+- **device memory** (issue 8 line 6): every cuBLAS handle (one per ONNX Runtime provider instance, and the
+  kernel library's) takes a default workspace pool unless CUBLAS_WORKSPACE_CONFIG says otherwise. On the H100
+  that cost about 120 MiB per provider instance; the runner sets ":4096:1" (one 4 MiB buffer) where the user
+  has not set the variable (`cublas_workspace_env`). The kernel library's own cuBLAS calls use their own
+  workspace (LEPTONC_CUBLAS_WORKSPACE_MB). `restore_cublas_env` undoes the setting, so `bench --baseline hf`
+  runs PyTorch with the environment the user gave it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,27 @@ from leptonc.runtime.base import Runner, positions_from_mask
 CACHE_ATTENTION_OPS = frozenset({"GroupQueryAttention", "CachedAttention"})  # attention that owns a K/V cache
 _DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
 PREFILL_TOKENS = 4096  # tokens per prefill chunk (whole rows); module doc
+CUBLAS_WORKSPACE_CONFIG = ":4096:1"  # cuBLAS's default workspace pool per handle: one 4 MiB buffer; module doc
+_cublas_env_set = False  # whether this process's CUBLAS_WORKSPACE_CONFIG is the runner's, not the user's
+
+
+def cublas_workspace_env() -> str:
+    """CUBLAS_WORKSPACE_CONFIG as the runner's cuBLAS handles will read it: the user's, or ours where unset.
+    It must be in the environment before the first handle is made (the provider's, at session creation)."""
+    global _cublas_env_set
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
+        _cublas_env_set = True
+    value = os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    return f"{value} (leptonc's default)" if _cublas_env_set else f"{value} (set by the user)"
+
+
+def restore_cublas_env() -> None:
+    """Take back the runner's CUBLAS_WORKSPACE_CONFIG (handles already made keep their pools)."""
+    global _cublas_env_set
+    if _cublas_env_set and os.environ.get("CUBLAS_WORKSPACE_CONFIG") == CUBLAS_WORKSPACE_CONFIG:
+        del os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    _cublas_env_set = False
 
 
 class _KvBlock:
@@ -233,14 +260,16 @@ class OrtCudaRunner(Runner):
             self.kernel_launch += ("; one-row fp16 products untuned (LEPTONC_F16_SPLIT=0)"
                                    if os.environ.get("LEPTONC_F16_SPLIT") == "0" else
                                    "; one-row fp16 products tuned (rows and K split by shape)")
-            buffers = {k: os.environ.get(k) for k in ("LEPTONC_KERNEL_BUFFER_MB", "LEPTONC_CUBLAS_WORKSPACE_MB")}
+            buffers = {"LEPTONC_KERNEL_BUFFER_MB": "16", "LEPTONC_CUBLAS_WORKSPACE_MB": "32"}  # leptonc_cuda.cu's defaults
             self.kernel_launch += "; shared buffers " + ", ".join(
-                f"{k.removeprefix('LEPTONC_').lower()} {v or '32 (default)'}" for k, v in buffers.items())
+                f"{k.removeprefix('LEPTONC_').lower()} " + (os.environ.get(k) or f"{d} (default)")
+                for k, d in buffers.items())
             if os.environ.get("LEPTONC_F16_PERSISTENT") == "1":
                 self.kernel_launch += "; persistent one-row fp16 grids (LEPTONC_F16_PERSISTENT=1, experimental)"
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement
             so.enable_profiling = True
             so.profile_file_prefix = os.environ["LEPTONC_ORT_PROFILE"]
+        self.cublas_workspace = cublas_workspace_env() if device_type == "cuda" else None
         cuda_opts = {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested",
                      "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
         if self.cuda_graph:
@@ -311,6 +340,7 @@ class OrtCudaRunner(Runner):
                 **({"prefill_tokens": self.prefill_tokens} if self.shared_kv else {}),
                 "cuda_graph": self.cuda_graph_reason,
                 **({"leptonc_kernels": self.kernel_launch} if self.kernel_launch else {}),
+                **({"cublas_workspace_config": self.cublas_workspace} if self.cublas_workspace else {}),
                 "greedy_tokens": ("argmax in the graph (next_token output)" if self.greedy_output else
                                   "argmax of the logits on the host" + (" (LEPTONC_DEVICE_ARGMAX=0)"
                                                                         if self.token_output else ""))}

@@ -69,8 +69,10 @@ constexpr int kMaxWarps = 16;     // warps per block at most; they split K
 constexpr int kSmallM = 16;       // rows of A served by the streaming kernel (the mma tile's M)
 
 // Sizes of the process's shared buffers (Shared below), read once where a bundle runs:
-//   LEPTONC_KERNEL_BUFFER_MB: each of the scratch, product and normed-row buffers (default 32 MiB); the M > 16
-//     paths work through them in row chunks, so a smaller buffer means more, smaller cuBLAS calls, not wrong results;
+//   LEPTONC_KERNEL_BUFFER_MB: each of the scratch, product and normed-row buffers (default 16 MiB: issue 8 line 6,
+//     device memory); the M > 16 paths work through them in row chunks, so a smaller buffer means more, smaller
+//     cuBLAS calls, not wrong results. On the H100 (BENCHMARKS.md, session 17), llama-1b-shape fp16's time to first
+//     token at 1,024 tokens was 6.03 ms with 32 MiB, 6.07 with 16 and 7.22 with 8;
 //   LEPTONC_CUBLAS_WORKSPACE_MB: the cuBLAS workspace (default 32 MiB, cuBLAS's recommendation for Hopper).
 size_t env_mib(const char* name, size_t fallback) {
   const char* v = std::getenv(name);
@@ -80,7 +82,7 @@ size_t env_mib(const char* name, size_t fallback) {
   return (end != nullptr && *end == '\0' && mib >= 1 && mib <= 4096) ? size_t(mib) : fallback;
 }
 size_t scratch_halves() {  // halves in each shared buffer
-  static const size_t halves = env_mib("LEPTONC_KERNEL_BUFFER_MB", 32) << 19;
+  static const size_t halves = env_mib("LEPTONC_KERNEL_BUFFER_MB", 16) << 19;
   return halves;
 }
 size_t cublas_workspace_bytes() {
