@@ -992,6 +992,85 @@ def memory_variants(s: Session, fp16: Path) -> None:
     bench(s, fp16, "llama1b fp16 lean round 1", "--batch", "1,16", env=LEAN)
 
 
+CUBLAS_SMALL = {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}  # cuBLAS's default workspace pool: one 4 MiB buffer
+BREAKDOWN_VARIANTS = [
+    ("defaults", {}, ()),
+    ("defaults no bare", {}, ("--no-bare",)),
+    ("defaults b1", {}, ("--batch", "1")),
+    ("cublas small", CUBLAS_SMALL, ()),
+    ("lean", LEAN, ()),
+    ("lean cublas small", {**LEAN, **CUBLAS_SMALL}, ()),
+    ("minimal", {"LEPTONC_PREFILL_TOKENS": "512", "LEPTONC_KERNEL_BUFFER_MB": "4", "LEPTONC_CUBLAS_WORKSPACE_MB": "1",
+                 **CUBLAS_SMALL}, ()),
+]
+
+
+def s17c(s: Session) -> None:
+    """Issue 8 line 6 (session 17): where llama-1b-shape fp16's device memory goes, step by step
+    (bench/device_memory_breakdown.py: the CUDA context, one more bare provider instance, the bundle's session, its
+    K/V allocator, the first prefill's run), under each of BREAKDOWN_VARIANTS, each in a fresh process."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if not fp16:
+        return
+    for name, env, extra in BREAKDOWN_VARIANTS:
+        script(s, f"memory breakdown llama1b, {name}", "bench/device_memory_breakdown.py", str(fp16), *extra,
+               out_name=f"memory_breakdown_{name.replace(' ', '_')}.json", timeout=120, env=env)
+
+
+def s17d(s: Session) -> None:
+    """Issue 8 lines 5 and 6 (session 17, after s17c): the new memory defaults (CUBLAS_WORKSPACE_CONFIG :4096:1
+    where unset, 8 MiB kernel buffers) against the same with 16 and 32 MiB buffers: time to first token at 1,024
+    tokens and batch 16's memory step by step (each in a fresh process), then 32 greedy tokens and decode at batch
+    1 and 16; then llama-1b-shape int4's time to first token with 8 and 32 MiB buffers (its prefill dequantizes
+    through them)."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if not fp16:
+        return
+    variants = [("defaults", {}), ("buffers 16", {"LEPTONC_KERNEL_BUFFER_MB": "16"}),
+                ("buffers 32", {"LEPTONC_KERNEL_BUFFER_MB": "32"})]
+    for name, env in variants:
+        s.cli(f"llama1b fp16 ttft 1024 {name}", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 3, "--iters", 20, "--json", "--no-verify", env=env)
+        script(s, f"memory breakdown llama1b, {name}", "bench/device_memory_breakdown.py", str(fp16), "--no-bare",
+               out_name=f"memory_breakdown_{name.replace(' ', '_')}.json", timeout=120, env=env)
+    s.record["parity"] = {"llama1b fp16 defaults (compare s17b)": greedy(s, fp16, "greedy llama1b defaults", n=32)}
+    s.save()
+    for name, env in (variants[0], variants[2]):
+        bench(s, fp16, f"llama1b fp16 {name}", "--batch", "1,16", env=env)
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if q4:
+        for name, env in (variants[0], variants[2]):
+            s.cli(f"llama1b int4 ttft 1024 {name}", "bench", q4, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+                  "--warmup", 3, "--iters", 20, "--json", "--no-verify", env=env)
+
+
+def s17e(s: Session) -> None:
+    """Issue 8 (session 17, last call): the committed defaults (16 MiB kernel buffers, CUBLAS_WORKSPACE_CONFIG
+    :4096:1 where unset) on llama-1b-shape fp16 and int4 (RTN): time to first token at 1,024 tokens, batch 16's
+    memory step by step, three interleaved rounds of decode at batch 1 and 16, and int4's time to first token with
+    the default buffers and with 32 MiB."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if fp16:
+        s.cli("llama1b fp16 ttft 1024", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 3, "--iters", 20, "--json", "--no-verify")
+        script(s, "memory breakdown llama1b b16", "bench/device_memory_breakdown.py", str(fp16), "--no-bare",
+               out_name="memory_breakdown_b16.json", timeout=120)
+    for rnd in range(3):
+        for name, b in (("llama1b fp16", fp16), ("llama1b int4", q4)):
+            if b:
+                bench(s, b, f"{name} round {rnd + 1}", "--batch", "1,16")
+    if q4:
+        for name, env in (("defaults", {}), ("buffers 32", {"LEPTONC_KERNEL_BUFFER_MB": "32"})):
+            s.cli(f"llama1b int4 ttft 1024 {name}", "bench", q4, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+                  "--warmup", 3, "--iters", 20, "--json", "--no-verify", env=env)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1014,7 +1093,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1031,7 +1110,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e}[args.session](s)
     finally:
         s.save()
         summary(s)
