@@ -679,6 +679,15 @@ def greedy_pair(s: Session, what: str, bundles: dict) -> None:
     s.save()
 
 
+def greedy_env_pair(s: Session, bundle: Path, label: str, what: str, env: dict) -> None:
+    """32 greedy tokens of one bundle with its defaults and with `env`; the record says whether they are identical."""
+    ids = {name: greedy(s, bundle, f"greedy {label} {name}", n=32, env=e) for name, e in (("defaults", {}),
+                                                                                       ("changed", env))}
+    s.record.setdefault("parity", {})[what] = {**ids, "identical": None not in ids.values()
+                                              and ids["defaults"] == ids["changed"]}
+    s.save()
+
+
 ATTENTION_ON, ATTENTION_OFF = {"LEPTONC_ATTENTION_KERNEL": "1"}, {"LEPTONC_ATTENTION_KERNEL": "0"}
 
 
@@ -779,15 +788,14 @@ def final15(s: Session) -> None:
               "--warmup", 3, "--iters", 20, "--json", "--no-verify")
 
 
-def f16_sweep(s: Session) -> None:
-    """MatMulF16's one-row kernels alone (bench/kernels_microbench.cu --f16-sweep): rows a warp group x warps along K,
-    each against the shipped choice on the same weights, time and agreement."""
+def build_microbench(s: Session, label: str) -> Path | None:
+    """bench/kernels_microbench.cu built for sm_90 (None, recorded, where it cannot be)."""
     from leptonc.targets.kernels import _cublas_flag, _cuda_lib_dirs, find_nvcc, find_ort_include
 
     nvcc, include = find_nvcc(), find_ort_include()
     if nvcc is None or include is None:
-        print(f"[f16 sweep] skipped: nvcc {nvcc}, ONNX Runtime header {include}", flush=True)
-        return
+        print(f"[{label}] skipped: nvcc {nvcc}, ONNX Runtime header {include}", flush=True)
+        return None
     binary = WORK / "kernels_microbench"
     dirs = _cuda_lib_dirs(nvcc)
     build = subprocess.run([str(nvcc), "-O3", "-std=c++17", "-arch=sm_90", f"-I{include}", "bench/kernels_microbench.cu",
@@ -795,11 +803,19 @@ def f16_sweep(s: Session) -> None:
                             *[a for d in dirs for a in ("-Xlinker", f"-rpath={d}")]], capture_output=True, text=True,
                            timeout=300)
     if build.returncode != 0:
-        print(f"[f16 sweep] build failed: {(build.stderr or build.stdout)[-1500:]}", flush=True)
-        s.record["steps"].append({"label": "f16 sweep build", "rc": build.returncode, "seconds": 0,
+        print(f"[{label}] build failed: {(build.stderr or build.stdout)[-1500:]}", flush=True)
+        s.record["steps"].append({"label": f"{label} build", "rc": build.returncode, "seconds": 0,
                                   "tail": (build.stderr or build.stdout)[-3000:]})
-        return
-    script(s, "f16 sweep", str(binary), "--f16-sweep", out_name="f16_sweep.json", timeout=180, interpreter=None)
+        return None
+    return binary
+
+
+def f16_sweep(s: Session) -> None:
+    """MatMulF16's one-row kernels alone (bench/kernels_microbench.cu --f16-sweep): rows a warp group x warps along K,
+    each against the shipped choice on the same weights, time and agreement."""
+    binary = build_microbench(s, "f16 sweep")
+    if binary is not None:
+        script(s, "f16 sweep", str(binary), "--f16-sweep", out_name="f16_sweep.json", timeout=180, interpreter=None)
 
 
 def next16(s: Session) -> None:
@@ -951,11 +967,7 @@ def s17b(s: Session) -> None:
     fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
     if not fp16:
         return
-    ids = {name: greedy(s, fp16, f"greedy llama1b {name}", n=32, env=e) for name, e in (("defaults", {}),
-                                                                                     ("persistent", PERSISTENT))}
-    s.record["parity"] = {"llama1b fp16, persistent grids vs not": {
-        **ids, "identical": None not in ids.values() and ids["defaults"] == ids["persistent"]}}
-    s.save()
+    greedy_env_pair(s, fp16, "llama1b", "llama1b fp16, persistent grids (changed) vs not", PERSISTENT)
     for rnd in range(3):
         for name, e in (("defaults", {}), ("persistent", PERSISTENT)):
             bench(s, fp16, f"llama1b fp16 {name} round {rnd + 1}", "--batch", "1,16" if rnd == 0 else "1", env=e)
@@ -981,11 +993,7 @@ def memory_variants(s: Session, fp16: Path) -> None:
     for name, env in MEMORY_VARIANTS:
         script(s, f"memory probe llama1b b16 alone, {name}", "bench/device_memory_probe.py", str(fp16),
                "--batches", "16", out_name=f"memory_llama1b_b16_{name.replace(' ', '_')}.json", timeout=120, env=env)
-    ids = {name: greedy(s, fp16, f"greedy llama1b {name}", n=32, env=e) for name, e in (("defaults", {}),
-                                                                                     ("lean", LEAN))}
-    s.record.setdefault("parity", {})["llama1b fp16, lean memory settings vs defaults"] = {
-        **ids, "identical": None not in ids.values() and ids["defaults"] == ids["lean"]}
-    s.save()
+    greedy_env_pair(s, fp16, "llama1b", "llama1b fp16, lean memory settings (changed) vs defaults", LEAN)
     for name, env in (("defaults", {}), ("lean", LEAN)):
         s.cli(f"llama1b fp16 ttft 1024 {name}", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
               "--warmup", 3, "--iters", 20, "--json", "--no-verify", env=env)
@@ -1071,6 +1079,42 @@ def s17e(s: Session) -> None:
                   "--warmup", 3, "--iters", 20, "--json", "--no-verify", env=env)
 
 
+DIRECT_A = {"LEPTONC_NBITS_DIRECT_A": "1"}
+
+
+def s18(s: Session) -> None:
+    """Issue 8 line 2 (written in session 17, not yet run): one-row int4/int8 products that read A per warp from
+    global memory instead of staging the whole row in every block (LEPTONC_NBITS_DIRECT_A=1 at run time,
+    tiled_gemv's DIRECT instances). First every decode kernel forced on every case against float64
+    (bench/kernels_check.py, now with `gemv-direct` at one row) and the products' times with and without it
+    (bench/kernels_microbench.cu, variant "gemv direct-a"); only if every check passes, llama-1b-shape int4 (RTN)
+    and fp16: 32 greedy int4 tokens each way, then decode at batch 1 and 16 for int4, int4 direct and fp16,
+    interleaved three times."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    binary = build_microbench(s, "nbits microbench")
+    if binary is None:
+        return
+    data = script(s, "nbits forced-path check", "bench/kernels_check.py", str(binary), out_name="kernels_check.json",
+                  timeout=240) or {}
+    ok = bool(data.get("check_ok")) and any(r.get("variant") == "gemv-direct" for r in data.get("rows", []))
+    s.record["nbits_check_pass"] = ok
+    s.save()
+    script(s, "nbits microbench", str(binary), out_name="nbits_microbench.json", timeout=180, interpreter=None)
+    if not ok:
+        print("the forced-path check failed: no bundle runs with LEPTONC_NBITS_DIRECT_A=1 in this call", flush=True)
+        return
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if not q4:
+        return
+    greedy_env_pair(s, q4, "llama1b int4", "llama1b int4, LEPTONC_NBITS_DIRECT_A=1 (changed) vs not", DIRECT_A)
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    for rnd in range(3):
+        for name, b, e in (("int4", q4, {}), ("int4 direct", q4, DIRECT_A), ("fp16", fp16, {})):
+            if b:
+                bench(s, b, f"llama1b {name} round {rnd + 1}", "--batch", "1,16", env=e)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1093,7 +1137,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1110,7 +1154,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18}[args.session](s)
     finally:
         s.save()
         summary(s)

@@ -260,10 +260,14 @@ class OrtCudaRunner(Runner):
             self.kernel_launch += ("; one-row fp16 products untuned (LEPTONC_F16_SPLIT=0)"
                                    if os.environ.get("LEPTONC_F16_SPLIT") == "0" else
                                    "; one-row fp16 products tuned (rows and K split by shape)")
-            buffers = {"LEPTONC_KERNEL_BUFFER_MB": "16", "LEPTONC_CUBLAS_WORKSPACE_MB": "32"}  # leptonc_cuda.cu's defaults
+            # leptonc_cuda.cu's defaults
+            buffers = {"LEPTONC_KERNEL_BUFFER_MB": "16", "LEPTONC_CUBLAS_WORKSPACE_MB": "32"}
             self.kernel_launch += "; shared buffers " + ", ".join(
                 f"{k.removeprefix('LEPTONC_').lower()} " + (os.environ.get(k) or f"{d} (default)")
                 for k, d in buffers.items())
+            if os.environ.get("LEPTONC_NBITS_DIRECT_A") == "1":
+                self.kernel_launch += ("; one-row int4/int8 products read A per warp "
+                                       "(LEPTONC_NBITS_DIRECT_A=1, experimental)")
             if os.environ.get("LEPTONC_F16_PERSISTENT") == "1":
                 self.kernel_launch += "; persistent one-row fp16 grids (LEPTONC_F16_PERSISTENT=1, experimental)"
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement
