@@ -151,9 +151,7 @@ def hf_baseline(source: str, cfg: BenchConfig, device: str, dtype: str, vocab_li
     import torch
 
     from leptonc.models.intake import load_model
-    from leptonc.runtime.ort_cuda import restore_cublas_env
 
-    restore_cublas_env()  # PyTorch's cuBLAS gets the environment the user gave, not the runner's pool size
     if on_progress:
         on_progress(f"loading {source} in transformers")
     lm = load_model(source)

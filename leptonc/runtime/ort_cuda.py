@@ -29,8 +29,8 @@ the new token ids (and mask/positions) and reads back only the logits. Two cache
   kernel library's) takes a default workspace pool unless CUBLAS_WORKSPACE_CONFIG says otherwise. On the H100
   that cost about 120 MiB per provider instance; the runner sets ":4096:1" (one 4 MiB buffer) where the user
   has not set the variable (`cublas_workspace_env`). The kernel library's own cuBLAS calls use their own
-  workspace (LEPTONC_CUBLAS_WORKSPACE_MB). `restore_cublas_env` undoes the setting, so `bench --baseline hf`
-  runs PyTorch with the environment the user gave it.
+  workspace (LEPTONC_CUBLAS_WORKSPACE_MB). `release()` undoes the setting (`restore_cublas_env`), so what runs
+  after the runner (PyTorch in `bench --baseline hf`) gets the environment the user gave it.
 """
 
 from __future__ import annotations
@@ -260,11 +260,9 @@ class OrtCudaRunner(Runner):
             self.kernel_launch += ("; one-row fp16 products untuned (LEPTONC_F16_SPLIT=0)"
                                    if os.environ.get("LEPTONC_F16_SPLIT") == "0" else
                                    "; one-row fp16 products tuned (rows and K split by shape)")
-            # leptonc_cuda.cu's defaults
-            buffers = {"LEPTONC_KERNEL_BUFFER_MB": "16", "LEPTONC_CUBLAS_WORKSPACE_MB": "32"}
             self.kernel_launch += "; shared buffers " + ", ".join(
-                f"{k.removeprefix('LEPTONC_').lower()} " + (os.environ.get(k) or f"{d} (default)")
-                for k, d in buffers.items())
+                f"{k.removeprefix('LEPTONC_').lower()} " + (os.environ.get(k) or "the library's default")
+                for k in ("LEPTONC_KERNEL_BUFFER_MB", "LEPTONC_CUBLAS_WORKSPACE_MB"))
             if os.environ.get("LEPTONC_NBITS_DIRECT_A") == "1":
                 self.kernel_launch += ("; one-row int4/int8 products read A per warp "
                                        "(LEPTONC_NBITS_DIRECT_A=1, experimental)")
@@ -623,3 +621,5 @@ class OrtCudaRunner(Runner):
         self._gather = None
         self._zeros = None
         self.session = None
+        if self.cublas_workspace:  # the next cuBLAS handles in this process (PyTorch's, say) get the user's setting
+            restore_cublas_env()

@@ -16,7 +16,7 @@ to cuBLAS; the same SwiGLU epilogue. `ai.leptonc.SwiGLU` is the epilogue alone, 
 at run time. `ai.leptonc.NormMatMulF16` is MatMulF16 with the SkipSimplifiedLayerNormalization in front
 folded in (on by default, LEPTONC_NORM_PROLOGUE=0 keeps the norm apart; see below).
 `ai.leptonc.NormMatMulNBitsTiled` is the same fold in front of MatMulNBitsTiled (LEPTONC_NORM_PROLOGUE_NBITS=1 at
-compile; written in session 16, not yet run on a GPU).
+compile; off: on the H100 it passed its check but made int4 decode 2-6% slower, BENCHMARKS.md session 17).
 
 `ai.leptonc.CachedAttention` (attention.cuh) replaces GroupQueryAttention in the GPU form: rotary, cache
 append and attention in one decode kernel; prefill on tensor cores. Session 15 on the H100: correct against
