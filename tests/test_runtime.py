@@ -550,3 +550,16 @@ def test_bench_reports_peak_against_the_memory_bound(mask_sum_bundle, monkeypatc
     assert b1["kv_held_mb"] == pytest.approx(kv, abs=0.1) and b2["kv_held_mb"] == pytest.approx(3 * kv, abs=0.1)
     assert b1["bound_mb"] == pytest.approx(1.25 * (b1["weights_mb"] + b1["kv_held_mb"]), abs=0.2)
     assert (b1["within"], b2["within"]) == (True, False)
+
+
+def test_describe_names_a_kernel_buffer_setting_the_library_ignores(monkeypatch):
+    """LEPTONC_KERNEL_BUFFER_MB / LEPTONC_CUBLAS_WORKSPACE_MB: what describe() reports is what leptonc_cuda.cu's
+    env_mib reads (whole MiB 1-4096), and a value it ignores is named, not shown as if it applied."""
+    from leptonc.runtime.ort_cuda import _buffer_mib
+
+    for value, shown in (("16", "16"), ("", "the library's default")):
+        monkeypatch.setenv("LEPTONC_KERNEL_BUFFER_MB", value)
+        assert _buffer_mib("LEPTONC_KERNEL_BUFFER_MB") == shown
+    for bad in ("0", "5000", "16MB", " 8"):
+        monkeypatch.setenv("LEPTONC_KERNEL_BUFFER_MB", bad)
+        assert _buffer_mib("LEPTONC_KERNEL_BUFFER_MB").startswith(f"the library's default (LEPTONC_KERNEL_BUFFER_MB={bad!r}")

@@ -61,6 +61,15 @@ def cublas_workspace_env() -> str:
     return f"{value} (leptonc's default)" if _cublas_env_set else f"{value} (set by the user)"
 
 
+def _buffer_mib(name: str) -> str:
+    """A kernel-library buffer size as leptonc_cuda.cu's env_mib reads it: whole MiB 1-4096, else its default."""
+    value = os.environ.get(name, "")
+    if value.isdigit() and 1 <= int(value) <= 4096:
+        return value
+    return "the library's default" + (f" ({name}={value!r} is not a whole number of MiB from 1 to 4096)"
+                                      if value else "")
+
+
 def restore_cublas_env() -> None:
     """Take back the runner's CUBLAS_WORKSPACE_CONFIG (handles already made keep their pools)."""
     global _cublas_env_set
@@ -261,7 +270,7 @@ class OrtCudaRunner(Runner):
                                    if os.environ.get("LEPTONC_F16_SPLIT") == "0" else
                                    "; one-row fp16 products tuned (rows and K split by shape)")
             self.kernel_launch += "; shared buffers " + ", ".join(
-                f"{k.removeprefix('LEPTONC_').lower()} " + (os.environ.get(k) or "the library's default")
+                f"{k.removeprefix('LEPTONC_').lower()} {_buffer_mib(k)}"
                 for k in ("LEPTONC_KERNEL_BUFFER_MB", "LEPTONC_CUBLAS_WORKSPACE_MB"))
             if os.environ.get("LEPTONC_NBITS_DIRECT_A") == "1":
                 self.kernel_launch += ("; one-row int4/int8 products read A per warp "

@@ -76,7 +76,7 @@ constexpr int kSmallM = 16;       // rows of A served by the streaming kernel (t
 //   LEPTONC_CUBLAS_WORKSPACE_MB: the cuBLAS workspace (default 32 MiB, cuBLAS's recommendation for Hopper).
 size_t env_mib(const char* name, size_t fallback) {
   const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
+  if (v == nullptr || *v < '0' || *v > '9') return fallback;  // digits only (runtime/ort_cuda.py's _buffer_mib)
   char* end = nullptr;
   const long mib = std::strtol(v, &end, 10);
   return (end != nullptr && *end == '\0' && mib >= 1 && mib <= 4096) ? size_t(mib) : fallback;
