@@ -1115,6 +1115,24 @@ def s18(s: Session) -> None:
                 bench(s, b, f"llama1b {name} round {rnd + 1}", "--batch", "1,16", env=e)
 
 
+def s18b(s: Session) -> None:
+    """Issue 8 lines 1 and 2: where a batch-1 decode step's time goes as it actually runs (bench/device_timeline.py:
+    CUPTI through PyTorch's profiler, so the gaps between kernels and PDL's overlap are seen), llama-1b-shape fp16
+    and int4 (RTN) as shipped; then decode at batch 1 and 16, the two interleaved twice."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    for name, b in (("fp16", fp16), ("int4", q4)):
+        if b:
+            script(s, f"timeline llama1b {name}", "bench/device_timeline.py", str(b),
+                   out_name=f"timeline_llama1b_{name}.json", timeout=120)
+    for rnd in range(2):
+        for name, b in (("fp16", fp16), ("int4", q4)):
+            if b:
+                bench(s, b, f"llama1b {name} round {rnd + 1}", "--batch", "1,16")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1137,7 +1155,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1154,7 +1172,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b}[args.session](s)
     finally:
         s.save()
         summary(s)
