@@ -1133,6 +1133,39 @@ def s18b(s: Session) -> None:
                 bench(s, b, f"llama1b {name} round {rnd + 1}", "--batch", "1,16")
 
 
+PIPELINE_OFF = {"LEPTONC_PIPELINE": "0"}
+
+
+def _pipeline_rounds(s: Session, bundles: dict, rounds: int) -> None:
+    for rnd in range(rounds):
+        for name, b in bundles.items():
+            for mode, e in (("pipelined", {}), ("one step at a time", PIPELINE_OFF)):
+                if b and b.exists():
+                    bench(s, b, f"llama1b {name} {mode} round {rnd + 1}", "--batch", "1,16", env=e)
+
+
+def s18c(s: Session) -> None:
+    """Issue 8 lines 1 and 2: the pipelined greedy decode (OrtCudaRunner.greedy_tokens: ONNX Runtime on a stream of
+    ours, steps queued on the device ahead of the host). llama-1b-shape fp16 and int4 (RTN): 32 greedy tokens with
+    the pipeline and without (LEPTONC_PIPELINE=0), which must be identical; then decode at batch 1 and 16, each
+    bundle with and without, interleaved, as the budget allows (s18d repeats the rounds on the same bundles)."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    for name, b in (("fp16", fp16), ("int4", q4)):
+        if b:
+            greedy_env_pair(s, b, f"llama1b {name}", f"llama1b {name}, LEPTONC_PIPELINE=0 (changed) vs not",
+                            PIPELINE_OFF)
+    _pipeline_rounds(s, {"fp16": fp16, "int4": q4}, 2)
+
+
+def s18d(s: Session) -> None:
+    """s18c's decode rounds again, on the bundles s18c left in the work directory (the machine still warm)."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    _pipeline_rounds(s, {"fp16": WORK / "llama1b.h100.lepton", "int4": WORK / "llama1b.h100.int4.lepton"}, 2)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1155,7 +1188,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1172,7 +1205,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d}[args.session](s)
     finally:
         s.save()
         summary(s)

@@ -16,6 +16,7 @@ from conftest import assert_clean_error, run_cli
 from leptonc.bundle import load_bundle
 from leptonc.errors import InputError
 from leptonc.runtime import open_bundle_runner
+from leptonc.runtime.base import Runner
 from leptonc.runtime.generate import SamplingConfig, generate
 
 
@@ -474,12 +475,106 @@ def test_greedy_generation_reads_tokens_not_logits(tiny):
         def decode_tokens(self, token_ids):
             return self.r.decode(token_ids).argmax(-1)
 
+        def greedy_tokens(self, token_ids, steps):  # the base loop, so it calls the decode_tokens above
+            return Runner.greedy_tokens(self, token_ids, steps)
+
     cfg = SamplingConfig(max_new_tokens=12, stop_at_eos=False)
     with _runner(bundle, "iobinding") as r:
         a = generate(r, tok, ["The capital of France is", "hi"], cfg)
         b = generate(LogitsOnly(r), tok, ["The capital of France is", "hi"], cfg)
     assert [g.token_ids for g in a.outputs] == [g.token_ids for g in b.outputs]
     assert all(len(g.token_ids) == 12 for g in a.outputs)
+
+
+class _HostDriver:
+    """cuda_driver.CudaDriver's calls on host memory, done at once (the CPU provider's buffers are host memory):
+    the pipelined greedy loop's bookkeeping, run without a GPU. Copies are counted."""
+
+    def __init__(self):
+        self.copies = 0
+
+    def pinned(self, count, dtype=np.int64):
+        return np.zeros(count, dtype)
+
+    def copy(self, dst, src, nbytes, stream):
+        import ctypes
+
+        ctypes.memmove(dst, src, nbytes)
+        self.copies += 1
+
+    def event(self):
+        return 0
+
+    def record(self, event, stream):
+        pass
+
+    def wait(self, event):
+        pass
+
+    def sync(self, stream):
+        pass
+
+    def free_pinned(self, array):
+        pass
+
+    def destroy_event(self, event):
+        pass
+
+    def destroy_stream(self, stream):
+        pass
+
+
+def _pipelined(runner):
+    runner._driver, runner._stream, runner.pipelined = _HostDriver(), 1, True
+    return runner
+
+
+def test_pipelined_greedy_tokens_match_step_by_step_decode(mask_sum_bundle):
+    """Runner.greedy_tokens with the pipeline (ids copied from the step before's next_token, positions and mask
+    from a slot per step in flight) gives the tokens of decode_tokens step by step; stopping early leaves the
+    runner where the caller stopped, so decoding goes on correctly; the sequence limit is an InputError after
+    the tokens that fit."""
+    from leptonc.runtime.ort_cuda import PIPELINE_DEPTH
+
+    rng = np.random.default_rng(5)
+    ids = rng.integers(3, 500, size=(3, 7), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    with _runner(mask_sum_bundle, "iobinding", max_sequence=24) as ref, \
+            _pipelined(_runner(mask_sum_bundle, "iobinding", max_sequence=24)) as pipe:
+        first = ref.prefill(ids, mask, last_only=True).argmax(-1)
+        np.testing.assert_array_equal(pipe.prefill(ids, mask, last_only=True).argmax(-1), first)
+        want, tok = [], first
+        for _ in range(10):
+            tok = ref.decode_tokens(tok)
+            want.append(tok)
+        got = list(pipe.greedy_tokens(first, 10))
+        np.testing.assert_array_equal(np.stack(got), np.stack(want))
+        assert len({t for row in want for t in row.tolist()}) > 3  # the tokens move
+        assert pipe._driver.copies == 10 * 3 - 1  # inputs in, tokens out, ids from the step before (not the first)
+
+        # stop after 4 of 10 (the pipeline has launched more): the runner continues from the 4th token
+        pipe.prefill(ids, mask, last_only=True)
+        stream = pipe.greedy_tokens(first, 10)
+        head = [next(stream) for _ in range(4)]
+        assert pipe.sequence_length == 7 + 4 + PIPELINE_DEPTH - 1
+        stream.close()
+        assert pipe.sequence_length == 7 + 4
+        np.testing.assert_array_equal(np.stack(head), np.stack(want[:4]))
+        tok = head[-1]
+        for k in range(4, 10):
+            tok = pipe.decode_tokens(tok)
+            np.testing.assert_array_equal(tok, want[k])
+
+        # 24 - 7 = 17 steps fit: 20 asked yields 17 tokens, then the limit
+        pipe.prefill(ids, mask, last_only=True)
+        stream = pipe.greedy_tokens(first, 20)
+        got = []
+        with pytest.raises(InputError, match="limit of 24 tokens"):
+            for t in stream:
+                got.append(t)
+        assert len(got) == 17
+        np.testing.assert_array_equal(np.stack(got[:10]), np.stack(want))
 
 
 def test_device_argmax_switch_reads_logits_instead(mask_sum_bundle, monkeypatch):

@@ -8,6 +8,7 @@ one token per row and returns that step's logits. Logits come back as float32 nu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -30,6 +31,14 @@ class Runner(ABC):
         """token_ids [batch] int64 -> the greedy next token per row [batch] (argmax of this step's logits).
         Runners whose graph computes the argmax on the device (passes/greedy_token.py) copy only the tokens."""
         return self.decode(token_ids).argmax(-1)
+
+    def greedy_tokens(self, token_ids: np.ndarray, steps: int) -> Iterator[np.ndarray]:
+        """Yield the greedy next tokens of `steps` decode steps, [batch] each, every step fed the tokens before it.
+        Runners that can queue steps ahead on the device (ort_cuda) override this; stopping early is allowed."""
+        token = token_ids
+        for _ in range(steps):
+            token = self.decode_tokens(token)
+            yield token
 
     @property
     @abstractmethod

@@ -51,18 +51,19 @@ def peak_host_mb() -> float:
 
 
 def run_once(runner, ids: np.ndarray, gen_len: int) -> tuple[float, list[float]]:
-    """Greedy generation as `leptonc run` does it: a step takes the tokens in and gives the next ones out
-    (Runner.decode_tokens: the argmax on the device where the graph has it, as the HF baseline does)."""
+    """Greedy generation as `leptonc run` does it (Runner.greedy_tokens: the argmax on the device where the graph
+    has it, as the HF baseline does; where the runner pipelines, steps queue on the device ahead of the host).
+    A step's time is the interval between two tokens reaching the host."""
     mask = np.ones_like(ids)
     start = time.perf_counter()
     logits = runner.prefill(ids, mask, last_only=True)
     ttft = time.perf_counter() - start
-    token = logits.argmax(-1)
     steps = []
-    for _ in range(gen_len - 1):
-        s = time.perf_counter()
-        token = runner.decode_tokens(token)
-        steps.append(time.perf_counter() - s)
+    s = time.perf_counter()
+    for _ in runner.greedy_tokens(logits.argmax(-1), gen_len - 1):
+        now = time.perf_counter()
+        steps.append(now - s)
+        s = now
     return ttft, steps
 
 

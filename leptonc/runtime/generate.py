@@ -113,6 +113,10 @@ def generate(runner, tokenizer, prompts: list[str], cfg: SamplingConfig, *, eos_
     # argmax, the logits never leave the device.
     greedy = cfg.temperature == 0
     tokens = sample(logits, cfg, rng)
+    # Greedy rows feed back their own token (a finished row's are read by nobody), so the runner may queue
+    # steps ahead on the device (Runner.greedy_tokens).
+    stream = runner.greedy_tokens(tokens, cfg.max_new_tokens - 1) if greedy else None
+    s = time.perf_counter()
     for step in range(cfg.max_new_tokens):
         for row, g in enumerate(outs):
             if not active[row]:
@@ -136,15 +140,16 @@ def generate(runner, tokenizer, prompts: list[str], cfg: SamplingConfig, *, eos_
                 streamed[row] = text
         if not active.any() or step == cfg.max_new_tokens - 1:
             break
-        fed = np.where(active, tokens, pad)
-        s = time.perf_counter()
         if greedy:
-            tokens = runner.decode_tokens(fed)
-            step_times.append(time.perf_counter() - s)
+            tokens = next(stream)
         else:
-            logits = runner.decode(fed)
-            step_times.append(time.perf_counter() - s)
+            logits = runner.decode(np.where(active, tokens, pad))
             tokens = sample(logits, cfg, rng)
+        now = time.perf_counter()
+        step_times.append(now - s)
+        s = now
+    if stream is not None:
+        stream.close()
     total = time.perf_counter() - t0
     decoded = sum(len(g.token_ids) for g in outs)
     timings = {

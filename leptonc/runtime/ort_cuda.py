@@ -46,6 +46,7 @@ from leptonc.runtime.base import Runner, positions_from_mask
 CACHE_ATTENTION_OPS = frozenset({"GroupQueryAttention", "CachedAttention"})  # attention that owns a K/V cache
 _DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
 PREFILL_TOKENS = 4096  # tokens per prefill chunk (whole rows); module doc
+PIPELINE_DEPTH = 2  # greedy steps launched ahead of the one whose token the host reads (greedy_tokens)
 CUBLAS_WORKSPACE_CONFIG = ":4096:1"  # cuBLAS's default workspace pool per handle: one 4 MiB buffer; module doc
 _cublas_env_set = False  # whether this process's CUBLAS_WORKSPACE_CONFIG is the runner's, not the user's
 
@@ -285,9 +286,37 @@ class OrtCudaRunner(Runner):
                      "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
         if self.cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
+        # Pipelined greedy decode (greedy_tokens): ONNX Runtime runs on a stream of ours, so the next step's inputs
+        # can be queued behind the step in flight. LEPTONC_PIPELINE=0 keeps one step at a time.
+        self._driver = self._stream = None
+        self.pipelined = False
+        self._pipeline_reason = "off: needs captured decode steps (CUDA graphs)"
+        if self.cuda_graph and os.environ.get("LEPTONC_PIPELINE", "1") == "0":
+            self._pipeline_reason = "off: LEPTONC_PIPELINE=0"
+        elif self.cuda_graph:
+            from leptonc.runtime.cuda_driver import CudaDriver, CudaDriverError
+
+            try:
+                self._driver = CudaDriver(device_id)
+                self._stream = self._driver.stream()
+            except CudaDriverError as exc:
+                self._driver, self._pipeline_reason = None, f"off: {exc}"
+            else:
+                cuda_opts["user_compute_stream"] = str(self._stream)
+                cuda_opts["do_copy_in_default_stream"] = "0"  # every copy in the one stream's order
         providers = [("CUDAExecutionProvider", cuda_opts)] if device_type == "cuda" else ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(model_path), so, providers=providers)
+            try:
+                self.session = ort.InferenceSession(str(model_path), so, providers=providers)
+            except Exception as exc:  # noqa: BLE001 - retried once without our stream, then handled as before
+                if "user_compute_stream" not in cuda_opts:
+                    raise
+                self._release_stream()
+                self._driver = None
+                self._pipeline_reason = f"off: ONNX Runtime refused a stream of ours: {str(exc).strip()[-160:]}"
+                cuda_opts.pop("user_compute_stream")
+                cuda_opts["do_copy_in_default_stream"] = "1"
+                self.session = ort.InferenceSession(str(model_path), so, providers=providers)
         except Exception as exc:  # noqa: BLE001 - only the capture refusal is handled; anything else re-raises
             if not (self.cuda_graph and "graph capture" in str(exc)):
                 raise
@@ -314,6 +343,14 @@ class OrtCudaRunner(Runner):
         self.token_output = "next_token" in self.output_names
         self.greedy_output = self.token_output and os.environ.get("LEPTONC_DEVICE_ARGMAX", "1") != "0"
         self.logits_dtype = np.float16 if self.session.get_outputs()[0].type == "tensor(float16)" else np.float32
+        if self._driver is not None and not (self.cuda_graph and self.greedy_output):
+            self._pipeline_reason = ("off: the graph has no next_token output (or LEPTONC_DEVICE_ARGMAX=0), so the "
+                                     "host must see each step's logits" if self.cuda_graph else
+                                     "off: ONNX Runtime refused to capture the decode step")
+        elif self._driver is not None:
+            self.pipelined = True
+            self._pipeline_reason = (f"on: up to {PIPELINE_DEPTH} steps queued ahead of the token the host reads; "
+                                     "each step's ids are the step before's next_token, copied on the device")
         self._batch = 0
         self._mask: np.ndarray | None = None  # left-padded layout: the mask so far
         self._positions: np.ndarray | None = None
@@ -350,6 +387,7 @@ class OrtCudaRunner(Runner):
                 "padding": "right (fixed-shape decode mask)" if self.right_pad else "left",
                 **({"prefill_tokens": self.prefill_tokens} if self.shared_kv else {}),
                 "cuda_graph": self.cuda_graph_reason,
+                "greedy_pipeline": self._pipeline_reason,
                 **({"leptonc_kernels": self.kernel_launch} if self.kernel_launch else {}),
                 **({"cublas_workspace_config": self.cublas_workspace} if self.cublas_workspace else {}),
                 "greedy_tokens": ("argmax in the graph (next_token output)" if self.greedy_output else
@@ -512,7 +550,8 @@ class OrtCudaRunner(Runner):
         copied to the host: the logits stay on the device (bound, but not read)."""
         if not self.greedy_output:
             return super().decode_tokens(token_ids)
-        return self._decode(token_ids)["next_token"].numpy().reshape(self._batch)
+        # a copy: on the CPU provider numpy() is a view of the bound buffer, which the next step overwrites
+        return self._decode(token_ids)["next_token"].numpy().reshape(self._batch).copy()
 
     def _decode(self, token_ids: np.ndarray) -> dict:
         """One decode step; its outputs as device values by name (logits, and next_token where the graph has it)."""
@@ -616,6 +655,75 @@ class OrtCudaRunner(Runner):
         self.session.run_with_iobinding(state["binding"], state["run_options"])
         return {name: state[name] for name in ("logits", "next_token") if name in state}
 
+    # ---- pipelined greedy decode ------------------------------------------------------------------
+
+    def greedy_tokens(self, token_ids: np.ndarray, steps: int):
+        """Yield the greedy next tokens of `steps` decode steps, [batch] each, as Runner.greedy_tokens does.
+
+        With the pipeline on (describe()'s greedy_pipeline), up to PIPELINE_DEPTH steps are queued on the device
+        ahead of the one whose token the host reads: a step's input ids are copied on the device from the step
+        before's next_token output, its positions and mask come from a page-locked host slot of its own, and ONNX
+        Runtime returns without waiting for the GPU (run option disable_synchronize_execution_providers). The GPU
+        then runs steps back to back instead of waiting for the host between them. A caller that stops early
+        (closes the generator) gets the runner back as if only the steps it read had run."""
+        if not self.pipelined:
+            yield from super().greedy_tokens(token_ids, steps)
+            return
+        if self._total == 0:
+            raise RuntimeError("decode before prefill")
+        batch, d, stream = self._batch, self._driver, self._stream
+        state = self._decode_state(batch)
+        pipe = self._pipeline_state(batch, state)
+        allowed = max(0, min(steps, self.max_sequence - self._total))
+        first = np.asarray(token_ids, dtype=np.int64).reshape(batch)
+        inputs_ptr, token_ptr = state["inputs"].data_ptr(), state["next_token"].data_ptr()
+        launched = consumed = 0
+        try:
+            while consumed < allowed:
+                while launched < allowed and launched - consumed < PIPELINE_DEPTH:
+                    slot = pipe["slots"][launched % PIPELINE_DEPTH]
+                    state["host_ids"][:, 0] = first if launched == 0 else 0
+                    state["host_pos"][:, 0] = self._lengths
+                    state["host_mask"][np.arange(batch), self._lengths] = 1
+                    self._lengths += 1
+                    self._total += 1
+                    np.copyto(slot["inputs"], state["host_inputs"])
+                    d.copy(inputs_ptr, slot["inputs"].ctypes.data, slot["inputs"].nbytes, stream)
+                    if launched > 0:  # this step's ids: the step before's greedy tokens, still on the device
+                        d.copy(inputs_ptr, token_ptr, 8 * batch, stream)
+                    self.session.run_with_iobinding(state["binding"], pipe["run_options"])
+                    d.copy(slot["tokens"].ctypes.data, token_ptr, 8 * batch, stream)
+                    d.record(slot["event"], stream)
+                    launched += 1
+                slot = pipe["slots"][consumed % PIPELINE_DEPTH]
+                d.wait(slot["event"])
+                consumed += 1
+                yield slot["tokens"].copy()
+        finally:
+            if launched > consumed:  # stopped early: forget the steps nobody read (their cache entries are masked)
+                d.sync(stream)
+                self._lengths -= launched - consumed
+                self._total -= launched - consumed
+                self._reset_decode_mask(batch)
+        if allowed < steps:
+            raise InputError(f"sequence reached this bundle's limit of {self.max_sequence} tokens")
+
+    def _pipeline_state(self, batch: int, state: dict) -> dict:
+        """Page-locked host slots (inputs and tokens) and an event for each step in flight; made once per batch."""
+        if "pipeline" not in state:
+            d = self._driver
+            run_options = self._run_options(self._graph_ids.get(batch, -1))
+            run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            slots = [{"inputs": d.pinned(state["host_inputs"].size), "tokens": d.pinned(batch), "event": d.event()}
+                     for _ in range(PIPELINE_DEPTH)]
+            state["pipeline"] = {"run_options": run_options, "slots": slots}
+        return state["pipeline"]
+
+    def _release_stream(self) -> None:
+        if self._stream is not None:
+            self._driver.destroy_stream(self._stream)
+        self._stream = None
+
     # ---- teardown ---------------------------------------------------------------------------------
 
     def peak_device_memory_mb(self) -> float | None:
@@ -625,10 +733,18 @@ class OrtCudaRunner(Runner):
         return round(self.memory.peak, 1)
 
     def release(self) -> None:
+        if self._stream is not None:
+            self._driver.sync(self._stream)
+        for static in self._static.values():
+            for slot in static.get("pipeline", {}).get("slots", []):
+                self._driver.free_pinned(slot["inputs"])
+                self._driver.free_pinned(slot["tokens"])
+                self._driver.destroy_event(slot["event"])
         self._kv = []
         self._static = {}
         self._gather = None
         self._zeros = None
         self.session = None
+        self._release_stream()
         if self.cublas_workspace:  # the next cuBLAS handles in this process (PyTorch's, say) get the user's setting
             restore_cublas_env()
