@@ -1166,6 +1166,46 @@ def s18d(s: Session) -> None:
     _pipeline_rounds(s, {"fp16": WORK / "llama1b.h100.lepton", "int4": WORK / "llama1b.h100.int4.lepton"}, 2)
 
 
+NBITS_NORM_KERNEL = {"LEPTONC_NBITS_NORM_KERNEL": "1"}
+# 32 greedy tokens of llama-1b-shape int4 (RTN, norms not folded) in session 18's s18c, with and without the pipeline
+S18C_INT4_TOKENS = [3945, 24809, 40813, 38721, 95012, 78501, 61493, 54957, 25890, 91558, 73588, 81771, 123073, 120750,
+                    27370, 75743, 91988, 97775, 79544, 61962, 79388, 33401, 7768, 63586, 40116, 80641, 31718, 40049,
+                    39744, 29188, 31344, 100617]
+
+
+def s18e(s: Session) -> None:
+    """Issue 8 line 2: the int4 graph's residual norms as leptonc kernels of their own under PDL. The bundle is
+    compiled with the norms folded (LEPTONC_NORM_PROLOGUE_NBITS=1: NormMatMulNBitsTiled) and run with
+    LEPTONC_NBITS_NORM_KERNEL=1, so one row goes through skip_rms_norm_rows (now PDL-launched) and then the product,
+    instead of every block of the product normalizing the row in its prologue (session 17: slower). First the op
+    against float64 with the switch on; only if it passes: the folded int4 bundle and fp16, 32 greedy tokens with
+    the switch (compared with s18c's plain int4 tokens), then decode at batch 1 and 16: int4 with the switch, int4
+    with the prologue, fp16, interleaved twice."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    data = script(s, "NormMatMulNBitsTiled check, norm kernel", "bench/device_kernels.py", "--norm-nbits-only",
+                  out_name="norm_nbits_check.json", timeout=240, env=NBITS_NORM_KERNEL) or {}
+    rows = [r for r in data.get("check", []) if r.get("case") == "NormMatMulNBitsTiled"]
+    ok = bool(rows) and all(r.get("leptonc_rel_err", 1) < 2e-3 and r.get("leptonc_sum_max_abs_err", 1) == 0 for r in rows)
+    s.record["norm_nbits_check_pass"] = ok
+    s.save()
+    if not ok:
+        print("the check failed: no bundle runs with LEPTONC_NBITS_NORM_KERNEL=1 in this call", flush=True)
+        return
+    folded = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4.norm", "--max-seq", "1280", "--int4",
+                            "--int4-method", "rtn", "--no-check", env=NBITS_NORM_ON)
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if folded:
+        ids = greedy(s, folded, "greedy llama1b int4 norm kernel", n=32, env=NBITS_NORM_KERNEL)
+        s.record["parity"] = {"int4 norm kernel vs s18c plain int4": {
+            "norm_kernel": ids, "s18c_plain": S18C_INT4_TOKENS, "identical": ids == S18C_INT4_TOKENS}}
+        s.save()
+    for rnd in range(2):
+        for name, b, e in (("int4 norm kernel", folded, NBITS_NORM_KERNEL), ("int4 norm prologue", folded, {}),
+                           ("fp16", fp16, {})):
+            if b:
+                bench(s, b, f"llama1b {name} round {rnd + 1}", "--batch", "1,16", env=e)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1188,7 +1228,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1205,7 +1245,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e}[args.session](s)
     finally:
         s.save()
         summary(s)

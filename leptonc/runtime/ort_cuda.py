@@ -276,6 +276,9 @@ class OrtCudaRunner(Runner):
             if os.environ.get("LEPTONC_NBITS_DIRECT_A") == "1":
                 self.kernel_launch += ("; one-row int4/int8 products read A per warp "
                                        "(LEPTONC_NBITS_DIRECT_A=1, experimental)")
+            if os.environ.get("LEPTONC_NBITS_NORM_KERNEL") == "1":
+                self.kernel_launch += ("; folded int4/int8 norms run as their own kernel before the product "
+                                       "(LEPTONC_NBITS_NORM_KERNEL=1, experimental)")
             if os.environ.get("LEPTONC_F16_PERSISTENT") == "1":
                 self.kernel_launch += "; persistent one-row fp16 grids (LEPTONC_F16_PERSISTENT=1, experimental)"
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement

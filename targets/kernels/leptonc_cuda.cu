@@ -723,6 +723,8 @@ f16_gemv(const half* __restrict__ A, const half* __restrict__ W, half* __restric
 __global__ void __launch_bounds__(kF16Warps * 32)
 skip_rms_norm_rows(const half* __restrict__ A, RowNorm nm, half* __restrict__ Xn, int K) {
   extern __shared__ uint4 a_s[];
+  pdl_trigger();
+  pdl_wait();  // A and the skip come from the kernels before (common.cuh)
   const size_t off = size_t(blockIdx.x) * K;
   const int kv = K / 8;
   RowNorm row = nm;
@@ -942,8 +944,8 @@ OrtStatus* norm_rows_then(const half* a, int64_t m, int K, const RowNorm& nm, ha
     RowNorm chunk = nm;
     chunk.skip += r0 * K;
     chunk.sum += r0 * K;
-    skip_rms_norm_rows<<<r, kF16Warps * 32, size_t(K / 8) * sizeof(uint4), stream>>>(a + r0 * K, chunk, rows, K);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch_dependent(skip_rms_norm_rows, dim3(r), dim3(kF16Warps * 32),
+                                             size_t(K / 8) * sizeof(uint4), stream, a + r0 * K, chunk, rows, K);
     if (err != cudaSuccess) return fail(std::string("skip_rms_norm_rows launch: ") + cudaGetErrorString(err));
     ORT_TRY(product(r0, r));
   }
@@ -953,6 +955,18 @@ OrtStatus* norm_rows_then(const half* a, int64_t m, int K, const RowNorm& nm, ha
 // NormMatMulNBitsTiled: Y = RMSNorm(A + skip) x gamma x W^T and S = A + skip. One row where the few-rows kernel
 // serves the shape: the norm is its prologue (one kernel). Otherwise the rows are normalized into g_shared.normed
 // (skip_rms_norm_rows, in chunks of scratch_halves()), then launch() as for MatMulNBitsTiled.
+//
+// LEPTONC_NBITS_NORM_KERNEL=1 where the bundle runs (experimental): one row too goes through skip_rms_norm_rows and
+// then the product, two kernels that each overlap the one before under PDL, instead of every block of the product
+// normalizing the row again in its prologue.
+inline bool nbits_norm_kernel() {
+  static const bool on = [] {
+    const char* v = std::getenv("LEPTONC_NBITS_NORM_KERNEL");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
 template <int BITS>
 OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const RowNorm& nm, const uint8_t* b,
                        const half* sz, half* y, cudaStream_t stream) {
@@ -960,7 +974,7 @@ OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const Ro
   const int step_k = Step<BITS>::kK;
   const int steps = (K + step_k - 1) / step_k;
   const int blocks_t = (steps * step_k + block - 1) / block;
-  if (m == 1) {
+  if (m == 1 && !nbits_norm_kernel()) {
     const GemvPlan plan = gemv_plan(1, K, N, BITS);
     if (plan.s > 0)
       return cuda_check(launch_gemv<BITS, true>(plan, kn.activation == 1, std::min(block, step_k) / 16, a, 1,
