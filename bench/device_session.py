@@ -1206,6 +1206,24 @@ def s18e(s: Session) -> None:
                 bench(s, b, f"llama1b {name} round {rnd + 1}", "--batch", "1,16", env=e)
 
 
+def s18f(s: Session) -> None:
+    """Issue 8 lines 3-7 with the pipelined greedy decode (the default since session 18): smollm2 fp16 at batch 1
+    and 16 against Hugging Face in one `leptonc bench --baseline hf` run, and without the pipeline; llama-1b-shape
+    fp16: time to first token at 1,024 tokens, batch 16's device memory alone, and batch 1 against Hugging Face."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    if small:
+        bench(s, small, "smollm2 fp16 vs hf", "--batch", "1,16", "--baseline", "hf")
+        bench(s, small, "smollm2 fp16 one step at a time", "--batch", "1,16", env=PIPELINE_OFF)
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if fp16:
+        s.cli("llama1b fp16 ttft 1024", "bench", fp16, "--prompt-len", 1024, "--gen-len", 2, "--batch", 1,
+              "--warmup", 3, "--iters", 20, "--json", "--no-verify")
+        script(s, "memory probe llama1b b16 alone", "bench/device_memory_probe.py", str(fp16), "--batches", "16",
+               out_name="memory_llama1b_b16.json", timeout=120)
+        bench(s, fp16, "llama1b fp16 vs hf", "--batch", "1", "--baseline", "hf")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1228,7 +1246,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1245,7 +1263,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f}[args.session](s)
     finally:
         s.save()
         summary(s)
