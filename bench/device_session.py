@@ -1224,6 +1224,41 @@ def s18f(s: Session) -> None:
         bench(s, fp16, "llama1b fp16 vs hf", "--batch", "1", "--baseline", "hf")
 
 
+def s18g(s: Session) -> None:
+    """Issue 8 line 2: the streaming int4/int8 kernel (tiled_stream: llama-1b-shape's o product at batch 1, every
+    product of a few rows) launched with programmatic dependent launch, its weights loaded before it waits for the
+    kernel before (session 18's timeline: o was the one product of the int4 layer with no overlap). First every
+    decode kernel forced on every case against float64 (bench/kernels_check.py); only if that passes: llama-1b-shape
+    int4 (RTN) and fp16, 32 greedy int4 tokens (PDL does not change the arithmetic: they must equal s18c's), decode at
+    batch 1 and 16 interleaved twice, and the int4 step's timeline."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    binary = build_microbench(s, "nbits microbench")
+    if binary is None:
+        return
+    data = script(s, "forced-path check", "bench/kernels_check.py", str(binary), out_name="kernels_check.json",
+                  timeout=240) or {}
+    s.record["check_pass"] = ok = bool(data.get("check_ok"))
+    s.save()
+    if not ok:
+        print("the forced-path check failed: no bundle runs in this call", flush=True)
+        return
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if q4:
+        ids = greedy(s, q4, "greedy llama1b int4", n=32)
+        s.record["parity"] = {"int4 vs s18c int4": {"now": ids, "s18c": S18C_INT4_TOKENS,
+                                                    "identical": ids == S18C_INT4_TOKENS}}
+        s.save()
+    for rnd in range(2):
+        for name, b in (("int4", q4), ("fp16", fp16)):
+            if b:
+                bench(s, b, f"llama1b {name} round {rnd + 1}", "--batch", "1,16")
+    if q4:
+        script(s, "timeline llama1b int4", "bench/device_timeline.py", str(q4), out_name="timeline_llama1b_int4.json",
+               timeout=60)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1246,7 +1281,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1263,7 +1298,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g}[args.session](s)
     finally:
         s.save()
         summary(s)

@@ -147,6 +147,7 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
   const half* a_lo = A + size_t(g) * K;      // row g of the mma tile
   const half* a_hi = A + size_t(g + 8) * K;  // row g + 8
   const bool lo = g < M, hi = g + 8 < M;
+  pdl_trigger();
   const half2* sz_tile[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) sz_tile[j] = SZ + size_t(min(tile0 + j, n_tiles - 1)) * blocks_t * 8;
@@ -162,6 +163,7 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
       w[j] = (tile0 + j < n_tiles) ? __ldg(B + (size_t(tile0 + j) * steps + step) * 32 + lane) : make_uint4(0, 0, 0, 0);
   };
   load_w(cur, warp);  // warps <= steps
+  pdl_wait();  // A comes from the kernels before; the weights above do not (common.cuh)
   for (int step = warp; step < steps; step += warps) {
     if (step + warps < steps) load_w(nxt, step + warps);  // the next step's weights are in flight meanwhile
     const int k_step = step * kStepK;
@@ -866,19 +868,17 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
     const int warps = std::min(deep ? kMaxWarps : 8, steps);
 #define LEPTONC_STREAM(NT, PB)                                                                               \
   do {                                                                                                       \
-    const int grid = (n_tiles + NT - 1) / NT;                                                                \
-    if (deep && act)                                                                                         \
-      tiled_stream<BITS, NT, PB, kMaxWarps, true><<<grid, warps * 32, 0, stream>>>(                          \
-          a, int(m), bw, szw, y, K, N, steps, block, blocks_t);                                              \
-    else if (deep)                                                                                           \
-      tiled_stream<BITS, NT, PB, kMaxWarps, false><<<grid, warps * 32, 0, stream>>>(                         \
-          a, int(m), bw, szw, y, K, N, steps, block, blocks_t);                                              \
-    else if (act)                                                                                            \
-      tiled_stream<BITS, NT, PB, 8, true><<<grid, warps * 32, 0, stream>>>(                                  \
-          a, int(m), bw, szw, y, K, N, steps, block, blocks_t);                                              \
-    else                                                                                                     \
-      tiled_stream<BITS, NT, PB, 8, false><<<grid, warps * 32, 0, stream>>>(                                 \
-          a, int(m), bw, szw, y, K, N, steps, block, blocks_t);                                              \
+    const dim3 grid((n_tiles + NT - 1) / NT), threads(warps * 32);                                           \
+    const cudaError_t e =                                                                                    \
+        deep && act ? launch_dependent(tiled_stream<BITS, NT, PB, kMaxWarps, true>, grid, threads, 0, stream, \
+                                       a, int(m), bw, szw, y, K, N, steps, block, blocks_t)                  \
+        : deep      ? launch_dependent(tiled_stream<BITS, NT, PB, kMaxWarps, false>, grid, threads, 0, stream,\
+                                       a, int(m), bw, szw, y, K, N, steps, block, blocks_t)                  \
+        : act       ? launch_dependent(tiled_stream<BITS, NT, PB, 8, true>, grid, threads, 0, stream, a,      \
+                                       int(m), bw, szw, y, K, N, steps, block, blocks_t)                     \
+                    : launch_dependent(tiled_stream<BITS, NT, PB, 8, false>, grid, threads, 0, stream, a,     \
+                                       int(m), bw, szw, y, K, N, steps, block, blocks_t);                    \
+    if (e != cudaSuccess) return cuda_check(e, "tiled_stream launch");                                       \
   } while (0)
     if (pb >= Step<BITS>::kProducts) {
       if (wide) LEPTONC_STREAM(2, Step<BITS>::kProducts); else LEPTONC_STREAM(1, Step<BITS>::kProducts);
