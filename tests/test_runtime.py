@@ -577,6 +577,19 @@ def test_pipelined_greedy_tokens_match_step_by_step_decode(mask_sum_bundle):
         np.testing.assert_array_equal(np.stack(got[:10]), np.stack(want))
 
 
+def test_pipeline_is_off_with_a_reason_where_it_cannot_run(mask_sum_bundle, monkeypatch):
+    """Without captured decode steps (here: ONNX Runtime's CPU provider) the pipeline is off and describe() says why;
+    greedy_tokens is then the step-by-step loop. Where the CUDA driver cannot be loaded, CudaDriver raises its own
+    error (the runner turns it into that reason) instead of an OSError."""
+    from leptonc.runtime import cuda_driver
+
+    with _runner(mask_sum_bundle, "iobinding", max_sequence=24) as r:
+        assert not r.pipelined and r.describe()["greedy_pipeline"].startswith("off: needs captured decode steps")
+    monkeypatch.setattr(cuda_driver.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(f"{name}: not found")))
+    with pytest.raises(cuda_driver.CudaDriverError, match="CUDA driver library is not loadable"):
+        cuda_driver.CudaDriver(0)
+
+
 def test_device_argmax_switch_reads_logits_instead(mask_sum_bundle, monkeypatch):
     """LEPTONC_DEVICE_ARGMAX=0 (the bench A/B) keeps next_token bound but takes the argmax of the logits
     on the host; both give the same tokens, and describe() says which one ran."""

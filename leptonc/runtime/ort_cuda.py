@@ -25,6 +25,11 @@ the new token ids (and mask/positions) and reads back only the logits. Two cache
   still pass left-padded batches and get logits in their own layout back. Graphs fused for the CPU
   ("mask_length": lengths from the mask's length, padding masked by a bias) keep left padding and a
   mask that grows each step, so they cannot be captured; `describe()` says why.
+- **pipelined greedy decode** (`greedy_tokens`, what `leptonc run` and `leptonc bench` use at temperature 0): ONNX
+  Runtime runs on a stream of the runner's (`user_compute_stream`; leptonc/runtime/cuda_driver.py), a step's ids are
+  copied on the device from the step before's `next_token`, and up to PIPELINE_DEPTH steps queue ahead of the token
+  the host reads, so the GPU does not wait for the host between steps (on the H100: +3% on llama-1b-shape, +16% on
+  smollm2 at batch 1, BENCHMARKS.md session 18). LEPTONC_PIPELINE=0 runs one step at a time; describe() says which.
 - **device memory** (issue 8 line 6): every cuBLAS handle (one per ONNX Runtime provider instance, and the
   kernel library's) takes a default workspace pool unless CUBLAS_WORKSPACE_CONFIG says otherwise. On the H100
   that cost about 120 MiB per provider instance; the runner sets ":4096:1" (one 4 MiB buffer) where the user
