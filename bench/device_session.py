@@ -1259,6 +1259,40 @@ def s18g(s: Session) -> None:
                timeout=60)
 
 
+ATTN_PREFETCH_V = {"LEPTONC_ATTN_PREFETCH_V": "1"}
+
+
+def s19a(s: Session) -> None:
+    """Issue 8 line 2 (written in session 18, not yet run): decode_attention's value prefetch
+    (LEPTONC_ATTN_PREFETCH_V=1 at run time: the first 16 value rows of a warp's chunk load with its keys). The
+    attention is about 130 us of either llama step (session 18's timeline), and line 2 needs about 38 us less in
+    what fp16 and int4 share. First the kernels and the op against float64 with the switch
+    (bench/device_attention_check.py); only if both pass: llama-1b-shape int4 (RTN) and fp16, 32 greedy tokens
+    each with the switch and without (the sums run in the same order: they must be identical), then decode at
+    batch 1 and 16, each bundle both ways, interleaved twice."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    data = script(s, "attention check, value prefetch", "bench/device_attention_check.py",
+                  out_name="attention_check.json", timeout=300, env=ATTN_PREFETCH_V) or {}
+    ok = bool(data.get("kernels", {}).get("all_pass") and data.get("op", {}).get("all_pass"))
+    s.record["attention_check_pass"] = ok
+    s.save()
+    if not ok:
+        print("the attention check failed with the prefetch: no bundle runs with it in this call", flush=True)
+        return
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    for name, b in (("int4", q4), ("fp16", fp16)):
+        if b:
+            greedy_env_pair(s, b, f"llama1b {name}", f"llama1b {name}, LEPTONC_ATTN_PREFETCH_V=1 (changed) vs not",
+                            ATTN_PREFETCH_V)
+    for rnd in range(2):
+        for name, b in (("int4", q4), ("fp16", fp16)):
+            for mode, e in (("prefetch", ATTN_PREFETCH_V), ("shipped", {})):
+                if b:
+                    bench(s, b, f"llama1b {name} {mode} round {rnd + 1}", "--batch", "1,16", env=e)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1281,7 +1315,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1298,7 +1332,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a}[args.session](s)
     finally:
         s.save()
         summary(s)

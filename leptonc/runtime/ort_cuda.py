@@ -281,6 +281,9 @@ class OrtCudaRunner(Runner):
             if os.environ.get("LEPTONC_NBITS_DIRECT_A") == "1":
                 self.kernel_launch += ("; one-row int4/int8 products read A per warp "
                                        "(LEPTONC_NBITS_DIRECT_A=1, experimental)")
+            if os.environ.get("LEPTONC_ATTN_PREFETCH_V") == "1":
+                self.kernel_launch += ("; decode attention loads its first value rows with the keys "
+                                       "(LEPTONC_ATTN_PREFETCH_V=1, experimental)")
             if os.environ.get("LEPTONC_NBITS_NORM_KERNEL") == "1":
                 self.kernel_launch += ("; folded int4/int8 norms run as their own kernel before the product "
                                        "(LEPTONC_NBITS_NORM_KERNEL=1, experimental)")

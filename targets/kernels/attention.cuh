@@ -263,10 +263,16 @@ __global__ void __launch_bounds__(128) prefill_attention(Params p) {
 }
 
 // ---- S = 1: decode ----------------------------------------------------------------------------------------------
-template <int D, int G>
+//
+// PRE (experimental, LEPTONC_ATTN_PREFETCH_V=1 where the bundle runs; head size 64 only): a warp's first 16 value
+// rows of each 32-key chunk are loaded with its key rows, before the scores, so a short split (the batch-1 case:
+// about 12 keys a split at 200 keys) waits for memory once instead of once for the keys and once per 8 values.
+template <int D, int G, bool PRE = false>
 __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
   static_assert(D % 64 == 0 && G >= 1 && G <= kMaxGroup, "head size 64 or 128, at most 8 heads a group");
+  static_assert(!PRE || D == 64, "the value prefetch is instantiated for head size 64");
   constexpr int kWarps = kDecodeThreads / 32, kPer = D / 32, kHalf = D / 2;  // kPer: output columns a lane owns
+  constexpr int kPre = PRE ? 16 : 0;  // value rows a chunk loads with its keys
   __shared__ float q_s[G][D];
   __shared__ float red_m[kWarps][G], red_l[kWarps][G];
   __shared__ float red_o[kWarps][G][D];
@@ -315,6 +321,14 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
   }
   for (int base = k_begin + warp * 32; base < k_end; base += kWarps * 32) {
     const int key = base + lane;
+    const int n = min(32, k_end - base);
+    half2 vpre[kPre > 0 ? kPre : 1];  // rows base + u, this lane's two columns (D = 64); zeros past the chunk
+    if constexpr (kPre > 0) {
+#pragma unroll
+      for (int u = 0; u < kPre; ++u)
+        vpre[u] = u < n ? *reinterpret_cast<const half2*>(vc + size_t(base + u) * D + lane * kPer)
+                        : __floats2half2_rn(0.f, 0.f);
+    }
     float sc[G];
     if (key < k_end) {  // scores: each lane one key, the whole head
 #pragma unroll
@@ -351,9 +365,21 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
       l[h] += pr[h];
     }
     // P x V: the chunk's keys eight at a time, lanes own columns; the eight V rows are loaded before any is used,
-    // so their latencies overlap (a key past the chunk has probability 0 and a zero row)
-    const int n = min(32, k_end - base);
-    for (int j0 = 0; j0 < n; j0 += 8) {
+    // so their latencies overlap (a key past the chunk has probability 0 and a zero row). With PRE the first kPre
+    // rows are already in registers.
+    if constexpr (kPre > 0) {
+#pragma unroll
+      for (int u = 0; u < kPre; ++u) {
+        const float2 x = __half22float2(vpre[u]);
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+          const float ph = __shfl_sync(0xffffffffu, pr[h], u);
+          o[h][0] = fmaf(ph, x.x, o[h][0]);
+          o[h][1] = fmaf(ph, x.y, o[h][1]);
+        }
+      }
+    }
+    for (int j0 = kPre; j0 < n; j0 += 8) {
       float vf[8][kPer];
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
@@ -481,8 +507,24 @@ inline int decode_splits(int B, int KVH, int C, int sms) {
   return splits > by_capacity ? (by_capacity < 1 ? 1 : by_capacity) : splits;
 }
 
+// LEPTONC_ATTN_PREFETCH_V=1 in the environment of the process that runs the bundle: decode_attention's PRE instances
+// (head size 64). Experimental: off until it has run on a GPU.
+inline bool attn_prefetch_v() {
+  static const bool on = [] {
+    const char* v = std::getenv("LEPTONC_ATTN_PREFETCH_V");
+    return v != nullptr && v[0] == '1' && v[1] == '\0';
+  }();
+  return on;
+}
+
 template <int D, int G>
 void launch_decode(const Params& p, cudaStream_t stream) {
+  if constexpr (D == 64) {
+    if (attn_prefetch_v()) {
+      launch_dependent(decode_attention<D, G, true>, dim3(p.splits, p.KVH, p.B), dim3(kDecodeThreads), 0, stream, p);
+      return;
+    }
+  }
   launch_dependent(decode_attention<D, G>, dim3(p.splits, p.KVH, p.B), dim3(kDecodeThreads), 0, stream, p);
 }
 
