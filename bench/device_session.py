@@ -691,14 +691,22 @@ def greedy_env_pair(s: Session, bundle: Path, label: str, what: str, env: dict) 
 ATTENTION_ON, ATTENTION_OFF = {"LEPTONC_ATTENTION_KERNEL": "1"}, {"LEPTONC_ATTENTION_KERNEL": "0"}
 
 
-def _attention_checked(s: Session) -> bool:
+def _attention_checked(s: Session, env: dict | None = None) -> bool:
     data = script(s, "attention check", "bench/device_attention_check.py", out_name="attention_check.json",
-                  timeout=300) or {}
+                  timeout=300, env=env) or {}
     ok = bool(data.get("kernels", {}).get("all_pass") and data.get("op", {}).get("all_pass"))
     s.record["attention_check_pass"] = ok
+    s.save()
     if not ok:
-        print("CachedAttention failed its check: no bundle uses it in this call", flush=True)
+        print(f"CachedAttention failed its check ({json.dumps(env or {})}): no bundle uses it in this call", flush=True)
     return ok
+
+
+def _llama_int4_fp16(s: Session) -> tuple[Path | None, Path | None]:
+    """llama-1b-shape compiled in int4 (RTN: its weights are random) and fp16, as every issue-8 call compiles them."""
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    return q4, compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
 
 
 def attention(s: Session) -> None:
@@ -922,6 +930,20 @@ def s16b(s: Session) -> None:
 NBITS_NORM_ON, NBITS_NORM_OFF = {"LEPTONC_NORM_PROLOGUE_NBITS": "1"}, {"LEPTONC_NORM_PROLOGUE_NBITS": "0"}
 
 
+def _norm_nbits_checked(s: Session, label: str, env: dict) -> bool:
+    """NormMatMulNBitsTiled against float64 (bench/device_kernels.py --norm-nbits-only) under `env`: every case within
+    2e-3 and the sum exact. The record keeps the verdict; a failure is printed."""
+    data = script(s, label, "bench/device_kernels.py", "--norm-nbits-only", out_name="norm_nbits_check.json",
+                  timeout=240, env=env) or {}
+    rows = [r for r in data.get("check", []) if r.get("case") == "NormMatMulNBitsTiled"]
+    ok = bool(rows) and all(r.get("leptonc_rel_err", 1) < 2e-3 and r.get("leptonc_sum_max_abs_err", 1) == 0 for r in rows)
+    s.record["norm_nbits_check_pass"] = ok
+    s.save()
+    if not ok:
+        print(f"NormMatMulNBitsTiled failed its check ({json.dumps(env)}): no bundle uses it in this call", flush=True)
+    return ok
+
+
 def s17(s: Session) -> None:
     """Issue 8 line 2 (written in session 16, not yet run): NormMatMulNBitsTiled, the residual norms folded into the
     int4 products (LEPTONC_NORM_PROLOGUE_NBITS=1 at compile), so an int4 decode layer, like the fp16 one, runs only
@@ -930,14 +952,7 @@ def s17(s: Session) -> None:
     the fold and without: 32 greedy tokens each, then decode at batch 1 and 16, interleaved twice (with s17b's fp16
     bundle where the machine still holds it, for line 2's ratio in one call)."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    data = script(s, "NormMatMulNBitsTiled check", "bench/device_kernels.py", "--norm-nbits-only",
-                  out_name="norm_nbits_check.json", timeout=240) or {}
-    rows = [r for r in data.get("check", []) if r.get("case") == "NormMatMulNBitsTiled"]
-    ok = bool(rows) and all(r.get("leptonc_rel_err", 1) < 2e-3 and r.get("leptonc_sum_max_abs_err", 1) == 0 for r in rows)
-    s.record["norm_nbits_check_pass"] = ok
-    s.save()
-    if not ok:
-        print("NormMatMulNBitsTiled failed its check: no bundle uses it in this call", flush=True)
+    if not _norm_nbits_checked(s, "NormMatMulNBitsTiled check", {}):
         return
     args = ("--max-seq", "1280", "--int4", "--int4-method", "rtn", "--no-check")
     folded = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4.norm", *args, env=NBITS_NORM_ON)
@@ -1082,6 +1097,16 @@ def s17e(s: Session) -> None:
 DIRECT_A = {"LEPTONC_NBITS_DIRECT_A": "1"}
 
 
+def _forced_path_check(s: Session) -> tuple[Path | None, dict]:
+    """The microbench built (None where it cannot be) and bench/kernels_check.py's JSON: every decode kernel forced
+    on every case against float64."""
+    binary = build_microbench(s, "nbits microbench")
+    if binary is None:
+        return None, {}
+    return binary, script(s, "nbits forced-path check", "bench/kernels_check.py", str(binary),
+                          out_name="kernels_check.json", timeout=240) or {}
+
+
 def s18(s: Session) -> None:
     """Issue 8 line 2 (written in session 17, not yet run): one-row int4/int8 products that read A per warp from
     global memory instead of staging the whole row in every block (LEPTONC_NBITS_DIRECT_A=1 at run time,
@@ -1091,11 +1116,9 @@ def s18(s: Session) -> None:
     and fp16: 32 greedy int4 tokens each way, then decode at batch 1 and 16 for int4, int4 direct and fp16,
     interleaved three times."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    binary = build_microbench(s, "nbits microbench")
+    binary, data = _forced_path_check(s)
     if binary is None:
         return
-    data = script(s, "nbits forced-path check", "bench/kernels_check.py", str(binary), out_name="kernels_check.json",
-                  timeout=240) or {}
     ok = bool(data.get("check_ok")) and any(r.get("variant") == "gemv-direct" for r in data.get("rows", []))
     s.record["nbits_check_pass"] = ok
     s.save()
@@ -1150,9 +1173,7 @@ def s18c(s: Session) -> None:
     the pipeline and without (LEPTONC_PIPELINE=0), which must be identical; then decode at batch 1 and 16, each
     bundle with and without, interleaved, as the budget allows (s18d repeats the rounds on the same bundles)."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
-    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
-                        "--int4-method", "rtn", "--no-check")
+    q4, fp16 = _llama_int4_fp16(s)
     for name, b in (("fp16", fp16), ("int4", q4)):
         if b:
             greedy_env_pair(s, b, f"llama1b {name}", f"llama1b {name}, LEPTONC_PIPELINE=0 (changed) vs not",
@@ -1182,14 +1203,7 @@ def s18e(s: Session) -> None:
     the switch (compared with s18c's plain int4 tokens), then decode at batch 1 and 16: int4 with the switch, int4
     with the prologue, fp16, interleaved twice."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    data = script(s, "NormMatMulNBitsTiled check, norm kernel", "bench/device_kernels.py", "--norm-nbits-only",
-                  out_name="norm_nbits_check.json", timeout=240, env=NBITS_NORM_KERNEL) or {}
-    rows = [r for r in data.get("check", []) if r.get("case") == "NormMatMulNBitsTiled"]
-    ok = bool(rows) and all(r.get("leptonc_rel_err", 1) < 2e-3 and r.get("leptonc_sum_max_abs_err", 1) == 0 for r in rows)
-    s.record["norm_nbits_check_pass"] = ok
-    s.save()
-    if not ok:
-        print("the check failed: no bundle runs with LEPTONC_NBITS_NORM_KERNEL=1 in this call", flush=True)
+    if not _norm_nbits_checked(s, "NormMatMulNBitsTiled check, norm kernel", NBITS_NORM_KERNEL):
         return
     folded = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4.norm", "--max-seq", "1280", "--int4",
                             "--int4-method", "rtn", "--no-check", env=NBITS_NORM_ON)
@@ -1232,19 +1246,15 @@ def s18g(s: Session) -> None:
     int4 (RTN) and fp16, 32 greedy int4 tokens (PDL does not change the arithmetic: they must equal s18c's), decode at
     batch 1 and 16 interleaved twice, and the int4 step's timeline."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    binary = build_microbench(s, "nbits microbench")
+    binary, data = _forced_path_check(s)
     if binary is None:
         return
-    data = script(s, "forced-path check", "bench/kernels_check.py", str(binary), out_name="kernels_check.json",
-                  timeout=240) or {}
     s.record["check_pass"] = ok = bool(data.get("check_ok"))
     s.save()
     if not ok:
         print("the forced-path check failed: no bundle runs in this call", flush=True)
         return
-    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
-                        "--int4-method", "rtn", "--no-check")
-    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4, fp16 = _llama_int4_fp16(s)
     if q4:
         ids = greedy(s, q4, "greedy llama1b int4", n=32)
         s.record["parity"] = {"int4 vs s18c int4": {"now": ids, "s18c": S18C_INT4_TOKENS,
@@ -1271,17 +1281,9 @@ def s19a(s: Session) -> None:
     each with the switch and without (the sums run in the same order: they must be identical), then decode at
     batch 1 and 16, each bundle both ways, interleaved twice."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    data = script(s, "attention check, value prefetch", "bench/device_attention_check.py",
-                  out_name="attention_check.json", timeout=300, env=ATTN_PREFETCH_V) or {}
-    ok = bool(data.get("kernels", {}).get("all_pass") and data.get("op", {}).get("all_pass"))
-    s.record["attention_check_pass"] = ok
-    s.save()
-    if not ok:
-        print("the attention check failed with the prefetch: no bundle runs with it in this call", flush=True)
+    if not _attention_checked(s, ATTN_PREFETCH_V):
         return
-    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
-                        "--int4-method", "rtn", "--no-check")
-    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    q4, fp16 = _llama_int4_fp16(s)
     for name, b in (("int4", q4), ("fp16", fp16)):
         if b:
             greedy_env_pair(s, b, f"llama1b {name}", f"llama1b {name}, LEPTONC_ATTN_PREFETCH_V=1 (changed) vs not",
