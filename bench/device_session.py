@@ -1114,7 +1114,8 @@ def s18(s: Session) -> None:
     (bench/kernels_check.py, now with `gemv-direct` at one row) and the products' times with and without it
     (bench/kernels_microbench.cu, variant "gemv direct-a"); only if every check passes, llama-1b-shape int4 (RTN)
     and fp16: 32 greedy int4 tokens each way, then decode at batch 1 and 16 for int4, int4 direct and fp16,
-    interleaved three times."""
+    interleaved three times. HISTORICAL: run once in session 18 (5% slower at batch 1); the DIRECT instances and the
+    switch were removed afterwards, so this mode no longer measures anything."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     binary, data = _forced_path_check(s)
     if binary is None:
@@ -1201,7 +1202,8 @@ def s18e(s: Session) -> None:
     instead of every block of the product normalizing the row in its prologue (session 17: slower). First the op
     against float64 with the switch on; only if it passes: the folded int4 bundle and fp16, 32 greedy tokens with
     the switch (compared with s18c's plain int4 tokens), then decode at batch 1 and 16: int4 with the switch, int4
-    with the prologue, fp16, interleaved twice."""
+    with the prologue, fp16, interleaved twice. HISTORICAL: run once in session 18 (+0.5% over the prologue, no
+    better than the unfolded default); the switch was removed afterwards (skip_rms_norm_rows keeps its PDL launch)."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     if not _norm_nbits_checked(s, "NormMatMulNBitsTiled check, norm kernel", NBITS_NORM_KERNEL):
         return

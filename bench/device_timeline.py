@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-
-def family(name: str) -> str:
-    """A short label for a kernel name (demangled C++ signatures are long)."""
-    short = re.sub(r"^void\s+", "", name.replace("(anonymous namespace)::", ""))
-    short = re.sub(r"[<(].*$", "", short)
-    return short.split("::")[-1].strip() or name[:60]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_kernel_times import family  # noqa: E402 - the same short kernel labels as the Nsight Compute table
 
 
 def record(bundle_path: str, batch: int, steps: int) -> tuple[list[dict], dict]:

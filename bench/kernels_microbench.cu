@@ -155,19 +155,13 @@ int check_mode(int argc, char** argv) {
   check(cudaMalloc(&y, size_t(m) * n_out * sizeof(half)), "malloc Y");
   cudaStream_t s;
   check(cudaStreamCreate(&s), "stream");
-  // argv[8], optional: "stream", "gemv[:S]" or "gemv-direct" (the plan with LEPTONC_NBITS_DIRECT_A's A reads, one
-  // row) forces a decode kernel (bench/kernels_check.py checks each)
+  // argv[8], optional: "stream" or "gemv[:S]" forces a decode kernel (bench/kernels_check.py checks each)
   Path path = Path::kAuto;
   int force_s = 0;
   if (argc > 8) {
     const std::string v = argv[8];
     if (v == "stream") path = Path::kStream;
-    if (v == "gemv-direct") {
-      if (m != 1) return 3;  // n/a
-      path = Path::kGemv, nbits_direct_a() = true;
-    } else if (v.rfind("gemv", 0) == 0) {
-      path = Path::kGemv, force_s = v.size() > 5 ? std::atoi(v.c_str() + 5) : 0;
-    }
+    if (v.rfind("gemv", 0) == 0) path = Path::kGemv, force_s = v.size() > 5 ? std::atoi(v.c_str() + 5) : 0;
   }
   if (path == Path::kGemv && gemv_plan(m, int(kn.K), int(kn.N), int(kn.bits), force_s, 0, true).s == 0) return 3;  // n/a
   OrtStatus* st = kn.bits == 4 ? launch<4>(kn, a, m, b, sz, y, s, path, force_s)
@@ -315,17 +309,12 @@ int main(int argc, char** argv) {
       Path path;
       int s, tb;
     };
-    // "gemv direct-a": the shipped plan with LEPTONC_NBITS_DIRECT_A's A reads (one row only)
     const Variant variants[] = {{"auto", Path::kAuto, 0, 0},     {"stream", Path::kStream, 0, 0},
                                 {"gemv", Path::kGemv, 0, 0},     {"gemv s4", Path::kGemv, 4, 0},
-                                {"gemv s8 tb1", Path::kGemv, 8, 1}, {"gemv s16", Path::kGemv, 16, 0},
-                                {"gemv direct-a", Path::kGemv, 0, 0}};
+                                {"gemv s8 tb1", Path::kGemv, 8, 1}, {"gemv s16", Path::kGemv, 16, 0}};
     for (int m : {1, 4, 16})
     for (const Variant& v : variants) {
       if (v.path != Path::kAuto && m > 4) continue;
-      const bool direct = std::string(v.name) == "gemv direct-a";
-      if (direct && m != 1) continue;
-      nbits_direct_a() = direct;
       if (v.path == Path::kGemv && gemv_plan(m, mx.K, mx.N, mx.bits, v.s, v.tb, true).s == 0) continue;
       const float ms = graph_ms(s, reps, [&](int r) {
         OrtStatus* st = mx.bits == 4 ? launch<4>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb)

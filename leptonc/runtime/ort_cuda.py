@@ -278,15 +278,9 @@ class OrtCudaRunner(Runner):
             self.kernel_launch += "; shared buffers " + ", ".join(
                 f"{k.removeprefix('LEPTONC_').lower()} {_buffer_mib(k)}"
                 for k in ("LEPTONC_KERNEL_BUFFER_MB", "LEPTONC_CUBLAS_WORKSPACE_MB"))
-            if os.environ.get("LEPTONC_NBITS_DIRECT_A") == "1":
-                self.kernel_launch += ("; one-row int4/int8 products read A per warp "
-                                       "(LEPTONC_NBITS_DIRECT_A=1, experimental)")
             if os.environ.get("LEPTONC_ATTN_PREFETCH_V") == "1":
                 self.kernel_launch += ("; decode attention loads its first value rows with the keys "
                                        "(LEPTONC_ATTN_PREFETCH_V=1, experimental)")
-            if os.environ.get("LEPTONC_NBITS_NORM_KERNEL") == "1":
-                self.kernel_launch += ("; folded int4/int8 norms run as their own kernel before the product "
-                                       "(LEPTONC_NBITS_NORM_KERNEL=1, experimental)")
             if os.environ.get("LEPTONC_F16_PERSISTENT") == "1":
                 self.kernel_launch += "; persistent one-row fp16 grids (LEPTONC_F16_PERSISTENT=1, experimental)"
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement
@@ -649,14 +643,18 @@ class OrtCudaRunner(Runner):
         host_mask[:] = 0
         host_mask[np.arange(self.capacity)[None, :] < self._lengths[:, None]] = 1
 
+    def _next_host_inputs(self, state: dict, ids: np.ndarray) -> None:
+        """The right-padded layout's next step on the host: row b's new token sits at index len_b, which is its
+        position and the mask entry that turns on."""
+        state["host_ids"][:] = ids
+        state["host_pos"][:, 0] = self._lengths
+        state["host_mask"][np.arange(self._batch), self._lengths] = 1
+        self._lengths += 1
+
     def _decode_shared(self, ids: np.ndarray) -> dict:
         state = self._decode_state(self._batch)
         if self.right_pad:
-            # Row b's new token sits at index len_b: its position, and the mask entry that turns on.
-            state["host_ids"][:] = ids
-            state["host_pos"][:, 0] = self._lengths
-            state["host_mask"][np.arange(self._batch), self._lengths] = 1
-            self._lengths += 1
+            self._next_host_inputs(state, ids)
             state["inputs"].update_inplace(state["host_inputs"])
         else:
             state["ids"].update_inplace(ids)
@@ -693,10 +691,7 @@ class OrtCudaRunner(Runner):
             while consumed < allowed:
                 while launched < allowed and launched - consumed < PIPELINE_DEPTH:
                     slot = pipe["slots"][launched % PIPELINE_DEPTH]
-                    state["host_ids"][:, 0] = first if launched == 0 else 0
-                    state["host_pos"][:, 0] = self._lengths
-                    state["host_mask"][np.arange(batch), self._lengths] = 1
-                    self._lengths += 1
+                    self._next_host_inputs(state, first.reshape(batch, 1) if launched == 0 else 0)
                     self._total += 1
                     np.copyto(slot["inputs"], state["host_inputs"])
                     d.copy(inputs_ptr, slot["inputs"].ctypes.data, slot["inputs"].nbytes, stream)

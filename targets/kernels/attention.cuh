@@ -510,10 +510,7 @@ inline int decode_splits(int B, int KVH, int C, int sms) {
 // LEPTONC_ATTN_PREFETCH_V=1 in the environment of the process that runs the bundle: decode_attention's PRE instances
 // (head size 64). Experimental: off until it has run on a GPU.
 inline bool attn_prefetch_v() {
-  static const bool on = [] {
-    const char* v = std::getenv("LEPTONC_ATTN_PREFETCH_V");
-    return v != nullptr && v[0] == '1' && v[1] == '\0';
-  }();
+  static const bool on = env_is("LEPTONC_ATTN_PREFETCH_V", "1");
   return on;
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 // D += A x B on the tensor cores: mma.sync.m16n8k16, fp16 operands, fp32 accumulators. Fragments (g = lane / 4,
 // t = lane % 4): A registers (row g, cols 2t..2t+1), (row g + 8, same), (row g, cols 2t + 8..), (row g + 8,
@@ -37,10 +38,15 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// Whether environment variable `name` is exactly `value` (the kernels' run-time switches, read once each).
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
 inline bool pdl_enabled() {
   static const bool on = [] {
-    const char* v = std::getenv("LEPTONC_PDL");
-    if (v != nullptr && v[0] == '0' && v[1] == '\0') return false;
+    if (env_is("LEPTONC_PDL", "0")) return false;
     int device = 0, major = 0;
     return cudaGetDevice(&device) == cudaSuccess &&
            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;

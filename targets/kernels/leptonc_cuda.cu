@@ -317,7 +317,7 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return v;
 }
 
-template <int BITS, int PB, int S, bool ACT, bool NORM, bool DIRECT = false>
+template <int BITS, int PB, int S, bool ACT, bool NORM>
 __global__ void __launch_bounds__(512)
 tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
            half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t, int wpt, int tb, RowNorm nm) {
@@ -353,14 +353,11 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
   pdl_wait();  // A (and the norm's inputs) come from the kernels before
   // A [M, steps * kStepK] in shared memory (zeros past K), rows ks apart (+8 halves: rows in other banks). With
   // NORM (NormMatMulNBitsTiled, M = 1) the row is RMSNorm(A + skip) x gamma and block 0 writes the sum.
-  // DIRECT (one row, no norm; LEPTONC_NBITS_DIRECT_A=1, experimental): each warp reads its own slice of A from
-  // global memory (L2) as it computes, so no block stages the whole row or waits at a barrier before its first mma.
-  constexpr bool direct = DIRECT && !NORM;
   const int kfull = steps * kStepK, ks = kfull + 8;
   half* as = reinterpret_cast<half*>(gemv_smem);
   if constexpr (NORM) {
     stage_norm_row(as, A, nm, K, kfull, blockIdx.x == 0);
-  } else if constexpr (!direct) {
+  } else {
     for (int i = threadIdx.x; i < M * (kfull >> 3); i += blockDim.x) {
       const int row = i / (kfull >> 3), k = (i % (kfull >> 3)) * 8;
       *reinterpret_cast<uint4*>(as + row * ks + k) = load_a8(A + size_t(row) * K, k, k < K);
@@ -376,10 +373,7 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
       const int k_step = (step0 + j) * kStepK;
       uint4 a[kPairs];
 #pragma unroll
-      for (int i = 0; i < kPairs; ++i) {
-        const int k = k_step + 32 * i + 8 * t;
-        a[i] = direct ? load_a8(A, k, k < K) : *reinterpret_cast<const uint4*>(arow + k);
-      }
+      for (int i = 0; i < kPairs; ++i) a[i] = *reinterpret_cast<const uint4*>(arow + k_step + 32 * i + 8 * t);
 #pragma unroll
       for (int q = 0; q < G; ++q) {
         const half2 zz = __high2half2(sz[j][q]);
@@ -402,7 +396,7 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
 
   const int n = tile * 8 + 2 * t;
   if (wpt > 1) {  // add the chunks of K: the tile's first warp sums its wpt warps' partial sums
-    float2* red = reinterpret_cast<float2*>(direct ? as : as + M * ks);
+    float2* red = reinterpret_cast<float2*>(as + M * ks);
     red[warp * 32 + lane] = make_float2(acc0, acc1);
     __syncthreads();
     if (part != 0) return;
@@ -428,27 +422,7 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
 
 struct GemvPlan {
   int s = 0, wpt = 0, tb = 0, blocks = 0, smem = 0;
-  bool direct = false;  // tiled_gemv's DIRECT instance (S = 4 or 8 only)
 };
-
-// LEPTONC_NBITS_DIRECT_A=1 where the bundle runs (experimental, off until measured on a GPU): one-row int4/int8
-// products without a norm prologue read A from global memory per warp (tiled_gemv's DIRECT). The microbench
-// flips it through this reference.
-inline bool& nbits_direct_a() {
-  static bool on = [] {
-    const char* v = std::getenv("LEPTONC_NBITS_DIRECT_A");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  return on;
-}
-
-// The plan with DIRECT where an instance exists (S = 4 or 8): shared memory holds only the cross-warp sums.
-inline GemvPlan with_direct_a(GemvPlan p) {
-  if (p.s != 4 && p.s != 8) return p;
-  p.direct = true;
-  p.smem = p.tb * p.wpt * 32 * 8;
-  return p;
-}
 
 // The few-rows plan for M rows (s = 0 when the kernel does not apply): 512 values of K a warp (S = 4
 // steps at 4 bits, 8 at 8 bits) unless forced, up to 8 warps a block, fewer tiles a block while blocks
@@ -482,14 +456,6 @@ template <int BITS, int PB, bool ACT, bool NORM>
 cudaError_t launch_gemv_act(const GemvPlan& p, const half* a, int m, const uint4* b, const half2* sz, half* y, int K,
                             int N, int steps, int block, int blocks_t, const RowNorm& nm, cudaStream_t stream) {
   const dim3 grid(p.blocks), threads(p.tb * p.wpt * 32);
-  if constexpr (!NORM) {
-    if (p.direct && p.s == 4)
-      return launch_dependent(tiled_gemv<BITS, PB, 4, ACT, false, true>, grid, threads, p.smem, stream, a, m, b, sz, y,
-                              K, N, steps, block, blocks_t, p.wpt, p.tb, nm);
-    if (p.direct && p.s == 8)
-      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, false, true>, grid, threads, p.smem, stream, a, m, b, sz, y,
-                              K, N, steps, block, blocks_t, p.wpt, p.tb, nm);
-  }
   switch (p.s) {
     case 4:
       return launch_dependent(tiled_gemv<BITS, PB, 4, ACT, NORM>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N,
@@ -851,8 +817,7 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const auto* szw = reinterpret_cast<const half2*>(sz);
   const int pb = std::min(block, step_k) / 16;  // products that share a scale
   if (path != Path::kStream && (path == Path::kGemv || m <= kGemvMaxM)) {
-    GemvPlan plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb, path == Path::kGemv);
-    if (plan.s > 0 && m == 1 && nbits_direct_a()) plan = with_direct_a(plan);
+    const GemvPlan plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb, path == Path::kGemv);
     if (plan.s > 0)
       return cuda_check(launch_gemv<BITS>(plan, act, pb, a, int(m), bw, szw, y, K, N, steps, block, blocks_t, stream),
                         "tiled_gemv launch");
@@ -955,17 +920,6 @@ OrtStatus* norm_rows_then(const half* a, int64_t m, int K, const RowNorm& nm, ha
 // NormMatMulNBitsTiled: Y = RMSNorm(A + skip) x gamma x W^T and S = A + skip. One row where the few-rows kernel
 // serves the shape: the norm is its prologue (one kernel). Otherwise the rows are normalized into g_shared.normed
 // (skip_rms_norm_rows, in chunks of scratch_halves()), then launch() as for MatMulNBitsTiled.
-//
-// LEPTONC_NBITS_NORM_KERNEL=1 where the bundle runs (experimental): one row too goes through skip_rms_norm_rows and
-// then the product, two kernels that each overlap the one before under PDL, instead of every block of the product
-// normalizing the row again in its prologue.
-inline bool nbits_norm_kernel() {
-  static const bool on = [] {
-    const char* v = std::getenv("LEPTONC_NBITS_NORM_KERNEL");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  return on;
-}
 
 template <int BITS>
 OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const RowNorm& nm, const uint8_t* b,
@@ -974,7 +928,7 @@ OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const Ro
   const int step_k = Step<BITS>::kK;
   const int steps = (K + step_k - 1) / step_k;
   const int blocks_t = (steps * step_k + block - 1) / block;
-  if (m == 1 && !nbits_norm_kernel()) {
+  if (m == 1) {
     const GemvPlan plan = gemv_plan(1, K, N, BITS);
     if (plan.s > 0)
       return cuda_check(launch_gemv<BITS, true>(plan, kn.activation == 1, std::min(block, step_k) / 16, a, 1,
@@ -1292,10 +1246,7 @@ OrtStatus* ORT_API_CALL create_norm_f16(const OrtCustomOp*, const OrtApi* api, c
 // Persistent one-row fp16 products (LEPTONC_F16_PERSISTENT=1 where the bundle runs; off until measured): the grid
 // is at most the blocks that fit on the GPU at once, each block looping over passes (f16_gemv).
 inline bool f16_persistent() {
-  static const bool on = [] {
-    const char* v = std::getenv("LEPTONC_F16_PERSISTENT");
-    return v != nullptr && std::string(v) == "1";
-  }();
+  static const bool on = env_is("LEPTONC_F16_PERSISTENT", "1");
   return on;
 }
 
@@ -1365,10 +1316,7 @@ inline F16Plan f16_plan(int K, int N, bool act, bool tuned) {
 }
 
 inline bool f16_tuned() {
-  static const bool on = [] {
-    const char* v = std::getenv("LEPTONC_F16_SPLIT");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool on = !env_is("LEPTONC_F16_SPLIT", "0");
   return on;
 }
 
