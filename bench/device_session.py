@@ -1297,6 +1297,33 @@ def s19a(s: Session) -> None:
                     bench(s, b, f"llama1b {name} {mode} round {rnd + 1}", "--batch", "1,16", env=e)
 
 
+def s19b(s: Session) -> None:
+    """Issue 8 line 2: the decode attention prefetches the weights of the products after it into L2
+    (LEPTONC_L2_PREFETCH_MB at run time; the bundles carry the weights as the attention's extra inputs). The attention
+    is a latency chain of about 8 us a layer during which HBM is nearly idle (session 18's timeline), and the int4
+    layer's o and gate|up (19 MiB) fit in the H100's 50 MiB L2. llama-1b-shape int4 (RTN) first: 32 greedy tokens
+    with 24 MiB and without (prefetches change no arithmetic: they must be identical), decode at batch 1 and 16 with
+    and without; then fp16 the same; then the int4 variants (late issue, per-line prefetch, 40 MiB) while the call's
+    budget lasts."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    on = {"LEPTONC_L2_PREFETCH_MB": "24"}
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if q4:
+        greedy_env_pair(s, q4, "llama1b int4", "llama1b int4, LEPTONC_L2_PREFETCH_MB=24 (changed) vs not", on)
+        for mode, e in (("off", {}), ("l2 24", on)):
+            bench(s, q4, f"llama1b int4 {mode}", "--batch", "1,16", env=e)
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if fp16:
+        for mode, e in (("off", {}), ("l2 24", on)):
+            bench(s, fp16, f"llama1b fp16 {mode}", "--batch", "1,16", env=e)
+    if q4:
+        for mode, e in (("l2 24 late", {**on, "LEPTONC_L2_PREFETCH_AT": "late"}),
+                        ("l2 24 line", {**on, "LEPTONC_L2_PREFETCH_MODE": "line"}),
+                        ("l2 40", {"LEPTONC_L2_PREFETCH_MB": "40"}), ("off again", {})):
+            bench(s, q4, f"llama1b int4 {mode}", "--batch", "1,16", env=e)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1319,7 +1346,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a", "s19b"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1336,7 +1363,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a, "s19b": s19b}[args.session](s)
     finally:
         s.save()
         summary(s)

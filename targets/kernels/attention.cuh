@@ -54,6 +54,8 @@ struct Params {
   int first_prompt;    // 1: the new tokens start at position 0
   int splits;          // decode splits of the keys (1: no combine step)
   float scale_log2;    // softmax scale x log2(e)
+  L2Prefetch pf;       // decode: weights of the products after the attention, into L2 while it runs (common.cuh)
+  int pf_late;         // 1: issue them once the block's keys and values are in, 0: right after pdl_wait
 };
 
 __device__ __forceinline__ int past_length(const Params& p, int b) {
@@ -280,6 +282,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   pdl_trigger();
   pdl_wait();  // every input but the tables comes from the kernels before (common.cuh)
+  const unsigned linear_block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const unsigned n_blocks = gridDim.x * gridDim.y * gridDim.z;
+  if (!p.pf_late) issue_l2_prefetch(p.pf, linear_block, n_blocks);
   const int pos = past_length(p, b);  // the new token's position
   const int n_keys = pos + 1;
   const int k_begin = int(int64_t(split) * n_keys / p.splits), k_end = int(int64_t(split + 1) * n_keys / p.splits);
@@ -415,6 +420,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
     }
   }
 
+  if (p.pf_late) issue_l2_prefetch(p.pf, linear_block, n_blocks);
   // the block's four warps, then (with splits) the partial triple for the merge
 #pragma unroll
   for (int h = 0; h < G; ++h) {
