@@ -1324,6 +1324,45 @@ def s19b(s: Session) -> None:
             bench(s, q4, f"llama1b int4 {mode}", "--batch", "1,16", env=e)
 
 
+def s19c(s: Session) -> None:
+    """Issue 8 line 2: tiled_gemv's rolling window (a warp holds PD of its S steps' weights in registers and refills
+    each slot with the step PD ahead as it uses it, instead of loading all S first). Session 18's timeline puts the
+    int4 gate|up at 13.4 us for 17.4 MB (1.3 TB/s) and down at 8.9 us for 8.7 MB: the one-row int4 products stream at
+    half the bandwidth the fp16 ones reach. Every decode kernel forced on every case against float64
+    (bench/kernels_check.py, now with gemv:8:4, gemv:16:4 and gemv:16:8), then each product's time with every plan
+    (bench/kernels_microbench.cu, variants "gemv sS pdPD [tbTB]")."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    binary, data = _forced_path_check(s)
+    if binary is None:
+        return
+    s.record["nbits_check_pass"] = bool(data.get("check_ok"))
+    s.save()
+    script(s, "nbits microbench", str(binary), out_name="nbits_microbench.json", timeout=240, interpreter=None)
+
+
+def s19d(s: Session) -> None:
+    """Issue 8 line 2: llama-1b-shape int4 (RTN) with the rolling windows that s19c's microbench picked
+    (LEPTONC_GEMV_WINDOW=S:PD[:TB] at run time, the windows listed in S19D_WINDOWS, comma-separated): 32 greedy
+    tokens with the first and without (the sums run in the same order: identical), then decode at batch 1 and 16
+    with each and without, then fp16 for the ratio, then the first window and the default once more."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    windows = [w for w in os.environ.get("S19D_WINDOWS", "16:8").split(",") if w]
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if not q4:
+        return
+    first = {"LEPTONC_GEMV_WINDOW": windows[0]}
+    greedy_env_pair(s, q4, "llama1b int4", f"llama1b int4, LEPTONC_GEMV_WINDOW={windows[0]} (changed) vs not", first)
+    bench(s, q4, "llama1b int4 default", "--batch", "1,16")
+    for w in windows:
+        bench(s, q4, f"llama1b int4 window {w}", "--batch", "1,16", env={"LEPTONC_GEMV_WINDOW": w})
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    if fp16:
+        bench(s, fp16, "llama1b fp16", "--batch", "1,16")
+    bench(s, q4, f"llama1b int4 window {windows[0]} again", "--batch", "1,16", env=first)
+    bench(s, q4, "llama1b int4 default again", "--batch", "1,16")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1346,7 +1385,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a", "s19b"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a", "s19b", "s19c", "s19d"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1363,7 +1402,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a, "s19b": s19b}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a, "s19b": s19b, "s19c": s19c, "s19d": s19d}[args.session](s)
     finally:
         s.save()
         summary(s)

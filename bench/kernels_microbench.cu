@@ -157,15 +157,18 @@ int check_mode(int argc, char** argv) {
   check(cudaStreamCreate(&s), "stream");
   // argv[8], optional: "stream" or "gemv[:S]" forces a decode kernel (bench/kernels_check.py checks each)
   Path path = Path::kAuto;
-  int force_s = 0;
+  int force_s = 0, force_pd = 0;
   if (argc > 8) {
     const std::string v = argv[8];
     if (v == "stream") path = Path::kStream;
     if (v.rfind("gemv", 0) == 0) path = Path::kGemv, force_s = v.size() > 5 ? std::atoi(v.c_str() + 5) : 0;
+    const size_t colon = v.find(':', 5);  // gemv:S:PD, the rolling window
+    if (path == Path::kGemv && colon != std::string::npos) force_pd = std::atoi(v.c_str() + colon + 1);
   }
-  if (path == Path::kGemv && gemv_plan(m, int(kn.K), int(kn.N), int(kn.bits), force_s, 0, true).s == 0) return 3;  // n/a
-  OrtStatus* st = kn.bits == 4 ? launch<4>(kn, a, m, b, sz, y, s, path, force_s)
-                               : launch<8>(kn, a, m, b, sz, y, s, path, force_s);
+  if (path == Path::kGemv && gemv_plan(m, int(kn.K), int(kn.N), int(kn.bits), force_s, 0, true, force_pd).s == 0)
+    return 3;  // n/a
+  OrtStatus* st = kn.bits == 4 ? launch<4>(kn, a, m, b, sz, y, s, path, force_s, 0, force_pd)
+                               : launch<8>(kn, a, m, b, sz, y, s, path, force_s, 0, force_pd);
   if (st != nullptr) std::fprintf(stderr, "launch failed\n"), std::exit(2);
   check(cudaStreamSynchronize(s), "run");
   std::vector<char> out(size_t(m) * n_out * sizeof(half));
@@ -307,18 +310,22 @@ int main(int argc, char** argv) {
     struct Variant {
       const char* name;
       Path path;
-      int s, tb;
+      int s, tb, pd;  // pd > 0: the rolling window (pd steps in flight a warp), M = 1 only
     };
-    const Variant variants[] = {{"auto", Path::kAuto, 0, 0},     {"stream", Path::kStream, 0, 0},
-                                {"gemv", Path::kGemv, 0, 0},     {"gemv s4", Path::kGemv, 4, 0},
-                                {"gemv s8 tb1", Path::kGemv, 8, 1}, {"gemv s16", Path::kGemv, 16, 0}};
+    const Variant variants[] = {{"auto", Path::kAuto, 0, 0, 0},     {"stream", Path::kStream, 0, 0, 0},
+                                {"gemv", Path::kGemv, 0, 0, 0},     {"gemv s4", Path::kGemv, 4, 0, 0},
+                                {"gemv s8 tb1", Path::kGemv, 8, 1, 0}, {"gemv s16", Path::kGemv, 16, 0, 0},
+                                {"gemv s8 pd4", Path::kGemv, 8, 0, 4}, {"gemv s8 pd4 tb2", Path::kGemv, 8, 2, 4},
+                                {"gemv s16 pd4", Path::kGemv, 16, 0, 4}, {"gemv s16 pd8", Path::kGemv, 16, 0, 8},
+                                {"gemv s16 pd8 tb2", Path::kGemv, 16, 2, 8}, {"gemv s16 pd8 tb8", Path::kGemv, 16, 8, 8}};
     for (int m : {1, 4, 16})
     for (const Variant& v : variants) {
       if (v.path != Path::kAuto && m > 4) continue;
-      if (v.path == Path::kGemv && gemv_plan(m, mx.K, mx.N, mx.bits, v.s, v.tb, true).s == 0) continue;
+      if (v.pd > 0 && m > 1) continue;
+      if (v.path == Path::kGemv && gemv_plan(m, mx.K, mx.N, mx.bits, v.s, v.tb, true, v.pd).s == 0) continue;
       const float ms = graph_ms(s, reps, [&](int r) {
-        OrtStatus* st = mx.bits == 4 ? launch<4>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb)
-                                     : launch<8>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb);
+        OrtStatus* st = mx.bits == 4 ? launch<4>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb, v.pd)
+                                     : launch<8>(kn, a, m, bs[r], szs[r], y, s, v.path, v.s, v.tb, v.pd);
         if (st != nullptr) std::exit(2);
       });
       static float ms_fp16 = 0.f, ms_f16 = 0.f, ms_norm = 0.f;  // once per M (the auto row), reused below

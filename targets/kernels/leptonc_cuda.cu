@@ -317,12 +317,15 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return v;
 }
 
-template <int BITS, int PB, int S, bool ACT, bool NORM>
+// PD < S (the rolling window): a warp holds only PD steps' weights in registers; each step it uses refills its slot
+// with the step PD ahead, so PD loads stay in flight while it computes. PD = S: every load first (session 11).
+template <int BITS, int PB, int S, bool ACT, bool NORM, int PD = S>
 __global__ void __launch_bounds__(512)
 tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
            half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t, int wpt, int tb, RowNorm nm) {
   constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
   constexpr int G = kProducts / PB;  // scale groups a step
+  constexpr int kD = PD < S ? PD : S;  // steps in registers at a time
   extern __shared__ uint4 gemv_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -333,22 +336,23 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
   const int n_steps = live ? min(S, steps - step0) : 0;
 
   pdl_trigger();
-  uint4 w[S];
-  half2 sz[S][G];
+  uint4 w[kD];
+  half2 sz[kD][G];
   const uint4* bt = B + size_t(live ? tile : 0) * steps * 32 + lane;
   const half2* st = SZ + size_t(live ? tile : 0) * blocks_t * 8 + g;
+  auto load_step = [&](int j, uint4& wj, half2 (&szj)[G]) {  // the warp's step j (zeros past its steps)
+    wj = make_uint4(0, 0, 0, 0);
 #pragma unroll
-  for (int j = 0; j < S; ++j) {
-    w[j] = make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int q = 0; q < G; ++q) sz[j][q] = __floats2half2_rn(0.f, 0.f);
+    for (int q = 0; q < G; ++q) szj[q] = __floats2half2_rn(0.f, 0.f);
     if (j < n_steps) {
       const int step = step0 + j;
-      w[j] = ld_stream(bt + size_t(step) * 32);
+      wj = ld_stream(bt + size_t(step) * 32);
 #pragma unroll
-      for (int q = 0; q < G; ++q) sz[j][q] = __ldg(st + ((step * kStepK + 16 * PB * q) / block) * 8);
+      for (int q = 0; q < G; ++q) szj[q] = __ldg(st + ((step * kStepK + 16 * PB * q) / block) * 8);
     }
-  }
+  };
+#pragma unroll
+  for (int j = 0; j < kD; ++j) load_step(j, w[j], sz[j]);
 
   pdl_wait();  // A (and the norm's inputs) come from the kernels before
   // A [M, steps * kStepK] in shared memory (zeros past K), rows ks apart (+8 halves: rows in other banks). With
@@ -371,21 +375,26 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
   for (int j = 0; j < S; ++j) {
     if (j < n_steps) {
       const int k_step = (step0 + j) * kStepK;
+      const uint4 wj = w[j % kD];
+      half2 szj[G];
+#pragma unroll
+      for (int q = 0; q < G; ++q) szj[q] = sz[j % kD][q];
+      if (kD < S && j + kD < S) load_step(j + kD, w[j % kD], sz[j % kD]);  // the rolling window's refill
       uint4 a[kPairs];
 #pragma unroll
       for (int i = 0; i < kPairs; ++i) a[i] = *reinterpret_cast<const uint4*>(arow + k_step + 32 * i + 8 * t);
 #pragma unroll
       for (int q = 0; q < G; ++q) {
-        const half2 zz = __high2half2(sz[j][q]);
+        const half2 zz = __high2half2(szj[q]);
         float part4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int c = q * PB; c < q * PB + PB; ++c) {
           const int i = c >> 1, h = (c & 1) * 2;
           uint32_t b0, b1;
-          operands<BITS>(w[j], c, zz, b0, b1);
+          operands<BITS>(wj, c, zz, b0, b1);
           mma16816(part4, word_of(a[i], h), 0u, word_of(a[i], h + 1), 0u, b0, b1);
         }
-        const uint32_t sv = as_u32(sz[j][q]);
+        const uint32_t sv = as_u32(szj[q]);
         const float s0 = __low2float(as_h2(__shfl_sync(0xffffffffu, sv, 8 * t)));
         const float s1 = __low2float(as_h2(__shfl_sync(0xffffffffu, sv, 8 * t + 4)));
         acc0 = fmaf(s0, part4[0], acc0);
@@ -422,6 +431,7 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
 
 struct GemvPlan {
   int s = 0, wpt = 0, tb = 0, blocks = 0, smem = 0;
+  int pd = 0;  // steps in flight a warp (the rolling window; 0: all s at once)
 };
 
 // The few-rows plan for M rows (s = 0 when the kernel does not apply): 512 values of K a warp (S = 4
@@ -432,7 +442,28 @@ struct GemvPlan {
 // (2.3-2.7 us against 3.0-3.4), so the plan takes weights of at least kGemvMinBytes.
 constexpr size_t kGemvMinBytes = size_t(3) << 20;
 
-inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int force_tb = 0, bool any_size = false) {
+// LEPTONC_GEMV_WINDOW=S:PD[:TB] where the bundle runs (experimental, session 19): one-row 4-bit products run the
+// rolling window (S steps a warp, PD in flight, TB tiles a block) instead of the default plan, where it applies.
+struct GemvWindow {
+  int s = 0, pd = 0, tb = 0;
+};
+inline GemvWindow gemv_window() {
+  static const GemvWindow w = [] {
+    GemvWindow g;
+    const char* v = std::getenv("LEPTONC_GEMV_WINDOW");
+    if (v != nullptr && std::sscanf(v, "%d:%d:%d", &g.s, &g.pd, &g.tb) < 2) g = GemvWindow();
+    return g;
+  }();
+  return w;
+}
+
+inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int force_tb = 0, bool any_size = false,
+                          int force_pd = 0) {
+  if (m == 1 && bits == 4 && force_s == 0 && force_pd == 0 && force_tb == 0 && gemv_window().pd > 0) {
+    const GemvWindow w = gemv_window();
+    const GemvPlan p = gemv_plan(m, K, N, bits, w.s, w.tb, any_size, w.pd);
+    if (p.s > 0) return p;
+  }
   GemvPlan p;
   const int step_k = bits == 4 ? 128 : 64;
   const int steps = (K + step_k - 1) / step_k, kfull = steps * step_k;
@@ -449,6 +480,11 @@ inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int fo
   if (p.tb * p.wpt > 16) p.tb = std::max(1, 16 / p.wpt);
   p.blocks = (n_tiles + p.tb - 1) / p.tb;
   p.smem = a_bytes + p.tb * p.wpt * 32 * 8;
+  // the rolling-window instances: 4 steps in flight of 8 or 16, 8 of 16
+  if (force_pd > 0 && force_pd < p.s) {
+    if (!((p.s == 8 && force_pd == 4) || (p.s == 16 && (force_pd == 4 || force_pd == 8)))) return GemvPlan();
+    p.pd = force_pd;
+  }
   return p;
 }
 
@@ -456,6 +492,16 @@ template <int BITS, int PB, bool ACT, bool NORM>
 cudaError_t launch_gemv_act(const GemvPlan& p, const half* a, int m, const uint4* b, const half2* sz, half* y, int K,
                             int N, int steps, int block, int blocks_t, const RowNorm& nm, cudaStream_t stream) {
   const dim3 grid(p.blocks), threads(p.tb * p.wpt * 32);
+  if (p.pd > 0) {
+    if (p.s == 8)
+      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, NORM, 4>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
+                              N, steps, block, blocks_t, p.wpt, p.tb, nm);
+    if (p.pd == 4)
+      return launch_dependent(tiled_gemv<BITS, PB, 16, ACT, NORM, 4>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
+                              N, steps, block, blocks_t, p.wpt, p.tb, nm);
+    return launch_dependent(tiled_gemv<BITS, PB, 16, ACT, NORM, 8>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N,
+                            steps, block, blocks_t, p.wpt, p.tb, nm);
+  }
   switch (p.s) {
     case 4:
       return launch_dependent(tiled_gemv<BITS, PB, 4, ACT, NORM>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N,
@@ -806,7 +852,7 @@ enum class Path { kAuto, kStream, kGemv };
 
 template <int BITS>
 OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t* b, const half* sz, half* y,
-                  cudaStream_t stream, Path path = Path::kAuto, int force_s = 0, int force_tb = 0) {
+                  cudaStream_t stream, Path path = Path::kAuto, int force_s = 0, int force_tb = 0, int force_pd = 0) {
   const int K = int(kn.K), N = int(kn.N), block = int(kn.block);
   const int step_k = Step<BITS>::kK;
   const int steps = (K + step_k - 1) / step_k;
@@ -817,7 +863,7 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const auto* szw = reinterpret_cast<const half2*>(sz);
   const int pb = std::min(block, step_k) / 16;  // products that share a scale
   if (path != Path::kStream && (path == Path::kGemv || m <= kGemvMaxM)) {
-    const GemvPlan plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb, path == Path::kGemv);
+    const GemvPlan plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb, path == Path::kGemv, force_pd);
     if (plan.s > 0)
       return cuda_check(launch_gemv<BITS>(plan, act, pb, a, int(m), bw, szw, y, K, N, steps, block, blocks_t, stream),
                         "tiled_gemv launch");
