@@ -1341,25 +1341,28 @@ def s19c(s: Session) -> None:
 
 
 def s19d(s: Session) -> None:
-    """Issue 8 line 2: llama-1b-shape int4 (RTN) with the rolling windows that s19c's microbench picked
-    (LEPTONC_GEMV_WINDOW=S:PD[:TB] at run time, the windows listed in S19D_WINDOWS, comma-separated): 32 greedy
-    tokens with the first and without (the sums run in the same order: identical), then decode at batch 1 and 16
-    with each and without, then fp16 for the ratio, then the first window and the default once more."""
+    """Issue 8 line 2: llama-1b-shape int4 (RTN) with the gate|up products (SwiGLU epilogue) on tiled_gemv's rolling
+    window (LEPTONC_GEMV_WINDOW=8:4 at run time; s19c's microbench: 9.30 us against 10.10): 32 greedy tokens with
+    and without (the sums run in the same order: identical), decode at batch 1 and 16 both ways, fp16 for the ratio;
+    then session 18's attention value prefetch (LEPTONC_ATTN_PREFETCH_V=1, never run before): its check, and only if
+    it passes int4 (with the window) and fp16 with it; then the window and the default once more."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
-    windows = [w for w in os.environ.get("S19D_WINDOWS", "16:8").split(",") if w]
+    window = {"LEPTONC_GEMV_WINDOW": "8:4"}
     q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
                         "--int4-method", "rtn", "--no-check")
     if not q4:
         return
-    first = {"LEPTONC_GEMV_WINDOW": windows[0]}
-    greedy_env_pair(s, q4, "llama1b int4", f"llama1b int4, LEPTONC_GEMV_WINDOW={windows[0]} (changed) vs not", first)
+    greedy_env_pair(s, q4, "llama1b int4", "llama1b int4, LEPTONC_GEMV_WINDOW=8:4 (changed) vs not", window)
     bench(s, q4, "llama1b int4 default", "--batch", "1,16")
-    for w in windows:
-        bench(s, q4, f"llama1b int4 window {w}", "--batch", "1,16", env={"LEPTONC_GEMV_WINDOW": w})
+    bench(s, q4, "llama1b int4 window 8:4", "--batch", "1,16", env=window)
     fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
     if fp16:
         bench(s, fp16, "llama1b fp16", "--batch", "1,16")
-    bench(s, q4, f"llama1b int4 window {windows[0]} again", "--batch", "1,16", env=first)
+    if _attention_checked(s, ATTN_PREFETCH_V):
+        bench(s, q4, "llama1b int4 window 8:4 + value prefetch", "--batch", "1,16", env={**window, **ATTN_PREFETCH_V})
+        if fp16:
+            bench(s, fp16, "llama1b fp16 value prefetch", "--batch", "1,16", env=ATTN_PREFETCH_V)
+    bench(s, q4, "llama1b int4 window 8:4 again", "--batch", "1,16", env=window)
     bench(s, q4, "llama1b int4 default again", "--batch", "1,16")
 
 

@@ -442,8 +442,10 @@ struct GemvPlan {
 // (2.3-2.7 us against 3.0-3.4), so the plan takes weights of at least kGemvMinBytes.
 constexpr size_t kGemvMinBytes = size_t(3) << 20;
 
-// LEPTONC_GEMV_WINDOW=S:PD[:TB] where the bundle runs (experimental, session 19): one-row 4-bit products run the
-// rolling window (S steps a warp, PD in flight, TB tiles a block) instead of the default plan, where it applies.
+// LEPTONC_GEMV_WINDOW=S:PD[:TB] where the bundle runs (experimental, session 19): one-row 4-bit gate|up products
+// with the SwiGLU epilogue run the rolling window (S steps a warp, PD in flight, TB tiles a block) instead of the
+// default plan. The microbench (BENCHMARKS.md, session 19) had llama-1b-shape's at 9.30 us with 8:4 against 10.10;
+// the window was slower on every product without the epilogue (qkv, down, the int8 head).
 struct GemvWindow {
   int s = 0, pd = 0, tb = 0;
 };
@@ -459,11 +461,6 @@ inline GemvWindow gemv_window() {
 
 inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int force_tb = 0, bool any_size = false,
                           int force_pd = 0) {
-  if (m == 1 && bits == 4 && force_s == 0 && force_pd == 0 && force_tb == 0 && gemv_window().pd > 0) {
-    const GemvWindow w = gemv_window();
-    const GemvPlan p = gemv_plan(m, K, N, bits, w.s, w.tb, any_size, w.pd);
-    if (p.s > 0) return p;
-  }
   GemvPlan p;
   const int step_k = bits == 4 ? 128 : 64;
   const int steps = (K + step_k - 1) / step_k, kfull = steps * step_k;
@@ -863,7 +860,10 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const auto* szw = reinterpret_cast<const half2*>(sz);
   const int pb = std::min(block, step_k) / 16;  // products that share a scale
   if (path != Path::kStream && (path == Path::kGemv || m <= kGemvMaxM)) {
-    const GemvPlan plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb, path == Path::kGemv, force_pd);
+    const GemvWindow win = BITS == 4 && act && m == 1 && force_s == 0 && force_tb == 0 && force_pd == 0
+                               ? gemv_window() : GemvWindow();
+    GemvPlan plan = win.pd > 0 ? gemv_plan(1, K, N, BITS, win.s, win.tb, false, win.pd) : GemvPlan();
+    if (plan.s == 0) plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb, path == Path::kGemv, force_pd);
     if (plan.s > 0)
       return cuda_check(launch_gemv<BITS>(plan, act, pb, a, int(m), bw, szw, y, K, N, steps, block, blocks_t, stream),
                         "tiled_gemv launch");
