@@ -130,6 +130,7 @@ static Params make_params(const Case& c, const Device& d, int P, int sms) {
   p.first_prompt = c.first ? 1 : 0;
   p.splits = c.S == 1 ? (c.splits ? c.splits : leptonc_attn::decode_splits(c.B, c.KVH, c.C, sms)) : 1;
   p.scale_log2 = float(1.0 / std::sqrt(double(c.D)) * 1.4426950408889634);
+  p.kv_prefetch = leptonc_attn::attn_kv_prefetch();  // as the op sets it (LEPTONC_ATTN_KV_PREFETCH)
   return p;
 }
 

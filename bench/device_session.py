@@ -1366,6 +1366,32 @@ def s19d(s: Session) -> None:
     bench(s, q4, "llama1b int4 default again", "--batch", "1,16")
 
 
+def s19f(s: Session) -> None:
+    """Issue 8 line 2, with s19d's two gains now the defaults (the int4 gate|up window 8:4, the attention's value
+    prefetch): the decode attention asking L2 for its split's key and value rows ahead (LEPTONC_ATTN_KV_PREFETCH=1
+    once it knows its keys, 2 before its dependency wait). The attention check with 2, 32 greedy int4 tokens with 2
+    and without (a prefetch changes no arithmetic: identical), then llama-1b-shape int4 and fp16 at batch 1 each way,
+    interleaved twice."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    kv1, kv2 = {"LEPTONC_ATTN_KV_PREFETCH": "1"}, {"LEPTONC_ATTN_KV_PREFETCH": "2"}
+    q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
+                        "--int4-method", "rtn", "--no-check")
+    if not q4 or not _attention_checked(s, kv2):
+        return
+    greedy_env_pair(s, q4, "llama1b int4", "llama1b int4, LEPTONC_ATTN_KV_PREFETCH=2 (changed) vs not", kv2)
+    fp16 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100", "--max-seq", "1280")
+    bench(s, q4, "llama1b int4 default", "--batch", "1,16")
+    bench(s, q4, "llama1b int4 kv prefetch 2", "--batch", "1", env=kv2)
+    if fp16:
+        bench(s, fp16, "llama1b fp16 default", "--batch", "1,16")
+        bench(s, fp16, "llama1b fp16 kv prefetch 2", "--batch", "1", env=kv2)
+    bench(s, q4, "llama1b int4 kv prefetch 1", "--batch", "1", env=kv1)
+    for name, b, e in (("int4 kv prefetch 2", q4, kv2), ("fp16 kv prefetch 2", fp16, kv2), ("int4 default", q4, {}),
+                       ("fp16 default", fp16, {})):
+        if b:
+            bench(s, b, f"llama1b {name} again", "--batch", "1", env=e)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1388,7 +1414,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a", "s19b", "s19c", "s19d"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a", "s19b", "s19c", "s19d", "s19f"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1405,7 +1431,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a, "s19b": s19b, "s19c": s19c, "s19d": s19d}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a, "s19b": s19b, "s19c": s19c, "s19d": s19d, "s19f": s19f}[args.session](s)
     finally:
         s.save()
         summary(s)

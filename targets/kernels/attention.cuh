@@ -56,6 +56,7 @@ struct Params {
   float scale_log2;    // softmax scale x log2(e)
   L2Prefetch pf;       // decode: weights of the products after the attention, into L2 while it runs (common.cuh)
   int pf_late;         // 1: issue them once the block's keys and values are in, 0: right after pdl_wait
+  int kv_prefetch;     // decode: 0, 1 or 2 (attn_kv_prefetch)
 };
 
 __device__ __forceinline__ int past_length(const Params& p, int b) {
@@ -266,9 +267,22 @@ __global__ void __launch_bounds__(128) prefill_attention(Params p) {
 
 // ---- S = 1: decode ----------------------------------------------------------------------------------------------
 //
-// PRE (experimental, LEPTONC_ATTN_PREFETCH_V=1 where the bundle runs; head size 64 only): a warp's first 16 value
-// rows of each 32-key chunk are loaded with its key rows, before the scores, so a short split (the batch-1 case:
-// about 12 keys a split at 200 keys) waits for memory once instead of once for the keys and once per 8 values.
+// PRE (head size 64; the default, LEPTONC_ATTN_PREFETCH_V=0 turns it off): a warp's first 16 value rows of each
+// 32-key chunk are loaded with its key rows, before the scores, so a short split (the batch-1 case: about 12 keys a
+// split at 200 keys) waits for memory once instead of once for the keys and once per 8 values.
+//
+// Its split's cached key and value rows (all but the new token's), asked of L2 ahead (p.kv_prefetch, below).
+__device__ __forceinline__ void prefetch_rows(const Params& p, const half* kc, const half* vc, int k_begin, int k_end,
+                                              int pos) {
+  const int last = min(k_end, pos), lines = p.D / 64;  // 128-byte lines a row
+  const int n = last > k_begin ? (last - k_begin) * 2 * lines : 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int row = i / lines, line = i % lines;
+    const half* base = (row & 1) ? vc : kc;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + size_t(k_begin + row / 2) * p.D + line * 64));
+  }
+}
+
 template <int D, int G, bool PRE = false>
 __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
   static_assert(D % 64 == 0 && G >= 1 && G <= kMaxGroup, "head size 64 or 128, at most 8 heads a group");
@@ -281,13 +295,22 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
   const int split = blockIdx.x, j = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   pdl_trigger();
+  half* kc = p.k_cache + (size_t(b) * p.KVH + j) * p.C * D;
+  half* vc = p.v_cache + (size_t(b) * p.KVH + j) * p.C * D;
+  int pos = 0;
+  if (p.kv_prefetch == 2) {  // seqlens_k is complete before any of our kernels starts (attn_kv_prefetch)
+    pos = past_length(p, b);
+    const int n = pos + 1;
+    prefetch_rows(p, kc, vc, int(int64_t(split) * n / p.splits), int(int64_t(split + 1) * n / p.splits), pos);
+  }
   pdl_wait();  // every input but the tables comes from the kernels before (common.cuh)
   const unsigned linear_block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
   const unsigned n_blocks = gridDim.x * gridDim.y * gridDim.z;
   if (!p.pf_late) issue_l2_prefetch(p.pf, linear_block, n_blocks);
-  const int pos = past_length(p, b);  // the new token's position
+  if (p.kv_prefetch != 2) pos = past_length(p, b);  // the new token's position
   const int n_keys = pos + 1;
   const int k_begin = int(int64_t(split) * n_keys / p.splits), k_end = int(int64_t(split + 1) * n_keys / p.splits);
+  if (p.kv_prefetch == 1) prefetch_rows(p, kc, vc, k_begin, k_end, pos);
   const half* row = p.qkv + size_t(b) * (p.H + 2 * p.KVH) * D;
   const int rope = min(pos, p.P - 1);
   const half* cs = p.cos + size_t(rope) * kHalf;
@@ -300,8 +323,6 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
     q_s[hh][i] = x1 * p.scale_log2;
     q_s[hh][i + kHalf] = x2 * p.scale_log2;
   }
-  half* kc = p.k_cache + (size_t(b) * p.KVH + j) * p.C * D;
-  half* vc = p.v_cache + (size_t(b) * p.KVH + j) * p.C * D;
   if (split == p.splits - 1) {  // the last split's range ends with the new token: append it first
     const half* k = row + size_t(p.H + j) * D;
     const half* v = row + size_t(p.H + p.KVH + j) * D;
@@ -513,11 +534,21 @@ inline int decode_splits(int B, int KVH, int C, int sms) {
   return splits > by_capacity ? (by_capacity < 1 ? 1 : by_capacity) : splits;
 }
 
-// LEPTONC_ATTN_PREFETCH_V=1 in the environment of the process that runs the bundle: decode_attention's PRE instances
-// (head size 64). Experimental: off until it has run on a GPU.
+// decode_attention's PRE instances (head size 64), on unless LEPTONC_ATTN_PREFETCH_V=0 is in the environment of the
+// process that runs the bundle. Session 19 on the H100 (BENCHMARKS.md): llama-1b-shape fp16 868.1 -> 880.3 tok/s at
+// batch 1, int4 1,368 -> 1,400, the same greedy tokens.
 inline bool attn_prefetch_v() {
-  static const bool on = env_is("LEPTONC_ATTN_PREFETCH_V", "1");
+  static const bool on = !env_is("LEPTONC_ATTN_PREFETCH_V", "0");
   return on;
+}
+
+// LEPTONC_ATTN_KV_PREFETCH where the bundle runs (experimental, session 19): 1: once a decode block knows its keys, it
+// asks L2 for their key and value rows (all but the new token's) before it stages the queries; 2: the same before its
+// dependency wait, reading seqlens_k early (ONNX Runtime's own kernels compute it at the step's start, launched
+// without PDL, so it is complete before any kernel of ours starts; the rows are earlier steps' or the prefill's).
+inline int attn_kv_prefetch() {
+  static const int mode = env_is("LEPTONC_ATTN_KV_PREFETCH", "2") ? 2 : env_is("LEPTONC_ATTN_KV_PREFETCH", "1") ? 1 : 0;
+  return mode;
 }
 
 template <int D, int G>

@@ -442,18 +442,20 @@ struct GemvPlan {
 // (2.3-2.7 us against 3.0-3.4), so the plan takes weights of at least kGemvMinBytes.
 constexpr size_t kGemvMinBytes = size_t(3) << 20;
 
-// LEPTONC_GEMV_WINDOW=S:PD[:TB] where the bundle runs (experimental, session 19): one-row 4-bit gate|up products
-// with the SwiGLU epilogue run the rolling window (S steps a warp, PD in flight, TB tiles a block) instead of the
-// default plan. The microbench (BENCHMARKS.md, session 19) had llama-1b-shape's at 9.30 us with 8:4 against 10.10;
-// the window was slower on every product without the epilogue (qkv, down, the int8 head).
+// One-row 4-bit gate|up products with the SwiGLU epilogue run the rolling window (S steps a warp, PD in flight, TB
+// tiles a block: 8:4 unless LEPTONC_GEMV_WINDOW=S:PD[:TB] where the bundle runs; LEPTONC_GEMV_WINDOW=0 turns it off).
+// Session 19 on the H100 (BENCHMARKS.md): llama-1b-shape's 9.30 us in the microbench against 10.10 with every load
+// first; the bundle 1,354.8 -> 1,368.2 tok/s at batch 1, the same greedy tokens. The window was slower on every
+// product without the epilogue (qkv, down, the int8 head), so they keep the session-11 plan.
 struct GemvWindow {
   int s = 0, pd = 0, tb = 0;
 };
 inline GemvWindow gemv_window() {
   static const GemvWindow w = [] {
     GemvWindow g;
+    g.s = 8, g.pd = 4;  // the default
     const char* v = std::getenv("LEPTONC_GEMV_WINDOW");
-    if (v != nullptr && std::sscanf(v, "%d:%d:%d", &g.s, &g.pd, &g.tb) < 2) g = GemvWindow();
+    if (v != nullptr && std::sscanf(v, "%d:%d:%d", &g.s, &g.pd, &g.tb) < 2) g = GemvWindow();  // e.g. 0: off
     return g;
   }();
   return w;
@@ -1713,6 +1715,7 @@ OrtStatus* ORT_API_CALL compute_attn(void* kernel, OrtKernelContext* ctx) {
   p.scale_log2 = scale * 1.4426950408889634f;
   if (S == 1) ORT_TRY(attn_prefetch_ranges(ctx, &p.pf));
   p.pf_late = l2_prefetch_late() ? 1 : 0;
+  p.kv_prefetch = leptonc_attn::attn_kv_prefetch();
   if (!leptonc_attn::launch(p, stream)) return attn_error("shapes outside what the kernels serve");
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : attn_error(std::string("launch: ") + cudaGetErrorString(err));
