@@ -1304,7 +1304,8 @@ def s19b(s: Session) -> None:
     layer's o and gate|up (19 MiB) fit in the H100's 50 MiB L2. llama-1b-shape int4 (RTN) first: 32 greedy tokens
     with 24 MiB and without (prefetches change no arithmetic: they must be identical), decode at batch 1 and 16 with
     and without; then fp16 the same; then the int4 variants (late issue, per-line prefetch, 40 MiB) while the call's
-    budget lasts."""
+    budget lasts. HISTORICAL: run once in session 19 (every variant slower: int4 1,354 -> 1,268 at 24 MiB); the
+    prefetch and the attention's extra inputs were removed afterwards, so this mode no longer measures anything."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     on = {"LEPTONC_L2_PREFETCH_MB": "24"}
     q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
@@ -1392,6 +1393,27 @@ def s19f(s: Session) -> None:
             bench(s, b, f"llama1b {name} again", "--batch", "1", env=e)
 
 
+def s19g(s: Session) -> None:
+    """Issue 8 at the end of session 19, everything at its defaults (the int4 gate|up window 8:4, the attention's value
+    prefetch, its key/value-row prefetch before the dependency wait): llama-1b-shape int4 (RTN) and fp16; 32 greedy
+    int4 tokens against session 18's (S18C_INT4_TOKENS: the changes alter no arithmetic); decode at batch 1 and 16 for
+    both, then batch 1 again for both; then smollm2-135m fp16 at batch 1 and 16 against Hugging Face in the same run."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    q4, fp16 = _llama_int4_fp16(s)
+    if q4:
+        ids = greedy(s, q4, "greedy llama1b int4", n=32)
+        s.record.setdefault("parity", {})["llama1b int4 vs session 18"] = {
+            "tokens": ids, "identical": ids == S18C_INT4_TOKENS}
+        s.save()
+    for rnd, batches in ((1, "1,16"), (2, "1")):
+        for name, b in (("int4", q4), ("fp16", fp16)):
+            if b:
+                bench(s, b, f"llama1b {name} round {rnd}", "--batch", batches)
+    small = compile_bundle(s, "smollm2-135m", "h100", "smollm2.h100")
+    if small:
+        bench(s, small, "smollm2 fp16 vs hf", "--batch", "1,16", "--baseline", "hf")
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1414,7 +1436,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a", "s19b", "s19c", "s19d", "s19f"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a", "s19b", "s19c", "s19d", "s19f", "s19g"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1431,7 +1453,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a, "s19b": s19b, "s19c": s19c, "s19d": s19d, "s19f": s19f}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a, "s19b": s19b, "s19c": s19c, "s19d": s19d, "s19f": s19f, "s19g": s19g}[args.session](s)
     finally:
         s.save()
         summary(s)

@@ -139,8 +139,6 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
                                    domain=LEPTONC_DOMAIN))
         counts["swiglu_op"] += 1
     graph.cleanup()
-    if counts["attention"]:
-        counts["prefetch_inputs"] = _attach_prefetch(graph)
     if not counts["lowered"] and not counts["swiglu_op"] and not counts["f16"] and not counts["attention"]:
         why = ("nothing could be lowered: " + ", ".join(f"{k} ({v})" for k, v in reasons.items()) if reasons
                else "no SiLU(gate) x up the SwiGLU kernel runs (it needs fp16 and a last axis of 2F, F a multiple of 8)")
@@ -160,9 +158,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if counts["swiglu_op"]:
         parts.append(f"{counts['swiglu_op']} Split + QuickGelu + Mul -> {LEPTONC_DOMAIN}.SwiGLU ({kernels.get('arch')})")
     if counts["attention"]:
-        parts.append(f"{counts['attention']} GroupQueryAttention -> {LEPTONC_DOMAIN}.CachedAttention ({kernels.get('arch')})"
-                     + (f", given the {counts['prefetch_inputs']} weights of the products after them to prefetch into L2"
-                        if counts.get("prefetch_inputs") else ""))
+        parts.append(f"{counts['attention']} GroupQueryAttention -> {LEPTONC_DOMAIN}.CachedAttention ({kernels.get('arch')})")
     detail = "; ".join(parts)
     if reasons:
         detail += "; left on ONNX Runtime's kernel: " + ", ".join(f"{k} ({v})" for k, v in reasons.items())
@@ -335,35 +331,6 @@ def _attention_lowerable(node: gs.Node) -> str | None:
     if isinstance(width, int) and width != (h + 2 * kvh) * d:
         return "packed width does not match the heads"
     return None
-
-
-# leptonc's products and the inputs that are their weights.
-_PRODUCT_WEIGHTS = {"MatMulNBitsTiled": (1, 2), "NormMatMulNBitsTiled": (3, 4), "MatMulF16": (1,), "NormMatMulF16": (3,)}
-MAX_PREFETCH = 8  # targets/kernels/common.cuh: kMaxPrefetch
-
-
-def _attach_prefetch(graph: gs.Graph) -> int:
-    """Give each CachedAttention, as extra inputs after its seven, the constant weights of leptonc's products that run
-    after it and before the next attention (a layer's o, gate|up and down, then the next layer's qkv or the LM
-    head), in the order they run, at most MAX_PREFETCH. The decode kernel prefetches them into L2 while it runs,
-    up to LEPTONC_L2_PREFETCH_MB where the bundle runs (targets/kernels/leptonc_cuda.cu). Returns how many inputs
-    were attached."""
-    graph.toposort()
-    nodes = list(graph.nodes)
-    attached = 0
-    for i, node in enumerate(nodes):
-        if node.op != "CachedAttention" or node.domain != LEPTONC_DOMAIN:
-            continue
-        weights: list[gs.Constant] = []
-        for later in nodes[i + 1:]:
-            if later.op == "CachedAttention":
-                break
-            if later.domain == LEPTONC_DOMAIN and later.op in _PRODUCT_WEIGHTS:
-                weights += [later.inputs[j] for j in _PRODUCT_WEIGHTS[later.op]
-                            if j < len(later.inputs) and isinstance(later.inputs[j], gs.Constant)]
-        node.inputs = node.inputs[:7] + weights[:MAX_PREFETCH]
-        attached += len(weights[:MAX_PREFETCH])
-    return attached
 
 
 def _lower_attention(node: gs.Node) -> None:

@@ -54,8 +54,6 @@ struct Params {
   int first_prompt;    // 1: the new tokens start at position 0
   int splits;          // decode splits of the keys (1: no combine step)
   float scale_log2;    // softmax scale x log2(e)
-  L2Prefetch pf;       // decode: weights of the products after the attention, into L2 while it runs (common.cuh)
-  int pf_late;         // 1: issue them once the block's keys and values are in, 0: right after pdl_wait
   int kv_prefetch;     // decode: 0, 1 or 2 (attn_kv_prefetch)
 };
 
@@ -267,11 +265,7 @@ __global__ void __launch_bounds__(128) prefill_attention(Params p) {
 
 // ---- S = 1: decode ----------------------------------------------------------------------------------------------
 //
-// PRE (head size 64; the default, LEPTONC_ATTN_PREFETCH_V=0 turns it off): a warp's first 16 value rows of each
-// 32-key chunk are loaded with its key rows, before the scores, so a short split (the batch-1 case: about 12 keys a
-// split at 200 keys) waits for memory once instead of once for the keys and once per 8 values.
-//
-// Its split's cached key and value rows (all but the new token's), asked of L2 ahead (p.kv_prefetch, below).
+// A decode block's cached key and value rows (all but the new token's), asked of L2 ahead (attn_kv_prefetch).
 __device__ __forceinline__ void prefetch_rows(const Params& p, const half* kc, const half* vc, int k_begin, int k_end,
                                               int pos) {
   const int last = min(k_end, pos), lines = p.D / 64;  // 128-byte lines a row
@@ -283,6 +277,9 @@ __device__ __forceinline__ void prefetch_rows(const Params& p, const half* kc, c
   }
 }
 
+// PRE (head size 64; the default, LEPTONC_ATTN_PREFETCH_V=0 turns it off): a warp's first 16 value rows of each
+// 32-key chunk are loaded with its key rows, before the scores, so a short split (the batch-1 case: about 12 keys a
+// split at 200 keys) waits for memory once instead of once for the keys and once per 8 values.
 template <int D, int G, bool PRE = false>
 __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
   static_assert(D % 64 == 0 && G >= 1 && G <= kMaxGroup, "head size 64 or 128, at most 8 heads a group");
@@ -304,9 +301,6 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
     prefetch_rows(p, kc, vc, int(int64_t(split) * n / p.splits), int(int64_t(split + 1) * n / p.splits), pos);
   }
   pdl_wait();  // every input but the tables comes from the kernels before (common.cuh)
-  const unsigned linear_block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  const unsigned n_blocks = gridDim.x * gridDim.y * gridDim.z;
-  if (!p.pf_late) issue_l2_prefetch(p.pf, linear_block, n_blocks);
   if (p.kv_prefetch != 2) pos = past_length(p, b);  // the new token's position
   const int n_keys = pos + 1;
   const int k_begin = int(int64_t(split) * n_keys / p.splits), k_end = int(int64_t(split + 1) * n_keys / p.splits);
@@ -441,7 +435,6 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
     }
   }
 
-  if (p.pf_late) issue_l2_prefetch(p.pf, linear_block, n_blocks);
   // the block's four warps, then (with splits) the partial triple for the merge
 #pragma unroll
   for (int h = 0; h < G; ++h) {
@@ -542,12 +535,16 @@ inline bool attn_prefetch_v() {
   return on;
 }
 
-// LEPTONC_ATTN_KV_PREFETCH where the bundle runs (experimental, session 19): 1: once a decode block knows its keys, it
-// asks L2 for their key and value rows (all but the new token's) before it stages the queries; 2: the same before its
-// dependency wait, reading seqlens_k early (ONNX Runtime's own kernels compute it at the step's start, launched
-// without PDL, so it is complete before any kernel of ours starts; the rows are earlier steps' or the prefill's).
+// A decode block asks L2 for its split's cached key and value rows (all but the new token's, which it appends itself)
+// ahead of the loads that use them. LEPTONC_ATTN_KV_PREFETCH where the bundle runs: 2 (the default) before the
+// block's dependency wait, reading seqlens_k early; 1 after the wait, before the queries are staged; 0 not at all.
+// Mode 2 relies on seqlens_k being complete before any kernel of ours in the step starts: the graph computes it at
+// the step's start with ONNX Runtime's own kernels (ReduceSum of the mask, Sub, Cast), which launch without PDL and
+// so finish before the next kernel begins (tests/test_kernels.py checks that no ai.leptonc op feeds it); the rows
+// are earlier steps' or the prefill's. Session 19 on the H100 (BENCHMARKS.md): llama-1b-shape fp16 880.3 -> 891.9
+// tok/s at batch 1, int4 1,404.6 -> 1,425.2 (mode 1: 1,414.8), the same greedy tokens.
 inline int attn_kv_prefetch() {
-  static const int mode = env_is("LEPTONC_ATTN_KV_PREFETCH", "2") ? 2 : env_is("LEPTONC_ATTN_KV_PREFETCH", "1") ? 1 : 0;
+  static const int mode = env_is("LEPTONC_ATTN_KV_PREFETCH", "0") ? 0 : env_is("LEPTONC_ATTN_KV_PREFETCH", "1") ? 1 : 2;
   return mode;
 }
 

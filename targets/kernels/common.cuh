@@ -38,47 +38,6 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Weights a later kernel of the step reads, fetched into L2 ahead of it while the GPU's memory would otherwise sit
-// idle (CachedAttention's decode kernel issues them: the attention is a chain of short loads, 8 us a layer on
-// llama-1b-shape, during which HBM is nearly unused; targets/kernels/__init__.py and passes/use_kernels.py say which
-// weights). Up to kMaxPrefetch ranges, cut into kPrefetchChunk pieces spread over the grid's blocks (so over the SMs),
-// one piece a thread. Prefetches are hints: nothing waits for them, and a result never depends on them.
-constexpr int kMaxPrefetch = 8;
-constexpr uint32_t kPrefetchChunk = 16u << 10;
-
-struct L2Prefetch {
-  const char* ptr[kMaxPrefetch];
-  uint32_t bytes[kMaxPrefetch];      // multiples of 16
-  uint32_t first[kMaxPrefetch + 1];  // first[r]: the pieces before range r; first[count] is the total
-  int count;                         // 0: nothing to prefetch
-  int mode;                          // 1: cp.async.bulk.prefetch.L2 (sm_90 and later), 2: prefetch.global.L2 a line
-};
-
-__device__ __forceinline__ void l2_prefetch_range(const char* p, uint32_t bytes, int mode) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (mode == 1) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-    return;
-  }
-#endif
-#if defined(__CUDA_ARCH__)
-  for (uint32_t off = 0; off < bytes; off += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
-#endif
-}
-
-// This thread's pieces of pf: piece c goes to block c % blocks, thread c / blocks.
-__device__ __forceinline__ void issue_l2_prefetch(const L2Prefetch& pf, unsigned block, unsigned blocks) {
-  if (pf.count <= 0) return;
-  const unsigned total = pf.first[pf.count], stride = blocks * blockDim.x;
-  for (unsigned c = block + blocks * threadIdx.x; c < total; c += stride) {
-    int r = 0;
-    while (r + 1 < pf.count && c >= pf.first[r + 1]) ++r;
-    const uint32_t off = (c - pf.first[r]) * kPrefetchChunk;
-    const uint32_t left = pf.bytes[r] - off;
-    l2_prefetch_range(pf.ptr[r] + off, left < kPrefetchChunk ? left : kPrefetchChunk, pf.mode);
-  }
-}
-
 // Whether environment variable `name` is exactly `value` (the kernels' run-time switches, read once each).
 inline bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);

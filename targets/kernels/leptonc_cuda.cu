@@ -1564,74 +1564,6 @@ OrtStatus* attn_dims(OrtKernelContext* ctx, size_t index, size_t rank, const cha
   return st;
 }
 
-// The L2 prefetch of the decode step's weights (inputs kAttnInputs and on: passes/use_kernels.py attaches the
-// weights of the products that follow the attention, in the order they run). Read once where the bundle runs:
-//   LEPTONC_L2_PREFETCH_MB: bytes to prefetch at most, in MiB, taken from the first input on (0: none; default
-//     kL2PrefetchDefaultMiB);
-//   LEPTONC_L2_PREFETCH_MODE: bulk (cp.async.bulk.prefetch.L2, the default on sm_90) or line (prefetch.global.L2);
-//   LEPTONC_L2_PREFETCH_AT: early (right after the kernel's dependency wait, the default) or late (once a block's keys
-//     and values are in).
-constexpr size_t kAttnInputs = 7;
-constexpr size_t kL2PrefetchDefaultMiB = 0;
-size_t l2_prefetch_budget() {
-  static const size_t bytes = [] {
-    const char* v = std::getenv("LEPTONC_L2_PREFETCH_MB");
-    if (v != nullptr && std::strcmp(v, "0") == 0) return size_t(0);
-    return env_mib("LEPTONC_L2_PREFETCH_MB", kL2PrefetchDefaultMiB) << 20;
-  }();
-  return bytes;
-}
-bool l2_prefetch_late() {
-  static const bool late = env_is("LEPTONC_L2_PREFETCH_AT", "late");
-  return late;
-}
-int l2_prefetch_mode() {
-  static const int mode = env_is("LEPTONC_L2_PREFETCH_MODE", "line") ? 2 : 1;
-  return mode;
-}
-
-size_t element_bytes(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return 1;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return 2;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return 4;
-    default: return 0;  // not a weight the products read: not prefetched
-  }
-}
-
-// The ranges of the attached weights, in order, cut at the budget (and to multiples of 16 bytes).
-OrtStatus* attn_prefetch_ranges(OrtKernelContext* ctx, L2Prefetch* pf) {
-  pf->count = 0;
-  pf->mode = l2_prefetch_mode();
-  pf->first[0] = 0;
-  size_t left = l2_prefetch_budget(), inputs = 0;
-  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &inputs));
-  for (size_t i = kAttnInputs; i < inputs && left >= 16 && pf->count < kMaxPrefetch; ++i) {
-    const OrtValue* v = nullptr;
-    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &v));
-    if (v == nullptr) continue;
-    OrtTensorTypeAndShapeInfo* info = nullptr;
-    ORT_TRY(g_api->GetTensorTypeAndShape(v, &info));
-    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-    size_t count = 0;
-    OrtStatus* st = g_api->GetTensorElementType(info, &type);
-    if (st == nullptr) st = g_api->GetTensorShapeElementCount(info, &count);
-    g_api->ReleaseTensorTypeAndShapeInfo(info);
-    if (st != nullptr) return st;
-    size_t bytes = std::min(count * element_bytes(type), left) & ~size_t(15);
-    bytes = std::min(bytes, size_t(UINT32_MAX) & ~size_t(15));
-    if (bytes == 0) continue;
-    void* data = nullptr;
-    ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(v), &data));
-    const int r = pf->count++;
-    pf->ptr[r] = static_cast<const char*>(data);
-    pf->bytes[r] = uint32_t(bytes);
-    pf->first[r + 1] = pf->first[r] + uint32_t((bytes + kPrefetchChunk - 1) / kPrefetchChunk);
-    left -= bytes;
-  }
-  return nullptr;
-}
-
 OrtStatus* ORT_API_CALL compute_attn(void* kernel, OrtKernelContext* ctx) {
   const auto& kn = *static_cast<AttnKernel*>(kernel);
   const OrtValue *qkv = nullptr, *past_k = nullptr, *past_v = nullptr, *seqlens = nullptr, *total = nullptr,
@@ -1713,8 +1645,6 @@ OrtStatus* ORT_API_CALL compute_attn(void* kernel, OrtKernelContext* ctx) {
   }
   const float scale = kn.scale > 0.f ? kn.scale : 1.f / std::sqrt(float(D));
   p.scale_log2 = scale * 1.4426950408889634f;
-  if (S == 1) ORT_TRY(attn_prefetch_ranges(ctx, &p.pf));
-  p.pf_late = l2_prefetch_late() ? 1 : 0;
   p.kv_prefetch = leptonc_attn::attn_kv_prefetch();
   if (!leptonc_attn::launch(p, stream)) return attn_error("shapes outside what the kernels serve");
   const cudaError_t err = cudaGetLastError();
@@ -1722,14 +1652,10 @@ OrtStatus* ORT_API_CALL compute_attn(void* kernel, OrtKernelContext* ctx) {
 }
 
 const char* ORT_API_CALL attn_name(const OrtCustomOp*) { return "CachedAttention"; }
-size_t ORT_API_CALL attn_input_count(const OrtCustomOp*) { return kAttnInputs + kMaxPrefetch; }
+size_t ORT_API_CALL attn_input_count(const OrtCustomOp*) { return 7; }
 size_t ORT_API_CALL attn_output_count(const OrtCustomOp*) { return 3; }
 ONNXTensorElementDataType ORT_API_CALL attn_input_type(const OrtCustomOp*, size_t index) {
-  if (index >= kAttnInputs) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // the weights to prefetch: any type
   return (index == 3 || index == 4) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-}
-OrtCustomOpInputOutputCharacteristic ORT_API_CALL attn_input_kind(const OrtCustomOp*, size_t index) {
-  return index >= kAttnInputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 // total_sequence_length is read on the host (as GroupQueryAttention reads it): a captured step keeps its value.
 OrtMemType ORT_API_CALL attn_input_memory(const OrtCustomOp*, size_t index) {
@@ -1740,7 +1666,6 @@ OrtCustomOp make_attn_op() {
   OrtCustomOp op = derived_op(attn_name, attn_input_type, attn_input_count, create_attn, compute_attn, destroy_of<AttnKernel>);
   op.GetOutputTypeCount = attn_output_count;
   op.GetInputMemoryType = attn_input_memory;
-  op.GetInputCharacteristic = attn_input_kind;
   return op;
 }
 
