@@ -1282,7 +1282,7 @@ def s19a(s: Session) -> None:
     (bench/device_attention_check.py); only if both pass: llama-1b-shape int4 (RTN) and fp16, 32 greedy tokens
     each with the switch and without (the sums run in the same order: they must be identical), then decode at
     batch 1 and 16, each bundle both ways, interleaved twice. HISTORICAL: never run as such; s19d measured the switch,
-    and it is now the default, so both sides of this comparison run it.
+    and it is now the default, so both sides of this comparison run it."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     if not _attention_checked(s, ATTN_PREFETCH_V):
         return
@@ -1348,7 +1348,7 @@ def s19d(s: Session) -> None:
     and without (the sums run in the same order: identical), decode at batch 1 and 16 both ways, fp16 for the ratio;
     then session 18's attention value prefetch (LEPTONC_ATTN_PREFETCH_V=1, never run before): its check, and only if
     it passes int4 (with the window) and fp16 with it; then the window and the default once more. HISTORICAL: run once
-    in session 19; both are now the defaults, so its "default" rows no longer run without them.
+    in session 19; both are now the defaults, so its "default" rows no longer run without them."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     window = {"LEPTONC_GEMV_WINDOW": "8:4"}
     q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
@@ -1374,7 +1374,7 @@ def s19f(s: Session) -> None:
     prefetch): the decode attention asking L2 for its split's key and value rows ahead (LEPTONC_ATTN_KV_PREFETCH=1
     once it knows its keys, 2 before its dependency wait). The attention check with 2, 32 greedy int4 tokens with 2
     and without (a prefetch changes no arithmetic: identical), then llama-1b-shape int4 and fp16 at batch 1 each way,
-    interleaved twice. HISTORICAL: run once in session 19; mode 2 is now the default.
+    interleaved twice. HISTORICAL: run once in session 19; mode 2 is now the default."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     kv1, kv2 = {"LEPTONC_ATTN_KV_PREFETCH": "1"}, {"LEPTONC_ATTN_KV_PREFETCH": "2"}
     q4 = compile_bundle(s, "llama-1b-shape", "h100", "llama1b.h100.int4", "--max-seq", "1280", "--int4",
