@@ -1331,8 +1331,9 @@ def s19c(s: Session) -> None:
     each slot with the step PD ahead as it uses it, instead of loading all S first). Session 18's timeline puts the
     int4 gate|up at 13.4 us for 17.4 MB (1.3 TB/s) and down at 8.9 us for 8.7 MB: the one-row int4 products stream at
     half the bandwidth the fp16 ones reach. Every decode kernel forced on every case against float64
-    (bench/kernels_check.py, now with gemv:8:4, gemv:16:4 and gemv:16:8), then each product's time with every plan
-    (bench/kernels_microbench.cu, variants "gemv sS pdPD [tbTB]")."""
+    (bench/kernels_check.py, then with gemv:8:4, gemv:16:4 and gemv:16:8), then each product's time with every plan
+    (bench/kernels_microbench.cu, variants "gemv sS pdPD [tbTB]"). The 16-step instances were removed
+    afterwards (slower on every product), so only the 8:4 rows can be run again."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     binary, data = _forced_path_check(s)
     if binary is None:

@@ -671,3 +671,24 @@ def test_describe_names_a_kernel_buffer_setting_the_library_ignores(monkeypatch)
     for bad in ("0", "5000", "16MB", " 8"):
         monkeypatch.setenv("LEPTONC_KERNEL_BUFFER_MB", bad)
         assert _buffer_mib("LEPTONC_KERNEL_BUFFER_MB").startswith(f"the library's default (LEPTONC_KERNEL_BUFFER_MB={bad!r}")
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "value rows with the keys on, key/value rows into L2 before its wait (LEPTONC_ATTN_KV_PREFETCH); "
+         "int4 gate|up rolling window 8:4 "),
+    ({"LEPTONC_ATTN_PREFETCH_V": "0", "LEPTONC_ATTN_KV_PREFETCH": "1", "LEPTONC_GEMV_WINDOW": "0"},
+     "value rows with the keys off (LEPTONC_ATTN_PREFETCH_V=0), key/value rows into L2 after its wait "
+     "(LEPTONC_ATTN_KV_PREFETCH); int4 gate|up rolling window off "),
+    ({"LEPTONC_ATTN_KV_PREFETCH": "0", "LEPTONC_GEMV_WINDOW": "8:4:2"}, "L2 off (LEPTONC_ATTN_KV_PREFETCH); int4 gate|up "
+                                                                       "rolling window 8:4:2 "),
+    ({"LEPTONC_GEMV_WINDOW": "16:8"}, "rolling window off "),  # no such instance: the kernels keep the default plan
+])
+def test_describe_names_the_decode_prefetches_the_kernels_will_run(monkeypatch, env, expected):
+    """describe()'s leptonc_kernels entry reads the kernels' session-19 switches as the library does."""
+    from leptonc.runtime.ort_cuda import _decode_prefetches
+
+    for name in ("LEPTONC_ATTN_PREFETCH_V", "LEPTONC_ATTN_KV_PREFETCH", "LEPTONC_GEMV_WINDOW"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert expected in _decode_prefetches()

@@ -41,6 +41,7 @@ the new token ids (and mask/positions) and reads back only the logits. Two cache
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,18 @@ def cublas_workspace_env() -> str:
         _cublas_env_set = True
     value = os.environ["CUBLAS_WORKSPACE_CONFIG"]
     return f"{value} (leptonc's default)" if _cublas_env_set else f"{value} (set by the user)"
+
+
+def _decode_prefetches() -> str:
+    """What the decode kernels' session-19 switches select where this process runs the bundle, read as
+    targets/kernels/attention.cuh and leptonc_cuda.cu read them."""
+    value_rows = os.environ.get("LEPTONC_ATTN_PREFETCH_V") != "0"
+    rows = {"0": "off", "1": "after its wait"}.get(os.environ.get("LEPTONC_ATTN_KV_PREFETCH", ""), "before its wait")
+    m = re.match(r"\s*([-+]?\d+):\s*([-+]?\d+)(?::\s*([-+]?\d+))?", os.environ.get("LEPTONC_GEMV_WINDOW", "8:4"))
+    window = "off" if m is None or (int(m[1]), int(m[2])) != (8, 4) else "8:4" + (f":{int(m[3])}" if m[3] else "")
+    return (f"decode attention: value rows with the keys {'on' if value_rows else 'off (LEPTONC_ATTN_PREFETCH_V=0)'}, "
+            f"key/value rows into L2 {rows} (LEPTONC_ATTN_KV_PREFETCH); int4 gate|up rolling window {window} "
+            "(LEPTONC_GEMV_WINDOW)")
 
 
 def _buffer_mib(name: str) -> str:
@@ -278,9 +291,7 @@ class OrtCudaRunner(Runner):
             self.kernel_launch += "; shared buffers " + ", ".join(
                 f"{k.removeprefix('LEPTONC_').lower()} {_buffer_mib(k)}"
                 for k in ("LEPTONC_KERNEL_BUFFER_MB", "LEPTONC_CUBLAS_WORKSPACE_MB"))
-            if os.environ.get("LEPTONC_ATTN_PREFETCH_V") == "1":
-                self.kernel_launch += ("; decode attention loads its first value rows with the keys "
-                                       "(LEPTONC_ATTN_PREFETCH_V=1, experimental)")
+            self.kernel_launch += "; " + _decode_prefetches()
             if os.environ.get("LEPTONC_F16_PERSISTENT") == "1":
                 self.kernel_launch += "; persistent one-row fp16 grids (LEPTONC_F16_PERSISTENT=1, experimental)"
         if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement

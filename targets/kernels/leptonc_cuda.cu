@@ -442,8 +442,8 @@ struct GemvPlan {
 // (2.3-2.7 us against 3.0-3.4), so the plan takes weights of at least kGemvMinBytes.
 constexpr size_t kGemvMinBytes = size_t(3) << 20;
 
-// One-row 4-bit gate|up products with the SwiGLU epilogue run the rolling window (S steps a warp, PD in flight, TB
-// tiles a block: 8:4 unless LEPTONC_GEMV_WINDOW=S:PD[:TB] where the bundle runs; LEPTONC_GEMV_WINDOW=0 turns it off).
+// One-row 4-bit gate|up products with the SwiGLU epilogue run the rolling window (S = 8 steps a warp, PD = 4 in
+// flight; LEPTONC_GEMV_WINDOW=8:4:TB where the bundle runs sets TB tiles a block, LEPTONC_GEMV_WINDOW=0 turns it off).
 // Session 19 on the H100 (BENCHMARKS.md): llama-1b-shape's 9.30 us in the microbench against 10.10 with every load
 // first; the bundle 1,354.8 -> 1,368.2 tok/s at batch 1, the same greedy tokens. The window was slower on every
 // product without the epilogue (qkv, down, the int8 head), so they keep the session-11 plan.
@@ -479,9 +479,9 @@ inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int fo
   if (p.tb * p.wpt > 16) p.tb = std::max(1, 16 / p.wpt);
   p.blocks = (n_tiles + p.tb - 1) / p.tb;
   p.smem = a_bytes + p.tb * p.wpt * 32 * 8;
-  // the rolling-window instances: 4 steps in flight of 8 or 16, 8 of 16
+  // the rolling window: one instance, 4 steps in flight of 8 (session 19 measured 16:4 and 16:8 slower everywhere)
   if (force_pd > 0 && force_pd < p.s) {
-    if (!((p.s == 8 && force_pd == 4) || (p.s == 16 && (force_pd == 4 || force_pd == 8)))) return GemvPlan();
+    if (p.s != 8 || force_pd != 4) return GemvPlan();
     p.pd = force_pd;
   }
   return p;
@@ -491,15 +491,10 @@ template <int BITS, int PB, bool ACT, bool NORM>
 cudaError_t launch_gemv_act(const GemvPlan& p, const half* a, int m, const uint4* b, const half2* sz, half* y, int K,
                             int N, int steps, int block, int blocks_t, const RowNorm& nm, cudaStream_t stream) {
   const dim3 grid(p.blocks), threads(p.tb * p.wpt * 32);
-  if (p.pd > 0) {
-    if (p.s == 8)
-      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, NORM, 4>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
+  if constexpr (!NORM) {  // the rolling window (gemv_plan gives pd only without the norm prologue)
+    if (p.pd > 0)
+      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, false, 4>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
                               N, steps, block, blocks_t, p.wpt, p.tb, nm);
-    if (p.pd == 4)
-      return launch_dependent(tiled_gemv<BITS, PB, 16, ACT, NORM, 4>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
-                              N, steps, block, blocks_t, p.wpt, p.tb, nm);
-    return launch_dependent(tiled_gemv<BITS, PB, 16, ACT, NORM, 8>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N,
-                            steps, block, blocks_t, p.wpt, p.tb, nm);
   }
   switch (p.s) {
     case 4:
@@ -968,7 +963,6 @@ OrtStatus* norm_rows_then(const half* a, int64_t m, int K, const RowNorm& nm, ha
 // NormMatMulNBitsTiled: Y = RMSNorm(A + skip) x gamma x W^T and S = A + skip. One row where the few-rows kernel
 // serves the shape: the norm is its prologue (one kernel). Otherwise the rows are normalized into g_shared.normed
 // (skip_rms_norm_rows, in chunks of scratch_halves()), then launch() as for MatMulNBitsTiled.
-
 template <int BITS>
 OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const RowNorm& nm, const uint8_t* b,
                        const half* sz, half* y, cudaStream_t stream) {
