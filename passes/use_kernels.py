@@ -27,9 +27,9 @@
     SkipSimplifiedLayerNormalization(A, skip, gamma) whose normalized output only a MatMulNBitsTiled reads
         -> ai.leptonc.NormMatMulNBitsTiled(A, skip, gamma, B, SZ) -> (Y, A + skip): the same fold for int4/int8
            weights. At one row where the few-rows kernel serves the shape (llama's qkv and gate|up), the norm is
-           its prologue. Otherwise a norm kernel runs, then the product. Off unless the target asks
-           (ctx.options["norm_prologue_nbits"]; LEPTONC_NORM_PROLOGUE_NBITS=1 at compile). Written in session 16
-           after the device time ran out: it has not run on a GPU.
+           its prologue. Otherwise a norm kernel runs, then the product. The target asks for it
+           (ctx.options["norm_prologue_nbits"]; targets/onnxruntime.py: on unless LEPTONC_NORM_PROLOGUE_NBITS=0):
+           llama-1b-shape int4 +0.8% at batch 1 on the H100, the same greedy tokens (BENCHMARKS.md, session 20).
 
     any other fp16 product -> the same Split, QuickGelu and Mul
         -> ai.leptonc.SwiGLU(product, gate_first): one kernel instead of three

@@ -158,9 +158,10 @@ def _prepare_kernels(ctx, pipeline_names: list[str], disabled: tuple[str, ...]):
     # faster (session 15), but it leaves only leptonc's kernels in a decode layer, whose launches then overlap
     # (programmatic dependent launch): +4-5% at batch 1 on llama-1b-shape fp16 (BENCHMARKS.md, session 16)
     ctx.options["norm_prologue"] = os.environ.get("LEPTONC_NORM_PROLOGUE", "1") != "0"
-    # the same fold into the int4/int8 products (NormMatMulNBitsTiled) only with LEPTONC_NORM_PROLOGUE_NBITS=1: it
-    # has not run on a GPU yet (bench/device_session.py s17)
-    ctx.options["norm_prologue_nbits"] = os.environ.get("LEPTONC_NORM_PROLOGUE_NBITS", "0") == "1"
+    # the same fold into the int4/int8 products (NormMatMulNBitsTiled) unless LEPTONC_NORM_PROLOGUE_NBITS=0: slower in
+    # session 17, when the product before gate|up could not overlap it; +0.8% for llama-1b-shape int4 at batch 1 in
+    # session 20, with the same greedy tokens (BENCHMARKS.md)
+    ctx.options["norm_prologue_nbits"] = os.environ.get("LEPTONC_NORM_PROLOGUE_NBITS", "1") != "0"
 
     try:
         lib = build_library(ctx.target.compute_capability)

@@ -663,9 +663,9 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
                                         output=str(tmp_path / "plain.lepton"), verify=False))
     ops = plain.report()["graph"]["op_counts"]
     assert "NormMatMulF16" not in ops and ops.get("SkipSimplifiedLayerNormalization") == 4, ops
-    # int4 (RTN): the same norms fold into the int4 products only with LEPTONC_NORM_PROLOGUE_NBITS=1
+    # int4 (RTN): the same norms fold into the int4 products unless LEPTONC_NORM_PROLOGUE_NBITS=0
     monkeypatch.delenv("LEPTONC_NORM_PROLOGUE", raising=False)
-    for flag, folded in ((None, 0), ("1", 3)):
+    for flag, folded in ((None, 3), ("0", 0)):
         if flag is None:
             monkeypatch.delenv("LEPTONC_NORM_PROLOGUE_NBITS", raising=False)
         else:

@@ -15,8 +15,10 @@ LM head), weights stored [N, K]: one row of A streams them in 16-byte loads (`f1
 to cuBLAS; the same SwiGLU epilogue. `ai.leptonc.SwiGLU` is the epilogue alone, for a product computed
 at run time. `ai.leptonc.NormMatMulF16` is MatMulF16 with the SkipSimplifiedLayerNormalization in front
 folded in (on by default, LEPTONC_NORM_PROLOGUE=0 keeps the norm apart; see below).
-`ai.leptonc.NormMatMulNBitsTiled` is the same fold in front of MatMulNBitsTiled (LEPTONC_NORM_PROLOGUE_NBITS=1 at
-compile; off: on the H100 it passed its check but made int4 decode 2-6% slower, BENCHMARKS.md session 17).
+`ai.leptonc.NormMatMulNBitsTiled` is the same fold in front of MatMulNBitsTiled (on by default since session 20,
+LEPTONC_NORM_PROLOGUE_NBITS=0 at compile keeps the norm apart: llama-1b-shape int4 at batch 1 went 1,430 -> 1,442
+tok/s on the H100 with the same greedy tokens; session 17 had measured it slower, before the o product ahead of
+gate|up could overlap it, BENCHMARKS.md).
 
 `ai.leptonc.CachedAttention` (attention.cuh) replaces GroupQueryAttention in the GPU form: rotary, cache
 append and attention in one decode kernel; prefill on tensor cores. Session 15 on the H100: correct against

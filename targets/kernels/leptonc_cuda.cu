@@ -491,9 +491,11 @@ template <int BITS, int PB, bool ACT, bool NORM>
 cudaError_t launch_gemv_act(const GemvPlan& p, const half* a, int m, const uint4* b, const half2* sz, half* y, int K,
                             int N, int steps, int block, int blocks_t, const RowNorm& nm, cudaStream_t stream) {
   const dim3 grid(p.blocks), threads(p.tb * p.wpt * 32);
-  if constexpr (!NORM) {  // the rolling window (gemv_plan gives pd only without the norm prologue)
+  // the rolling window: launch plans it for one-row 4-bit gate|up (the microbench and the check force it anywhere);
+  // launch_norm plans it for the same product with the norm as its prologue
+  if constexpr (!NORM || (BITS == 4 && ACT)) {
     if (p.pd > 0)
-      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, false, 4>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
+      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, NORM, 4>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
                               N, steps, block, blocks_t, p.wpt, p.tb, nm);
   }
   switch (p.s) {
@@ -971,7 +973,9 @@ OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const Ro
   const int steps = (K + step_k - 1) / step_k;
   const int blocks_t = (steps * step_k + block - 1) / block;
   if (m == 1) {
-    const GemvPlan plan = gemv_plan(1, K, N, BITS);
+    const GemvWindow win = BITS == 4 && kn.activation == 1 ? gemv_window() : GemvWindow();
+    GemvPlan plan = win.pd > 0 ? gemv_plan(1, K, N, BITS, win.s, win.tb, false, win.pd) : GemvPlan();
+    if (plan.s == 0) plan = gemv_plan(1, K, N, BITS);
     if (plan.s > 0)
       return cuda_check(launch_gemv<BITS, true>(plan, kn.activation == 1, std::min(block, step_k) / 16, a, 1,
                                                 reinterpret_cast<const uint4*>(b), reinterpret_cast<const half2*>(sz), y,
