@@ -69,17 +69,26 @@ def quantized(rng, k: int, n: int, bits: int, block: int, zp: bool):
     return packed, scales.reshape(-1), (zeros.reshape(-1) if zp else None), w
 
 
-def model(domain: str, k: int, n: int, bits: int, block: int, weights: list) -> onnx.ModelProto:
+def tiled_inputs(packed, scales, zeros, k: int, n: int, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(B tiled, SZ, extra attributes) as passes/use_kernels.py lowers MatMulNBits: 8 bits without zero points keep
+    the scales alone in SZ, with symmetric = 1."""
     from leptonc.targets.kernels.layout import tile_nbits
 
+    symmetric = bits == 8 and zeros is None
+    tiled, sz = tile_nbits(packed, scales, zeros, k, n, bits, block, scales_only=symmetric)
+    return tiled, sz, ({"symmetric": 1} if symmetric else {})
+
+
+def model(domain: str, k: int, n: int, bits: int, block: int, weights: list) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["M", k])
     outs, nodes, inits = [], [], []
     attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
     for r, (packed, scales, zeros, _) in enumerate(weights):
         if domain == "ai.leptonc":
-            tiled, sz = tile_nbits(packed, scales, zeros, k, n, bits, block)
+            tiled, sz, extra = tiled_inputs(packed, scales, zeros, k, n, bits, block)
             inits += [numpy_helper.from_array(tiled, f"b{r}"), numpy_helper.from_array(sz, f"s{r}")]
-            nodes.append(helper.make_node("MatMulNBitsTiled", ["x", f"b{r}", f"s{r}"], [f"y{r}"], domain=domain, **attrs))
+            nodes.append(helper.make_node("MatMulNBitsTiled", ["x", f"b{r}", f"s{r}"], [f"y{r}"], domain=domain,
+                                          **attrs, **extra))
             outs.append(helper.make_tensor_value_info(f"y{r}", TensorProto.FLOAT16, ["M", n]))
             continue
         inputs = ["x", f"b{r}", f"s{r}"]
@@ -283,15 +292,15 @@ def norm_check(ort, lib: str, result: dict) -> None:
 
 # (M, K, N, bits, block, zero points, activation): the few-rows kernel with the norm as its prologue (M 1 on llama's
 # qkv and gate|up, the int8 head, K 576 padded to 640), and the norm kernel + product elsewhere (small products
-# streamed, M 3 and 16, the prefill's dequantize + cuBLAS at M 128)
+# streamed, M 3 and 16, the prefill's dequantize + cuBLAS at M 128). 8 bits without zero points are symmetric (SZ the
+# scales alone, tiled_inputs): the int8 head at M 1, and a small product at M 3 (streamed) and 128 (dequantized).
 NORM_NBITS_CASES = ((1, 2048, 3072, 4, 128, True, 0), (1, 2048, 16384, 4, 128, True, 1), (1, 2048, 128256, 8, 64, False, 0),
                     (1, 576, 16384, 4, 128, True, 0), (1, 576, 960, 4, 128, True, 0), (1, 576, 3072, 4, 128, True, 1),
-                    (3, 576, 960, 4, 128, False, 0), (16, 2048, 3072, 4, 128, True, 0), (128, 2048, 16384, 4, 128, True, 1))
+                    (3, 576, 960, 4, 128, False, 0), (16, 2048, 3072, 4, 128, True, 0), (128, 2048, 16384, 4, 128, True, 1),
+                    (3, 576, 1536, 8, 64, False, 0), (128, 576, 1536, 8, 64, False, 0))
 
 
 def norm_nbits_model(k: int, n: int, bits: int, block: int, act: int, w, gamma: np.ndarray, fused: bool) -> onnx.ModelProto:
-    from leptonc.targets.kernels.layout import tile_nbits
-
     packed, scales, zeros, _ = w
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["rows", k])
     skip = helper.make_tensor_value_info("skip", TensorProto.FLOAT16, ["rows", k])
@@ -300,10 +309,10 @@ def norm_nbits_model(k: int, n: int, bits: int, block: int, act: int, w, gamma: 
     inits = [numpy_helper.from_array(gamma, "gamma")]
     attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
     if fused:  # the rows of W are taken as (gate j, up j) pairs where act, as the pass leaves them
-        tiled, sz = tile_nbits(packed, scales, zeros, k, n, bits, block)
+        tiled, sz, extra = tiled_inputs(packed, scales, zeros, k, n, bits, block)  # the int8 head: symmetric
         inits += [numpy_helper.from_array(tiled, "b"), numpy_helper.from_array(sz, "s")]
         nodes = [helper.make_node("NormMatMulNBitsTiled", ["x", "skip", "gamma", "b", "s"], ["y0", "sum"],
-                                  domain="ai.leptonc", activation=act, epsilon=1e-5, **attrs)]
+                                  domain="ai.leptonc", activation=act, epsilon=1e-5, **attrs, **extra)]
     else:  # ONNX Runtime: SkipSimplifiedLayerNormalization, then MatMulNBits (act 0 only)
         inits += [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s")]
         inputs = ["xn", "b", "s"]

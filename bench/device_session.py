@@ -1118,7 +1118,7 @@ def _forced_path_check(s: Session) -> tuple[Path | None, dict]:
     if binary is None:
         return None, {}
     return binary, script(s, "nbits forced-path check", "bench/kernels_check.py", str(binary),
-                          out_name="kernels_check.json", timeout=240) or {}
+                          out_name="kernels_check.json", timeout=360) or {}
 
 
 def s18(s: Session) -> None:
@@ -1463,6 +1463,45 @@ def s20a(s: Session) -> None:
                 bench(s, b, f"llama1b {name} round {rnd}", "--batch", batches)
 
 
+def s20c(s: Session) -> None:
+    """Issue 8 line 2, the checks before session 20's bundles run: every decode kernel forced on every case against
+    float64 (bench/kernels_check.py, now with the int8 weights' scales-only layout, `symmetric` 1), the folded norm
+    op (bench/device_kernels.py --norm-nbits-only, its int8 head case in that layout too), the two ends of the step
+    (bench/device_step_ends_check.py: MaskLengths and LogitsArgMax against numpy and ONNX Runtime's ops), then the
+    microbench's product times (the int8 head reads 8 MiB less)."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    binary, data = _forced_path_check(s)
+    s.record["nbits_check_pass"] = bool(data.get("check_ok"))
+    s.save()
+    _norm_nbits_checked(s, "NormMatMulNBitsTiled check", {})
+    ends = script(s, "step ends check", "bench/device_step_ends_check.py", out_name="step_ends_check.json",
+                  timeout=240) or {}
+    s.record["step_ends_check_pass"] = bool(ends.get("all_pass"))
+    s.save()
+    if binary:
+        script(s, "nbits microbench", str(binary), out_name="nbits_microbench.json", timeout=180, interpreter=None)
+    print("checks:", json.dumps({k: s.record.get(k) for k in ("nbits_check_pass", "norm_nbits_check_pass",
+                                                               "step_ends_check_pass")}), flush=True)
+
+
+def s20d(s: Session) -> None:
+    """Issue 8 at session 20's defaults (run after s20c's checks pass): the int4 norms folded, MaskLengths and
+    LogitsArgMax at the step's ends, the int8 head's scales alone. llama-1b-shape int4 (RTN) and fp16; 32 greedy
+    int4 tokens against session 18's (none of these changes alters arithmetic); decode at batch 1 for both,
+    interleaved twice, then batch 1 and 16 once more."""
+    os.environ["LEPTONC_CUDA_KERNELS"] = "1"
+    q4, fp16 = _llama_int4_fp16(s)
+    if q4:
+        ids = greedy(s, q4, "greedy llama1b int4", n=32)
+        s.record.setdefault("parity", {})["llama1b int4 vs session 18"] = {
+            "tokens": ids, "identical": ids == S18C_INT4_TOKENS}
+        s.save()
+    for rnd, batches in ((1, "1"), (2, "1"), (3, "1,16")):
+        for name, b in (("int4", q4), ("fp16", fp16)):
+            if b:
+                bench(s, b, f"llama1b {name} round {rnd}", "--batch", batches)
+
+
 def summary(s: Session) -> None:
     print("\n=== summary ===")
     for step in s.record["steps"]:
@@ -1485,7 +1524,7 @@ def main() -> None:
     ap.add_argument("session", choices=("runtime", "decode_small", "decode_big", "decode_int4", "decode_final",
                                             "graph_probe", "cuda_graph", "cuda_graph_big", "fpa_memory", "attn_memory", "kv_block", "kv_exact", "gemv", "kernels", "kernels_llama",
                                             "int4_accuracy", "int4_awq_speed", "greedy", "fp16_swiglu", "confirm", "f16_gemv", "ttft_hf", "kernel_times",
-                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a", "s19b", "s19c", "s19d", "s19f", "s19g", "s20a"))
+                                            "attention", "attention_llama", "norm", "final15", "next16", "pdl", "s16a", "s16b", "s17", "s17b", "s17c", "s17d", "s17e", "s18", "s18b", "s18c", "s18d", "s18e", "s18f", "s18g", "s19a", "s19b", "s19c", "s19d", "s19f", "s19g", "s20a", "s20c", "s20d"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (the call's limit is 600)")
     args = ap.parse_args()
@@ -1502,7 +1541,7 @@ def main() -> None:
          "int4_accuracy": int4_accuracy, "int4_awq_speed": int4_awq_speed,
          "greedy": greedy_device, "fp16_swiglu": fp16_swiglu, "confirm": confirm,
          "f16_gemv": f16_gemv, "ttft_hf": ttft_hf, "kernel_times": kernel_times,
-         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a, "s19b": s19b, "s19c": s19c, "s19d": s19d, "s19f": s19f, "s19g": s19g, "s20a": s20a}[args.session](s)
+         "attention": attention, "attention_llama": attention_llama, "norm": norm, "final15": final15, "next16": next16, "pdl": pdl, "s16a": s16a, "s16b": s16b, "s17": s17, "s17b": s17b, "s17c": s17c, "s17d": s17d, "s17e": s17e, "s18": s18, "s18b": s18b, "s18c": s18c, "s18d": s18d, "s18e": s18e, "s18f": s18f, "s18g": s18g, "s19a": s19a, "s19b": s19b, "s19c": s19c, "s19d": s19d, "s19f": s19f, "s19g": s19g, "s20a": s20a, "s20c": s20c, "s20d": s20d}[args.session](s)
     finally:
         s.save()
         summary(s)

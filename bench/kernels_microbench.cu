@@ -6,7 +6,7 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90 -I$LEPTONC_ORT_INCLUDE bench/kernels_microbench.cu -lcublas -o /tmp/mb
 //   /tmp/mb OUT.json
 //   /tmp/mb --f16-sweep OUT.json    # MatMulF16's one-row kernels: rows a warp group x warps along K (f16_sweep)
-//   /tmp/mb --check K N BITS BLOCK M DIR [auto|stream|gemv[:S] [ACTIVATION]]   # Y = A x W^T for DIR/{a,b,sz}.bin -> DIR/y.bin (bench/kernels_check.py)
+//   /tmp/mb --check K N BITS BLOCK M DIR [auto|stream|gemv[:S] [ACTIVATION [SYMMETRIC]]]   # Y = A x W^T for DIR/{a,b,sz}.bin -> DIR/y.bin (bench/kernels_check.py; SYMMETRIC 1: sz.bin holds the scales alone)
 //
 // The kernel source is included as built for the bundle (targets/kernels/leptonc_cuda.cu).
 
@@ -21,6 +21,7 @@ struct Matrix {
   const char* name;
   int K, N, bits, block;
   int activation = 0;  // 1: the SwiGLU epilogue (gate/up products)
+  int symmetric = 0;   // 1: 8 bits, SZ the scales alone (what the pass writes for weights without zero points)
 };
 
 // One row of A through f16_gemv with r rows a warp group (1, 2 or 4; even with the
@@ -51,7 +52,8 @@ bool launch_f16_variant(bool act, int r, int split, const half* a, const half* w
 const Matrix kMatrices[] = {
     {"llama qkv", 2048, 3072, 4, 128},      {"llama o", 2048, 2048, 4, 128},
     {"llama gate_up", 2048, 16384, 4, 128}, {"llama down", 8192, 2048, 4, 128},
-    {"llama head int8", 2048, 128256, 8, 64}, {"smollm2 qkv", 576, 960, 4, 128},
+    {"llama head int8", 2048, 128256, 8, 64}, {"llama head int8 symmetric", 2048, 128256, 8, 64, 0, 1},
+    {"smollm2 qkv", 576, 960, 4, 128},
     {"smollm2 gate_up", 576, 3072, 4, 128}, {"smollm2 down", 1536, 576, 4, 128},
     {"llama gate_up swiglu", 2048, 16384, 4, 128, 1}, {"smollm2 gate_up swiglu", 576, 3072, 4, 128, 1},
 };
@@ -144,6 +146,8 @@ int check_mode(int argc, char** argv) {
   NBitsKernel kn;
   kn.K = std::atoi(argv[2]), kn.N = std::atoi(argv[3]), kn.bits = std::atoi(argv[4]), kn.block = std::atoi(argv[5]);
   kn.activation = argc > 9 ? std::atoi(argv[9]) : 0;  // 1: SwiGLU epilogue, Y has N / 2 columns
+  kn.symmetric = argc > 10 ? std::atoi(argv[10]) : 0;  // 1: sz.bin holds the scales alone (8 bits)
+  if (kn.symmetric != 0 && (kn.symmetric != 1 || kn.bits != 8)) std::fprintf(stderr, "symmetric: 8 bits only\n"), std::exit(2);
   const int64_t n_out = kn.activation == 1 ? kn.N / 2 : kn.N;
   const int m = std::atoi(argv[6]);
   const std::string dir = argv[7];
@@ -285,7 +289,8 @@ int main(int argc, char** argv) {
     const int step_k = mx.bits == 4 ? 128 : 64;
     const int steps = (mx.K + step_k - 1) / step_k, n_tiles = (mx.N + 7) / 8;
     const int blocks_t = (steps * step_k + mx.block - 1) / mx.block;
-    const size_t b_bytes = size_t(n_tiles) * steps * 512, sz_count = size_t(n_tiles) * blocks_t * 8 * 2;
+    const size_t b_bytes = size_t(n_tiles) * steps * 512,
+                 sz_count = size_t(n_tiles) * blocks_t * 8 * (mx.symmetric ? 1 : 2);  // scales alone, or pairs
     const int reps = int(std::max<size_t>(2, std::min<size_t>(64, kPastL2Bytes / b_bytes)));
     std::vector<uint8_t*> bs(reps);
     std::vector<half*> szs(reps);
@@ -306,6 +311,7 @@ int main(int argc, char** argv) {
     check(cudaStreamSynchronize(s), "fill");
     NBitsKernel kn;
     kn.K = mx.K, kn.N = mx.N, kn.bits = mx.bits, kn.block = mx.block, kn.activation = mx.activation;
+    kn.symmetric = mx.symmetric;
     // (path, S, tiles a block): the shipped choice first, then the alternatives at M <= 4
     struct Variant {
       const char* name;
@@ -350,12 +356,13 @@ int main(int argc, char** argv) {
       const double us = 1e3 * ms / reps, us16 = 1e3 * ms_fp16 / w_reps, usf = 1e3 * ms_f16 / w_reps,
                    usn = 1e3 * ms_norm / w_reps;
       const double bytes = double(b_bytes) + double(sz_count) * 2;
-      char line[512];
+      char line[640];
       std::snprintf(line, sizeof(line),
-                    "{\"matrix\": \"%s\", \"variant\": \"%s\", \"K\": %d, \"N\": %d, \"bits\": %d, \"block\": %d, \"M\": %d, \"R\": %d, "
+                    "{\"matrix\": \"%s\", \"variant\": \"%s\", \"K\": %d, \"N\": %d, \"bits\": %d, \"block\": %d, "
+                    "\"symmetric\": %d, \"M\": %d, \"R\": %d, "
                     "\"us\": %.2f, \"TBps\": %.2f, \"cublas_fp16_us\": %.2f, \"cublas_TBps\": %.2f, \"speedup\": %.2f, "
                     "\"f16_gemv_us\": %.2f, \"f16_gemv_TBps\": %.2f, \"norm_f16_gemv_us\": %.2f}",
-                    mx.name, v.name, mx.K, mx.N, mx.bits, mx.block, m, reps, us, bytes / us / 1e6, us16,
+                    mx.name, v.name, mx.K, mx.N, mx.bits, mx.block, mx.symmetric, m, reps, us, bytes / us / 1e6, us16,
                     double(w_bytes) / us16 / 1e6, us16 / us, usf, usf > 0 ? double(w_bytes) / usf / 1e6 : 0.0, usn);
       std::printf("%s\n", line);
       std::fflush(stdout);

@@ -3,7 +3,8 @@
     com.microsoft.MatMulNBits (fp16 A, bits 4 or 8, block a multiple of 32, K a multiple of 8, constant weights,
     no g_idx or bias input)
         -> ai.leptonc.MatMulNBitsTiled (A, B tiled for the kernel's mma operands, SZ = scale and zero
-           point pairs; targets/kernels/layout.py)
+           point pairs, or the scales alone with symmetric = 1 for 8 bits without zero points;
+           targets/kernels/layout.py)
 
     ... -> Split(last axis, halves) -> QuickGelu(alpha 1) on one half, Mul with the other (SiLU(gate) x up)
         -> one ai.leptonc.MatMulNBitsTiled with activation = 1 (columns interleaved in (gate, up) pairs;
@@ -43,6 +44,15 @@
            batch 1 against 1,097-1,145 with GroupQueryAttention in one call. LEPTONC_ATTENTION_KERNEL=0 at
            compile keeps GroupQueryAttention (targets/onnxruntime.py).
 
+    seqlens_k = Cast(Sub(ReduceSum(attention_mask), 1), int32) feeding CachedAttention
+        -> ai.leptonc.MaskLengths(attention_mask): one kernel for three at the start of every step. It launches
+           without programmatic dependent launch, so the decode attention may still read seqlens_k before its own
+           dependency wait (attention.cuh).
+
+    head (fp16 [R, V]) -> Cast(float) -> Reshape -> logits -> ArgMax -> next_token (select_logits, greedy_token)
+        -> ai.leptonc.LogitsArgMax(head, logits_positions) -> (logits, next_token): the float32 logits and the
+           greedy token in one kernel, where ONNX Runtime ran the Cast, a copy into the bound output and ArgMax.
+
 The library must have been built for the target (targets/onnxruntime.py builds it before the pipeline
 and puts it in `ctx.options["cuda_kernels"]`); when it could not be, the pass is skipped with the reason
 and the graph keeps ONNX Runtime's kernel.
@@ -53,7 +63,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from leptonc.passes.matching import MS_DOMAIN, attr, const_ints, detach, is_last_axis, is_safe_to_fuse
+from leptonc.passes.matching import MS_DOMAIN, attr, const_ints, detach, is_last_axis, is_safe_to_fuse, producer
 from leptonc.passes.registry import PassContext, PassResult, register_pass
 from leptonc.targets.kernels.layout import gate_up_pairs, interleave_gate_up, tile_nbits
 
@@ -98,7 +108,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         return PassResult.skipped(f"leptonc's CUDA kernels were not built: {kernels.get('unavailable', 'not requested')}; "
                                   "ONNX Runtime's kernels run the graph")
     counts = {"lowered": 0, "left_alone": 0, "swiglu": 0, "nbits_norm": 0, "f16": 0, "f16_swiglu": 0, "f16_norm": 0,
-              "swiglu_op": 0, "attention": 0}
+              "swiglu_op": 0, "attention": 0, "mask_lengths": 0, "logits_argmax": 0}
     reasons: dict[str, int] = {}
     for node in nodes:
         why = _lowerable(node)
@@ -126,6 +136,9 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
             continue
         _lower_attention(node)
         counts["attention"] += 1
+    if counts["attention"]:
+        counts["mask_lengths"] = _lower_mask_lengths(graph)
+    counts["logits_argmax"] = _lower_logits_argmax(graph)
     # Then SiLU(gate) x up behind any other product (a MatMulNBits left alone above, a product computed at run time).
     for split in splits:
         y = split.inputs[0] if split.inputs else None
@@ -159,6 +172,10 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         parts.append(f"{counts['swiglu_op']} Split + QuickGelu + Mul -> {LEPTONC_DOMAIN}.SwiGLU ({kernels.get('arch')})")
     if counts["attention"]:
         parts.append(f"{counts['attention']} GroupQueryAttention -> {LEPTONC_DOMAIN}.CachedAttention ({kernels.get('arch')})")
+    if counts.get("mask_lengths"):
+        parts.append(f"seqlens_k's ReduceSum, Sub and Cast -> {LEPTONC_DOMAIN}.MaskLengths")
+    if counts["logits_argmax"]:
+        parts.append(f"the logits' Cast and Reshape and the greedy ArgMax -> {LEPTONC_DOMAIN}.LogitsArgMax")
     detail = "; ".join(parts)
     if reasons:
         detail += "; left on ONNX Runtime's kernel: " + ", ".join(f"{k} ({v})" for k, v in reasons.items())
@@ -285,11 +302,14 @@ def _lower(node: gs.Node, swiglu=None) -> None:
     codes, scale_values = b.values, scales.values
     if swiglu is not None:
         codes, scale_values, zp = interleave_gate_up(codes, scale_values, zp, n, gate_first=swiglu[0])
-    tiled, sz = tile_nbits(codes, scale_values, zp, k, n, bits, block)
+    symmetric = bits == 8 and zp is None  # every zero point 128: SZ holds the scales alone (layout.py)
+    tiled, sz = tile_nbits(codes, scale_values, zp, k, n, bits, block, scales_only=symmetric)
     name = b.name
     node.inputs = [node.inputs[0], gs.Constant(f"{name}/tiled", tiled), gs.Constant(f"{name}/sz", sz)]
     node.op, node.domain = "MatMulNBitsTiled", LEPTONC_DOMAIN
     node.attrs = {"K": k, "N": n, "bits": bits, "block_size": block}  # accuracy_level is ONNX Runtime's CPU setting
+    if symmetric:
+        node.attrs["symmetric"] = 1
     if swiglu is not None:
         _take_swiglu(node, swiglu)
 
@@ -341,3 +361,77 @@ def _lower_attention(node: gs.Node) -> None:
     if attr(node, "scale", 0.0):
         attrs["scale"] = float(attr(node, "scale"))
     node.attrs = attrs
+
+
+def _lower_mask_lengths(graph: gs.Graph) -> int:
+    """CachedAttention's seqlens_k = Cast(Sub(ReduceSum(attention_mask, axis 1, keepdims 0), 1), int32), as
+    passes/fuse_attention.py writes it for GPU graphs -> ai.leptonc.MaskLengths(attention_mask): one kernel for
+    ONNX Runtime's three at the start of every step. 1 where it was replaced, else 0."""
+    users = [n for n in graph.nodes if n.op == "CachedAttention" and n.domain == LEPTONC_DOMAIN]
+    seqlens = {id(n.inputs[3]): n.inputs[3] for n in users}
+    done = 0
+    for lengths in seqlens.values():
+        cast = producer(lengths)
+        if cast is None or cast.op != "Cast" or attr(cast, "to") != 6:
+            continue
+        sub = producer(cast.inputs[0])
+        if sub is None or sub.op != "Sub" or const_ints(sub.inputs[1]) != [1]:
+            continue
+        total = producer(sub.inputs[0])
+        if total is None or total.op != "ReduceSum" or attr(total, "keepdims", 1) != 0:
+            continue
+        mask = total.inputs[0]
+        if mask.name != "attention_mask" or not any(t is mask for t in graph.inputs) or mask.dtype is None \
+                or np.dtype(mask.dtype) != np.int64 or (mask.shape is not None and len(mask.shape) != 2):
+            continue
+        axes = const_ints(total.inputs[1]) if len(total.inputs) > 1 else attr(total, "axes")
+        if axes is None or [a % 2 for a in axes] != [1]:
+            continue
+        if not is_safe_to_fuse(graph, [total, sub, cast], [lengths]):
+            continue
+        detach([total, sub, cast])
+        graph.nodes.append(gs.Node("MaskLengths", f"{cast.name}/mask_lengths", {}, [mask], [lengths],
+                                   domain=LEPTONC_DOMAIN))
+        done += 1
+    return done
+
+
+def _lower_logits_argmax(graph: gs.Graph) -> int:
+    """The end of a GPU graph after select_logits and greedy_token,
+        head (fp16 [R, V]) -> Cast(float) -> Reshape(Concat(Shape(logits_positions), [V])) -> logits -> ArgMax
+        -> next_token,
+    -> ai.leptonc.LogitsArgMax(head, logits_positions) -> (logits, next_token): one kernel instead of ONNX Runtime's
+    Cast, the copy of the Reshape into the bound output, and ArgMax. 1 where it was replaced, else 0."""
+    outputs = {t.name: t for t in graph.outputs}
+    logits, token = outputs.get("logits"), outputs.get("next_token")
+    positions = next((t for t in graph.inputs if t.name == "logits_positions"), None)
+    if logits is None or token is None or positions is None:
+        return 0
+    argmax, reshape = producer(token), producer(logits)
+    if argmax is None or argmax.op != "ArgMax" or argmax.inputs[0] is not logits or attr(argmax, "keepdims", 1) != 0 \
+            or attr(argmax, "select_last_index", 0) or attr(argmax, "axis", 0) not in (-1, 2):
+        return 0
+    if reshape is None or reshape.op != "Reshape":
+        return 0
+    cast = producer(reshape.inputs[0])
+    if cast is None or cast.op != "Cast" or attr(cast, "to") != 1:
+        return 0
+    head = cast.inputs[0]
+    if head.dtype is None or np.dtype(head.dtype) != np.float16 or head.shape is None or len(head.shape) != 2:
+        return 0
+    concat = producer(reshape.inputs[1])
+    if concat is None or concat.op != "Concat" or len(concat.inputs) != 2:
+        return 0
+    shape = producer(concat.inputs[0])
+    if shape is None or shape.op != "Shape" or shape.inputs[0] is not positions or attr(shape, "start", 0) \
+            or attr(shape, "end") not in (None, 2):
+        return 0
+    vocab = const_ints(concat.inputs[1])
+    if vocab is None or len(vocab) != 1 or (isinstance(head.shape[1], int) and head.shape[1] != vocab[0]):
+        return 0
+    if not is_safe_to_fuse(graph, [cast, reshape, argmax], [logits, token]):
+        return 0
+    detach([cast, reshape, argmax])
+    graph.nodes.append(gs.Node("LogitsArgMax", "greedy_token/logits_argmax", {}, [head, positions], [logits, token],
+                               domain=LEPTONC_DOMAIN))
+    return 1

@@ -46,7 +46,8 @@ def test_lowering_moves_fp16_matmulnbits_to_the_leptonc_domain():
     graph = _nbits_graph()
     result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
     assert result.applied and result.counts == {"lowered": 1, "left_alone": 0, "swiglu": 0, "nbits_norm": 0, "f16": 0,
-                                               "f16_swiglu": 0, "f16_norm": 0, "swiglu_op": 0, "attention": 0}
+                                               "f16_swiglu": 0, "f16_norm": 0, "swiglu_op": 0, "attention": 0,
+                                               "mask_lengths": 0, "logits_argmax": 0}
     node = graph.nodes[0]
     assert node.domain == "ai.leptonc" and node.op == "MatMulNBitsTiled"
     assert node.attrs == {"K": 256, "N": 64, "bits": 4, "block_size": 128}  # no accuracy_level (ORT's CPU setting)
@@ -112,7 +113,10 @@ def _kernel_weights(tiled, sz, k, n, bits, block):
                     q1 = ((word >> 16) & 0xFF) | (word >> 24) << 16 | 0x64006400
                 k0 = step * step_k + 32 * (c // 2) + 8 * t + 4 * (c % 2)  # per lane
                 blk = (step * step_k + 32 * (c // 2)) // block
-                s, zz = sz[tile, blk, g, 0].astype(np.float32), sz[tile, blk, g, 1]
+                if sz.ndim == 3:  # scales alone (symmetric 8 bits): the kernel's zero half is 1152 = 1024 + 128
+                    s, zz = sz[tile, blk, g].astype(np.float32), np.float16(1152.0)
+                else:
+                    s, zz = sz[tile, blk, g, 0].astype(np.float32), sz[tile, blk, g, 1]
                 for regs, slots in ((halves(q0), (0, 1)), (halves(q1), (2, 3))):
                     for h, slot in enumerate(slots):
                         w[tile * 8 + g, k0 + slot] = (regs[:, h] - zz).astype(np.float32) * s
@@ -135,6 +139,96 @@ def test_tiled_layout_gives_the_kernel_the_right_weights(k, n, bits, block, zp):
     got = _kernel_weights(tiled, sz, k, n, bits, block).astype(np.float64)
     # the kernel multiplies the exact integer q - z by the fp16 scale in fp32: exact up to fp32 rounding
     np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("k, n, block", [
+    (2048, 24, 64),   # the int8 LM head's layout
+    (600, 20, 32),    # K padded to a whole step (a block past MatMulNBits' last), N not a whole tile
+    (1024, 12, 128),  # a block spanning two steps
+])
+def test_scales_only_layout_is_the_pairs_first_halves(k, n, block):
+    """8 bits without zero points: SZ holds the scales alone, exactly the pairs' first halves (whose second halves
+    are all 1024 + 128), and the kernel's view of the weights is bit for bit the pairs' and MatMulNBits' own."""
+    from leptonc.targets.kernels.layout import tile_nbits
+
+    b, scales, _, w = _quantized(np.random.default_rng(k + n), k, n, 8, block, False)
+    tiled, pairs = tile_nbits(b, scales, None, k, n, 8, block)
+    tiled_s, sz = tile_nbits(b, scales, None, k, n, 8, block, scales_only=True)
+    np.testing.assert_array_equal(tiled_s, tiled)
+    assert sz.dtype == np.float16 and sz.shape == pairs.shape[:-1] and sz.flags.c_contiguous
+    np.testing.assert_array_equal(sz, pairs[..., 0])
+    blocks = -(-k // block)
+    real = pairs.transpose(0, 2, 1, 3).reshape(-1, pairs.shape[1], 2)[:n, :blocks]  # [column, block, pair]
+    assert np.all(real[..., 1] == 1152.0)
+    assert not sz.transpose(0, 2, 1).reshape(-1, sz.shape[1])[n:].any()  # padding columns: scale 0
+    got = _kernel_weights(tiled_s, sz, k, n, 8, block)
+    np.testing.assert_array_equal(got, _kernel_weights(tiled, pairs, k, n, 8, block))
+    np.testing.assert_allclose(got.astype(np.float64), w, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("bits, zp", [(4, False), (4, True), (8, True)])
+def test_scales_only_needs_8_bits_without_zero_points(bits, zp):
+    from leptonc.targets.kernels.layout import tile_nbits
+
+    b, scales, zeros, _ = _quantized(np.random.default_rng(3), 256, 16, bits, 64, zp)
+    with pytest.raises(ValueError, match="scales_only needs 8 bits and no zero-point input"):
+        tile_nbits(b, scales, zeros, 256, 16, bits, 64, scales_only=True)
+
+
+def _nbits_node_graph(b, scales, zeros, k, n, bits, block) -> gs.Graph:
+    """x -> MatMulNBits(B, scales[, zero points]) -> y."""
+    x = gs.Variable("x", dtype=np.float16, shape=[1, 3, k])
+    y = gs.Variable("y", dtype=np.float16, shape=[1, 3, n])
+    inputs = [x, gs.Constant("b", b), gs.Constant("s", scales)] + ([gs.Constant("z", zeros)] if zeros is not None else [])
+    node = gs.Node("MatMulNBits", "mm", domain="com.microsoft",
+                   attrs={"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 4},
+                   inputs=inputs, outputs=[y])
+    return gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=17)
+
+
+@pytest.mark.parametrize("bits, block, zp, symmetric", [
+    (8, 64, False, True),    # the int8 LM head: SZ the scales alone, symmetric = 1
+    (8, 128, True, False),   # zero points given: pairs
+    (4, 128, False, False),  # 4 bits: pairs, even without zero points
+    (4, 128, True, False),
+])
+def test_lowering_stores_scales_alone_for_8_bits_without_zero_points(bits, block, zp, symmetric):
+    k, n = 576, 20
+    b, scales, zeros, w = _quantized(np.random.default_rng(5), k, n, bits, block, zp)
+    graph = _nbits_node_graph(b, scales, zeros, k, n, bits, block)
+    result = use_leptonc_kernels(graph, _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90"))
+    assert result.applied and result.counts["lowered"] == 1
+    node = graph.nodes[0]
+    assert node.op == "MatMulNBitsTiled"
+    assert node.attrs == {"K": k, "N": n, "bits": bits, "block_size": block, **({"symmetric": 1} if symmetric else {})}
+    tiled, sz = node.inputs[1].values, node.inputs[2].values
+    assert sz.dtype == np.float16 and sz.shape == (3, -(-k // block), 8) + (() if symmetric else (2,))
+    got = _kernel_weights(tiled, sz, k, n, bits, block).astype(np.float64)
+    np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-9)
+    model = gs.export_onnx(graph)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
+    assert attrs.get("symmetric") == (1 if symmetric else None)
+
+
+def test_norm_fold_keeps_the_symmetric_attribute():
+    """NormMatMulNBitsTiled takes MatMulNBitsTiled's attributes: symmetric = 1 and the scales-only SZ stay, and its
+    contract from the lowered node's inputs matches ONNX Runtime's CPU result for the original graph."""
+    graph = _norm_nbits_graph(bits=8, block=64)
+    # the CPU reference with A unquantized (accuracy_level 4 rounds A to int8: ~1% off at these 8-bit weights' sums)
+    next(nd for nd in graph.nodes if nd.op == "MatMulNBits").attrs["accuracy_level"] = 0
+    a, skip, expected = _ort_cpu_on_random_rows(graph, (1, 1, 256), seed=13)
+    ctx = _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90")
+    ctx.options["norm_prologue_nbits"] = True
+    result = use_leptonc_kernels(graph, ctx)
+    assert result.counts["lowered"] == 1 and result.counts["nbits_norm"] == 1
+    node = graph.nodes[0]
+    assert node.op == "NormMatMulNBitsTiled" and node.attrs["symmetric"] == 1 and node.attrs["bits"] == 8
+    sz = node.inputs[4].values
+    assert sz.dtype == np.float16 and sz.shape == (8, 4, 8)
+    w = _kernel_weights(node.inputs[3].values, sz, 256, 64, 8, 64).astype(np.float64)
+    total = (a.astype(np.float32) + skip.astype(np.float32)).astype(np.float16).astype(np.float64)
+    xn = total / np.sqrt((total ** 2).mean(-1, keepdims=True) + node.attrs["epsilon"]) * node.inputs[2].values
+    np.testing.assert_allclose(xn @ w.T, expected[0], atol=2e-2, rtol=2e-2)
 
 
 def _gated_graph(b, scales, zeros, k, n, gate_first=True, extra_reader=False) -> gs.Graph:
@@ -642,8 +736,8 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
     node = next(n for n in model.graph.node if n.op_type == "CachedAttention")
     assert node.domain == "ai.leptonc" and len(node.input) == 7
     order = list(model.graph.node)
-    # the decode kernel reads seqlens_k before its PDL wait (attention.cuh, attn_kv_prefetch): only ONNX Runtime's own
-    # kernels, which launch without PDL, may compute it
+    # the decode kernel reads seqlens_k before its PDL wait (attention.cuh, attn_kv_prefetch): only MaskLengths, straight
+    # from the graph's mask, may compute it; its kernel launches without PDL and never triggers early
     producer = {o: n for n in order for o in n.output}
     todo, feeding = [node.input[3]], []
     while todo:
@@ -651,8 +745,22 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
         if n is not None and n not in feeding:
             feeding.append(n)
             todo += list(n.input)
-    assert feeding and not any(n.domain == "ai.leptonc" for n in feeding), [(n.op_type, n.domain) for n in feeding]
-    assert {n.op_type for n in feeding} >= {"ReduceSum", "Cast"}, [n.op_type for n in feeding]
+    assert [(n.op_type, n.domain, list(n.input)) for n in feeding] == [("MaskLengths", "ai.leptonc", ["attention_mask"])]
+    source = (Path(kernels.__file__).with_name("leptonc_cuda.cu")).read_text()
+    launch = source[source.index("OrtStatus* ORT_API_CALL compute_mask_lengths"):]
+    launch = launch[:launch.index("\n}\n")]
+    assert "mask_lengths<<<" in launch and "launch_dependent" not in launch
+    kernel = source[source.index("__global__ void __launch_bounds__(256) mask_lengths"):]
+    assert "pdl_trigger" not in kernel[:kernel.index("\n}\n")]
+    assert "seqlens_k's ReduceSum, Sub and Cast -> ai.leptonc.MaskLengths" in record["detail"], record["detail"]
+    assert not {"ReduceSum", "Sub"} & set(ops), ops
+    # the tail: the head's fp16 rows -> LogitsArgMax -> (logits, next_token); no Cast, Reshape copy or ArgMax
+    tail = [n for n in order if n.op_type == "LogitsArgMax"]
+    assert len(tail) == 1 and tail[0].domain == "ai.leptonc" and list(tail[0].output) == ["logits", "next_token"]
+    assert tail[0].input[1] == "logits_positions" and producer[tail[0].input[0]].op_type == "MatMulF16"
+    assert "ArgMax" not in ops and ops.get("Cast", 0) == 1, ops  # the one Cast left: total_sequence_length's
+    outputs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    assert outputs["logits"] == onnx.TensorProto.FLOAT and outputs["next_token"] == onnx.TensorProto.INT64
     assert {a.name: a.i for a in node.attribute if a.name != "scale"} == {"num_heads": 5, "kv_num_heads": 1}
     tables = {t.name: t for t in model.graph.initializer}
     cos = tables[node.input[5]]
@@ -676,3 +784,72 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
         ops = q4.report()["graph"]["op_counts"]
         assert ops.get("NormMatMulNBitsTiled", 0) == folded, ops
         assert ops.get("SkipSimplifiedLayerNormalization") == 4 - folded, ops
+
+
+def _greedy_tail_graph(v: int = 48, keepdims: int = 0, cast_read_elsewhere: bool = False) -> gs.Graph:
+    """head [R, V] fp16 -> Cast -> Reshape(Concat(Shape(logits_positions), [V])) -> logits -> ArgMax -> next_token,
+    as passes/select_logits.py and passes/greedy_token.py leave a GPU graph's end."""
+    head = gs.Variable("head", np.float16, ["rows", v])
+    positions = gs.Variable("logits_positions", np.int64, ["batch", "k"])
+    cast, bk, shape = gs.Variable("cast", np.float32, ["rows", v]), gs.Variable("bk", np.int64, [2]), \
+        gs.Variable("shape", np.int64, [3])
+    logits, token = gs.Variable("logits", np.float32, ["batch", "k", v]), gs.Variable("next_token", np.int64, ["batch", "k"])
+    nodes = [gs.Node("Cast", "cast", {"to": 1}, [head], [cast]),
+             gs.Node("Shape", "bk", {}, [positions], [bk]),
+             gs.Node("Concat", "shape", {"axis": 0}, [bk, gs.Constant("vocab", np.array([v], np.int64))], [shape]),
+             gs.Node("Reshape", "unflatten", {}, [cast, shape], [logits]),
+             gs.Node("ArgMax", "argmax", {"axis": -1, "keepdims": keepdims}, [logits], [token])]
+    outputs = [logits, token] + ([cast] if cast_read_elsewhere else [])
+    return gs.Graph(nodes=nodes, inputs=[head, positions], outputs=outputs, opset=17)
+
+
+def test_greedy_tail_becomes_one_logits_argmax_and_keeps_its_outputs():
+    """Cast + Reshape + ArgMax at a GPU graph's end -> LogitsArgMax(head, logits_positions) writing the same two graph
+    outputs (float32 logits, int64 next_token); left alone where another reader needs the float rows or ArgMax
+    keeps its axis."""
+    from leptonc.passes.use_kernels import _lower_logits_argmax
+
+    graph = _greedy_tail_graph()
+    assert _lower_logits_argmax(graph) == 1
+    graph.cleanup()
+    assert [(n.op, n.domain) for n in graph.nodes] == [("LogitsArgMax", "ai.leptonc")]
+    node = graph.nodes[0]
+    assert [t.name for t in node.inputs] == ["head", "logits_positions"]
+    assert [t.name for t in node.outputs] == [t.name for t in graph.outputs] == ["logits", "next_token"]
+    model = gs.export_onnx(graph)
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT, onnx.TensorProto.INT64]
+    for kept in (_greedy_tail_graph(keepdims=1), _greedy_tail_graph(cast_read_elsewhere=True)):
+        assert _lower_logits_argmax(kept) == 0
+        assert sorted(n.op for n in kept.nodes) == ["ArgMax", "Cast", "Concat", "Reshape", "Shape"]
+
+
+def _mask_lengths_graph(minus: int = 1, count_read_elsewhere: bool = False) -> gs.Graph:
+    """seqlens_k = Cast(Sub(ReduceSum(attention_mask, [1], keepdims 0), minus), int32) read by a CachedAttention."""
+    mask = gs.Variable("attention_mask", np.int64, ["batch", "total"])
+    qkv = gs.Variable("qkv", np.float16, ["batch", 1, 384])
+    count, last, seqlens = (gs.Variable("count", np.int64, ["batch"]), gs.Variable("last", np.int64, ["batch"]),
+                            gs.Variable("seqlens_k", np.int32, ["batch"]))
+    out = gs.Variable("out", np.float16, ["batch", 1, 256])
+    nodes = [gs.Node("ReduceSum", "sum", {"keepdims": 0}, [mask, gs.Constant("axis", np.array([1], np.int64))], [count]),
+             gs.Node("Sub", "sub", {}, [count, gs.Constant("one", np.array(minus, np.int64))], [last]),
+             gs.Node("Cast", "cast", {"to": 6}, [last], [seqlens]),
+             gs.Node("CachedAttention", "attn", {"num_heads": 4, "kv_num_heads": 1},
+                     [qkv, gs.Variable("pk"), gs.Variable("pv"), seqlens], [out], domain="ai.leptonc")]
+    outputs = [out] + ([count] if count_read_elsewhere else [])
+    return gs.Graph(nodes=nodes, inputs=[mask, qkv], outputs=outputs, opset=17)
+
+
+def test_seqlens_from_the_mask_become_one_mask_lengths():
+    """ReduceSum, Sub 1 and Cast to int32 in front of CachedAttention's seqlens_k -> MaskLengths(attention_mask);
+    left alone for another offset or where the count is read elsewhere."""
+    from leptonc.passes.use_kernels import _lower_mask_lengths
+
+    graph = _mask_lengths_graph()
+    assert _lower_mask_lengths(graph) == 1
+    graph.cleanup()
+    assert sorted((n.op, n.domain) for n in graph.nodes) == [("CachedAttention", "ai.leptonc"), ("MaskLengths", "ai.leptonc")]
+    lengths = next(n for n in graph.nodes if n.op == "MaskLengths")
+    assert [t.name for t in lengths.inputs] == ["attention_mask"] and lengths.outputs[0].name == "seqlens_k"
+    for kept in (_mask_lengths_graph(minus=2), _mask_lengths_graph(count_read_elsewhere=True)):
+        assert _lower_mask_lengths(kept) == 0
+        assert sorted(n.op for n in kept.nodes) == ["CachedAttention", "Cast", "ReduceSum", "Sub"]

@@ -6,7 +6,8 @@
 // layout). Inputs: A fp16 [..., K]; B uint8 [n_tiles, steps, 32, 16]; SZ fp16 [n_tiles, blocks, 8, 2] =
 // (scale, 1024 + zero point). Attributes: K, N, bits, block_size, and optionally activation = 1: the
 // SwiGLU epilogue, for merged gate|up weights whose columns come in (gate j, up j) pairs; Y is then
-// SiLU(gate) x up, [..., N / 2].
+// SiLU(gate) x up, [..., N / 2]; symmetric = 1 (8 bits, every zero point 128): SZ is fp16 [n_tiles, blocks, 8],
+// the scales alone (the Sz<true> instances).
 //
 //   M = 1 (batch-1 decode), weights of 3 MiB and more: tiled_gemv, below; each warp issues every load of
 //     its chunk of K at once.
@@ -127,15 +128,38 @@ __device__ __forceinline__ void operands(const uint4& w, int c, half2 zz, uint32
   b1 = as_u32(__hsub2(as_h2(q1), zz));
 }
 
+// SZ's entry for one (column, block): the (scale, 1024 + zero point) pair, or with SYM (8 bits, attribute symmetric
+// = 1) the scale alone and the constant 1152 = 1024 + 128 for the zero half: the same fp16 operands either way.
+template <bool SYM>
+struct Sz {
+  using T = half2;
+  static __device__ __forceinline__ T zero() { return __floats2half2_rn(0.f, 0.f); }
+  static __device__ __forceinline__ half2 zz_of(T e) { return __high2half2(e); }
+  static __device__ __forceinline__ half2 zz_at(const T* p) { return __high2half2(__ldg(p)); }
+  static __device__ __forceinline__ float scale_of(T e) { return __low2float(e); }
+  static __device__ __forceinline__ float scale_at(const T* p) { return __low2float(__ldg(p)); }
+  static __device__ __forceinline__ T shfl(T e, int lane) { return as_h2(__shfl_sync(0xffffffffu, as_u32(e), lane)); }
+};
+template <>
+struct Sz<true> {
+  using T = half;
+  static __device__ __forceinline__ T zero() { return __float2half(0.f); }
+  static __device__ __forceinline__ half2 zz_of(T) { return as_h2(0x64806480u); }
+  static __device__ __forceinline__ half2 zz_at(const T*) { return as_h2(0x64806480u); }  // no load
+  static __device__ __forceinline__ float scale_of(T e) { return __half2float(e); }
+  static __device__ __forceinline__ float scale_at(const T* p) { return __half2float(__ldg(p)); }
+  static __device__ __forceinline__ T shfl(T e, int lane) { return __shfl_sync(0xffffffffu, e, lane); }
+};
+
 // SwiGLU epilogue (attribute activation = 1): the weights' columns come in (gate j, up j) pairs, so a
 // lane's C fragment columns 2t, 2t + 1 are one feature's gate and up; the output has N / 2 columns.
 __device__ __forceinline__ float silu_mul(float gate, float up) { return gate / (1.f + __expf(-gate)) * up; }
 
 // NT tiles of 8 columns a block; the block's warps take the steps of K in turn. PB products share a
 // scale (PB = block / 16, at most the step's): their partial sums are scaled and added in fp32.
-template <int BITS, int NT, int PB, int WARPS, bool ACT>
+template <int BITS, int NT, int PB, int WARPS, bool ACT, bool SYM>
 __global__ void __launch_bounds__(WARPS * 32)
-tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
+tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, const typename Sz<SYM>::T* __restrict__ SZ,
              half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t) {
   constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
   static_assert(PB % 2 == 0 && kProducts % PB == 0, "a scale group is whole product pairs of one step");
@@ -148,7 +172,7 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
   const half* a_hi = A + size_t(g + 8) * K;  // row g + 8
   const bool lo = g < M, hi = g + 8 < M;
   pdl_trigger();
-  const half2* sz_tile[NT];
+  const typename Sz<SYM>::T* sz_tile[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) sz_tile[j] = SZ + size_t(min(tile0 + j, n_tiles - 1)) * blocks_t * 8;
 
@@ -182,7 +206,7 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
-        zz[j] = __high2half2(__ldg(sz_tile[j] + blk * 8 + g));
+        zz[j] = Sz<SYM>::zz_at(sz_tile[j] + blk * 8 + g);
       }
 #pragma unroll
       for (int c = c0; c < c0 + PB; ++c) {
@@ -199,8 +223,8 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
       // C fragment: c0, c1 = row g, columns 2t, 2t + 1; c2, c3 = row g + 8
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const float s0 = __low2float(__ldg(sz_tile[j] + blk * 8 + 2 * t));
-        const float s1 = __low2float(__ldg(sz_tile[j] + blk * 8 + 2 * t + 1));
+        const float s0 = Sz<SYM>::scale_at(sz_tile[j] + blk * 8 + 2 * t);
+        const float s1 = Sz<SYM>::scale_at(sz_tile[j] + blk * 8 + 2 * t + 1);
         acc[j][0] = fmaf(s0, part[j][0], acc[j][0]);
         acc[j][1] = fmaf(s1, part[j][1], acc[j][1]);
         acc[j][2] = fmaf(s0, part[j][2], acc[j][2]);
@@ -247,7 +271,7 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
 // issues all S of its 16-byte weight loads and its scale loads before anything else, so one HBM latency
 // covers the whole chunk; the block meanwhile copies A into shared memory. mma rows past M read a real
 // row of A and their results are dropped (rows of an mma product never mix). Each lane loads only its own
-// column's (scale, zero) pair; the C fragment's columns 2t, 2t + 1 take their scales by shuffle.
+// column's SZ entry (Sz); the C fragment's columns 2t, 2t + 1 take their scales by shuffle.
 
 struct RowNorm {  // the norm folded into a product (NormMatMulF16, NormMatMulNBitsTiled): skip, gamma, the sum's
                  // output and epsilon
@@ -319,9 +343,9 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 
 // PD < S (the rolling window): a warp holds only PD steps' weights in registers; each step it uses refills its slot
 // with the step PD ahead, so PD loads stay in flight while it computes. PD = S: every load first (session 11).
-template <int BITS, int PB, int S, bool ACT, bool NORM, int PD = S>
+template <int BITS, int PB, int S, bool ACT, bool NORM, bool SYM, int PD = S>
 __global__ void __launch_bounds__(512)
-tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const half2* __restrict__ SZ,
+tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const typename Sz<SYM>::T* __restrict__ SZ,
            half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t, int wpt, int tb, RowNorm nm) {
   constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
   constexpr int G = kProducts / PB;  // scale groups a step
@@ -337,13 +361,14 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
 
   pdl_trigger();
   uint4 w[kD];
-  half2 sz[kD][G];
+  using E = typename Sz<SYM>::T;
+  E sz[kD][G];
   const uint4* bt = B + size_t(live ? tile : 0) * steps * 32 + lane;
-  const half2* st = SZ + size_t(live ? tile : 0) * blocks_t * 8 + g;
-  auto load_step = [&](int j, uint4& wj, half2 (&szj)[G]) {  // the warp's step j (zeros past its steps)
+  const E* st = SZ + size_t(live ? tile : 0) * blocks_t * 8 + g;
+  auto load_step = [&](int j, uint4& wj, E (&szj)[G]) {  // the warp's step j (zeros past its steps)
     wj = make_uint4(0, 0, 0, 0);
 #pragma unroll
-    for (int q = 0; q < G; ++q) szj[q] = __floats2half2_rn(0.f, 0.f);
+    for (int q = 0; q < G; ++q) szj[q] = Sz<SYM>::zero();
     if (j < n_steps) {
       const int step = step0 + j;
       wj = ld_stream(bt + size_t(step) * 32);
@@ -376,7 +401,7 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
     if (j < n_steps) {
       const int k_step = (step0 + j) * kStepK;
       const uint4 wj = w[j % kD];
-      half2 szj[G];
+      E szj[G];
 #pragma unroll
       for (int q = 0; q < G; ++q) szj[q] = sz[j % kD][q];
       if (kD < S && j + kD < S) load_step(j + kD, w[j % kD], sz[j % kD]);  // the rolling window's refill
@@ -385,7 +410,7 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
       for (int i = 0; i < kPairs; ++i) a[i] = *reinterpret_cast<const uint4*>(arow + k_step + 32 * i + 8 * t);
 #pragma unroll
       for (int q = 0; q < G; ++q) {
-        const half2 zz = __high2half2(szj[q]);
+        const half2 zz = Sz<SYM>::zz_of(szj[q]);
         float part4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int c = q * PB; c < q * PB + PB; ++c) {
@@ -394,9 +419,8 @@ tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const
           operands<BITS>(wj, c, zz, b0, b1);
           mma16816(part4, word_of(a[i], h), 0u, word_of(a[i], h + 1), 0u, b0, b1);
         }
-        const uint32_t sv = as_u32(szj[q]);
-        const float s0 = __low2float(as_h2(__shfl_sync(0xffffffffu, sv, 8 * t)));
-        const float s1 = __low2float(as_h2(__shfl_sync(0xffffffffu, sv, 8 * t + 4)));
+        const float s0 = Sz<SYM>::scale_of(Sz<SYM>::shfl(szj[q], 8 * t));
+        const float s1 = Sz<SYM>::scale_of(Sz<SYM>::shfl(szj[q], 8 * t + 4));
         acc0 = fmaf(s0, part4[0], acc0);
         acc1 = fmaf(s1, part4[1], acc1);
       }
@@ -487,54 +511,58 @@ inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int fo
   return p;
 }
 
-template <int BITS, int PB, bool ACT, bool NORM>
-cudaError_t launch_gemv_act(const GemvPlan& p, const half* a, int m, const uint4* b, const half2* sz, half* y, int K,
-                            int N, int steps, int block, int blocks_t, const RowNorm& nm, cudaStream_t stream) {
+template <int BITS, int PB, bool ACT, bool NORM, bool SYM>
+cudaError_t launch_gemv_act(const GemvPlan& p, const half* a, int m, const uint4* b, const typename Sz<SYM>::T* sz,
+                            half* y, int K, int N, int steps, int block, int blocks_t, const RowNorm& nm,
+                            cudaStream_t stream) {
   const dim3 grid(p.blocks), threads(p.tb * p.wpt * 32);
   // the rolling window: launch plans it for one-row 4-bit gate|up (the microbench and the check force it anywhere);
   // launch_norm plans it for the same product with the norm as its prologue
   if constexpr (!NORM || (BITS == 4 && ACT)) {
     if (p.pd > 0)
-      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, NORM, 4>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
-                              N, steps, block, blocks_t, p.wpt, p.tb, nm);
+      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, NORM, SYM, 4>, grid, threads, p.smem, stream, a, m, b, sz,
+                              y, K, N, steps, block, blocks_t, p.wpt, p.tb, nm);
   }
   switch (p.s) {
     case 4:
-      return launch_dependent(tiled_gemv<BITS, PB, 4, ACT, NORM>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N,
-                              steps, block, blocks_t, p.wpt, p.tb, nm);
+      return launch_dependent(tiled_gemv<BITS, PB, 4, ACT, NORM, SYM>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
+                              N, steps, block, blocks_t, p.wpt, p.tb, nm);
     case 16:
-      return launch_dependent(tiled_gemv<BITS, PB, 16, ACT, NORM>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N,
-                              steps, block, blocks_t, p.wpt, p.tb, nm);
+      return launch_dependent(tiled_gemv<BITS, PB, 16, ACT, NORM, SYM>, grid, threads, p.smem, stream, a, m, b, sz, y,
+                              K, N, steps, block, blocks_t, p.wpt, p.tb, nm);
     default:
-      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, NORM>, grid, threads, p.smem, stream, a, m, b, sz, y, K, N,
-                              steps, block, blocks_t, p.wpt, p.tb, nm);
+      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, NORM, SYM>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
+                              N, steps, block, blocks_t, p.wpt, p.tb, nm);
   }
 }
 
-template <int BITS, int PB, bool NORM>
-cudaError_t launch_gemv_pb(const GemvPlan& p, bool act, const half* a, int m, const uint4* b, const half2* sz, half* y,
-                           int K, int N, int steps, int block, int blocks_t, const RowNorm& nm, cudaStream_t stream) {
-  return act ? launch_gemv_act<BITS, PB, true, NORM>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, nm, stream)
-             : launch_gemv_act<BITS, PB, false, NORM>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, nm, stream);
+template <int BITS, int PB, bool NORM, bool SYM>
+cudaError_t launch_gemv_pb(const GemvPlan& p, bool act, const half* a, int m, const uint4* b,
+                           const typename Sz<SYM>::T* sz, half* y, int K, int N, int steps, int block, int blocks_t,
+                           const RowNorm& nm, cudaStream_t stream) {
+  return act ? launch_gemv_act<BITS, PB, true, NORM, SYM>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, nm, stream)
+             : launch_gemv_act<BITS, PB, false, NORM, SYM>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, nm, stream);
 }
 
-// The few-rows kernel; with NORM (m = 1 only) the norm nm is its prologue.
-template <int BITS, bool NORM = false>
-cudaError_t launch_gemv(const GemvPlan& p, bool act, int pb, const half* a, int m, const uint4* bw, const half2* szw,
-                        half* y, int K, int N, int steps, int block, int blocks_t, cudaStream_t stream,
-                        const RowNorm& nm = RowNorm{}) {
+// The few-rows kernel; with NORM (m = 1 only) the norm nm is its prologue; SYM: SZ holds the scales alone (Sz).
+template <int BITS, bool NORM, bool SYM>
+cudaError_t launch_gemv(const GemvPlan& p, bool act, int pb, const half* a, int m, const uint4* bw,
+                        const typename Sz<SYM>::T* szw, half* y, int K, int N, int steps, int block, int blocks_t,
+                        cudaStream_t stream, const RowNorm& nm = RowNorm{}) {
   if (pb >= Step<BITS>::kProducts)
-    return launch_gemv_pb<BITS, Step<BITS>::kProducts, NORM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm,
-                                                             stream);
-  if (pb == 4) return launch_gemv_pb<BITS, 4, NORM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm, stream);
-  return launch_gemv_pb<BITS, 2, NORM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm, stream);
+    return launch_gemv_pb<BITS, Step<BITS>::kProducts, NORM, SYM>(p, act, a, m, bw, szw, y, K, N, steps, block,
+                                                                  blocks_t, nm, stream);
+  if (pb == 4)
+    return launch_gemv_pb<BITS, 4, NORM, SYM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm, stream);
+  return launch_gemv_pb<BITS, 2, NORM, SYM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm, stream);
 }
 
 // ---- the prefill path (M > 16): dequantize tiles, then cuBLAS -------------------------------------
 
-template <int BITS>
-__global__ void tiled_dequantize(const uint32_t* __restrict__ B, const half2* __restrict__ SZ, half* __restrict__ W,
-                                 int tile_first, int tiles, int K, int steps, int block, int blocks_t) {
+template <int BITS, bool SYM>
+__global__ void tiled_dequantize(const uint32_t* __restrict__ B, const typename Sz<SYM>::T* __restrict__ SZ,
+                                 half* __restrict__ W, int tile_first, int tiles, int K, int steps, int block,
+                                 int blocks_t) {
   // W[tiles * 8, K] (row-major, ld K) = the dequantized columns of tiles tile_first .. + tiles; one
   // thread a word (two products' four values at 4 bits, one product's at 8; each product's four are
   // consecutive k: layout.py)
@@ -561,8 +589,8 @@ __global__ void tiled_dequantize(const uint32_t* __restrict__ B, const half2* __
       const int pair0 = step * kStepK + 32 * (c >> 1);
       const int k = pair0 + 8 * t + 4 * (c & 1);
       if (k >= K) continue;  // K % 8 == 0: the four are all in or all out
-      const half2 sz = SZ[(size_t(tile) * blocks_t + pair0 / block) * 8 + g];
-      const float s = __low2float(sz), z = __high2float(sz) - 1024.f;
+      const typename Sz<SYM>::T sz = SZ[(size_t(tile) * blocks_t + pair0 / block) * 8 + g];
+      const float s = Sz<SYM>::scale_of(sz), z = __high2float(Sz<SYM>::zz_of(sz)) - 1024.f;
       half2 out[2] = {__floats2half2_rn((float(v[0]) - z) * s, (float(v[1]) - z) * s),
                       __floats2half2_rn((float(v[2]) - z) * s, (float(v[3]) - z) * s)};
       *reinterpret_cast<uint2*>(row + k) = *reinterpret_cast<uint2*>(out);
@@ -760,6 +788,7 @@ Shared g_shared;
 struct NBitsKernel {
   int64_t K = 0, N = 0, bits = 0, block = 0;
   int64_t activation = 0;  // 1: SwiGLU epilogue, output N / 2 columns
+  int64_t symmetric = 0;   // 1 (8 bits only): every zero point is 128 and SZ holds the scales alone (layout.py)
   bool norm = false;       // NormMatMulNBitsTiled: the SkipSimplifiedLayerNormalization in front folded in
   float eps = 0.f;
 };
@@ -846,9 +875,10 @@ OrtStatus* ensure_shared(bool product = false, bool scratch = true, bool normed 
 constexpr int kGemvMaxM = 1;
 enum class Path { kAuto, kStream, kGemv };
 
-template <int BITS>
-OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t* b, const half* sz, half* y,
-                  cudaStream_t stream, Path path = Path::kAuto, int force_s = 0, int force_tb = 0, int force_pd = 0) {
+// MatMulNBitsTiled's product with SZ as pairs or, SYM, the scales alone (launch below picks by the attribute).
+template <int BITS, bool SYM>
+OrtStatus* launch_sz(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t* b, const half* sz, half* y,
+                     cudaStream_t stream, Path path, int force_s, int force_tb, int force_pd) {
   const int K = int(kn.K), N = int(kn.N), block = int(kn.block);
   const int step_k = Step<BITS>::kK;
   const int steps = (K + step_k - 1) / step_k;
@@ -856,7 +886,7 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   const int n_tiles = (N + 7) / 8;
   const bool act = kn.activation == 1;
   const auto* bw = reinterpret_cast<const uint4*>(b);
-  const auto* szw = reinterpret_cast<const half2*>(sz);
+  const auto* szw = reinterpret_cast<const typename Sz<SYM>::T*>(sz);
   const int pb = std::min(block, step_k) / 16;  // products that share a scale
   if (path != Path::kStream && (path == Path::kGemv || m <= kGemvMaxM)) {
     const GemvWindow win = BITS == 4 && act && m == 1 && force_s == 0 && force_tb == 0 && force_pd == 0
@@ -864,7 +894,8 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
     GemvPlan plan = win.pd > 0 ? gemv_plan(1, K, N, BITS, win.s, win.tb, false, win.pd) : GemvPlan();
     if (plan.s == 0) plan = gemv_plan(int(m), K, N, BITS, force_s, force_tb, path == Path::kGemv, force_pd);
     if (plan.s > 0)
-      return cuda_check(launch_gemv<BITS>(plan, act, pb, a, int(m), bw, szw, y, K, N, steps, block, blocks_t, stream),
+      return cuda_check(launch_gemv<BITS, false, SYM>(plan, act, pb, a, int(m), bw, szw, y, K, N, steps, block,
+                                                      blocks_t, stream),
                         "tiled_gemv launch");
     if (path == Path::kGemv) return make_error("the few-rows kernel does not apply to this shape");
   }
@@ -880,13 +911,13 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   do {                                                                                                       \
     const dim3 grid((n_tiles + NT - 1) / NT), threads(warps * 32);                                           \
     const cudaError_t e =                                                                                    \
-        deep && act ? launch_dependent(tiled_stream<BITS, NT, PB, kMaxWarps, true>, grid, threads, 0, stream, \
-                                       a, int(m), bw, szw, y, K, N, steps, block, blocks_t)                  \
-        : deep      ? launch_dependent(tiled_stream<BITS, NT, PB, kMaxWarps, false>, grid, threads, 0, stream,\
-                                       a, int(m), bw, szw, y, K, N, steps, block, blocks_t)                  \
-        : act       ? launch_dependent(tiled_stream<BITS, NT, PB, 8, true>, grid, threads, 0, stream, a,      \
+        deep && act ? launch_dependent(tiled_stream<BITS, NT, PB, kMaxWarps, true, SYM>, grid, threads, 0,    \
+                                       stream, a, int(m), bw, szw, y, K, N, steps, block, blocks_t)          \
+        : deep      ? launch_dependent(tiled_stream<BITS, NT, PB, kMaxWarps, false, SYM>, grid, threads, 0,   \
+                                       stream, a, int(m), bw, szw, y, K, N, steps, block, blocks_t)          \
+        : act       ? launch_dependent(tiled_stream<BITS, NT, PB, 8, true, SYM>, grid, threads, 0, stream, a, \
                                        int(m), bw, szw, y, K, N, steps, block, blocks_t)                     \
-                    : launch_dependent(tiled_stream<BITS, NT, PB, 8, false>, grid, threads, 0, stream, a,     \
+                    : launch_dependent(tiled_stream<BITS, NT, PB, 8, false, SYM>, grid, threads, 0, stream, a,\
                                        int(m), bw, szw, y, K, N, steps, block, blocks_t);                    \
     if (e != cudaSuccess) return cuda_check(e, "tiled_stream launch");                                       \
   } while (0)
@@ -913,9 +944,9 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
     const int threads = 256;
     const int64_t words = int64_t(tiles) * steps * 128;
     const int grid = int(std::min<int64_t>((words + threads - 1) / threads, 65535));
-    tiled_dequantize<BITS><<<grid, threads, 0, stream>>>(reinterpret_cast<const uint32_t*>(b),
-                                                         reinterpret_cast<const half2*>(sz), g_shared.scratch,
-                                                         int(tile_first), tiles, K, steps, block, blocks_t);
+    tiled_dequantize<BITS, SYM><<<grid, threads, 0, stream>>>(reinterpret_cast<const uint32_t*>(b), szw,
+                                                              g_shared.scratch, int(tile_first), tiles, K, steps,
+                                                              block, blocks_t);
     ORT_TRY(cuda_check(cudaGetLastError(), "dequantize launch"));
     // column-major view: Y^T[N, M] (ld N) = W[rows, K]^T-as-stored (op T, ld K) x A^T[K, M] (ld K)
     if (!act) {
@@ -942,6 +973,16 @@ OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t
   return nullptr;
 }
 
+// MatMulNBitsTiled's product; the scales-only instances (symmetric) exist for 8 bits alone.
+template <int BITS>
+OrtStatus* launch(const NBitsKernel& kn, const half* a, int64_t m, const uint8_t* b, const half* sz, half* y,
+                  cudaStream_t stream, Path path = Path::kAuto, int force_s = 0, int force_tb = 0, int force_pd = 0) {
+  if constexpr (BITS == 8) {
+    if (kn.symmetric == 1) return launch_sz<8, true>(kn, a, m, b, sz, y, stream, path, force_s, force_tb, force_pd);
+  }
+  return launch_sz<BITS, false>(kn, a, m, b, sz, y, stream, path, force_s, force_tb, force_pd);
+}
+
 // The folded norm where it is not a product kernel's prologue: m rows of RMSNorm(A + skip) x gamma (and the sum
 // nm.sum) into `rows` (scratch_halves() halves) in chunks, each followed by product(first row, rows in the chunk).
 // `fail` makes the op's error.
@@ -965,9 +1006,9 @@ OrtStatus* norm_rows_then(const half* a, int64_t m, int K, const RowNorm& nm, ha
 // NormMatMulNBitsTiled: Y = RMSNorm(A + skip) x gamma x W^T and S = A + skip. One row where the few-rows kernel
 // serves the shape: the norm is its prologue (one kernel). Otherwise the rows are normalized into g_shared.normed
 // (skip_rms_norm_rows, in chunks of scratch_halves()), then launch() as for MatMulNBitsTiled.
-template <int BITS>
-OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const RowNorm& nm, const uint8_t* b,
-                       const half* sz, half* y, cudaStream_t stream) {
+template <int BITS, bool SYM>
+OrtStatus* launch_norm_sz(const NBitsKernel& kn, const half* a, int64_t m, const RowNorm& nm, const uint8_t* b,
+                          const half* sz, half* y, cudaStream_t stream) {
   const int K = int(kn.K), N = int(kn.N), block = int(kn.block);
   const int step_k = Step<BITS>::kK;
   const int steps = (K + step_k - 1) / step_k;
@@ -977,16 +1018,26 @@ OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const Ro
     GemvPlan plan = win.pd > 0 ? gemv_plan(1, K, N, BITS, win.s, win.tb, false, win.pd) : GemvPlan();
     if (plan.s == 0) plan = gemv_plan(1, K, N, BITS);
     if (plan.s > 0)
-      return cuda_check(launch_gemv<BITS, true>(plan, kn.activation == 1, std::min(block, step_k) / 16, a, 1,
-                                                reinterpret_cast<const uint4*>(b), reinterpret_cast<const half2*>(sz), y,
-                                                K, N, steps, block, blocks_t, stream, nm),
+      return cuda_check(launch_gemv<BITS, true, SYM>(plan, kn.activation == 1, std::min(block, step_k) / 16, a, 1,
+                                                     reinterpret_cast<const uint4*>(b),
+                                                     reinterpret_cast<const typename Sz<SYM>::T*>(sz), y, K, N, steps,
+                                                     block, blocks_t, stream, nm),
                         "tiled_gemv (norm prologue) launch");
   }
   if (g_shared.normed == nullptr) ORT_TRY(ensure_shared(kn.activation == 1, true, true));
   const int64_t out_n = kn.activation == 1 ? N / 2 : N;
   return norm_rows_then(a, m, K, nm, g_shared.normed, stream, make_error, [&](int64_t r0, int r) {
-    return launch<BITS>(kn, g_shared.normed, r, b, sz, y + r0 * out_n, stream);
+    return launch_sz<BITS, SYM>(kn, g_shared.normed, r, b, sz, y + r0 * out_n, stream, Path::kAuto, 0, 0, 0);
   });
+}
+
+template <int BITS>
+OrtStatus* launch_norm(const NBitsKernel& kn, const half* a, int64_t m, const RowNorm& nm, const uint8_t* b,
+                       const half* sz, half* y, cudaStream_t stream) {
+  if constexpr (BITS == 8) {
+    if (kn.symmetric == 1) return launch_norm_sz<8, true>(kn, a, m, nm, b, sz, y, stream);
+  }
+  return launch_norm_sz<BITS, false>(kn, a, m, nm, b, sz, y, stream);
 }
 
 OrtStatus* read_int_attr(const OrtKernelInfo* info, const char* name, int64_t* out) {
@@ -1019,6 +1070,17 @@ OrtStatus* create_nbits_kernel(const OrtApi* api, const OrtKernelInfo* info, boo
   if (kn->activation != 0 && (kn->activation != 1 || kn->N % 8 != 0)) {
     const std::string msg = "unsupported activation " + std::to_string(kn->activation) + " with N=" +
                             std::to_string(kn->N) + " (1 = SwiGLU over (gate, up) column pairs, N a multiple of 8)";
+    delete kn;
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, (op + msg).c_str());
+  }
+  if ((st = read_int_attr(info, "symmetric", &kn->symmetric)) != nullptr) {  // absent: SZ holds (scale, zero) pairs
+    api->ReleaseStatus(st);
+    kn->symmetric = 0;
+  }
+  if (kn->symmetric != 0 && (kn->symmetric != 1 || kn->bits != 8)) {
+    const std::string msg = "unsupported symmetric=" + std::to_string(kn->symmetric) + " with bits=" +
+                            std::to_string(kn->bits) + " (1 = SZ holds the scales alone, zero points all 128: 8 bits "
+                            "only; 0 or absent for (scale, zero) pairs)";
     delete kn;
     return api->CreateStatus(ORT_INVALID_ARGUMENT, (op + msg).c_str());
   }
@@ -1669,6 +1731,255 @@ OrtCustomOp make_attn_op() {
 
 OrtCustomOp g_cached_attention = make_attn_op();
 
+// ---- LogitsArgMax: the LM head's fp16 rows -> the float32 logits output and the greedy token, one kernel --------
+// Inputs X fp16 [R, V] (the head's product), logits_positions int64 [B, K] (read for its shape only: R = B K).
+// Outputs logits float32 [B, K, V] (X converted) and next_token int64 [B, K] (the first index of each row's
+// maximum; a NaN counts as the maximum, as in numpy). It replaces the graph's Cast, Reshape and ArgMax
+// (passes/use_kernels.py), which ran three ONNX Runtime kernels and a copy at the end of every decode step. A row
+// is read in chunks of kArgmaxChunk values by one block each; the last block of a row to finish (an atomic count)
+// reduces the chunks' (max, index) pairs. Launched with PDL: it waits for the head before reading X.
+
+constexpr int kArgmaxThreads = 256;
+constexpr int kArgmaxChunk = kArgmaxThreads * 8;  // values a block: one 16-byte load a thread
+constexpr int kArgmaxMaxChunks = kArgmaxThreads;  // the last block reduces one pair a thread
+constexpr int kArgmaxRows = 1 << 12;              // rows split into chunks at most (counters)
+constexpr int kArgmaxSlots = 1 << 16;             // chunks' (max, index) pairs
+
+struct ArgmaxScratch {
+  std::mutex lock;
+  float* max = nullptr;
+  int* index = nullptr;
+  unsigned* counters = nullptr;  // per row: chunks finished; zero between calls (the last chunk resets it)
+};
+ArgmaxScratch g_argmax;
+
+// (m, i) <- the better of (m, i) and (m2, i2): larger value, NaN above everything, the lower index on ties; i < 0
+// is empty.
+__device__ __forceinline__ void argmax_merge(float& m, int& i, float m2, int i2) {
+  if (i2 < 0) return;
+  bool take;
+  if (i < 0) take = true;
+  else if (isnan(m2)) take = !isnan(m) || i2 < i;
+  else take = !isnan(m) && (m2 > m || (m2 == m && i2 < i));
+  if (take) m = m2, i = i2;
+}
+
+// The block's best (m, i), valid in thread 0.
+__device__ __forceinline__ void argmax_block(float& m, int& i) {
+  __shared__ float sm[kArgmaxThreads / 32];
+  __shared__ int si[kArgmaxThreads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2)
+    argmax_merge(m, i, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, i, off));
+  if (threadIdx.x % 32 == 0) sm[threadIdx.x / 32] = m, si[threadIdx.x / 32] = i;
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int w = 1; w < kArgmaxThreads / 32; ++w) argmax_merge(m, i, sm[w], si[w]);
+  // read before any later write of sm/si by the caller's next use: the callers call this at most once between syncs
+}
+
+__global__ void __launch_bounds__(kArgmaxThreads)
+logits_argmax(const half* __restrict__ X, int rows, int V, int chunks, float* __restrict__ logits,
+              int64_t* __restrict__ token, float* part_max, int* part_index, unsigned* counters) {
+  pdl_trigger();
+  pdl_wait();  // X is the head's output
+  const int span = ((V + chunks - 1) / chunks + 7) / 8 * 8;
+  const bool vec = V % 8 == 0;  // rows start 16-byte aligned
+  for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int begin = blockIdx.x * span, end = min(V, begin + span);
+    const half* x = X + size_t(row) * V;
+    float* out = logits + size_t(row) * V;
+    float m = 0.f;
+    int idx = -1;
+    if (vec) {
+      for (int k = begin + threadIdx.x * 8; k < end; k += kArgmaxThreads * 8) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + k));
+        const half2* h = reinterpret_cast<const half2*>(&raw);
+        float f[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 v = __half22float2(h[j]);
+          f[2 * j] = v.x, f[2 * j + 1] = v.y;
+        }
+        reinterpret_cast<float4*>(out + k)[0] = make_float4(f[0], f[1], f[2], f[3]);
+        reinterpret_cast<float4*>(out + k)[1] = make_float4(f[4], f[5], f[6], f[7]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) argmax_merge(m, idx, f[j], k + j);
+      }
+    } else {
+      for (int k = begin + threadIdx.x; k < end; k += kArgmaxThreads) {
+        const float f = __half2float(x[k]);
+        out[k] = f;
+        argmax_merge(m, idx, f, k);
+      }
+    }
+    argmax_block(m, idx);
+    if (chunks == 1) {
+      if (threadIdx.x == 0) token[row] = idx;
+      __syncthreads();
+      continue;
+    }
+    __shared__ bool is_last;
+    if (threadIdx.x == 0) {
+      part_max[size_t(row) * chunks + blockIdx.x] = m;
+      part_index[size_t(row) * chunks + blockIdx.x] = idx;
+      __threadfence();  // the pair is visible before the count
+      is_last = atomicAdd(counters + row, 1u) == unsigned(chunks - 1);
+      if (is_last) counters[row] = 0u;
+    }
+    __syncthreads();
+    if (!is_last) continue;
+    __threadfence();
+    m = 0.f, idx = -1;
+    if (threadIdx.x < chunks) {
+      m = __ldcg(part_max + size_t(row) * chunks + threadIdx.x);
+      idx = __ldcg(part_index + size_t(row) * chunks + threadIdx.x);
+    }
+    __syncthreads();  // argmax_block's shared pairs are free again
+    argmax_block(m, idx);
+    if (threadIdx.x == 0) token[row] = idx;
+    __syncthreads();
+  }
+}
+
+OrtStatus* argmax_error(const std::string& what, OrtErrorCode code = ORT_EP_FAIL) {
+  return g_api->CreateStatus(code, ("leptonc LogitsArgMax: " + what).c_str());
+}
+
+struct ArgmaxKernel {};
+
+OrtStatus* ORT_API_CALL create_argmax(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void** kernel) {
+  std::lock_guard<std::mutex> guard(g_argmax.lock);  // the scratch, before any capture; shared by every node
+  if (g_argmax.max == nullptr) {
+    cudaError_t err = cudaMalloc(&g_argmax.max, kArgmaxSlots * sizeof(float));
+    if (err == cudaSuccess) err = cudaMalloc(&g_argmax.index, kArgmaxSlots * sizeof(int));
+    if (err == cudaSuccess) err = cudaMalloc(&g_argmax.counters, kArgmaxRows * sizeof(unsigned));
+    if (err == cudaSuccess) err = cudaMemset(g_argmax.counters, 0, kArgmaxRows * sizeof(unsigned));
+    if (err == cudaSuccess) err = cudaDeviceSynchronize();  // zero before any stream of ONNX Runtime's uses them
+    if (err != cudaSuccess) return argmax_error(std::string("cudaMalloc(scratch): ") + cudaGetErrorString(err));
+  }
+  *kernel = new ArgmaxKernel();
+  return nullptr;
+}
+
+// Chunks a row for `rows` rows of V values: enough blocks to read a decode step's rows in parallel, one block a row
+// where the rows alone fill the GPU or the scratch would not hold the pairs.
+inline int argmax_chunks(int64_t rows, int64_t V) {
+  int64_t chunks = std::min<int64_t>((V + kArgmaxChunk - 1) / kArgmaxChunk, kArgmaxMaxChunks);
+  if (chunks < 2 || rows > kArgmaxRows || rows * chunks > kArgmaxSlots || rows >= 2 * 132) chunks = 1;
+  return int(chunks);
+}
+
+OrtStatus* ORT_API_CALL compute_argmax(void*, OrtKernelContext* ctx) {
+  const OrtValue *x = nullptr, *pos = nullptr;
+  int64_t x_dims[2], p_dims[2];
+  ORT_TRY(attn_dims(ctx, 0, 2, "X", x_dims, &x));
+  ORT_TRY(attn_dims(ctx, 1, 2, "logits_positions", p_dims, &pos));
+  const int64_t R = x_dims[0], V = x_dims[1], B = p_dims[0], K = p_dims[1];
+  if (R != B * K)
+    return argmax_error("X has " + std::to_string(R) + " rows; logits_positions [" + std::to_string(B) + ", " +
+                        std::to_string(K) + "] asks for " + std::to_string(B * K), ORT_INVALID_ARGUMENT);
+  if (V < 1 || V > INT_MAX / 2 || R > INT_MAX) return argmax_error("shapes outside what the kernel serves", ORT_INVALID_ARGUMENT);
+  int64_t l_dims[3] = {B, K, V};
+  OrtValue *logits = nullptr, *token = nullptr;
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, l_dims, 3, &logits));
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 1, p_dims, 2, &token));
+  if (R == 0) return nullptr;
+  void *px = nullptr, *pl = nullptr, *pt = nullptr, *stream = nullptr;
+  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(x), &px));
+  ORT_TRY(g_api->GetTensorMutableData(logits, &pl));
+  ORT_TRY(g_api->GetTensorMutableData(token, &pt));
+  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  const int chunks = argmax_chunks(R, V);
+  const dim3 grid(chunks, unsigned(std::min<int64_t>(R, 65535)));
+  const cudaError_t err = launch_dependent(logits_argmax, grid, dim3(kArgmaxThreads), 0, static_cast<cudaStream_t>(stream),
+                                           static_cast<const half*>(px), int(R), int(V), chunks, static_cast<float*>(pl),
+                                           static_cast<int64_t*>(pt), g_argmax.max, g_argmax.index, g_argmax.counters);
+  return err == cudaSuccess ? nullptr : argmax_error(std::string("launch: ") + cudaGetErrorString(err));
+}
+
+const char* ORT_API_CALL argmax_name(const OrtCustomOp*) { return "LogitsArgMax"; }
+size_t ORT_API_CALL two(const OrtCustomOp*) { return 2; }
+ONNXTensorElementDataType ORT_API_CALL argmax_input_type(const OrtCustomOp*, size_t index) {
+  return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+}
+ONNXTensorElementDataType ORT_API_CALL argmax_output_type(const OrtCustomOp*, size_t index) {
+  return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+}
+
+OrtCustomOp make_argmax_op() {
+  OrtCustomOp op = derived_op(argmax_name, argmax_input_type, two, create_argmax, compute_argmax, destroy_of<ArgmaxKernel>);
+  op.GetOutputTypeCount = two;
+  op.GetOutputType = argmax_output_type;
+  return op;
+}
+
+OrtCustomOp g_logits_argmax = make_argmax_op();
+
+// ---- MaskLengths: seqlens_k = ReduceSum(attention_mask, axis 1) - 1 as int32, one kernel for three ----------------
+// Input attention_mask int64 [B, T]; output int32 [B]. passes/use_kernels.py puts it where the graph computes
+// CachedAttention's seqlens_k from the mask. It is launched WITHOUT programmatic dependent launch and never
+// triggers its dependents early, so the kernel after it starts only once it has finished: the decode attention
+// reads seqlens_k before its own dependency wait (attention.cuh, attn_kv_prefetch), which this keeps sound.
+
+__global__ void __launch_bounds__(256) mask_lengths(const int64_t* __restrict__ mask, int64_t T, int32_t* __restrict__ out) {
+  __shared__ long long partial[8];
+  const int64_t* row = mask + size_t(blockIdx.x) * T;
+  long long sum = 0;
+  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) sum += row[t];
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    long long total = 0;
+    for (int w = 0; w < int(blockDim.x / 32); ++w) total += partial[w];
+    out[blockIdx.x] = int32_t(total - 1);  // ONNX Cast int64 -> int32 keeps the low 32 bits, as this does
+  }
+}
+
+struct MaskLengthsKernel {};
+
+OrtStatus* ORT_API_CALL create_mask_lengths(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void** kernel) {
+  *kernel = new MaskLengthsKernel();
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute_mask_lengths(void*, OrtKernelContext* ctx) {
+  const OrtValue* mask = nullptr;
+  int64_t dims[2];
+  ORT_TRY(attn_dims(ctx, 0, 2, "attention_mask", dims, &mask));
+  OrtValue* out = nullptr;
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, dims, 1, &out));
+  if (dims[0] == 0) return nullptr;
+  if (dims[0] > INT_MAX)
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "leptonc MaskLengths: more rows than the kernel serves");
+  void *pm = nullptr, *po = nullptr, *stream = nullptr;
+  ORT_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(mask), &pm));
+  ORT_TRY(g_api->GetTensorMutableData(out, &po));
+  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  mask_lengths<<<unsigned(dims[0]), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const int64_t*>(pm), dims[1], static_cast<int32_t*>(po));
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr
+                            : g_api->CreateStatus(ORT_EP_FAIL, (std::string("leptonc MaskLengths: launch: ") +
+                                                                cudaGetErrorString(err)).c_str());
+}
+
+const char* ORT_API_CALL mask_lengths_name(const OrtCustomOp*) { return "MaskLengths"; }
+size_t ORT_API_CALL one(const OrtCustomOp*) { return 1; }
+ONNXTensorElementDataType ORT_API_CALL int64_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64; }
+ONNXTensorElementDataType ORT_API_CALL int32_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32; }
+
+OrtCustomOp make_mask_lengths_op() {
+  OrtCustomOp op = derived_op(mask_lengths_name, int64_type, one, create_mask_lengths, compute_mask_lengths,
+                              destroy_of<MaskLengthsKernel>);
+  op.GetOutputType = int32_type;
+  return op;
+}
+
+OrtCustomOp g_mask_lengths = make_mask_lengths_op();
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -1687,5 +1998,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_norm_matmul_f16));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_norm_matmul_nbits));
   ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_cached_attention));
+  ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_logits_argmax));
+  ORT_TRY(g_api->CustomOpDomain_Add(domain, &g_mask_lengths));
   return g_api->AddCustomOpDomain(options, domain);
 }
