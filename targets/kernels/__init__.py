@@ -20,6 +20,11 @@ LEPTONC_NORM_PROLOGUE_NBITS=0 at compile keeps the norm apart: llama-1b-shape in
 tok/s on the H100 with the same greedy tokens; session 17 had measured it slower, before the o product ahead of
 gate|up could overlap it, BENCHMARKS.md).
 
+`ai.leptonc.MaskLengths` (the attention's lengths from the mask) and `ai.leptonc.LogitsArgMax` (the LM head's fp16
+rows to the float32 logits and the greedy token) are the decode step's first and last kernels, in place of six of
+ONNX Runtime's and a copy (session 20 on the H100: checked against numpy and ONNX Runtime's ops, the same greedy
+tokens; with the int4 norm fold, llama-1b-shape int4 went to 1.621-1.626x fp16 at batch 1).
+
 `ai.leptonc.CachedAttention` (attention.cuh) replaces GroupQueryAttention in the GPU form: rotary, cache
 append and attention in one decode kernel; prefill on tensor cores. Session 15 on the H100: correct against
 float64 and ONNX Runtime's op, the same greedy tokens, smollm2-135m fp16 1,217-1,235 tok/s at batch 1
