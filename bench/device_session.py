@@ -1410,6 +1410,15 @@ def s19f(s: Session) -> None:
             bench(s, b, f"llama1b {name} again", "--batch", "1", env=e)
 
 
+def _int4_parity(s: Session, q4: Path | None, label: str = "greedy llama1b int4") -> None:
+    """32 greedy tokens of the llama-1b-shape int4 bundle against session 18's (S18C_INT4_TOKENS), into the record."""
+    if q4:
+        ids = greedy(s, q4, label, n=32)
+        s.record.setdefault("parity", {})["llama1b int4 vs session 18"] = {
+            "tokens": ids, "identical": ids == S18C_INT4_TOKENS}
+        s.save()
+
+
 def s19g(s: Session) -> None:
     """Issue 8 at the end of session 19, everything at its defaults (the int4 gate|up window 8:4, the attention's value
     prefetch, its key/value-row prefetch before the dependency wait): llama-1b-shape int4 (RTN) and fp16; 32 greedy
@@ -1417,11 +1426,7 @@ def s19g(s: Session) -> None:
     both, then batch 1 again for both; then smollm2-135m fp16 at batch 1 and 16 against Hugging Face in the same run."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     q4, fp16 = _llama_int4_fp16(s)
-    if q4:
-        ids = greedy(s, q4, "greedy llama1b int4", n=32)
-        s.record.setdefault("parity", {})["llama1b int4 vs session 18"] = {
-            "tokens": ids, "identical": ids == S18C_INT4_TOKENS}
-        s.save()
+    _int4_parity(s, q4)
     for rnd, batches in ((1, "1,16"), (2, "1")):
         for name, b in (("int4", q4), ("fp16", fp16)):
             if b:
@@ -1491,11 +1496,7 @@ def s20d(s: Session) -> None:
     interleaved twice, then batch 1 and 16 once more."""
     os.environ["LEPTONC_CUDA_KERNELS"] = "1"
     q4, fp16 = _llama_int4_fp16(s)
-    if q4:
-        ids = greedy(s, q4, "greedy llama1b int4", n=32)
-        s.record.setdefault("parity", {})["llama1b int4 vs session 18"] = {
-            "tokens": ids, "identical": ids == S18C_INT4_TOKENS}
-        s.save()
+    _int4_parity(s, q4)
     for rnd, batches in ((1, "1"), (2, "1"), (3, "1,16")):
         for name, b in (("int4", q4), ("fp16", fp16)):
             if b:
