@@ -64,7 +64,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from leptonc.passes.matching import MS_DOMAIN, attr, const_ints, detach, is_last_axis, is_safe_to_fuse, producer
+from leptonc.passes.greedy_token import OUTPUT as TOKEN_OUTPUT
 from leptonc.passes.registry import PassContext, PassResult, register_pass
+from leptonc.passes.select_logits import INPUT as POSITIONS_INPUT
 from leptonc.targets.kernels.layout import gate_up_pairs, interleave_gate_up, tile_nbits
 
 LEPTONC_DOMAIN = "ai.leptonc"
@@ -172,7 +174,7 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         parts.append(f"{counts['swiglu_op']} Split + QuickGelu + Mul -> {LEPTONC_DOMAIN}.SwiGLU ({kernels.get('arch')})")
     if counts["attention"]:
         parts.append(f"{counts['attention']} GroupQueryAttention -> {LEPTONC_DOMAIN}.CachedAttention ({kernels.get('arch')})")
-    if counts.get("mask_lengths"):
+    if counts["mask_lengths"]:
         parts.append(f"seqlens_k's ReduceSum, Sub and Cast -> {LEPTONC_DOMAIN}.MaskLengths")
     if counts["logits_argmax"]:
         parts.append(f"the logits' Cast and Reshape and the greedy ArgMax -> {LEPTONC_DOMAIN}.LogitsArgMax")
@@ -403,8 +405,8 @@ def _lower_logits_argmax(graph: gs.Graph) -> int:
     -> ai.leptonc.LogitsArgMax(head, logits_positions) -> (logits, next_token): one kernel instead of ONNX Runtime's
     Cast, the copy of the Reshape into the bound output, and ArgMax. 1 where it was replaced, else 0."""
     outputs = {t.name: t for t in graph.outputs}
-    logits, token = outputs.get("logits"), outputs.get("next_token")
-    positions = next((t for t in graph.inputs if t.name == "logits_positions"), None)
+    logits, token = outputs.get("logits"), outputs.get(TOKEN_OUTPUT)
+    positions = next((t for t in graph.inputs if t.name == POSITIONS_INPUT), None)
     if logits is None or token is None or positions is None:
         return 0
     argmax, reshape = producer(token), producer(logits)
