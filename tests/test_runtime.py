@@ -640,14 +640,14 @@ def test_bench_reports_peak_against_the_memory_bound(mask_sum_bundle, monkeypatc
     device peak supplied): each batch's K/V blocks held, the bound, and whether the peak is within it."""
     from typer.testing import CliRunner
 
-    from leptonc import cli
+    from leptonc import cli, cli_runtime
     from leptonc.runtime.bench import kv_bytes_per_token
     from leptonc.runtime.ort_cuda import OrtCudaRunner
 
     runner = _runner(mask_sum_bundle, "iobinding")
     peaks = iter([1.0, 1e9])  # batch 1 within its bound, batch 2 far over
     monkeypatch.setattr(runner, "peak_device_memory_mb", lambda: next(peaks))
-    monkeypatch.setattr(cli, "_open", lambda *a, **k: (runner, None, (), mask_sum_bundle))
+    monkeypatch.setattr(cli_runtime, "_open", lambda *a, **k: (runner, None, (), mask_sum_bundle))
     assert isinstance(runner, OrtCudaRunner) and runner.shared_kv
     res = CliRunner().invoke(cli.app, ["bench", str(mask_sum_bundle.path), "--batch", "1,2", "--prompt-len", "8",
                                        "--gen-len", "4", "--warmup", "0", "--iters", "1", "--json"])

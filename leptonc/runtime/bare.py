@@ -7,6 +7,7 @@ from pathlib import Path
 
 from leptonc.errors import InputError
 from leptonc.inspect import onnx_summary
+from leptonc.runtime.tokenizer import load_tokenizer
 
 
 def io_from_onnx(path: Path) -> dict:
@@ -26,11 +27,9 @@ def io_from_onnx(path: Path) -> dict:
 
 
 def open_bare(path: Path, tokenizer_dir: str | None, device: str | None = None):
-    from leptonc.cli import _load_tokenizer
-
     if tokenizer_dir is None:
         raise InputError(f"{path} is a bare model file: pass --tokenizer DIR (a Hugging Face tokenizer directory)")
-    tokenizer = _load_tokenizer(Path(tokenizer_dir))
+    tokenizer = load_tokenizer(Path(tokenizer_dir))
     limits = {"max_sequence": 4096, "max_batch": 64}
     if path.suffix == ".plan" or path.suffix == ".engine":
         from leptonc.targets.tensorrt import open_bare_engine

@@ -1,0 +1,19 @@
+"""Loading a bundle's (or a user's) Hugging Face tokenizer, with a user error when there is none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from leptonc.errors import InputError
+
+
+def load_tokenizer(directory: Optional[Path]):
+    if directory is None or not Path(directory).is_dir():
+        raise InputError("no tokenizer: this bundle has none; pass --tokenizer DIR (a Hugging Face tokenizer directory)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"could not load the tokenizer in {directory}: {exc}") from None
