@@ -534,7 +534,7 @@ def test_pipelined_greedy_tokens_match_step_by_step_decode(mask_sum_bundle):
     from a slot per step in flight) gives the tokens of decode_tokens step by step; stopping early leaves the
     runner where the caller stopped, so decoding goes on correctly; the sequence limit is an InputError after
     the tokens that fit."""
-    from leptonc.runtime.ort_cuda import PIPELINE_DEPTH
+    from leptonc.runtime.fixed_decode import PIPELINE_DEPTH
 
     rng = np.random.default_rng(5)
     ids = rng.integers(3, 500, size=(3, 7), dtype=np.int64)
@@ -611,7 +611,7 @@ def test_device_argmax_switch_reads_logits_instead(mask_sum_bundle, monkeypatch)
 def test_cublas_workspace_env_is_set_where_unset_kept_where_given_and_restored(monkeypatch):
     """issue 8 line 6: the CUDA runner caps cuBLAS's default workspace pool only where the user said nothing,
     and `bench --baseline hf` gets the user's environment back."""
-    from leptonc.runtime import ort_cuda
+    from leptonc.runtime import ort_cuda_session as ort_cuda
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(ort_cuda, "_cublas_env_set", False)
@@ -663,7 +663,7 @@ def test_bench_reports_peak_against_the_memory_bound(mask_sum_bundle, monkeypatc
 def test_describe_names_a_kernel_buffer_setting_the_library_ignores(monkeypatch):
     """LEPTONC_KERNEL_BUFFER_MB / LEPTONC_CUBLAS_WORKSPACE_MB: what describe() reports is what leptonc_cuda.cu's
     env_mib reads (whole MiB 1-4096), and a value it ignores is named, not shown as if it applied."""
-    from leptonc.runtime.ort_cuda import _buffer_mib
+    from leptonc.runtime.ort_cuda_session import _buffer_mib
 
     for value, shown in (("16", "16"), ("", "the library's default")):
         monkeypatch.setenv("LEPTONC_KERNEL_BUFFER_MB", value)
@@ -685,7 +685,7 @@ def test_describe_names_a_kernel_buffer_setting_the_library_ignores(monkeypatch)
 ])
 def test_describe_names_the_decode_prefetches_the_kernels_will_run(monkeypatch, env, expected):
     """describe()'s leptonc_kernels entry reads the kernels' session-19 switches as the library does."""
-    from leptonc.runtime.ort_cuda import _decode_prefetches
+    from leptonc.runtime.ort_cuda_session import _decode_prefetches
 
     for name in ("LEPTONC_ATTN_PREFETCH_V", "LEPTONC_ATTN_KV_PREFETCH", "LEPTONC_GEMV_WINDOW"):
         monkeypatch.delenv(name, raising=False)
