@@ -4,10 +4,9 @@ inputs, ONNX Runtime's default session optimizations (the bundles' own settings)
     .venv/bin/leptonc compile smollm2-135m -o /tmp/smol.fused.lepton
     .venv/bin/leptonc compile smollm2-135m --no-passes -o /tmp/smol.plain.lepton
     .venv/bin/python bench/passes_cpu.py /tmp/smol.fused.lepton /tmp/smol.plain.lepton \
-        --prompt-len 1024,64 --out bench/passes_cpu.json
+        --prompt-len 1024,64 --rounds 3 --out /tmp/passes_cpu.json
 
-The runners are the ones the bundles open, so the same script compares two h100 bundles on the GPU
-(bench/device_session.py does that for issue 5's H100 line).
+The runners are the ones the bundles open, so the same script compares two h100 bundles on the GPU.
 
 Timing is `leptonc bench`'s own (leptonc.runtime.bench.bench). The two runners alternate round by
 round (fused, plain, plain, fused, ...) so that load from other processes on a shared machine falls

@@ -5,7 +5,7 @@ machine slows all of them alike. Writes JSON.
 
     .venv/bin/python bench/quant_cpu.py FP32.lepton Q1.lepton [Q2.lepton ...] \
         --data ../shared/data/wikitext-2/valid.txt --offset-chars 400000 --eval-tokens 8192 \
-        --out bench/results/quant_cpu.json
+        --out /tmp/quant_cpu.json
 
 Calibration reads characters [0, 119655) of valid.txt (the shipped leptonc/data/calibration.txt);
 evaluation starts at --offset-chars (default 400000), so the two never overlap.

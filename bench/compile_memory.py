@@ -1,6 +1,6 @@
 """Compile a large built-in shape in process and sample host memory (RSS) per compile step.
 
-    .venv/bin/python bench/large_model.py llama-1b-shape -o /tmp/llama1b.cpu.lepton [--json out.json]
+    .venv/bin/python bench/compile_memory.py llama-1b-shape -o /tmp/llama1b.cpu.lepton [--out out.json]
 
 Prints, per step (load, reference, export, build, verify, bundle), the peak RSS seen while it ran,
 the step's time, the weight bytes and peak/weights ratio (the issue's bound is 2.5x). The sampler
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("source")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--target", default="cpu")
-    ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--out", "--json", dest="json_out", help="write the JSON here (also printed)")
     args = ap.parse_args(argv)
 
     from leptonc.compiler import compile_model

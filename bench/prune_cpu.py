@@ -1,8 +1,7 @@
 """Pruned vs unpruned: decode tokens/s at batch 1 of two bundles of the same model, in one process,
 same inputs, plus the pruned bundle's perplexity before/after (from its report.json).
 
-    .venv/bin/python bench/prune_decode.py --model smollm2-135m --prune 0.3 \
-        --out bench/results/prune_decode_cpu.json
+    .venv/bin/python bench/prune_cpu.py --model smollm2-135m --prune 0.3 --out /tmp/prune_cpu.json
 
 Compiles both bundles (cpu, fp32, default pass pipeline, verification on) into --work unless
 --base/--pruned give existing ones. Timing is `leptonc bench`'s own (leptonc.runtime.bench.bench);
