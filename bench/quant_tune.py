@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     from leptonc.bundle import load_bundle
     from leptonc.runtime import open_bundle_runner
     from leptonc.runtime.evaluate import EvalConfig, load_tokens, perplexity, runner_scorer
-    from leptonc.targets.onnxruntime import open_runner
+    from leptonc.targets.backends.onnxruntime import open_runner
 
     cfg = EvalConfig(args.data, max_tokens=args.tokens, window=args.window, stride=args.stride,
                      offset_chars=args.offset_chars)

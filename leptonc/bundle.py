@@ -5,8 +5,6 @@ compile leaves nothing at the output path; loading checks every file's sha256 an
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import os
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from leptonc import FORMAT_VERSION, __version__
+from leptonc.atomic_rename import exchange_paths, fsync_dir, fsync_tree
 from leptonc.errors import BundleError, UnsupportedRequestError
 
 MANIFEST = "manifest.json"
@@ -184,56 +183,6 @@ def check_manifest_seal(mf: Path, raw: bytes) -> None:
                           hint="recompile the bundle, or pass --no-verify to load it anyway")
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder to disk, so a crash right after the rename cannot expose a bundle
-    whose files are still only in the page cache."""
-    for p in sorted(root.rglob("*"), reverse=True):
-        if p.is_file() and not p.is_symlink():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def exchange_paths(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths with Linux renameat2(RENAME_EXCHANGE): at every instant
-    both names exist. False where the kernel, libc or filesystem cannot (the caller falls back)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
-        return False
-    raise OSError(code, os.strerror(code), str(a), None, str(b))
-
-
 def finalize(staging: Path, output: Path, manifest: dict) -> Bundle:
     """Hash every file, write the sealed manifest, flush to disk, and move the staging directory to
     `output`. An existing bundle at `output` is swapped out atomically (renameat2 RENAME_EXCHANGE), so
@@ -242,10 +191,10 @@ def finalize(staging: Path, output: Path, manifest: dict) -> Bundle:
     manifest = {k: v for k, v in manifest.items() if k != SELF_HASH}
     manifest["files"] = hash_files(staging)
     (staging / MANIFEST).write_bytes(manifest_bytes(manifest))
-    _fsync_tree(staging)
+    fsync_tree(staging)
     if output.exists() or output.is_symlink():
         if exchange_paths(staging, output):
-            _fsync_dir(output.parent)
+            fsync_dir(output.parent)
             shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink()
         else:
             old = output.parent / f"{TMP_PREFIX}old-{output.name}-{os.getpid()}"
@@ -255,11 +204,11 @@ def finalize(staging: Path, output: Path, manifest: dict) -> Bundle:
             except BaseException:
                 os.rename(old, output)
                 raise
-            _fsync_dir(output.parent)
+            fsync_dir(output.parent)
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
         os.rename(staging, output)
-        _fsync_dir(output.parent)
+        fsync_dir(output.parent)
     return Bundle(output, manifest)
 
 
@@ -552,7 +501,7 @@ def check_toolchain(manifest: dict) -> None:
                         f"bundle was built with {dist} {built[dist]}; this machine has {mine}, which may lack its operators",
                         hint=f"pip install '{dist}>={built[dist]}', or recompile the bundle here")
     elif backend == "tensorrt":
-        from leptonc.targets.tensorrt import check_engine_toolchain
+        from leptonc.targets.backends.tensorrt import check_engine_toolchain
 
         check_engine_toolchain(manifest)
 

@@ -22,9 +22,9 @@ QUANTIZED = ("int8", "fp8", "int4")
 
 def backend_module(name: str):
     if name == "onnxruntime":
-        from leptonc.targets import onnxruntime as mod
+        from leptonc.targets.backends import onnxruntime as mod
     elif name == "tensorrt":
-        from leptonc.targets import tensorrt as mod
+        from leptonc.targets.backends import tensorrt as mod
     else:  # CompileConfig validated it already
         raise UnsupportedRequestError(f"unknown backend {name!r}")
     return mod
@@ -65,13 +65,13 @@ def _check_request(config: CompileConfig) -> None:
 
         check_request(config)
     if _pruning_requested(config):  # pruning (issue 9): validate its flags before loading anything
-        from leptonc.calibration.pruning import check_request as check_prune
+        from leptonc.passes.pruning import check_request as check_prune
 
         check_prune(config)
 
 
 def _pruning_requested(config: CompileConfig) -> bool:
-    from leptonc.calibration.pruning import requested
+    from leptonc.passes.pruning import requested
 
     return requested(config.options)
 
@@ -142,7 +142,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     # verified against the *pruned* model; perplexity before/after pruning is in report.json's "pruning".
     prune = None
     if _pruning_requested(config):
-        from leptonc.calibration import pruning
+        from leptonc.passes import pruning
 
         with steps.step("prune", "Pruning"):
             spec, prune = pruning.prune_for_compile(config, lm, adapter, spec,
@@ -195,8 +195,13 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
                                         on_pass=lambda n: steps.update(n))
     if quant is not None:  # the accuracy gate: reference (the fp32 export, still in _work) vs quantized
         with steps.step("gate", "Accuracy gate (perplexity on held-out text)"):
-            quant.finish(ctx, records, backend, exported, staging, engine,
-                         {"max_batch": config.max_batch, "max_sequence": config.max_sequence}, tokenizer)
+            try:
+                quant.finish(ctx, records, backend, exported, staging, engine,
+                             {"max_batch": config.max_batch, "max_sequence": config.max_sequence}, tokenizer)
+            except VerificationError as exc:
+                if quant.gate is None:
+                    raise
+                raise _keep_failed_report(config, quant, exc) from None
     shutil.rmtree(work, ignore_errors=True)
 
     limits = {"max_batch": config.max_batch, "max_sequence": config.max_sequence}
@@ -251,6 +256,19 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "config": {k: v for k, v in config.to_dict().items() if k not in ("output", "force")},
     }
     return finalize(staging, output, manifest)
+
+
+def _keep_failed_report(config, quant, exc: VerificationError) -> VerificationError:
+    """A failed accuracy gate writes no bundle; its figures and the per-layer SQNR go to OUTPUT.failed-report.json
+    beside the output path, and the hint points there."""
+    from leptonc.calibration.gate import gate_hint
+
+    path = Path(str(config.output).rstrip("/") + ".failed-report.json")
+    try:
+        path.write_text(_json({"config": config.to_dict(), "quantization": quant.report_section()}))
+    except OSError:
+        return exc
+    return VerificationError(f"{exc.message}; the failed report is {path}", hint=gate_hint(quant.settings, str(path)))
 
 
 def _verify(config, backend, staging: Path, engine: dict, limits: dict, trace, check_parity) -> dict:

@@ -20,13 +20,13 @@ def inspect_path(path: Path, *, verify: bool = True, trt: bool = False) -> dict:
         if report.get("graph"):
             info["graph"] = report["graph"]
         return info
-    if not path.exists():
-        raise InputError(f"{path} does not exist", hint="give a .lepton bundle directory or an .onnx file")
+    if not path.exists():  # exit 7 as for `run` and `bench` on a missing bundle
+        raise BundleError(f"{path} does not exist", hint="give a .lepton bundle directory or an .onnx file")
     if path.suffix != ".onnx":
         raise InputError(f"{path} is neither a bundle directory nor an .onnx model")
     info = onnx_summary(path)
     if trt:
-        from leptonc.targets.tensorrt_lint import lint_model
+        from leptonc.targets.backends.tensorrt_lint import lint_model
 
         info["trt_lint"] = lint_model(path)
     return info

@@ -30,7 +30,7 @@ Formats:
 
 Scales come from calibration/scales.py (`compute_scales`, `scale_from_amax`, `block_quantize`).
 Nothing here has been run by TensorRT (it cannot be installed on these machines); the forms are
-checked by the lint in targets/tensorrt_lint.py and by ONNX's strict type inference.
+checked by the lint in targets/backends/tensorrt_lint.py and by ONNX's strict type inference.
 """
 
 from __future__ import annotations

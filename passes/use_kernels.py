@@ -20,7 +20,7 @@
         -> ai.leptonc.NormMatMulF16(A, skip, gamma, W) -> (Y, A + skip): at one row the norm is the product kernel's
            prologue (each block normalizes the row it stages; block 0 writes the sum), so the norm kernel goes;
            more rows run a norm kernel, then cuBLAS. Two of a llama layer's seven decode kernels. The target asks
-           for it (ctx.options["norm_prologue"]; targets/onnxruntime.py: on unless LEPTONC_NORM_PROLOGUE=0). Alone
+           for it (ctx.options["norm_prologue"]; targets/backends/onnxruntime.py: on unless LEPTONC_NORM_PROLOGUE=0). Alone
            it was no faster on the H100 (session 15). But once it has run, a decode layer is only leptonc's
            kernels, and with programmatic dependent launch each one overlaps the one before it. That gave
            llama-1b-shape fp16 +5% at batch 1, with the same greedy tokens (BENCHMARKS.md, session 16).
@@ -29,20 +29,20 @@
         -> ai.leptonc.NormMatMulNBitsTiled(A, skip, gamma, B, SZ) -> (Y, A + skip): the same fold for int4/int8
            weights. At one row where the few-rows kernel serves the shape (llama's qkv and gate|up), the norm is
            its prologue. Otherwise a norm kernel runs, then the product. The target asks for it
-           (ctx.options["norm_prologue_nbits"]; targets/onnxruntime.py: on unless LEPTONC_NORM_PROLOGUE_NBITS=0):
+           (ctx.options["norm_prologue_nbits"]; targets/backends/onnxruntime.py: on unless LEPTONC_NORM_PROLOGUE_NBITS=0):
            llama-1b-shape int4 +0.8% at batch 1 on the H100, the same greedy tokens (BENCHMARKS.md, session 20).
 
     any other fp16 product -> the same Split, QuickGelu and Mul
         -> ai.leptonc.SwiGLU(product, gate_first): one kernel instead of three
 
-    com.microsoft.GroupQueryAttention in the GPU form (passes/fuse_attention.py: packed fp16 Q/K/V, rotary folded
+    com.microsoft.GroupQueryAttention in the GPU form (passes/fuse_gqa.py, fold_rotary_into_gqa.py: packed fp16 Q/K/V, rotary folded
     in over the whole head, head size 64 or 128, at most 8 query heads a KV head, no window or softcap)
         -> ai.leptonc.CachedAttention(qkv, past_key, past_value, seqlens_k, total_sequence_length, cos, sin):
            the rotary, the cache append and the attention in one decode kernel (two with split keys) instead
            of ONNX Runtime's three to five; prefill on tensor cores. On by default since session 15, where
            it ran on the H100 (BENCHMARKS.md): the same greedy tokens, smollm2-135m fp16 1,217-1,235 tok/s at
            batch 1 against 1,097-1,145 with GroupQueryAttention in one call. LEPTONC_ATTENTION_KERNEL=0 at
-           compile keeps GroupQueryAttention (targets/onnxruntime.py).
+           compile keeps GroupQueryAttention (targets/backends/onnxruntime.py).
 
     seqlens_k = Cast(Sub(ReduceSum(attention_mask), 1), int32) feeding CachedAttention
         -> ai.leptonc.MaskLengths(attention_mask): one kernel for three at the start of every step. It launches
@@ -53,7 +53,7 @@
         -> ai.leptonc.LogitsArgMax(head, logits_positions) -> (logits, next_token): the float32 logits and the
            greedy token in one kernel, where ONNX Runtime ran the Cast, a copy into the bound output and ArgMax.
 
-The library must have been built for the target (targets/onnxruntime.py builds it before the pipeline
+The library must have been built for the target (targets/backends/onnxruntime.py builds it before the pipeline
 and puts it in `ctx.options["cuda_kernels"]`); when it could not be, the pass is skipped with the reason
 and the graph keeps ONNX Runtime's kernel.
 """
@@ -316,7 +316,7 @@ def _lower(node: gs.Node, swiglu=None) -> None:
         _take_swiglu(node, swiglu)
 
 
-# GroupQueryAttention attributes CachedAttention serves: what passes/fuse_attention.py writes for GPU graphs.
+# GroupQueryAttention attributes CachedAttention serves: what passes/fuse_gqa.py and fold_rotary_into_gqa.py write for GPU graphs.
 _ATTENTION_ATTRS = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved", "local_window_size",
                     "softcap", "smooth_softmax"}
 
@@ -367,7 +367,7 @@ def _lower_attention(node: gs.Node) -> None:
 
 def _lower_mask_lengths(graph: gs.Graph) -> int:
     """CachedAttention's seqlens_k = Cast(Sub(ReduceSum(attention_mask, axis 1, keepdims 0), 1), int32), as
-    passes/fuse_attention.py writes it for GPU graphs -> ai.leptonc.MaskLengths(attention_mask): one kernel for
+    passes/fuse_gqa.py writes it for GPU graphs -> ai.leptonc.MaskLengths(attention_mask): one kernel for
     ONNX Runtime's three at the start of every step. 1 where it was replaced, else 0."""
     users = [n for n in graph.nodes if n.op == "CachedAttention" and n.domain == LEPTONC_DOMAIN]
     seqlens = {id(n.inputs[3]): n.inputs[3] for n in users}

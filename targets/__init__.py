@@ -6,9 +6,9 @@ Importing this package is cheap (no torch, onnxruntime or tensorrt): `leptonc ta
 from __future__ import annotations
 
 from leptonc.errors import UnsupportedRequestError
-from leptonc.targets.base import BACKENDS, PRECISIONS, Target
-from leptonc.targets.cpu import CPU
-from leptonc.targets.nvidia import GPUS
+from leptonc.targets.hardware.base import BACKENDS, PRECISIONS, Target
+from leptonc.targets.hardware.cpu import CPU
+from leptonc.targets.hardware.nvidia import GPUS
 
 TARGETS: dict[str, Target] = {t.name: t for t in (*GPUS, CPU)}
 

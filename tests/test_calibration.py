@@ -197,7 +197,7 @@ def test_smoothquant_graph_rewrite_keeps_the_fp32_function(tmp_path, precision):
     from leptonc.passes import PassContext, run_pipeline
     from leptonc.passes.quantize_qdq import smooth_only
     from leptonc.targets import get_target
-    from leptonc.targets.onnxruntime import CPU_PIPELINE
+    from leptonc.targets.backends.onnxruntime import CPU_PIPELINE
 
     lm = load_model("tiny-llama")
     adapter = get_adapter(lm.model_type)

@@ -159,7 +159,7 @@ def test_fp16_gpu_graph_finds_every_group(tmp_path, monkeypatch):
     projections must still be matched to their calibration groups (AWQ scales, GPTQ codes), not
     fall back to round-to-nearest, and AWQ's explicit Mul (o, down) is fp16 like its input.
     (onnxruntime-gpu is not needed to write the graph: no verify, no gate.)"""
-    import leptonc.targets.onnxruntime as ort_target
+    import leptonc.targets.backends.onnxruntime as ort_target
     from leptonc.compiler import compile_model
     from leptonc.config import CompileConfig
 

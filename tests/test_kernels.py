@@ -520,7 +520,7 @@ def test_lowering_is_skipped_with_the_build_reason():
 
 def test_gpu_pipeline_lowers_unless_turned_off(monkeypatch):
     from leptonc.targets import get_target
-    from leptonc.targets import onnxruntime as ort_backend
+    from leptonc.targets.backends import onnxruntime as ort_backend
 
     h100, cpu = get_target("h100"), get_target("cpu")
     monkeypatch.delenv("LEPTONC_CUDA_KERNELS", raising=False)
@@ -637,7 +637,7 @@ def test_runner_takes_cached_attention_as_a_shared_cache_graph(tmp_path):
 
 def test_gpu_build_uses_the_attention_kernel_unless_switched_off(monkeypatch):
     from leptonc.targets import get_target
-    from leptonc.targets import onnxruntime as ort_backend
+    from leptonc.targets.backends import onnxruntime as ort_backend
 
     monkeypatch.setattr(kernels, "build_library", lambda cc: (_ for _ in ()).throw(kernels.KernelsUnavailable("no nvcc")))
     for value, expected in ((None, True), ("0", False), ("1", True)):
@@ -701,7 +701,7 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
     by default every GroupQueryAttention the fusions write becomes a CachedAttention whose
     rotary tables are the fused ones, and the bundle records what ran. (The library is not built here: a stand-in
     file takes its place; the graph is only written and type-checked, not run.)"""
-    import leptonc.targets.onnxruntime as ort_target
+    import leptonc.targets.backends.onnxruntime as ort_target
     from leptonc.compiler import compile_model
     from leptonc.config import CompileConfig
     from tests.test_architectures import build_random_model

@@ -75,7 +75,7 @@ def test_cpu_onnxruntime_bundle_packages_for_triton(tiny_bundle, tmp_path, capsy
         assert sha256_file(model_dir / "1" / name) == manifest["files"][name]["sha256"]
     assert (model_dir / "tokenizer" / "tokenizer.json").is_file()
     # The packaged model runs where Triton's ONNX Runtime backend will load it (same folder layout).
-    from leptonc.targets.onnxruntime import open_runner
+    from leptonc.targets.backends.onnxruntime import open_runner
 
     runner = open_runner(model_dir / "1" / "model.onnx", manifest["engine"], manifest["limits"])
     try:
@@ -104,7 +104,7 @@ def test_h100_tensorrt_config_parses_and_matches_io_spec(tiny_bundle, tmp_path):
     from leptonc.models.intake import load_model
     from leptonc.package import TritonOptions, triton_config, write_triton_model
     from leptonc.targets import get_target
-    from leptonc.targets import tensorrt as trt_backend
+    from leptonc.targets.backends import tensorrt as trt_backend
 
     lm = load_model("tiny-llama")
     spec = get_adapter(lm.model_type).spec(lm.module)

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from leptonc.passes import PassContext, run_pipeline
-from leptonc.targets.onnxruntime import CLEANUP, CPU_PIPELINE
+from leptonc.targets.backends.onnxruntime import CLEANUP, CPU_PIPELINE
 
 TOL = {"fp32": 1e-4, "fp16": 2e-2}  # max |difference| relative to max(1, max |logit|)
 SHAPES = ((2, 7, 0), (2, 1, 9), (3, 4, 6))  # (batch, new tokens, past tokens): prefill, decode, chunk
@@ -156,7 +156,7 @@ def test_full_cpu_pipeline_on_tiny(tiny):
 
 def test_fp16_pipeline_keeps_fp16_io_and_matches(tiny):
     """The CUDA pipeline's graph (fp16, Casts around the RMSNorm math), run by ORT's CPU kernels."""
-    from leptonc.targets.onnxruntime import CUDA_PIPELINE
+    from leptonc.targets.backends.onnxruntime import CUDA_PIPELINE
 
     model, spec = tiny["fp16"]
     fused, records, _, after = apply(model, CUDA_PIPELINE, spec, "fp16")
@@ -172,7 +172,7 @@ def test_gpu_contract_pipeline_fp16_matches_unpadded(tiny):
     """The GPU targets' graph (lengths from the mask's contents, no bias, rotary and packed Q/K/V folded
     into GroupQueryAttention), fp16, on ORT's CPU kernels. That contract expects right padding, which the
     runtime supplies (tests/test_runtime.py checks padded batches); here every row is full."""
-    from leptonc.targets.onnxruntime import CUDA_PIPELINE
+    from leptonc.targets.backends.onnxruntime import CUDA_PIPELINE
 
     model, spec = tiny["fp16"]
     fused, records, _, after = apply(model, CUDA_PIPELINE, spec, "fp16", out_name="gpu.onnx",
@@ -190,7 +190,7 @@ def test_gpu_contract_pipeline_fp16_matches_unpadded(tiny):
 def test_fold_rotary_leaves_biased_attention_alone(tiny):
     """On the CPU contract (an attention bias masks left padding), GQA's own rotary would count padding
     as positions: the fold must leave every layer alone and say why."""
-    from leptonc.targets.onnxruntime import CPU_PIPELINE
+    from leptonc.targets.backends.onnxruntime import CPU_PIPELINE
 
     model, spec = tiny["fp32"]
     _, records, _, after = apply(model, CPU_PIPELINE, spec, out_name="cpu.onnx")

@@ -12,7 +12,7 @@ from test_architectures import VARIANTS
 from test_passes import TOL, apply, export_model, max_errors
 
 from leptonc.models.adapters import supported_architectures
-from leptonc.targets.onnxruntime import CPU_PIPELINE
+from leptonc.targets.backends.onnxruntime import CPU_PIPELINE
 
 
 def test_every_supported_architecture_has_a_variant():

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from leptonc.calibration.pruning import (channel_scores, group_scores, kept_channels, mask_2_4, mlp_keep_count,
+from leptonc.passes.pruning import (channel_scores, group_scores, kept_channels, mask_2_4, mlp_keep_count,
                                          violates_2_4)
 from conftest import assert_clean_error, run_cli
 

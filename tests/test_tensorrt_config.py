@@ -15,7 +15,7 @@ from leptonc.compiler import plan
 from leptonc.config import CompileConfig
 from leptonc.errors import BackendUnavailableError, BundleError, UnsupportedRequestError
 from leptonc.targets import PRECISIONS, TARGETS
-from leptonc.targets import tensorrt as trt_backend
+from leptonc.targets.backends import tensorrt as trt_backend
 
 GPUS = [t for t in TARGETS.values() if t.is_gpu]
 TINY = {"layers": 2, "kv_heads": 2, "head_dim": 16}  # tiny-llama: hidden 64, 4 heads, 2 kv heads
@@ -165,9 +165,9 @@ def test_polygraphy_loaders_carry_the_configuration(tmp_path):
 
 def test_no_tensorrt_import_at_module_import():
     code = ("import sys\n"
-            "import leptonc.cli, leptonc.compiler, leptonc.targets.tensorrt, leptonc.targets.tensorrt_lint\n"
+            "import leptonc.cli, leptonc.compiler, leptonc.targets.backends.tensorrt, leptonc.targets.backends.tensorrt_lint\n"
             "import leptonc.runtime.trt\n"
-            "from leptonc.targets import tensorrt as t, TARGETS\n"
+            "from leptonc.targets import TARGETS; from leptonc.targets.backends import tensorrt as t\n"
             "t.builder_config(TARGETS['h100'], 'fp16', 4, 64, t.TensorRTOptions())\n"
             "print(sorted(m for m in ('tensorrt', 'tensorrt_lean', 'torch') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -21,7 +21,7 @@ def _tensorrt_or_skip():
 
 def _local_target_or_skip():
     from leptonc.targets import TARGETS
-    from leptonc.targets.tensorrt import local_compute_capability
+    from leptonc.targets.backends.tensorrt import local_compute_capability
 
     cc = local_compute_capability()
     if cc is None:
@@ -77,7 +77,7 @@ def test_engine_generates_from_bundle_and_bare_plan(trt_bundle):
 
 def test_engine_from_another_version_is_refused(trt_bundle):
     from leptonc.errors import BundleError
-    from leptonc.targets.tensorrt import check_engine_toolchain
+    from leptonc.targets.backends.tensorrt import check_engine_toolchain
 
     _, _, trt, result = trt_bundle
     manifest = dict(result["manifest"])

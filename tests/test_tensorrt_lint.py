@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import run_cli
-from leptonc.targets.tensorrt_lint import lint_model, lint_onnx
+from leptonc.targets.backends.tensorrt_lint import lint_model, lint_onnx
 
 F, F16, I8, I32, I64, U8 = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.INT32,
                             TensorProto.INT64, TensorProto.UINT8)
@@ -228,7 +228,7 @@ def _pipeline_graph(lm, target_name: str, precision: str, work, options=None):
     from leptonc.models.adapters import get_adapter
     from leptonc.passes import PassContext, run_pipeline
     from leptonc.targets import get_target
-    from leptonc.targets import tensorrt as backend
+    from leptonc.targets.backends import tensorrt as backend
 
     target = get_target(target_name)
     adapter = get_adapter(lm.model_type)
@@ -393,7 +393,7 @@ def test_int4_graph_the_build_parses_is_written_and_lints_clean(tiny_lm, tmp_pat
     from leptonc.models.adapters import get_adapter
     from leptonc.passes import PassContext
     from leptonc.targets import get_target
-    from leptonc.targets import tensorrt as backend
+    from leptonc.targets.backends import tensorrt as backend
 
     config = CompileConfig(source="tiny-llama", target="h100", backend="tensorrt", precision="int4",
                            options={"calib_samples": 4, "calib_seq_len": 64})

@@ -1,6 +1,6 @@
 """The TensorRT runner: a serialized engine (`.plan`) on the GPU, I/O bound to device buffers.
 
-One execution context per optimization profile (0 = prefill, 1 = decode, as `targets/tensorrt.py`
+One execution context per optimization profile (0 = prefill, 1 = decode, as `targets/backends/tensorrt.py`
 builds them); each call picks the context whose profile covers the call's shapes. Buffers are torch
 CUDA tensors; the KV cache stays on the GPU between steps (`present.*` of one step is bound as
 `past_key_values.*` of the next). Version-compatible engines load in the full runtime with host code

@@ -10,7 +10,7 @@ import numpy as np
 
 
 def gqa_graph(h: int, kvh: int, d: int, cos: np.ndarray, sin: np.ndarray, dtype=np.float16, **attrs):
-    """One GroupQueryAttention in the GPU form passes/fuse_attention.py writes (packed Q/K/V, rotary folded in),
+    """One GroupQueryAttention in the GPU form passes/fuse_gqa.py writes (packed Q/K/V, rotary folded in),
     with the runner's names for the cache: inputs qkv, past_key_values.0.{key,value}, gqa/seqlens_k,
     gqa/total_sequence_length; outputs attn, present.0.{key,value}. `attrs` adds or overrides attributes."""
     import onnx_graphsurgeon as gs

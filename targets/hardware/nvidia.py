@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from leptonc.targets.base import Target
+from leptonc.targets.hardware.base import Target
 
 _TURING = ("fp32", "fp16", "int8", "int4")
 _AMPERE = ("fp32", "fp16", "bf16", "int8", "int4")

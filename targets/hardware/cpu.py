@@ -3,7 +3,7 @@ weight-only (MatMulNBits) run natively; FP16/BF16/FP8 are accepted as simulated 
 
 from __future__ import annotations
 
-from leptonc.targets.base import Target
+from leptonc.targets.hardware.base import Target
 
 CPU = Target(
     name="cpu",

@@ -1,11 +1,4 @@
-"""Rotary and attention fusions for ONNX Runtime.
-
-fuse_rotary: export's rotate-half rotary on [B, heads, S, head_dim]
-    Split(x) -> Neg, Concat(-x2, x1) ; Add(Mul(x, cos), Mul(rotated, sin))      (partial rotary: a
-    Split/Concat around it), with cos/sin = Unsqueeze(Cos/Sin(Concat(f, f)) [* scale] [-> fp16]),
-    f = Cast(position_ids) * inv_freq
-  -> com.microsoft RotaryEmbedding on the [B, S, heads*head_dim] form, reading position_ids and a
-     cos/sin cache precomputed from inv_freq (so left-padded rows keep their own positions).
+"""Attention fusion for ONNX Runtime.
 
 fuse_gqa: Softmax(Q K^T * scale + bias) V over the KV cache (Concat(past, new) = present, with the
     grouped-query Unsqueeze/Expand/Reshape repeat of K and V)
@@ -31,190 +24,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from leptonc.passes.head_layout import as_bsh
 from leptonc.passes.matching import (MS_DOMAIN, add_node, attr, axes_of, const_ints, const_value, detach,
-                                     float_dtype, is_safe_to_fuse, new_const, parent, producer, scalar,
-                                     take_outputs, variable)
+                                     float_dtype, is_safe_to_fuse, new_const, parent, producer, scalar, take_outputs,
+                                     variable)
 from leptonc.passes.registry import PassContext, PassResult, register_pass
 
-
-# ---- [B, N, S, D] <-> [B, S, N*D] ----------------------------------------------------------------
-
-def _bnsh_source(x: gs.Tensor):
-    """For x = Transpose(z, perm=[0, 2, 1, 3]) with z [B, S, N, D]: (z, N, D), else None."""
-    t = producer(x)
-    if t is None or t.op != "Transpose" or list(attr(t, "perm", [])) != [0, 2, 1, 3]:
-        return None
-    z = t.inputs[0]
-    if z.shape is None or len(z.shape) != 4 or not all(isinstance(d, int) for d in z.shape[2:]):
-        return None
-    return z, z.shape[2], z.shape[3]
-
-
-def _as_bsh(graph: gs.Graph, x: gs.Tensor, name: str):
-    """A [B, S, N*D] tensor equal to x ([B, N, S, D], a Transpose of [B, S, N, D]), reusing the
-    3-D tensor the head split came from when there is one. Returns (tensor, N, D) or None."""
-    src = _bnsh_source(x)
-    if src is None:
-        return None
-    z, n, d = src
-    r = producer(z)
-    if r is not None and r.op == "Reshape" and const_ints(r.inputs[1]) == [0, 0, n, d]:
-        w = r.inputs[0]
-        if w.shape is not None and len(w.shape) == 3 and w.shape[-1] == n * d:
-            return w, n, d
-    out = variable(graph, f"{name}/bsh", dtype=z.dtype, shape=[z.shape[0], z.shape[1], n * d])
-    add_node(graph, "Reshape", [z, new_const(f"{name}/bsh_shape", np.array([0, 0, n * d], np.int64))], [out],
-             f"{name}/to_bsh")
-    return out, n, d
-
-
-# ---- rotary --------------------------------------------------------------------------------------
-
-def _rope_table(graph: gs.Graph, t: gs.Tensor):
-    """cos/sin [B, 1, S, R] as export computes them -> (fn, inv_freq, scale, position_ids, dtype)."""
-    u = producer(t)
-    if u is None or u.op != "Unsqueeze" or axes_of(u) != [1]:
-        return None
-    cur = u.inputs[0]
-    dtype = np.float32
-    n = producer(cur)
-    if n is not None and n.op == "Cast":
-        dtype = np.float16 if attr(n, "to") == 10 else None
-        if dtype is None:
-            return None
-        cur = n.inputs[0]
-        n = producer(cur)
-    scale = 1.0
-    if n is not None and n.op == "Mul":
-        s = [scalar(i) for i in n.inputs]
-        if s[1] is None:
-            return None
-        scale, cur = s[1], n.inputs[0]
-        n = producer(cur)
-    if n is None or n.op not in ("Cos", "Sin"):
-        return None
-    emb = parent(n, 0, "Concat")
-    if emb is None or len(emb.inputs) != 2 or emb.inputs[0] is not emb.inputs[1]:
-        return None
-    freqs = parent(emb, 0, "Mul")
-    if freqs is None:
-        return None
-    inv, pos = None, None
-    for i in (0, 1):
-        v = const_value(freqs.inputs[i])
-        if v is not None:
-            inv, pos = v.astype(np.float32).reshape(-1), freqs.inputs[1 - i]
-    if inv is None:
-        return None
-    unsq = producer(pos)
-    if unsq is None or unsq.op != "Unsqueeze" or axes_of(unsq) != [-1]:
-        return None
-    cast = parent(unsq, 0, "Cast")
-    if cast is None or not any(cast.inputs[0] is t for t in graph.inputs):
-        return None
-    return n.op, inv, scale, cast.inputs[0], dtype
-
-
-def _match_rotary(graph: gs.Graph, add: gs.Node):
-    """Match export's rotate-half at its final Add. Returns a dict or a reason string."""
-    muls = [producer(t) for t in add.inputs]
-    if len(muls) != 2 or any(m is None or m.op != "Mul" for m in muls):
-        return "not Mul + Mul"
-    tables, others = {}, {}
-    for m in muls:
-        for i in (0, 1):
-            info = _rope_table(graph, m.inputs[i])
-            if info is not None:
-                tables[info[0]] = info
-                others[info[0]] = (m, m.inputs[1 - i])
-    if set(tables) != {"Cos", "Sin"}:
-        return "cos/sin tables not recognized"
-    (mul_cos, rot), (mul_sin, rotated) = others["Cos"], others["Sin"]
-    cat = producer(rotated)
-    if cat is None or cat.op != "Concat" or len(cat.inputs) != 2:
-        return "no rotate-half Concat"
-    neg = parent(cat, 0, "Neg")
-    split = producer(cat.inputs[1])
-    if neg is None or split is None or split.op != "Split" or producer(neg.inputs[0]) is not split:
-        return "no rotate-half Split/Neg"
-    if split.inputs[0] is not rot or neg.inputs[0] is not split.outputs[1] or cat.inputs[1] is not split.outputs[0]:
-        return "rotate-half halves crossed"
-    sizes = const_ints(split.inputs[1]) if len(split.inputs) > 1 else None
-    if sizes is None or len(sizes) != 2 or sizes[0] != sizes[1]:
-        return "uneven halves"
-    rd = 2 * sizes[0]
-    if rd != 2 * tables["Cos"][1].size or not np.array_equal(tables["Cos"][1], tables["Sin"][1]):
-        return "tables do not match the rotated width"
-    if tables["Cos"][2] != tables["Sin"][2] or tables["Cos"][3] is not tables["Sin"][3]:
-        return "cos and sin tables differ in scale or positions"
-    nodes = [add, mul_cos, mul_sin, cat, neg, split]
-    out_node, x = add, rot
-    partial = None
-    p = producer(rot)
-    if p is not None and p.op == "Split" and p.outputs[0] is rot:
-        psizes = const_ints(p.inputs[1]) if len(p.inputs) > 1 else None
-        final = add.outputs[0].outputs[0] if len(add.outputs[0].outputs) == 1 else None
-        if (psizes and psizes[0] == rd and final is not None and final.op == "Concat"
-                and len(final.inputs) == 2 and final.inputs[0] is add.outputs[0] and final.inputs[1] is p.outputs[1]):
-            partial, x, out_node = rd, p.inputs[0], final
-            nodes += [p, final]
-    if not is_safe_to_fuse(graph, nodes, [out_node.outputs[0]]):
-        return "an intermediate result is read elsewhere"
-    fn, inv, scale, positions, dtype = tables["Cos"]
-    return {"x": x, "out": out_node.outputs[0], "nodes": nodes, "inv": inv, "scale": scale,
-            "positions": positions, "dtype": dtype, "partial": partial}
-
-
-@register_pass("fuse_rotary", requires=("infer_shapes",))
-def fuse_rotary(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """Rotate-half rotary embeddings -> RotaryEmbedding (ONNX Runtime) with a cos/sin cache."""
-    spec = ctx.spec
-    if spec is None or not getattr(spec, "max_positions", 0):
-        return PassResult.skipped("no model spec: the cos/sin cache size (max positions) is unknown")
-    caches: dict[tuple, tuple[gs.Constant, gs.Constant]] = {}
-    fused, reasons = 0, {}
-    for node in list(graph.nodes):
-        if node.op != "Add" or not node.outputs or not node.inputs:
-            continue
-        m = _match_rotary(graph, node)
-        if isinstance(m, str):
-            if m not in ("not Mul + Mul", "cos/sin tables not recognized"):
-                reasons[m] = reasons.get(m, 0) + 1
-            continue
-        bsh = _as_bsh(graph, m["x"], node.name)
-        if bsh is None:
-            reasons["rotated tensor is not a head split"] = reasons.get("rotated tensor is not a head split", 0) + 1
-            continue
-        x3, n, d = bsh
-        key = (m["inv"].tobytes(), m["scale"], np.dtype(m["dtype"]).str)
-        if key not in caches:
-            pos = np.arange(spec.max_positions, dtype=np.float32)[:, None] * m["inv"][None, :]
-            cos = (np.cos(pos) * np.float32(m["scale"])).astype(m["dtype"])
-            sin = (np.sin(pos) * np.float32(m["scale"])).astype(m["dtype"])
-            caches[key] = (new_const(f"rotary.cos_cache{len(caches)}", cos), new_const(f"rotary.sin_cache{len(caches)}", sin))
-        cos_c, sin_c = caches[key]
-        y3 = variable(graph, f"{node.name}/rotary", dtype=x3.dtype, shape=list(x3.shape))
-        attrs = {"num_heads": n, "interleaved": 0}
-        if m["partial"]:
-            attrs["rotary_embedding_dim"] = m["partial"]
-        add_node(graph, "RotaryEmbedding", [x3, m["positions"], cos_c, sin_c], [y3], f"{node.name}/rotary",
-                 domain=MS_DOMAIN, **attrs)
-        z = variable(graph, f"{node.name}/rotary_heads", dtype=x3.dtype, shape=[x3.shape[0], x3.shape[1], n, d])
-        add_node(graph, "Reshape", [y3, new_const(f"{node.name}/heads_shape", np.array([0, 0, n, d], np.int64))], [z],
-                 f"{node.name}/rotary_heads")
-        t = add_node(graph, "Transpose", [z], [], f"{node.name}/rotary_bnsh", perm=[0, 2, 1, 3])
-        take_outputs(t, [m["out"]])
-        detach(m["nodes"])
-        fused += 1
-    graph.cleanup()
-    left = "; ".join(f"{v} left alone: {k}" for k, v in reasons.items())
-    if not fused:
-        return PassResult(False, "no rotary pattern found" + (f" ({left})" if left else ""), {"fused": 0})
-    return PassResult(True, f"fused {fused} rotary" + (f"; {left}" if left else ""),
-                      {"fused": fused, "left_alone": sum(reasons.values())})
-
-
-# ---- attention -----------------------------------------------------------------------------------
 
 def _kv_cache(graph: gs.Graph, t: gs.Tensor, rep: int):
     """K or V as attention reads it -> (cache Concat node, repeat nodes) ; undoes the GQA repeat."""
@@ -404,9 +219,9 @@ def fuse_gqa(graph: gs.Graph, ctx: PassContext) -> PassResult:
         return PassResult.skipped("the graph has no attention_mask/input_ids inputs to derive sequence lengths")
     fused = 0
     for m in matches:
-        q = _as_bsh(graph, m["q"], m["out"].name + "/q")
-        k = _as_bsh(graph, m["k_new"], m["out"].name + "/k")
-        v = _as_bsh(graph, m["v_new"], m["out"].name + "/v")
+        q = as_bsh(graph, m["q"], m["out"].name + "/q")
+        k = as_bsh(graph, m["k_new"], m["out"].name + "/k")
+        v = as_bsh(graph, m["v_new"], m["out"].name + "/v")
         if q is None or k is None or v is None:
             reasons["q/k/v are not head splits of [B, S, hidden] tensors"] = reasons.get(
                 "q/k/v are not head splits of [B, S, hidden] tensors", 0) + 1
@@ -439,62 +254,3 @@ def fuse_gqa(graph: gs.Graph, ctx: PassContext) -> PassResult:
     return PassResult(True, f"fused {fused} attention -> GroupQueryAttention (lengths: {contract})"
                       + (f"; {left}" if left else ""),
                       {"fused": fused, "left_alone": sum(reasons.values()), "mask_sum": int(contract == "mask_sum")})
-
-
-# ---- rotary and packed Q/K/V into GroupQueryAttention (GPU contract) ----------------------------
-
-def _match_packed_rotary(node: gs.Node):
-    """GQA(query=RotaryEmbedding(q), key=RotaryEmbedding(k), value=v) with q, k, v the three outputs of
-    one Split of a packed [B, S, (H + 2 KVH) D] projection, both rotaries sharing one cos/sin cache and
-    rotating the full head -> (packed, cos, sin, nodes to drop), else a reason string."""
-    if len(node.inputs) > 10 and node.inputs[10].name:
-        return "attention has a bias (lengths from the mask's length): positions would count padding"
-    if attr(node, "do_rotary", 0):
-        return "already rotates"
-    q_rot, k_rot = producer(node.inputs[0]), producer(node.inputs[1])
-    if q_rot is None or k_rot is None or q_rot.op != "RotaryEmbedding" or k_rot.op != "RotaryEmbedding":
-        return "query/key are not RotaryEmbedding outputs"
-    if attr(q_rot, "rotary_embedding_dim", 0) or attr(k_rot, "rotary_embedding_dim", 0):
-        return "partial rotary"
-    if attr(q_rot, "interleaved", 0) or attr(k_rot, "interleaved", 0):
-        return "interleaved rotary"
-    if q_rot.inputs[2] is not k_rot.inputs[2] or q_rot.inputs[3] is not k_rot.inputs[3]:
-        return "query and key use different cos/sin caches"
-    split = producer(q_rot.inputs[0])
-    if (split is None or split.op != "Split" or len(split.outputs) != 3 or producer(k_rot.inputs[0]) is not split
-            or split.outputs[0] is not q_rot.inputs[0] or split.outputs[1] is not k_rot.inputs[0]
-            or split.outputs[2] is not node.inputs[2]):
-        return "query/key/value are not one packed projection's Split"
-    if any(len(t.outputs) != 1 for t in split.outputs) or any(len(r.outputs[0].outputs) != 1 for r in (q_rot, k_rot)):
-        return "a Q/K/V slice is read elsewhere"
-    return split.inputs[0], q_rot.inputs[2], q_rot.inputs[3], [q_rot, k_rot, split]
-
-
-@register_pass("fold_rotary_into_gqa", requires=("fuse_gqa",))
-def fold_rotary_into_gqa(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """GPU graphs with the mask-sum length contract: GroupQueryAttention takes the packed QKV projection
-    and rotates Q and K itself (do_rotary), so the two RotaryEmbedding nodes and the Split per layer go.
-    Its own positions are past_length + i per row, which equal position_ids exactly when prompts are
-    right-padded (the runtime's side of that contract); graphs with an attention bias are left alone."""
-    fused, reasons = 0, {}
-    for node in list(graph.nodes):
-        if node.op != "GroupQueryAttention":
-            continue
-        m = _match_packed_rotary(node)
-        if isinstance(m, str):
-            reasons[m] = reasons.get(m, 0) + 1
-            continue
-        packed, cos, sin, drop = m
-        e = gs.Variable.empty
-        inputs = [packed, e(), e(), node.inputs[3], node.inputs[4], node.inputs[5], node.inputs[6], cos, sin]
-        new = add_node(graph, "GroupQueryAttention", inputs, [], node.name + "/packed", domain=MS_DOMAIN,
-                       **{**node.attrs, "do_rotary": 1, "rotary_interleaved": 0})
-        take_outputs(new, list(node.outputs))
-        detach([node, *drop])
-        fused += 1
-    graph.cleanup()
-    left = "; ".join(f"{v} left alone: {k}" for k, v in reasons.items())
-    if not fused:
-        return PassResult(False, "nothing folded" + (f" ({left})" if left else ""), {"fused": 0})
-    return PassResult(True, f"folded rotary and packed Q/K/V into {fused} GroupQueryAttention"
-                      + (f"; {left}" if left else ""), {"fused": fused, "left_alone": sum(reasons.values())})

@@ -123,7 +123,7 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
         io = {**io, "outputs": [*io["outputs"], {"name": "next_token", "dtype": "int64", "shape": logits["shape"][:2]}]}
     session = session_settings(ctx.target)
     if any(r["name"] == "fuse_gqa" and (r.get("counts") or {}).get("mask_sum") for r in records):
-        # The runtime's side of the contract (passes/fuse_attention.py): right-padded prompts, a fixed
+        # The runtime's side of the contract (passes/fuse_gqa.py): right-padded prompts, a fixed
         # [B, capacity] decode mask, and with it CUDA graphs for the decode step on the CUDA provider.
         session["gqa_lengths"] = "mask_sum"
     engine = {

@@ -393,7 +393,7 @@ def _apply_enum_settings(settings: dict):
 def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tuple[str, ...] = (),
           on_pass=None) -> tuple[dict, list[dict]]:
     """Passes -> lint -> TensorRT engine in `staging`. Returns (engine section of the manifest, records)."""
-    from leptonc.targets.tensorrt_lint import format_issues, lint_model
+    from leptonc.targets.backends.tensorrt_lint import format_issues, lint_model
 
     target = ctx.target
     opts = TensorRTOptions.from_options(ctx.options)
