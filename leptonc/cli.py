@@ -17,6 +17,7 @@ from typing import Optional
 
 import click
 import typer
+from typer.core import TyperGroup
 from rich.table import Table
 
 from leptonc import __version__
@@ -24,6 +25,7 @@ from leptonc.cli_compile import compile_cmd
 from leptonc.cli_runtime import bench, eval_cmd, inspect, package, run
 from leptonc.console import emit_json, err, out, text
 from leptonc.errors import EXIT_CODES, LeptonError
+from leptonc.server.cli import bench_serve, serve
 
 try:  # typer >= 0.16 vendors click as typer._click: its exceptions are not click's own classes
     from typer import _click as _tclick
@@ -33,7 +35,41 @@ _EXIT = tuple({click.exceptions.Exit, typer.Exit})
 _CLICK_ERROR = tuple({click.exceptions.ClickException, _tclick.exceptions.ClickException})
 _ABORT = tuple({click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)})
 
+class _Help(TyperGroup):
+    """The root group: its commands' help shows a value's kind (INTEGER, TEXT, ...) and no tag on a flag (typer's
+    `<bool>`), whichever module registered them."""
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _tidy_metavars(command, ctx)
+        return command
+
+    def format_help(self, ctx, formatter) -> None:
+        _tidy_metavars(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+_KINDS = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "path": "PATH", "list[str]": "TEXT", "int range": "INTEGER",
+          "float range": "NUMBER"}
+
+
+def _tidy_metavars(command, ctx) -> None:
+    for param in command.get_params(ctx):
+        if param.metavar is not None:
+            continue
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.param_type_name == "argument":
+            param.metavar = param.name.upper()
+            param.display_type_rich = lambda ctx: None  # the name says it; typer would add `<str>`
+        else:
+            kind = str(param.display_type(ctx) or "").strip("<>")
+            param.metavar = _KINDS.get(kind.lower(), kind.upper() or "VALUE")
+
+
 app = typer.Typer(
+    cls=_Help,
     name="leptonc",
     help="Ahead-of-time compiler for large language models: PyTorch LLM -> optimized engine bundle.",
     no_args_is_help=True,
@@ -90,6 +126,8 @@ app.command("bench")(bench)
 app.command("eval")(eval_cmd)
 app.command("inspect")(inspect)
 app.command("package")(package)
+app.command("serve")(serve)
+app.command("bench-serve")(bench_serve)
 
 # ---- entry point --------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ import numpy as np
 from leptonc.errors import InputError, LeptonError
 from leptonc.runtime.generate import SamplingConfig, sample
 from leptonc.runtime.slots import KvSlots, open_kv_slots
+from leptonc.runtime.tokenizer import load_tokenizer
 
 FINISH_REASONS = ("stop", "length", "eos", "cancelled", "error")
 
@@ -520,16 +521,5 @@ class BatchingEngine:
                 self._release(request)
 
 
-def load_tokenizer(directory: Path | None):
-    if directory is None or not Path(directory).is_dir():
-        raise InputError("no tokenizer: this bundle has none", hint="pass a Hugging Face tokenizer directory")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"could not load the tokenizer in {directory}: {exc}") from None
-
-
 __all__ = ["BatchingEngine", "EngineConfig", "EngineStoppedError", "Event", "QueueFullError", "Request",
-           "SamplingParams", "load_tokenizer"]
+           "SamplingParams"]

@@ -1,0 +1,140 @@
+"""The `serve` and `bench-serve` commands (registered in leptonc/cli.py). Imports of the server's
+libraries (uvicorn, FastAPI, prometheus_client, the engine) happen when a command runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import time
+from typing import Optional
+
+import typer
+
+from leptonc.console import emit_json, err, out, plain
+from leptonc.errors import InputError
+
+
+class _JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _log_config(json_logs: bool) -> dict:
+    formatter = ({"()": _JsonLogFormatter} if json_logs else
+                 {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"})
+    return {"version": 1, "disable_existing_loggers": False,
+            "formatters": {"default": formatter},
+            "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}},
+            "loggers": {name: {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+                        for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "leptonc.serve")}}
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                         hint="choose another --port (0 picks a free one), or stop what holds this one") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    bundle: str = typer.Argument(..., help="A .lepton bundle directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: a free one, printed when ready)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LEPTONC_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1/* (or set LEPTONC_API_KEY)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait beyond the slots; past it: 429."),
+    grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to finish on SIGTERM."),
+    max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body accepted (413 beyond)."),
+    prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens prefilled between decode steps."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override the device (cpu or cuda)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
+    json_logs: bool = typer.Option(False, "--json-logs", help="Log one JSON object per line on stderr."),
+) -> None:
+    """Serve a bundle over the OpenAI HTTP API (completions, chat, streaming) with Prometheus /metrics."""
+    import uvicorn
+
+    from leptonc.runtime.batching import BatchingEngine, EngineConfig
+    from leptonc.server.app import ServerSettings, create_app
+
+    settings = ServerSettings(api_key=api_key or None, max_body_bytes=max_body_kb * 1024, grace_s=grace)
+    config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk)
+    sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
+    engine = BatchingEngine.from_bundle(bundle, config)
+    app = create_app(engine, settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine.stop_accepting()  # new requests get 503 at once; those in flight go on
+            if sig == signal.SIGTERM:  # a graceful stop: the process exits 0, the signal is not raised again
+                self.should_exit = True
+                return
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            bound = sock.getsockname()
+            err.print(f"serving {engine.model_name} on http://{host}:{bound[1]} ({engine.num_slots} slots, queue "
+                      f"{max_queue}{', API key required' if api_key else ''})", markup=False, highlight=False)
+
+    server = Server(uvicorn.Config(app, log_config=_log_config(json_logs), access_log=True,
+                                   timeout_graceful_shutdown=max(1, int(grace)), lifespan="on"))
+    server.run(sockets=[sock])
+    if engine.failure:
+        raise InputError(f"the engine stopped: {engine.failure}")
+
+
+def bench_serve(
+    url: str = typer.Argument(..., help="The server's base URL, e.g. http://127.0.0.1:8000."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", help="Clients, one request at a time each."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Requests started per second (Poisson)."),
+    requests: int = typer.Option(64, "--requests", "-n", help="Requests in all."),
+    prompt_len: int = typer.Option(128, "--prompt-len", help="Prompt tokens per request."),
+    gen_len: int = typer.Option(128, "--gen-len", help="Tokens generated per request (end-of-sequence ignored)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (default: the server's first)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LEPTONC_API_KEY", help="Bearer key."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts and arrivals."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
+) -> None:
+    """Load an OpenAI-compatible server: output tokens/s, requests/s, TTFT and inter-token latency p50/p99."""
+    from rich.table import Table
+
+    from leptonc.server.loadgen import LoadConfig, run_load
+
+    if concurrency is None and rate is None:
+        concurrency = 8
+    cfg = LoadConfig(url=url, requests=requests, concurrency=concurrency, rate=rate, prompt_len=prompt_len,
+                     gen_len=gen_len, model=model, api_key=api_key, seed=seed)
+    try:
+        report = run_load(cfg)
+    except OSError as exc:
+        raise InputError(f"cannot reach {url}: {exc}", hint="start `leptonc serve` first, or check the URL") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("httpx"):
+            raise InputError(f"cannot reach {url}: {exc}", hint="start `leptonc serve` first, or check the URL") from None
+        raise
+    if as_json:
+        emit_json(report)
+    else:
+        table = Table(title=f"bench-serve {url} ({report['config']['model']})")
+        for col in ("requests ok", "failed", "output tok/s", "req/s", "TTFT p50/p99 ms", "ITL p50/p99 ms"):
+            table.add_column(col)
+        table.add_row(str(report["requests_ok"]), str(report["requests_failed"]), f"{report['output_tokens_per_s']}",
+                      f"{report['requests_per_s']}", f"{report['ttft']['p50_ms']} / {report['ttft']['p99_ms']}",
+                      f"{report['itl']['p50_ms']} / {report['itl']['p99_ms']}")
+        out.print(table)
+        for message in report["errors"]:
+            plain(err, f"error: {message}")

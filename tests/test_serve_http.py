@@ -1,0 +1,298 @@
+"""`leptonc serve` as a real process on localhost, driven by the official `openai` client (and raw HTTP
+where a client would refuse to send the bad request)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_serve_engine import run_alone
+
+API_KEY = "test-key"
+
+
+class ServerProcess:
+    """`leptonc serve BUNDLE --port 0 ...` in a subprocess; the port read from its "serving ... on" line."""
+
+    def __init__(self, bundle, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "leptonc", "serve", str(bundle), "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            found = re.search(r"serving (\S+) on (http://\S+)", line)
+            if found:
+                self.model, self.url = found[1], found[2]
+                break
+        else:
+            self.proc.kill()
+        if not hasattr(self, "url"):
+            self.proc.kill()
+            raise AssertionError("the server did not start: " + "".join(self.log) + self.proc.stderr.read())
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", API_KEY), max_retries=0, **kw)
+
+    def metrics(self) -> dict:
+        text = httpx.get(self.url + "/metrics").text
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = sample.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())) + "}"
+                                     if sample.labels else "")
+                values[key] = sample.value
+        return values
+
+    def wait_idle(self, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if (m["leptonc_requests_running"] == 0 and m["leptonc_kv_slots_used"] == 0) or time.monotonic() > deadline:
+                return m
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        self._reader.join(timeout=5)
+        return code
+
+
+def _post(server, path: str, body, headers=None, **kw) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
+                               **(headers or {})}, **kw)
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    """An OpenAI-shaped error with the documented status, and no traceback in it."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert "Traceback" not in response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_bundle):
+    server = ServerProcess(tiny_bundle, "--api-key", API_KEY, "--max-queue", "4")
+    yield server
+    assert server.stop() == 0
+    assert "Traceback" not in "".join(server.log)
+
+
+PROMPTS = [f"Client {i} writes " + "more words " * (i * 5 % 13) for i in range(16)]
+MAX_TOKENS = [4 + (i * 7) % 29 for i in range(16)]
+
+
+def test_sixteen_concurrent_requests_each_match_their_run_alone(tiny_server, tiny_bundle):
+    reference = run_alone(tiny_bundle, PROMPTS, MAX_TOKENS)
+    client = tiny_server.client()
+    before = tiny_server.metrics()
+
+    def complete(i):
+        if i % 2:  # half of them streamed
+            chunks = list(client.completions.create(model=tiny_server.model, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i],
+                                                    temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}))
+            tokens = [t for c in chunks for choice in c.choices for t in choice.model_extra["token_ids"]]
+            text = "".join(choice.text for c in chunks for choice in c.choices)
+            finish = [choice.finish_reason for c in chunks for choice in c.choices][-1]
+            return tokens, text, finish, chunks[-1].usage
+        response = client.completions.create(model=tiny_server.model, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i],
+                                             temperature=0)
+        choice = response.choices[0]
+        return choice.model_extra["token_ids"], choice.text, choice.finish_reason, response.usage
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(complete, range(16)))
+    for (tokens, text, finish, usage), alone in zip(results, reference):
+        assert (tokens, text) == (alone.token_ids, alone.text)
+        assert finish == {"eos": "stop"}.get(alone.finish_reason, alone.finish_reason)
+        assert usage.completion_tokens == len(alone.token_ids) and usage.prompt_tokens == len(alone.prompt_ids)
+    after = tiny_server.wait_idle()
+    sent_prompt = sum(len(g.prompt_ids) for g in reference)
+    assert after["leptonc_prompt_tokens_total"] - before["leptonc_prompt_tokens_total"] == sent_prompt
+    assert (after["leptonc_generation_tokens_total"] - before["leptonc_generation_tokens_total"]
+            == sum(len(g.token_ids) for g in reference))
+    key = "leptonc_http_requests_total{endpoint=completions,status=200}"
+    assert after[key] - before.get(key, 0) == 16
+    assert after["leptonc_time_to_first_token_seconds_count"] - before["leptonc_time_to_first_token_seconds_count"] == 16
+    assert after["leptonc_kv_slots"] == 16 and after["leptonc_requests_queued"] == 0
+
+
+def test_bad_requests_get_documented_errors(tiny_server):
+    url, model = tiny_server.url, tiny_server.model
+    good = {"model": model, "prompt": "hello", "max_tokens": 2}
+    assert _error(_post(tiny_server, "/v1/completions", b'{"model": "x", "prompt": '), 400)["code"] == "invalid_json"
+    assert _error(_post(tiny_server, "/v1/completions", {**good, "model": "gpt-4"}), 404)["code"] == "model_not_found"
+    for bad in (0, -3):
+        assert "max_tokens" in _error(_post(tiny_server, "/v1/completions", {**good, "max_tokens": bad}), 400)["message"]
+    beyond = _error(_post(tiny_server, "/v1/completions", {**good, "max_tokens": 4096}), 400)
+    assert "limit of 2048 tokens" in beyond["message"]
+    too_long = _error(_post(tiny_server, "/v1/completions", {**good, "prompt": "word " * 2100}), 400)
+    assert "at most 2048" in too_long["message"]
+    assert _error(_post(tiny_server, "/v1/completions", b"x" * (2 << 20)), 413)["code"] == "request_too_large"
+    assert _error(_post(tiny_server, "/v1/completions", {"model": model}), 400)["param"] == "prompt"
+    # no key, a wrong key: 401; /health and /metrics stay open
+    assert _error(httpx.post(url + "/v1/completions", json=good), 401)["code"] == "invalid_api_key"
+    assert _error(_post(tiny_server, "/v1/completions", good, {"Authorization": "Bearer wrong"}), 401)
+    with pytest.raises(openai.AuthenticationError):
+        tiny_server.client(api_key="wrong").models.list()
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    # the server still serves
+    assert tiny_server.client().completions.create(**good).usage.completion_tokens >= 1
+    assert tiny_server.wait_idle()["leptonc_requests_running"] == 0
+
+
+def test_ten_times_slots_plus_queue_gets_429_then_recovers(tiny_server):
+    import asyncio
+
+    capacity = 16 + 4  # slots + --max-queue
+    body = {"model": tiny_server.model, "prompt": "flood", "max_tokens": 48, "ignore_eos": True}
+
+    async def flood():
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120,
+                                     limits=httpx.Limits(max_connections=None)) as client:
+            return await asyncio.gather(*(client.post(tiny_server.url + "/v1/completions", json=body)
+                                          for _ in range(10 * capacity)))
+
+    responses = asyncio.run(flood())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 429} and statuses.count(200) >= capacity, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert _error(r, 429)["code"] == "queue_full" and int(r.headers["Retry-After"]) >= 1
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 48
+    m = tiny_server.wait_idle()
+    assert m["leptonc_requests_running"] == 0 and m["leptonc_kv_slots_used"] == 0
+    assert m["leptonc_http_requests_total{endpoint=completions,status=429}"] == statuses.count(429)
+    again = tiny_server.client().completions.create(model=tiny_server.model, prompt="flood", max_tokens=3,
+                                                    extra_body={"ignore_eos": True})
+    assert again.usage.completion_tokens == 3
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(tiny_server):
+    before = tiny_server.metrics()["leptonc_sequences_finished_total{reason=cancelled}"]
+    body = {"model": tiny_server.model, "prompt": "a very long answer", "max_tokens": 1900, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", tiny_server.url + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert tiny_server.metrics()["leptonc_requests_running"] == 1
+    m = tiny_server.wait_idle()  # closed after the first chunk: cancelled long before 1,900 tokens
+    assert m["leptonc_requests_running"] == 0 and m["leptonc_kv_slots_used"] == 0
+    assert m["leptonc_sequences_finished_total{reason=cancelled}"] == before + 1
+
+
+def test_sigterm_under_load_finishes_in_flight_and_exits_0(tiny_bundle):
+    server = ServerProcess(tiny_bundle, "--grace", "30")
+    client = server.client()
+    started = threading.Event()
+
+    def stream(i):
+        chunks = client.completions.create(model=server.model, prompt=f"load {i}", max_tokens=150, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        tokens = 0
+        for chunk in chunks:
+            tokens += len(chunk.choices[0].model_extra["token_ids"])
+            started.set()
+            finish = chunk.choices[0].finish_reason
+        return tokens, finish
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(stream, i) for i in range(4)]
+        assert started.wait(60)
+        server.proc.send_signal(signal.SIGTERM)
+        results = [f.result(timeout=60) for f in futures]
+    assert results == [(150, "length")] * 4
+    assert server.proc.wait(timeout=60) == 0
+    log = "".join(server.log)
+    assert "Traceback" not in log
+    with pytest.raises(openai.APIConnectionError):  # no longer listening
+        client.models.list()
+
+
+@pytest.mark.slow
+def test_smollm2_completions_and_chat_match_run_alone(smollm2_bundle):
+    from leptonc.bundle import load_bundle
+    from leptonc.runtime import open_bundle_runner
+    from leptonc.runtime.batching import BatchingEngine, EngineConfig
+    from leptonc.runtime.generate import SamplingConfig, generate
+
+    prompts = ["The capital of France is", "Water boils at"]
+    messages = [[{"role": "user", "content": "What is the capital of France?"}]]
+    engine = BatchingEngine.from_bundle(smollm2_bundle, EngineConfig(verify=False, num_slots=1))
+    chat_ids = [engine.apply_chat_template(m) for m in messages]
+    engine.shutdown(0)
+    runner = open_bundle_runner(load_bundle(smollm2_bundle))
+    cfg = SamplingConfig(max_new_tokens=8)
+    plain = [generate(runner, engine.tokenizer, [p], cfg, eos_ids=engine.eos_ids).outputs[0] for p in prompts]
+    chat = [generate(runner, engine.tokenizer, ["chat"], cfg, eos_ids=engine.eos_ids, prompt_ids=[ids]).outputs[0]
+            for ids in chat_ids]
+    runner.release()
+    assert plain[0].text.startswith(" Paris")
+
+    server = ServerProcess(smollm2_bundle, "--api-key", API_KEY)
+    try:
+        client = server.client()
+        with ThreadPoolExecutor(4) as pool:
+            done = pool.map(lambda p: client.completions.create(model=server.model, prompt=p, max_tokens=8,
+                                                                temperature=0), prompts)
+            streamed = pool.map(lambda p: "".join(c.choices[0].text for c in client.completions.create(
+                model=server.model, prompt=p, max_tokens=8, temperature=0, stream=True)), prompts)
+            chats = pool.map(lambda m: client.chat.completions.create(model=server.model, messages=m, max_tokens=8,
+                                                                      temperature=0), messages)
+            chat_streams = pool.map(lambda m: "".join(c.choices[0].delta.content or "" for c in
+                                                      client.chat.completions.create(model=server.model, messages=m,
+                                                                                     max_tokens=8, temperature=0,
+                                                                                     stream=True)), messages)
+            done, streamed, chats, chat_streams = list(done), list(streamed), list(chats), list(chat_streams)
+        for response, text, alone in zip(done, streamed, plain):
+            assert response.choices[0].model_extra["token_ids"] == alone.token_ids
+            assert response.choices[0].text == text == alone.text
+        for response, text, alone in zip(chats, chat_streams, chat):
+            assert response.choices[0].model_extra["token_ids"] == alone.token_ids
+            assert response.choices[0].message.content == text == alone.text
+            assert response.usage.prompt_tokens == len(alone.prompt_ids)
+        m = server.wait_idle()
+        assert m["leptonc_generation_tokens_total"] == 2 * sum(len(g.token_ids) for g in plain + chat)
+    finally:
+        assert server.stop() == 0
+
+
+def test_bench_serve_reports_throughput_and_latency(tiny_server):
+    env = {**os.environ, "LEPTONC_API_KEY": API_KEY}
+    proc = subprocess.run([sys.executable, "-m", "leptonc", "bench-serve", tiny_server.url, "--concurrency", "4",
+                           "--requests", "8", "--prompt-len", "16", "--gen-len", "8", "--json"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["requests_ok"] == 8 and report["output_tokens"] == 64
+    assert report["output_tokens_per_s"] > 0 and report["ttft"]["p99_ms"] >= report["ttft"]["p50_ms"] > 0
+    assert report["itl"]["p50_ms"] is not None
