@@ -25,10 +25,13 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +47,7 @@ MODELS = {
     "tiny-llama": ("tiny", None, ("fp16",), (1, 2), True),
 }
 PRECISION_FLAGS = {"fp16": (), "fp32": (), "int4": ("--int4", "--int4-method", "rtn", "--no-check")}  # random weights: RTN
-HOOKS = {"serve": ("bench-serve", "{bundle}", "--json"), "verify": ("verify", "{bundle}", "--json")}
+SERVE_CONCURRENCY = (1, 16, 64)
 PEER_PATHS = ("peer/peer_ortgenai.py", ".devstage/peer_ortgenai.py", "/tmp/stage/files/peer_ortgenai.py",
               "../shared/device/peer_ortgenai.py")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -266,17 +269,59 @@ def peer_part(suite: Suite, spec: dict, peer: Path, build_only: bool) -> None:
         suite.save()
 
 
-def hook_part(suite: Suite, name: str, spec: dict) -> None:
-    command = HOOKS[name][0]
-    probe = subprocess.run([sys.executable, "-m", "leptonc", command, "--help"], capture_output=True,
-                           env=suite.env, cwd=suite.args.work)
-    if probe.returncode != 0:
-        suite.record["hooks"][name] = f"skipped: this leptonc has no `{command}` command"
+def has_command(suite: Suite, command: str) -> bool:
+    return subprocess.run([sys.executable, "-m", "leptonc", command, "--help"], capture_output=True, env=suite.env,
+                          cwd=suite.args.work).returncode == 0
+
+
+def verify_part(suite: Suite, spec: dict) -> None:
+    """`leptonc verify BUNDLE`: the first-load check of a bundle compiled elsewhere, where the CLI has it."""
+    if not has_command(suite, "verify"):
+        suite.record["hooks"]["verify"] = "skipped: this leptonc has no `verify` command"
+    else:
+        suite.record["hooks"]["verify"] = suite.cli(f"verify {spec['name']}", "verify", spec["path"], "--json",
+                                                    timeout=300)
+    suite.save()
+
+
+def serve_part(suite: Suite, spec: dict) -> None:
+    """`leptonc serve BUNDLE` on a free port, then `leptonc bench-serve URL` at SERVE_CONCURRENCY clients."""
+    if not has_command(suite, "bench-serve"):
+        suite.record["hooks"]["serve"] = "skipped: this leptonc has no `bench-serve` command"
         suite.save()
         return
-    argv = [a.format(bundle=spec["path"]) for a in HOOKS[name]]
-    suite.record["hooks"][name] = suite.cli(f"{name} {spec['name']}", *argv, timeout=300)
-    suite.save()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url, log = f"http://127.0.0.1:{port}", (suite.args.work / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "leptonc", "serve", spec["path"], "--port", str(port),
+                               "--no-verify"], stdout=log, stderr=subprocess.STDOUT, env=suite.env, cwd=suite.args.work)
+    result: dict = {"bundle": spec["name"], "server": f"leptonc serve {spec['path']} --port {port} --no-verify"}
+    try:
+        deadline = time.time() + min(180, suite.left())
+        while time.time() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        if server.poll() is not None or time.time() >= deadline:
+            result["failed"] = "the server did not come up: " + (suite.args.work / "serve.log").read_text()[-2000:]
+        else:
+            for clients in SERVE_CONCURRENCY:
+                result[f"concurrency_{clients}"] = suite.cli(
+                    f"bench-serve {spec['name']} c{clients}", "bench-serve", url, "--concurrency", clients,
+                    "--requests", 4 * clients, "--prompt-len", 128, "--gen-len", 128, "--json", timeout=240)
+    finally:
+        server.send_signal(signal.SIGTERM)  # a graceful stop: the server drains and exits 0
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+        suite.record["hooks"]["serve"] = result
+        suite.save()
 
 
 def _ratio(a, b, digits=2):
@@ -341,6 +386,14 @@ def table(record: dict) -> str:
     for r in record.get("ttft", []):
         lines.append(f"| {r['bundle']} | {r['prompt']} | {r['batch']} | {r['leptonc_ms']} | {r['peer_best_ms'] or '-'}"
                      f" | {r['peer_over_leptonc'] or '-'} |")
+    serve = record.get("hooks", {}).get("serve")
+    if isinstance(serve, dict) and "bundle" in serve:
+        lines += ["", f"| serve {serve['bundle']}: clients | output tok/s | req/s | TTFT p50 / p99 ms |",
+                  "| ---: | ---: | ---: | ---: |"]
+        for key, r in serve.items():
+            if key.startswith("concurrency_") and isinstance(r, dict):
+                lines.append(f"| {key.split('_')[1]} | {r['output_tokens_per_s']} | {r['requests_per_s']} | "
+                             f"{r['ttft']['p50_ms']} / {r['ttft']['p99_ms']} |")
     greedy = record.get("greedy", {})
     lines += [""] + [f"greedy {k}: identical to the reference: {v['identical']}" for k, v in greedy.items()]
     return "\n".join(lines)
@@ -371,10 +424,12 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
         if {"peer", "peer-build"} & set(args.only) and s["peer"] and args.target != "cpu":
             jobs = peer_jobs(s) if "peer" in args.only else "build only"
             out.append(f"  peer {peer or 'NOT FOUND (--peer PATH)'} {s['peer']} {s['precision']}: {jobs}")
-    for hook in ("serve", "verify"):
-        if hook in args.only:
-            bundle = specs[0]["path"] if specs else "-"
-            out.append(f"hook {hook}: leptonc {' '.join(HOOKS[hook]).format(bundle=bundle)} (where the CLI has it)")
+    bundle = specs[0]["path"] if specs else "-"
+    if "serve" in args.only:
+        out.append(f"serve: leptonc serve {bundle} --port FREE --no-verify, then leptonc bench-serve URL --concurrency C "
+                   f"--requests 4C --prompt-len 128 --gen-len 128 --json for C in {SERVE_CONCURRENCY} (where the CLI has it)")
+    if "verify" in args.only:
+        out.append(f"verify: leptonc verify {bundle} --json (where the CLI has it)")
     out.append(f"writes {args.out}/<date>_<machine>.json (and keeps it in {args.work} for the next call)")
     return out
 
@@ -438,6 +493,8 @@ def main(argv=None) -> int:
         if builder:
             builder.join()
         ready = [s for s in specs if (s["path"] / "manifest.json").is_file()]
+        if not ready and set(args.only) - {"compile", "peer-build", "peer"}:
+            print(f"no bundles in {args.work}: run --only compile first, on the same warm machine", flush=True)
         for spec in ready if "greedy" in args.only else ():
             greedy_part(suite, spec, reference)
         for spec in ready if "decode" in args.only else ():
@@ -447,9 +504,10 @@ def main(argv=None) -> int:
                 bench_part(suite, spec, f"ttft_{prompt}", TTFT_BATCHES, prompt, 8, 10)
         for spec in peer_specs if "peer" in args.only else ():
             peer_part(suite, spec, peer, False)
-        for hook in ("serve", "verify"):
-            if hook in args.only and ready:
-                hook_part(suite, hook, ready[0])
+        if "serve" in args.only and ready:
+            serve_part(suite, ready[0])
+        if "verify" in args.only and ready:
+            verify_part(suite, ready[0])
     finally:
         suite.save()
         print("\n" + table(suite.record), flush=True)
