@@ -74,16 +74,18 @@ def accuracy_gate(backend, reference_path: Path, quantized_path: Path, engine: d
     result.update({"status": "failed" if bad else "passed", "rule": f"perplexity increase <= {limit:g}%",
                    "data": str(data), "reference": "fp32 export (ONNX Runtime)"})
     if bad:
-        raise VerificationError(
+        error = VerificationError(
             f"accuracy gate failed: perplexity {result['reference_perplexity']:.3f} -> "
             f"{result['quantized_perplexity']:.3f} (+{result['ppl_increase_pct']:.2f}%, limit {limit:g}%), "
             f"top-1 agreement {result['top1_agreement']:.3f}; no bundle was written",
             hint=gate_hint(settings),
         )
+        error.gate = result  # the compiler keeps it in the failed report
+        raise error
     return result
 
 
-def gate_hint(settings) -> str:
+def gate_hint(settings, failed_report: str | None = None) -> str:
     """The next step after a failed gate, for the format that failed it."""
     fmt, steps = settings.format, []
     if fmt == "int4-rtn":
@@ -99,5 +101,6 @@ def gate_hint(settings) -> str:
             steps.append("--calib-method minmax (percentile and entropy clip outliers that E4M3 could represent)")
         if settings.fp8_lm_head:
             steps.append("leaving out --fp8-lm-head")
-    steps += ["--keep-fp for the layers with the lowest SQNR in the report", "or raise --max-ppl-increase"]
+    where = f"worst_layers in {failed_report}" if failed_report else "the report's worst_layers"
+    steps += [f"--keep-fp for the layers with the lowest SQNR ({where})", "or raise --max-ppl-increase"]
     return "try " + ", ".join(steps)

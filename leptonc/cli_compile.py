@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from leptonc.console import emit_json, err, out, rule, text
+from leptonc.console import emit_json, err, out, plain, rule, text
 from leptonc.errors import UnsupportedRequestError
 
 
@@ -40,7 +40,7 @@ def compile_cmd(
     max_seq: int = typer.Option(2048, "--max-seq", help="Longest sequence (prompt + generated) the bundle accepts."),
     no_passes: bool = typer.Option(False, "--no-passes", help="Compile the plain export (baseline)."),
     disable_pass: list[str] = typer.Option([], "--disable-pass", help="Drop one pass (repeatable)."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against PyTorch."),
+    no_parity: bool = typer.Option(False, "--no-parity", help="Skip the check against PyTorch."),
     max_parity_error: float = typer.Option(1e-3, "--max-parity-error", help="fp32 max |logits error| allowed."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pytorch_model.bin (pickle) weights."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code."),
@@ -82,7 +82,7 @@ def compile_cmd(
     fp8_lm_head: bool = typer.Option(False, "--fp8-lm-head", help="--fp8: also quantize the LM head and the embedding "
                                                                    "tied to it (by default they stay in higher precision, "
                                                                    "as in NVIDIA ModelOpt's FP8 recipe)."),
-    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: allowed perplexity increase in %% (default 5)."),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: allowed perplexity increase in percent (default: int4 10, int8 and fp8 5)."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the accuracy gate (the report says it was skipped)."),
     check_tokens: Optional[int] = typer.Option(None, "--check-tokens", help="Held-out tokens the accuracy gate scores (default 2048)."),
     # pruning (issue 9): put into config.options, validated by leptonc.passes.pruning
@@ -110,7 +110,7 @@ def compile_cmd(
     chosen = _precision_from_flags(precision, {"fp16": fp16, "bf16": bf16, "int8": int8, "fp8": fp8, "int4": int4})
     config = CompileConfig(
         source=source, target=target, output=output, backend=backend, precision=chosen, max_batch=max_batch,
-        max_sequence=max_seq, passes=not no_passes, disabled_passes=tuple(disable_pass), verify=not no_verify,
+        max_sequence=max_seq, passes=not no_passes, disabled_passes=tuple(disable_pass), verify=not no_parity,
         max_parity_error=max_parity_error, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         force=force,
     )
@@ -137,11 +137,15 @@ def compile_cmd(
             emit_json(plan)
         else:
             _print_plan(plan)
+            if _gate_line(config):
+                out.print(f"[bold]accuracy gate[/] {_gate_line(config)}")
         return
     from leptonc.progress import Steps
 
     if config.precision_mode == "simulated":
         err.print(f"[yellow]note:[/] {config.precision} is simulated on {config.target} (accuracy only, not speed)")
+    if _gate_line(config) and not as_json:
+        err.print(f"[yellow]note:[/] accuracy gate: {_gate_line(config)}")
     steps = Steps(console=err, enabled=not as_json)
     bundle = compiler.compile_model(config, steps)
     report = bundle.report()
@@ -254,16 +258,62 @@ def _tensorrt_options(config, given: dict, dry_run: bool):
     return config
 
 
+def _gate_line(config) -> str:
+    """The accuracy gate a quantized compile will apply, said before the work starts ("" when none)."""
+    if config.precision not in ("int8", "fp8", "int4"):
+        return ""
+    from leptonc.calibration.quantize import QuantSettings
+
+    settings = getattr(config, "quantization", None)
+    if not isinstance(settings, QuantSettings):
+        settings = QuantSettings.from_options(config.precision, getattr(config, "options", None) or {})
+    if not settings.check:
+        return "skipped (--no-check)"
+    return (f"perplexity increase <= {settings.max_ppl_increase:g}% on held-out text, or exit 6 with the failed "
+            "report kept beside the output (--max-ppl-increase sets it)")
+
+
 def _print_plan(plan: dict) -> None:
-    out.print(f"[bold]source[/]    {plan['source']['ref']} ({plan['source']['kind']})")
-    out.print(f"[bold]target[/]    {plan['target']['name']} ({plan['target']['sm']}), backend {plan['backend']}")
+    sm = plan["target"]["sm"]
+    out.print(f"[bold]source[/]    {text(plan['source']['ref'])} ({plan['source']['kind']})")
+    out.print(f"[bold]target[/]    {plan['target']['name']}{f' ({sm})' if sm and sm != '-' else ''}, "
+              f"backend {plan['backend']}")
     out.print(f"[bold]precision[/] {plan['precision']} ({plan['precision_mode']}), export dtype {plan['export_dtype']}")
     out.print(f"[bold]pipeline[/]  {' -> '.join(plan['pipeline']) or '(none: plain export)'}")
     for key, value in plan.items():
         if key not in ("config", "source", "target", "backend", "precision", "precision_mode", "export_dtype",
                        "pipeline", "disabled_passes"):
-            out.print(f"[bold]{key}[/]")
-            out.print_json(data=value)
+            out.print(f"[bold]{text(key)}[/]")
+            _print_nested(value, "  ")
+
+
+def _print_nested(value, indent: str) -> None:
+    """A nested plan section as indented `key: value` lines (a list of numbers on one line), not raw JSON."""
+    def scalar(v) -> bool:
+        return not isinstance(v, (dict, list)) or (isinstance(v, list) and all(not isinstance(x, (dict, list))
+                                                                                  for x in v))
+
+    def show(v) -> str:
+        return "[" + ", ".join(map(str, v)) + "]" if isinstance(v, list) else str(v)
+
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if scalar(v):
+                plain(out, f"{indent}{k}: {show(v)}")
+            elif isinstance(v, dict) and all(scalar(x) for x in v.values()) and len(v) <= 4:
+                plain(out, f"{indent}{k}: " + ", ".join(f"{kk} {show(vv)}" for kk, vv in v.items()))
+            else:
+                plain(out, f"{indent}{k}:")
+                _print_nested(v, indent + "  ")
+    elif isinstance(value, list):
+        for item in value:
+            if scalar(item):
+                plain(out, f"{indent}- {show(item)}")
+            else:
+                plain(out, f"{indent}-")
+                _print_nested(item, indent + "  ")
+    else:
+        plain(out, f"{indent}{value}")
 
 
 def _print_compile_report(bundle, report: dict) -> None:

@@ -8,6 +8,8 @@ and top-1 agreement.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,11 @@ class ReferenceTrace:
     decode_logits: list[np.ndarray]  # [steps, V] per prompt
 
 
+
+def _cache_of(output):
+    """The KV cache of a forward's output, by its transformers 5 name where it has one."""
+    return output.cache if "cache" in getattr(output, "keys", lambda: ())() else output.past_key_values
+
 def reference_trace(module, tokenizer, prompts=VERIFY_PROMPTS, steps: int = DECODE_STEPS,
                     max_sequence: int | None = None) -> ReferenceTrace:
     """`max_sequence` (the bundle's limit) truncates prompts so prompt + steps fit."""
@@ -38,22 +45,26 @@ def reference_trace(module, tokenizer, prompts=VERIFY_PROMPTS, steps: int = DECO
         steps = max(1, min(steps, max_sequence - 1))
 
     trace = ReferenceTrace([], [], [], [])
+    # transformers 5 names the KV cache `cache` (and warns on `past_key_values`); older versions the other way
+    cache_arg = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
     vocab = module.config.vocab_size
     for text in prompts:
         ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)[None, :]
         ids = np.clip(ids, 0, vocab - 1)
         if max_sequence is not None:
             ids = ids[:, : max(1, max_sequence - steps)]
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # a model wrapper's forward may still name the argument `past_key_values` and warn (FutureWarning)
+            warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
             out = module(torch.from_numpy(ids), use_cache=True)
             prefill = out.logits[0].float().numpy()
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+            past, token = _cache_of(out), out.logits[:, -1].argmax(-1)
             tokens, logits = [], []
             for _ in range(steps):
                 tokens.append(int(token))
-                o = module(token[:, None], past_key_values=past, use_cache=True)
+                o = module(token[:, None], **{cache_arg: past}, use_cache=True)
                 logits.append(o.logits[0, -1].float().numpy())
-                past, token = o.past_key_values, o.logits[:, -1].argmax(-1)
+                past, token = _cache_of(o), o.logits[:, -1].argmax(-1)
         trace.prompt_ids.append(ids)
         trace.prefill_logits.append(prefill)
         trace.decode_tokens.append(np.asarray(tokens, np.int64))

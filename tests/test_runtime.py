@@ -211,7 +211,7 @@ def test_prompt_too_long_names_both_lengths(tiny_bundle, tmp_path):
 
 @pytest.mark.parametrize("bad", [["--top-p", "0"], ["--top-k", "-1"], ["--temperature", "-1"], ["-n", "0"]])
 def test_bad_sampling_options_are_clean_errors(tiny_bundle, bad):
-    assert_clean_error(run_cli("run", tiny_bundle, "-p", "hi", *bad), 8)
+    assert_clean_error(run_cli("run", tiny_bundle, "-p", "hi", *bad), 2)  # a bad option: exit 2, as README says
 
 
 # ---- bench ---------------------------------------------------------------------------------------

@@ -114,6 +114,35 @@ def bench(runner, cfg: BenchConfig, on_progress=None) -> dict:
 # ---- the memory floor and the Hugging Face baseline (`leptonc bench --baseline hf`) ----------------
 
 H100_COPY_BANDWIDTH = 3.0e12  # bytes/s, read + write, measured on the lent H100 (shared/device/README.md)
+# Devices whose memory bandwidth was measured, by a part of the name the runner reports. The decode floor
+# is drawn only for these (or for a --bandwidth the user gives); on the CPU and on other GPUs it is left out.
+MEASURED_BANDWIDTH = {"H100": H100_COPY_BANDWIDTH}
+
+
+def device_bandwidth(device: str) -> float | None:
+    """The measured memory bandwidth (bytes/s) of the device a bench ran on, or None (the CPU, an unmeasured GPU)."""
+    if device.startswith("cpu"):
+        return None
+    return next((bw for key, bw in MEASURED_BANDWIDTH.items() if key in device), None)
+
+
+def add_memory_figures(result: dict, bundle, *, mean_context: float, kv_capacity: int | None,
+                       bandwidth: float | None = None) -> None:
+    """Add to each batch's result the decode memory floor (where the bandwidth is known: `bandwidth`, else the
+    device's measured one) and, for a runner holding one K/V block of `kv_capacity` tokens per batch size,
+    its peak device memory against weights + K/V held + 25%."""
+    bandwidth = bandwidth or device_bandwidth(result["device"])
+    result["floor_bandwidth_bytes_per_s"] = bandwidth
+    weights, kv_tok = bundle_weight_bytes(bundle), kv_bytes_per_token(bundle.io)
+    kv_held = 0
+    for r in result["results"]:
+        if bandwidth:
+            r["memory_floor"] = memory_floor(r["batch"], weights, kv_tok, mean_context, bandwidth)
+            if r["decode_tokens_per_s"]:
+                r["fraction_of_floor"] = round(r["decode_tokens_per_s"] / r["memory_floor"]["floor_tokens_per_s"], 3)
+        if kv_capacity and r["peak_gpu_mb"] is not None:
+            kv_held += r["batch"] * kv_tok * kv_capacity
+            r["memory_bound"] = memory_bound(weights, kv_held, r["peak_gpu_mb"])
 
 
 def bundle_weight_bytes(bundle) -> int:
