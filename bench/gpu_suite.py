@@ -284,8 +284,9 @@ def verify_part(suite: Suite, spec: dict) -> None:
     suite.save()
 
 
-def serve_part(suite: Suite, spec: dict) -> None:
-    """`leptonc serve BUNDLE` on a free port, then `leptonc bench-serve URL` at SERVE_CONCURRENCY clients."""
+def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
+    """`leptonc serve BUNDLE` on a free port, then `leptonc bench-serve URL` at SERVE_CONCURRENCY clients; then the
+    peer's own batching engine under the same load (bench/serve_peer_ortgenai.py), where the peer is here."""
     if not has_command(suite, "bench-serve"):
         suite.record["hooks"]["serve"] = "skipped: this leptonc has no `bench-serve` command"
         suite.save()
@@ -321,6 +322,16 @@ def serve_part(suite: Suite, spec: dict) -> None:
             server.kill()
         log.close()
         suite.record["hooks"]["serve"] = result
+        suite.save()
+    script = REPO / "bench" / "serve_peer_ortgenai.py"
+    if peer is None or spec["peer"] is None or not script.is_file():
+        return
+    for clients in SERVE_CONCURRENCY:
+        rc, stdout = suite.step(f"serve peer {spec['name']} c{clients}", [
+            sys.executable, script, "--peer-script", peer, spec["peer"], spec["precision"], "--concurrency", clients,
+            "--requests", 4 * clients, "--prompt-len", 128, "--gen-len", 128], timeout=240)
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        result[f"peer_concurrency_{clients}"] = json.loads(lines[-1]) if rc == 0 and lines else None
         suite.save()
 
 
@@ -388,12 +399,13 @@ def table(record: dict) -> str:
                      f" | {r['peer_over_leptonc'] or '-'} |")
     serve = record.get("hooks", {}).get("serve")
     if isinstance(serve, dict) and "bundle" in serve:
-        lines += ["", f"| serve {serve['bundle']}: clients | output tok/s | req/s | TTFT p50 / p99 ms |",
-                  "| ---: | ---: | ---: | ---: |"]
+        lines += ["", f"| serve {serve['bundle']}: clients | output tok/s | req/s | TTFT p50 / p99 ms | peer tok/s |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
         for key, r in serve.items():
             if key.startswith("concurrency_") and isinstance(r, dict):
+                peer = serve.get(f"peer_{key}") or {}
                 lines.append(f"| {key.split('_')[1]} | {r['output_tokens_per_s']} | {r['requests_per_s']} | "
-                             f"{r['ttft']['p50_ms']} / {r['ttft']['p99_ms']} |")
+                             f"{r['ttft']['p50_ms']} / {r['ttft']['p99_ms']} | {peer.get('output_tokens_per_s', '-')} |")
     greedy = record.get("greedy", {})
     lines += [""] + [f"greedy {k}: identical to the reference: {v['identical']}" for k, v in greedy.items()]
     return "\n".join(lines)
@@ -428,6 +440,9 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
     if "serve" in args.only:
         out.append(f"serve: leptonc serve {bundle} --port FREE --no-verify, then leptonc bench-serve URL --concurrency C "
                    f"--requests 4C --prompt-len 128 --gen-len 128 --json for C in {SERVE_CONCURRENCY} (where the CLI has it)")
+        if specs and specs[0]["peer"] and args.target != "cpu":
+            out.append(f"serve peer: bench/serve_peer_ortgenai.py --peer-script {peer} {specs[0]['peer']} "
+                       f"{specs[0]['precision']} --concurrency C --requests 4C (same C)")
     if "verify" in args.only:
         out.append(f"verify: leptonc verify {bundle} --json (where the CLI has it)")
     out.append(f"writes {args.out}/<date>_<machine>.json (and keeps it in {args.work} for the next call)")
@@ -505,7 +520,7 @@ def main(argv=None) -> int:
         for spec in peer_specs if "peer" in args.only else ():
             peer_part(suite, spec, peer, False)
         if "serve" in args.only and ready:
-            serve_part(suite, ready[0])
+            serve_part(suite, ready[0], peer if args.target != "cpu" else None)
         if "verify" in args.only and ready:
             verify_part(suite, ready[0])
     finally:
