@@ -3,7 +3,7 @@
     .venv/bin/python bench/compile_memory.py llama-1b-shape -o /tmp/llama1b.cpu.lepton [--out out.json]
 
 Prints, per step (load, reference, export, build, verify, bundle), the peak RSS seen while it ran,
-the step's time, the weight bytes and peak/weights ratio (the issue's bound is 2.5x). The sampler
+the step's time, the weight bytes and peak/weights ratio (the bound leptonc keeps is 2.5x). The sampler
 reads /proc/self/status every 0.2 s, so very short peaks can be missed; `peak_host_mb` in the
 bundle's report.json (ru_maxrss) is the authoritative peak and is printed too.
 Linux only (reads /proc). Not part of CI: the 1B shape needs about 10 GB of RAM and several minutes.

@@ -1,4 +1,4 @@
-"""leptonc's CUDA MatMulNBitsTiled (targets/kernels/) against ONNX Runtime's MatMulNBits, on the GPU (issue 8 line 2).
+"""leptonc's CUDA MatMulNBitsTiled (targets/kernels/) against ONNX Runtime's MatMulNBits, on the GPU.
 
 1. Correctness: for each case (K, N, bits, block, zero points) and M rows, one node of each op on the
    same random inputs (leptonc's node takes them through targets/kernels/layout.py's tiling, as the

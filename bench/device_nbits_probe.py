@@ -1,4 +1,4 @@
-"""Which MatMulNBits layout runs fastest on this GPU (bench only, issue 8 line 2).
+"""Which MatMulNBits layout runs fastest on this GPU (bench only).
 
 For the llama-1b-shape decode matrices (q/k/v, o, gate+up, down: K x N), times one ONNX Runtime run of R
 independent MatMulNBits nodes (distinct weights, so no cache reuse) at M = 1 and M = 16 rows, for:
