@@ -482,7 +482,8 @@ class BatchingEngine:
 
     def _prefill_chunk(self, request: Request) -> None:
         start = request.prefilled
-        chunk = request.prompt_ids[start:start + self.config.prefill_chunk]
+        size = self.config.prefill_chunk if self.slots.prefill_in_chunks else len(request.prompt_ids)
+        chunk = request.prompt_ids[start:start + size]
         logits = self.slots.prefill(request.slot, chunk)
         request.prefilled += len(chunk)
         with self._lock:

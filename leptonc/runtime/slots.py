@@ -30,6 +30,7 @@ class KvSlots(ABC):
     max_sequence: int
     vocab_size: int
     device: str = "cpu"
+    prefill_in_chunks: bool = True  # whether a prompt may be prefilled over several calls
 
     @abstractmethod
     def prefill(self, slot: int, token_ids: list[int]) -> np.ndarray:
@@ -212,8 +213,15 @@ def open_kv_slots(bundle, device: str | None = None, num_slots: int | None = Non
                                       hint="compile the model with the onnxruntime backend to serve it")
     provider = bundle.engine.get("session", {}).get("provider")
     on_gpu = device == "cuda" or (device is None and provider == "CUDAExecutionProvider")
-    if on_gpu:
-        raise UnsupportedRequestError("serving from CUDA bundles is not available in this leptonc yet",
-                                      hint="serve a --target cpu bundle")
+    if on_gpu or bundle.engine.get("session", {}).get("gqa_lengths") == "mask_sum":
+        from leptonc.runtime import open_bundle_runner
+        from leptonc.runtime.block_slots import BlockKvSlots
+
+        runner = open_bundle_runner(bundle, device)
+        try:
+            return BlockKvSlots(runner, slots)
+        except BaseException:
+            runner.release()
+            raise
     return HostKvSlots(bundle.model_path, bundle.io, bundle.engine.get("session", {}), num_slots=slots,
                        max_sequence=bundle.max_sequence)
