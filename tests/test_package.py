@@ -1,5 +1,7 @@
-"""`leptonc package --triton`: the config.pbtxt parses as Triton's own ModelConfig protobuf and matches
-the manifest's I/O spec; the version folder holds the bundle's verified bytes and still runs."""
+"""`leptonc package --triton`: the config.pbtxt parses as Triton's own ModelConfig protobuf. The default
+Python-backend model (leptonc's engine) is decoupled, with text in and out and the asked instance groups;
+the raw decoder (`--triton-raw-decoder`) matches the manifest's I/O spec and its version folder holds the
+bundle's verified bytes and still runs. tests/test_triton_server.py starts the real server on the former."""
 
 from __future__ import annotations
 
@@ -51,12 +53,13 @@ def _assert_matches_manifest(pb, cfg, manifest: dict) -> None:
     assert len(cfg.instance_group) == 1 and cfg.instance_group[0].count == 1
 
 
-def test_cpu_onnxruntime_bundle_packages_for_triton(tiny_bundle, tmp_path, capsys):
+def test_cpu_onnxruntime_bundle_packages_as_raw_decoder(tiny_bundle, tmp_path, capsys):
     from leptonc.cli import main
 
     repo = tmp_path / "models"
     with pytest.raises(SystemExit) as exit_:
-        main(["package", str(tiny_bundle), "--triton", str(repo), "--name", "tiny", "--json"])
+        main(["package", str(tiny_bundle), "--triton", str(repo), "--triton-raw-decoder", "--name", "tiny",
+              "--json"])
     assert exit_.value.code == 0
     result = json.loads(capsys.readouterr().out)
     model_dir = repo / "tiny"
@@ -86,10 +89,11 @@ def test_cpu_onnxruntime_bundle_packages_for_triton(tiny_bundle, tmp_path, capsy
 
     # An existing model of that name is not overwritten without --force.
     with pytest.raises(SystemExit) as exit_:
-        main(["package", str(tiny_bundle), "--triton", str(repo), "--name", "tiny"])
+        main(["package", str(tiny_bundle), "--triton", str(repo), "--triton-raw-decoder", "--name", "tiny"])
     assert exit_.value.code == 2
     with pytest.raises(SystemExit) as exit_:
-        main(["package", str(tiny_bundle), "--triton", str(repo), "--name", "tiny", "--force", "--version", "3"])
+        main(["package", str(tiny_bundle), "--triton", str(repo), "--triton-raw-decoder", "--name", "tiny", "--force",
+              "--version", "3"])
     assert exit_.value.code == 0
     assert sorted(p.name for p in model_dir.iterdir() if p.is_dir()) == ["3", "tokenizer"]
 
@@ -102,7 +106,7 @@ def test_h100_tensorrt_config_parses_and_matches_io_spec(tiny_bundle, tmp_path):
     from leptonc.export import io_spec
     from leptonc.models.adapters import get_adapter
     from leptonc.models.intake import load_model
-    from leptonc.package import TritonOptions, triton_config, write_triton_model
+    from leptonc.triton_repository import TritonOptions, triton_config, write_triton_model
     from leptonc.targets import get_target
     from leptonc.targets.backends import tensorrt as trt_backend
 
@@ -119,7 +123,7 @@ def test_h100_tensorrt_config_parses_and_matches_io_spec(tiny_bundle, tmp_path):
     manifest["files"] = {trt_backend.ENGINE_FILE: {"sha256": hashlib.sha256(b"plan").hexdigest(), "bytes": 4}}
     manifest["tokenizer"] = None
 
-    pb, cfg = _parse(triton_config(manifest, TritonOptions(name="tiny_h100", instances=2)))
+    pb, cfg = _parse(triton_config(manifest, TritonOptions(name="tiny_h100", instances=2, raw_decoder=True)))
     assert cfg.platform == "tensorrt_plan" and cfg.backend == "tensorrt"
     assert cfg.default_model_filename == "engine.plan"
     assert cfg.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU and cfg.instance_group[0].count == 2
@@ -131,7 +135,8 @@ def test_h100_tensorrt_config_parses_and_matches_io_spec(tiny_bundle, tmp_path):
     fake.mkdir()
     (fake / trt_backend.ENGINE_FILE).write_bytes(b"plan")  # placeholder: layout only, never loaded
     write_manifest(fake, manifest)
-    out = write_triton_model(Bundle(fake, manifest), tmp_path / "repo", TritonOptions(name="tiny_h100"))
+    out = write_triton_model(Bundle(fake, manifest), tmp_path / "repo", TritonOptions(name="tiny_h100",
+                                                                                     raw_decoder=True))
     assert sorted(out["files"]) == ["1/engine.plan", "config.pbtxt", "leptonc-manifest.json"]
 
 
@@ -154,3 +159,49 @@ def test_package_refuses_a_tampered_bundle_and_bad_options(tiny_bundle, tmp_path
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == code, argv
+
+
+def test_python_model_config_runs_the_engine_decoupled_with_instance_groups(tiny_bundle, tmp_path, capsys):
+    from leptonc.cli import main
+    from leptonc.triton_repository import BUNDLE_IN_VERSION, PYTHON_MODEL_FILE
+
+    repo = tmp_path / "models"
+    with pytest.raises(SystemExit) as exit_:
+        main(["package", str(tiny_bundle), "--triton", str(repo), "--name", "tiny", "--instance-group", "cpu:2",
+              "--max-queue", "8", "--json"])
+    assert exit_.value.code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["platform"] == "python"
+    model_dir = repo / "tiny"
+    pb, cfg = _parse((model_dir / "config.pbtxt").read_text())
+    assert cfg.backend == "python" and cfg.max_batch_size == 0
+    assert cfg.model_transaction_policy.decoupled
+    assert [(t.name, t.optional) for t in cfg.input][:2] == [("text_input", False), ("max_tokens", True)]
+    assert cfg.input[0].data_type == pb.TYPE_STRING
+    assert {t.name for t in cfg.output} == {"text_output", "output_ids", "finish_reason"}
+    assert [(g.kind, g.count) for g in cfg.instance_group] == [(pb.ModelInstanceGroup.KIND_CPU, 2)]
+    assert cfg.parameters["leptonc_bundle"].string_value == BUNDLE_IN_VERSION
+    assert cfg.parameters["leptonc_max_queue"].string_value == "8"
+    # The version folder: leptonc's model and the whole bundle, which still loads and verifies there.
+    assert (model_dir / "1" / "model.py").read_bytes() == PYTHON_MODEL_FILE.read_bytes()
+    copied = load_bundle(model_dir / "1" / BUNDLE_IN_VERSION, verify=True)
+    assert copied.manifest == load_bundle(tiny_bundle).manifest
+
+    # GPU groups: one instance per listed GPU; refused for a bundle compiled for the CPU.
+    from leptonc.triton_repository import InstanceGroup, python_model_config, TritonOptions
+    from leptonc.errors import UnsupportedRequestError
+
+    gpu_manifest = {**copied.manifest, "engine": {**copied.manifest["engine"],
+                                                  "session": {"provider": "CUDAExecutionProvider"}}}
+    _, gpu_cfg = _parse(python_model_config(gpu_manifest, TritonOptions(
+        instance_groups=(InstanceGroup.parse("gpu:0,2"),))))
+    assert [(g.kind, g.count, list(g.gpus)) for g in gpu_cfg.instance_group] == [
+        (pb.ModelInstanceGroup.KIND_GPU, 1, [0, 2])]
+    with pytest.raises(UnsupportedRequestError, match="compiled for the CPU"):
+        python_model_config(copied.manifest, TritonOptions(instance_groups=(InstanceGroup.parse("gpu"),)))
+    for bad in ("tpu", "gpu:a", "cpu:0", "gpu:1,1"):
+        with pytest.raises(UnsupportedRequestError):
+            InstanceGroup.parse(bad)
+    proc = run_cli("package", tiny_bundle, "--triton", tmp_path / "r2", "--instance-group", "gpu:0")
+    assert_clean_error(proc, 2)
+    assert "compiled for the CPU" in proc.stderr
