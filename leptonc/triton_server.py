@@ -14,6 +14,7 @@ server needs three things arranged, which this module does:
   empty virtualenv holding numpy<2 that adds the main site-packages after its own.
 
     python -m leptonc.triton_server REPO [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+    python -m leptonc.triton_server --prepare      # only create the stub environment (`make setup` does)
 """
 
 from __future__ import annotations
@@ -222,13 +223,20 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m leptonc.triton_server",
                                      description="Run the nvidia-pytriton wheel's tritonserver on a model repository.")
-    parser.add_argument("repository", type=Path)
+    parser.add_argument("repository", type=Path, nargs="?")
+    parser.add_argument("--prepare", action="store_true", help="only prepare the stub's Python environment")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("extra", nargs="*", help="further tritonserver options, after --")
     args = parser.parse_args(argv)
+    if not args.prepare and args.repository is None:
+        parser.error("give the model repository (or --prepare)")
     try:
+        if args.prepare:
+            wheel_server_dir()
+            print(f"the Python backend's stub will run in {stub_python_env()}")
+            return 0
         runtime = prepare_runtime(Path(tempfile.mkdtemp(prefix="leptonc-triton-")))
     except LeptonError as e:
         print(f"error: {e}", file=sys.stderr)
