@@ -95,6 +95,6 @@ def _refusal(target: Target, precision: str) -> str:
         better = [t.name for t in TARGETS.values() if t.compute_capability and t.supports(precision)]
         return (
             f"{target.name} is {target.sm}: {precision.upper()} needs sm{need[0]}{need[1]}+ tensor cores; "
-            f"{alt}, or target {', '.join(better[:3])}"
+            f"{alt}, or target {', '.join(better)}"
         )
     return f"target {target.name} cannot run {precision}; {alt}"
