@@ -213,21 +213,22 @@ def test_client_disconnect_mid_stream_frees_the_slot(tiny_server):
 def test_sigterm_under_load_finishes_in_flight_and_exits_0(tiny_bundle):
     server = ServerProcess(tiny_bundle, "--grace", "30")
     client = server.client()
-    started = threading.Event()
+    streaming = threading.Barrier(5)  # the four streams have their first tokens, and the test goes on
 
     def stream(i):
         chunks = client.completions.create(model=server.model, prompt=f"load {i}", max_tokens=150, temperature=0,
                                            stream=True, extra_body={"ignore_eos": True})
         tokens = 0
         for chunk in chunks:
+            if not tokens:
+                streaming.wait(60)
             tokens += len(chunk.choices[0].model_extra["token_ids"])
-            started.set()
             finish = chunk.choices[0].finish_reason
         return tokens, finish
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(stream, i) for i in range(4)]
-        assert started.wait(60)
+        streaming.wait(60)  # every request is in flight: SIGTERM must let each one finish
         server.proc.send_signal(signal.SIGTERM)
         results = [f.result(timeout=60) for f in futures]
     assert results == [(150, "length")] * 4
