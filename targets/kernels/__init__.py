@@ -46,15 +46,18 @@ same call) and 7,700 and 7,209 at batch 16 (1.20x and 1.17x). smollm2-135m int4:
 kernel, the same greedy tokens. The lowering is on by default for GPU targets (LEPTONC_CUDA_KERNELS=0 or
 `--disable-pass use_leptonc_kernels` turns it off).
 
-Building needs, on the compiling machine (no GPU needed there):
-  - nvcc (CUDA 12 or 13): `CUDA_HOME`, then `PATH`, then /usr/local/cuda;
-  - the ONNX Runtime C API header `onnxruntime_c_api.h` (and the headers it includes), which the
-    onnxruntime wheels do not ship: point `LEPTONC_ORT_INCLUDE` at the `include/` folder of the ONNX
-    Runtime release archive for your version (or any older one: the header's API version must not be
-    newer than the runtime's).
-Without them the compile keeps ONNX Runtime's kernel and its report says why (passes/use_kernels.py).
-Builds are cached by the hash of the source (with the .cuh files it includes), the ONNX Runtime header, nvcc's
-version and the architecture.
+Building needs, on the compiling machine (no GPU needed there: a CPU-only CI runner cross-compiles):
+  - nvcc (CUDA 12 or 13), found in this order: `CUDA_HOME` (or `CUDA_PATH`), `PATH`, the registry's CUDA
+    compiler wheel in this Python environment (`pip install "leptonc[cuda]"` brings nvidia-cuda-nvcc, its
+    crt, nvvm, runtime headers and cccl), then /usr/local/cuda;
+  - nothing from ONNX Runtime or cuBLAS: the library builds against the project's own declarations of the part
+    of their C ABIs it uses (abi/onnxruntime_c_api.h, abi/cublas_v2.h). Where no libcublas is installed the
+    link takes a stub carrying only cuBLAS's soname; at load time the GPU machine's libcublas (ONNX Runtime's
+    CUDA provider loads it) provides the symbols. `LEPTONC_ORT_INCLUDE` (optional, a build-environment
+    setting) points at an ONNX Runtime release's `include/` folder to build against its header instead.
+Where nvcc is missing the compile keeps ONNX Runtime's kernels and its report says why and what to install
+(passes/use_kernels.py). Builds are cached by the hash of the source (with the .cuh files it includes), the
+declarations or ONNX Runtime header, nvcc's version and the architecture.
 """
 
 from __future__ import annotations
@@ -79,31 +82,93 @@ class KernelsUnavailable(Exception):
     """The library cannot be built here; the message says what is missing and how to provide it."""
 
 
+ABI_DIR = Path(__file__).with_name("abi")  # the project's own declarations of ONNX Runtime's and cuBLAS's C ABI subsets
+ABI_HEADERS = (ABI_DIR / "onnxruntime_c_api.h", ABI_DIR / "cublas_v2.h")
+CUBLAS_SYMBOLS = ("cublasCreate_v2", "cublasSetStream_v2", "cublasSetWorkspace_v2", "cublasGemmEx")  # abi/cublas_v2.h
+CUDA_INSTALL_HINT = ('`pip install "leptonc[cuda]"` brings the CUDA compiler from the registry\'s CUDA wheels; '
+                     "or install the CUDA toolkit and set CUDA_HOME")
+
+
 @dataclass(frozen=True)
 class KernelLibrary:
     path: Path
     arch: str            # e.g. sm_90
     nvcc: str            # nvcc's release line, e.g. "13.0, V13.0.48"
-    ort_api_version: int  # ORT_API_VERSION of the header it was built against
+    ort_api_version: int  # ORT_API_VERSION of the declarations or header it was built against
     source_sha256: str
+    ort_header: str = "leptonc declarations"  # or the ONNX Runtime header's folder (LEPTONC_ORT_INCLUDE)
+    cublas: str = ""     # the libcublas it links (its file name), or "stub:libcublas.so.N" where none was installed
+    nvcc_found_by: str = ""  # CUDA_HOME, PATH, the nvidia-cuda-nvcc wheel or /usr/local/cuda
 
     def manifest(self) -> dict:
         return {"file": f"{BUNDLE_DIR}/{LIBRARY}", "domain": DOMAIN, "ops": list(OPS), "arch": self.arch,
-                "nvcc": self.nvcc, "ort_api_version": self.ort_api_version, "source_sha256": self.source_sha256}
+                "nvcc": self.nvcc, "nvcc_found_by": self.nvcc_found_by, "ort_api_version": self.ort_api_version,
+                "ort_header": self.ort_header, "cublas": self.cublas, "source_sha256": self.source_sha256}
+
+
+@dataclass(frozen=True)
+class CudaToolkit:
+    """nvcc and the folders beside it that hold CUDA's headers and libraries."""
+
+    nvcc: Path
+    found_by: str
+
+    @property
+    def root(self) -> Path:
+        return self.nvcc.resolve().parent.parent
+
+    def _wheel_roots(self) -> list[Path]:
+        """The registry's CUDA wheels keep one folder per CUDA major (nvidia/cu13) or, for CUDA 12, per package."""
+        root = self.root
+        if root.parent.name != "nvidia":
+            return []
+        return [root] + sorted(p for p in root.parent.iterdir() if p.is_dir() and p != root)
+
+    def include_dirs(self) -> list[Path]:
+        roots = [self.root, self.root / "targets" / "x86_64-linux", *self._wheel_roots()]
+        return list(dict.fromkeys(r / "include" for r in roots if (r / "include").is_dir()))
+
+    def lib_dirs(self) -> list[Path]:
+        roots = [self.root, self.root / "targets" / "x86_64-linux", *self._wheel_roots(), *_cuda_wheel_roots()]
+        dirs = [r / sub for r in roots for sub in ("lib64", "lib")]
+        return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+
+
+def _cuda_wheel_roots() -> list[Path]:
+    """nvidia/cu13, nvidia/cu12, nvidia/cuda_nvcc, ... in this Python environment's site-packages."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return [p for loc in locations for p in sorted(Path(loc).iterdir()) if p.is_dir()]
+
+
+def find_toolkit() -> CudaToolkit | None:
+    """nvcc from CUDA_HOME (or CUDA_PATH), PATH, the nvidia-cuda-nvcc wheel, then /usr/local/cuda."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return CudaToolkit(Path(home) / "bin" / "nvcc", var)
+    found = shutil.which("nvcc")
+    if found:
+        return CudaToolkit(Path(found), "PATH")
+    for root in _cuda_wheel_roots():
+        if (root / "bin" / "nvcc").is_file():
+            return CudaToolkit(root / "bin" / "nvcc", "the nvidia-cuda-nvcc wheel")
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return CudaToolkit(default, "/usr/local/cuda") if default.is_file() else None
 
 
 def find_nvcc() -> Path | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return Path(home) / "bin" / "nvcc"
-    found = shutil.which("nvcc")
-    if found:
-        return Path(found)
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return default if default.is_file() else None
+    toolkit = find_toolkit()
+    return toolkit.nvcc if toolkit else None
 
 
 def find_ort_include() -> Path | None:
+    """The optional override: an ONNX Runtime release's include/ folder named by LEPTONC_ORT_INCLUDE."""
     value = os.environ.get("LEPTONC_ORT_INCLUDE")
     if not value:
         return None
@@ -125,60 +190,97 @@ def arch_for(compute_capability) -> str:
 
 
 def _nvcc_release(nvcc: Path) -> str:
-    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
+    try:
+        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
+    except OSError as exc:
+        raise KernelsUnavailable(f"{nvcc} does not run ({exc}); {CUDA_INSTALL_HINT}") from exc
     m = re.search(r"release ([^\n]+)", out)
     return m.group(1).strip() if m else out.strip().splitlines()[-1] if out.strip() else "unknown"
 
 
-def _cuda_lib_dirs(nvcc: Path) -> list[Path]:
-    """Where libcublas may be: the toolkit's lib64 or lib (pip's nvidia-cu13 layout keeps it in lib)."""
-    root = nvcc.resolve().parent.parent
-    return [d for d in (root / "lib64", root / "lib", root / "targets" / "x86_64-linux" / "lib") if d.is_dir()]
+def _cublas_link(toolkit: CudaToolkit, cuda_major: str, stub_dir: Path) -> tuple[list[str], str]:
+    """Link flags for cuBLAS: the installed libcublas, else a stub with only its soname (written into stub_dir)."""
+    soname = f"libcublas.so.{cuda_major}"
+    for d in toolkit.lib_dirs():
+        if (d / soname).exists() or (d / "libcublas.so").exists():
+            name = soname if (d / soname).exists() else "libcublas.so"
+            return [f"-L{d}", f"-l:{name}"], name
+    stub = stub_dir / "libcublas.so"  # never shipped: the library records only the soname
+    if not stub.is_file():
+        stub_dir.mkdir(parents=True, exist_ok=True)
+        empty = stub_dir / f"cublas_stub.{os.getpid()}.cpp"
+        empty.write_text("// stands in for libcublas at link time: its soname and the symbols the library calls\n"
+                         + "".join(f'extern "C" int {name}() {{ return 1; }}\n' for name in CUBLAS_SYMBOLS))
+        tmp = stub_dir / f".libcublas.so.{os.getpid()}.tmp"
+        cmd = [str(toolkit.nvcc), "-shared", "-cudart", "none", "-Xcompiler", "-fPIC", f"-Xlinker=-soname={soname}",
+               str(empty), "-o", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        empty.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise KernelsUnavailable(f"nvcc could not link a cuBLAS stub ({soname}):\n{(proc.stderr or proc.stdout)[-800:]}")
+        os.replace(tmp, stub)
+    return [f"-L{stub_dir}", "-lcublas"], f"stub:{soname}"
 
 
-def _cublas_flag(dirs: list[Path]) -> list[str]:
-    for d in dirs:
-        if (d / "libcublas.so").exists():
-            return ["-lcublas"]
-        versioned = sorted(d.glob("libcublas.so.*"))
-        if versioned:
-            return [f"-l:{versioned[0].name}"]
-    raise KernelsUnavailable("cuBLAS (libcublas.so) was not found beside nvcc; install the CUDA toolkit's cuBLAS "
-                             "(or the nvidia-cublas wheel) and set CUDA_HOME")
+def _explain_nvcc_failure(stderr: str) -> str:
+    """The next step for the usual reasons nvcc fails on a fresh machine."""
+    missing = re.search(r"fatal error: ([\w/.+-]+): No such file", stderr)
+    if missing:
+        header = missing.group(1)
+        package = "nvidia-cuda-cccl" if header.startswith(("nv/", "cuda/", "cub/", "thrust/")) else "nvidia-cuda-runtime"
+        return (f"the CUDA header {header} is not beside nvcc: install {package} (part of leptonc[cuda]) in this "
+                "environment, or point CUDA_HOME at a full CUDA toolkit")
+    if "cicc" in stderr and ("not found" in stderr or "No such file" in stderr):
+        return "nvcc's cicc is missing: install nvidia-nvvm (part of leptonc[cuda]) or a full CUDA toolkit"
+    if "cannot find -lcudart" in stderr:
+        return "libcudart_static.a is not beside nvcc: install nvidia-cuda-runtime (part of leptonc[cuda])"
+    return "see nvcc's message above"
 
 
 def build_library(compute_capability, cache_dir: Path | None = None) -> KernelLibrary:
-    """Build (or take from the cache) the kernel library for one GPU architecture."""
+    """Build (or take from the cache) the kernel library for one GPU architecture. No GPU is needed."""
     arch = arch_for(compute_capability)
-    nvcc = find_nvcc()
-    if nvcc is None:
-        raise KernelsUnavailable("nvcc was not found (CUDA_HOME, PATH, /usr/local/cuda); install the CUDA toolkit "
-                                 "to build leptonc's CUDA kernels")
-    include = find_ort_include()
-    if include is None:
-        raise KernelsUnavailable("the ONNX Runtime C API header was not found: set LEPTONC_ORT_INCLUDE to the include/ "
-                                 "folder of the ONNX Runtime release archive for your version (the wheels ship no "
-                                 "headers)")
-    header = (include / "onnxruntime_c_api.h").read_bytes()
+    toolkit = find_toolkit()
+    if toolkit is None:
+        raise KernelsUnavailable("nvcc was not found (CUDA_HOME, PATH, the nvidia-cuda-nvcc wheel, /usr/local/cuda); "
+                                 f"{CUDA_INSTALL_HINT}")
+    override = find_ort_include()
+    if os.environ.get("LEPTONC_ORT_INCLUDE") and override is None:
+        raise KernelsUnavailable(f"LEPTONC_ORT_INCLUDE={os.environ['LEPTONC_ORT_INCLUDE']} holds no "
+                                 "onnxruntime_c_api.h; unset it to build against leptonc's own declarations")
+    ort_header = (override / "onnxruntime_c_api.h") if override else ABI_HEADERS[0]
+    header = ort_header.read_bytes()
     m = re.search(rb"#define ORT_API_VERSION (\d+)", header)
     api_version = int(m.group(1)) if m else 0
-    release = _nvcc_release(nvcc)
+    release = _nvcc_release(toolkit.nvcc)
+    major = re.match(r"(\d+)", release)
+    if major is None:
+        raise KernelsUnavailable(f"{toolkit.nvcc} reports no CUDA release ({release!r}); {CUDA_INSTALL_HINT}")
+    cuda_major = major.group(1)
     source = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
     source_sha = hashlib.sha256(source).hexdigest()
-    key = hashlib.sha256(b"\0".join([source, header, release.encode(), arch.encode()])).hexdigest()[:20]
+    abi = header + b"".join(h.read_bytes() for h in ABI_HEADERS[1:])
     root = cache_dir or Path(os.environ.get("LEPTONC_CACHE") or Path.home() / ".cache" / "leptonc") / "kernels"
+    link, cublas = _cublas_link(toolkit, cuda_major, root / f"cublas-stub-{cuda_major}")
+    key = hashlib.sha256(b"\0".join([source, abi, release.encode(), arch.encode(), cublas.encode()])).hexdigest()[:20]
     out_dir = root / key
     lib = out_dir / LIBRARY
     if not lib.is_file():
-        dirs = _cuda_lib_dirs(nvcc)
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f".{LIBRARY}.{os.getpid()}.tmp"
-        cmd = [str(nvcc), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}",
-               f"-I{include}", str(SOURCE), "-o", str(tmp), *[f"-L{d}" for d in dirs], *_cublas_flag(dirs)]
+        # the declarations come first so that they, not a cuBLAS header installed beside nvcc, are what is built against
+        includes = [f"-I{override}"] if override else []
+        includes += [f"-I{ABI_DIR}", *[f"-I{d}" for d in toolkit.include_dirs()]]
+        includes += [f"-isystem={d / 'cccl'}" for d in toolkit.include_dirs() if (d / "cccl").is_dir()]
+        cmd = [str(toolkit.nvcc), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}", *includes,
+               str(SOURCE), "-o", str(tmp), *[f"-L{d}" for d in toolkit.lib_dirs()], *link]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)
             tail = (proc.stderr or proc.stdout).strip()[-1500:]
-            raise KernelsUnavailable(f"nvcc failed building leptonc's CUDA kernels for {arch}:\n{tail}")
+            raise KernelsUnavailable(f"nvcc ({toolkit.nvcc}, found by {toolkit.found_by}) failed building leptonc's CUDA "
+                                     f"kernels for {arch}:\n{tail}\n{_explain_nvcc_failure(tail)}")
         os.replace(tmp, lib)
-    return KernelLibrary(lib, arch, release, api_version, source_sha)
+    return KernelLibrary(lib, arch, release, api_version, source_sha, str(override) if override else "leptonc declarations",
+                         cublas, toolkit.found_by)
