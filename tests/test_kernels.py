@@ -625,7 +625,7 @@ def test_library_builds_and_registers():
 # ---- GroupQueryAttention -> ai.leptonc.CachedAttention (default; LEPTONC_ATTENTION_KERNEL=0 keeps GQA) ---------
 
 def _gqa_graph(h=8, kvh=2, d=64, dtype=np.float16, **attrs) -> gs.Graph:
-    from leptonc.targets.kernels.attention_reference import gqa_graph
+    from attention_reference import gqa_graph
 
     return gqa_graph(h, kvh, d, np.ones((32, d // 2)), np.zeros((32, d // 2)), dtype, scale=0.125, **attrs)
 
@@ -702,17 +702,17 @@ def _gqa_session(h, kvh, d, cos, sin):
     """ONNX Runtime's own GroupQueryAttention (CPU, float32) in the form CachedAttention replaces."""
     import onnxruntime as ort
 
-    from leptonc.targets.kernels.attention_reference import gqa_graph
+    from attention_reference import gqa_graph
 
     model = gs.export_onnx(gqa_graph(h, kvh, d, cos, sin, np.float32))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def test_cached_attention_contract_matches_onnx_runtime_group_query_attention():
-    """The numpy contract the CUDA kernels implement (targets/kernels/attention_reference.py) against ONNX Runtime's
+    """The numpy contract the CUDA kernels implement (tests/attention_reference.py) against ONNX Runtime's
     GroupQueryAttention, the op they replace: a right-padded first prompt into a shared cache, then two decode steps
     at different lengths per row. Outputs of real tokens and every cache entry they wrote must agree."""
-    from leptonc.targets.kernels.attention_reference import cached_attention
+    from attention_reference import cached_attention
 
     rng = np.random.default_rng(0)
     h, kvh, d, cap, positions = 6, 2, 64, 24, 64

@@ -330,6 +330,7 @@ def test_mask_sum_runner_right_pads_and_matches_left_padded_graph(tiny, mask_sum
 def test_prefill_in_row_chunks_matches_one_run(tiny, mask_sum_bundle, graph):
     """A prefill split into runs of whole rows (each bound to its rows of the one K/V block) gives the
     same logits and the same cache as one run over the batch, for a padded batch and both contracts."""
+    from leptonc.runtime.engine_settings import EngineSettings
     from leptonc.runtime.ort_cuda import OrtCudaRunner
 
     bundle = tiny[0] if graph == "cpu contract" else mask_sum_bundle
@@ -340,8 +341,8 @@ def test_prefill_in_row_chunks_matches_one_run(tiny, mask_sum_bundle, graph):
     ids[mask == 0] = 0
 
     def runner(tokens):
-        return OrtCudaRunner(bundle.model_path, bundle.io, {**bundle.engine["session"], "prefill_tokens": tokens},
-                             device_type="cpu", max_sequence=48, max_batch=bundle.max_batch)
+        return OrtCudaRunner(bundle.model_path, bundle.io, bundle.engine["session"], device_type="cpu", max_sequence=48,
+                             max_batch=bundle.max_batch, run_settings=EngineSettings(prefill_tokens=tokens))
 
     with runner(512) as whole, runner(20) as chunked:  # 20 tokens: rows of 10 go two, then one
         assert chunked.describe()["prefill_tokens"] == 20 and chunked.shared_kv
@@ -355,11 +356,29 @@ def test_prefill_in_row_chunks_matches_one_run(tiny, mask_sum_bundle, graph):
             np.testing.assert_allclose(b, a, atol=1e-5)
 
 
-@pytest.mark.parametrize("value", ["abc", "0"])
-def test_bad_prefill_chunk_setting_is_a_clean_error(tiny_bundle, value):
-    proc = run_cli("run", tiny_bundle, "-p", "hi", "-n", "2", env={"LEPTONC_PREFILL_TOKENS": value})
+@pytest.mark.parametrize("option, message", [("prefill_tokens=abc", "not a whole number"),
+                                              ("prefill_tokens=0", "below 1"), ("prefill_token=8", "unknown engine")])
+def test_bad_engine_option_is_a_clean_error(tiny_bundle, option, message):
+    proc = run_cli("run", tiny_bundle, "-p", "hi", "-n", "2", "--engine-option", option)
     assert_clean_error(proc, 8)
-    assert "LEPTONC_PREFILL_TOKENS" in proc.stderr
+    assert message in proc.stderr
+
+
+def test_engine_settings_are_in_the_manifest_and_an_override_is_recorded_in_bench_json(tiny, tiny_bundle):
+    """The run-time settings live in the bundle's engine section; `--engine-option` overrides one for a run,
+    and `bench --json` records the settings the runner used."""
+    from leptonc.runtime import open_bundle_runner
+    from leptonc.runtime.engine_settings import EngineSettings
+
+    bundle = tiny[0]
+    assert bundle.engine["run_settings"] == EngineSettings().as_dict()
+    with open_bundle_runner(bundle, overrides={"prefill_tokens": "64"}) as runner:
+        assert runner.prefill_tokens == 64
+    proc = run_cli("bench", tiny_bundle, "--batch", "1", "--prompt-len", "8", "--gen-len", "2", "--warmup", "0",
+                   "--iters", "1", "--json", "--engine-option", "prefill_tokens=64")
+    assert proc.returncode == 0, proc.stderr
+    settings = json.loads(proc.stdout)["runner"]["engine_settings"]
+    assert settings == {**EngineSettings().as_dict(), "prefill_tokens": 64}
 
 
 def test_kv_cache_that_cannot_be_allocated_is_an_input_error(tiny):
@@ -590,24 +609,6 @@ def test_pipeline_is_off_with_a_reason_where_it_cannot_run(mask_sum_bundle, monk
         cuda_driver.CudaDriver(0)
 
 
-def test_device_argmax_switch_reads_logits_instead(mask_sum_bundle, monkeypatch):
-    """LEPTONC_DEVICE_ARGMAX=0 (the bench A/B) keeps next_token bound but takes the argmax of the logits
-    on the host; both give the same tokens, and describe() says which one ran."""
-    rng = np.random.default_rng(2)
-    ids = rng.integers(3, 500, size=(2, 6), dtype=np.int64)
-    mask = np.ones_like(ids)
-    with _runner(mask_sum_bundle, "iobinding", max_sequence=32) as on:
-        monkeypatch.setenv("LEPTONC_DEVICE_ARGMAX", "0")
-        with _runner(mask_sum_bundle, "iobinding", max_sequence=32) as off:
-            assert on.greedy_output and not off.greedy_output and off.token_output
-            assert "graph" in on.describe()["greedy_tokens"] and "host" in off.describe()["greedy_tokens"]
-            a = on.prefill(ids, mask, last_only=True).argmax(-1)
-            b = off.prefill(ids, mask, last_only=True).argmax(-1)
-            for _ in range(8):
-                a, b = on.decode_tokens(a), off.decode_tokens(b)
-                np.testing.assert_array_equal(a, b)
-
-
 def test_cublas_workspace_env_is_set_where_unset_kept_where_given_and_restored(monkeypatch):
     """issue 8 line 6: the CUDA runner caps cuBLAS's default workspace pool only where the user said nothing,
     and `bench --baseline hf` gets the user's environment back."""
@@ -658,37 +659,3 @@ def test_bench_reports_peak_against_the_memory_bound(mask_sum_bundle, monkeypatc
     assert b1["kv_held_mb"] == pytest.approx(kv, abs=0.1) and b2["kv_held_mb"] == pytest.approx(3 * kv, abs=0.1)
     assert b1["bound_mb"] == pytest.approx(1.25 * (b1["weights_mb"] + b1["kv_held_mb"]), abs=0.2)
     assert (b1["within"], b2["within"]) == (True, False)
-
-
-def test_describe_names_a_kernel_buffer_setting_the_library_ignores(monkeypatch):
-    """LEPTONC_KERNEL_BUFFER_MB / LEPTONC_CUBLAS_WORKSPACE_MB: what describe() reports is what leptonc_cuda.cu's
-    env_mib reads (whole MiB 1-4096), and a value it ignores is named, not shown as if it applied."""
-    from leptonc.runtime.ort_cuda_session import _buffer_mib
-
-    for value, shown in (("16", "16"), ("", "the library's default")):
-        monkeypatch.setenv("LEPTONC_KERNEL_BUFFER_MB", value)
-        assert _buffer_mib("LEPTONC_KERNEL_BUFFER_MB") == shown
-    for bad in ("0", "5000", "16MB", " 8"):
-        monkeypatch.setenv("LEPTONC_KERNEL_BUFFER_MB", bad)
-        assert _buffer_mib("LEPTONC_KERNEL_BUFFER_MB").startswith(f"the library's default (LEPTONC_KERNEL_BUFFER_MB={bad!r}")
-
-
-@pytest.mark.parametrize("env, expected", [
-    ({}, "value rows with the keys on, key/value rows into L2 before its wait (LEPTONC_ATTN_KV_PREFETCH); "
-         "int4 gate|up rolling window 8:4 "),
-    ({"LEPTONC_ATTN_PREFETCH_V": "0", "LEPTONC_ATTN_KV_PREFETCH": "1", "LEPTONC_GEMV_WINDOW": "0"},
-     "value rows with the keys off (LEPTONC_ATTN_PREFETCH_V=0), key/value rows into L2 after its wait "
-     "(LEPTONC_ATTN_KV_PREFETCH); int4 gate|up rolling window off "),
-    ({"LEPTONC_ATTN_KV_PREFETCH": "0", "LEPTONC_GEMV_WINDOW": "8:4:2"}, "L2 off (LEPTONC_ATTN_KV_PREFETCH); int4 gate|up "
-                                                                       "rolling window 8:4:2 "),
-    ({"LEPTONC_GEMV_WINDOW": "16:8"}, "rolling window off "),  # no such instance: the kernels keep the default plan
-])
-def test_describe_names_the_decode_prefetches_the_kernels_will_run(monkeypatch, env, expected):
-    """describe()'s leptonc_kernels entry reads the kernels' session-19 switches as the library does."""
-    from leptonc.runtime.ort_cuda_session import _decode_prefetches
-
-    for name in ("LEPTONC_ATTN_PREFETCH_V", "LEPTONC_ATTN_KV_PREFETCH", "LEPTONC_GEMV_WINDOW"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert expected in _decode_prefetches()

@@ -7,12 +7,21 @@ from pathlib import Path
 from leptonc.errors import BundleError
 
 
-def open_bundle_runner(bundle, device: str | None = None):
-    """A `Runner` for a loaded `Bundle`, chosen by its backend."""
+def open_bundle_runner(bundle, device: str | None = None, overrides: dict | None = None):
+    """A `Runner` for a loaded `Bundle`, chosen by its backend. `overrides` change the bundle's run-time engine
+    settings for this runner only (names and types: leptonc/runtime/engine_settings.py's EngineSettings; values
+    may be strings, as `--engine-option KEY=VALUE` gives them); the runner's describe() records what applied."""
+    from leptonc.errors import InputError
+
     if bundle.backend == "onnxruntime":
+        from leptonc.runtime.engine_settings import EngineSettings
         from leptonc.targets.backends.onnxruntime import open_runner
 
-        return open_runner(bundle.model_path, bundle.engine, bundle.manifest["limits"], device)
+        run_settings = EngineSettings.from_manifest(bundle.engine).with_overrides(overrides)
+        return open_runner(bundle.model_path, bundle.engine, bundle.manifest["limits"], device, run_settings)
+    if overrides:
+        raise InputError(f"engine settings ({', '.join(overrides)}) apply to ONNX Runtime bundles; this one is "
+                         f"{bundle.backend}", hint="drop --engine-option for this bundle")
     if bundle.backend == "tensorrt":
         from leptonc.targets.backends.tensorrt import open_runner as open_trt
 

@@ -30,7 +30,6 @@ the new token ids (and mask/positions) and reads back only the logits. Two cache
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +38,20 @@ from leptonc.errors import InputError
 from leptonc.runtime.base import positions_from_mask
 from leptonc.runtime.fixed_decode import PIPELINE_DEPTH, FixedAddressDecode
 from leptonc.runtime.kv_block import KvBlock
-from leptonc.runtime.ort_cuda_session import (GpuMemory, _buffer_mib, _decode_prefetches, cublas_workspace_env,
-                                              graph_op_types, load_ort_cuda, open_session, restore_cublas_env)
+from leptonc.runtime.engine_settings import EngineSettings
+from leptonc.runtime.ort_cuda_session import (GpuMemory, cublas_workspace_env, graph_op_types, load_ort_cuda,
+                                              open_session, restore_cublas_env, set_kernel_buffer_sizes)
 
 CACHE_ATTENTION_OPS = frozenset({"GroupQueryAttention", "CachedAttention"})  # attention that owns a K/V cache
 _DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
-PREFILL_TOKENS = 4096  # tokens per prefill chunk (whole rows); module doc
 
 
 class OrtCudaRunner(FixedAddressDecode):
     device = "cuda"
 
     def __init__(self, model_path: Path, io: dict, settings: dict | None = None, *, max_sequence: int = 2048,
-                 max_batch: int = 64, device_id: int = 0, cuda_graph: bool | None = None, device_type: str = "cuda"):
+                 max_batch: int = 64, device_id: int = 0, cuda_graph: bool | None = None, device_type: str = "cuda",
+                 run_settings: EngineSettings | None = None):
         # device_type "cpu" runs this same I/O-binding code on ONNX Runtime's CPU provider: that is how the
         # CPU-only CI checks its cache handling; speed claims come from "cuda" on the device only.
         if device_type not in ("cuda", "cpu"):
@@ -72,93 +72,67 @@ class OrtCudaRunner(FixedAddressDecode):
         self.vocab_size = io["vocab_size"]
         self.max_sequence, self.max_batch = max_sequence, max_batch
         self.memory = GpuMemory(device_id) if device_type == "cuda" else None
-        tokens = os.environ.get("LEPTONC_PREFILL_TOKENS") or settings.get("prefill_tokens", PREFILL_TOKENS)
-        try:
-            self.prefill_tokens = int(tokens)
-        except (TypeError, ValueError):
-            self.prefill_tokens = 0
-        if self.prefill_tokens < 1:
-            raise InputError(f"prefill chunk size {tokens!r} (LEPTONC_PREFILL_TOKENS or the engine's prefill_tokens) "
-                             "is not a whole number of tokens >= 1", hint="unset LEPTONC_PREFILL_TOKENS or set it to "
-                             f"a positive integer (default {PREFILL_TOKENS})")
+        self.run_settings = run_settings or EngineSettings()
+        self.prefill_tokens = self.run_settings.prefill_tokens
+        if cuda_graph is None:
+            cuda_graph = self.run_settings.cuda_graph
 
         ops = graph_op_types(model_path)
         # ai.leptonc.CachedAttention (passes/use_kernels.py) keeps GroupQueryAttention's contract: shared past/present
         # buffer, lengths from the mask's contents.
-        cached = bool(ops & CACHE_ATTENTION_OPS)
-        # LEPTONC_KV_LAYOUT=growing forces the growing layout (for the cache-layout ablation in bench/).
-        layout = os.environ.get("LEPTONC_KV_LAYOUT") or settings.get("kv_layout", "shared")
-        if layout not in ("shared", "growing"):
-            raise InputError(f"kv layout {layout!r}: use 'shared' or 'growing'")
-        self.shared_kv = cached and layout == "shared"
-        env_graph = os.environ.get("LEPTONC_CUDA_GRAPH")
-        if cuda_graph is None:
-            cuda_graph = settings.get("cuda_graph", True) if env_graph is None else env_graph == "1"
+        self.shared_kv = bool(ops & CACHE_ATTENTION_OPS)
         # "mask_sum" graphs take right-padded prompts and a fixed [B, capacity] decode mask (module doc).
-        self.right_pad = cached and settings.get("gqa_lengths") == "mask_sum"
-        if self.right_pad and not self.shared_kv:
-            raise InputError("this bundle's attention reads sequence lengths from a fixed-size mask, which "
-                             "needs the shared KV layout", hint="unset LEPTONC_KV_LAYOUT")
+        self.right_pad = self.shared_kv and settings.get("gqa_lengths") == "mask_sum"
         self.cuda_graph = bool(cuda_graph) and self.right_pad and device_type == "cuda"
         if self.cuda_graph:
             self.cuda_graph_reason = "on"
         elif not self.shared_kv:
-            self.cuda_graph_reason = ("off: the growing cache layout changes shapes every step"
-                                      if cached else
-                                      "off: the graph has no GroupQueryAttention, so the cache grows each step")
+            self.cuda_graph_reason = "off: the graph has no GroupQueryAttention, so the cache grows each step"
         elif not self.right_pad:
             self.cuda_graph_reason = ("off: this graph derives attention lengths from the mask's length "
                                       "(a CPU-target graph), so decode shapes change every step")
         elif device_type != "cuda":
             self.cuda_graph_reason = "off: CPU provider"
         else:
-            self.cuda_graph_reason = "off: disabled (cuda_graph setting or LEPTONC_CUDA_GRAPH=0)"
+            self.cuda_graph_reason = "off: the cuda_graph engine setting is false"
 
         from leptonc.runtime.ort import session_options
 
-        if settings.get("custom_ops_library") and device_type != "cuda":
-            raise InputError(f"this bundle runs leptonc's CUDA kernels ({settings['custom_ops_library']}), which need "
+        library = settings.get("custom_ops_library")
+        if library and device_type != "cuda":
+            raise InputError(f"this bundle runs leptonc's CUDA kernels ({library}), which need "
                              "ONNX Runtime's CUDA provider", hint="run it on a machine with an NVIDIA GPU and "
                              "onnxruntime-gpu, or compile with --disable-pass use_leptonc_kernels")
         so = session_options(settings, Path(model_path).parent)
-        # leptonc's decode kernels read LEPTONC_PDL and LEPTONC_F16_SPLIT when they launch
-        # (targets/kernels/common.cuh, leptonc_cuda.cu): say what ran
-        self.kernel_launch = None
-        if settings.get("custom_ops_library"):
-            self.kernel_launch = ("stream order (LEPTONC_PDL=0)" if os.environ.get("LEPTONC_PDL") == "0" else
-                                  "programmatic dependent launch on sm_90 and later (LEPTONC_PDL=0 turns it off)")
-            self.kernel_launch += ("; one-row fp16 products untuned (LEPTONC_F16_SPLIT=0)"
-                                   if os.environ.get("LEPTONC_F16_SPLIT") == "0" else
-                                   "; one-row fp16 products tuned (rows and K split by shape)")
-            self.kernel_launch += "; shared buffers " + ", ".join(
-                f"{k.removeprefix('LEPTONC_').lower()} {_buffer_mib(k)}"
-                for k in ("LEPTONC_KERNEL_BUFFER_MB", "LEPTONC_CUBLAS_WORKSPACE_MB"))
-            self.kernel_launch += "; " + _decode_prefetches()
-            if os.environ.get("LEPTONC_F16_PERSISTENT") == "1":
-                self.kernel_launch += "; persistent one-row fp16 grids (LEPTONC_F16_PERSISTENT=1, experimental)"
-        if os.environ.get("LEPTONC_ORT_PROFILE"):  # bench/device_profile.py: per-node timings and placement
+        if self.run_settings.profile_prefix:  # per-node timings and placement
             so.enable_profiling = True
-            so.profile_file_prefix = os.environ["LEPTONC_ORT_PROFILE"]
+            so.profile_file_prefix = self.run_settings.profile_prefix
         self.cublas_workspace = cublas_workspace_env() if device_type == "cuda" else None
         opened = open_session(ort, model_path, so, device_type=device_type, device_id=device_id,
-                              cuda_graph=self.cuda_graph, pipeline=os.environ.get("LEPTONC_PIPELINE", "1") != "0")
+                              cuda_graph=self.cuda_graph)
         self.session, self._providers = opened.session, opened.helper_providers
         self._driver, self._stream, self._pipeline_reason = opened.driver, opened.stream, opened.pipeline_reason
         self.pipelined = False
         if opened.cuda_graph_refusal:
             self.cuda_graph, self.cuda_graph_reason = False, opened.cuda_graph_refusal
+        self.kernel_launch = None
+        if library:  # the library is loaded with the session: its buffer sizes are set before its first step
+            set_kernel_buffer_sizes(Path(model_path).parent / library, self.run_settings)
+            self.kernel_launch = (
+                "programmatic dependent launch on sm_90 and later; shared buffers "
+                f"{self.run_settings.kernel_buffer_mb} MiB each, cuBLAS workspace "
+                f"{self.run_settings.kernel_cublas_workspace_mb} MiB (process-wide, as the first step allocates them)")
         self.input_names = {i.name for i in self.session.get_inputs()}
         # passes/select_logits.py: the LM head runs only on the positions bound here.
         self.selects_logits = "logits_positions" in self.input_names
         self.output_names = [o.name for o in self.session.get_outputs()]
         # passes/greedy_token.py: the graph's argmax of the logits, so greedy steps copy B tokens, not B x vocab.
-        # The output is always bound where it exists (a captured step must not write to memory it does not
-        # own); LEPTONC_DEVICE_ARGMAX=0 reads the logits instead (the A/B in bench/device_session.py).
+        # The output is always bound where it exists (a captured step must not write to memory it does not own).
         self.token_output = "next_token" in self.output_names
-        self.greedy_output = self.token_output and os.environ.get("LEPTONC_DEVICE_ARGMAX", "1") != "0"
+        self.greedy_output = self.token_output
         self.logits_dtype = np.float16 if self.session.get_outputs()[0].type == "tensor(float16)" else np.float32
         if self._driver is not None and not (self.cuda_graph and self.greedy_output):
-            self._pipeline_reason = ("off: the graph has no next_token output (or LEPTONC_DEVICE_ARGMAX=0), so the "
+            self._pipeline_reason = ("off: the graph has no next_token output, so the "
                                      "host must see each step's logits" if self.cuda_graph else
                                      "off: ONNX Runtime refused to capture the decode step")
         elif self._driver is not None:
@@ -205,8 +179,8 @@ class OrtCudaRunner(FixedAddressDecode):
                 **({"leptonc_kernels": self.kernel_launch} if self.kernel_launch else {}),
                 **({"cublas_workspace_config": self.cublas_workspace} if self.cublas_workspace else {}),
                 "greedy_tokens": ("argmax in the graph (next_token output)" if self.greedy_output else
-                                  "argmax of the logits on the host" + (" (LEPTONC_DEVICE_ARGMAX=0)"
-                                                                        if self.token_output else ""))}
+                                  "argmax of the logits on the host"),
+                "engine_settings": self.run_settings.as_dict()}
 
     def _sample_memory(self) -> None:
         if self.memory is not None:

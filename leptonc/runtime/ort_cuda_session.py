@@ -13,8 +13,8 @@ options and the session (with its two fallbacks), the device-memory probe and th
 
 from __future__ import annotations
 
+import ctypes
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,27 +33,6 @@ def cublas_workspace_env() -> str:
         _cublas_env_set = True
     value = os.environ["CUBLAS_WORKSPACE_CONFIG"]
     return f"{value} (leptonc's default)" if _cublas_env_set else f"{value} (set by the user)"
-
-
-def _decode_prefetches() -> str:
-    """What the decode kernels' session-19 switches select where this process runs the bundle, read as
-    targets/kernels/attention.cuh and leptonc_cuda.cu read them."""
-    value_rows = os.environ.get("LEPTONC_ATTN_PREFETCH_V") != "0"
-    rows = {"0": "off", "1": "after its wait"}.get(os.environ.get("LEPTONC_ATTN_KV_PREFETCH", ""), "before its wait")
-    m = re.match(r"\s*([-+]?\d+):\s*([-+]?\d+)(?::\s*([-+]?\d+))?", os.environ.get("LEPTONC_GEMV_WINDOW", "8:4"))
-    window = "off" if m is None or (int(m[1]), int(m[2])) != (8, 4) else "8:4" + (f":{int(m[3])}" if m[3] else "")
-    return (f"decode attention: value rows with the keys {'on' if value_rows else 'off (LEPTONC_ATTN_PREFETCH_V=0)'}, "
-            f"key/value rows into L2 {rows} (LEPTONC_ATTN_KV_PREFETCH); int4 gate|up rolling window {window} "
-            "(LEPTONC_GEMV_WINDOW)")
-
-
-def _buffer_mib(name: str) -> str:
-    """A kernel-library buffer size as leptonc_cuda.cu's env_mib reads it: whole MiB 1-4096, else its default."""
-    value = os.environ.get(name, "")
-    if value.isdigit() and 1 <= int(value) <= 4096:
-        return value
-    return "the library's default" + (f" ({name}={value!r} is not a whole number of MiB from 1 to 4096)"
-                                      if value else "")
 
 
 def restore_cublas_env() -> None:
@@ -129,6 +108,15 @@ class GpuMemory:
 
 
 
+def set_kernel_buffer_sizes(library: Path, settings) -> None:
+    """Hand the engine settings' buffer sizes to leptonc's CUDA kernel library through its exported setter
+    (targets/kernels/: `leptonc_set_buffer_sizes(kernel_buffer_mib, cublas_workspace_mib)`). The library is
+    already loaded by the session, so this finds the same copy; the sizes hold from its first step on."""
+    lib = ctypes.CDLL(str(library))
+    lib.leptonc_set_buffer_sizes.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.leptonc_set_buffer_sizes(settings.kernel_buffer_mb, settings.kernel_cublas_workspace_mb)
+
+
 @dataclass
 class ProviderSession:
     """The model's session and what opening it settled: whether decode steps are captured as CUDA graphs (and if
@@ -144,8 +132,7 @@ class ProviderSession:
     pipeline_reason: str
 
 
-def open_session(ort, model_path: Path, so, *, device_type: str, device_id: int, cuda_graph: bool,
-                 pipeline: bool) -> ProviderSession:
+def open_session(ort, model_path: Path, so, *, device_type: str, device_id: int, cuda_graph: bool) -> ProviderSession:
     """The model's InferenceSession on the CUDA provider (or the CPU provider for CPU checks of the same code)."""
     cuda_opts = {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested",
                  "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
@@ -156,9 +143,7 @@ def open_session(ort, model_path: Path, so, *, device_type: str, device_id: int,
     driver = stream = None
     refusal = None
     pipeline_reason = "off: needs captured decode steps (CUDA graphs)"
-    if cuda_graph and not pipeline:
-        pipeline_reason = "off: LEPTONC_PIPELINE=0"
-    elif cuda_graph:
+    if cuda_graph:
         from leptonc.runtime.cuda_driver import CudaDriver, CudaDriverError
 
         try:

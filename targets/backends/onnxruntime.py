@@ -121,6 +121,8 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
     if any(r["name"] == "greedy_token" and r["status"] == "applied" for r in records):
         logits = next(t for t in io["outputs"] if t["name"] == "logits")
         io = {**io, "outputs": [*io["outputs"], {"name": "next_token", "dtype": "int64", "shape": logits["shape"][:2]}]}
+    from leptonc.runtime.engine_settings import EngineSettings
+
     session = session_settings(ctx.target)
     if any(r["name"] == "fuse_gqa" and (r.get("counts") or {}).get("mask_sum") for r in records):
         # The runtime's side of the contract (passes/fuse_gqa.py): right-padded prompts, a fixed
@@ -131,6 +133,8 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
         "format": "onnx",
         "io": io,
         "session": session,
+        # how it runs, overridable per run (leptonc/runtime/engine_settings.py)
+        "run_settings": EngineSettings().as_dict(),
     }
     if kernels is not None and any(r["name"] == "use_leptonc_kernels" and r["status"] == "applied" for r in records):
         info = kernels.manifest()
@@ -172,13 +176,14 @@ def _prepare_kernels(ctx, pipeline_names: list[str], disabled: tuple[str, ...]):
     return lib
 
 
-def open_runner(model_path: Path, engine: dict, limits: dict, device: str | None = None):
+def open_runner(model_path: Path, engine: dict, limits: dict, device: str | None = None, run_settings=None):
+    """The bundle's runner; `run_settings` (leptonc.runtime.engine_settings.EngineSettings) as recorded, or overridden."""
     session = engine.get("session", {})
     if session.get("provider") == "CUDAExecutionProvider" or device == "cuda":
         from leptonc.runtime.ort_cuda import OrtCudaRunner
 
         return OrtCudaRunner(model_path, engine["io"], session, max_sequence=limits["max_sequence"],
-                             max_batch=limits["max_batch"])
+                             max_batch=limits["max_batch"], run_settings=run_settings)
     from leptonc.runtime.ort_cuda import OrtCudaRunner, graph_op_types
 
     if "GroupQueryAttention" in graph_op_types(model_path):
@@ -186,7 +191,7 @@ def open_runner(model_path: Path, engine: dict, limits: dict, device: str | None
         # so a decode step no longer copies the whole cache: the I/O-binding runner does that on the CPU
         # provider too (measured 1.56x over the plain graph at a 1,024-token prompt, BENCHMARKS.md).
         return OrtCudaRunner(model_path, engine["io"], session, max_sequence=limits["max_sequence"],
-                             max_batch=limits["max_batch"], device_type="cpu")
+                             max_batch=limits["max_batch"], device_type="cpu", run_settings=run_settings)
     from leptonc.runtime.ort import OrtCpuRunner
 
     return OrtCpuRunner(model_path, engine["io"], session, max_sequence=limits["max_sequence"],

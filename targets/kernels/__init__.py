@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("leptonc_cuda.cu")
-HEADERS = tuple(Path(__file__).with_name(n) for n in ("common.cuh", "attention.cuh"))  # included by SOURCE: part of the build's cache key
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.cuh")))  # every kernel family SOURCE includes: part of the build's cache key
 LIBRARY = "libleptonc_cuda.so"
 DOMAIN = "ai.leptonc"
 BUNDLE_DIR = "kernels"  # where the library goes inside a bundle

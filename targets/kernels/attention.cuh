@@ -54,7 +54,6 @@ struct Params {
   int first_prompt;    // 1: the new tokens start at position 0
   int splits;          // decode splits of the keys (1: no combine step)
   float scale_log2;    // softmax scale x log2(e)
-  int kv_prefetch;     // decode: 0, 1 or 2 (attn_kv_prefetch)
 };
 
 __device__ __forceinline__ int past_length(const Params& p, int b) {
@@ -265,7 +264,7 @@ __global__ void __launch_bounds__(128) prefill_attention(Params p) {
 
 // ---- S = 1: decode ----------------------------------------------------------------------------------------------
 //
-// A decode block's cached key and value rows (all but the new token's), asked of L2 ahead (attn_kv_prefetch).
+// A decode block's cached key and value rows (all but the new token's), asked of L2 ahead (the note above launch_decode).
 __device__ __forceinline__ void prefetch_rows(const Params& p, const half* kc, const half* vc, int k_begin, int k_end,
                                               int pos) {
   const int last = min(k_end, pos), lines = p.D / 64;  // 128-byte lines a row
@@ -277,7 +276,7 @@ __device__ __forceinline__ void prefetch_rows(const Params& p, const half* kc, c
   }
 }
 
-// PRE (head size 64; the default, LEPTONC_ATTN_PREFETCH_V=0 turns it off): a warp's first 16 value rows of each
+// PRE (head size 64): a warp's first 16 value rows of each
 // 32-key chunk are loaded with its key rows, before the scores, so a short split (the batch-1 case: about 12 keys a
 // split at 200 keys) waits for memory once instead of once for the keys and once per 8 values.
 template <int D, int G, bool PRE = false>
@@ -294,17 +293,13 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention(Params p) {
   pdl_trigger();
   half* kc = p.k_cache + (size_t(b) * p.KVH + j) * p.C * D;
   half* vc = p.v_cache + (size_t(b) * p.KVH + j) * p.C * D;
-  int pos = 0;
-  if (p.kv_prefetch == 2) {  // seqlens_k is complete before any of our kernels starts (attn_kv_prefetch)
-    pos = past_length(p, b);
-    const int n = pos + 1;
-    prefetch_rows(p, kc, vc, int(int64_t(split) * n / p.splits), int(int64_t(split + 1) * n / p.splits), pos);
-  }
-  pdl_wait();  // every input but the tables comes from the kernels before (common.cuh)
-  if (p.kv_prefetch != 2) pos = past_length(p, b);  // the new token's position
+  // the split's cached rows into L2 before the dependency wait: seqlens_k is complete before any of our kernels
+  // starts (the note above launch_decode)
+  const int pos = past_length(p, b);  // the new token's position
   const int n_keys = pos + 1;
   const int k_begin = int(int64_t(split) * n_keys / p.splits), k_end = int(int64_t(split + 1) * n_keys / p.splits);
-  if (p.kv_prefetch == 1) prefetch_rows(p, kc, vc, k_begin, k_end, pos);
+  prefetch_rows(p, kc, vc, k_begin, k_end, pos);
+  pdl_wait();  // every input but the tables comes from the kernels before (common.cuh)
   const half* row = p.qkv + size_t(b) * (p.H + 2 * p.KVH) * D;
   const int rope = min(pos, p.P - 1);
   const half* cs = p.cos + size_t(rope) * kHalf;
@@ -527,36 +522,18 @@ inline int decode_splits(int B, int KVH, int C, int sms) {
   return splits > by_capacity ? (by_capacity < 1 ? 1 : by_capacity) : splits;
 }
 
-// decode_attention's PRE instances (head size 64), on unless LEPTONC_ATTN_PREFETCH_V=0 is in the environment of the
-// process that runs the bundle. Session 19 on the H100 (BENCHMARKS.md): llama-1b-shape fp16 868.1 -> 880.3 tok/s at
-// batch 1, int4 1,368 -> 1,400, the same greedy tokens.
-inline bool attn_prefetch_v() {
-  static const bool on = !env_is("LEPTONC_ATTN_PREFETCH_V", "0");
-  return on;
-}
-
-// A decode block asks L2 for its split's cached key and value rows (all but the new token's, which it appends itself)
-// ahead of the loads that use them. LEPTONC_ATTN_KV_PREFETCH where the bundle runs: 2 (the default) before the
-// block's dependency wait, reading seqlens_k early; 1 after the wait, before the queries are staged; 0 not at all.
-// Mode 2 relies on seqlens_k being complete before any kernel of ours in the step starts: the graph computes it at
-// the step's start with ONNX Runtime's own kernels (ReduceSum of the mask, Sub, Cast), which launch without PDL and
-// so finish before the next kernel begins (tests/test_kernels.py checks that no ai.leptonc op feeds it); the rows
-// are earlier steps' or the prefill's. Session 19 on the H100 (BENCHMARKS.md): llama-1b-shape fp16 880.3 -> 891.9
-// tok/s at batch 1, int4 1,404.6 -> 1,425.2 (mode 1: 1,414.8), the same greedy tokens.
-inline int attn_kv_prefetch() {
-  static const int mode = env_is("LEPTONC_ATTN_KV_PREFETCH", "0") ? 0 : env_is("LEPTONC_ATTN_KV_PREFETCH", "1") ? 1 : 2;
-  return mode;
-}
-
+// Decode prefetches, both measured on the H100 with the same greedy tokens (BENCHMARKS.md):
+// - decode_attention's PRE instances (head size 64): llama-1b-shape fp16 868.1 -> 880.3 tok/s at batch 1, int4
+//   1,368 -> 1,400;
+// - each decode block asks L2 for its split's cached key and value rows (all but the new token's, which it appends
+//   itself) before its dependency wait, reading seqlens_k early: fp16 880.3 -> 891.9, int4 1,404.6 -> 1,425.2 (after
+//   the wait instead: 1,414.8). This relies on seqlens_k being complete before any kernel of ours in the step
+//   starts: the graph computes it at the step's start (MaskLengths or ONNX Runtime's own kernels), which launch
+//   without PDL and so finish before the next kernel begins (tests/test_kernels.py checks that no other ai.leptonc
+//   op feeds it); the rows are earlier steps' or the prefill's.
 template <int D, int G>
 void launch_decode(const Params& p, cudaStream_t stream) {
-  if constexpr (D == 64) {
-    if (attn_prefetch_v()) {
-      launch_dependent(decode_attention<D, G, true>, dim3(p.splits, p.KVH, p.B), dim3(kDecodeThreads), 0, stream, p);
-      return;
-    }
-  }
-  launch_dependent(decode_attention<D, G>, dim3(p.splits, p.KVH, p.B), dim3(kDecodeThreads), 0, stream, p);
+  launch_dependent(decode_attention<D, G, D == 64>, dim3(p.splits, p.KVH, p.B), dim3(kDecodeThreads), 0, stream, p);
 }
 
 template <int D>

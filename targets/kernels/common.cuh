@@ -19,8 +19,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Programmatic dependent launch (Hopper and later; on unless LEPTONC_PDL=0 is in the environment of the process that
-// runs the bundle): a kernel launched by launch_dependent may start while the kernel before it on the stream is
+// Programmatic dependent launch (Hopper and later): a kernel launched by launch_dependent may start while the kernel before it on the stream is
 // still running. Such a kernel calls pdl_trigger first (its own successor may then launch), loads only what no
 // earlier kernel writes (the weights), and calls pdl_wait, which returns once the kernel before it has completed
 // and its writes are visible, before it reads activations or writes anything. Both are no-ops in a kernel launched
@@ -38,15 +37,8 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Whether environment variable `name` is exactly `value` (the kernels' run-time switches, read once each).
-inline bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, value) == 0;
-}
-
 inline bool pdl_enabled() {
   static const bool on = [] {
-    if (env_is("LEPTONC_PDL", "0")) return false;
     int device = 0, major = 0;
     return cudaGetDevice(&device) == cudaSuccess &&
            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;

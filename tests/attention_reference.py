@@ -2,7 +2,7 @@
 one-node GroupQueryAttention graph it replaces.
 
 tests/test_kernels.py holds the contract against ONNX Runtime's own GroupQueryAttention on the CPU, and
-bench/device_attention_check.py holds the CUDA kernels against both on the GPU."""
+tests/test_kernels_gpu.py holds the CUDA kernels against both on the GPU."""
 
 from __future__ import annotations
 

@@ -1,0 +1,544 @@
+// The int4/int8 (MatMulNBits layout) product kernels: the streaming tiled kernel (mma, M <= 16), the
+// few-rows kernel (batch-1 decode, with the rolling window and the folded norm), the prefill path's tile
+// dequantization for cuBLAS, and the SwiGLU kernels over gate|up rows.
+//
+// Part of leptonc_cuda.cu's single translation unit: included once, in the order listed there, after the
+// headers and definitions before it.
+
+#pragma once
+
+namespace {
+
+template <int BITS>
+struct Step {
+  static constexpr int kK = BITS == 4 ? 128 : 64;  // K values a lane's 16 bytes cover
+  static constexpr int kProducts = kK / 16;        // m16n8k16 products per step
+};
+
+__device__ __forceinline__ uint32_t as_u32(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ half2 as_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
+
+__device__ __forceinline__ uint4 load_a8(const half* row, int k, bool ok) {
+  // 8 consecutive fp16 of A (K % 8 == 0, so 16-byte aligned); zero past M or K
+  return ok ? __ldg(reinterpret_cast<const uint4*>(row + k)) : make_uint4(0, 0, 0, 0);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The B operands (b0, b1) of product c of a step: the exact integers q - z in fp16, from the lane's words.
+template <int BITS>
+__device__ __forceinline__ void operands(const uint4& w, int c, half2 zz, uint32_t& b0, uint32_t& b1) {
+  uint32_t q0, q1;
+  if (BITS == 4) {
+    const uint32_t word = word_of(w, c >> 1);
+    const int shift = (c & 1) * 8;
+    q0 = ((word >> shift) & 0x000F000Fu) | kExp1024;
+    q1 = ((word >> (shift + 4)) & 0x000F000Fu) | kExp1024;
+  } else {
+    const uint32_t word = word_of(w, c);
+    q0 = __byte_perm(word, 0x64646464u, 0x4140);
+    q1 = __byte_perm(word, 0x64646464u, 0x4342);
+  }
+  b0 = as_u32(__hsub2(as_h2(q0), zz));
+  b1 = as_u32(__hsub2(as_h2(q1), zz));
+}
+
+// SZ's entry for one (column, block): the (scale, 1024 + zero point) pair, or with SYM (8 bits, attribute symmetric
+// = 1) the scale alone and the constant 1152 = 1024 + 128 for the zero half: the same fp16 operands either way.
+template <bool SYM>
+struct Sz {
+  using T = half2;
+  static __device__ __forceinline__ T zero() { return __floats2half2_rn(0.f, 0.f); }
+  static __device__ __forceinline__ half2 zz_of(T e) { return __high2half2(e); }
+  static __device__ __forceinline__ half2 zz_at(const T* p) { return __high2half2(__ldg(p)); }
+  static __device__ __forceinline__ float scale_of(T e) { return __low2float(e); }
+  static __device__ __forceinline__ float scale_at(const T* p) { return __low2float(__ldg(p)); }
+  static __device__ __forceinline__ T shfl(T e, int lane) { return as_h2(__shfl_sync(0xffffffffu, as_u32(e), lane)); }
+};
+template <>
+struct Sz<true> {
+  using T = half;
+  static __device__ __forceinline__ T zero() { return __float2half(0.f); }
+  static __device__ __forceinline__ half2 zz_of(T) { return as_h2(0x64806480u); }
+  static __device__ __forceinline__ half2 zz_at(const T*) { return as_h2(0x64806480u); }  // no load
+  static __device__ __forceinline__ float scale_of(T e) { return __half2float(e); }
+  static __device__ __forceinline__ float scale_at(const T* p) { return __half2float(__ldg(p)); }
+  static __device__ __forceinline__ T shfl(T e, int lane) { return __shfl_sync(0xffffffffu, e, lane); }
+};
+
+// SwiGLU epilogue (attribute activation = 1): the weights' columns come in (gate j, up j) pairs, so a
+// lane's C fragment columns 2t, 2t + 1 are one feature's gate and up; the output has N / 2 columns.
+__device__ __forceinline__ float silu_mul(float gate, float up) { return gate / (1.f + __expf(-gate)) * up; }
+
+// NT tiles of 8 columns a block; the block's warps take the steps of K in turn. PB products share a
+// scale (PB = block / 16, at most the step's): their partial sums are scaled and added in fp32.
+template <int BITS, int NT, int PB, int WARPS, bool ACT, bool SYM>
+__global__ void __launch_bounds__(WARPS * 32)
+tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, const typename Sz<SYM>::T* __restrict__ SZ,
+             half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t) {
+  constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
+  static_assert(PB % 2 == 0 && kProducts % PB == 0, "a scale group is whole product pairs of one step");
+  __shared__ float red[WARPS][NT][32][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_tiles = (N + 7) >> 3;
+  const int tile0 = blockIdx.x * NT;
+  const half* a_lo = A + size_t(g) * K;      // row g of the mma tile
+  const half* a_hi = A + size_t(g + 8) * K;  // row g + 8
+  const bool lo = g < M, hi = g + 8 < M;
+  pdl_trigger();
+  const typename Sz<SYM>::T* sz_tile[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) sz_tile[j] = SZ + size_t(min(tile0 + j, n_tiles - 1)) * blocks_t * 8;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  uint4 cur[NT], nxt[NT];
+  auto load_w = [&](uint4 (&w)[NT], int step) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      w[j] = (tile0 + j < n_tiles) ? __ldg(B + (size_t(tile0 + j) * steps + step) * 32 + lane) : make_uint4(0, 0, 0, 0);
+  };
+  load_w(cur, warp);  // warps <= steps
+  pdl_wait();  // A comes from the kernels before; the weights above do not (common.cuh)
+  for (int step = warp; step < steps; step += warps) {
+    if (step + warps < steps) load_w(nxt, step + warps);  // the next step's weights are in flight meanwhile
+    const int k_step = step * kStepK;
+    uint4 alo[kPairs], ahi[kPairs];  // products 2i, 2i + 1 of rows g and g + 8: k_step + 32 i + 8 t .. + 7
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      const int k = k_step + 32 * i + 8 * t;
+      alo[i] = load_a8(a_lo, k, lo && k < K);
+      ahi[i] = load_a8(a_hi, k, hi && k < K);
+    }
+#pragma unroll
+    for (int c0 = 0; c0 < kProducts; c0 += PB) {
+      const int blk = (k_step + 16 * c0) / block;
+      float part[NT][4];
+      half2 zz[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+        zz[j] = Sz<SYM>::zz_at(sz_tile[j] + blk * 8 + g);
+      }
+#pragma unroll
+      for (int c = c0; c < c0 + PB; ++c) {
+        const int i = c >> 1, h = (c & 1) * 2;
+        const uint32_t a0 = word_of(alo[i], h), a2 = word_of(alo[i], h + 1);
+        const uint32_t a1 = word_of(ahi[i], h), a3 = word_of(ahi[i], h + 1);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          uint32_t b0, b1;
+          operands<BITS>(cur[j], c, zz[j], b0, b1);
+          mma16816(part[j], a0, a1, a2, a3, b0, b1);
+        }
+      }
+      // C fragment: c0, c1 = row g, columns 2t, 2t + 1; c2, c3 = row g + 8
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const float s0 = Sz<SYM>::scale_at(sz_tile[j] + blk * 8 + 2 * t);
+        const float s1 = Sz<SYM>::scale_at(sz_tile[j] + blk * 8 + 2 * t + 1);
+        acc[j][0] = fmaf(s0, part[j][0], acc[j][0]);
+        acc[j][1] = fmaf(s1, part[j][1], acc[j][1]);
+        acc[j][2] = fmaf(s0, part[j][2], acc[j][2]);
+        acc[j][3] = fmaf(s1, part[j][3], acc[j][3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) cur[j] = nxt[j];
+  }
+
+  // add the warps' partial sums
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][j][lane][e] = acc[j][e];
+  __syncthreads();
+  if constexpr (ACT) {  // (gate, up) = C elements (0, 1) of row g and (2, 3) of row g + 8
+    for (int i = threadIdx.x; i < NT * 64; i += blockDim.x) {
+      const int j = i >> 6, l = (i >> 1) & 31, r = i & 1;
+      const int row = (l >> 2) + 8 * r, f = (tile0 + j) * 4 + (l & 3);
+      if (row < M && 2 * f < N) {
+        float gate = 0.f, up = 0.f;
+        for (int w = 0; w < warps; ++w) gate += red[w][j][l][2 * r], up += red[w][j][l][2 * r + 1];
+        Y[size_t(row) * (N / 2) + f] = __float2half(silu_mul(gate, up));
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < NT * 128; i += blockDim.x) {
+      const int j = i >> 7, l = (i >> 2) & 31, e = i & 3;
+      const int row = (l >> 2) + (e >= 2 ? 8 : 0), n = (tile0 + j) * 8 + 2 * (l & 3) + (e & 1);
+      if (row < M && n < N) {
+        float sum = 0.f;
+        for (int w = 0; w < warps; ++w) sum += red[w][j][l][e];
+        Y[size_t(row) * N + n] = __float2half(sum);
+      }
+    }
+  }
+}
+
+// ---- few rows (batch-1 decode): every load of a warp's K chunk in flight at once ---------------------
+//
+// For M rows with A small enough to stage in shared memory (M x K fp16 <= kGemvSmemBytes), a tile's steps
+// of K are split into chunks of S steps, one warp a chunk (wpt warps a tile, tb tiles a block). A warp
+// issues all S of its 16-byte weight loads and its scale loads before anything else, so one HBM latency
+// covers the whole chunk; the block meanwhile copies A into shared memory. mma rows past M read a real
+// row of A and their results are dropped (rows of an mma product never mix). Each lane loads only its own
+// column's SZ entry (Sz); the C fragment's columns 2t, 2t + 1 take their scales by shuffle.
+
+struct RowNorm {  // the norm folded into a product (NormMatMulF16, NormMatMulNBitsTiled): skip, gamma, the sum's
+                 // output and epsilon
+  const half* skip = nullptr;
+  const half* gamma = nullptr;
+  half* sum = nullptr;
+  float eps = 0.f;
+};
+
+// One row of RMSNorm(A + skip) x gamma into shared memory `out` ([kpad] halves, zeros past K; K and kpad multiples
+// of 8), as com.microsoft.SkipSimplifiedLayerNormalization computes it: the sum rounded to fp16, its mean square in
+// fp32. Where write_sum, the fp16 sum A + skip also goes to nm.sum. Any block size up to 1,024 threads. Ends
+// synchronized.
+__device__ __forceinline__ void stage_norm_row(half* out, const half* __restrict__ A, const RowNorm& nm, int K,
+                                               int kpad, bool write_sum) {
+  __shared__ float partial[32];
+  const int kv = K / 8;
+  uint4* o4 = reinterpret_cast<uint4*>(out);
+  const uint4* a4 = reinterpret_cast<const uint4*>(A);
+  const uint4* s4 = reinterpret_cast<const uint4*>(nm.skip);
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < kv; i += blockDim.x) {
+    uint4 x = __ldg(a4 + i);
+    const uint4 y = __ldg(s4 + i);
+    half2* xh = reinterpret_cast<half2*>(&x);
+    const half2* yh = reinterpret_cast<const half2*>(&y);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      xh[j] = __hadd2(xh[j], yh[j]);
+      const float2 f = __half22float2(xh[j]);
+      ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+    }
+    o4[i] = x;
+    if (write_sum) reinterpret_cast<uint4*>(nm.sum)[i] = x;
+  }
+  for (int i = kv + threadIdx.x; i < kpad / 8; i += blockDim.x) o4[i] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) total += partial[w];
+  const float inv = rsqrtf(total / float(K) + nm.eps);
+  const uint4* g4 = reinterpret_cast<const uint4*>(nm.gamma);
+  for (int i = threadIdx.x; i < kv; i += blockDim.x) {  // the same i as above: this thread's own entries
+    uint4 x = o4[i];
+    const uint4 g = __ldg(g4 + i);
+    half2* xh = reinterpret_cast<half2*>(&x);
+    const half2* gh = reinterpret_cast<const half2*>(&g);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(xh[j]), gf = __half22float2(gh[j]);
+      xh[j] = __floats2half2_rn(f.x * inv * gf.x, f.y * inv * gf.y);
+    }
+    o4[i] = x;
+  }
+  __syncthreads();
+}
+
+constexpr int kGemvSmemBytes = 32 << 10;
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// PD < S (the rolling window): a warp holds only PD steps' weights in registers; each step it uses refills its slot
+// with the step PD ahead, so PD loads stay in flight while it computes. PD = S: every load first (session 11).
+template <int BITS, int PB, int S, bool ACT, bool NORM, bool SYM, int PD = S>
+__global__ void __launch_bounds__(512)
+tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const typename Sz<SYM>::T* __restrict__ SZ,
+           half* __restrict__ Y, int K, int N, int steps, int block, int blocks_t, int wpt, int tb, RowNorm nm) {
+  constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
+  constexpr int G = kProducts / PB;  // scale groups a step
+  constexpr int kD = PD < S ? PD : S;  // steps in registers at a time
+  extern __shared__ uint4 gemv_smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_tiles = (N + 7) >> 3;
+  const int tile = blockIdx.x * tb + warp / wpt, part = warp % wpt;
+  const bool live = tile < n_tiles;
+  const int step0 = part * S;
+  const int n_steps = live ? min(S, steps - step0) : 0;
+
+  pdl_trigger();
+  uint4 w[kD];
+  using E = typename Sz<SYM>::T;
+  E sz[kD][G];
+  const uint4* bt = B + size_t(live ? tile : 0) * steps * 32 + lane;
+  const E* st = SZ + size_t(live ? tile : 0) * blocks_t * 8 + g;
+  auto load_step = [&](int j, uint4& wj, E (&szj)[G]) {  // the warp's step j (zeros past its steps)
+    wj = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int q = 0; q < G; ++q) szj[q] = Sz<SYM>::zero();
+    if (j < n_steps) {
+      const int step = step0 + j;
+      wj = ld_stream(bt + size_t(step) * 32);
+#pragma unroll
+      for (int q = 0; q < G; ++q) szj[q] = __ldg(st + ((step * kStepK + 16 * PB * q) / block) * 8);
+    }
+  };
+#pragma unroll
+  for (int j = 0; j < kD; ++j) load_step(j, w[j], sz[j]);
+
+  pdl_wait();  // A (and the norm's inputs) come from the kernels before
+  // A [M, steps * kStepK] in shared memory (zeros past K), rows ks apart (+8 halves: rows in other banks). With
+  // NORM (NormMatMulNBitsTiled, M = 1) the row is RMSNorm(A + skip) x gamma and block 0 writes the sum.
+  const int kfull = steps * kStepK, ks = kfull + 8;
+  half* as = reinterpret_cast<half*>(gemv_smem);
+  if constexpr (NORM) {
+    stage_norm_row(as, A, nm, K, kfull, blockIdx.x == 0);
+  } else {
+    for (int i = threadIdx.x; i < M * (kfull >> 3); i += blockDim.x) {
+      const int row = i / (kfull >> 3), k = (i % (kfull >> 3)) * 8;
+      *reinterpret_cast<uint4*>(as + row * ks + k) = load_a8(A + size_t(row) * K, k, k < K);
+    }
+    __syncthreads();
+  }
+
+  float acc0 = 0.f, acc1 = 0.f;  // row g, columns 2t and 2t + 1 (the C fragment's c0, c1)
+  const half* arow = as + min(g, M - 1) * ks;
+#pragma unroll
+  for (int j = 0; j < S; ++j) {
+    if (j < n_steps) {
+      const int k_step = (step0 + j) * kStepK;
+      const uint4 wj = w[j % kD];
+      E szj[G];
+#pragma unroll
+      for (int q = 0; q < G; ++q) szj[q] = sz[j % kD][q];
+      if (kD < S && j + kD < S) load_step(j + kD, w[j % kD], sz[j % kD]);  // the rolling window's refill
+      uint4 a[kPairs];
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i) a[i] = *reinterpret_cast<const uint4*>(arow + k_step + 32 * i + 8 * t);
+#pragma unroll
+      for (int q = 0; q < G; ++q) {
+        const half2 zz = Sz<SYM>::zz_of(szj[q]);
+        float part4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int c = q * PB; c < q * PB + PB; ++c) {
+          const int i = c >> 1, h = (c & 1) * 2;
+          uint32_t b0, b1;
+          operands<BITS>(wj, c, zz, b0, b1);
+          mma16816(part4, word_of(a[i], h), 0u, word_of(a[i], h + 1), 0u, b0, b1);
+        }
+        const float s0 = Sz<SYM>::scale_of(Sz<SYM>::shfl(szj[q], 8 * t));
+        const float s1 = Sz<SYM>::scale_of(Sz<SYM>::shfl(szj[q], 8 * t + 4));
+        acc0 = fmaf(s0, part4[0], acc0);
+        acc1 = fmaf(s1, part4[1], acc1);
+      }
+    }
+  }
+
+  const int n = tile * 8 + 2 * t;
+  if (wpt > 1) {  // add the chunks of K: the tile's first warp sums its wpt warps' partial sums
+    float2* red = reinterpret_cast<float2*>(as + M * ks);
+    red[warp * 32 + lane] = make_float2(acc0, acc1);
+    __syncthreads();
+    if (part != 0) return;
+    for (int p = 1; p < wpt; ++p) {
+      const float2 v = red[(warp + p) * 32 + lane];
+      acc0 += v.x;
+      acc1 += v.y;
+    }
+  }
+  if (!live || g >= M) return;
+  if constexpr (ACT) {
+    const int f = tile * 4 + t;
+    if (2 * f < N) Y[size_t(g) * (N / 2) + f] = __float2half(silu_mul(acc0, acc1));
+    return;
+  }
+  half* yr = Y + size_t(g) * N;
+  if (n + 1 < N) {
+    *reinterpret_cast<half2*>(yr + n) = __floats2half2_rn(acc0, acc1);  // N even here: n is even
+  } else if (n < N) {
+    yr[n] = __float2half(acc0);
+  }
+}
+
+struct GemvPlan {
+  int s = 0, wpt = 0, tb = 0, blocks = 0, smem = 0;
+  int pd = 0;  // steps in flight a warp (the rolling window; 0: all s at once)
+};
+
+// The few-rows plan for M rows (s = 0 when the kernel does not apply): 512 values of K a warp (S = 4
+// steps at 4 bits, 8 at 8 bits) unless forced, up to 8 warps a block, fewer tiles a block while blocks
+// would not cover the SMs twice. Measured at M = 1 (BENCHMARKS.md, session 11), against the streaming
+// kernel: llama-1b qkv 4.70 -> 4.33 us, gate/up 14.98 -> 11.40, down 9.31 -> 7.62, the int8 LM head
+// 120.7 -> 92.3 (3.0 TB/s); o (2 MiB) ties, and smaller products (smollm2's) are faster streamed
+// (2.3-2.7 us against 3.0-3.4), so the plan takes weights of at least kGemvMinBytes.
+constexpr size_t kGemvMinBytes = size_t(3) << 20;
+
+// One-row 4-bit gate|up products with the SwiGLU epilogue run the rolling window (S = 8 steps a warp, PD = 4 in
+// flight).
+// Session 19 on the H100 (BENCHMARKS.md): llama-1b-shape's 9.30 us in the microbench against 10.10 with every load
+// first; the bundle 1,354.8 -> 1,368.2 tok/s at batch 1, the same greedy tokens. The window was slower on every
+// product without the epilogue (qkv, down, the int8 head), so they keep the session-11 plan.
+struct GemvWindow {
+  int s = 0, pd = 0, tb = 0;
+};
+inline GemvWindow gemv_window() { return GemvWindow{8, 4, 0}; }
+
+inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int force_tb = 0, bool any_size = false,
+                          int force_pd = 0) {
+  GemvPlan p;
+  const int step_k = bits == 4 ? 128 : 64;
+  const int steps = (K + step_k - 1) / step_k, kfull = steps * step_k;
+  const int a_bytes = m * (kfull + 8) * 2;
+  if (m < 1 || m > 8 || a_bytes > kGemvSmemBytes || N % 2 != 0) return p;
+  if (!any_size && size_t((N + 7) / 8) * steps * 512 < kGemvMinBytes) return p;
+  p.s = force_s > 0 ? force_s : 512 / step_k;
+  p.wpt = (steps + p.s - 1) / p.s;
+  if (p.wpt > 16) p.s = 16, p.wpt = (steps + 15) / 16;
+  if (p.wpt > 16) return GemvPlan();
+  const int n_tiles = (N + 7) / 8;
+  p.tb = force_tb > 0 ? force_tb : std::max(1, 8 / p.wpt);
+  while (force_tb <= 0 && p.tb > 1 && (n_tiles + p.tb - 1) / p.tb < 2 * 132) p.tb /= 2;
+  if (p.tb * p.wpt > 16) p.tb = std::max(1, 16 / p.wpt);
+  p.blocks = (n_tiles + p.tb - 1) / p.tb;
+  p.smem = a_bytes + p.tb * p.wpt * 32 * 8;
+  // the rolling window: one instance, 4 steps in flight of 8 (session 19 measured 16:4 and 16:8 slower everywhere)
+  if (force_pd > 0 && force_pd < p.s) {
+    if (p.s != 8 || force_pd != 4) return GemvPlan();
+    p.pd = force_pd;
+  }
+  return p;
+}
+
+template <int BITS, int PB, bool ACT, bool NORM, bool SYM>
+cudaError_t launch_gemv_act(const GemvPlan& p, const half* a, int m, const uint4* b, const typename Sz<SYM>::T* sz,
+                            half* y, int K, int N, int steps, int block, int blocks_t, const RowNorm& nm,
+                            cudaStream_t stream) {
+  const dim3 grid(p.blocks), threads(p.tb * p.wpt * 32);
+  // the rolling window: launch plans it for one-row 4-bit gate|up (the microbench and the check force it anywhere);
+  // launch_norm plans it for the same product with the norm as its prologue
+  if constexpr (!NORM || (BITS == 4 && ACT)) {
+    if (p.pd > 0)
+      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, NORM, SYM, 4>, grid, threads, p.smem, stream, a, m, b, sz,
+                              y, K, N, steps, block, blocks_t, p.wpt, p.tb, nm);
+  }
+  switch (p.s) {
+    case 4:
+      return launch_dependent(tiled_gemv<BITS, PB, 4, ACT, NORM, SYM>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
+                              N, steps, block, blocks_t, p.wpt, p.tb, nm);
+    case 16:
+      return launch_dependent(tiled_gemv<BITS, PB, 16, ACT, NORM, SYM>, grid, threads, p.smem, stream, a, m, b, sz, y,
+                              K, N, steps, block, blocks_t, p.wpt, p.tb, nm);
+    default:
+      return launch_dependent(tiled_gemv<BITS, PB, 8, ACT, NORM, SYM>, grid, threads, p.smem, stream, a, m, b, sz, y, K,
+                              N, steps, block, blocks_t, p.wpt, p.tb, nm);
+  }
+}
+
+template <int BITS, int PB, bool NORM, bool SYM>
+cudaError_t launch_gemv_pb(const GemvPlan& p, bool act, const half* a, int m, const uint4* b,
+                           const typename Sz<SYM>::T* sz, half* y, int K, int N, int steps, int block, int blocks_t,
+                           const RowNorm& nm, cudaStream_t stream) {
+  return act ? launch_gemv_act<BITS, PB, true, NORM, SYM>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, nm, stream)
+             : launch_gemv_act<BITS, PB, false, NORM, SYM>(p, a, m, b, sz, y, K, N, steps, block, blocks_t, nm, stream);
+}
+
+// The few-rows kernel; with NORM (m = 1 only) the norm nm is its prologue; SYM: SZ holds the scales alone (Sz).
+template <int BITS, bool NORM, bool SYM>
+cudaError_t launch_gemv(const GemvPlan& p, bool act, int pb, const half* a, int m, const uint4* bw,
+                        const typename Sz<SYM>::T* szw, half* y, int K, int N, int steps, int block, int blocks_t,
+                        cudaStream_t stream, const RowNorm& nm = RowNorm{}) {
+  if (pb >= Step<BITS>::kProducts)
+    return launch_gemv_pb<BITS, Step<BITS>::kProducts, NORM, SYM>(p, act, a, m, bw, szw, y, K, N, steps, block,
+                                                                  blocks_t, nm, stream);
+  if (pb == 4)
+    return launch_gemv_pb<BITS, 4, NORM, SYM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm, stream);
+  return launch_gemv_pb<BITS, 2, NORM, SYM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm, stream);
+}
+
+// ---- the prefill path (M > 16): dequantize tiles, then cuBLAS -------------------------------------
+
+template <int BITS, bool SYM>
+__global__ void tiled_dequantize(const uint32_t* __restrict__ B, const typename Sz<SYM>::T* __restrict__ SZ,
+                                 half* __restrict__ W, int tile_first, int tiles, int K, int steps, int block,
+                                 int blocks_t) {
+  // W[tiles * 8, K] (row-major, ld K) = the dequantized columns of tiles tile_first .. + tiles; one
+  // thread a word (two products' four values at 4 bits, one product's at 8; each product's four are
+  // consecutive k: layout.py)
+  constexpr int kStepK = Step<BITS>::kK;
+  const size_t words_per_tile = size_t(steps) * 32 * 4;
+  const size_t total = size_t(tiles) * words_per_tile;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
+    const int local = int(i / words_per_tile);
+    const int rest = int(i % words_per_tile);
+    const int step = rest >> 7, lane = (rest >> 2) & 31, word_i = rest & 3;
+    const int g = lane >> 2, t = lane & 3, tile = tile_first + local;
+    const uint32_t word = B[(size_t(tile) * steps + step) * 128 + lane * 4 + word_i];
+    half* row = W + (size_t(local) * 8 + g) * K;
+    for (int p = 0; p < (BITS == 4 ? 2 : 1); ++p) {
+      const int c = BITS == 4 ? 2 * word_i + p : word_i;
+      uint32_t v[4];
+      if (BITS == 4) {
+        const int s = p * 8;
+        v[0] = (word >> s) & 0xF; v[1] = (word >> (s + 16)) & 0xF; v[2] = (word >> (s + 4)) & 0xF;
+        v[3] = (word >> (s + 20)) & 0xF;
+      } else {
+        v[0] = word & 0xFF; v[1] = (word >> 8) & 0xFF; v[2] = (word >> 16) & 0xFF; v[3] = word >> 24;
+      }
+      const int pair0 = step * kStepK + 32 * (c >> 1);
+      const int k = pair0 + 8 * t + 4 * (c & 1);
+      if (k >= K) continue;  // K % 8 == 0: the four are all in or all out
+      const typename Sz<SYM>::T sz = SZ[(size_t(tile) * blocks_t + pair0 / block) * 8 + g];
+      const float s = Sz<SYM>::scale_of(sz), z = __high2float(Sz<SYM>::zz_of(sz)) - 1024.f;
+      half2 out[2] = {__floats2half2_rn((float(v[0]) - z) * s, (float(v[1]) - z) * s),
+                      __floats2half2_rn((float(v[2]) - z) * s, (float(v[3]) - z) * s)};
+      *reinterpret_cast<uint2*>(row + k) = *reinterpret_cast<uint2*>(out);
+    }
+  }
+}
+
+// SwiGLU on the prefill path: Y[r, f0 + f] = silu(P[r, 2f]) * P[r, 2f + 1] for a product P [rows, cols]
+__global__ void swiglu_rows(const half* __restrict__ P, int rows, int cols, half* __restrict__ Y, int ld_y, int f0) {
+  const int pairs = cols / 2;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size_t(rows) * pairs;
+       i += size_t(gridDim.x) * blockDim.x) {
+    const int r = int(i / pairs), f = int(i % pairs);
+    const half2 gu = *reinterpret_cast<const half2*>(P + size_t(r) * cols + 2 * f);
+    Y[size_t(r) * ld_y + f0 + f] = __float2half(silu_mul(__low2float(gu), __high2float(gu)));
+  }
+}
+
+// SwiGLU of a product in halves (the SwiGLU op): Y[r, f] = silu(X[r, g0 + f]) * X[r, u0 + f] for f < F,
+// X [rows, 2F]; eight values a thread (one 16-byte load of each half), F a multiple of 8.
+__global__ void swiglu_halves(const half* __restrict__ X, int64_t rows, int F, int g0, int u0, half* __restrict__ Y) {
+  const int vecs = F / 8;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * vecs;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / vecs;
+    const int f = int(i % vecs) * 8;
+    const half* row = X + r * 2 * F;
+    const uint4 g = *reinterpret_cast<const uint4*>(row + g0 + f);
+    const uint4 u = *reinterpret_cast<const uint4*>(row + u0 + f);
+    const half2* gh = reinterpret_cast<const half2*>(&g);
+    const half2* uh = reinterpret_cast<const half2*>(&u);
+    uint4 out;
+    half2* oh = reinterpret_cast<half2*>(&out);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 gf = __half22float2(gh[j]), uf = __half22float2(uh[j]);
+      oh[j] = __floats2half2_rn(silu_mul(gf.x, uf.x), silu_mul(gf.y, uf.y));
+    }
+    *reinterpret_cast<uint4*>(Y + r * F + f) = out;
+  }
+}
+
+}  // namespace
