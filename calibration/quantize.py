@@ -1,7 +1,7 @@
 """Quantization settings and the calibration step of a compile.
 
-`QuantSettings.from_options(precision, options)` validates the quantization flags (the CLI puts them
-in `CompileConfig.options`); `calibrate(...)` runs while the PyTorch model is still loaded (between
+`QuantSettings` is the quantization record of a compile (`CompileConfig.quantization`), checked in its
+`__post_init__` (what depends on the backend: in `CompileConfig`); `calibrate(...)` runs while the PyTorch model is still loaded (between
 the reference trace and the export) and returns the activation statistics the graph passes use,
 cached on disk by content hash (model, data, settings) so a second compile skips the forward passes.
 
@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -117,15 +117,6 @@ class QuantSettings:
             raise UnsupportedRequestError(f"--calib-data {self.calib_data} does not exist", hint="give a UTF-8 text file")
         if self.precision == "fp8" and self.smoothquant_alpha is None:
             object.__setattr__(self, "smoothquant_alpha", FP8_DEFAULT_ALPHA)
-
-    @classmethod
-    def from_options(cls, precision: str, options: dict) -> "QuantSettings":
-        known = {f for f in cls.__dataclass_fields__ if f != "precision"}
-        kw = {k: v for k, v in options.items() if k in known and v is not None}
-        for key in ("keep_fp", "int4_8bit"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        return cls(precision=precision, **kw)
 
     @property
     def format(self) -> str:
@@ -363,27 +354,6 @@ def settings_dict(settings: QuantSettings) -> dict:
 QUANT_PASS = {"int8": "quantize_int8", "int4": "quantize_int4", "fp8": "quantize_fp8"}
 
 
-def check_request(config) -> None:
-    """Validate the quantization flags of a compile before anything is loaded."""
-    settings = QuantSettings.from_options(config.precision, config.options)
-    if not config.passes:
-        raise UnsupportedRequestError(f"--{config.precision} is a graph rewrite and --no-passes turns passes off; "
-                                      "drop one of them")
-    if config.backend == "tensorrt" and (config.options.get("int4_rounding") == "gptq"
-                                         or config.options.get("gptq_samples") is not None):
-        raise UnsupportedRequestError("GPTQ rounding is for ONNX Runtime's MatMulNBits grid (asymmetric blocks); "
-                                      "the TensorRT int4 weights are symmetric blocks rounded to nearest",
-                                      hint="drop --int4-rounding / --gptq-samples, or use --backend onnxruntime")
-    name = QUANT_PASS[config.precision]
-    if name in config.disabled_passes:
-        raise UnsupportedRequestError(f"--disable-pass {name} would leave the --{config.precision} bundle unquantized; "
-                                      "drop one of them")
-    if settings.kv_cache and config.backend == "onnxruntime":
-        raise UnsupportedRequestError(
-            f"--kv-cache {settings.kv_cache} is not supported by the onnxruntime backend: its attention kernels "
-            "read fp32/fp16 caches", hint="drop --kv-cache (the cache stays in the graph's float type)")
-
-
 @dataclass
 class CompileQuantization:
     settings: QuantSettings
@@ -394,13 +364,10 @@ class CompileQuantization:
     report: dict | None = None
     pass_record: dict | None = None
 
-    def pass_options(self) -> dict:
-        return {"_quant_settings": self.settings, "_activation_stats": self.calibration.stats}
-
     def finish(self, ctx, records, backend, exported, staging, engine, limits, tokenizer) -> None:
         from leptonc.calibration.gate import accuracy_gate
 
-        self.report = ctx.options.get("_quant_report") or {"layers": [], "kept_fp": [], "notes": []}
+        self.report = ctx.quant_report
         name = QUANT_PASS[self.settings.precision]
         self.pass_record = next((r for r in records if r["name"] == name), None)
         if self.pass_record is None or self.pass_record["status"] != "applied":
@@ -436,9 +403,7 @@ class CompileQuantization:
 
 
 def calibrate_for_compile(config, lm, adapter, spec, on_progress=None) -> CompileQuantization:
-    settings = QuantSettings.from_options(config.precision, config.options)
-    if settings.uses_gptq and config.backend == "tensorrt":  # its symmetric int4 grid is not AWQ's (the pass notes it)
-        settings = replace(settings, int4_rounding="nearest", gptq_samples=None)
+    settings = config.quantization  # resolved for the backend by CompileConfig
     weights = adapter.weights(lm.module, spec)
     gated = getattr(spec, "mlp", None) == "gated" and not getattr(spec, "mlp_bias", False)
     result = calibrate(lm.module, lm.tokenizer, weights, settings, lm.source_hash, on_progress=on_progress,

@@ -59,7 +59,17 @@ def compile_cmd(
                                                                                 "TensorRT versions (lean runtime)."),
     builder_opt_level: Optional[int] = typer.Option(None, "--builder-opt-level", help="TensorRT: builder "
                                                                                       "optimization level 0..5."),
-    # quantization (issue 6): put into config.options, validated by leptonc.calibration.quantize
+    # leptonc's CUDA kernels (GPU targets, --backend onnxruntime): CompileConfig.kernels
+    no_cuda_kernels: bool = typer.Option(False, "--no-cuda-kernels", help="GPU, onnxruntime: keep ONNX Runtime's "
+                                                                          "kernels (no leptonc CUDA kernel library)."),
+    no_attention_kernel: bool = typer.Option(False, "--no-attention-kernel", help="GPU, onnxruntime: keep ONNX "
+                                                                                  "Runtime's GroupQueryAttention."),
+    no_norm_prologue: bool = typer.Option(False, "--no-norm-prologue", help="GPU, onnxruntime: keep the skip-norm "
+                                                                            "apart from the fp16 product after it."),
+    no_norm_prologue_nbits: bool = typer.Option(False, "--no-norm-prologue-nbits", help="GPU, onnxruntime: keep the "
+                                                                                        "skip-norm apart from the "
+                                                                                        "int4/int8 product after it."),
+    # quantization: CompileConfig.quantization (leptonc.calibration.quantize.QuantSettings)
     int8_mode: Optional[str] = typer.Option(None, "--int8-mode", help="--int8: w8a8 (SmoothQuant, default) or weight-only."),
     smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha", help="SmoothQuant migration strength: --int8 W8A8 "
                                                                                   "(default: searched per layer group); "
@@ -85,7 +95,7 @@ def compile_cmd(
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: allowed perplexity increase in percent (default: int4 10, int8 and fp8 5)."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the accuracy gate (the report says it was skipped)."),
     check_tokens: Optional[int] = typer.Option(None, "--check-tokens", help="Held-out tokens the accuracy gate scores (default 2048)."),
-    # pruning (issue 9): put into config.options, validated by leptonc.passes.pruning
+    # pruning: CompileConfig.pruning (leptonc.config.PruningOptions)
     prune: Optional[float] = typer.Option(None, "--prune", help="Remove this ratio of each layer's MLP channels "
                                                                 "(e.g. 0.25), least important first (calibration)."),
     prune_heads: Optional[int] = typer.Option(None, "--prune-heads", help="Remove N key/value head groups (with "
@@ -128,7 +138,12 @@ def compile_cmd(
                                      "fp8_lm_head": fp8_lm_head or None,
                                      "max_ppl_increase": max_ppl_increase,
                                      "check": False if no_check else None, "check_tokens": check_tokens})
-    config = _prune_options(config, {"prune": prune, "prune_heads": prune_heads, "sparsity": sparsity})
+    config = _prune_options(config, {"mlp_ratio": prune, "kv_heads": prune_heads, "sparsity": sparsity,
+                                     "calib_data": calib_data})
+    kernels = {"cuda_kernels": no_cuda_kernels, "attention_kernel": no_attention_kernel,
+               "norm_prologue": no_norm_prologue, "norm_prologue_nbits": no_norm_prologue_nbits}
+    if any(kernels.values()):
+        config = config.with_(kernels={k: not off for k, off in kernels.items()})
     from leptonc import compiler
 
     if dry_run:
@@ -211,7 +226,7 @@ def _compile_matrix(ctx: typer.Context, source: Optional[str], config_file: Path
 
 
 def _quant_options(config, given: dict):
-    """Put the quantization flags into `config.options`; refuse them without a quantized precision."""
+    """The quantization flags as `config.quantization`; refused without a quantized precision."""
     given = {k: v for k, v in given.items() if v is not None}
     if not given:
         return config
@@ -219,39 +234,27 @@ def _quant_options(config, given: dict):
         flags = ", ".join("--no-check" if k == "check" else f"--{k.replace('_', '-')}" for k in given)
         raise UnsupportedRequestError(f"{flags} only apply to a quantized compile (--int8, --fp8 or --int4); "
                                       f"this one is {config.precision}")
-    from leptonc.calibration.quantize import QuantSettings
-
-    caution = QuantSettings.from_options(config.precision, given).caution  # validates, naming the flag
-    if caution:
-        err.print(f"[yellow]note:[/] {caution}")
-    return config.with_(options={**config.options, **given})
+    config = config.with_(quantization=given)  # validated by QuantSettings and CompileConfig, naming the flag
+    if config.quantization.caution:
+        err.print(f"[yellow]note:[/] {config.quantization.caution}")
+    return config
 
 
 def _prune_options(config, given: dict):
-    """Put the pruning flags (issue 9) into `config.options`, validated by leptonc.passes.pruning."""
+    """The pruning flags as `config.pruning` (validated by PruningOptions, naming the flag)."""
     given = {k: v for k, v in given.items() if v is not None}
-    if not given:
+    if not set(given) - {"calib_data"}:
         return config
-    from leptonc.passes.pruning import PruneSettings
-
-    # validates, with messages naming the flag; TensorRT validates its own --sparsity (its preflight / plan)
-    PruneSettings.from_options({k: v for k, v in given.items() if k != "sparsity" or config.backend != "tensorrt"})
-    return config.with_(options={**config.options, **given})
+    return config.with_(pruning=given)
 
 
 def _tensorrt_options(config, given: dict, dry_run: bool):
-    """Put the TensorRT flags into `config.options` (with the limits its profiles need), refuse them
-    on another backend, and run TensorRT's preflight (options, library, build GPU) before a build."""
+    """The TensorRT flags as `config.tensorrt` (CompileConfig refuses them on another backend), and
+    TensorRT's preflight (library, build GPU) before a build."""
     given = {k: v for k, v in given.items() if v is not None}
-    if config.backend != "tensorrt":
-        if given:
-            flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
-            verb = "applies" if len(given) == 1 else "apply"
-            raise UnsupportedRequestError(f"{flags} only {verb} to --backend tensorrt (this compile uses "
-                                          f"{config.backend}); drop them or pass --backend tensorrt")
-        return config
-    config = config.with_(options={**config.options, **given})  # the compiler adds the limits to the pass context
-    if not dry_run:
+    if given:
+        config = config.with_(tensorrt=given)
+    if config.backend == "tensorrt" and not dry_run:
         from leptonc.targets.backends.tensorrt import preflight
 
         preflight(config)
@@ -262,11 +265,7 @@ def _gate_line(config) -> str:
     """The accuracy gate a quantized compile will apply, said before the work starts ("" when none)."""
     if config.precision not in ("int8", "fp8", "int4"):
         return ""
-    from leptonc.calibration.quantize import QuantSettings
-
-    settings = getattr(config, "quantization", None)
-    if not isinstance(settings, QuantSettings):
-        settings = QuantSettings.from_options(config.precision, getattr(config, "options", None) or {})
+    settings = config.quantization
     if not settings.check:
         return "skipped (--no-check)"
     return (f"perplexity increase <= {settings.max_ppl_increase:g}% on held-out text, or exit 6 with the failed "

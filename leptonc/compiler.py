@@ -37,7 +37,7 @@ def plan(config: CompileConfig) -> dict:
     kind, what = describe_source(config.source)
     target = config.target_record
     backend = backend_module(config.backend)
-    pipeline = backend.pipeline(target, config.precision) if config.passes else []
+    pipeline = backend.pipeline(target, config.precision, config.kernels) if config.passes else []
     out = {
         "config": config.to_dict(),
         "source": {"kind": kind, "ref": str(getattr(what, "name", what))},
@@ -54,45 +54,14 @@ def plan(config: CompileConfig) -> dict:
     return out
 
 
-def _check_request(config: CompileConfig) -> None:
-    if config.precision in QUANTIZED and not _quantization_available():
-        raise UnsupportedRequestError(
-            f"--{config.precision} quantization is not available in this leptonc build yet",
-            hint="compile without a quantization flag for the target's default precision",
-        )
-    if config.precision in QUANTIZED:  # quantization (issue 6): validate its flags before loading anything
-        from leptonc.calibration.quantize import check_request
-
-        check_request(config)
-    if _pruning_requested(config):  # pruning (issue 9): validate its flags before loading anything
-        from leptonc.passes.pruning import check_request as check_prune
-
-        check_prune(config)
-
-
-def _pruning_requested(config: CompileConfig) -> bool:
-    from leptonc.passes.pruning import requested
-
-    return requested(config.options)
-
-
-def _quantization_available() -> bool:
-    try:
-        from leptonc.calibration import quantize  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def compile_model(config: CompileConfig, steps: Steps | None = None) -> Bundle:
     steps = steps or Steps(enabled=False)
     target = config.target_record
     backend = backend_module(config.backend)
-    _check_request(config)
     output = Path(config.output)
     check_output_path(output, config.force)
     backend.check_available(target)
-    pipeline = backend.pipeline(target, config.precision) if config.passes else []
+    pipeline = backend.pipeline(target, config.precision, config.kernels) if config.passes else []
     if config.passes:
         from leptonc.passes.registry import check_pipeline
 
@@ -141,7 +110,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     # Pruning (issue 9) changes the PyTorch model itself, before the reference trace: the bundle is then
     # verified against the *pruned* model; perplexity before/after pruning is in report.json's "pruning".
     prune = None
-    if _pruning_requested(config):
+    if config.pruning is not None:
         from leptonc.passes import pruning
 
         with steps.step("prune", "Pruning"):
@@ -185,11 +154,8 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     del lm
     gc.collect()
 
-    ctx = PassContext(backend=config.backend, target=target, precision=config.precision, spec=spec,
-                      work_dir=work, options={**config.options, "max_batch": config.max_batch,
-                                              "max_sequence": config.max_sequence})
-    if quant is not None:  # the passes read the calibration statistics and settings from here
-        ctx.options.update(quant.pass_options())
+    # the passes read the typed settings, and calibration's statistics, from the context
+    ctx = PassContext.for_compile(config, spec, work, activation_stats=quant.calibration.stats if quant else None)
     with steps.step("build", f"Building for {target.name} ({config.backend})"):
         engine, records = backend.build(exported, staging, pipeline, ctx, config.disabled_passes,
                                         on_pass=lambda n: steps.update(n))

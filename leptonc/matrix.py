@@ -11,7 +11,10 @@
     name = "smollm2"           # bundle: OUTPUT_DIR/NAME.TARGET.PRECISION.lepton (or give `output`)
 
 Keys of an entry: source, target(s), precision(s), backend, name, output, output_dir, max_batch,
-max_sequence, passes, disable_passes, verify, max_parity_error, allow_pickle, trust_remote_code.
+max_sequence, passes, disable_passes, verify, max_parity_error, allow_pickle, trust_remote_code, and the
+tables of typed settings `kernels`, `tensorrt`, `quantization` and `pruning` (the fields of
+leptonc.config's KernelOptions, TensorRTOptions, PruningOptions and calibration's QuantSettings), e.g.
+`kernels = { attention_kernel = false }`.
 Every entry is validated before anything is built (a bad key or an impossible target/precision pair
 fails the whole run with exit 2, nothing built). Entries then build in order; a failed entry is
 recorded and the next one runs (unless `--fail-fast`).
@@ -35,7 +38,7 @@ from leptonc.errors import LeptonError, UnsupportedRequestError
 ENTRY_KEYS = {
     "source", "target", "targets", "precision", "precisions", "backend", "name", "output", "output_dir",
     "max_batch", "max_sequence", "passes", "disable_passes", "verify", "max_parity_error", "allow_pickle",
-    "trust_remote_code",
+    "trust_remote_code", "kernels", "tensorrt", "quantization", "pruning",
 }
 _TYPES = {
     "source": str, "target": str, "precision": str, "backend": str, "name": str, "output": str, "output_dir": str,
@@ -127,6 +130,8 @@ def load_matrix(path: str | Path, *, force: bool = False) -> list[MatrixEntry]:
                     verify=spec.get("verify", True), max_parity_error=float(spec.get("max_parity_error", 1e-3)),
                     allow_pickle=spec.get("allow_pickle", False),
                     trust_remote_code=spec.get("trust_remote_code", False), force=force,
+                    kernels=spec.get("kernels"), tensorrt=spec.get("tensorrt"), quantization=spec.get("quantization"),
+                    pruning=spec.get("pruning"),
                 )
             except LeptonError as exc:
                 raise _bad(path, f"{where} ({target}{', ' + precision if precision else ''}): {exc}") from None

@@ -32,69 +32,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from leptonc.config import PruningOptions
 from leptonc.errors import UnsupportedRequestError, VerificationError
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # HF's shared Llama module layout (models/llama.py)
-OPTION_KEYS = ("prune", "prune_heads", "sparsity")
 PRUNE_VERSION = 1  # bump when the same settings would prune differently
 LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    mlp_ratio: float | None = None  # --prune
-    kv_heads: int = 0  # --prune-heads
-    sparsity: str | None = None  # --sparsity ("2:4")
-    calib_data: str | None = None  # shared with quantization's --calib-data (None: shipped WikiText-2 slice)
-    calib_samples: int = 8
-    calib_seq_len: int = 256
-    check_tokens: int = 1024
-    channel_multiple: int = 8  # kept MLP channels are rounded to a multiple of this (wide layers only)
-
-    def __post_init__(self) -> None:
-        if self.mlp_ratio is not None and not 0.0 < self.mlp_ratio < 1.0:
-            raise UnsupportedRequestError(f"--prune {self.mlp_ratio:g}: the ratio of MLP channels to remove must be "
-                                          "between 0 and 1 (e.g. --prune 0.25)")
-        if self.kv_heads < 0:
-            raise UnsupportedRequestError(f"--prune-heads {self.kv_heads}: give a number of KV head groups >= 1")
-        if self.sparsity is not None and self.sparsity != "2:4":
-            raise UnsupportedRequestError(f"--sparsity {self.sparsity}: the supported pattern is 2:4",
-                                          hint="use --sparsity 2:4")
-
-    @classmethod
-    def from_options(cls, options: dict) -> "PruneSettings":
-        kw = {}
-        if options.get("prune") is not None:
-            kw["mlp_ratio"] = float(options["prune"])
-        if options.get("prune_heads") is not None:
-            kw["kv_heads"] = int(options["prune_heads"])
-        if options.get("sparsity") is not None:
-            kw["sparsity"] = str(options["sparsity"])
-        if options.get("calib_data") is not None:
-            kw["calib_data"] = options["calib_data"]
-        return cls(**kw)
-
-    @property
-    def active(self) -> bool:
-        return self.mlp_ratio is not None or self.kv_heads > 0 or self.sparsity is not None
-
-    @property
-    def structured(self) -> bool:
-        return self.mlp_ratio is not None or self.kv_heads > 0
-
-
-def requested(options: dict) -> bool:
-    return any(options.get(k) is not None for k in OPTION_KEYS)
-
-
-def check_request(config) -> PruneSettings:
-    """Validate the pruning flags of a compile before the model is loaded."""
-    settings = PruneSettings.from_options(config.options)
-    if settings.sparsity and config.backend == "tensorrt" and not config.target_record.sparsity_2_4:
-        raise UnsupportedRequestError(f"--sparsity 2:4 needs sparse tensor cores (sm80+); {config.target} has none",
-                                      hint="drop --sparsity, or target a100, l4, h100")
-    return settings
 
 
 # ---- scores ---------------------------------------------------------------------------------------
@@ -203,7 +147,7 @@ def _heldout_windows(module, ids: np.ndarray, window: int) -> tuple[float, int, 
 
 @dataclass
 class PruneResult:
-    settings: PruneSettings
+    settings: PruningOptions
     mode: str  # how 2:4 runs here: "native" (TensorRT sparse weights) | "simulated" | "n/a"
     target: str
     backend: str
@@ -257,8 +201,8 @@ def _layers(module):
 
 
 def prune_for_compile(config, lm, adapter, spec, on_progress=None):
-    """Prune `lm.module` in place as the compile's options ask; return (the new spec, PruneResult)."""
-    settings = check_request(config)
+    """Prune `lm.module` in place as `config.pruning` asks; return (the new spec, PruneResult)."""
+    settings = config.pruning
     start = time.perf_counter()
     if lm.model_type not in SUPPORTED:
         raise UnsupportedRequestError(
@@ -317,7 +261,7 @@ def prune_for_compile(config, lm, adapter, spec, on_progress=None):
     return new_spec, result
 
 
-def pruned_model_hash(source_hash: str, settings: PruneSettings) -> str:
+def pruned_model_hash(source_hash: str, settings: PruningOptions) -> str:
     """Pruning is deterministic given the source and the settings (and the calibration text)."""
     import hashlib
     import json
@@ -329,7 +273,7 @@ def pruned_model_hash(source_hash: str, settings: PruneSettings) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _prune_structured(module, lm, adapter, spec, settings: PruneSettings, result: PruneResult, progress) -> dict:
+def _prune_structured(module, lm, adapter, spec, settings: PruningOptions, result: PruneResult, progress) -> dict:
     import torch
 
     from leptonc.calibration.collect import collect
@@ -417,9 +361,9 @@ def _apply_2_4(module, num_layers: int, mode: str) -> dict:
             "not_sparsified": "embedding and LM head (the tied embedding is also a Gather table)"}
 
 
-def settings_dict(settings: PruneSettings) -> dict:
+def settings_dict(settings: PruningOptions) -> dict:
     return asdict(settings)
 
 
-__all__ = ["PruneSettings", "PruneResult", "prune_for_compile", "check_request", "requested", "mask_2_4",
+__all__ = ["PruneResult", "prune_for_compile", "mask_2_4",
            "violates_2_4", "channel_scores", "group_scores", "kept_channels", "mlp_keep_count"]

@@ -67,10 +67,8 @@ def quant_context(ctx):
     """(QuantSettings, ActivationStats or None, the report dict the compiler reads after the build)."""
     from leptonc.calibration.quantize import QuantSettings
 
-    settings = ctx.options.get("_quant_settings") or QuantSettings.from_options(ctx.precision, ctx.options)
-    stats = ctx.options.get("_activation_stats")
-    report = ctx.options.setdefault("_quant_report", {"layers": [], "kept_fp": [], "notes": []})
-    return settings, stats, report
+    settings = ctx.quantization or QuantSettings(precision=ctx.precision)
+    return settings, ctx.activation_stats, ctx.quant_report
 
 
 def apply_prescale(graph: gs.Graph, x: gs.Tensor, s: np.ndarray, tag: str, consumers: list[gs.Node]) -> tuple[gs.Tensor, str]:

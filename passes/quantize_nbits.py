@@ -24,6 +24,7 @@ from leptonc.passes.registry import PassResult, register_pass
 
 HEAD_BITS, HEAD_BLOCK = 8, 64
 DEFAULT_ACCURACY_LEVEL = 4  # int8 compute of the activations inside MatMulNBits: ORT CPU's fast path
+AWQ_FOLD_UP = True  # AWQ's scales folded into the up projection's; tests turn it off to compare with the Mul
 
 
 @register_pass("quantize_int4")
@@ -65,7 +66,7 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
         if awq and g_bits == 4 and group is not None and group.prescale is not None:
             s = group.prescale
             up = _gated_up_product(members[0].x, [m.node for m in members]) \
-                if ctx.options.get("_awq_fold_up", True) else None  # "_awq_fold_up": False, a test's switch
+                if AWQ_FOLD_UP else None
             if up is not None:  # folded into the up projection's scales once that is quantized (below)
                 deferred.append((up, s, members))
             else:

@@ -15,20 +15,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from leptonc.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, KernelOptions, TensorRTOptions
 from leptonc.errors import UnsupportedRequestError
 
 
 @dataclass
 class PassContext:
-    """What a pass may know about the compile. `options` carries pass-specific settings
-    (calibration data, quantization parameters) by name."""
+    """What a pass may know about the compile: the target, precision and model, the compile's typed
+    settings (kernel switches, quantization settings, the bundle's limits), and what earlier steps made
+    for the passes (calibration statistics, the built kernel library). `options` holds only test hooks
+    that no compile sets (e.g. forcing a GroupQueryAttention length contract)."""
 
     backend: str = "onnxruntime"
     target: Any = None  # leptonc.targets.Target
     precision: str = "fp32"
     spec: Any = None  # leptonc.models.spec.DecoderSpec
     work_dir: Path | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_sequence: int = DEFAULT_MAX_SEQUENCE
+    kernels: KernelOptions = field(default_factory=KernelOptions)
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    quantization: Any = None  # leptonc.calibration.quantize.QuantSettings for a quantized compile
+    activation_stats: Any = None  # leptonc.calibration.collect.ActivationStats, from calibration
+    quant_report: dict = field(default_factory=lambda: {"layers": [], "kept_fp": [], "notes": []})  # written by the quantizers
+    kernel_library: dict | None = None  # leptonc's CUDA kernel library, as the backend built it ({"file": ...}),
+    # or {"unavailable": reason}
     options: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_compile(cls, config, spec: Any, work_dir: Path | None, activation_stats: Any = None) -> "PassContext":
+        """The context of a compile: everything from the frozen `CompileConfig`."""
+        return cls(backend=config.backend, target=config.target_record, precision=config.precision, spec=spec,
+                   work_dir=work_dir, max_batch=config.max_batch, max_sequence=config.max_sequence,
+                   kernels=config.kernels, tensorrt=config.tensorrt, quantization=config.quantization, activation_stats=activation_stats)
 
 
 @dataclass

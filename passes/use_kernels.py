@@ -19,8 +19,8 @@
     SkipSimplifiedLayerNormalization(A, skip, gamma) whose normalized output only a MatMulF16 reads
         -> ai.leptonc.NormMatMulF16(A, skip, gamma, W) -> (Y, A + skip): at one row the norm is the product kernel's
            prologue (each block normalizes the row it stages; block 0 writes the sum), so the norm kernel goes;
-           more rows run a norm kernel, then cuBLAS. Two of a llama layer's seven decode kernels. The target asks
-           for it (ctx.options["norm_prologue"]; targets/backends/onnxruntime.py: on unless LEPTONC_NORM_PROLOGUE=0). Alone
+           more rows run a norm kernel, then cuBLAS. Two of a llama layer's seven decode kernels. The compile asks
+           for it (KernelOptions.norm_prologue, on unless --no-norm-prologue). Alone
            it was no faster on the H100 (session 15). But once it has run, a decode layer is only leptonc's
            kernels, and with programmatic dependent launch each one overlaps the one before it. That gave
            llama-1b-shape fp16 +5% at batch 1, with the same greedy tokens (BENCHMARKS.md, session 16).
@@ -28,8 +28,8 @@
     SkipSimplifiedLayerNormalization(A, skip, gamma) whose normalized output only a MatMulNBitsTiled reads
         -> ai.leptonc.NormMatMulNBitsTiled(A, skip, gamma, B, SZ) -> (Y, A + skip): the same fold for int4/int8
            weights. At one row where the few-rows kernel serves the shape (llama's qkv and gate|up), the norm is
-           its prologue. Otherwise a norm kernel runs, then the product. The target asks for it
-           (ctx.options["norm_prologue_nbits"]; targets/backends/onnxruntime.py: on unless LEPTONC_NORM_PROLOGUE_NBITS=0):
+           its prologue. Otherwise a norm kernel runs, then the product. The compile asks for it
+           (KernelOptions.norm_prologue_nbits, on unless --no-norm-prologue-nbits):
            llama-1b-shape int4 +0.8% at batch 1 on the H100, the same greedy tokens (BENCHMARKS.md, session 20).
 
     any other fp16 product -> the same Split, QuickGelu and Mul
@@ -54,7 +54,7 @@
            greedy token in one kernel, where ONNX Runtime ran the Cast, a copy into the bound output and ArgMax.
 
 The library must have been built for the target (targets/backends/onnxruntime.py builds it before the pipeline
-and puts it in `ctx.options["cuda_kernels"]`); when it could not be, the pass is skipped with the reason
+and puts it in `ctx.kernel_library`); when it could not be, the pass is skipped with the reason
 and the graph keeps ONNX Runtime's kernel.
 """
 
@@ -97,15 +97,15 @@ def _lowerable(node: gs.Node) -> str | None:
 def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """MatMulNBits -> leptonc's CUDA kernel (streams int4/int8 weights once for up to 16 rows); fp16 MatMul/Gemm
     with constant weights -> MatMulF16; the SiLU(gate) x up of any other fp16 product -> its SwiGLU kernel;
-    GroupQueryAttention -> CachedAttention unless ctx.options["attention_kernel"] is False (module doc)."""
+    GroupQueryAttention -> CachedAttention unless ctx.kernels.attention_kernel is off (module doc)."""
     nodes = [n for n in graph.nodes if n.op == "MatMulNBits" and n.domain == MS_DOMAIN]
     attention = [n for n in graph.nodes if n.op == "GroupQueryAttention" and n.domain == MS_DOMAIN] \
-        if ctx.options.get("attention_kernel", True) else []
+        if ctx.kernels.attention_kernel else []
     dense = [(n, w) for n in graph.nodes if n.op in ("MatMul", "Gemm") and (w := _f16_weights(n)) is not None]
     splits = [n for n in graph.nodes if n.op == "Split" and len(n.outputs) == 2]
     if not nodes and not dense and not attention and not any(_match_swiglu(graph, n.inputs[0]) for n in splits):
         return PassResult.skipped("no MatMulNBits, fp16 product with constant weights or SiLU(gate) x up in the graph")
-    kernels = ctx.options.get("cuda_kernels") or {}
+    kernels = ctx.kernel_library or {}
     if not kernels.get("file"):
         return PassResult.skipped(f"leptonc's CUDA kernels were not built: {kernels.get('unavailable', 'not requested')}; "
                                   "ONNX Runtime's kernels run the graph")
@@ -122,14 +122,14 @@ def use_leptonc_kernels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         _lower(node, swiglu)
         counts["lowered"] += 1
         counts["swiglu"] += swiglu is not None
-        if ctx.options.get("norm_prologue_nbits", False):
+        if ctx.kernels.norm_prologue_nbits:
             counts["nbits_norm"] += _fold_norm(graph, node, "NormMatMulNBitsTiled")
     for node, weights in dense:  # fp16 products with constant weights, as [N, K]
         swiglu = _match_swiglu(graph, node.outputs[0], weights.shape[0])
         _lower_f16(node, weights, swiglu)
         counts["f16"] += 1
         counts["f16_swiglu"] += swiglu is not None
-        if ctx.options.get("norm_prologue", False):
+        if ctx.kernels.norm_prologue:
             counts["f16_norm"] += _fold_norm(graph, node, "NormMatMulF16")
     for node in attention:
         why = _attention_lowerable(node)

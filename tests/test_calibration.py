@@ -215,7 +215,7 @@ def test_smoothquant_graph_rewrite_keeps_the_fp32_function(tmp_path, precision):
     assert all(g.prescale is not None for g in result.stats.groups if g.members != ["lm_head"])
     exported = export_decoder(spec, weights, tmp_path / "export")
     ctx = PassContext(target=get_target("cpu"), precision=precision, spec=spec, work_dir=tmp_path,
-                      options={"_quant_settings": settings, "_activation_stats": result.stats})
+                      quantization=settings, activation_stats=result.stats)
     graph = gs.import_onnx(onnx.load(str(exported.model_path)))
     run_pipeline(graph, CPU_PIPELINE, ctx)  # the fused graph the quantizer sees in a real compile
     reference = gs.export_onnx(graph.copy())
@@ -290,7 +290,7 @@ def test_failed_gate_hint_names_the_failing_formats_flags(precision, options, sa
     from leptonc.calibration.gate import gate_hint
     from leptonc.calibration.quantize import QuantSettings
 
-    hint = gate_hint(QuantSettings.from_options(precision, options))
+    hint = gate_hint(QuantSettings(precision, **options))
     assert says in hint and never not in hint
     assert "--max-ppl-increase" in hint
 

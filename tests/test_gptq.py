@@ -81,17 +81,22 @@ def int4_pair(tmp_path_factory):
 
     from leptonc.compiler import compile_model
     from leptonc.config import CompileConfig
+    from leptonc.passes import quantize_nbits
 
     root = tmp_path_factory.mktemp("gptq")
     old = os.environ.get("LEPTONC_CACHE")
     os.environ["LEPTONC_CACHE"] = str(root / "cache")
     try:
         out = {}
-        variants = {"gptq": {}, "nearest": {"int4_rounding": "nearest"}, "mul": {"_awq_fold_up": False}}
+        variants = {"gptq": {}, "nearest": {"int4_rounding": "nearest"}, "mul": {}}
         for name, extra in variants.items():
             opts = {**SMALL, "int4_block": 32, **extra}
-            out[name] = compile_model(CompileConfig(source="tiny-llama", target="cpu", precision="int4",
-                                                    output=str(root / f"{name}.lepton"), options=opts))
+            quantize_nbits.AWQ_FOLD_UP = name != "mul"  # "mul": AWQ's explicit Mul instead of the fold into up
+            try:
+                out[name] = compile_model(CompileConfig(source="tiny-llama", target="cpu", precision="int4",
+                                                        output=str(root / f"{name}.lepton"), quantization=opts))
+            finally:
+                quantize_nbits.AWQ_FOLD_UP = True
         yield out
     finally:
         if old is None:
@@ -167,7 +172,7 @@ def test_fp16_gpu_graph_finds_every_group(tmp_path, monkeypatch):
     monkeypatch.setenv("LEPTONC_CACHE", str(tmp_path / "cache"))
     bundle = compile_model(CompileConfig(source="tiny-llama", target="h100", backend="onnxruntime", precision="int4",
                                          output=str(tmp_path / "g.lepton"), verify=False,
-                                         options={**SMALL, "int4_block": 32, "check": False}))
+                                         quantization={**SMALL, "int4_block": 32, "check": False}))
     assert bundle.manifest["precision"] == "int4"
     detail = next(p["detail"] for p in bundle.manifest["passes"] if p["name"] == "quantize_int4")
     assert "GPTQ rounding on AWQ's grid for 8 int4 MatMulNBits" in detail and "folded into 4 norms" in detail, detail
@@ -230,13 +235,12 @@ def test_hessian_windows_give_the_same_codes(monkeypatch):
 def test_tensorrt_refuses_gptq_flags_and_rounds_to_nearest(options):
     """TensorRT's int4 weights are symmetric blocks: GPTQ's flags are refused there, and a default int4
     AWQ compile for it calibrates without GPTQ (no Hessians to pay for)."""
-    from leptonc.calibration.quantize import QuantSettings, check_request
+    from leptonc.calibration.quantize import QuantSettings
     from leptonc.config import CompileConfig
     from leptonc.errors import UnsupportedRequestError
 
-    config = CompileConfig(source="tiny-llama", target="h100", backend="tensorrt", precision="int4", options=options)
     with pytest.raises(UnsupportedRequestError, match="GPTQ rounding is for ONNX Runtime"):
-        check_request(config)
+        CompileConfig(source="tiny-llama", target="h100", backend="tensorrt", precision="int4", quantization=options)
     default = CompileConfig(source="tiny-llama", target="h100", backend="tensorrt", precision="int4")
-    check_request(default)
-    assert QuantSettings.from_options("int4", {}).uses_gptq  # the onnxruntime default
+    assert not default.quantization.uses_gptq
+    assert QuantSettings("int4").uses_gptq  # the onnxruntime default

@@ -16,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
+from leptonc.config import KernelOptions
 from leptonc.errors import InputError
 from leptonc.passes import PassContext
 from leptonc.passes.use_kernels import use_leptonc_kernels
@@ -38,11 +39,9 @@ def _nbits_graph(dtype=np.float16, bits=4, block=128, extra_inputs=0) -> gs.Grap
     return gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=17)
 
 
-def _ctx(norm_prologue=None, **kernel_info) -> PassContext:
-    options = {"cuda_kernels": kernel_info}
-    if norm_prologue is not None:
-        options["norm_prologue"] = norm_prologue
-    return PassContext(backend="onnxruntime", precision="int4", options=options)
+def _ctx(norm_prologue=False, norm_prologue_nbits=False, **kernel_info) -> PassContext:
+    return PassContext(backend="onnxruntime", precision="int4", kernel_library=kernel_info,
+                       kernels=KernelOptions(norm_prologue=norm_prologue, norm_prologue_nbits=norm_prologue_nbits))
 
 
 def test_lowering_moves_fp16_matmulnbits_to_the_leptonc_domain():
@@ -220,8 +219,7 @@ def test_norm_fold_keeps_the_symmetric_attribute():
     # the CPU reference with A unquantized (accuracy_level 4 rounds A to int8: ~1% off at these 8-bit weights' sums)
     next(nd for nd in graph.nodes if nd.op == "MatMulNBits").attrs["accuracy_level"] = 0
     a, skip, expected = _ort_cpu_on_random_rows(graph, (1, 1, 256), seed=13)
-    ctx = _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90")
-    ctx.options["norm_prologue_nbits"] = True
+    ctx = _ctx(norm_prologue_nbits=True, file="kernels/libleptonc_cuda.so", arch="sm_90")
     result = use_leptonc_kernels(graph, ctx)
     assert result.counts["lowered"] == 1 and result.counts["nbits_norm"] == 1
     node = graph.nodes[0]
@@ -442,7 +440,7 @@ def _norm_nbits_graph(k=256, n=64, bits=4, block=128) -> gs.Graph:
 
 
 def test_norm_in_front_of_an_int4_product_folds_into_it_when_asked():
-    """With ctx.options["norm_prologue_nbits"], SkipSimplifiedLayerNormalization -> MatMulNBits becomes
+    """With ctx.kernels.norm_prologue_nbits, SkipSimplifiedLayerNormalization -> MatMulNBits becomes
     NormMatMulNBitsTiled(a, skip, gamma, B, SZ) -> (y, a + skip). The contract, computed in numpy from the lowered
     node's own inputs (the kernel's view of the tiled weights), equals ONNX Runtime's CPU result for the original
     graph. Without the option the norm stays in front of a MatMulNBitsTiled."""
@@ -454,8 +452,7 @@ def test_norm_in_front_of_an_int4_product_folds_into_it_when_asked():
     assert result.counts["lowered"] == 1 and result.counts["nbits_norm"] == 0
     assert sorted(nd.op for nd in plain.nodes) == ["MatMulNBitsTiled", "SkipSimplifiedLayerNormalization"]
 
-    ctx = _ctx(file="kernels/libleptonc_cuda.so", arch="sm_90")
-    ctx.options["norm_prologue_nbits"] = True
+    ctx = _ctx(norm_prologue_nbits=True, file="kernels/libleptonc_cuda.so", arch="sm_90")
     result = use_leptonc_kernels(graph, ctx)
     assert result.applied and result.counts["lowered"] == 1 and result.counts["nbits_norm"] == 1
     assert "1 with the SkipSimplifiedLayerNormalization in front folded in (NormMatMulNBitsTiled)" in result.detail
@@ -526,11 +523,9 @@ def test_gpu_pipeline_lowers_unless_turned_off(monkeypatch):
     from leptonc.targets.backends import onnxruntime as ort_backend
 
     h100, cpu = get_target("h100"), get_target("cpu")
-    monkeypatch.delenv("LEPTONC_CUDA_KERNELS", raising=False)
     assert ort_backend.pipeline(h100, "int4")[-1] == "use_leptonc_kernels"  # last: after quantize_int4
     assert "use_leptonc_kernels" not in ort_backend.pipeline(cpu, "int4")
-    monkeypatch.setenv("LEPTONC_CUDA_KERNELS", "0")
-    assert "use_leptonc_kernels" not in ort_backend.pipeline(h100, "int4")
+    assert "use_leptonc_kernels" not in ort_backend.pipeline(h100, "int4", KernelOptions(cuda_kernels=False))
 
 
 def test_arch_for_compute_capability():
@@ -622,7 +617,7 @@ def test_library_builds_and_registers():
         pytest.skip(f"the library builds; loading it needs cuBLAS on LD_LIBRARY_PATH: {exc}")
 
 
-# ---- GroupQueryAttention -> ai.leptonc.CachedAttention (default; LEPTONC_ATTENTION_KERNEL=0 keeps GQA) ---------
+# ---- GroupQueryAttention -> ai.leptonc.CachedAttention (default; --no-attention-kernel keeps GQA) ---------
 
 def _gqa_graph(h=8, kvh=2, d=64, dtype=np.float16, **attrs) -> gs.Graph:
     from attention_reference import gqa_graph
@@ -633,11 +628,12 @@ def _gqa_graph(h=8, kvh=2, d=64, dtype=np.float16, **attrs) -> gs.Graph:
 def test_attention_lowers_by_default_and_not_when_switched_off():
     info = {"file": "kernels/libleptonc_cuda.so", "arch": "sm_90"}
     graph = _gqa_graph()
-    ctx = PassContext(backend="onnxruntime", precision="fp16", options={"cuda_kernels": info, "attention_kernel": False})
+    ctx = PassContext(backend="onnxruntime", precision="fp16", kernel_library=info,
+                      kernels=KernelOptions(attention_kernel=False))
     result = use_leptonc_kernels(graph, ctx)
-    assert not result.applied and graph.nodes[0].op == "GroupQueryAttention"  # LEPTONC_ATTENTION_KERNEL=0
+    assert not result.applied and graph.nodes[0].op == "GroupQueryAttention"  # --no-attention-kernel
 
-    result = use_leptonc_kernels(graph, PassContext(backend="onnxruntime", precision="fp16", options={"cuda_kernels": info}))
+    result = use_leptonc_kernels(graph, PassContext(backend="onnxruntime", precision="fp16", kernel_library=info))
     assert result.applied and result.counts["attention"] == 1
     assert "1 GroupQueryAttention -> ai.leptonc.CachedAttention (sm_90)" in result.detail
     node = graph.nodes[0]
@@ -661,8 +657,7 @@ def test_attention_lowers_by_default_and_not_when_switched_off():
 ])
 def test_attention_left_on_onnx_runtime_when_the_kernel_cannot_run_it(kwargs, why):
     graph = _gqa_graph(**kwargs)
-    ctx = PassContext(backend="onnxruntime", precision="fp16",
-                      options={"cuda_kernels": {"file": "k.so", "arch": "sm_90"}, "attention_kernel": True})
+    ctx = PassContext(backend="onnxruntime", precision="fp16", kernel_library={"file": "k.so", "arch": "sm_90"})
     result = use_leptonc_kernels(graph, ctx)
     assert not result.applied and why in result.detail
     assert graph.nodes[0].op == "GroupQueryAttention"
@@ -674,8 +669,7 @@ def test_runner_takes_cached_attention_as_a_shared_cache_graph(tmp_path):
     from leptonc.runtime.ort_cuda import CACHE_ATTENTION_OPS, graph_op_types
 
     graph = _gqa_graph()
-    ctx = PassContext(backend="onnxruntime", precision="fp16",
-                      options={"cuda_kernels": {"file": "k.so", "arch": "sm_90"}, "attention_kernel": True})
+    ctx = PassContext(backend="onnxruntime", precision="fp16", kernel_library={"file": "k.so", "arch": "sm_90"})
     use_leptonc_kernels(graph, ctx)
     model = tmp_path / "model.onnx"
     onnx.save(gs.export_onnx(graph), model)
@@ -683,19 +677,15 @@ def test_runner_takes_cached_attention_as_a_shared_cache_graph(tmp_path):
     assert ops == {"CachedAttention"} and ops & CACHE_ATTENTION_OPS
 
 
-def test_gpu_build_uses_the_attention_kernel_unless_switched_off(monkeypatch):
+def test_a_library_that_cannot_be_built_leaves_its_reason_for_the_pass(monkeypatch):
     from leptonc.targets import get_target
     from leptonc.targets.backends import onnxruntime as ort_backend
 
+    h100 = get_target("h100")
     monkeypatch.setattr(kernels, "build_library", lambda cc: (_ for _ in ()).throw(kernels.KernelsUnavailable("no nvcc")))
-    for value, expected in ((None, True), ("0", False), ("1", True)):
-        if value is None:
-            monkeypatch.delenv("LEPTONC_ATTENTION_KERNEL", raising=False)
-        else:
-            monkeypatch.setenv("LEPTONC_ATTENTION_KERNEL", value)
-        ctx = PassContext(backend="onnxruntime", precision="fp16", target=get_target("h100"), options={})
-        ort_backend._prepare_kernels(ctx, ["use_leptonc_kernels"], ())
-        assert ctx.options["attention_kernel"] is expected
+    ctx = PassContext(backend="onnxruntime", precision="fp16", target=h100)
+    assert ort_backend._prepare_kernels(ctx, ["use_leptonc_kernels"], ()) is None
+    assert ctx.kernel_library == {"unavailable": "no nvcc"}
 
 
 def _gqa_session(h, kvh, d, cos, sin):
@@ -768,8 +758,6 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
     monkeypatch.setattr(ort_target, "check_available", lambda *a, **k: None)
     monkeypatch.setattr(kernels, "build_library", lambda cc: library)
     monkeypatch.setenv("LEPTONC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("LEPTONC_ATTENTION_KERNEL", raising=False)
-    monkeypatch.delenv("LEPTONC_NORM_PROLOGUE", raising=False)
     bundle = compile_model(CompileConfig(source=str(model_dir), target="h100", backend="onnxruntime", precision="fp16",
                                          output=str(tmp_path / "g.lepton"), verify=False))
     record = next(p for p in bundle.manifest["passes"] if p["name"] == "use_leptonc_kernels")
@@ -813,22 +801,18 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
     tables = {t.name: t for t in model.graph.initializer}
     cos = tables[node.input[5]]
     assert cos.data_type == onnx.TensorProto.FLOAT16 and list(cos.dims)[1] == 32  # [positions, head size / 2]
-    # LEPTONC_NORM_PROLOGUE=0 keeps ONNX Runtime's norms in front of plain MatMulF16 products
-    monkeypatch.setenv("LEPTONC_NORM_PROLOGUE", "0")
+    # --no-norm-prologue keeps ONNX Runtime's norms in front of plain MatMulF16 products
     plain = compile_model(CompileConfig(source=str(model_dir), target="h100", backend="onnxruntime", precision="fp16",
-                                        output=str(tmp_path / "plain.lepton"), verify=False))
+                                        output=str(tmp_path / "plain.lepton"), verify=False,
+                                        kernels=KernelOptions(norm_prologue=False)))
     ops = plain.report()["graph"]["op_counts"]
     assert "NormMatMulF16" not in ops and ops.get("SkipSimplifiedLayerNormalization") == 4, ops
-    # int4 (RTN): the same norms fold into the int4 products unless LEPTONC_NORM_PROLOGUE_NBITS=0
-    monkeypatch.delenv("LEPTONC_NORM_PROLOGUE", raising=False)
-    for flag, folded in ((None, 3), ("0", 0)):
-        if flag is None:
-            monkeypatch.delenv("LEPTONC_NORM_PROLOGUE_NBITS", raising=False)
-        else:
-            monkeypatch.setenv("LEPTONC_NORM_PROLOGUE_NBITS", flag)
+    # int4 (RTN): the same norms fold into the int4 products unless --no-norm-prologue-nbits
+    for fold, folded in ((True, 3), (False, 0)):
         q4 = compile_model(CompileConfig(source=str(model_dir), target="h100", backend="onnxruntime", precision="int4",
-                                         output=str(tmp_path / f"q4{flag}.lepton"), verify=False,
-                                         options={"int4_method": "rtn", "check": False}))
+                                         output=str(tmp_path / f"q4{fold}.lepton"), verify=False,
+                                         quantization={"int4_method": "rtn", "check": False},
+                                         kernels=KernelOptions(norm_prologue_nbits=fold)))
         ops = q4.report()["graph"]["op_counts"]
         assert ops.get("NormMatMulNBitsTiled", 0) == folded, ops
         assert ops.get("SkipSimplifiedLayerNormalization") == 4 - folded, ops

@@ -26,8 +26,9 @@ def _compile(source: str, out, **options):
     from leptonc.config import CompileConfig
 
     precision = options.pop("precision", None)
+    names = {"prune": "mlp_ratio", "prune_heads": "kv_heads", "sparsity": "sparsity"}
     return compile_model(CompileConfig(source=str(source), target="cpu", output=str(out), precision=precision,
-                                       options=options))
+                                       pruning={names[k]: v for k, v in options.items()}))
 
 
 def _weights(bundle) -> dict[str, np.ndarray]:
@@ -254,7 +255,7 @@ def test_sparsity_is_accepted_on_cpu_and_recorded_in_the_plan():
     proc = run_cli("compile", "tiny-llama", "--sparsity", "2:4", "--prune", "0.3", "--dry-run", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
-    assert plan["config"]["options"] == {"prune": 0.3, "sparsity": "2:4"}
+    assert plan["config"]["pruning"]["mlp_ratio"] == 0.3 and plan["config"]["pruning"]["sparsity"] == "2:4"
 
 
 def test_pruning_an_unsupported_architecture_is_refused(tmp_path):

@@ -28,7 +28,7 @@ def _compile(tmp_path, name, precision, options, **kw):
     from leptonc.config import CompileConfig
 
     return compile_model(CompileConfig(source="tiny-llama", target="cpu", output=str(tmp_path / f"{name}.lepton"),
-                                       precision=precision, options={**SMALL, **options}, **kw))
+                                       precision=precision, quantization={**SMALL, **options}, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_smollm2_int4_awq_meets_size_and_gate(tmp_path, cache, smollm2_bundle):
 
     bundle = compile_model(CompileConfig(source="smollm2-135m", target="cpu", output=str(tmp_path / "s4.lepton"),
                                          precision="int4", verify=False,
-                                         options={"calib_samples": 8, "calib_seq_len": 256, "check_tokens": 1024,
+                                         quantization={"calib_samples": 8, "calib_seq_len": 256, "check_tokens": 1024,
                                                   "max_ppl_increase": 15.0}))
     fp32 = json.loads((smollm2_bundle / "manifest.json").read_text())
     size = sum(f["bytes"] for f in bundle.manifest["files"].values())

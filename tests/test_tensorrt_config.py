@@ -12,7 +12,7 @@ import pytest
 
 from conftest import assert_clean_error, run_cli
 from leptonc.compiler import plan
-from leptonc.config import CompileConfig
+from leptonc.config import CompileConfig, TensorRTOptions
 from leptonc.errors import BackendUnavailableError, BundleError, UnsupportedRequestError
 from leptonc.targets import PRECISIONS, TARGETS
 from leptonc.targets.backends import tensorrt as trt_backend
@@ -42,11 +42,11 @@ def test_builder_config_for_every_target_and_precision(target):
             with pytest.raises(UnsupportedRequestError, match=precision.upper()):
                 CompileConfig(source="tiny-llama", target=target.name, backend="tensorrt", precision=precision)
             continue
-        config = CompileConfig(source="tiny-llama", target=target.name, backend="tensorrt", precision=precision)
         if precision == "bf16":  # export writes fp32/fp16 graphs; a strongly typed network cannot be bf16
             with pytest.raises(UnsupportedRequestError, match="bf16"):
-                plan(config)
+                CompileConfig(source="tiny-llama", target=target.name, backend="tensorrt", precision=precision)
             continue
+        config = CompileConfig(source="tiny-llama", target=target.name, backend="tensorrt", precision=precision)
         p = plan(config)
         cfg = p["tensorrt"]
         assert p["export_dtype"] == ("fp32" if precision == "fp32" else "fp16")
@@ -133,7 +133,7 @@ def test_polygraphy_loaders_carry_the_configuration(tmp_path):
     """The real Polygraphy loader objects (they import tensorrt only when called)."""
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
 
-    opts = trt_backend.TensorRTOptions(opt_batch=2, opt_seq=64, sparsity="2:4", timing_cache=str(tmp_path / "tc"),
+    opts = TensorRTOptions(opt_batch=2, opt_seq=64, sparsity="2:4", timing_cache=str(tmp_path / "tc"),
                                        hardware_compat="ampere+", version_compatible=True, builder_opt_level=4)
     inputs = [{"name": "input_ids", "shape": ["batch", "sequence"]},
               {"name": "attention_mask", "shape": ["batch", "total_sequence"]},
@@ -167,8 +167,9 @@ def test_no_tensorrt_import_at_module_import():
     code = ("import sys\n"
             "import leptonc.cli, leptonc.compiler, leptonc.targets.backends.tensorrt, leptonc.targets.backends.tensorrt_lint\n"
             "import leptonc.runtime.trt\n"
+            "from leptonc.config import TensorRTOptions\n"
             "from leptonc.targets import TARGETS; from leptonc.targets.backends import tensorrt as t\n"
-            "t.builder_config(TARGETS['h100'], 'fp16', 4, 64, t.TensorRTOptions())\n"
+            "t.builder_config(TARGETS['h100'], 'fp16', 4, 64, TensorRTOptions())\n"
             "print(sorted(m for m in ('tensorrt', 'tensorrt_lean', 'torch') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

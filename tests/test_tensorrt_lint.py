@@ -220,7 +220,7 @@ def test_inspect_trt_exits_2_and_names_the_nodes(tmp_path):
 
 # ---- what the TensorRT pipeline produces from real models ------------------------------------------
 
-def _pipeline_graph(lm, target_name: str, precision: str, work, options=None):
+def _pipeline_graph(lm, target_name: str, precision: str, work, **context):
     """Export + the TensorRT pipeline, as `compile --backend tensorrt` runs them before the build."""
     import onnx_graphsurgeon as gs
 
@@ -235,8 +235,7 @@ def _pipeline_graph(lm, target_name: str, precision: str, work, options=None):
     spec = adapter.spec(lm.module)
     exported = export_decoder(spec, adapter.weights(lm.module, spec), work,
                               dtype=backend.export_dtype(target, precision))
-    ctx = PassContext(backend="tensorrt", target=target, precision=precision, spec=spec, work_dir=work,
-                      options=dict(options or {}))
+    ctx = PassContext(backend="tensorrt", target=target, precision=precision, spec=spec, work_dir=work, **context)
     graph = gs.import_onnx(onnx.load(str(exported.model_path)))
     records = run_pipeline(graph, backend.pipeline(target, precision), ctx)
     return gs.export_onnx(graph.cleanup().toposort()), records
@@ -277,10 +276,11 @@ def _quantized_graph(lm, precision, work, source="tiny-llama", options=None):
     except ImportError as exc:
         pytest.skip(f"quantization is not in this leptonc build: {exc}")
     config = CompileConfig(source=source, target="h100", backend="tensorrt", precision=precision,
-                           options={"calib_samples": 4, "calib_seq_len": 64, **(options or {})})
+                           quantization={"calib_samples": 4, "calib_seq_len": 64, **(options or {})})
     adapter = get_adapter(lm.model_type)
     quant = calibrate_for_compile(config, lm, adapter, adapter.spec(lm.module))
-    model, records = _pipeline_graph(lm, "h100", precision, work, {**config.options, **quant.pass_options()})
+    model, records = _pipeline_graph(lm, "h100", precision, work, quantization=config.quantization,
+                                     activation_stats=quant.calibration.stats)
     assert records[-1]["name"] == f"quantize_{precision}" and records[-1]["status"] == "applied", records[-1]
     return model
 
@@ -396,14 +396,14 @@ def test_int4_graph_the_build_parses_is_written_and_lints_clean(tiny_lm, tmp_pat
     from leptonc.targets.backends import tensorrt as backend
 
     config = CompileConfig(source="tiny-llama", target="h100", backend="tensorrt", precision="int4",
-                           options={"calib_samples": 4, "calib_seq_len": 64})
+                           quantization={"calib_samples": 4, "calib_seq_len": 64})
     adapter = get_adapter(tiny_lm.model_type)
     spec = adapter.spec(tiny_lm.module)
     quant = calibrate_for_compile(config, tiny_lm, adapter, spec)
     target = get_target("h100")
     exported = export_decoder(spec, adapter.weights(tiny_lm.module, spec), tmp_path / "export", dtype="fp16")
     ctx = PassContext(backend="tensorrt", target=target, precision="int4", spec=spec, work_dir=tmp_path,
-                      options={**config.options, **quant.pass_options()})
+                      quantization=config.quantization, activation_stats=quant.calibration.stats)
     (tmp_path / "work").mkdir()
     path, records = backend._graph_for_build(exported, tmp_path / "work", backend.pipeline(target, "int4"), ctx,
                                              (), None)

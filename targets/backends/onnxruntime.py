@@ -4,10 +4,10 @@ use), and how to open a runner on the result."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from leptonc.config import KernelOptions
 from leptonc.errors import BackendUnavailableError
 
 MODEL_FILE = "model.onnx"
@@ -54,12 +54,12 @@ QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "int4": ["quant
 # no ONNX Runtime header), the pass is skipped with the reason.
 # fp16 graphs (session 12): MatMul/Gemm with constant fp16 weights -> ai.leptonc.MatMulF16 (SwiGLU folded in):
 # llama-1b-shape fp16 745 vs 676-684 tok/s at batch 1, smollm2 1,024 vs 910, against ONNX Runtime's ops in one call.
-# LEPTONC_CUDA_KERNELS=0 or --disable-pass use_leptonc_kernels keeps ONNX Runtime's kernels.
+# --no-cuda-kernels (KernelOptions.cuda_kernels) or --disable-pass use_leptonc_kernels keeps ONNX Runtime's kernels.
 GPU_LOWERING: list[str] = ["use_leptonc_kernels"]
 
 
-def pipeline(target, precision: str) -> list[str]:
-    lower = target.is_gpu and os.environ.get("LEPTONC_CUDA_KERNELS", "1") != "0"
+def pipeline(target, precision: str, kernels: KernelOptions = KernelOptions()) -> list[str]:
+    lower = target.is_gpu and kernels.cuda_kernels
     return (list(CUDA_PIPELINE if target.is_gpu else CPU_PIPELINE) + QUANT_PASSES.get(precision, [])
             + (GPU_LOWERING if lower else []))
 
@@ -152,27 +152,17 @@ def _prepare_kernels(ctx, pipeline_names: list[str], disabled: tuple[str, ...]):
     if "use_leptonc_kernels" not in pipeline_names or "use_leptonc_kernels" in disabled:
         return None
     if export_dtype(ctx.target, ctx.precision) != "fp16":
-        ctx.options["cuda_kernels"] = {"unavailable": f"not needed for {ctx.precision} (the kernels are fp16)"}
+        ctx.kernel_library = {"unavailable": f"not needed for {ctx.precision} (the kernels are fp16)"}
         return None
     from leptonc.targets.kernels import KernelsUnavailable, build_library
 
-    # passes/use_kernels.py: GroupQueryAttention -> ai.leptonc.CachedAttention unless LEPTONC_ATTENTION_KERNEL=0
-    ctx.options["attention_kernel"] = os.environ.get("LEPTONC_ATTENTION_KERNEL", "1") != "0"
-    # SkipSimplifiedLayerNormalization + MatMulF16 -> NormMatMulF16 unless LEPTONC_NORM_PROLOGUE=0: alone it was no
-    # faster (session 15), but it leaves only leptonc's kernels in a decode layer, whose launches then overlap
-    # (programmatic dependent launch): +4-5% at batch 1 on llama-1b-shape fp16 (BENCHMARKS.md, session 16)
-    ctx.options["norm_prologue"] = os.environ.get("LEPTONC_NORM_PROLOGUE", "1") != "0"
-    # the same fold into the int4/int8 products (NormMatMulNBitsTiled) unless LEPTONC_NORM_PROLOGUE_NBITS=0: slower in
-    # session 17, when the product before gate|up could not overlap it; +0.8% for llama-1b-shape int4 at batch 1 in
-    # session 20, with the same greedy tokens (BENCHMARKS.md)
-    ctx.options["norm_prologue_nbits"] = os.environ.get("LEPTONC_NORM_PROLOGUE_NBITS", "1") != "0"
-
+    # What use_leptonc_kernels lowers (attention, the norm prologues) is the compile's KernelOptions, in ctx.kernels.
     try:
         lib = build_library(ctx.target.compute_capability)
     except KernelsUnavailable as exc:
-        ctx.options["cuda_kernels"] = {"unavailable": str(exc)}
+        ctx.kernel_library = {"unavailable": str(exc)}
         return None
-    ctx.options["cuda_kernels"] = lib.manifest()
+    ctx.kernel_library = lib.manifest()
     return lib
 
 

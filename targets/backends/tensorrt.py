@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from leptonc.config import TensorRTOptions
 from leptonc.errors import BackendUnavailableError, BundleError, UnsupportedRequestError
 
 ENGINE_FILE = "engine.plan"
@@ -35,7 +35,7 @@ DEFAULT_OPT_BATCH = 1
 DEFAULT_OPT_SEQ = 128
 DEFAULT_BUILDER_OPT_LEVEL = 3  # TensorRT's own default
 WORKSPACE_FRACTION = 0.25  # of the target's memory; the rest is for weights, KV cache and activations
-HARDWARE_COMPAT = {"ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
+HARDWARE_COMPAT = {"ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}  # TensorRT's enum names
 PROFILE_NAMES = ("prefill", "decode")
 INSTALL_HINT = ("install TensorRT 10 or later on a machine with an NVIDIA GPU (pip install tensorrt), "
                 "or compile with --backend onnxruntime")
@@ -61,86 +61,18 @@ FLOAT_PIPELINE: list[str] = [
 QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "fp8": ["quantize_fp8"], "int4": ["quantize_int4"]}
 
 
-def pipeline(target, precision: str) -> list[str]:
-    _check_precision(precision)
+def pipeline(target, precision: str, kernels=None) -> list[str]:
+    """`kernels` (leptonc's CUDA kernel switches) are ONNX Runtime's; CompileConfig refuses them here."""
     return FLOAT_PIPELINE + QUANT_PASSES.get(precision, [])
 
 
 def export_dtype(target, precision: str) -> str:
     """fp32 stays fp32; everything else is exported fp16 (quantized graphs keep fp16 activations
-    around their Q/DQ pairs)."""
-    _check_precision(precision)
+    around their Q/DQ pairs). CompileConfig has refused bf16 for this backend."""
     return "fp32" if precision == "fp32" else "fp16"
 
 
-def _check_precision(precision: str) -> None:
-    if precision == "bf16":
-        raise UnsupportedRequestError(
-            "the TensorRT backend builds strongly typed networks, whose types come from the graph, and "
-            "leptonc exports fp32 or fp16 graphs, not bf16",
-            hint="use --fp16 with --backend tensorrt, or --bf16 with --backend onnxruntime")
-
-
-# ---- options ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TensorRTOptions:
-    """The TensorRT-only compile options, as the CLI puts them in `CompileConfig.options`."""
-
-    opt_batch: int | None = None
-    opt_seq: int | None = None
-    sparsity: str | None = None  # "2:4"
-    timing_cache: str | None = None
-    hardware_compat: str | None = None  # "ampere+" | "same-cc"
-    version_compatible: bool = False
-    builder_opt_level: int | None = None
-
-    KEYS = ("opt_batch", "opt_seq", "sparsity", "timing_cache", "hardware_compat", "version_compatible",
-            "builder_opt_level")
-
-    @classmethod
-    def from_options(cls, options: dict) -> "TensorRTOptions":
-        return cls(**{k: options[k] for k in cls.KEYS if options.get(k) is not None})
-
-    def given(self) -> list[str]:
-        """CLI spellings of the options that were set (for refusing them on another backend)."""
-        return [f"--{k.replace('_', '-')}" for k, v in asdict(self).items() if v not in (None, False)]
-
-
-def validate(target, precision: str, max_batch: int, max_sequence: int, opts: TensorRTOptions) -> None:
-    """User errors in the TensorRT options, with what to do instead (exit 2)."""
-    _check_precision(precision)
-    if not target.is_gpu:
-        raise UnsupportedRequestError(f"target {target.name} is not a GPU; TensorRT builds for NVIDIA GPUs",
-                                      hint="use --backend onnxruntime for the CPU")
-    if opts.opt_batch is not None and not 1 <= opts.opt_batch <= max_batch:
-        raise UnsupportedRequestError(f"--opt-batch {opts.opt_batch} must be between 1 and --max-batch {max_batch}")
-    if opts.opt_seq is not None and not 1 <= opts.opt_seq <= max_sequence:
-        raise UnsupportedRequestError(f"--opt-seq {opts.opt_seq} must be between 1 and --max-seq {max_sequence}")
-    if opts.sparsity is not None:
-        if opts.sparsity != "2:4":
-            raise UnsupportedRequestError(f"--sparsity {opts.sparsity}: the only structured sparsity TensorRT "
-                                          "runs is 2:4", hint="use --sparsity 2:4")
-        if not target.sparsity_2_4:
-            raise UnsupportedRequestError(
-                f"{target.name} is {target.sm}: 2:4 sparse tensor cores need sm80+",
-                hint="drop --sparsity, or target a100, l4, h100")
-    if opts.hardware_compat is not None:
-        if opts.hardware_compat not in HARDWARE_COMPAT:
-            raise UnsupportedRequestError(f"--hardware-compat {opts.hardware_compat}: use ampere+ or same-cc")
-        if opts.hardware_compat == "ampere+" and target.compute_capability < (8, 0):
-            raise UnsupportedRequestError(
-                f"--hardware-compat ampere+ builds engines for Ampere and newer GPUs; {target.name} is {target.sm}",
-                hint=f"drop --hardware-compat and build on a {target.name}")
-    if opts.builder_opt_level is not None and not 0 <= opts.builder_opt_level <= 5:
-        raise UnsupportedRequestError(f"--builder-opt-level {opts.builder_opt_level}: TensorRT's levels are 0..5 "
-                                      f"(default {DEFAULT_BUILDER_OPT_LEVEL})")
-    if opts.timing_cache is not None:
-        parent = Path(opts.timing_cache).expanduser().resolve().parent
-        if not parent.is_dir():
-            raise UnsupportedRequestError(f"--timing-cache {opts.timing_cache}: directory {parent} does not exist")
-        if Path(opts.timing_cache).is_dir():
-            raise UnsupportedRequestError(f"--timing-cache {opts.timing_cache} is a directory; give a file path")
+# Its options are `leptonc.config.TensorRTOptions`, validated once by CompileConfig.
 
 
 # ---- the builder configuration (pure: no TensorRT needed) ---------------------------------------
@@ -176,8 +108,8 @@ def builder_config(target, precision: str, max_batch: int, max_sequence: int, op
                    inputs: list[dict] | None = None) -> dict:
     """The full builder configuration a build uses, as plain data (what `--dry-run --json` prints and
     what `engine_loaders` turns into Polygraphy loaders). `inputs` is the graph's input spec (names
-    and symbolic shapes); without it the profiles are given per symbolic dimension only."""
-    validate(target, precision, max_batch, max_sequence, opts)
+    and symbolic shapes); without it the profiles are given per symbolic dimension only. The options
+    come validated for this target from `CompileConfig`."""
     opt_batch = opts.opt_batch or min(DEFAULT_OPT_BATCH, max_batch)
     opt_seq = opts.opt_seq or min(DEFAULT_OPT_SEQ, max_sequence)
     profiles = []
@@ -237,7 +169,7 @@ def plan_extras(config) -> dict:
     without TensorRT (whether it is installed here is reported, not required)."""
     if config.backend != "tensorrt":
         return {}
-    opts = TensorRTOptions.from_options(config.options)
+    opts = config.tensorrt
     inputs = _inputs_from_source(config.source)
     cfg = builder_config(config.target_record, config.precision, config.max_batch, config.max_sequence, opts,
                          inputs)
@@ -335,13 +267,11 @@ def check_build_gpu(target, hardware_compat: str | None, local: tuple[int, int] 
 
 
 def preflight(config) -> None:
-    """Everything that can refuse a TensorRT compile before the model is loaded, in the order a user
-    can fix it: options (exit 2), TensorRT present (exit 5), the build GPU (exit 5 / 2)."""
-    opts = TensorRTOptions.from_options(config.options)
+    """What can refuse a TensorRT compile before the model is loaded, once `CompileConfig` has checked
+    the options (exit 2): TensorRT present (exit 5), the build GPU (exit 5 / 2)."""
     target = config.target_record
-    validate(target, config.precision, config.max_batch, config.max_sequence, opts)
     check_available(target)
-    check_build_gpu(target, opts.hardware_compat, local_compute_capability())
+    check_build_gpu(target, config.tensorrt.hardware_compat, local_compute_capability())
 
 
 # ---- the build ---------------------------------------------------------------------------------
@@ -396,15 +326,8 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
     from leptonc.targets.backends.tensorrt_lint import format_issues, lint_model
 
     target = ctx.target
-    opts = TensorRTOptions.from_options(ctx.options)
-    # The profiles need the bundle's limits; the CLI passes them in the options. A library caller that
-    # does not gets CompileConfig's defaults, and the engine section records where they came from.
-    from leptonc.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE
-
-    given = "max_batch" in ctx.options and "max_sequence" in ctx.options
-    max_batch = int(ctx.options.get("max_batch", DEFAULT_MAX_BATCH))
-    max_sequence = int(ctx.options.get("max_sequence", DEFAULT_MAX_SEQUENCE))
-    validate(target, ctx.precision, max_batch, max_sequence, opts)
+    opts = ctx.tensorrt  # validated by CompileConfig
+    max_batch, max_sequence = ctx.max_batch, ctx.max_sequence  # the profiles span the bundle's limits
     trt = import_tensorrt()
     check_build_gpu(target, opts.hardware_compat, local_compute_capability())
 
@@ -440,8 +363,7 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
         "builder": {k: v for k, v in settings.items() if k != "profiles"},
         "lint": {"issues": 0, "warnings": len(lint["warnings"]), "matrix": lint["tensorrt_matrix"]},
         "bytes": engine_path.stat().st_size,
-        "limits": {"max_batch": max_batch, "max_sequence": max_sequence,
-                   "source": "compile options" if given else "CompileConfig defaults"},
+        "limits": {"max_batch": max_batch, "max_sequence": max_sequence},
     }
     return section, records
 
@@ -543,7 +465,7 @@ def _ver(v: str) -> tuple[int, ...]:
 
 
 __all__ = [
-    "ENGINE_FILE", "TensorRTOptions", "build", "builder_config", "check_available", "check_build_gpu",
+    "ENGINE_FILE", "build", "builder_config", "check_available", "check_build_gpu",
     "check_engine_toolchain", "compare_engine_versions", "engine_loaders", "export_dtype", "open_bare_engine",
     "open_runner", "pipeline", "plan_extras", "preflight",
 ]
