@@ -772,7 +772,7 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
     node = next(n for n in model.graph.node if n.op_type == "CachedAttention")
     assert node.domain == "ai.leptonc" and len(node.input) == 7
     order = list(model.graph.node)
-    # the decode kernel reads seqlens_k before its PDL wait (attention.cuh, attn_kv_prefetch): only MaskLengths, straight
+    # the decode kernel reads seqlens_k before its PDL wait (attention.cuh, above launch_decode): only MaskLengths, straight
     # from the graph's mask, may compute it; its kernel launches without PDL and never triggers early
     producer = {o: n for n in order for o in n.output}
     todo, feeding = [node.input[3]], []
@@ -782,7 +782,7 @@ def test_h100_pipeline_lowers_every_attention_of_a_real_graph(tmp_path, monkeypa
             feeding.append(n)
             todo += list(n.input)
     assert [(n.op_type, n.domain, list(n.input)) for n in feeding] == [("MaskLengths", "ai.leptonc", ["attention_mask"])]
-    source = (Path(kernels.__file__).with_name("leptonc_cuda.cu")).read_text()
+    source = (Path(kernels.__file__).with_name("step_ends.cuh")).read_text()
     launch = source[source.index("OrtStatus* ORT_API_CALL compute_mask_lengths"):]
     launch = launch[:launch.index("\n}\n")]
     assert "mask_lengths<<<" in launch and "launch_dependent" not in launch
