@@ -5,13 +5,14 @@ On the GPU machine, from the repository root, after staging the wheels (see BENC
 
     export PYTHONPATH=/tmp/site:$PYTHONPATH
     python3 bench/gpu_suite.py --out $OUT                                  # everything: more than one 10-minute call
-    python3 bench/gpu_suite.py --out $OUT --only compile,peer-build        # or in two calls of under 9 minutes:
+    python3 bench/gpu_suite.py --out $OUT --only compile,peer-build,kernels   # or in two calls of under 9 minutes:
     python3 bench/gpu_suite.py --out $OUT --only greedy,decode,ttft,peer   # the second reuses the first's bundles
 
     python3 bench/gpu_suite.py --dry-run                                   # the plan, on any machine
     python3 bench/gpu_suite.py --target cpu --models tiny-llama --batches 1,2 --out /tmp/smoke   # a CPU smoke run
 
-Parts (`--only`): compile, greedy (32 tokens against bench/gpu_reference.json), decode (prompt 128, 128 new tokens,
+Parts (`--only`): compile, kernels (tests/test_kernels_gpu.py: every ai.leptonc op against float64 at the
+sweep's row counts), greedy (32 tokens against bench/gpu_reference.json), decode (prompt 128, 128 new tokens,
 the batch sweep), ttft (prompts 128 and 1,024 at batch 1 and 16), peer-build, peer (build and time the peer), and
 hooks for commands other parts of leptonc add (serve: `leptonc bench-serve`, verify: `leptonc verify`), which run
 only where the installed CLI has them. Every leptonc figure comes from the `leptonc` CLI in a fresh process. Bundles
@@ -36,8 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is"
-PARTS = ("compile", "greedy", "decode", "ttft", "peer-build", "peer", "serve", "verify")
-DEFAULT_PARTS = ("compile", "greedy", "decode", "ttft", "peer", "serve", "verify")
+PARTS = ("compile", "kernels", "greedy", "decode", "ttft", "peer-build", "peer", "serve", "verify")
+DEFAULT_PARTS = ("compile", "kernels", "greedy", "decode", "ttft", "peer", "serve", "verify")
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
 TTFT_PROMPTS, TTFT_BATCHES = (128, 1024), (1, 16)
 # model -> short name, the peer's shape name (None: no peer), precisions, decode batches, whether TTFT is measured
@@ -274,6 +275,16 @@ def has_command(suite: Suite, command: str) -> bool:
                           cwd=suite.args.work).returncode == 0
 
 
+def kernels_part(suite: Suite) -> None:
+    """The kernels' numeric tests on this GPU, at every row count the sweep uses."""
+    rc, stdout = suite.step("kernel tests", [sys.executable, "-m", "pytest", "tests/test_kernels_gpu.py", "-m", "gpu",
+                                             "-q", "-rs", "-p", "no:cacheprovider"], timeout=300, cwd=REPO)
+    lines = stdout.strip().splitlines()
+    suite.record["kernel_tests"] = {"rc": rc, "passed": rc == 0, "summary": lines[-1] if lines else "",
+                                    "tail": "\n".join(lines[-30:])}
+    suite.save()
+
+
 def verify_part(suite: Suite, spec: dict) -> None:
     """`leptonc verify BUNDLE`: the first-load check of a bundle compiled elsewhere, where the CLI has it."""
     if not has_command(suite, "verify"):
@@ -407,6 +418,8 @@ def table(record: dict) -> str:
                 lines.append(f"| {key.split('_')[1]} | {r['output_tokens_per_s']} | {r['requests_per_s']} | "
                              f"{r['ttft']['p50_ms']} / {r['ttft']['p99_ms']} | {peer.get('output_tokens_per_s', '-')} |")
     greedy = record.get("greedy", {})
+    if "kernel_tests" in record:
+        lines += ["", f"kernel tests: {record['kernel_tests']['summary']}"]
     lines += [""] + [f"greedy {k}: identical to the reference: {v['identical']}" for k, v in greedy.items()]
     return "\n".join(lines)
 
@@ -436,6 +449,8 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
         if {"peer", "peer-build"} & set(args.only) and s["peer"] and args.target != "cpu":
             jobs = peer_jobs(s) if "peer" in args.only else "build only"
             out.append(f"  peer {peer or 'NOT FOUND (--peer PATH)'} {s['peer']} {s['precision']}: {jobs}")
+    if "kernels" in args.only and args.target != "cpu":
+        out.append("kernels: python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs")
     bundle = specs[0]["path"] if specs else "-"
     if "serve" in args.only:
         out.append(f"serve: leptonc serve {bundle} --port FREE --no-verify, then leptonc bench-serve URL --concurrency C "
@@ -505,6 +520,8 @@ def main(argv=None) -> int:
         for spec in specs:
             if "compile" in args.only:
                 compile_part(suite, spec)
+        if "kernels" in args.only and args.target != "cpu":
+            kernels_part(suite)
         if builder:
             builder.join()
         ready = [s for s in specs if (s["path"] / "manifest.json").is_file()]
