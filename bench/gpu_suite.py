@@ -355,21 +355,28 @@ def _peer_rows(record: dict, name: str, kind: str) -> list:
 
 
 def derive_decode(record: dict) -> list:
-    """One row per (bundle, batch): leptonc, the peer's best (CUDA graph or not), the memory floor, and the ratios."""
+    """One row per (bundle, batch): leptonc (the median over --rounds, with their spread), the peer's best (CUDA graph
+    or not), the memory floor, and the ratios."""
     rows = []
     for name, benches in record["bench"].items():
+        rounds = [b["results"] for k, b in sorted(benches.items()) if k == "decode" or k.startswith("decode_round")]
         for r in benches.get("decode", {}).get("results", []):
+            seen = sorted(x["decode_tokens_per_s"] for results in rounds for x in results
+                          if x["batch"] == r["batch"] and x["decode_tokens_per_s"])
+            median = seen[len(seen) // 2] if seen else None
             peer = [p for p in _peer_rows(record, name, "decode") if p["batch"] == r["batch"]]
             best = max((p["decode_tps"] for p in peer if "decode_tps" in p), default=None)
             floor = r.get("memory_floor") or {}
             rows.append({"bundle": name, "precision": benches["decode"].get("precision"), "batch": r["batch"],
-                         "leptonc_tok_s": r["decode_tokens_per_s"], "leptonc_ttft_ms": r["ttft_ms"],
+                         "leptonc_tok_s": median, "rounds": seen,
+                         "spread": round((seen[-1] - seen[0]) / median, 4) if len(seen) > 1 else None,
+                         "leptonc_ttft_ms": r["ttft_ms"],
                          "peak_gpu_mb": r.get("peak_gpu_mb"), "floor_tok_s": floor.get("floor_tokens_per_s"),
                          "floor_with_kv_tok_s": floor.get("floor_with_kv_tokens_per_s"),
                          "of_floor": r.get("fraction_of_floor"), "peer_tok_s": best,
                          "peer": {("graph" if p["cuda_graph"] else "plain"): p.get("decode_tps", p.get("failed"))
                                   for p in peer},
-                         "vs_peer": _ratio(r["decode_tokens_per_s"], best)})
+                         "vs_peer": _ratio(median, best)})
     by_key = {(r["bundle"].rsplit(".", 1)[0], r["precision"], r["batch"]): r for r in rows}
     for r in rows:  # int4 against the same model's fp16 at the same batch
         fp16 = by_key.get((r["bundle"].rsplit(".", 1)[0], "fp16", r["batch"]))
@@ -396,11 +403,12 @@ def derive_ttft(record: dict) -> list:
 
 
 def table(record: dict) -> str:
-    lines = ["| bundle | batch | leptonc tok/s | peer tok/s | vs peer | floor tok/s | of floor | int4/fp16 | peak GPU MiB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| bundle | batch | leptonc tok/s | spread | peer tok/s | vs peer | floor tok/s | of floor | int4/fp16 | "
+             "peak GPU MiB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in record.get("decode", []):
         peer = r["peer_tok_s"] or ("fails" if r["peer"] else "-")
-        lines.append(f"| {r['bundle']} | {r['batch']} | {r['leptonc_tok_s']} | {peer} | "
+        spread = f"{r['spread']:.1%}" if r.get("spread") is not None else "-"
+        lines.append(f"| {r['bundle']} | {r['batch']} | {r['leptonc_tok_s']} | {spread} | {peer} | "
                      f"{r['vs_peer'] or '-'} | {r['floor_tok_s']} | {r['of_floor']} | {r.get('vs_fp16', '-')} | "
                      f"{r['peak_gpu_mb']} |")
     lines += ["", "| bundle | prompt | batch | leptonc TTFT ms | peer best ms | peer / leptonc |",
@@ -441,7 +449,7 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
             out.append(f"  leptonc run {s['path']} --prompt {PROMPT!r} -n 32 --ignore-eos --json --no-verify")
         if "decode" in args.only:
             out.append(f"  leptonc bench {s['path']} --batch {','.join(map(str, s['batches']))} --prompt-len 128 "
-                       "--gen-len 128 --warmup 2 --iters 5 --json --no-verify")
+                       f"--gen-len 128 --warmup 2 --iters 5 --json --no-verify  (x{args.rounds}, interleaved)")
         if "ttft" in args.only and s["ttft"]:
             for p in TTFT_PROMPTS:
                 out.append(f"  leptonc bench {s['path']} --batch 1,16 --prompt-len {p} --gen-len 8 --warmup 2 "
@@ -471,6 +479,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="h100")
     ap.add_argument("--models", default=None, help="comma-separated (default: llama-1b-shape,smollm2-135m)")
     ap.add_argument("--batches", default=None, help="override every model's decode batches, e.g. 1,16")
+    ap.add_argument("--rounds", type=int, default=1, help="decode sweeps per bundle, interleaved (spread over rounds)")
     ap.add_argument("--peer", type=Path, default=None, help="peer_ortgenai.py (default: searched in " +
                     ", ".join(PEER_PATHS) + ")")
     ap.add_argument("--work", type=Path, default=Path("/tmp/leptonc_work"), help="bundles and the merged record")
@@ -529,8 +538,9 @@ def main(argv=None) -> int:
             print(f"no bundles in {args.work}: run --only compile first, on the same warm machine", flush=True)
         for spec in ready if "greedy" in args.only else ():
             greedy_part(suite, spec, reference)
-        for spec in ready if "decode" in args.only else ():
-            bench_part(suite, spec, "decode", spec["batches"], 128, 128, 5)
+        for rnd in range(args.rounds if "decode" in args.only else 0):  # rounds interleave the bundles
+            for spec in ready:
+                bench_part(suite, spec, "decode" if rnd == 0 else f"decode_round{rnd + 1}", spec["batches"], 128, 128, 5)
         for spec in ready if "ttft" in args.only else ():
             for prompt in TTFT_PROMPTS if spec["ttft"] else ():
                 bench_part(suite, spec, f"ttft_{prompt}", TTFT_BATCHES, prompt, 8, 10)
