@@ -20,7 +20,7 @@ from leptonc.calibration.scales import BlockQuantized, block_quantize
 GRID = 20
 AWQ_CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(1, 21))  # down to 50%, AWQ's max_shrink
 AWQ_REFINE_ROUNDS = 4  # least-squares refit of each block's scale after the clip search (scales.block_quantize):
-# smollm2-135m int4 AWQ +17.03% -> +16.56% on the tuning text (bench/int4_fakequant.py, BENCHMARKS.md)
+# smollm2-135m int4 AWQ +17.03% -> +16.56% on the tuning text (a fake-quantization screen)
 
 
 def awq_grid(ws: np.ndarray, block: int, rows: np.ndarray, scale_multiplier: float = 1.0) -> BlockQuantized:

@@ -10,7 +10,7 @@ Here the grid is fixed before GPTQ runs ("static groups"): each block's scale an
 are the ones AWQ's clip search and refit chose for W * s, so the codes GPTQ picks fit the same
 MatMulNBits layout. GPTQ runs on W' = W * s with H' = diag(1/s) H diag(1/s) (the input of W * s).
 
-Measured on smollm2-135m (bench/int4_fakequant.py, the tuning text, never the evaluation text):
+Measured on smollm2-135m (a fake-quantization screen on the tuning text, never the evaluation text):
 the Hessian needs every calibration token (the shipped text's 119 sequences of 256: +9.13%; 16
 sequences: +15.68%, no gain over nearest rounding's +15.62%), and damping 0.1 x mean diag H'.
 """
@@ -22,7 +22,7 @@ import numpy as np
 GPTQ_DAMP = 0.1  # x mean diag H': 0.01 (the paper's) +10.3%, 0.1 +9.1% on the tuning text (BENCHMARKS.md)
 GPTQ_LAZY = 128  # columns per lazy batch update (the paper's B)
 GPTQ_SAMPLES = 128  # calibration sequences for the Hessian (--gptq-samples): the shipped text holds 119 of 256
-# tokens, so 128 takes every token; 16 gained nothing on smollm2-135m (BENCHMARKS.md, session 9 screen)
+# tokens, so 128 takes every token; 16 gained nothing on smollm2-135m (the same screen)
 HESSIAN_BYTES = 4 << 30  # float64 Hessians held at once; more layers than fit are done in windows
 
 

@@ -3,7 +3,7 @@
 The export writes weights to one external-data file. Here every initializer becomes a constant whose
 values are read from that file only when a pass asks for them (`ExternalValues`); a weight no pass
 touches is never read into memory: its bytes are streamed from the old data file to the new one at
-save time. This keeps models over 2 GB (issue 3: peak host memory under 2.5x the weights) compiling.
+save time. This keeps models over 2 GB (peak host memory under 2.5x the weights) compiling.
 """
 
 from __future__ import annotations

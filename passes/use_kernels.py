@@ -21,16 +21,16 @@
            prologue (each block normalizes the row it stages; block 0 writes the sum), so the norm kernel goes;
            more rows run a norm kernel, then cuBLAS. Two of a llama layer's seven decode kernels. The compile asks
            for it (KernelOptions.norm_prologue, on unless --no-norm-prologue). Alone
-           it was no faster on the H100 (session 15). But once it has run, a decode layer is only leptonc's
+           it was no faster on the H100. But once it has run, a decode layer is only leptonc's
            kernels, and with programmatic dependent launch each one overlaps the one before it. That gave
-           llama-1b-shape fp16 +5% at batch 1, with the same greedy tokens (BENCHMARKS.md, session 16).
+           llama-1b-shape fp16 +5% at batch 1, with the same greedy tokens (H100, 2026-11-23).
 
     SkipSimplifiedLayerNormalization(A, skip, gamma) whose normalized output only a MatMulNBitsTiled reads
         -> ai.leptonc.NormMatMulNBitsTiled(A, skip, gamma, B, SZ) -> (Y, A + skip): the same fold for int4/int8
            weights. At one row where the few-rows kernel serves the shape (llama's qkv and gate|up), the norm is
            its prologue. Otherwise a norm kernel runs, then the product. The compile asks for it
            (KernelOptions.norm_prologue_nbits, on unless --no-norm-prologue-nbits):
-           llama-1b-shape int4 +0.8% at batch 1 on the H100, the same greedy tokens (BENCHMARKS.md, session 20).
+           llama-1b-shape int4 +0.8% at batch 1 on the H100, the same greedy tokens (2026-11-24).
 
     any other fp16 product -> the same Split, QuickGelu and Mul
         -> ai.leptonc.SwiGLU(product, gate_first): one kernel instead of three
@@ -39,8 +39,8 @@
     in over the whole head, head size 64 or 128, at most 8 query heads a KV head, no window or softcap)
         -> ai.leptonc.CachedAttention(qkv, past_key, past_value, seqlens_k, total_sequence_length, cos, sin):
            the rotary, the cache append and the attention in one decode kernel (two with split keys) instead
-           of ONNX Runtime's three to five; prefill on tensor cores. On by default since session 15, where
-           it ran on the H100 (BENCHMARKS.md): the same greedy tokens, smollm2-135m fp16 1,217-1,235 tok/s at
+           of ONNX Runtime's three to five; prefill on tensor cores. On by default since it
+           ran on the H100 (2026-11-23): the same greedy tokens, smollm2-135m fp16 1,217-1,235 tok/s at
            batch 1 against 1,097-1,145 with GroupQueryAttention in one call. LEPTONC_ATTENTION_KERNEL=0 at
            compile keeps GroupQueryAttention (targets/backends/onnxruntime.py).
 

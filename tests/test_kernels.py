@@ -1,7 +1,7 @@
 """leptonc's CUDA kernel library (targets/kernels/) and the pass that lowers MatMulNBits to it.
 
 The kernels themselves run only on a GPU: their numerics and speed are checked on the device by
-bench/device_kernels.py (BENCHMARKS.md). Here: the lowering rule, the build's preconditions and messages,
+tests/test_kernels_gpu.py (the `gpu` marker). Here: the lowering rule, the build's preconditions and messages,
 and, where nvcc and the ONNX Runtime header are present, that the library builds and registers."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pruning (issue 9): structured MLP channels (--prune), KV-head groups (--prune-heads), 2:4 sparsity.
+"""Pruning: structured MLP channels (--prune), KV-head groups (--prune-heads), 2:4 sparsity.
 
 Fast tests compile tiny random models in process; one slow test compiles the real smollm2-135m.
 Every compile here runs the compiler's own verification: parity of the bundle against the *pruned*

@@ -613,7 +613,7 @@ def test_pipeline_is_off_with_a_reason_where_it_cannot_run(mask_sum_bundle, monk
 
 
 def test_cublas_workspace_env_is_set_where_unset_kept_where_given_and_restored(monkeypatch):
-    """issue 8 line 6: the CUDA runner caps cuBLAS's default workspace pool only where the user said nothing,
+    """Device memory: the CUDA runner caps cuBLAS's default workspace pool only where the user said nothing,
     and `bench --baseline hf` gets the user's environment back."""
     from leptonc.runtime import ort_cuda_session as ort_cuda
 
@@ -630,7 +630,7 @@ def test_cublas_workspace_env_is_set_where_unset_kept_where_given_and_restored(m
 
 
 def test_memory_bound_is_weights_plus_kv_held_plus_a_quarter():
-    """issue 8 line 6's arithmetic, with llama-1b-shape fp16's figures from the H100 (BENCHMARKS.md session 17)."""
+    """The device-memory bound's arithmetic, with llama-1b-shape fp16's figures from the H100 (2026-11-23)."""
     from leptonc.runtime.bench import memory_bound
 
     mib = 2**20

@@ -1,6 +1,6 @@
 // CachedAttention's kernels: grouped-query attention over a preallocated K/V cache, with the rotary embedding
 // and the cache append folded in. No ONNX Runtime types here: leptonc_cuda.cu wraps them as the custom op, and
-// bench/attention_check.cu runs them alone against a CPU reference.
+// tests/test_kernels_gpu.py runs them on the GPU against a float64 reference.
 //
 // The contract is ONNX Runtime's com.microsoft.GroupQueryAttention as passes/fuse_attention.py builds it for GPU
 // targets (do_rotary 1, packed Q/K/V, rotate-half rotary over the whole head, past and present one buffer):

@@ -13,9 +13,9 @@ namespace {
 // them in 16-byte loads (R loads a step, unrolled 4 steps, so 4R are in flight), fp32 sums reduced by
 // shuffle. The first kPre = 8 / R steps' weights are loaded before A is staged, so HBM's latency overlaps the
 // staging. With S > 1, S warps split each group of R rows along K and add their partial sums in shared memory
-// (more warps and loads in flight where N is small or K long: f16_plan; bench/kernels_microbench.cu --f16-sweep
-// times every choice). With ACT, rows come in (gate j, up j) pairs and Y[j] = SiLU(gate) x up. With NORM
-// (NormMatMulF16) the
+// (more warps and loads in flight where N is small or K long: f16_plan, chosen from a sweep
+// that timed every choice on the H100). With ACT, rows come in (gate j, up j) pairs and Y[j] = SiLU(gate) x up.
+// With NORM (NormMatMulF16) the
 // row staged is RMSNorm(A + skip) x gamma, as com.microsoft.SkipSimplifiedLayerNormalization computes it (the
 // sum rounded to fp16, its mean square in fp32); block 0 also writes the fp16 sum A + skip to S.
 constexpr int kF16Warps = 8;

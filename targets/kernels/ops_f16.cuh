@@ -98,8 +98,8 @@ struct F16Plan {
 // The launch of one row of A. Tuned (the default): 2 rows a group where N fills 132 SMs at two blocks each (always
 // with the SwiGLU epilogue, whose rows come in pairs), else 1; the group's warps split K while every lane keeps
 // at least one 16-byte vector a row and a block still covers 4 rows (each block stages all of A, so fewer rows a
-// block means more staging for the same weights). Session 16's sweep on the H100 (bench/kernels_microbench.cu
-// --f16-sweep, BENCHMARKS.md) put this within 0.1 us of the best of 9 choices on every llama-1b-shape product and
+// block means more staging for the same weights). A sweep on the H100 (2026-11-23, a microbench now in git
+// history) put this within 0.1 us of the best of 9 choices on every llama-1b-shape product and
 // within 0.33 us on smollm2's.
 inline F16Plan f16_plan(int K, int N, bool act) {
   const int rows = (N >= 132 * kF16Warps * 2 || act) ? 2 : 1, kv = K / 8;
