@@ -167,8 +167,8 @@ def memory_floor(batch: int, weight_bytes: int, kv_per_token: int, mean_context:
 
 
 def memory_bound(weight_bytes: int, kv_held_bytes: int, peak_mb: float) -> dict:
-    """Issue 8 line 6: peak device memory (NVML, the whole process, CUDA context included) against the weights
-    plus the K/V blocks held so far plus 25%."""
+    """Peak device memory (NVML, the whole process, CUDA context included) against the bound leptonc keeps: the
+    weights plus the K/V blocks held so far plus 25%."""
     weights, kv = weight_bytes / 2**20, kv_held_bytes / 2**20
     bound = 1.25 * (weights + kv)
     return {"weights_mb": round(weights, 1), "kv_held_mb": round(kv, 1), "bound_mb": round(bound, 1),
