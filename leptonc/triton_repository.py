@@ -254,7 +254,8 @@ PYTHON_MODEL_OUTPUTS = (
 def python_model_config(manifest: dict, options: TritonOptions = TritonOptions()) -> str:
     """`config.pbtxt` of the Python-backend model that runs leptonc's batching engine (decoupled)."""
     if manifest["backend"] != "onnxruntime":
-        raise UnsupportedRequestError(f"leptonc's engine serves onnxruntime bundles; this one is {manifest['backend']!r}",
+        raise UnsupportedRequestError(f"leptonc's engine serves onnxruntime bundles; this one is "
+                                      f"{manifest['backend']!r}",
                                       hint="compile with the onnxruntime backend, or pass --triton-raw-decoder")
     lines = [
         "# Written by leptonc: Triton's Python backend runs leptonc's in-flight batching engine on",

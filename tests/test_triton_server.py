@@ -74,6 +74,10 @@ def triton(tiny_bundle, smollm2_bundle, tmp_path_factory):
     server = _start(runtime, repo, work / "tritonserver.log")
     try:
         server.wait_ready(timeout_s=300)
+        from leptonc.triton_server import group_members
+
+        # the server and a Python-backend stub per model instance share its process group (what stop() ends)
+        assert len(group_members(server.process.pid)) >= 3
         yield server
     finally:
         _stop_and_check_no_orphan(server)
