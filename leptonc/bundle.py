@@ -24,7 +24,7 @@ MANIFEST = "manifest.json"
 REPORT = "report.json"
 TMP_PREFIX = ".leptonc-tmp-"
 # Files whose hash the manifest cannot hold (itself) are listed here; everything else is hashed.
-UNHASHED = {MANIFEST}
+UNHASHED = {MANIFEST, "gpu_check.json"}  # gpu_check.json: a GPU check's result, written after the compile (gpu_check.py)
 # The manifest seals itself: `manifest_sha256` is the sha256 of manifest.json's exact bytes with this
 # field's value replaced by 64 zeros. Any edited byte is caught (an integrity check against damage and
 # casual edits, not a signature: whoever can rewrite the file can recompute it).
@@ -37,6 +37,7 @@ _SELF_HASH_RE = re.compile(rb'^  "manifest_sha256": "([^"]*)"', re.MULTILINE)
 class Bundle:
     path: Path
     manifest: dict
+    verified: bool = True  # loaded with its checks (load_bundle's verify); False: --no-verify, no GPU check either
 
     @property
     def backend(self) -> str:
@@ -529,7 +530,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         if not model_path.is_file():
             raise BundleError(f"{path}: file {engine['file']} is missing", hint="the bundle is incomplete; recompile it")
         check_onnx_model(model_path, path, engine["io"])
-    return Bundle(path, manifest)
+    return Bundle(path, manifest, verified=verify)
 
 
 def describe(bundle: Bundle) -> dict[str, Any]:

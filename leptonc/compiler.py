@@ -159,24 +159,43 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     with steps.step("build", f"Building for {target.name} ({config.backend})"):
         engine, records = backend.build(exported, staging, pipeline, ctx, config.disabled_passes,
                                         on_pass=lambda n: steps.update(n))
+    # Cross-compiling (a GPU bundle where ONNX Runtime has no CUDA provider): the gate and the verification run the
+    # graph before the lowering to leptonc's kernels on the CPU provider; the GPU check waits for a GPU (gpu_check.py)
+    cross = getattr(backend, "cross_compiling", lambda t: False)(target)
+    checked_engine = engine
+    if cross:
+        cpu_model = work / backend.CPU_CHECK_MODEL
+        checked_engine = backend.cpu_check_engine(engine, (cpu_model if cpu_model.is_file() else staging / engine["file"])
+                                                  .relative_to(staging).as_posix())
+    cpu_blocked = backend.cpu_cannot_run(staging / checked_engine["file"]) if cross else None
     if quant is not None:  # the accuracy gate: reference (the fp32 export, still in _work) vs quantized
         with steps.step("gate", "Accuracy gate (perplexity on held-out text)"):
             try:
-                quant.finish(ctx, records, backend, exported, staging, engine,
-                             {"max_batch": config.max_batch, "max_sequence": config.max_sequence}, tokenizer)
+                quant.finish(ctx, records, backend, exported, staging, checked_engine,
+                             {"max_batch": config.max_batch, "max_sequence": config.max_sequence}, tokenizer,
+                             **({"pending_reason": cpu_blocked} if cpu_blocked else {}))
             except VerificationError as exc:
                 if quant.gate is None:
                     raise
                 raise _keep_failed_report(config, quant, exc) from None
-    shutil.rmtree(work, ignore_errors=True)
+    if not cross:
+        shutil.rmtree(work, ignore_errors=True)
 
     limits = {"max_batch": config.max_batch, "max_sequence": config.max_sequence}
     verification: dict = {"status": "skipped", "reason": "--no-verify"}
     if trace is not None:
-        with steps.step("verify", "Verifying against PyTorch"):
-            verification = _verify(config, backend, staging, engine, limits, trace, check_parity)
+        with steps.step("verify", "Verifying against PyTorch" + (" (on the CPU: cross-compiling)" if cross else "")):
+            if cpu_blocked:  # nothing the CPU can run: the GPU check compares with PyTorch itself
+                verification = {"status": "pending_gpu", "reason": f"cross-compiled; {cpu_blocked}",
+                                "reference": "PyTorch fp32"}
+                verification.update(_cpu_scope(config, backend, staging, None, limits, trace))
+            else:
+                verification = _verify(config, backend, staging, checked_engine, limits, trace, check_parity)
+                if cross:
+                    verification.update(_cpu_scope(config, backend, staging, checked_engine, limits, trace))
         if prune is not None:
             verification["reference"] = f"pruned {verification.get('reference', 'PyTorch fp32')}"
+    shutil.rmtree(work, ignore_errors=True)
     if quant is not None:
         verification = {**verification, "accuracy_gate": quant.gate}
 
@@ -185,6 +204,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "source": source,
         "target": target.name,
         "backend": config.backend,
+        "backend_choice": getattr(config, "backend_choice", ""),
         "precision": config.precision,
         "precision_mode": config.precision_mode,
         "export": {"dtype": dtype, "nodes": exported.num_nodes, "weight_bytes": exported.weight_bytes, "opset": 17},
@@ -209,6 +229,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "model": spec.to_dict(),
         "target": target.to_dict(),
         "backend": config.backend,
+        "backend_choice": getattr(config, "backend_choice", ""),
         "precision": config.precision,
         "precision_mode": config.precision_mode,
         "engine": engine,
@@ -268,6 +289,30 @@ def _verify(config, backend, staging: Path, engine: dict, limits: dict, trace, c
             hint="try --no-passes or --disable-pass NAME to find the pass at fault, and report it",
         )
     return result
+
+
+def _cpu_scope(config, backend, staging: Path, checked_engine: dict, limits: dict, trace) -> dict:
+    """What a cross-compile verified on the CPU, and the GPU check it leaves pending, with its reference (the
+    CPU-verified graph's outputs, a hashed file of the bundle)."""
+    from leptonc import gpu_check
+
+    if checked_engine is None:  # the CPU could run nothing: PyTorch's own logits are the reference
+        reference = gpu_check.reference_from_trace(trace)
+        (staging / gpu_check.REFERENCE_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (staging / gpu_check.REFERENCE_FILE).write_text(_json(reference))
+        return {"scope": "none on the CPU (cross-compiled)",
+                "pending_gpu_checks": [gpu_check.pending_entry(config.precision, "PyTorch fp32")]}
+    runner = backend.open_runner(staging / checked_engine["file"], checked_engine, limits)
+    try:
+        reference = gpu_check.record_reference(runner, trace)
+    finally:
+        runner.release()
+    (staging / gpu_check.REFERENCE_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (staging / gpu_check.REFERENCE_FILE).write_text(_json(reference))
+    lowered = checked_engine["file"] != "model.onnx"
+    return {"scope": "cpu: " + ("the graph before use_leptonc_kernels" if lowered else "the bundle's graph")
+                     + " on ONNX Runtime's CPU provider (cross-compiled: no CUDA provider here)",
+            "pending_gpu_checks": [gpu_check.pending_entry(config.precision)]}
 
 
 def _graph_summary(model_path: Path) -> dict:
