@@ -364,7 +364,10 @@ class CompileQuantization:
     report: dict | None = None
     pass_record: dict | None = None
 
-    def finish(self, ctx, records, backend, exported, staging, engine, limits, tokenizer) -> None:
+    def finish(self, ctx, records, backend, exported, staging, engine, limits, tokenizer,
+               pending_reason: str | None = None) -> None:
+        """`pending_reason`: why the gate cannot run here (a cross-compile whose graph the CPU cannot run); it is
+        then recorded as pending and the bundle's GPU check decides."""
         from leptonc.calibration.gate import accuracy_gate
 
         self.report = ctx.quant_report
@@ -374,6 +377,9 @@ class CompileQuantization:
             why = self.pass_record["detail"] if self.pass_record else "it is not in the pipeline"
             raise VerificationError(f"--{self.settings.precision} was requested but {name} did not run ({why}); "
                                     "no bundle was written", hint="report this with the command line")
+        if pending_reason:
+            self.gate = {"status": "pending_gpu", "reason": pending_reason}
+            return
         try:
             self.gate = accuracy_gate(backend, exported.model_path, staging / engine["file"], engine, limits,
                                       tokenizer, self.settings)

@@ -323,6 +323,8 @@ def _print_compile_report(bundle, report: dict) -> None:
     src = m["source"]
     table.add_row("source", f"{src['name']} ({src['architecture']}){' [RANDOM weights]' if src['random_weights'] else ''}")
     table.add_row("target", f"{m['target']['name']} / {m['backend']} / {m['precision']} ({m['precision_mode']})")
+    if m.get("backend_choice"):  # why this backend (--backend auto: targets/backends/selection.py)
+        table.add_row("backend", text(m["backend_choice"]))
     graph = report.get("graph") or {}
     table.add_row("graph", f"{report['export']['nodes']} nodes exported -> {graph.get('nodes', '?')} after passes")
     applied = [p for p in report.get("passes", []) if p["status"] == "applied"]

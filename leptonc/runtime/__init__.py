@@ -18,7 +18,17 @@ def open_bundle_runner(bundle, device: str | None = None, overrides: dict | None
         from leptonc.targets.backends.onnxruntime import open_runner
 
         run_settings = EngineSettings.from_manifest(bundle.engine).with_overrides(overrides)
-        return open_runner(bundle.model_path, bundle.engine, bundle.manifest["limits"], device, run_settings)
+        runner = open_runner(bundle.model_path, bundle.engine, bundle.manifest["limits"], device, run_settings)
+        on_gpu = bundle.engine.get("session", {}).get("provider") == "CUDAExecutionProvider" and device != "cpu"
+        if on_gpu and getattr(bundle, "verified", True):  # a cross-compiled bundle's GPU check, at its first load
+            from leptonc import gpu_check
+
+            try:
+                gpu_check.ensure_checked(bundle, gpu_check.gpu_name(), runner)
+            except BaseException:
+                runner.release()
+                raise
+        return runner
     if overrides:
         raise InputError(f"engine settings ({', '.join(overrides)}) apply to ONNX Runtime bundles; this one is "
                          f"{bundle.backend}", hint="drop --engine-option for this bundle")
