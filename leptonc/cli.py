@@ -22,7 +22,7 @@ from rich.table import Table
 
 from leptonc import __version__
 from leptonc.cli_compile import compile_cmd
-from leptonc.cli_runtime import bench, eval_cmd, inspect, package, run
+from leptonc.cli_runtime import bench, eval_cmd, inspect, package, run, verify
 from leptonc.console import emit_json, err, out, text
 from leptonc.errors import EXIT_CODES, LeptonError
 from leptonc.server.cli import bench_serve, serve
@@ -128,6 +128,7 @@ app.command("inspect")(inspect)
 app.command("package")(package)
 app.command("serve")(serve)
 app.command("bench-serve")(bench_serve)
+app.command("verify")(verify)
 
 # ---- entry point --------------------------------------------------------------------------------
 

@@ -434,3 +434,22 @@ def package(
     for f in result["files"]:
         plain(out, f"  {f}")
     out.print(f"serve it with: [bold]{text(result['serve'])}[/]")
+
+
+def verify(
+    bundle: Path = typer.Argument(..., help="A GPU bundle (NAME.lepton), e.g. one cross-compiled on a CPU-only machine."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
+) -> None:
+    """Run a bundle's pending GPU checks on this GPU and record the result beside it (exit 6 if one fails)."""
+    from leptonc import gpu_check
+
+    result = gpu_check.verify_bundle(bundle)
+    if as_json:
+        emit_json(result)
+        return
+    if result["result"] is None:
+        out.print(f"{text(str(bundle))}: no pending GPU checks (verified when it was compiled)")
+        return
+    r = result["result"]
+    out.print(f"{text(str(bundle))}: {r['check']} {r['status']} on {text(gpu_check.gpu_name())}: top-1 agreement "
+              f"{r.get('top1_agreement')} ({text(r.get('rule', ''))}); recorded in {text(r.get('recorded_in', ''))}")
