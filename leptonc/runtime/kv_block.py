@@ -4,14 +4,28 @@ CachedAttention) writes the new entries in place."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Iterable, Protocol
 
 import numpy as np
 
 from leptonc.errors import InputError
 
-if TYPE_CHECKING:
-    from leptonc.runtime.ort_cuda import OrtCudaRunner
+
+class KvBlockOwner(Protocol):
+    """What a block needs from its runner (leptonc/runtime/ort_cuda.py's OrtCudaRunner): the cache's
+    shape and dtype, the device, the past/present names per layer and a zeros session on its provider."""
+
+    kv_dtype: np.dtype
+    kv_heads: int
+    capacity: int
+    head_dim: int
+    num_layers: int
+    device_type: str
+    device_id: int
+
+    def _kv_names(self) -> Iterable[tuple[str, str]]: ...
+
+    def _zeros_session(self): ...
 
 
 class KvBlock:
@@ -24,7 +38,7 @@ class KvBlock:
     in powers of two: on the H100 the first batch-16 prefill of llama-1b-shape (a 640 MiB block) raised
     device memory by 1,082 MiB, consistent with a 1 GiB region."""
 
-    def __init__(self, runner: "OrtCudaRunner", batch: int):
+    def __init__(self, runner: KvBlockOwner, batch: int):
         self.batch, self.dtype = batch, runner.kv_dtype
         self.row_shape = (runner.kv_heads, runner.capacity, runner.head_dim)
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
