@@ -35,7 +35,7 @@ QUANTIZED = ("int8", "fp8", "int4")
 FP8_DEFAULT_KEEP = ("lm_head", "embed")  # --fp8 keeps these in higher precision; --fp8-lm-head quantizes them
 CLIPPING_OBSERVERS = ("percentile", "entropy")  # they clip activation outliers, which fp8 (E4M3) could represent
 FP8_DEFAULT_ALPHA = 0.5  # --fp8's SmoothQuant strength unless --smoothquant-alpha is given. Chosen on the tuning
-# text (bench/quant_tune.py, never the evaluation text): smollm2-135m +3.16% unsmoothed, +3.10% at 0.25, +2.88% at
+# text (never the evaluation text): smollm2-135m +3.16% unsmoothed, +3.10% at 0.25, +2.88% at
 # 0.5, +3.90% at 0.75; the per-group alpha search overfits the calibration rows (BENCHMARKS.md, Quantization)
 
 

@@ -339,7 +339,7 @@ def _print_compile_report(bundle, report: dict) -> None:
     else:
         table.add_row("verify", f"{v.get('status', 'skipped')} ({v.get('reason', '')})")
     q = report.get("quantization")
-    if q:  # issue 6: the accuracy gate, the mode that ran, the layers that hurt most
+    if q:  # quantization: the accuracy gate, the mode that ran, the layers that hurt most
         gate = q.get("accuracy_gate") or {}
         if gate.get("status") == "passed":
             table.add_row("accuracy", f"passed: perplexity {gate['reference_perplexity']:.3f} -> "
@@ -351,7 +351,7 @@ def _print_compile_report(bundle, report: dict) -> None:
         if q.get("worst_layers"):
             table.add_row("lowest SQNR", ", ".join(f"{r['name']} {r['sqnr_db']:.1f} dB" for r in q["worst_layers"][:3]))
     pr = report.get("pruning")
-    if pr:  # issue 9: parameters removed and the accuracy cost (PyTorch, held-out text)
+    if pr:  # pruning: parameters removed and the accuracy cost (PyTorch, held-out text)
         p, acc = pr["parameters"], pr.get("accuracy") or {}
         table.add_row("pruned", f"parameters {p['before']['total']:,} -> {p['after']['total']:,} "
                                 f"(MLP -{100 * p['mlp_removed_ratio']:.1f}%); perplexity "

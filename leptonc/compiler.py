@@ -107,7 +107,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         adapter = get_adapter(lm.model_type)
         spec = adapter.spec(lm.module)
         save_tokenizer(lm.tokenizer, staging / "tokenizer")
-    # Pruning (issue 9) changes the PyTorch model itself, before the reference trace: the bundle is then
+    # Pruning changes the PyTorch model itself, before the reference trace: the bundle is then
     # verified against the *pruned* model; perplexity before/after pruning is in report.json's "pruning".
     prune = None
     if config.pruning is not None:
@@ -120,7 +120,7 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     if config.verify:
         with steps.step("reference", "Recording the PyTorch reference"):
             trace = reference_trace(lm.module, lm.tokenizer, max_sequence=config.max_sequence)
-    # Quantization (issue 6): calibration runs the PyTorch model, so it happens before the model is freed.
+    # Quantization: calibration runs the PyTorch model, so it happens before the model is freed.
     quant = None
     if config.precision in QUANTIZED:
         from leptonc.calibration import quantize
@@ -272,7 +272,7 @@ def _verify(config, backend, staging: Path, engine: dict, limits: dict, trace, c
         threshold = 0.9
         ok = (result["top1_agreement"] or 0) >= threshold
         rule = f"top-1 agreement >= {threshold:g}"
-    if config.precision in QUANTIZED:  # issue 6: rounding moves near-tied greedy choices (random tiny models);
+    if config.precision in QUANTIZED:  # rounding moves near-tied greedy choices (random tiny models);
         # the accuracy gate (perplexity on held-out text) decides for quantized formats, this is recorded
         advisory = "met" if ok else "not met"
         ok, rule = True, f"recorded only ({rule} is advisory for {config.precision}, {advisory}; the accuracy gate decides)"

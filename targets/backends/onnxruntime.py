@@ -38,7 +38,7 @@ CPU_PIPELINE: list[str] = CLEANUP + [
 CUDA_PIPELINE: list[str] = list(CPU_PIPELINE)
 
 
-# Quantization (issue 6; passes/quantize_*.py) comes LAST, after cleanup and fusion: the fusions
+# Quantization (passes/quantize_*.py) comes LAST, after cleanup and fusion: the fusions
 # match float MatMul/Gemm patterns, and the quantizers then replace whatever MatMuls remain (fused
 # or not) with what ONNX Runtime runs natively: MatMulNBits (int4, int8 weight-only), QDQ int8
 # (fused by ORT into integer MatMuls), float8 Q/DQ (fp8, simulated on the CPU).
@@ -46,13 +46,13 @@ QUANT_PASSES: dict[str, list[str]] = {"int8": ["quantize_int8"], "int4": ["quant
 
 
 # GPU targets, last: MatMulNBits moved to leptonc's own CUDA kernel (targets/kernels/). After quantization
-# and select_logits, which create and rewire the MatMulNBits nodes it lowers. On by default since session
-# 11 (H100, BENCHMARKS.md "Session 11"): smollm2-135m int4 1,130 tok/s at batch 1 and 12,637 at batch 16
+# and select_logits, which create and rewire the MatMulNBits nodes it lowers. On by default since it
+# ran on the H100 (2026-11-23): smollm2-135m int4 1,130 tok/s at batch 1 and 12,637 at batch 16
 # against 861 and 6,949 with ONNX Runtime's kernel in the same call, the same greedy tokens; llama-1b-shape
 # int4 1,035 and 985 tok/s at batch 1 in two calls (1.62x and 1.59x fp16), where ONNX Runtime's kernel
-# measured 876-890 in earlier sessions (not the same call). Where the library cannot be built (no nvcc or
+# measured 876-890 in earlier calls (not the same call). Where the library cannot be built (no nvcc or
 # no ONNX Runtime header), the pass is skipped with the reason.
-# fp16 graphs (session 12): MatMul/Gemm with constant fp16 weights -> ai.leptonc.MatMulF16 (SwiGLU folded in):
+# fp16 graphs (H100, 2026-11-23): MatMul/Gemm with constant fp16 weights -> ai.leptonc.MatMulF16 (SwiGLU folded in):
 # llama-1b-shape fp16 745 vs 676-684 tok/s at batch 1, smollm2 1,024 vs 910, against ONNX Runtime's ops in one call.
 # --no-cuda-kernels (KernelOptions.cuda_kernels) or --disable-pass use_leptonc_kernels keeps ONNX Runtime's kernels.
 GPU_LOWERING: list[str] = ["use_leptonc_kernels"]
