@@ -3,7 +3,8 @@
 #
 # Staging, on the development machine (from the project root):
 #   bash ../shared/device/stage.sh onnxruntime-gpu==1.31.1 nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
-#        nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+#        nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 onnx-graphsurgeon polygraphy \
+#        gguf accelerate psutil
 #   (about 250 MB: 6 parts; make the printed unpack calls back to back), and cross-compile here, with no GPU:
 #   leptonc compile tiny-llama --target h100 -o out/xc/tiny.h100.lepton
 #   carry out/xc and .ort-include (ONNX Runtime 1.29's C API headers, for the comparison build; git-ignored).
@@ -21,7 +22,7 @@ OUT=${1:-/tmp/gpu_out_of_box}
 mkdir -p "$OUT"
 ROOT=$(pwd)
 VENV=/tmp/leptonc-fresh
-unset LEPTONC_ORT_INCLUDE CUDA_HOME CUDA_PATH
+unset LEPTONC_ORT_INCLUDE CUDA_HOME CUDA_PATH PYTHONPATH  # fresh: not /tmp/site, where unpack.sh also installs the wheels
 export LEPTONC_CACHE=/tmp/leptonc-fresh-cache PYTHONUNBUFFERED=1
 
 python3 -m venv --system-site-packages "$VENV"
