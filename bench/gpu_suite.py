@@ -285,13 +285,15 @@ def kernels_part(suite: Suite) -> None:
     suite.save()
 
 
-def verify_part(suite: Suite, spec: dict) -> None:
-    """`leptonc verify BUNDLE`: the first-load check of a bundle compiled elsewhere, where the CLI has it."""
+def verify_part(suite: Suite, spec: dict, carried: list[Path]) -> None:
+    """`leptonc verify BUNDLE` (the GPU check a bundle compiled on a CPU-only machine has pending) on each carried-in
+    bundle (--verify-bundle, default out/xc/*.lepton), or on the suite's own first bundle where none is carried."""
     if not has_command(suite, "verify"):
         suite.record["hooks"]["verify"] = "skipped: this leptonc has no `verify` command"
     else:
-        suite.record["hooks"]["verify"] = suite.cli(f"verify {spec['name']}", "verify", spec["path"], "--json",
-                                                    timeout=300)
+        suite.record["hooks"]["verify"] = {
+            str(path): suite.cli(f"verify {path.name}", "verify", path, "--json", timeout=300)
+            for path in (carried or [spec["path"]])}
     suite.save()
 
 
@@ -467,7 +469,8 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
             out.append(f"serve peer: bench/serve_peer_ortgenai.py --peer-script {peer} {specs[0]['peer']} "
                        f"{specs[0]['precision']} --concurrency C --requests 4C (same C)")
     if "verify" in args.only:
-        out.append(f"verify: leptonc verify {bundle} --json (where the CLI has it)")
+        carried = args.verify_bundle or sorted((REPO / "out" / "xc").glob("*.lepton")) or [bundle]
+        out.append(f"verify: leptonc verify BUNDLE --json for {', '.join(map(str, carried))} (where the CLI has it)")
     out.append(f"writes {args.out}/<date>_<machine>.json (and keeps it in {args.work} for the next call)")
     return out
 
@@ -482,6 +485,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="decode sweeps per bundle, interleaved (spread over rounds)")
     ap.add_argument("--peer", type=Path, default=None, help="peer_ortgenai.py (default: searched in " +
                     ", ".join(PEER_PATHS) + ")")
+    ap.add_argument("--verify-bundle", type=Path, action="append", default=None,
+                    help="a bundle compiled elsewhere for `leptonc verify` (repeatable; default: out/xc/*.lepton)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/leptonc_work"), help="bundles and the merged record")
     ap.add_argument("--machine", default=None, help="name in the file name (default: from the GPU's name)")
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (a device call has 600)")
@@ -546,10 +551,10 @@ def main(argv=None) -> int:
                 bench_part(suite, spec, f"ttft_{prompt}", TTFT_BATCHES, prompt, 8, 10)
         for spec in peer_specs if "peer" in args.only else ():
             peer_part(suite, spec, peer, False)
+        if "verify" in args.only and ready:
+            verify_part(suite, ready[0], args.verify_bundle or sorted((REPO / "out" / "xc").glob("*.lepton")))
         if "serve" in args.only and ready:
             serve_part(suite, ready[0], peer if args.target != "cpu" else None)
-        if "verify" in args.only and ready:
-            verify_part(suite, ready[0])
     finally:
         suite.save()
         print("\n" + table(suite.record), flush=True)
