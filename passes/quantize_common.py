@@ -1,9 +1,11 @@
 """Shared pieces of the quantization rewrites: finding the linear layers of the graph, reading the
 calibration statistics and settings from the pass context, applying per-input-channel pre-scales
-(SmoothQuant / AWQ) to the graph, and recording each layer's error (SQNR) for the report.
+(SmoothQuant / AWQ) to the graph, recording each layer's error (SQNR) for the report, and the pieces
+more than one form uses (the 8-bit MatMulNBits head and GatherBlockQuantized embedding, the opset raise).
 
-No pass is registered here; `quantize_nbits.py` (MatMulNBits, GatherBlockQuantized) and
-`quantize_qdq.py` (QuantizeLinear/DequantizeLinear) hold the passes.
+No pass is registered here: `quantizers.py` registers the quantize passes and picks the rewrite per
+(precision, backend) from `quantize_nbits.py` (MatMulNBits), `quantize_qdq.py` (Q/DQ for ONNX Runtime)
+and `quantize_tensorrt.py` (TensorRT's explicit quantization).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from leptonc.calibration.scales import sqnr_db
+from leptonc.calibration.scales import block_quantize, sqnr_db
 
 MS_DOMAIN = "com.microsoft"
+HEAD_BITS, HEAD_BLOCK = 8, 64  # the 8-bit LM head / embedding of the weight-only and int8 forms
 
 
 @dataclass
@@ -198,3 +201,101 @@ def smoothquant_detail(settings, fmt: str, counts: dict) -> str:
     alpha = (f"alpha {settings.smoothquant_alpha:g}" if settings.smoothquant_alpha is not None
              else "alpha searched per layer group")
     return f"SmoothQuant ({alpha}) folded into {counts['smooth_folded']} norms, {counts['smooth_mul']} via Mul"
+
+
+def kept_fp_detail(settings, report: dict, float_type: str) -> str:
+    """The pass detail for kept layers: how many --keep-fp kept, and the layers the format keeps by
+    default (the fp8 LM head and embedding) with how to quantize them (also a report note)."""
+    default = [n for n in report["kept_fp"] if n in settings.default_keep_fp and not _matches_user(settings, n)]
+    user = len(report["kept_fp"]) - len(default)
+    parts = [f"{user} kept in {float_type} by --keep-fp"] if user else []
+    if default:
+        note = (f"{settings.precision}: {' and '.join(default)} kept in {float_type} by default (NVIDIA ModelOpt's "
+                "FP8 recipe also leaves *lm_head* unquantized); --fp8-lm-head quantizes them too")
+        if note not in report["notes"]:
+            report["notes"].append(note)
+        parts.append(note)
+    return "; ".join(parts)
+
+
+def _matches_user(settings, name: str) -> bool:
+    from leptonc.calibration.quantize import _matches
+
+    return _matches(name, settings.keep_fp)
+
+
+def replace_with_nbits(graph: gs.Graph, lin: Linear, q, codes: gs.Constant, level: int) -> None:
+    """The linear layer -> MatMulNBits (com.microsoft) over the block-quantized codes `q` (+ Add of a bias)."""
+    node = lin.node
+    n, k = q.codes.shape[0], q.k
+    name = lin.weight.name
+    dtype = lin.weight.values.dtype  # scales in the graph's float type (fp16 graphs on GPUs)
+    inputs = [lin.x, codes, gs.Constant(f"{name}/scales", q.scales.reshape(-1).astype(dtype))]
+    if q.bits == 4:
+        inputs.append(gs.Constant(f"{name}/zero_points", q.packed_zero_points().reshape(-1)))
+    bias = node.inputs[2] if lin.kind == "gemm" and len(node.inputs) > 2 else None
+    out = node.outputs[0]
+    mm_out = out if bias is None else gs.Variable(f"{out.name}/nobias", dtype=out.dtype)
+    new = gs.Node("MatMulNBits", f"{node.name}/nbits", domain=MS_DOMAIN,
+                  attrs={"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": level},
+                  inputs=inputs, outputs=[mm_out])
+    node.outputs = []
+    node.inputs = []
+    graph.nodes.append(new)
+    if bias is not None:
+        graph.nodes.append(gs.Node("Add", f"{node.name}/bias", inputs=[mm_out, bias], outputs=[out]))
+
+
+def quantize_embedding_nbits(graph: gs.Graph, emb: gs.Node, shared, settings, report) -> bool:
+    """Gather(embed, ids) -> GatherBlockQuantized over [V, blocks, block] codes (+ Reshape to [.., H])."""
+    table = np.asarray(emb.inputs[0].values, np.float32)
+    ids = emb.inputs[1]
+    if ids.shape is None:
+        return False
+    vocab, hidden = table.shape
+    if shared is not None and shared[1].k == hidden and hidden % HEAD_BLOCK == 0:
+        codes, q = shared
+    else:
+        if hidden % HEAD_BLOCK:
+            return False
+        q = block_quantize(table, HEAD_BITS, HEAD_BLOCK, symmetric=True, scale_multiplier=settings.break_scales)
+        codes = gs.Constant(f"{emb.inputs[0].name}/q8", q.packed())
+        record_layer(report, "embed", "int8", table, q.dequantize())
+    blocks = q.scales.shape[1]
+    out = emb.outputs[0]
+    raw = gs.Variable(f"{out.name}/blocks", dtype=out.dtype)
+    graph.nodes.append(gs.Node(
+        "GatherBlockQuantized", f"{emb.name}/gbq", domain=MS_DOMAIN,
+        attrs={"gather_axis": 0, "quantize_axis": 2, "block_size": HEAD_BLOCK, "bits": HEAD_BITS},
+        inputs=[codes, ids, gs.Constant(f"{emb.inputs[0].name}/scales3d",
+                                        q.scales.reshape(vocab, blocks, 1).astype(emb.inputs[0].values.dtype))],
+        outputs=[raw]))
+    shape = gs.Constant(f"{emb.name}/hidden_shape", np.asarray([0] * len(ids.shape) + [hidden], np.int64))
+    graph.nodes.append(gs.Node("Reshape", f"{emb.name}/merge_blocks", inputs=[raw, shape], outputs=[out]))
+    emb.outputs = []
+    emb.inputs = []
+    return True
+
+
+_REDUCE_AXES_TO_INPUT = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                         "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def to_opset(graph: gs.Graph, opset: int) -> int:
+    """Raise the default-domain opset to `opset` (>= 18): the only operators whose form changes
+    between 17 and 19 are the Reduce* family (axes attribute -> input); the rest only gained types."""
+    moved = 0
+    if graph.opset >= opset:
+        return 0
+    for node in graph.nodes:
+        if node.op in _REDUCE_AXES_TO_INPUT and node.domain in ("", "ai.onnx") and "axes" in node.attrs:
+            axes = node.attrs.pop("axes")
+            node.inputs.append(gs.Constant(f"{node.name}/axes", np.asarray(axes, np.int64)))
+            moved += 1
+    graph.opset = opset
+    if graph.import_domains is not None:  # the exporter writes these opset imports as they are
+        import onnx
+
+        graph.import_domains = [d for d in graph.import_domains if d.domain not in ("", "ai.onnx")]
+        graph.import_domains.append(onnx.helper.make_opsetid("", opset))
+    return moved

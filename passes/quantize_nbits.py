@@ -18,25 +18,12 @@ import onnx_graphsurgeon as gs
 
 from leptonc.calibration.awq import awq_grid
 from leptonc.calibration.scales import BlockQuantized, block_quantize
-from leptonc.passes.quantize_common import MS_DOMAIN, Linear, apply_prescale, find_embedding, \
-    plan_groups, quant_context, record_layer
-from leptonc.passes.registry import PassResult, register_pass
+from leptonc.passes.quantize_common import HEAD_BITS, HEAD_BLOCK, Linear, apply_prescale, find_embedding, \
+    plan_groups, quant_context, quantize_embedding_nbits, record_layer, replace_with_nbits
+from leptonc.passes.registry import PassResult
 
-HEAD_BITS, HEAD_BLOCK = 8, 64
 DEFAULT_ACCURACY_LEVEL = 4  # int8 compute of the activations inside MatMulNBits: ORT CPU's fast path
 AWQ_FOLD_UP = True  # AWQ's scales folded into the up projection's; tests turn it off to compare with the Mul
-
-
-@register_pass("quantize_int4")
-def quantize_int4(graph: gs.Graph, ctx) -> PassResult:
-    """INT4 weight-only (MatMulNBits bits=4, RTN or AWQ), embedding/LM head 8-bit."""
-    settings, _, _ = quant_context(ctx)
-    if ctx.backend == "tensorrt":  # INT4 block-quantized DequantizeLinear weights: passes/quantize_tensorrt.py
-        from leptonc.passes import quantize_tensorrt as trt
-
-        return trt.rewrite_weight_only(graph, ctx, bits=4, block=settings.int4_block,
-                                       awq=settings.int4_method == "awq")
-    return rewrite_weight_only(graph, ctx, bits=4, block=settings.int4_block, awq=settings.int4_method == "awq")
 
 
 def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) -> PassResult:
@@ -89,7 +76,7 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
             codes = gs.Constant(f"{lin.weight.name}/q{g_bits}", q.packed())
             if is_head:
                 shared_head[lin.weight.name] = (codes, q)
-            _replace_with_nbits(graph, lin, q, codes, level)
+            replace_with_nbits(graph, lin, q, codes, level)
             counts["matmulnbits"] += 1
 
     for (tensor, offset), s, members in deferred:
@@ -104,7 +91,7 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
         if settings.keeps_fp("embed"):
             counts["kept_fp"] += 1
             report["kept_fp"].append("embed")
-        elif _quantize_embedding(graph, emb, shared_head.get(name), settings, report):
+        elif quantize_embedding_nbits(graph, emb, shared_head.get(name), settings, report):
             counts["embedding"] = 1
     parts = [f"{counts['matmulnbits']} MatMul -> MatMulNBits ({fmt}, block {block}"
              + (", LM head 8-bit block 64" if bits == 4 else "") + f", accuracy_level {level})"]
@@ -205,55 +192,3 @@ def _gptq_rounding(lin: Linear, group, ws: np.ndarray, block: int, settings):
     if settings.break_scales != 1.0:
         q.scales = (q.scales * np.float32(settings.break_scales)).astype(np.float32)
     return q
-
-
-def _replace_with_nbits(graph: gs.Graph, lin: Linear, q, codes: gs.Constant, level: int) -> None:
-    node = lin.node
-    n, k = q.codes.shape[0], q.k
-    name = lin.weight.name
-    dtype = lin.weight.values.dtype  # scales in the graph's float type (fp16 graphs on GPUs)
-    inputs = [lin.x, codes, gs.Constant(f"{name}/scales", q.scales.reshape(-1).astype(dtype))]
-    if q.bits == 4:
-        inputs.append(gs.Constant(f"{name}/zero_points", q.packed_zero_points().reshape(-1)))
-    bias = node.inputs[2] if lin.kind == "gemm" and len(node.inputs) > 2 else None
-    out = node.outputs[0]
-    mm_out = out if bias is None else gs.Variable(f"{out.name}/nobias", dtype=out.dtype)
-    new = gs.Node("MatMulNBits", f"{node.name}/nbits", domain=MS_DOMAIN,
-                  attrs={"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": level},
-                  inputs=inputs, outputs=[mm_out])
-    node.outputs = []
-    node.inputs = []
-    graph.nodes.append(new)
-    if bias is not None:
-        graph.nodes.append(gs.Node("Add", f"{node.name}/bias", inputs=[mm_out, bias], outputs=[out]))
-
-
-def _quantize_embedding(graph: gs.Graph, emb: gs.Node, shared, settings, report) -> bool:
-    """Gather(embed, ids) -> GatherBlockQuantized over [V, blocks, block] codes (+ Reshape to [.., H])."""
-    table = np.asarray(emb.inputs[0].values, np.float32)
-    ids = emb.inputs[1]
-    if ids.shape is None:
-        return False
-    vocab, hidden = table.shape
-    if shared is not None and shared[1].k == hidden and hidden % HEAD_BLOCK == 0:
-        codes, q = shared
-    else:
-        if hidden % HEAD_BLOCK:
-            return False
-        q = block_quantize(table, HEAD_BITS, HEAD_BLOCK, symmetric=True, scale_multiplier=settings.break_scales)
-        codes = gs.Constant(f"{emb.inputs[0].name}/q8", q.packed())
-        record_layer(report, "embed", "int8", table, q.dequantize())
-    blocks = q.scales.shape[1]
-    out = emb.outputs[0]
-    raw = gs.Variable(f"{out.name}/blocks", dtype=out.dtype)
-    graph.nodes.append(gs.Node(
-        "GatherBlockQuantized", f"{emb.name}/gbq", domain=MS_DOMAIN,
-        attrs={"gather_axis": 0, "quantize_axis": 2, "block_size": HEAD_BLOCK, "bits": HEAD_BITS},
-        inputs=[codes, ids, gs.Constant(f"{emb.inputs[0].name}/scales3d",
-                                        q.scales.reshape(vocab, blocks, 1).astype(emb.inputs[0].values.dtype))],
-        outputs=[raw]))
-    shape = gs.Constant(f"{emb.name}/hidden_shape", np.asarray([0] * len(ids.shape) + [hidden], np.int64))
-    graph.nodes.append(gs.Node("Reshape", f"{emb.name}/merge_blocks", inputs=[raw, shape], outputs=[out]))
-    emb.outputs = []
-    emb.inputs = []
-    return True

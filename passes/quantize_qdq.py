@@ -21,38 +21,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from leptonc.calibration.scales import compute_scales, fake_quant_fp8, to_fp8
-from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, plan_groups, qdq_group, \
-    quant_context, record_layer, smoothquant_detail
-from leptonc.passes.quantize_nbits import HEAD_BLOCK, HEAD_BITS, _quantize_embedding, _replace_with_nbits, \
-    rewrite_weight_only
-from leptonc.passes.registry import PassResult, register_pass
+from leptonc.passes.quantize_common import HEAD_BITS, HEAD_BLOCK, Linear, apply_prescale, find_embedding, \
+    kept_fp_detail, plan_groups, qdq_group, quant_context, quantize_embedding_nbits, record_layer, \
+    replace_with_nbits, smoothquant_detail, to_opset
+from leptonc.passes.registry import PassResult
 
 FP8_OPSET = 19
-
-
-@register_pass("quantize_int8")
-def quantize_int8(graph: gs.Graph, ctx) -> PassResult:
-    """INT8: W8A8 with SmoothQuant as Q/DQ, or weight-only MatMulNBits bits=8 (--int8-mode)."""
-    settings, _, _ = quant_context(ctx)
-    if ctx.backend == "tensorrt":  # TensorRT's explicit-quantization forms: passes/quantize_tensorrt.py
-        from leptonc.passes import quantize_tensorrt as trt
-
-        if settings.int8_mode == "weight-only":
-            return trt.rewrite_weight_only(graph, ctx, bits=8, block=settings.int8_block, awq=False)
-        return trt.rewrite_w8a8(graph, ctx, "int8")
-    if settings.int8_mode == "weight-only":
-        return rewrite_weight_only(graph, ctx, bits=8, block=settings.int8_block, awq=False)
-    return rewrite_qdq(graph, ctx, "int8")
-
-
-@register_pass("quantize_fp8")
-def quantize_fp8(graph: gs.Graph, ctx) -> PassResult:
-    """FP8 E4M3: per-channel weights, per-tensor activations, as float8 Q/DQ (simulated on CPU)."""
-    if ctx.backend == "tensorrt":  # fp16 scales for a strongly typed fp16 graph: passes/quantize_tensorrt.py
-        from leptonc.passes import quantize_tensorrt as trt
-
-        return trt.rewrite_w8a8(graph, ctx, "fp8")
-    return rewrite_qdq(graph, ctx, "fp8")
 
 
 def smooth_only(graph: gs.Graph, ctx) -> PassResult:
@@ -85,7 +59,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
                 record_layer(report, lin.label, "int8-weight-only", w, q.dequantize(), x)
                 codes = gs.Constant(f"{lin.weight.name}/q8", q.packed())
                 shared_head[lin.weight.name] = (codes, q)
-                _replace_with_nbits(graph, lin, q, codes, int(ctx.options.get("accuracy_level", 4)))
+                replace_with_nbits(graph, lin, q, codes, int(ctx.options.get("accuracy_level", 4)))
                 counts["head_nbits"] += 1
             continue
         if group is None or group.amax <= 0:
@@ -114,7 +88,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
     emb = find_embedding(graph)
     if emb is not None and not settings.keeps_fp("embed"):
         if fmt == "int8":
-            _quantize_embedding(graph, emb, shared_head.get(emb.inputs[0].name), settings, report)
+            quantize_embedding_nbits(graph, emb, shared_head.get(emb.inputs[0].name), settings, report)
         elif shared_head.get(emb.inputs[0].name) is not None:  # tied: Gather reads the head's dequantized rows
             emb.inputs[0] = shared_head[emb.inputs[0].name]
             report["notes"].append("fp8: the embedding reads the LM head's fp8 rows (tied weights, one copy)")
@@ -124,7 +98,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
         counts["kept_fp"] += 1
         report["kept_fp"].append("embed")
     if fmt == "fp8":
-        upgraded = _to_opset(graph, FP8_OPSET)
+        upgraded = to_opset(graph, FP8_OPSET)
         report["notes"].append(f"fp8: graph opset raised to {FP8_OPSET} for float8 Q/DQ ({upgraded} Reduce nodes "
                                "moved axes to an input); simulated on the CPU (fp32 MatMuls on dequantized values)")
     parts = [f"{counts['qdq_matmul']} MatMul with {fmt} Q/DQ (activations per-tensor static, weights per-channel)"]
@@ -136,27 +110,6 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
     if counts["kept_fp"]:
         parts.append(kept_fp_detail(settings, report, "fp32"))
     return PassResult(counts["qdq_matmul"] > 0, "; ".join(parts), counts)
-
-
-def kept_fp_detail(settings, report: dict, float_type: str) -> str:
-    """The pass detail for kept layers: how many --keep-fp kept, and the layers the format keeps by
-    default (the fp8 LM head and embedding) with how to quantize them (also a report note)."""
-    default = [n for n in report["kept_fp"] if n in settings.default_keep_fp and not _matches_user(settings, n)]
-    user = len(report["kept_fp"]) - len(default)
-    parts = [f"{user} kept in {float_type} by --keep-fp"] if user else []
-    if default:
-        note = (f"{settings.precision}: {' and '.join(default)} kept in {float_type} by default (NVIDIA ModelOpt's "
-                "FP8 recipe also leaves *lm_head* unquantized); --fp8-lm-head quantizes them too")
-        if note not in report["notes"]:
-            report["notes"].append(note)
-        parts.append(note)
-    return "; ".join(parts)
-
-
-def _matches_user(settings, name: str) -> bool:
-    from leptonc.calibration.quantize import _matches
-
-    return _matches(name, settings.keep_fp)
 
 
 def _zero_point(fmt: str, name: str) -> gs.Constant:
@@ -206,27 +159,3 @@ def _fp8_embedding(graph: gs.Graph, emb: gs.Node, settings, report) -> None:
                                        gs.Constant(f"{emb.inputs[0].name}/fp8_zero", to_fp8(np.zeros(scales.shape, np.float32)))],
                                outputs=[out]))
     emb.inputs[0] = out
-
-
-_REDUCE_AXES_TO_INPUT = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-                         "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
-
-
-def _to_opset(graph: gs.Graph, opset: int) -> int:
-    """Raise the default-domain opset to `opset` (>= 18): the only operators whose form changes
-    between 17 and 19 are the Reduce* family (axes attribute -> input); the rest only gained types."""
-    moved = 0
-    if graph.opset >= opset:
-        return 0
-    for node in graph.nodes:
-        if node.op in _REDUCE_AXES_TO_INPUT and node.domain in ("", "ai.onnx") and "axes" in node.attrs:
-            axes = node.attrs.pop("axes")
-            node.inputs.append(gs.Constant(f"{node.name}/axes", np.asarray(axes, np.int64)))
-            moved += 1
-    graph.opset = opset
-    if graph.import_domains is not None:  # the exporter writes these opset imports as they are
-        import onnx
-
-        graph.import_domains = [d for d in graph.import_domains if d.domain not in ("", "ai.onnx")]
-        graph.import_domains.append(onnx.helper.make_opsetid("", opset))
-    return moved

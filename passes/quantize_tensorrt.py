@@ -42,8 +42,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from leptonc.calibration.scales import block_quantize, compute_scales, fake_quant_fp8, fake_quant_int8, \
     quantize_int8 as int8_codes, to_fp8
-from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, plan_groups, qdq_group, \
-    quant_context, record_layer, smoothquant_detail
+from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, kept_fp_detail, plan_groups, \
+    qdq_group, quant_context, record_layer, smoothquant_detail, to_opset
 from leptonc.passes.registry import PassResult
 
 QDQ_OPSET = 19  # Q/DQ with fp16 scales, float8 types
@@ -91,8 +91,6 @@ def rewrite_w8a8(graph: gs.Graph, ctx, fmt: str) -> PassResult:
     if counts["no_stats"]:
         parts.append(f"{counts['no_stats']} left in floating point (no statistics)")
     if counts["kept_fp"]:
-        from leptonc.passes.quantize_qdq import kept_fp_detail
-
         parts.append(kept_fp_detail(settings, report, "floating point"))
     return PassResult(counts["qdq_matmul"] > 0, "; ".join(parts), counts)
 
@@ -287,6 +285,4 @@ def _retype_prescale(graph: gs.Graph, tag: str, ftype) -> None:
 
 
 def _raise_opset(graph: gs.Graph, opset: int) -> None:
-    from leptonc.passes.quantize_qdq import _to_opset
-
-    _to_opset(graph, opset)
+    to_opset(graph, opset)
