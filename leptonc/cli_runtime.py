@@ -391,9 +391,10 @@ def _print_inspection(info: dict) -> None:
         lint = info.get("trt_lint")
         if lint is not None:
             issues = lint.get("issues") or []
+            # each finding leads with its node's name: what the user searches for in the graph
             table.add_row("TensorRT lint", text("no issues" if not issues else
-                                                "\n".join(str(i.get("message", i)) if isinstance(i, dict) else str(i)
-                                                          for i in issues)))
+                                                "\n".join(f"{i.get('node', '?')}: {i.get('message', '')}"
+                                                          if isinstance(i, dict) else str(i) for i in issues)))
     out.print(table)
 
 
