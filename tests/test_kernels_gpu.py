@@ -86,6 +86,10 @@ def _quantized(rng, k: int, n: int, bits: int, block: int, zero_points: bool):
     return packed, scales.reshape(-1), (zeros.reshape(-1) if zero_points else None), w
 
 
+# MatMulNBitsTiled's row counts: the sweep's, with the paths' edges and part-filled 16-row groups (1: tiled_gemv; up to
+# 16: tiled_stream; 17-64: tiled_stream_groups; 65 and more: dequantize and cuBLAS)
+NBITS_ROWS = (1, 2, 4, 8, 16, 17, 24, 32, 40, 48, 64, 65)
+
 # (name, K, N, bits, block, zero points, SwiGLU epilogue): llama-1b-shape's decode products, smollm2's padded K,
 # odd blocks, and int8 without zero points (scales alone, symmetric = 1) as the LM head is lowered
 NBITS_CASES = [
@@ -96,6 +100,9 @@ NBITS_CASES = [
     ("block 32, odd blocks", 608, 200, 4, 32, True, 0),
     ("int8 with zero points", 1024, 520, 8, 128, True, 0),
     ("int8 symmetric", 2048, 4096, 8, 64, False, 0),
+    ("int4 wide (4 tiles a warp)", 1024, 8192, 4, 64, True, 0),
+    ("int8 symmetric, LM head width (8 warp columns, a part block)", 1024, 33288, 8, 128, False, 0),
+    ("block 32 gate|up swiglu", 1024, 4096, 4, 32, True, 1),
 ]
 
 
@@ -119,11 +126,55 @@ def test_matmul_nbits_tiled_matches_float64_at_every_batch(ort, library, case):
     sess = _session(ort, library, [node], [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["M", k])],
                     [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["M", out_n])],
                     [numpy_helper.from_array(tiled, "b"), numpy_helper.from_array(sz, "sz")])
-    for m in ROWS:
+    for m in NBITS_ROWS:
         x = (rng.standard_normal((m, k)) * 0.5).astype(np.float16)
         ref = x.astype(np.float64) @ w.T
         err = _rel_err(sess.run(None, {"x": x})[0], _swiglu(ref) if act else ref)
         assert err <= LIMIT, f"M={m}: relative error {err:.2e}"
+
+
+# NormMatMulNBitsTiled as the lowering builds it in front of qkv and gate|up (NBITS_CASES' fields)
+NORM_NBITS_CASES = [
+    ("llama gate|up int4 swiglu", 2048, 16384, 4, 128, True, 1),
+    ("llama qkv int4", 2048, 3072, 4, 128, True, 0),
+    ("int8 symmetric", 1024, 2048, 8, 64, False, 0),
+]
+
+
+@pytest.mark.parametrize("case", NORM_NBITS_CASES, ids=[c[0] for c in NORM_NBITS_CASES])
+def test_norm_matmul_nbits_tiled_matches_float64_at_every_batch(ort, library, case):
+    """NormMatMulNBitsTiled: RMSNorm(x + skip) x gamma through the product, and the sum x + skip."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from leptonc.targets.kernels.layout import interleave_gate_up, tile_nbits
+
+    _, k, n, bits, block, zero_points, act = case
+    rng = np.random.default_rng(4)
+    packed, scales, zeros, w = _quantized(rng, k, n, bits, block, zero_points)
+    if act:
+        packed, scales, zeros = interleave_gate_up(packed, scales, zeros, n)
+    symmetric = bits == 8 and zeros is None
+    tiled, sz = tile_nbits(packed, scales, zeros, k, n, bits, block, scales_only=symmetric)
+    gamma = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
+    node = helper.make_node("NormMatMulNBitsTiled", ["x", "skip", "gamma", "b", "sz"], ["y", "sum"],
+                            domain="ai.leptonc", K=k, N=n, bits=bits, block_size=block, epsilon=1e-5,
+                            **({"activation": 1} if act else {}), **({"symmetric": 1} if symmetric else {}))
+    f16 = TensorProto.FLOAT16
+    out_n = n // 2 if act else n
+    inputs = [helper.make_tensor_value_info(name, f16, ["M", k]) for name in ("x", "skip")]
+    outputs = [helper.make_tensor_value_info("y", f16, ["M", out_n]),
+               helper.make_tensor_value_info("sum", f16, ["M", k])]
+    inits = [numpy_helper.from_array(v, name) for v, name in ((gamma, "gamma"), (tiled, "b"), (sz, "sz"))]
+    sess = _session(ort, library, [node], inputs, outputs, inits)
+    for m in NBITS_ROWS:
+        x = (rng.standard_normal((m, k)) * 0.5).astype(np.float16)
+        skip = (rng.standard_normal((m, k)) * 0.5).astype(np.float16)
+        a, total = _rms_norm(x, skip, gamma)
+        y, got_sum = sess.run(None, {"x": x, "skip": skip})
+        ref = a @ w.T
+        err = _rel_err(y, _swiglu(ref) if act else ref)
+        assert err <= LIMIT, f"M={m}: relative error {err:.2e}"
+        np.testing.assert_allclose(got_sum.astype(np.float64), total, atol=4e-3, rtol=1e-3)
 
 
 # ---- MatMulF16 and NormMatMulF16: fp16 weights -------------------------------------------------------------------

@@ -3,8 +3,9 @@ for one GPU architecture, shipped inside the bundle and registered by the runtim
 
 What it holds: `ai.leptonc.MatMulNBitsTiled`, the weight-only int4/int8 matmul of ONNX Runtime's
 `com.microsoft.MatMulNBits` on weights that passes/use_kernels.py rearranges (layout.py) so that each
-lane's 16-byte load is its tensor-core operands. It streams the weights once for up to 16 rows of
-activations; the M > 16 path dequantizes and calls cuBLAS.
+lane's 16-byte load is its tensor-core operands. It streams the weights once for up to 64 rows of
+activations (16-row groups above 16 rows: decode at batch 17-64); the M > 64 path (prefill) dequantizes and
+calls cuBLAS.
 
 A single row (batch-1 decode) of a product of 3 MiB or more takes a second kernel, `tiled_gemv`, whose
 warps issue every load of their K chunk at once. A merged gate|up product followed by SiLU(gate) x up
@@ -70,12 +71,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from leptonc.graph_contract import KERNEL_OPS, LEPTONC_DOMAIN
+
 SOURCE = Path(__file__).with_name("leptonc_cuda.cu")
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.cuh")))  # every kernel family SOURCE includes: part of the build's cache key
 LIBRARY = "libleptonc_cuda.so"
-DOMAIN = "ai.leptonc"
+DOMAIN = LEPTONC_DOMAIN
 BUNDLE_DIR = "kernels"  # where the library goes inside a bundle
-OPS = ("MatMulNBitsTiled", "SwiGLU", "MatMulF16", "NormMatMulF16", "NormMatMulNBitsTiled", "CachedAttention")
+OPS = KERNEL_OPS  # every op the library registers, as the manifest lists them
 
 
 class KernelsUnavailable(Exception):

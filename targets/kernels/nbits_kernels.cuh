@@ -1,6 +1,6 @@
-// The int4/int8 (MatMulNBits layout) product kernels: the streaming tiled kernel (mma, M <= 16), the
-// few-rows kernel (batch-1 decode, with the rolling window and the folded norm), the prefill path's tile
-// dequantization for cuBLAS, and the SwiGLU kernels over gate|up rows.
+// The int4/int8 (MatMulNBits layout) product kernels: the streaming tiled kernel (mma, M <= 16) and its
+// 16-row-groups form (M <= 64), the few-rows kernel (batch-1 decode, with the rolling window and the folded
+// norm), the prefill path's tile dequantization for cuBLAS, and the SwiGLU kernels over gate|up rows.
 //
 // Part of leptonc_cuda.cu's single translation unit: included once, in the order listed there, after the
 // headers and definitions before it.
@@ -54,6 +54,7 @@ struct Sz {
   static __device__ __forceinline__ half2 zz_of(T e) { return __high2half2(e); }
   static __device__ __forceinline__ half2 zz_at(const T* p) { return __high2half2(__ldg(p)); }
   static __device__ __forceinline__ float scale_of(T e) { return __low2float(e); }
+  static __device__ __forceinline__ half2 scale2_of(T e) { return __low2half2(e); }
   static __device__ __forceinline__ float scale_at(const T* p) { return __low2float(__ldg(p)); }
   static __device__ __forceinline__ T shfl(T e, int lane) { return as_h2(__shfl_sync(0xffffffffu, as_u32(e), lane)); }
 };
@@ -64,6 +65,7 @@ struct Sz<true> {
   static __device__ __forceinline__ half2 zz_of(T) { return as_h2(0x64806480u); }
   static __device__ __forceinline__ half2 zz_at(const T*) { return as_h2(0x64806480u); }  // no load
   static __device__ __forceinline__ float scale_of(T e) { return __half2float(e); }
+  static __device__ __forceinline__ half2 scale2_of(T e) { return __half2half2(e); }
   static __device__ __forceinline__ float scale_at(const T* p) { return __half2float(__ldg(p)); }
   static __device__ __forceinline__ T shfl(T e, int lane) { return __shfl_sync(0xffffffffu, e, lane); }
 };
@@ -178,6 +180,133 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
         Y[size_t(row) * N + n] = __float2half(sum);
       }
     }
+  }
+}
+
+// ---- 17 to 64 rows (decode at batch 17..64): one pass over the weights for every 16-row group ----------------
+//
+// tiled_stream's layout and tiles, with each weight fragment a warp loads applied to all kGroups 16-row groups of
+// A, so the weights are read once for M <= 64 rows (the prefill path writes and reads them in fp16 each call). A
+// warp takes NT tiles, so that each load of A serves NT x 8 columns; a block's warps form wn columns of NT tiles
+// each (the block's wn x NT tiles) and split K among the warps of a column, so that the wn warps on one step load
+// the same A, which L1 then serves (wn = 1: tiled_stream's split of K). The scale is folded into the B operands,
+// fp16((q - z) x s), the value the prefill path's dequantization gives, so the accumulators (kGroups x NT x 4 fp32)
+// are the only state kept per group. A warp takes a step's pairs of products in turn: it loads the pair's A for
+// every group, makes each tile's B operands once, and issues one mma per group. Groups wholly past M are skipped
+// (M is uniform); rows past M within a group are zero registers.
+constexpr int kGroups = 4;      // 16-row groups of A one launch serves: M <= 64
+constexpr int kGroupWarps = 8;  // warps a block at most (wn columns x the warps that split K)
+
+template <int BITS, int NT, int PB, bool SYM>
+__global__ void __launch_bounds__(kGroupWarps * 32, 1)
+tiled_stream_groups(const half* __restrict__ A, int M, const uint4* __restrict__ B,
+                    const typename Sz<SYM>::T* __restrict__ SZ, half* __restrict__ Y, int K, int N, int steps,
+                    int block, int blocks_t, int wn, bool act) {
+  constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
+  constexpr int G = kProducts / PB;  // scale groups a step
+  static_assert(PB % 2 == 0 && kProducts % PB == 0, "a scale group is whole product pairs of one step");
+  using E = typename Sz<SYM>::T;
+  __shared__ float red[kGroupWarps][NT][32][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_tiles = (N + 7) >> 3;
+  const int wk = warp / wn, k_warps = warps / wn;  // this warp's place in its column, and the column's warps
+  const int tile0 = (blockIdx.x * wn + warp % wn) * NT;  // this warp's tiles
+  pdl_trigger();
+  const E* sz_tile[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) sz_tile[j] = SZ + size_t(min(tile0 + j, n_tiles - 1)) * blocks_t * 8 + g;
+
+  float acc[kGroups][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < kGroups; ++mt)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+
+  uint4 cur[NT], nxt[NT];
+  auto load_w = [&](uint4 (&w)[NT], int step) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      w[j] = (tile0 + j < n_tiles) ? __ldg(B + (size_t(tile0 + j) * steps + step) * 32 + lane) : make_uint4(0, 0, 0, 0);
+  };
+  if (wk < steps) load_w(cur, wk);
+  pdl_wait();  // A comes from the kernels before; the weights above do not (common.cuh)
+  for (int step = wk; step < steps; step += k_warps) {
+    if (step + k_warps < steps) load_w(nxt, step + k_warps);  // the next step's weights are in flight meanwhile
+    const int k_step = step * kStepK;
+    half2 zz[NT][G], s2[NT][G];  // column g's (1024 + zero point, scale) for each scale group of the step
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < G; ++q) {
+        const E e = __ldg(sz_tile[j] + ((k_step + 16 * PB * q) / block) * 8);
+        zz[j][q] = Sz<SYM>::zz_of(e);
+        s2[j][q] = Sz<SYM>::scale2_of(e);
+      }
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      const int k = k_step + 32 * i + 8 * t;  // products 2i, 2i + 1 of rows g and g + 8 of each group: k .. k + 7
+      uint4 alo[kGroups], ahi[kGroups];
+#pragma unroll
+      for (int mt = 0; mt < kGroups; ++mt) {
+        const int r = 16 * mt + g;
+        alo[mt] = load_a8(A + size_t(r) * K, k, r < M && k < K);
+        ahi[mt] = load_a8(A + size_t(r + 8) * K, k, r + 8 < M && k < K);
+      }
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int c = 2 * i + hh, h = 2 * hh, q = c / PB;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          uint32_t b0, b1;
+          operands<BITS>(cur[j], c, zz[j][q], b0, b1);
+          b0 = as_u32(__hmul2(as_h2(b0), s2[j][q]));
+          b1 = as_u32(__hmul2(as_h2(b1), s2[j][q]));
+#pragma unroll
+          for (int mt = 0; mt < kGroups; ++mt)
+            if (16 * mt < M)
+              mma16816(acc[mt][j], word_of(alo[mt], h), word_of(ahi[mt], h), word_of(alo[mt], h + 1),
+                       word_of(ahi[mt], h + 1), b0, b1);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) cur[j] = nxt[j];
+  }
+
+  // add the partial sums of each column's warps, one group at a time (C fragment: c0, c1 = row g, columns 2t, 2t + 1;
+  // c2, c3 = row g + 8); i runs over the block's wn x NT tiles: column c = i's tile / NT, its tile j
+#pragma unroll
+  for (int mt = 0; mt < kGroups; ++mt) {
+    if (16 * mt >= M) break;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[warp][j][lane][e] = acc[mt][j][e];
+    __syncthreads();
+    if (act) {  // (gate, up) = C elements (0, 1) of row g and (2, 3) of row g + 8
+      for (int i = threadIdx.x; i < wn * NT * 64; i += blockDim.x) {
+        const int c = (i >> 6) / NT, j = (i >> 6) % NT, l = (i >> 1) & 31, r = i & 1;
+        const int row = 16 * mt + (l >> 2) + 8 * r, f = ((blockIdx.x * wn + c) * NT + j) * 4 + (l & 3);
+        if (row < M && 2 * f < N) {
+          float gate = 0.f, up = 0.f;
+          for (int w = c; w < warps; w += wn) gate += red[w][j][l][2 * r], up += red[w][j][l][2 * r + 1];
+          Y[size_t(row) * (N / 2) + f] = __float2half(silu_mul(gate, up));
+        }
+      }
+    } else {
+      for (int i = threadIdx.x; i < wn * NT * 128; i += blockDim.x) {
+        const int c = (i >> 7) / NT, j = (i >> 7) % NT, l = (i >> 2) & 31, e = i & 3;
+        const int row = 16 * mt + (l >> 2) + (e >= 2 ? 8 : 0);
+        const int n = ((blockIdx.x * wn + c) * NT + j) * 8 + 2 * (l & 3) + (e & 1);
+        if (row < M && n < N) {
+          float sum = 0.f;
+          for (int w = c; w < warps; w += wn) sum += red[w][j][l][e];
+          Y[size_t(row) * N + n] = __float2half(sum);
+        }
+      }
+    }
+    __syncthreads();  // red is written again for the next group
   }
 }
 
@@ -465,7 +594,7 @@ cudaError_t launch_gemv(const GemvPlan& p, bool act, int pb, const half* a, int 
   return launch_gemv_pb<BITS, 2, NORM, SYM>(p, act, a, m, bw, szw, y, K, N, steps, block, blocks_t, nm, stream);
 }
 
-// ---- the prefill path (M > 16): dequantize tiles, then cuBLAS -------------------------------------
+// ---- the prefill path (M > 64): dequantize tiles, then cuBLAS -------------------------------------
 
 template <int BITS, bool SYM>
 __global__ void tiled_dequantize(const uint32_t* __restrict__ B, const typename Sz<SYM>::T* __restrict__ SZ,
