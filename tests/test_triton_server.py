@@ -208,7 +208,8 @@ def test_metrics_endpoint_shows_triton_and_leptonc_counters(triton, tiny_bundle)
                                                                               "tiny") + 1
     assert _metric(after, "leptonc_kv_slots", "tiny") >= 1
     assert re.search(r'leptonc_sequences_finished_total\{[^}]*model="tiny"[^}]*reason="length"', after)
-    assert _metric(after, "nv_inference_request_success", "smollm2") >= 1  # both models reported
+    for name in ("nv_inference_request_success", "leptonc_kv_slots"):  # the other model is reported too
+        assert re.search(rf'^{name}{{[^}}]*model="smollm2"', after, re.MULTILINE), name
 
 
 def test_malformed_requests_get_errors_and_the_instance_keeps_serving(triton, reference):
@@ -249,3 +250,31 @@ def test_tampered_bundle_fails_to_load_with_leptonc_message(tiny_bundle, tmp_pat
     assert code != 0, log[-2000:]
     assert "leptonc: " in log and "file model.onnx.data does not match its sha256 in the manifest" in log, log[-3000:]
     assert re.search(r"tampered\s*\|\s*1\s*\|\s*UNAVAILABLE", log), log[-3000:]
+
+
+def test_a_client_that_disconnects_cancels_its_sequence(triton):
+    import http.client
+
+    before = _scrape(triton)
+    host, port = triton.http_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/v2/models/tiny/generate_stream", headers={"Content-Type": "application/json"},
+                       body=json.dumps({"text_input": PROMPTS[0], "max_tokens": 1900, "stream": True,
+                                        "stop_at_eos": False}))
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    connection.sock.close()  # gone after the first token of 1,900
+    connection.close()
+    reason = 'leptonc_sequences_finished_total{instance="tiny_0_0",model="tiny",reason="cancelled",version="1"}'
+    deadline = time.monotonic() + 20
+    while True:
+        after = _scrape(triton)
+        cancelled = _metric(after, reason.split("{")[0], "tiny") - _metric(before, reason.split("{")[0], "tiny")
+        if cancelled or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert reason in after and cancelled == 1
+    generated = (_metric(after, "leptonc_generation_tokens_total", "tiny")
+                 - _metric(before, "leptonc_generation_tokens_total", "tiny"))
+    assert 1 <= generated < 1900  # its slot was freed early, not run to max_tokens
+    assert _metric(after, "leptonc_requests_running", "tiny") == 0
