@@ -401,7 +401,7 @@ def _print_inspection(info: dict) -> None:
 # ---- package ------------------------------------------------------------------------------------
 
 def package(
-    bundle: str = typer.Argument(..., help="A .lepton bundle (onnxruntime or tensorrt backend)."),
+    bundle: str = typer.Argument(..., help="A .lepton bundle (onnxruntime; tensorrt too with --triton-raw-decoder)."),
     triton: Path = typer.Option(..., "--triton", help="Triton model repository folder to write the model into."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name in the repository (default: the bundle's)."),
     version: int = typer.Option(1, "--version", help="Model version folder."),
