@@ -63,7 +63,8 @@ class TritonPythonModel:
         bundle = version_dir / params.get("leptonc_bundle", BUNDLE_DIR)
         device = None
         if args.get("model_instance_kind") == "GPU":
-            # One engine per listed GPU: this stub sees only its instance's device.
+            # One engine per listed GPU: this stub sees only its instance's device (leptonc's runtime opens
+            # device 0 of what it sees, and nothing in this process has opened CUDA before this line).
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args["model_instance_device_id"])
             device = "cuda"
         elif args.get("model_instance_kind") == "CPU":
