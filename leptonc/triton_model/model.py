@@ -63,8 +63,9 @@ class TritonPythonModel:
         bundle = version_dir / params.get("leptonc_bundle", BUNDLE_DIR)
         device = None
         if args.get("model_instance_kind") == "GPU":
-            # One engine per listed GPU: this stub sees only its instance's device (leptonc's runtime opens
-            # device 0 of what it sees, and nothing in this process has opened CUDA before this line).
+            # One engine per listed GPU: this stub sees only its instance's device, as leptonc's runtime opens
+            # device 0 of what it sees. This relies on the stub not having opened CUDA before initialize();
+            # not yet checked on a GPU machine.
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args["model_instance_device_id"])
             device = "cuda"
         elif args.get("model_instance_kind") == "CPU":
