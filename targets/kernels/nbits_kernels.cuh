@@ -388,7 +388,7 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 }
 
 // PD < S (the rolling window): a warp holds only PD steps' weights in registers; each step it uses refills its slot
-// with the step PD ahead, so PD loads stay in flight while it computes. PD = S: every load first (session 11).
+// with the step PD ahead, so PD loads stay in flight while it computes. PD = S: every load first.
 template <int BITS, int PB, int S, bool ACT, bool NORM, bool SYM, int PD = S>
 __global__ void __launch_bounds__(512)
 tiled_gemv(const half* __restrict__ A, int M, const uint4* __restrict__ B, const typename Sz<SYM>::T* __restrict__ SZ,
@@ -506,7 +506,7 @@ struct GemvPlan {
 
 // The few-rows plan for M rows (s = 0 when the kernel does not apply): 512 values of K a warp (S = 4
 // steps at 4 bits, 8 at 8 bits) unless forced, up to 8 warps a block, fewer tiles a block while blocks
-// would not cover the SMs twice. Measured at M = 1 (BENCHMARKS.md, session 11), against the streaming
+// would not cover the SMs twice. Measured at M = 1 (H100, 2026-11-23), against the streaming
 // kernel: llama-1b qkv 4.70 -> 4.33 us, gate/up 14.98 -> 11.40, down 9.31 -> 7.62, the int8 LM head
 // 120.7 -> 92.3 (3.0 TB/s); o (2 MiB) ties, and smaller products (smollm2's) are faster streamed
 // (2.3-2.7 us against 3.0-3.4), so the plan takes weights of at least kGemvMinBytes.
@@ -514,9 +514,9 @@ constexpr size_t kGemvMinBytes = size_t(3) << 20;
 
 // One-row 4-bit gate|up products with the SwiGLU epilogue run the rolling window (S = 8 steps a warp, PD = 4 in
 // flight).
-// Session 19 on the H100 (BENCHMARKS.md): llama-1b-shape's 9.30 us in the microbench against 10.10 with every load
+// On the H100 (2026-11-24): llama-1b-shape's 9.30 us in the microbench against 10.10 with every load
 // first; the bundle 1,354.8 -> 1,368.2 tok/s at batch 1, the same greedy tokens. The window was slower on every
-// product without the epilogue (qkv, down, the int8 head), so they keep the session-11 plan.
+// product without the epilogue (qkv, down, the int8 head), so they keep the plan above.
 struct GemvWindow {
   int s = 0, pd = 0, tb = 0;
 };
@@ -540,7 +540,7 @@ inline GemvPlan gemv_plan(int m, int K, int N, int bits, int force_s = 0, int fo
   if (p.tb * p.wpt > 16) p.tb = std::max(1, 16 / p.wpt);
   p.blocks = (n_tiles + p.tb - 1) / p.tb;
   p.smem = a_bytes + p.tb * p.wpt * 32 * 8;
-  // the rolling window: one instance, 4 steps in flight of 8 (session 19 measured 16:4 and 16:8 slower everywhere)
+  // the rolling window: one instance, 4 steps in flight of 8 (16:4 and 16:8 measured slower everywhere)
   if (force_pd > 0 && force_pd < p.s) {
     if (p.s != 8 || force_pd != 4) return GemvPlan();
     p.pd = force_pd;

@@ -140,7 +140,7 @@ OrtStatus* launch_sz(const NBitsKernel& kn, const half* a, int64_t m, const uint
   }
   if (m <= kSmallM) {
     // 8 warps a block; up to 16 where the blocks are few and K is long (llama-1b's o and down: 256 tiles;
-    // smollm2's down: 72), so that more warps an SM stream K (v3e/v3f, BENCHMARKS.md session 10: llama o
+    // smollm2's down: 72), so that more warps an SM stream K (H100, 2026-11-23: llama o
     // 4.30 -> 3.73 us, down 13.05 -> 9.33, smollm2 down 3.41 -> 2.60; the 16-warp instance everywhere
     // slowed llama gate/up, 15.0 -> 17.2, and qkv)
     const bool wide = n_tiles >= 2 * 4 * 132;  // gate/up, LM head: two tiles a block share A's loads
