@@ -19,6 +19,7 @@ from typing import Any
 from leptonc import FORMAT_VERSION, __version__
 from leptonc.atomic_rename import exchange_paths, fsync_dir, fsync_tree
 from leptonc.errors import BundleError, UnsupportedRequestError
+from leptonc.graph_contract import LOGITS, REQUIRED_INPUTS, past_names
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"
@@ -331,9 +332,8 @@ def _check_engine(mf: Path, engine: dict, files: dict) -> None:
                                for d in t["shape"])):
                 raise _corrupt(mf, f"engine.io.{kind} holds a malformed tensor entry")
     names = {t["name"] for t in io["inputs"]}
-    needed = {"input_ids", "attention_mask", "position_ids"} | {
-        f"past_key_values.{i}.{k}" for i in range(io["num_layers"]) for k in ("key", "value")}
-    if not needed <= names or "logits" not in {t["name"] for t in io["outputs"]}:
+    needed = {*REQUIRED_INPUTS, *past_names(io["num_layers"])}
+    if not needed <= names or LOGITS not in {t["name"] for t in io["outputs"]}:
         raise _corrupt(mf, "engine.io does not describe a decoder with num_layers KV-cache inputs")
     session = engine.get("session", {})
     if not isinstance(session, dict):

@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_key, past_name, past_value, \
+    present_key, present_name, present_value
 from leptonc.models.spec import DecoderSpec, DecoderWeights
 
 OPSET = 17
@@ -47,15 +49,15 @@ def io_spec(spec: DecoderSpec, dtype: str = "fp32") -> dict:
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence", spec.head_dim]
     present_shape = ["batch", spec.num_kv_heads, "total_sequence", spec.head_dim]
     inputs = [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]},
-        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": INPUT_IDS, "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": ATTENTION_MASK, "dtype": "int64", "shape": ["batch", "total_sequence"]},
+        {"name": POSITION_IDS, "dtype": "int64", "shape": ["batch", "sequence"]},
     ]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", spec.vocab_size]}]
+    outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", "sequence", spec.vocab_size]}]
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
-            inputs.append({"name": f"past_key_values.{i}.{kind}", "dtype": _np_name(dtype), "shape": kv_shape})
-            outputs.append({"name": f"present.{i}.{kind}", "dtype": _np_name(dtype), "shape": present_shape})
+            inputs.append({"name": past_name(i, kind), "dtype": _np_name(dtype), "shape": kv_shape})
+            outputs.append({"name": present_name(i, kind), "dtype": _np_name(dtype), "shape": present_shape})
     return {"inputs": inputs, "outputs": outputs, "kv_dtype": _np_name(dtype), "num_layers": spec.num_layers,
             "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "vocab_size": spec.vocab_size}
 
@@ -159,8 +161,8 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
     neg = -30000.0 if fp16 else float(np.finfo(np.float32).min)
 
     # ---- shared prologue: sizes, attention bias, rotary tables --------------------------------
-    seq = w.op("Shape", ["input_ids"], "shape_seq", start=1, end=2)
-    total = w.op("Shape", ["attention_mask"], "shape_total", start=1, end=2)
+    seq = w.op("Shape", [INPUT_IDS], "shape_seq", start=1, end=2)
+    total = w.op("Shape", [ATTENTION_MASK], "shape_total", start=1, end=2)
     seq_s = w.op("Squeeze", [seq], "seq_scalar")
     total_s = w.op("Squeeze", [total], "total_scalar")
     past_s = w.op("Sub", [total_s, seq_s], "past_scalar")
@@ -170,7 +172,7 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
     k_pos = w.op("Range", [zero, total_s, one], "key_positions")
     causal = w.op("LessOrEqual", [w.op("Unsqueeze", [k_pos, w.const("ax0", [0])], "k_pos_row"),
                                   w.op("Unsqueeze", [q_pos, w.const("ax1", [1])], "q_pos_col")], "causal")
-    pad = w.op("Unsqueeze", [w.op("Cast", ["attention_mask"], "mask_bool", to=TensorProto.BOOL),
+    pad = w.op("Unsqueeze", [w.op("Cast", [ATTENTION_MASK], "mask_bool", to=TensorProto.BOOL),
                              w.const("ax12", [1, 2])], "mask_4d")
     allowed = w.op("And", [causal, pad], "allowed")
     bias = w.op("Where", [allowed, w.const("zero_f", 0.0, w.np_dtype), w.const("neg_f", neg, w.np_dtype)], "attn_bias")
@@ -186,7 +188,7 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
     cos = sin = None
     if spec.position == "rope":
         inv_freq = w.const("rope_inv_freq", np.asarray(spec.rope_inv_freq, np.float32), np.float32)
-        pos_f = w.op("Unsqueeze", [w.op("Cast", ["position_ids"], "pos_f", to=TensorProto.FLOAT),
+        pos_f = w.op("Unsqueeze", [w.op("Cast", [POSITION_IDS], "pos_f", to=TensorProto.FLOAT),
                                    w.const("ax_last", [-1])], "pos_col")
         freqs = w.op("Mul", [pos_f, inv_freq], "rope_freqs")
         emb = w.op("Concat", [freqs, freqs], "rope_emb", axis=-1)
@@ -202,9 +204,9 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
 
     # ---- embeddings ---------------------------------------------------------------------------
     embed = W("embed")
-    h = w.op("Gather", [embed, "input_ids"], "embed_tokens")
+    h = w.op("Gather", [embed, INPUT_IDS], "embed_tokens")
     if spec.position == "learned":
-        h = w.op("Add", [h, w.op("Gather", [W("pos_embed"), "position_ids"], "embed_positions")], "embed_sum")
+        h = w.op("Add", [h, w.op("Gather", [W("pos_embed"), POSITION_IDS], "embed_positions")], "embed_sum")
 
     def norm(x: str, prefix: str, axis_size_name: str | None = None) -> str:
         if spec.norm == "layer":
@@ -278,8 +280,8 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
         v = heads(linear(x, f"{p}.v", spec.qkv_bias), KV, f"{p}.v", None)
         if spec.position == "rope":
             q, k = rotate(q, f"{p}.q"), rotate(k, f"{p}.k")
-        k = w.op("Concat", [f"past_key_values.{i}.key", k], f"{p}.k/cache", outputs=[f"present.{i}.key"], axis=2)
-        v = w.op("Concat", [f"past_key_values.{i}.value", v], f"{p}.v/cache", outputs=[f"present.{i}.value"], axis=2)
+        k = w.op("Concat", [past_key(i), k], f"{p}.k/cache", outputs=[present_key(i)], axis=2)
+        v = w.op("Concat", [past_value(i), v], f"{p}.v/cache", outputs=[present_value(i)], axis=2)
         if rep > 1:  # grouped-query: repeat each kv head for its group of query heads
             expand = w.const("gqa_expand", [1, 1, rep, 1, 1])
             shape = w.const("gqa_shape", [0, H, -1, D])
@@ -324,8 +326,8 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
     flat = w.op("Reshape", [h, w.const("flat", [-1, spec.hidden_size])], "lm_head/flatten")
     gemm_inputs = [flat, head] + ([W("lm_head.bias")] if "lm_head.bias" in weights.names else [])
     logits = w.op("Gemm", gemm_inputs, "lm_head/gemm", transB=1)
-    out_shape = w.op("Concat", [w.op("Shape", ["input_ids"], "shape_bs"), w.const("vocab", [spec.vocab_size])],
+    out_shape = w.op("Concat", [w.op("Shape", [INPUT_IDS], "shape_bs"), w.const("vocab", [spec.vocab_size])],
                      "logits_shape", axis=0)
     if fp16:
         logits = w.op("Cast", [logits], "lm_head/cast", to=TensorProto.FLOAT)
-    w.op("Reshape", [logits, out_shape], "lm_head/unflatten", outputs=["logits"])
+    w.op("Reshape", [logits, out_shape], "lm_head/unflatten", outputs=[LOGITS])

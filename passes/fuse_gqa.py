@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS
 from leptonc.passes.head_layout import as_bsh
 from leptonc.passes.matching import (MS_DOMAIN, add_node, attr, axes_of, const_ints, const_value, detach,
                                      float_dtype, is_safe_to_fuse, new_const, parent, producer, scalar, take_outputs,
@@ -131,7 +132,7 @@ def _lengths(graph: gs.Graph):
     """seqlens_k [B] int32 = T - 1, total_sequence_length int32 = T (from attention_mask) and
     query_seqlens [B] int32 = S (from input_ids)."""
     inputs = {t.name: t for t in graph.inputs}
-    mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
+    mask, ids = inputs.get(ATTENTION_MASK), inputs.get(INPUT_IDS)
     if mask is None or ids is None:
         return None
     total32, total = _total_length(graph, mask)
@@ -156,7 +157,7 @@ def _lengths_from_mask_contents(graph: gs.Graph):
     """The mask-sum contract: seqlens_k [B] int32 = ReduceSum(attention_mask) - 1 (on the device) and
     total_sequence_length int32 = the mask's length (host-side scalar, read by GQA from CPU memory)."""
     inputs = {t.name: t for t in graph.inputs}
-    mask = inputs.get("attention_mask")
+    mask = inputs.get(ATTENTION_MASK)
     if mask is None:
         return None
     count = variable(graph, "gqa/valid_tokens", np.int64, ["batch"])

@@ -18,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from leptonc.graph_contract import LOGITS, NEXT_TOKEN
 from leptonc.passes.matching import add_node
 from leptonc.passes.registry import PassContext, PassResult, register_pass
 
-OUTPUT = "next_token"
+OUTPUT = NEXT_TOKEN
 
 
 @register_pass("greedy_token")
@@ -29,7 +30,7 @@ def greedy_token(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """A `next_token` output: the argmax of the logits over the vocabulary, computed in the graph."""
     if any(t.name == OUTPUT for t in graph.outputs):
         return PassResult.skipped(f"the graph already has a {OUTPUT} output")
-    logits = next((t for t in graph.outputs if t.name == "logits"), None)
+    logits = next((t for t in graph.outputs if t.name == LOGITS), None)
     if logits is None:
         return PassResult.skipped("the graph has no 'logits' output")
     shape = list(logits.shape) if logits.shape is not None and len(logits.shape) == 3 else ["batch", "sequence", None]

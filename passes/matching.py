@@ -15,7 +15,8 @@ import itertools
 import numpy as np
 import onnx_graphsurgeon as gs
 
-MS_DOMAIN = "com.microsoft"
+from leptonc.graph_contract import MS_DOMAIN
+
 _NAMES = itertools.count()
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from leptonc.calibration.scales import block_quantize, sqnr_db
+from leptonc.graph_contract import MS_DOMAIN
 
-MS_DOMAIN = "com.microsoft"
 HEAD_BITS, HEAD_BLOCK = 8, 64  # the 8-bit LM head / embedding of the weight-only and int8 forms
 
 

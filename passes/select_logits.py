@@ -18,16 +18,17 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from leptonc.graph_contract import INPUT_IDS, LOGITS, LOGITS_POSITIONS
 from leptonc.passes.matching import add_node, const_ints, new_const, producer, variable
 from leptonc.passes.registry import PassContext, PassResult, register_pass
 
-INPUT = "logits_positions"
+INPUT = LOGITS_POSITIONS
 
 
 def _match_head(graph: gs.Graph):
     """logits = Reshape(Cast?(Gemm|MatMul*(Reshape(h, [-1, H]))), Concat(Shape(input_ids), [V])) ->
     (the flatten Reshape, the Concat, its Shape input index) or a reason string."""
-    out = next((t for t in graph.outputs if t.name == "logits"), None)
+    out = next((t for t in graph.outputs if t.name == LOGITS), None)
     if out is None:
         return "the graph has no 'logits' output"
     unflatten = producer(out)
@@ -37,7 +38,7 @@ def _match_head(graph: gs.Graph):
     if shape is None or shape.op != "Concat" or len(shape.inputs) != 2:
         return "the logits shape is not Concat(Shape(input_ids), [vocab])"
     bs = producer(shape.inputs[0])
-    if bs is None or bs.op != "Shape" or bs.inputs[0].name != "input_ids" or bs.attrs.get("start", 0) != 0:
+    if bs is None or bs.op != "Shape" or bs.inputs[0].name != INPUT_IDS or bs.attrs.get("start", 0) != 0:
         return "the logits shape does not come from input_ids"
     cur = unflatten.inputs[0]
     for _ in range(3):  # Cast (fp16 graphs) and the head itself (Gemm, or MatMul/MatMulNBits after quantization)
@@ -71,7 +72,7 @@ def select_logits(graph: gs.Graph, ctx: PassContext) -> PassResult:
     bk = variable(graph, "select_logits/batch_positions", np.int64, [2])
     add_node(graph, "Shape", [positions], [bk], "select_logits/shape")
     shape.inputs[0] = bk
-    out = next(t for t in graph.outputs if t.name == "logits")
+    out = next(t for t in graph.outputs if t.name == LOGITS)
     if out.shape is not None and len(out.shape) == 3:
         out.shape = [out.shape[0], "logits_sequence", out.shape[2]]
     graph.cleanup()

@@ -63,13 +63,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from leptonc.graph_contract import ATTENTION_MASK, LEPTONC_DOMAIN, LOGITS
 from leptonc.passes.matching import MS_DOMAIN, attr, const_ints, detach, is_last_axis, is_safe_to_fuse, producer
 from leptonc.passes.greedy_token import OUTPUT as TOKEN_OUTPUT
 from leptonc.passes.registry import PassContext, PassResult, register_pass
 from leptonc.passes.select_logits import INPUT as POSITIONS_INPUT
 from leptonc.targets.kernels.layout import gate_up_pairs, interleave_gate_up, tile_nbits
 
-LEPTONC_DOMAIN = "ai.leptonc"
 
 
 def _lowerable(node: gs.Node) -> str | None:
@@ -383,7 +383,7 @@ def _lower_mask_lengths(graph: gs.Graph) -> int:
         if total is None or total.op != "ReduceSum" or attr(total, "keepdims", 1) != 0:
             continue
         mask = total.inputs[0]
-        if mask.name != "attention_mask" or not any(t is mask for t in graph.inputs) or mask.dtype is None \
+        if mask.name != ATTENTION_MASK or not any(t is mask for t in graph.inputs) or mask.dtype is None \
                 or np.dtype(mask.dtype) != np.int64 or (mask.shape is not None and len(mask.shape) != 2):
             continue
         axes = const_ints(total.inputs[1]) if len(total.inputs) > 1 else attr(total, "axes")
@@ -405,7 +405,7 @@ def _lower_logits_argmax(graph: gs.Graph) -> int:
     -> ai.leptonc.LogitsArgMax(head, logits_positions) -> (logits, next_token): one kernel instead of ONNX Runtime's
     Cast, the copy of the Reshape into the bound output, and ArgMax. 1 where it was replaced, else 0."""
     outputs = {t.name: t for t in graph.outputs}
-    logits, token = outputs.get("logits"), outputs.get(TOKEN_OUTPUT)
+    logits, token = outputs.get(LOGITS), outputs.get(TOKEN_OUTPUT)
     positions = next((t for t in graph.inputs if t.name == POSITIONS_INPUT), None)
     if logits is None or token is None or positions is None:
         return 0

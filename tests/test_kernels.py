@@ -885,3 +885,16 @@ def test_seqlens_from_the_mask_become_one_mask_lengths():
     for kept in (_mask_lengths_graph(minus=2), _mask_lengths_graph(count_read_elsewhere=True)):
         assert _lower_mask_lengths(kept) == 0
         assert sorted(n.op for n in kept.nodes) == ["CachedAttention", "Cast", "ReduceSum", "Sub"]
+
+
+def test_the_manifest_lists_every_op_the_library_registers():
+    """The graph contract's kernel op list (what the manifest records) is the ops the CUDA source names."""
+    import re
+
+    from leptonc.graph_contract import KERNEL_OPS, LEPTONC_DOMAIN
+
+    folder = Path(kernels.__file__).parent
+    source = "".join(p.read_text() for p in sorted([*folder.glob("*.cu"), *folder.glob("*.cuh")]))
+    registered = set(re.findall(r'_name\(const OrtCustomOp\*\) \{ return "(\w+)"; \}', source))
+    assert registered == set(KERNEL_OPS), registered ^ set(KERNEL_OPS)
+    assert kernels.DOMAIN == LEPTONC_DOMAIN and tuple(kernels.OPS) == KERNEL_OPS

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from leptonc.errors import InputError
+from leptonc.graph_contract import INPUT_IDS, LOGITS, cache_layers, past_key
 from leptonc.inspect import onnx_summary
 from leptonc.runtime.tokenizer import load_tokenizer
 
@@ -14,12 +14,12 @@ def io_from_onnx(path: Path) -> dict:
     """Rebuild the I/O spec of a leptonc-style decoder from the graph's inputs and outputs."""
     info = onnx_summary(path)
     names = {v["name"]: v for v in info["inputs"] + info["outputs"]}
-    layers = sorted({int(m.group(1)) for n in names if (m := re.match(r"past_key_values\.(\d+)\.key$", n))})
-    if not layers or "input_ids" not in names or "logits" not in names:
+    layers = cache_layers(names)
+    if not layers or INPUT_IDS not in names or LOGITS not in names:
         raise InputError(f"{path} is not a leptonc-style decoder (needs input_ids, past_key_values.N.key/value, "
                          "logits)", hint="compile the model with `leptonc compile` first")
-    kv = names["past_key_values.0.key"]
-    vocab = names["logits"]["shape"][-1]
+    kv = names[past_key(0)]
+    vocab = names[LOGITS]["shape"][-1]
     if not isinstance(vocab, int) or not isinstance(kv["shape"][1], int) or not isinstance(kv["shape"][3], int):
         raise InputError(f"{path}: cannot read vocab size and head shape from the graph's I/O")
     return {"inputs": info["inputs"], "outputs": info["outputs"], "kv_dtype": kv["dtype"], "num_layers": len(layers),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from leptonc.errors import InputError, UnsupportedRequestError
+from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_POSITIONS, NEXT_TOKEN, POSITION_IDS
 from leptonc.runtime.slots import KvSlots
 
 
@@ -53,12 +54,12 @@ class BlockKvSlots(KvSlots):
             raise InputError(f"a prompt of {count} tokens; this bundle allows 1 to {self.max_sequence}")
         runner._feeds = []
         binding = runner.session.io_binding()
-        binding.bind_ortvalue_input("input_ids", runner._ortvalue(np.asarray(token_ids, np.int64).reshape(1, count)))
-        binding.bind_ortvalue_input("attention_mask", runner._ortvalue(np.ones((1, count), np.int64)))
-        binding.bind_ortvalue_input("position_ids", runner._ortvalue(np.arange(count, dtype=np.int64).reshape(1, count)))
+        binding.bind_ortvalue_input(INPUT_IDS, runner._ortvalue(np.asarray(token_ids, np.int64).reshape(1, count)))
+        binding.bind_ortvalue_input(ATTENTION_MASK, runner._ortvalue(np.ones((1, count), np.int64)))
+        binding.bind_ortvalue_input(POSITION_IDS, runner._ortvalue(np.arange(count, dtype=np.int64).reshape(1, count)))
         if runner.selects_logits:
-            binding.bind_ortvalue_input("logits_positions", runner._ortvalue(np.full((1, 1), count - 1, np.int64)))
-        binding.bind_output("logits", runner.device_type, runner.device_id)
+            binding.bind_ortvalue_input(LOGITS_POSITIONS, runner._ortvalue(np.full((1, 1), count - 1, np.int64)))
+        binding.bind_output(LOGITS, runner.device_type, runner.device_id)
         self.block.bind(binding, (slot, slot + 1))
         runner.session.run_with_iobinding(binding, runner._run_options(-1))
         logits = binding.get_outputs()[0].numpy()
@@ -85,9 +86,9 @@ class BlockKvSlots(KvSlots):
         state["host_mask"][idle, self.lengths[idle]] = 0
         runner.session.run_with_iobinding(state["binding"], state["run_options"])
         self.lengths[rows] += 1
-        step_logits = state["logits"].numpy().reshape(n, -1)[rows].astype(np.float32) if logits or not runner.token_output \
+        step_logits = state[LOGITS].numpy().reshape(n, -1)[rows].astype(np.float32) if logits or not runner.token_output \
             else None
-        tokens = (state["next_token"].numpy().reshape(n)[rows].copy() if runner.token_output
+        tokens = (state[NEXT_TOKEN].numpy().reshape(n)[rows].copy() if runner.token_output
                   else step_logits.argmax(-1))
         return tokens.astype(np.int64), step_logits if logits else None
 

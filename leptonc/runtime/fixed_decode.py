@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from leptonc.errors import InputError
+from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_POSITIONS, NEXT_TOKEN, POSITION_IDS
 from leptonc.runtime.base import Runner
 
 PIPELINE_DEPTH = 2  # greedy steps launched ahead of the one whose token the host reads (greedy_tokens)
@@ -34,7 +35,7 @@ class FixedAddressDecode(Runner):
         which is what lets the step be captured as a CUDA graph."""
         static = self._static[batch]
         if "binding" not in static:
-            static["logits"] = self._empty((batch, 1, self.vocab_size), self.logits_dtype)
+            static[LOGITS] = self._empty((batch, 1, self.vocab_size), self.logits_dtype)
             b = self.session.io_binding()
             if self.right_pad:
                 # ids, positions and the [B, capacity] mask are three views of one device buffer (and of one
@@ -46,23 +47,23 @@ class FixedAddressDecode(Runner):
                 static["host_ids"], static["host_pos"] = host[:batch].reshape(batch, 1), host[seg:seg + batch].reshape(batch, 1)
                 static["host_mask"] = host[2 * seg:].reshape(batch, cap)
                 ptr = static["inputs"].data_ptr()
-                for name, shape, offset in (("input_ids", [batch, 1], 0), ("position_ids", [batch, 1], seg),
-                                            ("attention_mask", [batch, cap], 2 * seg)):
+                for name, shape, offset in ((INPUT_IDS, [batch, 1], 0), (POSITION_IDS, [batch, 1], seg),
+                                            (ATTENTION_MASK, [batch, cap], 2 * seg)):
                     b.bind_input(name, self.device_type, self.device_id, np.int64, shape, ptr + 8 * offset)
             else:
                 static["ids"] = self._empty((batch, 1), np.int64)
                 static["pos"] = self._empty((batch, 1), np.int64)
-                b.bind_ortvalue_input("input_ids", static["ids"])
-                b.bind_ortvalue_input("position_ids", static["pos"])
+                b.bind_ortvalue_input(INPUT_IDS, static["ids"])
+                b.bind_ortvalue_input(POSITION_IDS, static["pos"])
             static["kv"].bind(b)
-            b.bind_ortvalue_output("logits", static["logits"])
+            b.bind_ortvalue_output(LOGITS, static[LOGITS])
             if self.token_output:
-                static["next_token"] = self._empty((batch, 1), np.int64)
-                b.bind_ortvalue_output("next_token", static["next_token"])
+                static[NEXT_TOKEN] = self._empty((batch, 1), np.int64)
+                b.bind_ortvalue_output(NEXT_TOKEN, static[NEXT_TOKEN])
             if self.selects_logits:  # the one new position of each row: a constant buffer of zeros
-                static["logits_positions"] = self.ort.OrtValue.ortvalue_from_numpy(
+                static[LOGITS_POSITIONS] = self.ort.OrtValue.ortvalue_from_numpy(
                     np.zeros((batch, 1), np.int64), self.device_type, self.device_id)
-                b.bind_ortvalue_input("logits_positions", static["logits_positions"])
+                b.bind_ortvalue_input(LOGITS_POSITIONS, static[LOGITS_POSITIONS])
             if self.cuda_graph:
                 self._graph_ids.setdefault(batch, len(self._graph_ids) + 1)
                 static["run_options"] = self._run_options(self._graph_ids[batch])
@@ -94,9 +95,9 @@ class FixedAddressDecode(Runner):
             state["ids"].update_inplace(ids)
             state["pos"].update_inplace(np.ascontiguousarray(self._positions))
             self._feeds = []
-            state["binding"].bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
+            state["binding"].bind_ortvalue_input(ATTENTION_MASK, self._ortvalue(self._mask))
         self.session.run_with_iobinding(state["binding"], state["run_options"])
-        return {name: state[name] for name in ("logits", "next_token") if name in state}
+        return {name: state[name] for name in (LOGITS, NEXT_TOKEN) if name in state}
 
     # ---- pipelined greedy decode ------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class FixedAddressDecode(Runner):
         pipe = self._pipeline_state(batch, state)
         allowed = max(0, min(steps, self.max_sequence - self._total))
         first = np.asarray(token_ids, dtype=np.int64).reshape(batch)
-        inputs_ptr, token_ptr = state["inputs"].data_ptr(), state["next_token"].data_ptr()
+        inputs_ptr, token_ptr = state["inputs"].data_ptr(), state[NEXT_TOKEN].data_ptr()
         launched = consumed = 0
         try:
             while consumed < allowed:

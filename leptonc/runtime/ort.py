@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from leptonc.errors import BackendUnavailableError, InputError
+from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_POSITIONS, POSITION_IDS, past_key, \
+    past_value, present_names
 from leptonc.runtime.base import Runner, positions_from_mask
 
 
@@ -67,23 +69,23 @@ class OrtCpuRunner(Runner):
         self._mask: np.ndarray | None = None
         self._positions: np.ndarray | None = None
         # passes/select_logits.py: the LM head runs only on the positions fed here.
-        self.selects_logits = "logits_positions" in {i.name for i in self.session.get_inputs()}
+        self.selects_logits = LOGITS_POSITIONS in {i.name for i in self.session.get_inputs()}
         # By name: the graph may have outputs past the cache (next_token, passes/greedy_token.py).
-        self._fetches = ["logits"] + [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+        self._fetches = [LOGITS, *present_names(self.num_layers)]
 
     @property
     def sequence_length(self) -> int:
         return 0 if self._mask is None else self._mask.shape[1]
 
     def _run(self, input_ids: np.ndarray, positions: np.ndarray, last_only: bool = False) -> np.ndarray:
-        feed = {"input_ids": input_ids, "attention_mask": self._mask, "position_ids": positions}
+        feed = {INPUT_IDS: input_ids, ATTENTION_MASK: self._mask, POSITION_IDS: positions}
         if self.selects_logits:  # left padding: the last column is every row's last real token
             batch, seq = input_ids.shape
-            feed["logits_positions"] = (np.full((batch, 1), seq - 1, np.int64) if last_only
+            feed[LOGITS_POSITIONS] = (np.full((batch, 1), seq - 1, np.int64) if last_only
                                         else np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy())
         for i in range(self.num_layers):
-            feed[f"past_key_values.{i}.key"] = self._past[2 * i]
-            feed[f"past_key_values.{i}.value"] = self._past[2 * i + 1]
+            feed[past_key(i)] = self._past[2 * i]
+            feed[past_value(i)] = self._past[2 * i + 1]
         outputs = self.session.run(self._fetches, feed)
         self._past = outputs[1:]
         return outputs[0]

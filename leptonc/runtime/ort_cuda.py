@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from leptonc.errors import InputError
+from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, LOGITS_POSITIONS, NEXT_TOKEN, \
+    POSITION_IDS, past_name, present_name
 from leptonc.runtime.base import positions_from_mask
 from leptonc.runtime.fixed_decode import PIPELINE_DEPTH, FixedAddressDecode
 from leptonc.runtime.kv_block import KvBlock
@@ -124,11 +126,11 @@ class OrtCudaRunner(FixedAddressDecode):
                 f"{self.run_settings.kernel_cublas_workspace_mb} MiB (process-wide, as the first step allocates them)")
         self.input_names = {i.name for i in self.session.get_inputs()}
         # passes/select_logits.py: the LM head runs only on the positions bound here.
-        self.selects_logits = "logits_positions" in self.input_names
+        self.selects_logits = LOGITS_POSITIONS in self.input_names
         self.output_names = [o.name for o in self.session.get_outputs()]
         # passes/greedy_token.py: the graph's argmax of the logits, so greedy steps copy B tokens, not B x vocab.
         # The output is always bound where it exists (a captured step must not write to memory it does not own).
-        self.token_output = "next_token" in self.output_names
+        self.token_output = NEXT_TOKEN in self.output_names
         self.greedy_output = self.token_output
         self.logits_dtype = np.float16 if self.session.get_outputs()[0].type == "tensor(float16)" else np.float32
         if self._driver is not None and not (self.cuda_graph and self.greedy_output):
@@ -166,8 +168,8 @@ class OrtCudaRunner(FixedAddressDecode):
 
     def _kv_names(self):
         for i in range(self.num_layers):
-            for kind in ("key", "value"):
-                yield f"past_key_values.{i}.{kind}", f"present.{i}.{kind}"
+            for kind in KV_KINDS:
+                yield past_name(i, kind), present_name(i, kind)
 
     def describe(self) -> dict:
         return {"runner": type(self).__name__, "provider": self.session.get_providers()[0] if self.session else None,
@@ -247,12 +249,12 @@ class OrtCudaRunner(FixedAddressDecode):
                       block: "KvBlock | None") -> np.ndarray:
         """One prefill run over rows r0:r1 (their slice of the K/V block); their logits on the host."""
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input("input_ids", self._ortvalue(input_ids[r0:r1]))
-        binding.bind_ortvalue_input("attention_mask", self._ortvalue(mask[r0:r1]))
-        binding.bind_ortvalue_input("position_ids", self._ortvalue(positions[r0:r1]))
+        binding.bind_ortvalue_input(INPUT_IDS, self._ortvalue(input_ids[r0:r1]))
+        binding.bind_ortvalue_input(ATTENTION_MASK, self._ortvalue(mask[r0:r1]))
+        binding.bind_ortvalue_input(POSITION_IDS, self._ortvalue(positions[r0:r1]))
         if select is not None:
-            binding.bind_ortvalue_input("logits_positions", self._ortvalue(select[r0:r1]))
-        binding.bind_output("logits", self.device_type, self.device_id)  # bound first: get_outputs() keeps binding order
+            binding.bind_ortvalue_input(LOGITS_POSITIONS, self._ortvalue(select[r0:r1]))
+        binding.bind_output(LOGITS, self.device_type, self.device_id)  # bound first: get_outputs() keeps binding order
         if block is not None:
             block.bind(binding, (r0, r1))
         else:
@@ -330,7 +332,7 @@ class OrtCudaRunner(FixedAddressDecode):
     # ---- decode -----------------------------------------------------------------------------------
 
     def decode(self, token_ids: np.ndarray) -> np.ndarray:
-        logits = self._decode(token_ids)["logits"].numpy()
+        logits = self._decode(token_ids)[LOGITS].numpy()
         return logits.reshape(self._batch, -1).astype(np.float32, copy=False)
 
     def decode_tokens(self, token_ids: np.ndarray) -> np.ndarray:
@@ -339,7 +341,7 @@ class OrtCudaRunner(FixedAddressDecode):
         if not self.greedy_output:
             return super().decode_tokens(token_ids)
         # a copy: on the CPU provider numpy() is a view of the bound buffer, which the next step overwrites
-        return self._decode(token_ids)["next_token"].numpy().reshape(self._batch).copy()
+        return self._decode(token_ids)[NEXT_TOKEN].numpy().reshape(self._batch).copy()
 
     def _decode(self, token_ids: np.ndarray) -> dict:
         """One decode step; its outputs as device values by name (logits, and next_token where the graph has it)."""
@@ -360,21 +362,21 @@ class OrtCudaRunner(FixedAddressDecode):
         """One step of the growing layout: past <- the last step's present, both on the device."""
         self._feeds = []
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input("input_ids", self._ortvalue(ids))
-        binding.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
-        binding.bind_ortvalue_input("position_ids", self._ortvalue(self._positions))
+        binding.bind_ortvalue_input(INPUT_IDS, self._ortvalue(ids))
+        binding.bind_ortvalue_input(ATTENTION_MASK, self._ortvalue(self._mask))
+        binding.bind_ortvalue_input(POSITION_IDS, self._ortvalue(self._positions))
         if self.selects_logits:
-            binding.bind_ortvalue_input("logits_positions", self._ortvalue(np.zeros((self._batch, 1), np.int64)))
-        binding.bind_output("logits", self.device_type, self.device_id)  # first: get_outputs() keeps binding order
+            binding.bind_ortvalue_input(LOGITS_POSITIONS, self._ortvalue(np.zeros((self._batch, 1), np.int64)))
+        binding.bind_output(LOGITS, self.device_type, self.device_id)  # first: get_outputs() keeps binding order
         for j, (past, present) in enumerate(self._kv_names()):
             binding.bind_ortvalue_input(past, self._kv[j])
             binding.bind_output(present, self.device_type, self.device_id)
         if self.token_output:  # last, after the cache
-            binding.bind_output("next_token", self.device_type, self.device_id)
+            binding.bind_output(NEXT_TOKEN, self.device_type, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         self._kv = list(outputs[1:1 + 2 * self.num_layers])
-        return {"logits": outputs[0], **({"next_token": outputs[-1]} if self.token_output else {})}
+        return {LOGITS: outputs[0], **({NEXT_TOKEN: outputs[-1]} if self.token_output else {})}
 
     # ---- teardown ---------------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from leptonc.errors import InputError, UnsupportedRequestError
+from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_POSITIONS, NEXT_TOKEN, POSITION_IDS, \
+    past_names, present_names
 
 
 class KvSlots(ABC):
@@ -80,10 +82,10 @@ class HostKvSlots(KvSlots):
         self.num_slots, self.max_sequence = num_slots, max_sequence
         names = {i.name for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
-        self.selects_logits = "logits_positions" in names
-        self.token_output = "next_token" in outputs
-        self._kv_fetches = [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
-        self._fetches = ["logits", *self._kv_fetches] + (["next_token"] if self.token_output else [])
+        self.selects_logits = LOGITS_POSITIONS in names
+        self.token_output = NEXT_TOKEN in outputs
+        self._kv_fetches = present_names(self.num_layers)
+        self._fetches = [LOGITS, *self._kv_fetches] + ([NEXT_TOKEN] if self.token_output else [])
         # A slot outside the decode batch: its K/V as [1, kv_heads, length, head_dim] per layer and kind.
         self._alone: dict[int, list[np.ndarray]] = {}
         self._lengths: dict[int, int] = {}
@@ -101,11 +103,10 @@ class HostKvSlots(KvSlots):
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
              select: np.ndarray) -> list[np.ndarray]:
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        feed = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions}
         if self.selects_logits:
-            feed["logits_positions"] = select
-        for j, name in enumerate(f"past_key_values.{i}.{kind}" for i in range(self.num_layers)
-                                 for kind in ("key", "value")):
+            feed[LOGITS_POSITIONS] = select
+        for j, name in enumerate(past_names(self.num_layers)):
             feed[name] = past[j]
         return self.session.run(self._fetches, feed)
 

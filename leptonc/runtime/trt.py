@@ -12,12 +12,13 @@ Uses the TensorRT 10/11 name-based API (`set_input_shape`, `set_tensor_address`,
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
 from leptonc.errors import BackendUnavailableError, BundleError, InputError
+from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, cache_layers, past_key, past_value, \
+    present_names
 from leptonc.runtime.base import Runner, positions_from_mask
 
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
@@ -80,17 +81,17 @@ class TrtRunner(Runner):
         self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in self.names if n not in self.inputs]
         io = engine_info.get("io") or {}
-        self.num_layers = io.get("num_layers") or len([n for n in self.inputs if n.endswith(".key")])
-        kv = self.engine.get_tensor_shape("past_key_values.0.key")
+        self.num_layers = io.get("num_layers") or len(cache_layers(self.inputs))
+        kv = self.engine.get_tensor_shape(past_key(0))
         self.kv_heads = io.get("num_kv_heads") or kv[1]
         self.head_dim = io.get("head_dim") or kv[3]
-        self.vocab_size = io.get("vocab_size") or self.engine.get_tensor_shape("logits")[-1]
-        self.kv_dtype = self._dtype("past_key_values.0.key")
+        self.vocab_size = io.get("vocab_size") or self.engine.get_tensor_shape(LOGITS)[-1]
+        self.kv_dtype = self._dtype(past_key(0))
         # The bundle's limits, never more than the engine's profiles allow (a mismatch would otherwise
         # surface as a TensorRT shape error in the middle of a generation).
         hi_batch = hi_seq = 1
         for p in range(self.engine.num_optimization_profiles):
-            hi = self.engine.get_tensor_profile_shape("attention_mask", p)[2]
+            hi = self.engine.get_tensor_profile_shape(ATTENTION_MASK, p)[2]
             hi_batch, hi_seq = max(hi_batch, hi[0]), max(hi_seq, hi[1])
         self.max_batch = min(int(limits["max_batch"]), hi_batch)
         self.max_sequence = min(int(limits["max_sequence"]), hi_seq)
@@ -112,17 +113,17 @@ class TrtRunner(Runner):
         if engine is None:
             raise BundleError(f"TensorRT could not deserialize {path}", hint="rebuild the engine with this TensorRT")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        layers = sorted({int(m.group(1)) for n in names if (m := re.match(r"past_key_values\.(\d+)\.key$", n))})
-        if not layers or "input_ids" not in names or "logits" not in names:
+        layers = cache_layers(names)
+        if not layers or INPUT_IDS not in names or LOGITS not in names:
             raise InputError(f"{path} is not a leptonc-style decoder engine (needs input_ids, "
                              "past_key_values.N.key/value, logits)")
-        kv = engine.get_tensor_shape("past_key_values.0.key")
+        kv = engine.get_tensor_shape(past_key(0))
         io = {"num_layers": len(layers), "num_kv_heads": kv[1], "head_dim": kv[3],
-              "vocab_size": engine.get_tensor_shape("logits")[-1],
-              "kv_dtype": _NP_NAMES.get(engine.get_tensor_dtype("past_key_values.0.key").name, "float16")}
+              "vocab_size": engine.get_tensor_shape(LOGITS)[-1],
+              "kv_dtype": _NP_NAMES.get(engine.get_tensor_dtype(past_key(0)).name, "float16")}
         max_batch = max_seq = 1
         for p in range(engine.num_optimization_profiles):
-            hi = engine.get_tensor_profile_shape("attention_mask", p)[2]
+            hi = engine.get_tensor_profile_shape(ATTENTION_MASK, p)[2]
             max_batch, max_seq = max(max_batch, hi[0]), max(max_seq, hi[1])
         info = {"io": io, "version_compatible": True}
         del engine, runtime
@@ -149,10 +150,10 @@ class TrtRunner(Runner):
 
     def _run(self, input_ids, positions):
         torch = self.torch
-        feeds = {"input_ids": input_ids, "attention_mask": self._mask, "position_ids": positions}
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: self._mask, POSITION_IDS: positions}
         for i in range(self.num_layers):
-            feeds[f"past_key_values.{i}.key"] = self._past[2 * i]
-            feeds[f"past_key_values.{i}.value"] = self._past[2 * i + 1]
+            feeds[past_key(i)] = self._past[2 * i]
+            feeds[past_value(i)] = self._past[2 * i + 1]
         p = self._context_for({n: tuple(t.shape) for n, t in feeds.items()})
         ctx = self.contexts[p]
         for name, tensor in feeds.items():
@@ -167,8 +168,8 @@ class TrtRunner(Runner):
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
         self.stream.synchronize()
-        self._past = [outs[f"present.{i}.{kind}"] for i in range(self.num_layers) for kind in ("key", "value")]
-        return outs["logits"]
+        self._past = [outs[name] for name in present_names(self.num_layers)]
+        return outs[LOGITS]
 
     # -- the Runner interface --
     @property

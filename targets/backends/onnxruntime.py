@@ -9,6 +9,7 @@ from pathlib import Path
 
 from leptonc.config import KernelOptions
 from leptonc.errors import BackendUnavailableError
+from leptonc.graph_contract import LOGITS, LOGITS_POSITIONS, NEXT_TOKEN
 
 MODEL_FILE = "model.onnx"
 
@@ -149,13 +150,13 @@ def build(exported, staging: Path, pipeline_names: list[str], ctx, disabled: tup
         shutil.move(str(exported.data_path), staging / f"{MODEL_FILE}.data")
     io = exported.io
     if any(r["name"] == "select_logits" and r["status"] == "applied" for r in records):
-        io = {**io, "inputs": [*io["inputs"], {"name": "logits_positions", "dtype": "int64",
+        io = {**io, "inputs": [*io["inputs"], {"name": LOGITS_POSITIONS, "dtype": "int64",
                                                "shape": ["batch", "logits_sequence"]}],
-              "outputs": [({**t, "shape": [t["shape"][0], "logits_sequence", *t["shape"][2:]]} if t["name"] == "logits"
+              "outputs": [({**t, "shape": [t["shape"][0], "logits_sequence", *t["shape"][2:]]} if t["name"] == LOGITS
                            else t) for t in io["outputs"]]}
     if any(r["name"] == "greedy_token" and r["status"] == "applied" for r in records):
-        logits = next(t for t in io["outputs"] if t["name"] == "logits")
-        io = {**io, "outputs": [*io["outputs"], {"name": "next_token", "dtype": "int64", "shape": logits["shape"][:2]}]}
+        logits = next(t for t in io["outputs"] if t["name"] == LOGITS)
+        io = {**io, "outputs": [*io["outputs"], {"name": NEXT_TOKEN, "dtype": "int64", "shape": logits["shape"][:2]}]}
     from leptonc.runtime.engine_settings import EngineSettings
 
     session = session_settings(ctx.target)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from leptonc.config import TensorRTOptions
 from leptonc.errors import BackendUnavailableError, BundleError, UnsupportedRequestError
+from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_name
 
 ENGINE_FILE = "engine.plan"
 ONNX_FOR_BUILD = "tensorrt_input.onnx"
@@ -197,12 +198,12 @@ def _inputs_from_source(source: str) -> list[dict] | None:
         return None
     kv = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or hidden // heads
-    inputs = [{"name": "input_ids", "shape": ["batch", "sequence"]},
-              {"name": "attention_mask", "shape": ["batch", "total_sequence"]},
-              {"name": "position_ids", "shape": ["batch", "sequence"]}]
+    inputs = [{"name": INPUT_IDS, "shape": ["batch", "sequence"]},
+              {"name": ATTENTION_MASK, "shape": ["batch", "total_sequence"]},
+              {"name": POSITION_IDS, "shape": ["batch", "sequence"]}]
     for i in range(layers):
         for kind_ in ("key", "value"):
-            inputs.append({"name": f"past_key_values.{i}.{kind_}", "shape": ["batch", kv, "past_sequence", head_dim]})
+            inputs.append({"name": past_name(i, kind_), "shape": ["batch", kv, "past_sequence", head_dim]})
     return inputs
 
 

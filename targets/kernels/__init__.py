@@ -71,12 +71,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from leptonc.graph_contract import KERNEL_OPS, LEPTONC_DOMAIN
+
 SOURCE = Path(__file__).with_name("leptonc_cuda.cu")
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.cuh")))  # every kernel family SOURCE includes: part of the build's cache key
 LIBRARY = "libleptonc_cuda.so"
-DOMAIN = "ai.leptonc"
+DOMAIN = LEPTONC_DOMAIN
 BUNDLE_DIR = "kernels"  # where the library goes inside a bundle
-OPS = ("MatMulNBitsTiled", "SwiGLU", "MatMulF16", "NormMatMulF16", "NormMatMulNBitsTiled", "CachedAttention")
+OPS = KERNEL_OPS  # every op the library registers, as the manifest lists them
 
 
 class KernelsUnavailable(Exception):
