@@ -54,21 +54,22 @@ def evaluate_pair(ref_runner, quant_runner, ids: np.ndarray, window: int) -> dic
             "top1_agreement": round(agree / positions, 4), "scored_tokens": count, "window": window}
 
 
-def accuracy_gate(backend, reference_path: Path, quantized_path: Path, engine: dict, limits: dict, tokenizer,
-                  settings, reference_engine: dict | None = None) -> dict:
-    """Run the gate (or record that --no-check skipped it). Raises VerificationError on failure."""
-    if not settings.check:
-        return {"status": "skipped", "reason": "--no-check: the quantized model's accuracy was not measured"}
+def gate_skipped(settings) -> dict | None:
+    """The gate's record when --no-check skips it, else None (the compiler then opens the runners to measure)."""
+    if settings.check:
+        return None
+    return {"status": "skipped", "reason": "--no-check: the quantized model's accuracy was not measured"}
+
+
+def accuracy_gate(ref_runner, quant_runner, tokenizer, settings, limits: dict) -> dict:
+    """Measure the quantized runner against the reference runner on held-out text and judge it by
+    --max-ppl-increase. The caller (leptonc/compiler.py) opens both runners with its backend and releases
+    them; calibration never reaches into a backend. Raises VerificationError on failure, with the figures
+    on the error (`.gate`) for the failed report."""
     data = Path(settings.check_data or default_heldout_text())
     ids = held_out_ids(tokenizer, data, settings.check_tokens)
     window = int(min(512, limits["max_sequence"], max(2, len(ids))))
-    ref = backend.open_runner(reference_path, reference_engine or engine, limits)
-    quant = backend.open_runner(quantized_path, engine, limits)
-    try:
-        result = evaluate_pair(ref, quant, ids, window)
-    finally:
-        ref.release()
-        quant.release()
+    result = evaluate_pair(ref_runner, quant_runner, ids, window)
     limit = settings.max_ppl_increase
     bad = not math.isfinite(result["quantized_perplexity"]) or result["ppl_increase_pct"] > limit
     result.update({"status": "failed" if bad else "passed", "rule": f"perplexity increase <= {limit:g}%",

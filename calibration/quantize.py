@@ -364,12 +364,9 @@ class CompileQuantization:
     report: dict | None = None
     pass_record: dict | None = None
 
-    def finish(self, ctx, records, backend, exported, staging, engine, limits, tokenizer,
-               pending_reason: str | None = None) -> None:
-        """`pending_reason`: why the gate cannot run here (a cross-compile whose graph the CPU cannot run); it is
-        then recorded as pending and the bundle's GPU check decides."""
-        from leptonc.calibration.gate import accuracy_gate
-
+    def check_applied(self, ctx, records) -> None:
+        """Keep the quantize pass's record and report; refuse when the pass did not run. The accuracy gate is
+        then run by the compiler with its backend's runners (calibration/gate.py) and kept in `gate`."""
         self.report = ctx.quant_report
         name = QUANT_PASS[self.settings.precision]
         self.pass_record = next((r for r in records if r["name"] == name), None)
@@ -377,15 +374,6 @@ class CompileQuantization:
             why = self.pass_record["detail"] if self.pass_record else "it is not in the pipeline"
             raise VerificationError(f"--{self.settings.precision} was requested but {name} did not run ({why}); "
                                     "no bundle was written", hint="report this with the command line")
-        if pending_reason:
-            self.gate = {"status": "pending_gpu", "reason": pending_reason}
-            return
-        try:
-            self.gate = accuracy_gate(backend, exported.model_path, staging / engine["file"], engine, limits,
-                                      tokenizer, self.settings)
-        except VerificationError as exc:  # keep the failed gate's figures for the failed report
-            self.gate = getattr(exc, "gate", None)
-            raise
 
     def manifest_section(self) -> dict:
         return {**self.calibration.summary, "settings": {k: v for k, v in asdict(self.settings).items()

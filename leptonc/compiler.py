@@ -170,11 +170,13 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
     cpu_blocked = backend.cpu_cannot_run(staging / checked_engine["file"]) if cross else None
     if quant is not None:  # the accuracy gate: reference (the fp32 export, still in _work) vs quantized
         with steps.step("gate", "Accuracy gate (perplexity on held-out text)"):
+            quant.check_applied(ctx, records)
             try:
-                quant.finish(ctx, records, backend, exported, staging, checked_engine,
-                             {"max_batch": config.max_batch, "max_sequence": config.max_sequence}, tokenizer,
-                             **({"pending_reason": cpu_blocked} if cpu_blocked else {}))
+                quant.gate = _accuracy_gate(backend, quant.settings, exported.model_path, staging / checked_engine["file"],
+                                            checked_engine, {"max_batch": config.max_batch,
+                                                             "max_sequence": config.max_sequence}, tokenizer, cpu_blocked)
             except VerificationError as exc:
+                quant.gate = getattr(exc, "gate", None)  # the failed gate's figures, for the failed report
                 if quant.gate is None:
                     raise
                 raise _keep_failed_report(config, quant, exc) from None
@@ -243,6 +245,28 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
         "config": {k: v for k, v in config.to_dict().items() if k not in ("output", "force")},
     }
     return finalize(staging, output, manifest)
+
+
+def _accuracy_gate(backend, settings, reference_path: Path, quantized_path: Path, engine: dict, limits: dict,
+                   tokenizer, pending_reason: str | None) -> dict:
+    """The quantized graph against the fp32 export (both run by this compile's backend) on held-out text.
+    `pending_reason`: why the CPU cannot run the graph of a cross-compile; the bundle's GPU check decides."""
+    from leptonc.calibration.gate import accuracy_gate, gate_skipped
+
+    if pending_reason:
+        return {"status": "pending_gpu", "reason": pending_reason}
+    skipped = gate_skipped(settings)
+    if skipped is not None:
+        return skipped
+    reference = backend.open_runner(reference_path, engine, limits)
+    try:
+        quantized = backend.open_runner(quantized_path, engine, limits)
+        try:
+            return accuracy_gate(reference, quantized, tokenizer, settings, limits)
+        finally:
+            quantized.release()
+    finally:
+        reference.release()
 
 
 def _keep_failed_report(config, quant, exc: VerificationError) -> VerificationError:
