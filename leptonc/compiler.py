@@ -16,18 +16,9 @@ from leptonc.config import CompileConfig
 from leptonc.errors import ExportError, OutputWriteError, UnsupportedRequestError, VerificationError
 from leptonc.progress import Steps
 from leptonc.runtime.bench import peak_host_mb
+from leptonc.targets.backends.base import get_backend
 
 QUANTIZED = ("int8", "fp8", "int4")
-
-
-def backend_module(name: str):
-    if name == "onnxruntime":
-        from leptonc.targets.backends import onnxruntime as mod
-    elif name == "tensorrt":
-        from leptonc.targets.backends import tensorrt as mod
-    else:  # CompileConfig validated it already
-        raise UnsupportedRequestError(f"unknown backend {name!r}")
-    return mod
 
 
 def plan(config: CompileConfig) -> dict:
@@ -36,8 +27,8 @@ def plan(config: CompileConfig) -> dict:
 
     kind, what = describe_source(config.source)
     target = config.target_record
-    backend = backend_module(config.backend)
-    pipeline = backend.pipeline(target, config.precision, config.kernels) if config.passes else []
+    backend = get_backend(config.backend)
+    pipeline = backend.pipeline(config) if config.passes else []
     out = {
         "config": config.to_dict(),
         "source": {"kind": kind, "ref": str(getattr(what, "name", what))},
@@ -49,19 +40,18 @@ def plan(config: CompileConfig) -> dict:
         "pipeline": pipeline,
         "disabled_passes": list(config.disabled_passes),
     }
-    if hasattr(backend, "plan_extras"):
-        out.update(backend.plan_extras(config))
+    out.update(backend.plan_extras(config))
     return out
 
 
 def compile_model(config: CompileConfig, steps: Steps | None = None) -> Bundle:
     steps = steps or Steps(enabled=False)
     target = config.target_record
-    backend = backend_module(config.backend)
+    backend = get_backend(config.backend)
     output = Path(config.output)
     check_output_path(output, config.force)
-    backend.check_available(target)
-    pipeline = backend.pipeline(target, config.precision, config.kernels) if config.passes else []
+    backend.preflight(config)
+    pipeline = backend.pipeline(config) if config.passes else []
     if config.passes:
         from leptonc.passes.registry import check_pipeline
 
@@ -161,10 +151,10 @@ def _compile_into(config, staging: Path, output: Path, target, backend, pipeline
                                         on_pass=lambda n: steps.update(n))
     # Cross-compiling (a GPU bundle where ONNX Runtime has no CUDA provider): the gate and the verification run the
     # graph before the lowering to leptonc's kernels on the CPU provider; the GPU check waits for a GPU (gpu_check.py)
-    cross = getattr(backend, "cross_compiling", lambda t: False)(target)
+    cross = backend.cross_compiling(target)
     checked_engine = engine
     if cross:
-        cpu_model = work / backend.CPU_CHECK_MODEL
+        cpu_model = work / backend.cpu_check_model
         checked_engine = backend.cpu_check_engine(engine, (cpu_model if cpu_model.is_file() else staging / engine["file"])
                                                   .relative_to(staging).as_posix())
     cpu_blocked = backend.cpu_cannot_run(staging / checked_engine["file"]) if cross else None

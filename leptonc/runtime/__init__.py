@@ -11,14 +11,19 @@ def open_bundle_runner(bundle, device: str | None = None, overrides: dict | None
     """A `Runner` for a loaded `Bundle`, chosen by its backend. `overrides` change the bundle's run-time engine
     settings for this runner only (names and types: leptonc/runtime/engine_settings.py's EngineSettings; values
     may be strings, as `--engine-option KEY=VALUE` gives them); the runner's describe() records what applied."""
-    from leptonc.errors import InputError
+    from leptonc.errors import InputError, UnsupportedRequestError
+    from leptonc.targets.backends.base import get_backend
 
+    try:
+        backend = get_backend(bundle.backend)
+    except UnsupportedRequestError:
+        raise BundleError(f"bundle backend {bundle.backend!r} is unknown to this leptonc",
+                          hint="recompile the bundle") from None
     if bundle.backend == "onnxruntime":
         from leptonc.runtime.engine_settings import EngineSettings
-        from leptonc.targets.backends.onnxruntime import open_runner
 
         run_settings = EngineSettings.from_manifest(bundle.engine).with_overrides(overrides)
-        runner = open_runner(bundle.model_path, bundle.engine, bundle.manifest["limits"], device, run_settings)
+        runner = backend.open_runner(bundle.model_path, bundle.engine, bundle.manifest["limits"], device, run_settings)
         on_gpu = bundle.engine.get("session", {}).get("provider") == "CUDAExecutionProvider" and device != "cpu"
         if on_gpu and getattr(bundle, "verified", True):  # a cross-compiled bundle's GPU check, at its first load
             from leptonc import gpu_check
@@ -32,11 +37,7 @@ def open_bundle_runner(bundle, device: str | None = None, overrides: dict | None
     if overrides:
         raise InputError(f"engine settings ({', '.join(overrides)}) apply to ONNX Runtime bundles; this one is "
                          f"{bundle.backend}", hint="drop --engine-option for this bundle")
-    if bundle.backend == "tensorrt":
-        from leptonc.targets.backends.tensorrt import open_runner as open_trt
-
-        return open_trt(bundle.model_path, bundle.engine, bundle.manifest["limits"])
-    raise BundleError(f"bundle backend {bundle.backend!r} is unknown to this leptonc", hint="recompile the bundle")
+    return backend.open_runner(bundle.model_path, bundle.engine, bundle.manifest["limits"])
 
 
 __all__ = ["open_bundle_runner", "Path"]

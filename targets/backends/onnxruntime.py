@@ -10,6 +10,7 @@ from pathlib import Path
 from leptonc.config import KernelOptions
 from leptonc.errors import BackendUnavailableError
 from leptonc.graph_contract import LOGITS, LOGITS_POSITIONS, NEXT_TOKEN
+from leptonc.targets.backends.base import Backend, register_backend
 
 MODEL_FILE = "model.onnx"
 
@@ -222,3 +223,36 @@ def open_runner(model_path: Path, engine: dict, limits: dict, device: str | None
 
     return OrtCpuRunner(model_path, engine["io"], session, max_sequence=limits["max_sequence"],
                         max_batch=limits["max_batch"])
+
+
+@register_backend
+class OnnxRuntimeBackend(Backend):
+    """The interface of targets/backends/base.py over this module's functions."""
+
+    name = "onnxruntime"
+    cpu_check_model = CPU_CHECK_MODEL
+
+    def pipeline(self, config) -> list[str]:
+        return pipeline(config.target_record, config.precision, config.kernels)
+
+    def export_dtype(self, target, precision: str) -> str:
+        return export_dtype(target, precision)
+
+    def preflight(self, config) -> None:
+        check_available(config.target_record)
+
+    def build(self, exported, staging: Path, pipeline: list[str], ctx, disabled: tuple[str, ...] = (),
+              on_pass=None) -> tuple[dict, list[dict]]:
+        return build(exported, staging, pipeline, ctx, disabled, on_pass=on_pass)
+
+    def open_runner(self, model_path: Path, engine: dict, limits: dict, device: str | None = None, run_settings=None):
+        return open_runner(model_path, engine, limits, device, run_settings)
+
+    def cross_compiling(self, target) -> bool:
+        return cross_compiling(target)
+
+    def cpu_check_engine(self, engine: dict, model_file: str) -> dict:
+        return cpu_check_engine(engine, model_file)
+
+    def cpu_cannot_run(self, model_path: Path) -> str | None:
+        return cpu_cannot_run(model_path)

@@ -28,6 +28,7 @@ from pathlib import Path
 from leptonc.config import TensorRTOptions
 from leptonc.errors import BackendUnavailableError, BundleError, UnsupportedRequestError
 from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_name
+from leptonc.targets.backends.base import Backend, register_backend
 
 ENGINE_FILE = "engine.plan"
 ONNX_FOR_BUILD = "tensorrt_input.onnx"
@@ -465,8 +466,34 @@ def _ver(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", str(v))[:4])
 
 
+@register_backend
+class TensorRTBackend(Backend):
+    """The interface of targets/backends/base.py over this module's functions."""
+
+    name = "tensorrt"
+
+    def pipeline(self, config) -> list[str]:
+        return pipeline(config.target_record, config.precision, config.kernels)
+
+    def export_dtype(self, target, precision: str) -> str:
+        return export_dtype(target, precision)
+
+    def preflight(self, config) -> None:
+        preflight(config)
+
+    def plan_extras(self, config) -> dict:
+        return plan_extras(config)
+
+    def build(self, exported, staging: Path, pipeline: list[str], ctx, disabled: tuple[str, ...] = (),
+              on_pass=None) -> tuple[dict, list[dict]]:
+        return build(exported, staging, pipeline, ctx, disabled, on_pass=on_pass)
+
+    def open_runner(self, model_path: Path, engine: dict, limits: dict, device: str | None = None, run_settings=None):
+        return open_runner(model_path, engine, limits, device)
+
+
 __all__ = [
     "ENGINE_FILE", "build", "builder_config", "check_available", "check_build_gpu",
     "check_engine_toolchain", "compare_engine_versions", "engine_loaders", "export_dtype", "open_bare_engine",
-    "open_runner", "pipeline", "plan_extras", "preflight",
+    "open_runner", "pipeline", "plan_extras", "preflight", "TensorRTBackend",
 ]
