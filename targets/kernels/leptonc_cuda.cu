@@ -88,6 +88,7 @@ constexpr uint32_t kExp1024 = 0x64006400u;           // two fp16 1024.0: OR-ing 
 
 // The kernel families, in dependency order (each opens the same anonymous namespace).
 #include "nbits_kernels.cuh"
+#include "nbits_gemv.cuh"
 #include "f16_kernels.cuh"
 #include "ops_nbits.cuh"
 #include "ops_f16.cuh"
