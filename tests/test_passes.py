@@ -383,3 +383,20 @@ def test_standard_op_passes_write_no_contrib_ops(tiny, dtype):
     m = onnx.load(str(fused), load_external_data=False)
     assert {n.domain for n in m.graph.node} <= {"", "ai.onnx"}
     assert max_errors(model, fused, spec, dtype) <= TOL[dtype]
+
+
+def test_each_quantize_pass_of_each_backend_has_a_quantizer():
+    """Every quantize pass a backend's pipeline names has a rewrite in passes/quantizers.py's table, and the
+    backends are found by name in targets/backends/base.py's registry."""
+    from leptonc.errors import UnsupportedRequestError
+    from leptonc.passes.quantizers import quantizer_for
+    from leptonc.targets.backends.base import get_backend
+
+    for name in ("onnxruntime", "tensorrt"):
+        assert get_backend(name).name == name
+        for precision in ("int8", "fp8", "int4"):
+            assert callable(quantizer_for(precision, name))
+    with pytest.raises(UnsupportedRequestError):
+        quantizer_for("int4", "nosuch")
+    with pytest.raises(UnsupportedRequestError):
+        get_backend("nosuch")
