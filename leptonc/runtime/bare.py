@@ -32,12 +32,12 @@ def open_bare(path: Path, tokenizer_dir: str | None, device: str | None = None):
     tokenizer = load_tokenizer(Path(tokenizer_dir))
     limits = {"max_sequence": 4096, "max_batch": 64}
     if path.suffix == ".plan" or path.suffix == ".engine":
-        from leptonc.targets.tensorrt import open_bare_engine
+        from leptonc.targets.backends.tensorrt import open_bare_engine
 
         runner = open_bare_engine(path)
     elif path.suffix == ".onnx":
         from leptonc.bundle import check_onnx_model, engine_load_errors
-        from leptonc.targets.onnxruntime import open_runner
+        from leptonc.targets.backends.onnxruntime import open_runner
 
         check_onnx_model(path)  # external data must stay beside the model; checked before ORT opens it
         provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
