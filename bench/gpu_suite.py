@@ -326,7 +326,7 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
             for clients in SERVE_CONCURRENCY:
                 result[f"concurrency_{clients}"] = suite.cli(
                     f"bench-serve {spec['name']} c{clients}", "bench-serve", url, "--concurrency", clients,
-                    "--requests", 4 * clients, "--prompt-len", 128, "--gen-len", 128, "--json", timeout=240)
+                    "--requests", 8 * clients, "--prompt-len", 128, "--gen-len", 128, "--json", timeout=240)
     finally:
         server.send_signal(signal.SIGTERM)  # a graceful stop: the server drains and exits 0
         try:
@@ -334,7 +334,7 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
-        suite.record["hooks"]["serve"] = result
+        suite.record["hooks"][f"serve {spec['name']}"] = result
         suite.save()
     script = REPO / "bench" / "serve_peer_ortgenai.py"
     if peer is None or spec["peer"] is None or not script.is_file():
@@ -342,7 +342,7 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
     for clients in SERVE_CONCURRENCY:
         rc, stdout = suite.step(f"serve peer {spec['name']} c{clients}", [
             sys.executable, script, "--peer-script", peer, spec["peer"], spec["precision"], "--concurrency", clients,
-            "--requests", 4 * clients, "--prompt-len", 128, "--gen-len", 128], timeout=240)
+            "--requests", 8 * clients, "--prompt-len", 128, "--gen-len", 128], timeout=240)
         lines = [line for line in stdout.splitlines() if line.startswith("{")]
         result[f"peer_concurrency_{clients}"] = json.loads(lines[-1]) if rc == 0 and lines else None
         suite.save()
@@ -418,15 +418,17 @@ def table(record: dict) -> str:
     for r in record.get("ttft", []):
         lines.append(f"| {r['bundle']} | {r['prompt']} | {r['batch']} | {r['leptonc_ms']} | {r['peer_best_ms'] or '-'}"
                      f" | {r['peer_over_leptonc'] or '-'} |")
-    serve = record.get("hooks", {}).get("serve")
-    if isinstance(serve, dict) and "bundle" in serve:
-        lines += ["", f"| serve {serve['bundle']}: clients | output tok/s | req/s | TTFT p50 / p99 ms | peer tok/s |",
-                  "| ---: | ---: | ---: | ---: | ---: |"]
-        for key, r in serve.items():
-            if key.startswith("concurrency_") and isinstance(r, dict):
-                peer = serve.get(f"peer_{key}") or {}
-                lines.append(f"| {key.split('_')[1]} | {r['output_tokens_per_s']} | {r['requests_per_s']} | "
-                             f"{r['ttft']['p50_ms']} / {r['ttft']['p99_ms']} | {peer.get('output_tokens_per_s', '-')} |")
+    for key, serve in record.get("hooks", {}).items():
+        if not (key.startswith("serve ") and isinstance(serve, dict) and "bundle" in serve):
+            continue
+        lines += ["", f"| serve {serve['bundle']}: clients | output tok/s | req/s | TTFT p50 / p99 ms | "
+                      "ITL p50 / p99 ms | peer tok/s |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for load, r in serve.items():
+            if load.startswith("concurrency_") and isinstance(r, dict):
+                peer = serve.get(f"peer_{load}") or {}
+                lines.append(f"| {load.split('_')[1]} | {r['output_tokens_per_s']} | {r['requests_per_s']} | "
+                             f"{r['ttft']['p50_ms']} / {r['ttft']['p99_ms']} | {r['itl']['p50_ms']} / {r['itl']['p99_ms']} | "
+                             f"{peer.get('output_tokens_per_s', '-')} |")
     greedy = record.get("greedy", {})
     if "kernel_tests" in record:
         lines += ["", f"kernel tests: {record['kernel_tests']['summary']}"]
@@ -462,12 +464,12 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
     if "kernels" in args.only and args.target != "cpu":
         out.append("kernels: python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs")
     bundle = specs[0]["path"] if specs else "-"
-    if "serve" in args.only:
-        out.append(f"serve: leptonc serve {bundle} --port FREE --no-verify, then leptonc bench-serve URL --concurrency C "
-                   f"--requests 4C --prompt-len 128 --gen-len 128 --json for C in {SERVE_CONCURRENCY} (where the CLI has it)")
-        if specs and specs[0]["peer"] and args.target != "cpu":
-            out.append(f"serve peer: bench/serve_peer_ortgenai.py --peer-script {peer} {specs[0]['peer']} "
-                       f"{specs[0]['precision']} --concurrency C --requests 4C (same C)")
+    for spec in [s for s in specs if s["peer"]] or specs[:1] if "serve" in args.only else ():
+        out.append(f"serve: leptonc serve {spec['path']} --port FREE --no-verify, then leptonc bench-serve URL "
+                   f"--concurrency C --requests 8C --prompt-len 128 --gen-len 128 --json for C in {SERVE_CONCURRENCY}")
+        if spec["peer"] and args.target != "cpu":
+            out.append(f"serve peer: bench/serve_peer_ortgenai.py --peer-script {peer} {spec['peer']} "
+                       f"{spec['precision']} --concurrency C --requests 8C (same C)")
     if "verify" in args.only:
         carried = args.verify_bundle or sorted((REPO / "out" / "xc").glob("*.lepton")) or [bundle]
         out.append(f"verify: leptonc verify BUNDLE --json for {', '.join(map(str, carried))} (where the CLI has it)")
@@ -553,8 +555,8 @@ def main(argv=None) -> int:
             peer_part(suite, spec, peer, False)
         if "verify" in args.only and ready:
             verify_part(suite, ready[0], args.verify_bundle or sorted((REPO / "out" / "xc").glob("*.lepton")))
-        if "serve" in args.only and ready:
-            serve_part(suite, ready[0], peer if args.target != "cpu" else None)
+        for spec in [s for s in ready if s["peer"]] or ready[:1] if "serve" in args.only else ():
+            serve_part(suite, spec, peer if args.target != "cpu" else None)  # every bundle the peer has a shape for
     finally:
         suite.save()
         print("\n" + table(suite.record), flush=True)
