@@ -88,8 +88,8 @@ def test_profiles_cover_prefill_and_decode_for_every_input():
 
 def test_all_tensorrt_options_through_the_cli(tmp_path):
     cache = tmp_path / "timing.cache"
-    proc = run_cli("compile", "tiny-llama", "--target", "a100", "--max-batch", "32", "--max-seq", "4096",
-                   "--opt-batch", "4", "--opt-seq", "512", "--sparsity", "2:4", "--timing-cache", cache,
+    proc = run_cli("compile", "tiny-llama", "--target", "a100", "--backend", "tensorrt", "--max-batch", "32",
+                   "--max-seq", "4096", "--opt-batch", "4", "--opt-seq", "512", "--sparsity", "2:4", "--timing-cache", cache,
                    "--hardware-compat", "ampere+", "--version-compatible", "--builder-opt-level", "5",
                    "--dry-run", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -178,18 +178,21 @@ def test_no_tensorrt_import_at_module_import():
 
 # ---- refusals ----------------------------------------------------------------------------------
 
+TRT = ["--backend", "tensorrt"]  # GPU targets default to --backend auto, which may pick ONNX Runtime
+
+
 @pytest.mark.parametrize("args, needle", [
-    (["--target", "h100", "--opt-batch", "32"], "--opt-batch 32 must be between 1 and --max-batch 16"),
-    (["--target", "h100", "--opt-seq", "0"], "--opt-seq 0"),
-    (["--target", "t4", "--sparsity", "2:4"], "2:4 sparse tensor cores need sm80+"),
-    (["--target", "h100", "--sparsity", "1:2"], "only structured sparsity"),
-    (["--target", "t4", "--hardware-compat", "ampere+"], "Ampere and newer"),
-    (["--target", "h100", "--hardware-compat", "any"], "use ampere+ or same-cc"),
-    (["--target", "h100", "--builder-opt-level", "7"], "0..5"),
-    (["--target", "h100", "--timing-cache", "/nonexistent-dir/x.cache"], "does not exist"),
+    (["--target", "h100", *TRT, "--opt-batch", "32"], "--opt-batch 32 must be between 1 and --max-batch 16"),
+    (["--target", "h100", *TRT, "--opt-seq", "0"], "--opt-seq 0"),
+    (["--target", "t4", *TRT, "--sparsity", "2:4"], "2:4 sparse tensor cores need sm80+"),
+    (["--target", "h100", *TRT, "--sparsity", "1:2"], "only structured sparsity"),
+    (["--target", "t4", *TRT, "--hardware-compat", "ampere+"], "Ampere and newer"),
+    (["--target", "h100", *TRT, "--hardware-compat", "any"], "use ampere+ or same-cc"),
+    (["--target", "h100", *TRT, "--builder-opt-level", "7"], "0..5"),
+    (["--target", "h100", *TRT, "--timing-cache", "/nonexistent-dir/x.cache"], "does not exist"),
     (["--target", "h100", "--backend", "onnxruntime", "--version-compatible"], "only applies to --backend tensorrt"),
     (["--target", "cpu", "--opt-batch", "2"], "only applies to --backend tensorrt"),
-    (["--target", "a100", "--bf16"], "--bf16 with --backend onnxruntime"),
+    (["--target", "a100", *TRT, "--bf16"], "--bf16 with --backend onnxruntime"),
 ])
 def test_bad_tensorrt_requests_exit_2(args, needle, capsys):
     """In-process through the CLI's entry point (the subprocess path is covered below)."""
@@ -203,7 +206,8 @@ def test_bad_tensorrt_requests_exit_2(args, needle, capsys):
 
 
 def test_bad_tensorrt_request_in_a_subprocess_exits_2():
-    proc = run_cli("compile", "tiny-llama", "--target", "t4", "--sparsity", "2:4", "--dry-run", "--json", timeout=300)
+    proc = run_cli("compile", "tiny-llama", "--target", "t4", "--backend", "tensorrt", "--sparsity", "2:4", "--dry-run",
+                   "--json", timeout=300)
     assert_clean_error(proc, 2)
     assert "2:4 sparse tensor cores need sm80+" in " ".join(proc.stderr.split())
 
@@ -211,7 +215,7 @@ def test_bad_tensorrt_request_in_a_subprocess_exits_2():
 @pytest.mark.skipif(_have_tensorrt(), reason="TensorRT is installed here: the compile would not stop at exit 5")
 def test_compile_without_tensorrt_exits_5(tmp_path):
     out = tmp_path / "tiny.h100.lepton"
-    proc = run_cli("compile", "tiny-llama", "--target", "h100", "-o", out, timeout=300)
+    proc = run_cli("compile", "tiny-llama", "--target", "h100", "--backend", "tensorrt", "-o", out, timeout=300)
     assert_clean_error(proc, 5)
     text = " ".join(proc.stderr.split())
     assert "TensorRT is not available here" in text and "--backend onnxruntime" in text and "pip install tensorrt" in text
