@@ -305,7 +305,28 @@ def read_manifest(path: Path, *, verify: bool = False) -> dict:
     if eos is not None and (not isinstance(eos, list) or len(eos) > 64
                             or not all(_is_int(e, 0, _IO_LIMITS["vocab_size"]) for e in eos)):
         raise _corrupt(mf, "model.eos_token_ids is not a short list of token ids")
+    _check_records(mf, manifest)
     return manifest
+
+
+def _check_records(mf: Path, manifest: dict) -> None:
+    """The build's records that `inspect` shows and a GPU's first load reads (source, verification, passes)."""
+    for key in ("source", "verification"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise _corrupt(mf, f"{key} is not an object")
+    v = manifest.get("verification") or {}
+    if v.get("status") is not None and not isinstance(v["status"], str):
+        raise _corrupt(mf, "verification.status is not a string")
+    err = v.get("max_abs_error")
+    if err is not None and (isinstance(err, bool) or not isinstance(err, (int, float))):
+        raise _corrupt(mf, "verification.max_abs_error is not a number")
+    if v.get("pending_gpu_checks") is not None and not isinstance(v["pending_gpu_checks"], list):
+        raise _corrupt(mf, "verification.pending_gpu_checks is not a list")
+    passes = manifest.get("passes")
+    if passes is not None and (not isinstance(passes, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("status"), str)
+            for p in passes)):
+        raise _corrupt(mf, "passes is not a list of pass records (name, status)")
 
 
 def _check_engine(mf: Path, engine: dict, files: dict) -> None:
