@@ -338,6 +338,9 @@ def _print_compile_report(bundle, report: dict) -> None:
                                 f"{v['top1_agreement']:.3f} ({v['prompts']} prompts, prefill + {v['decode_steps']} decode steps)")
     else:
         table.add_row("verify", f"{v.get('status', 'skipped')} ({v.get('reason', '')})")
+    for check in v.get("pending_gpu_checks") or []:  # cross-compiled: what the CPU could not run, and where it runs
+        table.add_row("gpu check", text(f"{check.get('name')} pending: {check.get('why')}; run `leptonc verify "
+                                        f"{bundle.path}` on a {m['target']['name']} with onnxruntime-gpu installed"))
     q = report.get("quantization")
     if q:  # quantization: the accuracy gate, the mode that ran, the layers that hurt most
         gate = q.get("accuracy_gate") or {}
