@@ -218,9 +218,10 @@ class CompileConfig:
             trt.check_for(target, precision, self.max_batch, self.max_sequence)
         elif trt.given():
             flags = trt.given()
+            why = "" if self.backend_choice == f"--backend {backend}" else f" (--backend auto: {self.backend_choice})"
             raise UnsupportedRequestError(f"{', '.join(flags)} only {'applies' if len(flags) == 1 else 'apply'} to "
-                                          f"--backend tensorrt (this compile uses {backend}); drop "
-                                          f"{'it' if len(flags) == 1 else 'them'} or pass --backend tensorrt")
+                                          f"--backend tensorrt; this compile uses {backend}{why}",
+                                          hint=f"drop {'it' if len(flags) == 1 else 'them'} or pass --backend tensorrt")
         object.__setattr__(self, "tensorrt", trt)
         kernels = _record(KernelOptions, self.kernels, "kernels")
         if kernels.changed() and not (target.is_gpu and backend == "onnxruntime"):

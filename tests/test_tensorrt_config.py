@@ -205,6 +205,20 @@ def test_bad_tensorrt_requests_exit_2(args, needle, capsys):
     assert "Traceback" not in err and needle in " ".join(err.split()), err
 
 
+@pytest.mark.skipif(_have_tensorrt(), reason="TensorRT is installed here: --backend auto picks it")
+def test_tensorrt_options_when_auto_picks_onnxruntime_exit_2(capsys):
+    """Without TensorRT, --backend auto builds a GPU target on ONNX Runtime: its TensorRT-only options are
+    refused, saying why that backend was chosen, not silently dropped."""
+    from leptonc.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["compile", "tiny-llama", "--target", "h100", "--opt-batch", "4", "--timing-cache", "tc", "--dry-run"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exc.value.code == 2, err
+    assert "--opt-batch, --timing-cache only apply to --backend tensorrt" in err
+    assert "--backend auto: TensorRT is not installed" in err and "pass --backend tensorrt" in err
+
+
 def test_bad_tensorrt_request_in_a_subprocess_exits_2():
     proc = run_cli("compile", "tiny-llama", "--target", "t4", "--backend", "tensorrt", "--sparsity", "2:4", "--dry-run",
                    "--json", timeout=300)
