@@ -64,7 +64,8 @@ def _tidy_metavars(command, ctx) -> None:
             param.metavar = param.name.upper()
             param.display_type_rich = lambda ctx: None  # the name says it; typer would add `<str>`
         else:
-            kind = str(param.display_type(ctx) or "").strip("<>")
+            display = getattr(param, "display_type", None)  # newer typer; older ones name the type only
+            kind = str((display(ctx) if display else getattr(param.type, "name", "")) or "").strip("<>")
             param.metavar = _KINDS.get(kind.lower(), kind.upper() or "VALUE")
 
 

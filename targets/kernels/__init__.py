@@ -128,7 +128,10 @@ class CudaToolkit:
         return [root] + sorted(p for p in root.parent.iterdir() if p.is_dir() and p != root)
 
     def include_dirs(self) -> list[Path]:
-        roots = [self.root, self.root / "targets" / "x86_64-linux", *self._wheel_roots()]
+        # A wheel's headers may sit in another site-packages of the same `nvidia` namespace (a virtual environment
+        # layered on one that already has nvidia-cuda-runtime, say): every nvidia/cuNN of nvcc's CUDA major counts.
+        same_major = [r for r in _cuda_wheel_roots() if r.name == self.root.name] if self._wheel_roots() else []
+        roots = [self.root, self.root / "targets" / "x86_64-linux", *self._wheel_roots(), *same_major]
         return list(dict.fromkeys(r / "include" for r in roots if (r / "include").is_dir()))
 
     def lib_dirs(self) -> list[Path]:
