@@ -510,22 +510,36 @@ def verify_files(path: Path, manifest: dict) -> None:
 
 
 def check_toolchain(manifest: dict) -> None:
-    """Refuse a bundle whose engine needs a newer runtime than this one."""
+    """Refuse a bundle whose engine needs a newer runtime than the one that will run it here.
+
+    The runtime is the onnxruntime module this process imports (onnxruntime-gpu for GPU bundles, whose distribution
+    can sit beside a CPU onnxruntime), compared with the same kind of runtime that built the bundle. A GPU bundle
+    cross-compiled on a CPU-only machine was built by no onnxruntime-gpu: nothing to compare (ONNX Runtime still
+    refuses opsets it does not know when it loads the model, and the GPU check runs at first load)."""
     built = manifest["toolchain"]
     backend = manifest["backend"]
     if backend == "onnxruntime":
-        have = toolchain_versions(backend)
-        for dist in ("onnxruntime", "onnxruntime-gpu"):
-            if dist in built and (dist in have or "onnxruntime" in have):
-                mine = have.get(dist) or have.get("onnxruntime")
-                if _ver(mine)[:2] < _ver(str(built[dist]))[:2]:
-                    raise BundleError(
-                        f"bundle was built with {dist} {built[dist]}; this machine has {mine}, which may lack its operators",
-                        hint=f"pip install '{dist}>={built[dist]}', or recompile the bundle here")
+        target = manifest.get("target")
+        gpu = (target.get("name") if isinstance(target, dict) else target) not in (None, "cpu")
+        dist = "onnxruntime-gpu" if gpu else "onnxruntime"
+        if dist in built:
+            mine = _runtime_version()
+            if mine and _ver(mine)[:2] < _ver(str(built[dist]))[:2]:
+                raise BundleError(
+                    f"bundle was built with {dist} {built[dist]}; this machine runs onnxruntime {mine}, which may lack its operators",
+                    hint=f"pip install '{dist}>={built[dist]}', or recompile the bundle here")
     elif backend == "tensorrt":
         from leptonc.targets.backends.tensorrt import check_engine_toolchain
 
         check_engine_toolchain(manifest)
+
+
+def _runtime_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return getattr(onnxruntime, "__version__", None)
 
 
 def _ver(v: str) -> tuple[int, ...]:
