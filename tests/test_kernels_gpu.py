@@ -195,7 +195,9 @@ def test_matmul_f16_matches_float64_at_every_batch(ort, library, case, norm):
     out_n = n // 2 if act else n
     inputs = [helper.make_tensor_value_info("x", f16, ["M", k])]
     outputs = [helper.make_tensor_value_info("y", f16, ["M", out_n])]
-    inits = [numpy_helper.from_array(w, "w")]
+    # gate = rows 0..F-1, up = F..2F-1 (the reference's halves); the kernel takes them in (gate, up) pairs
+    w_kernel = np.stack([w[: n // 2], w[n // 2:]], axis=1).reshape(n, k) if act else w
+    inits = [numpy_helper.from_array(w_kernel, "w")]
     if norm:
         inputs.append(helper.make_tensor_value_info("skip", f16, ["M", k]))
         outputs.append(helper.make_tensor_value_info("sum", f16, ["M", k]))
@@ -230,8 +232,8 @@ def _attention_sessions(ort, library: str, h: int, kvh: int, d: int, cos, sin):
     from leptonc.passes.use_kernels import use_leptonc_kernels
 
     graph = gqa_graph(h, kvh, d, cos, sin)
-    result = use_leptonc_kernels(graph, PassContext(backend="onnxruntime", precision="fp16", options={
-        "cuda_kernels": {"file": "libleptonc_cuda.so", "arch": "sm_90"}, "attention_kernel": True}))
+    result = use_leptonc_kernels(graph, PassContext(backend="onnxruntime", precision="fp16",
+                                                    kernel_library={"file": "libleptonc_cuda.so", "arch": "sm_90"}))
     assert result.applied and graph.nodes[0].op == "CachedAttention", result.detail
     model = gs.export_onnx(graph)
     model.ir_version = 8
