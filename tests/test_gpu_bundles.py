@@ -137,3 +137,21 @@ def test_gpu_check_records_a_pass_and_refuses_a_failure_with_exit_6(h100_bundle,
 def test_no_verify_skips_the_gpu_check(h100_bundle):
     bundle = load_bundle(h100_bundle, verify=False)
     assert bundle.verified is False  # open_bundle_runner runs the GPU check only for verified loads
+
+
+def test_toolchain_check_compares_the_runtime_that_runs_the_graph(monkeypatch):
+    """A GPU bundle cross-compiled on a CPU machine records that machine's CPU onnxruntime, which never runs it: the
+    GPU machine's onnxruntime-gpu (here an older minor) must accept it, while a bundle built by a newer
+    onnxruntime-gpu, or a CPU bundle built by a newer onnxruntime, is refused with exit 7."""
+    from leptonc import bundle
+    from leptonc.errors import BundleError
+
+    monkeypatch.setattr(bundle, "_runtime_version", lambda: "1.31.1")
+    h100 = {"backend": "onnxruntime", "target": {"name": "h100"}}
+    bundle.check_toolchain({**h100, "toolchain": {"onnxruntime": "1.32.0"}})  # cross-compiled: accepted
+    bundle.check_toolchain({**h100, "toolchain": {"onnxruntime-gpu": "1.31.0"}})
+    for manifest in ({**h100, "toolchain": {"onnxruntime-gpu": "1.32.0"}},
+                     {"backend": "onnxruntime", "target": {"name": "cpu"}, "toolchain": {"onnxruntime": "1.32.0"}}):
+        with pytest.raises(BundleError) as err:
+            bundle.check_toolchain(manifest)
+        assert err.value.exit_code == 7 and "1.32.0" in str(err.value)
