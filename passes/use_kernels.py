@@ -41,8 +41,8 @@
            the rotary, the cache append and the attention in one decode kernel (two with split keys) instead
            of ONNX Runtime's three to five; prefill on tensor cores. On by default since it
            ran on the H100 (2026-11-23): the same greedy tokens, smollm2-135m fp16 1,217-1,235 tok/s at
-           batch 1 against 1,097-1,145 with GroupQueryAttention in one call. LEPTONC_ATTENTION_KERNEL=0 at
-           compile keeps GroupQueryAttention (targets/backends/onnxruntime.py).
+           batch 1 against 1,097-1,145 with GroupQueryAttention in one call. `--no-attention-kernel` at
+           compile (KernelOptions.attention_kernel) keeps GroupQueryAttention.
 
     seqlens_k = Cast(Sub(ReduceSum(attention_mask), 1), int32) feeding CachedAttention
         -> ai.leptonc.MaskLengths(attention_mask): one kernel for three at the start of every step. It launches

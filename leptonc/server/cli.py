@@ -8,12 +8,13 @@ import logging
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from leptonc.console import emit_json, err, out, plain
-from leptonc.errors import InputError
+from leptonc.errors import InputError, UnsupportedRequestError
 
 
 class _JsonLogFormatter(logging.Formatter):
@@ -35,6 +36,22 @@ def _log_config(json_logs: bool) -> dict:
                         for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "leptonc.serve")}}
 
 
+def _read_key(key: str | None, key_file: Path | None) -> str | None:
+    """The API key from --api-key or --api-key-file (one of them), its surrounding whitespace stripped."""
+    if key_file is None:
+        return key
+    if key:
+        raise UnsupportedRequestError("give --api-key or --api-key-file, not both")
+    try:
+        text = key_file.read_text().strip()
+    except OSError as exc:
+        raise UnsupportedRequestError(f"--api-key-file {key_file}: {exc.strerror or exc}",
+                                      hint="name a readable file that holds the key") from None
+    if not text:
+        raise UnsupportedRequestError(f"--api-key-file {key_file} is empty", hint="write the key into it")
+    return text
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -54,8 +71,9 @@ def serve(
     bundle: str = typer.Argument(..., help="A .lepton bundle directory."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, "--port", help="TCP port (0: a free one, printed when ready)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LEPTONC_API_KEY",
-                                          help="Require 'Authorization: Bearer KEY' on /v1/* (or set LEPTONC_API_KEY)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the key from this file (a mounted "
+                                                "secret), so it does not appear in the process list."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait beyond the slots; past it: 429."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to finish on SIGTERM."),
     max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body accepted (413 beyond)."),
@@ -70,6 +88,7 @@ def serve(
     from leptonc.runtime.batching import BatchingEngine, EngineConfig
     from leptonc.server.app import ServerSettings, create_app
 
+    api_key = _read_key(api_key, api_key_file)
     settings = ServerSettings(api_key=api_key or None, max_body_bytes=max_body_kb * 1024, grace_s=grace)
     config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk)
     sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
@@ -105,7 +124,8 @@ def bench_serve(
     prompt_len: int = typer.Option(128, "--prompt-len", help="Prompt tokens per request."),
     gen_len: int = typer.Option(128, "--gen-len", help="Tokens generated per request (end-of-sequence ignored)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name (default: the server's first)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LEPTONC_API_KEY", help="Bearer key."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer key."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the bearer key from this file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompts and arrivals."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
 ) -> None:
@@ -117,7 +137,7 @@ def bench_serve(
     if concurrency is None and rate is None:
         concurrency = 8
     cfg = LoadConfig(url=url, requests=requests, concurrency=concurrency, rate=rate, prompt_len=prompt_len,
-                     gen_len=gen_len, model=model, api_key=api_key, seed=seed)
+                     gen_len=gen_len, model=model, api_key=_read_key(api_key, api_key_file), seed=seed)
     try:
         report = run_load(cfg)
     except OSError as exc:

@@ -15,9 +15,9 @@ gets the SwiGLU epilogue (`activation` 1), so the Split, QuickGelu and Mul kerne
 LM head), weights stored [N, K]: one row of A streams them in 16-byte loads (`f16_gemv`), more rows go
 to cuBLAS; the same SwiGLU epilogue. `ai.leptonc.SwiGLU` is the epilogue alone, for a product computed
 at run time. `ai.leptonc.NormMatMulF16` is MatMulF16 with the SkipSimplifiedLayerNormalization in front
-folded in (on by default, LEPTONC_NORM_PROLOGUE=0 keeps the norm apart; see below).
+folded in (on by default; `--no-norm-prologue`, KernelOptions.norm_prologue, keeps the norm apart).
 `ai.leptonc.NormMatMulNBitsTiled` is the same fold in front of MatMulNBitsTiled (on by default,
-LEPTONC_NORM_PROLOGUE_NBITS=0 at compile keeps the norm apart: llama-1b-shape int4 at batch 1 went 1,430 -> 1,442
+`--no-norm-prologue-nbits` at compile keeps the norm apart: llama-1b-shape int4 at batch 1 went 1,430 -> 1,442
 tok/s on the H100 with the same greedy tokens (2026-11-24); it had measured slower before the o product ahead of
 gate|up could overlap it).
 
@@ -29,11 +29,11 @@ tokens; with the int4 norm fold, llama-1b-shape int4 went to 1.621-1.626x fp16 a
 `ai.leptonc.CachedAttention` (attention.cuh) replaces GroupQueryAttention in the GPU form: rotary, cache
 append and attention in one decode kernel; prefill on tensor cores. On the H100 (2026-11-23): correct against
 float64 and ONNX Runtime's op, the same greedy tokens, smollm2-135m fp16 1,217-1,235 tok/s at batch 1
-against 1,097-1,145 with GroupQueryAttention in one call; on by default (LEPTONC_ATTENTION_KERNEL=0 keeps
+against 1,097-1,145 with GroupQueryAttention in one call; on by default (`--no-attention-kernel` keeps
 GroupQueryAttention).
 
 When a bundle runs on sm_90 or later, the library launches the decode kernels with programmatic dependent launch
-(common.cuh; LEPTONC_PDL=0 turns it off). One-row fp16 products choose rows a warp group and warps along K by shape
+(common.cuh). One-row fp16 products choose rows a warp group and warps along K by shape
 (f16_plan, from a sweep on the H100). On the H100 (2026-11-23), with the norms
 folded, a decode layer runs only these kernels, and each launch overlaps the one before. llama-1b-shape fp16 gained
 +5% at batch 1 in one call and 1.5% on average in the next; smollm2 gained 9%. The greedy tokens were the same.
@@ -44,7 +44,7 @@ fp16 1,024 against 910, in one call, the same greedy tokens.
 MatMulNBitsTiled (H100, 2026-11-23): correct (relative error <= 7e-4 against a float64 reference).
 llama-1b-shape int4 with it: 1,035 and 985 tok/s at batch 1 in two calls (1.62x and 1.59x fp16 in the
 same call) and 7,700 and 7,209 at batch 16 (1.20x and 1.17x). smollm2-135m int4: 1,130 and 12,637 tok/s against 861 and 6,949 with ONNX Runtime's
-kernel, the same greedy tokens. The lowering is on by default for GPU targets (LEPTONC_CUDA_KERNELS=0 or
+kernel, the same greedy tokens. The lowering is on by default for GPU targets (`--no-cuda-kernels` or
 `--disable-pass use_leptonc_kernels` turns it off).
 
 Building needs, on the compiling machine (no GPU needed there: a CPU-only CI runner cross-compiles):
