@@ -103,18 +103,27 @@ def _root(
 
 @app.command()
 def targets(as_json: bool = typer.Option(False, "--json", help="Print JSON for CI.")) -> None:
-    """List hardware targets: compute capability, native precisions, memory, default backend."""
+    """List hardware targets: compute capability, native precisions, memory, and the backend a compile uses here."""
+    import importlib.util
+
     from leptonc.targets import TARGETS
 
+    # --backend auto: TensorRT where it is installed (found without importing it), otherwise ONNX Runtime
+    tensorrt_here = importlib.util.find_spec("tensorrt") is not None
+
+    def backend_here(t) -> str:
+        return t.default_backend if t.default_backend != "tensorrt" or tensorrt_here else "onnxruntime"
+
     if as_json:
-        emit_json({"targets": [t.to_dict() for t in TARGETS.values()]})
+        emit_json({"targets": [{**t.to_dict(), "backend_here": backend_here(t)} for t in TARGETS.values()]})
         return
-    table = Table(title="leptonc targets")
-    for col in ("target", "device", "compute", "native precisions", "simulated", "memory", "default backend"):
+    table = Table(title="leptonc targets", caption=None if tensorrt_here else
+                  "backend here: --backend auto picks ONNX Runtime where TensorRT is not installed")
+    for col in ("target", "device", "compute", "native precisions", "simulated", "memory", "backend here"):
         table.add_column(col)
     for t in TARGETS.values():
         table.add_row(t.name, t.description, t.sm, ", ".join(t.native), ", ".join(t.simulated) or "-",
-                      f"{t.memory_gb:g} GB" if t.memory_gb else "host", t.default_backend)
+                      f"{t.memory_gb:g} GB" if t.memory_gb else "host", backend_here(t))
     out.print(table)
 
 
