@@ -175,7 +175,8 @@ def qdq_group(members: list[Linear], group, s, x: gs.Tensor, fmt: str, tag: str,
               shared_head: dict, counts: dict, *, quantize_act, dequantize_weight, dequantize_act) -> None:
     """One calibrated group's W8A8 Q/DQ (int8 or fp8): the shared input quantized once per tensor, each
     member's weight per output channel, both dequantized into its MatMul/Gemm. The backend supplies how
-    a Q/DQ node is written (ONNX Runtime: fp32 scales; TensorRT: scales in the graph's float type):
+    a Q/DQ node is written (ONNX Runtime: uint8 activations; TensorRT: symmetric; both with scales in the
+    graph's float type):
     quantize_act(x, scale, tag), dequantize_weight(lin, codes, scales), dequantize_act(q, scale, name)."""
     from leptonc.calibration.scales import fake_quant_fp8, fake_quant_int8, scale_from_amax
 

@@ -3,9 +3,11 @@
   int8 W8A8 (`--int8`, the default int8 mode): SmoothQuant factors folded into the preceding norm
       (or a Mul), activations per-tensor static uint8 (zero point 128, range from the observer),
       weights per-channel symmetric int8. ONNX Runtime's CPU optimizer turns DQ -> MatMul <- DQ into
-      integer kernels (MatMulIntegerToFloat). The tied embedding / LM head run 8-bit weight-only
-      (GatherBlockQuantized + MatMulNBits on one copy of the codes): a QDQ head would need its own
-      transposed int8 copy of the 28M-parameter matrix.
+      integer kernels (MatMulIntegerToFloat). Scales carry the graph's float type: on GPU targets (fp16
+      export) they are fp16, so the DequantizeLinear outputs are fp16 like the activations, and the graph
+      is raised to opset 19 (QuantizeLinear takes fp16 input from 19 on; ONNX Runtime refuses it before).
+      The tied embedding / LM head run 8-bit weight-only (GatherBlockQuantized + MatMulNBits on one copy
+      of the codes): a QDQ head would need its own transposed int8 copy of the 28M-parameter matrix.
   fp8 (`--fp8`): weights float8 E4M3FN per channel, activations float8 E4M3FN per tensor, as Q/DQ
       (opset 19, where float8 Q/DQ exist). ONNX Runtime's CPU provider runs these ops but has no FP8
       matrix kernels: the MatMuls run in fp32 on dequantized values, so this is simulated
@@ -27,6 +29,7 @@ from leptonc.passes.quantize_common import HEAD_BITS, HEAD_BLOCK, Linear, apply_
 from leptonc.passes.registry import PassResult
 
 FP8_OPSET = 19
+FP16_QDQ_OPSET = 19  # QuantizeLinear of fp16 input, DequantizeLinear to fp16 (fp16 scales); opset 13 takes fp32 only
 
 
 def smooth_only(graph: gs.Graph, ctx) -> PassResult:
@@ -44,6 +47,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
     planned = plan_groups(graph, settings, stats, report)
     counts["kept_fp"] = len(report["kept_fp"])
     shared_head = {}
+    fp16_qdq = False  # Q/DQ with fp16 scales (an fp16 graph): they need opset 19
     for members, group in planned:
         names = [m.label for m in members]
         is_head = any(m.kind == "gemm" for m in members)
@@ -69,6 +73,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
         s = group.prescale
         x = members[0].x
         tag = members[0].name.replace(".weight", "")
+        ftype = np.dtype(members[0].weight.values.dtype)  # the graph's float type: fp16 on GPUs, fp32 on the CPU
         if s is not None:
             x, how = apply_prescale(graph, x, s, tag, [m.node for m in members])
             counts["smooth_folded" if how == "folded" else "smooth_mul"] += 1
@@ -79,9 +84,10 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
                     (ws.T if lin.kind == "matmul" else ws).astype(lin.weight.values.dtype)))
             continue
         qdq_group(members, group, s, x, fmt, tag, settings, report, shared_head, counts,
-                  quantize_act=lambda v, sc, t: _quantize_activation(graph, v, sc, fmt, t),
-                  dequantize_weight=lambda lin, c, sc: _dequantize_weight(graph, lin, c, sc, fmt),
-                  dequantize_act=lambda q, sc, n: _dequantize(graph, q, sc, fmt, n))
+                  quantize_act=lambda v, sc, t: _quantize_activation(graph, v, sc, fmt, ftype, t),
+                  dequantize_weight=lambda lin, c, sc: _dequantize_weight(graph, lin, c, sc, fmt, ftype),
+                  dequantize_act=lambda q, sc, n: _dequantize(graph, q, sc, fmt, ftype, n))
+        fp16_qdq = fp16_qdq or ftype == np.float16
 
     if not rounding:
         return PassResult(True, f"smoothed {counts['smooth_folded'] + counts['smooth_mul']} groups (no rounding)", counts)
@@ -101,6 +107,10 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
         upgraded = to_opset(graph, FP8_OPSET)
         report["notes"].append(f"fp8: graph opset raised to {FP8_OPSET} for float8 Q/DQ ({upgraded} Reduce nodes "
                                "moved axes to an input); simulated on the CPU (fp32 MatMuls on dequantized values)")
+    elif fp16_qdq:
+        upgraded = to_opset(graph, FP16_QDQ_OPSET)
+        report["notes"].append(f"int8: graph opset raised to {FP16_QDQ_OPSET} for Q/DQ with fp16 scales on the fp16 "
+                               f"graph ({upgraded} Reduce nodes moved axes to an input)")
     parts = [f"{counts['qdq_matmul']} MatMul with {fmt} Q/DQ (activations per-tensor static, weights per-channel)"]
     parts.append(smoothquant_detail(settings, fmt, counts))
     if counts["head_nbits"]:
@@ -118,31 +128,34 @@ def _zero_point(fmt: str, name: str) -> gs.Constant:
     return gs.Constant(name, to_fp8(np.zeros((), np.float32)))
 
 
-def _quantize_activation(graph: gs.Graph, x: gs.Tensor, scale: np.ndarray, fmt: str, tag: str) -> gs.Tensor:
+def _quantize_activation(graph: gs.Graph, x: gs.Tensor, scale: np.ndarray, fmt: str, ftype, tag: str) -> gs.Tensor:
+    """Scales carry the float type of `x` (QuantizeLinear's x and y_scale share one type)."""
     q = gs.Variable(f"{x.name}/q_{tag}")
     graph.nodes.append(gs.Node("QuantizeLinear", f"{tag}/quantize_x",
-                               inputs=[x, gs.Constant(f"{tag}/x_scale", np.asarray(scale, np.float32).reshape(())),
+                               inputs=[x, gs.Constant(f"{tag}/x_scale", np.asarray(scale, ftype).reshape(())),
                                        _zero_point(fmt, f"{tag}/x_zero_point")], outputs=[q]))
     return q
 
 
-def _dequantize(graph: gs.Graph, q: gs.Tensor, scale: np.ndarray, fmt: str, name: str) -> gs.Tensor:
-    out = gs.Variable(f"{name}/out", dtype=np.float32)
+def _dequantize(graph: gs.Graph, q: gs.Tensor, scale: np.ndarray, fmt: str, ftype, name: str) -> gs.Tensor:
+    out = gs.Variable(f"{name}/out", dtype=ftype)  # DequantizeLinear's output has its scale's type
     graph.nodes.append(gs.Node("DequantizeLinear", name,
-                               inputs=[q, gs.Constant(f"{name}/scale", np.asarray(scale, np.float32).reshape(())),
+                               inputs=[q, gs.Constant(f"{name}/scale", np.asarray(scale, ftype).reshape(())),
                                        _zero_point(fmt, f"{name}/zero_point")], outputs=[out]))
     return out
 
 
-def _dequantize_weight(graph: gs.Graph, lin: Linear, codes_oi: np.ndarray, scales: np.ndarray, fmt: str) -> gs.Tensor:
-    """DequantizeLinear of the weight in the layout its node reads ([K, N] for MatMul, axis 1)."""
+def _dequantize_weight(graph: gs.Graph, lin: Linear, codes_oi: np.ndarray, scales: np.ndarray, fmt: str,
+                       ftype) -> gs.Tensor:
+    """DequantizeLinear of the weight in the layout its node reads ([K, N] for MatMul, axis 1), to the
+    float type the node reads."""
     name = lin.weight.name
     codes, axis = (codes_oi.T, 1) if lin.kind == "matmul" else (codes_oi, 0)
     zero = np.zeros(scales.shape, np.int8) if fmt == "int8" else to_fp8(np.zeros(scales.shape, np.float32))
-    out = gs.Variable(f"{name}/dequantized", dtype=np.float32)
+    out = gs.Variable(f"{name}/dequantized", dtype=ftype)
     graph.nodes.append(gs.Node("DequantizeLinear", f"{name}/dequantize", attrs={"axis": axis},
                                inputs=[gs.Constant(f"{name}/{fmt}", np.ascontiguousarray(codes)),
-                                       gs.Constant(f"{name}/w_scale", scales.astype(np.float32)),
+                                       gs.Constant(f"{name}/w_scale", scales.astype(ftype)),
                                        gs.Constant(f"{name}/w_zero_point", zero)], outputs=[out]))
     return out
 

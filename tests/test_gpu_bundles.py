@@ -49,6 +49,12 @@ def test_a100_int8_compiles_with_the_default_backend(tmp_path):
     manifest = json.loads((tmp_path / "a100.lepton" / "manifest.json").read_text())
     assert manifest["backend"] == "onnxruntime" and "TensorRT is not installed" in manifest["backend_choice"]
     assert manifest["config"]["backend_choice"] == manifest["backend_choice"]
+    # the fp16 graph's Q/DQ (fp16 scales, opset 19) load on ONNX Runtime's CPU provider: the accuracy gate and
+    # the verification ran here on the graph before use_leptonc_kernels, not deferred to a GPU
+    verification = manifest["verification"]
+    assert verification["accuracy_gate"]["status"] == "passed", verification["accuracy_gate"]
+    assert verification["status"] != "pending_gpu" and verification["scope"].startswith("cpu: the graph before")
+    assert "pending_gpu" not in said and "cannot run it" not in said
 
 
 @no_tensorrt

@@ -82,6 +82,39 @@ def test_format_compiles_with_native_ops_sqnr_floor_and_gate(tmp_path, cache, fm
         assert any("AWQ scales folded" in p["detail"] for p in manifest["passes"])
 
 
+def test_fp16_gpu_int8_qdq_is_opset_19_with_fp16_scales_and_runs_on_the_cpu(tmp_path, cache):
+    """A GPU target's fp16 graph: Q/DQ of fp16 activations need fp16 scales and opset 19 (before 19,
+    QuantizeLinear takes float32 only and ONNX Runtime refuses the model). The graph before the lowering to
+    leptonc's CUDA kernels is the bundle's here: it passes ONNX's full check, ONNX Runtime's CPU provider
+    loads it, and the cross-compile's accuracy gate runs on it instead of waiting for a GPU."""
+    import onnx
+    import onnxruntime as ort
+
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+
+    bundle = compile_model(CompileConfig(source="tiny-llama", target="a100", backend="onnxruntime", precision="int8",
+                                         output=str(tmp_path / "a100-int8.lepton"), quantization=SMALL,
+                                         disabled_passes=("use_leptonc_kernels",)))
+    assert bundle.report()["export"]["dtype"] == "fp16"
+    model = onnx.load(str(bundle.model_path))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 19
+    scales = {i.name: i.data_type for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) == 8 * 3 and all(scales[n.input[1]] == onnx.TensorProto.FLOAT16 for n in qdq)
+    for node in model.graph.node:  # ONNX Runtime's op in the default domain, unknown to onnx's checker
+        if node.op_type == "SimplifiedLayerNormalization":
+            node.domain = "com.microsoft"
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    assert {i.name: i.type for i in session.get_outputs()}["logits"] == "tensor(float)"
+    gate = bundle.manifest["verification"]["accuracy_gate"]
+    assert gate["status"] == "passed" and gate["scored_tokens"] >= 500, gate
+    assert bundle.manifest["verification"]["status"] != "pending_gpu"
+    notes = bundle.report()["quantization"]["notes"]
+    assert any("opset raised to 19 for Q/DQ with fp16 scales" in n for n in notes), notes
+
+
 def test_keep_fp_keeps_matching_layers_including_merged_projections(tmp_path, cache):
     bundle = _compile(tmp_path, "keep", "int4", {"int4_method": "rtn", "keep_fp": ["layers.0.*", "lm_head"]})
     q = bundle.report()["quantization"]
