@@ -23,7 +23,7 @@ def _open(path: str, tokenizer_dir: Optional[str], verify: bool, device: Optiona
     from leptonc.bundle import load_bundle
     from leptonc.runtime import open_bundle_runner
     from leptonc.runtime.engine_settings import parse_engine_options
-    from leptonc.runtime.tokenizer import load_tokenizer
+    from leptonc.runtime.tokenizer import eos_ids, load_tokenizer
 
     overrides = parse_engine_options(engine_options)
     p = Path(path)
@@ -42,10 +42,7 @@ def _open(path: str, tokenizer_dir: Optional[str], verify: bool, device: Optiona
 
     with engine_load_errors(bundle.model_path):  # a corrupt engine is a bad bundle (exit 7), not a crash
         runner = open_bundle_runner(bundle, device, overrides)
-    eos = tuple(bundle.manifest.get("model", {}).get("eos_token_ids") or ())
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        eos = tuple(dict.fromkeys((*eos, tokenizer.eos_token_id)))
-    return runner, tokenizer, eos, bundle
+    return runner, tokenizer, eos_ids(tokenizer, bundle.manifest), bundle
 
 
 def _check_cuda_provider() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from leptonc.errors import InputError
 from leptonc.graph_contract import INPUT_IDS, LOGITS, cache_layers, past_key
 from leptonc.inspect import onnx_summary
-from leptonc.runtime.tokenizer import load_tokenizer
+from leptonc.runtime.tokenizer import eos_ids, load_tokenizer
 
 
 def io_from_onnx(path: Path) -> dict:
@@ -46,5 +46,4 @@ def open_bare(path: Path, tokenizer_dir: str | None, device: str | None = None):
             runner = open_runner(path, engine, limits, device)
     else:
         raise InputError(f"{path}: unknown model file type; give an .onnx model or a TensorRT .plan engine")
-    eos = (tokenizer.eos_token_id,) if getattr(tokenizer, "eos_token_id", None) is not None else ()
-    return runner, tokenizer, eos, None
+    return runner, tokenizer, eos_ids(tokenizer), None

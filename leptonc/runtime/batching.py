@@ -39,9 +39,24 @@ import numpy as np
 from leptonc.errors import InputError, LeptonError
 from leptonc.runtime.generate import SamplingConfig, sample
 from leptonc.runtime.slots import KvSlots, open_kv_slots
-from leptonc.runtime.tokenizer import load_tokenizer
+from leptonc.runtime.tokenizer import eos_ids, load_tokenizer
 
 FINISH_REASONS = ("stop", "length", "eos", "cancelled", "error")
+
+# The engine's own series as `leptonc serve`'s /metrics and the Triton model export them, so one dashboard reads
+# both: (key of BatchingEngine.metrics(), Prometheus name (a counter's gains "_total" when exposed), kind, help).
+ENGINE_SERIES = (
+    ("running", "leptonc_requests_running", "gauge", "Sequences holding a KV slot (prefilling or decoding)."),
+    ("queued", "leptonc_requests_queued", "gauge", "Requests waiting for a KV slot."),
+    ("slots_used", "leptonc_kv_slots_used", "gauge", "KV cache slots in use."),
+    ("slots_total", "leptonc_kv_slots", "gauge", "KV cache slots in all (the bundle's max batch)."),
+    ("prompt_tokens_total", "leptonc_prompt_tokens", "counter", "Prompt tokens prefilled."),
+    ("generated_tokens_total", "leptonc_generation_tokens", "counter",
+     "Tokens generated (end-of-sequence not counted)."),
+    ("rejected_queue_full_total", "leptonc_rejected_queue_full", "counter",
+     "Requests refused: every slot busy and the queue full."),
+)
+FINISHED_SERIES = ("finished_total", "leptonc_sequences_finished", "Sequences ended, by reason.")  # label: reason
 
 
 class QueueFullError(LeptonError):
@@ -289,9 +304,7 @@ class BatchingEngine:
         config = config or EngineConfig()
         bundle = load_bundle(Path(path), verify=config.verify)
         tokenizer = load_tokenizer(Path(config.tokenizer_dir) if config.tokenizer_dir else bundle.tokenizer_dir)
-        eos = tuple(bundle.manifest.get("model", {}).get("eos_token_ids") or ())
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            eos = tuple(dict.fromkeys((*eos, tokenizer.eos_token_id)))
+        eos = eos_ids(tokenizer, bundle.manifest)
         with engine_load_errors(bundle.model_path):  # a corrupt engine is a bad bundle (exit 7), not a crash
             slots = open_kv_slots(bundle, config.device, config.num_slots)
             if config.verify:  # one prompt token and one step through the graph before anyone is told "ready"
@@ -522,5 +535,5 @@ class BatchingEngine:
                 self._release(request)
 
 
-__all__ = ["BatchingEngine", "EngineConfig", "EngineStoppedError", "Event", "QueueFullError", "Request",
-           "SamplingParams"]
+__all__ = ["BatchingEngine", "ENGINE_SERIES", "EngineConfig", "EngineStoppedError", "Event", "FINISHED_SERIES",
+           "QueueFullError", "Request", "SamplingParams"]

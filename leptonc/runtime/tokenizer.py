@@ -17,3 +17,12 @@ def load_tokenizer(directory: Optional[Path]):
         return AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as exc:
         raise InputError(f"could not load the tokenizer in {directory}: {exc}") from None
+
+
+def eos_ids(tokenizer, manifest: Optional[dict] = None) -> tuple[int, ...]:
+    """The tokens that end a sequence: the bundle's recorded end-of-sequence ids (its model's generation config),
+    then the tokenizer's own, once each."""
+    eos = tuple((manifest or {}).get("model", {}).get("eos_token_ids") or ())
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos = tuple(dict.fromkeys((*eos, tokenizer.eos_token_id)))
+    return eos

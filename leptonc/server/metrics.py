@@ -11,6 +11,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from leptonc.runtime.batching import ENGINE_SERIES, FINISHED_SERIES
+
 # Seconds. TTFT spans a CPU prefill of a long prompt; ITL a GPU step (a millisecond) to a loaded CPU step.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -25,17 +27,12 @@ class _EngineCollector:
 
     def collect(self):
         m = self.engine.metrics()
-        yield GaugeMetricFamily("leptonc_requests_running", "Sequences holding a KV slot (prefilling or decoding).",
-                                value=m["running"])
-        yield GaugeMetricFamily("leptonc_requests_queued", "Requests waiting for a KV slot.", value=m["queued"])
-        yield GaugeMetricFamily("leptonc_kv_slots_used", "KV cache slots in use.", value=m["slots_used"])
-        yield GaugeMetricFamily("leptonc_kv_slots", "KV cache slots in all (the bundle's max batch).",
-                                value=m["slots_total"])
-        yield CounterMetricFamily("leptonc_prompt_tokens", "Prompt tokens prefilled.", value=m["prompt_tokens_total"])
-        yield CounterMetricFamily("leptonc_generation_tokens", "Tokens generated (end-of-sequence not counted).",
-                                  value=m["generated_tokens_total"])
-        finished = CounterMetricFamily("leptonc_sequences_finished", "Sequences ended, by reason.", labels=["reason"])
-        for reason, count in m["finished_total"].items():
+        for key, name, kind, description in ENGINE_SERIES:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, description, value=m[key])
+        key, name, description = FINISHED_SERIES
+        finished = CounterMetricFamily(name, description, labels=["reason"])
+        for reason, count in m[key].items():
             finished.add_metric([reason], count)
         yield finished
 
