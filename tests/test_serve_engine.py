@@ -148,3 +148,30 @@ def test_block_slots_of_a_right_padded_bundle_match_run_alone(right_padded_bundl
         assert engine.metrics()["slots_used"] == 0
     finally:
         assert engine.shutdown(grace_s=5)
+
+
+def test_block_slots_batch_prefills_and_decode_only_the_rows_in_use(right_padded_bundle):
+    # a burst of prompts of different lengths in neighbouring slots is prefilled in one right-padded run, and a
+    # step of the low rows runs at a small bucket; each request still gets exactly its run alone's tokens
+    from leptonc.runtime.block_slots import decode_buckets
+
+    assert decode_buckets(64) == [1, 2, 4, 8, 16, 32, 64] and decode_buckets(12) == [1, 2, 4, 8, 12]
+    engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(max_queue=0, num_slots=8, verify=False))
+    count = 4
+    reference = run_alone(right_padded_bundle, PROMPTS[:count], [12] * count)
+    engine.start()
+    try:
+        with engine._lock:  # submitted together: the scheduler sees them all on its next turn
+            requests = [engine.submit(engine.encode(p), SamplingParams(max_tokens=12)) for p in PROMPTS[:count]]
+        for request, alone in zip(requests, reference):
+            assert _collect(request)[0] == alone.token_ids
+        metrics = engine.metrics()
+        assert metrics["prefill_runs_total"] == 1, metrics
+        steps = engine.slots.steps_by_bucket
+        assert steps[8] == 0 and steps[4] == metrics["decode_steps_total"] > 0, steps  # 4 rows: 4-row steps
+        assert metrics["slots_used"] == 0
+        solo = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=5))
+        assert _collect(solo)[0] == reference[0].token_ids[:5]
+        assert engine.slots.steps_by_bucket[1] >= 4  # one sequence in slot 0: one-row steps
+    finally:
+        assert engine.shutdown(grace_s=5)

@@ -2,15 +2,20 @@
 
 A scheduler thread loops over three things, in this order, one of each per turn:
 
-1. admit: requests waiting in the bounded queue take free slots (first come, first served);
-2. prefill: the oldest admitted prompt runs its next chunk (`EngineConfig.prefill_chunk` tokens) into its
-   slot; a prompt whose last chunk ran samples its first token and joins the decode batch;
+1. admit: requests waiting in the bounded queue take free slots (first come, first served, lowest slot first);
+2. prefill: admitted prompts run into their slots. Slots that prefill in chunks (host K/V, the CPU) run the oldest
+   prompt's next chunk (`EngineConfig.prefill_chunk` tokens); slots that prefill whole prompts (the GPU's K/V
+   block) run as many waiting prompts as fit their budget of padded tokens, neighbours batched in one run. A
+   prompt whose last chunk ran samples its first token and joins the decode batch;
 3. decode: every running sequence gets one more token in one batched step.
 
 So a long prompt costs the running streams one chunk's time per step, not the whole prompt. A sequence
-that ends (end-of-sequence, a stop string, `max_tokens`) or is cancelled frees its slot in the same
-turn. Beyond the slots, requests wait in a queue of `max_queue`; beyond that `submit` raises
-`QueueFullError` (HTTP's 429). Each request carries its own sampling parameters and random generator.
+that ends (end-of-sequence, `max_tokens`) or is cancelled frees its slot in the same turn; one that hits a
+stop string, on the next. Beyond the slots, requests wait in a queue of `max_queue`; beyond that `submit`
+raises `QueueFullError` (HTTP's 429). Each request carries its own sampling parameters and random generator.
+
+The scheduler only steps the model and decides who runs: text, stop strings and events are made by the
+engine's writer thread (engine_output.py) while the next step runs on the device.
 
 The engine is a library: `leptonc serve` (leptonc/server/) and the Triton model put HTTP or Triton in
 front of the same object.
@@ -26,22 +31,20 @@ front of the same object.
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from leptonc.errors import InputError, LeptonError
-from leptonc.runtime.generate import SamplingConfig, sample
+from leptonc.runtime.engine_output import EngineWriter
+from leptonc.runtime.engine_requests import FINISH_REASONS, Event, Request, SamplingParams
 from leptonc.runtime.slots import KvSlots, open_kv_slots
 from leptonc.runtime.tokenizer import eos_ids, load_tokenizer
-
-FINISH_REASONS = ("stop", "length", "eos", "cancelled", "error")
 
 # The engine's own series as `leptonc serve`'s /metrics and the Triton model export them, so one dashboard reads
 # both: (key of BatchingEngine.metrics(), Prometheus name (a counter's gains "_total" when exposed), kind, help).
@@ -55,6 +58,9 @@ ENGINE_SERIES = (
      "Tokens generated (end-of-sequence not counted)."),
     ("rejected_queue_full_total", "leptonc_rejected_queue_full", "counter",
      "Requests refused: every slot busy and the queue full."),
+    ("prefill_runs_total", "leptonc_prefill_runs", "counter", "Prefill runs of the model (one may take several prompts)."),
+    ("decode_steps_total", "leptonc_decode_steps", "counter", "Decode steps of the model (one advances every running "
+     "sequence)."),
 )
 FINISHED_SERIES = ("finished_total", "leptonc_sequences_finished", "Sequences ended, by reason.")  # label: reason
 
@@ -80,7 +86,7 @@ class EngineConfig:
     max_queue: int = 64  # requests waiting beyond the slots; past it, submit raises QueueFullError
     device: str | None = None  # None: the bundle's own device; "cpu" or "cuda" to override
     verify: bool = True  # check the bundle's hashes and toolchain, and run one step, before serving
-    prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps
+    prefill_chunk: int = 512  # chunked slots (the CPU's): prompt tokens prefilled between two decode steps
     num_slots: int | None = None  # sequences decoded together; None: the bundle's max batch
     tokenizer_dir: str | None = None  # a tokenizer for bundles without one
 
@@ -95,177 +101,14 @@ class EngineConfig:
             raise InputError(f"device must be 'cpu' or 'cuda', not {self.device!r}")
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_at_eos: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InputError(f"max_tokens must be a whole number >= 1, not {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0 (0 is greedy), not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 turns it off), not {self.top_k}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def sampling_config(self) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, seed=self.seed, stop=self.stop, stop_at_eos=self.stop_at_eos)
-
-
-@dataclass(frozen=True)
-class Event:
-    """What a request produced since its last event. `finish_reason` is None until the last one."""
-
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None = None
-    error: str | None = None  # set when finish_reason is "error": what failed, for the log and the client
-
-
-class Request:
-    """One submitted sequence: its prompt, parameters, output so far, and its events."""
-
-    def __init__(self, request_id: int, prompt_ids: list[int], params: SamplingParams,
-                 on_event: Callable[[Event], None] | None, tokenizer):
-        self.id = request_id
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.submitted_at = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-        self.slot: int | None = None
-        self.prefilled = 0  # prompt tokens already in the slot
-        self._cancelled = threading.Event()
-        self._events: queue.SimpleQueue[Event] | None = None if on_event else queue.SimpleQueue()
-        self._on_event = on_event
-        self._tokenizer = tokenizer
-        self._rng = np.random.default_rng(params.seed)
-        self._sampling = params.sampling_config() if not params.greedy else None
-        self._prefix_offset = self._read_offset = 0  # incremental detokenization (_detokenize)
-        self._pending_ids: list[int] = []  # tokens whose text is not out yet
-        self._emitted = 0  # characters of self.text already sent
-
-    # ---- caller side ------------------------------------------------------------------------------
-
-    def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """Events until the last one (whose finish_reason is set). Blocks between them."""
-        if self._events is None:
-            raise RuntimeError("this request delivers its events to the on_event callback given to submit")
-        while True:
-            event = self._events.get(timeout=timeout)
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    def cancel(self) -> None:
-        """Stop generating; the slot is freed on the scheduler's next turn and a last event says "cancelled"."""
-        self._cancelled.set()
-        engine_wake = getattr(self, "_wake", None)
-        if engine_wake is not None:
-            engine_wake()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    # ---- engine side ------------------------------------------------------------------------------
-
-    def _emit(self, event: Event) -> None:
-        if self._on_event is not None:
-            self._on_event(event)
-        else:
-            self._events.put(event)
-
-    def _next_token(self, greedy_token: int, logits: np.ndarray | None) -> int:
-        if self._sampling is None:
-            return int(greedy_token)
-        return int(sample(logits.reshape(1, -1), self._sampling, self._rng)[0])
-
-    def _detokenize(self, final: bool = False) -> str:
-        """The text the newest tokens add: the last few tokens decoded with the ones before them, so a word's
-        leading space and multi-byte characters come out right (held back while they end incomplete, unless
-        `final`: the sequence has ended, and its text is what the whole decode gives)."""
-        ids = self.token_ids
-        decode = self._tokenizer.decode
-        before = decode(ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        after = decode(ids[self._prefix_offset:], skip_special_tokens=True)
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self._prefix_offset, self._read_offset = self._read_offset, len(ids)
-            return after[len(before):]
-        return ""
-
-    def _accept(self, token: int, eos_ids: tuple[int, ...]) -> bool:
-        """Take one generated token; emit what it adds. True when the sequence has ended."""
-        params = self.params
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        if params.stop_at_eos and token in eos_ids:
-            self.text += self._detokenize(final=True)
-            self._finish("eos")
-            return True
-        self.token_ids.append(token)
-        self._pending_ids.append(token)
-        self.text += self._detokenize()
-        reason = None
-        hold = 0
-        if params.stop:
-            hits = [self.text.find(s, max(0, self._emitted - len(s))) for s in params.stop if s]
-            hits = [h for h in hits if h >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                reason = "stop"
-            else:  # hold back a tail that could still become a stop string
-                hold = max((k for s in params.stop for k in range(1, len(s)) if self.text.endswith(s[:k])),
-                           default=0)
-        if reason is None and len(self.token_ids) >= params.max_tokens:
-            reason = "length"
-        if reason is not None:
-            if reason == "length":
-                self.text += self._detokenize(final=True)
-            self._finish(reason)
-            return True
-        upto = len(self.text) - hold
-        if upto > self._emitted or self._pending_ids:
-            delta = self.text[self._emitted:upto]
-            self._emitted = max(self._emitted, upto)
-            self._emit(Event(tuple(self._pending_ids), delta))
-            self._pending_ids = []
-        return False
-
-    def _finish(self, reason: str, error: str | None = None) -> None:
-        if self.finish_reason is not None:
-            return
-        self.finish_reason = reason
-        self.finished_at = time.perf_counter()
-        delta = self.text[self._emitted:] if reason != "cancelled" else ""
-        self._emitted = len(self.text)
-        self._emit(Event(tuple(self._pending_ids), delta, reason, error))
-        self._pending_ids = []
 
 
 @dataclass
 class _Counters:
     prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
+    prefill_runs_total: int = 0
+    decode_steps_total: int = 0
     finished: dict = field(default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0))
     rejected_queue_full: int = 0
 
@@ -286,12 +129,14 @@ class BatchingEngine:
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []
         self._running: dict[int, Request] = {}  # slot -> request, in the order they joined the decode batch
+        self._closing: set[Request] = set()  # slot freed, last event not yet delivered by the writer
         self._free = list(range(self.num_slots))
         self._ids = itertools.count(1)
         self._counters = _Counters()
         self._accepting = False
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._writer: EngineWriter | None = None
         self.failure: str | None = None  # the scheduler's fatal error, if it died
 
     # ---- construction -----------------------------------------------------------------------------
@@ -333,6 +178,7 @@ class BatchingEngine:
             if self._thread is not None:
                 return self
             self._accepting, self._stop = True, False
+            self._writer = EngineWriter(self.tokenizer, self._count_generated, self._finished, self._wake)
             self._thread = threading.Thread(target=self._loop, name="leptonc-batching", daemon=True)
             self._thread.start()
         return self
@@ -364,6 +210,9 @@ class BatchingEngine:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._thread = None
+        if self._writer is not None:  # the last events (the cancellations) reach their clients
+            self._writer.close()
+            self._writer = None
         self.slots.release()
         return clean
 
@@ -371,7 +220,7 @@ class BatchingEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, *,
                on_event: Callable[[Event], None] | None = None) -> Request:
-        """Queue a prompt. Its events go to `request.events()`, or to `on_event` (called on the scheduler's
+        """Queue a prompt. Its events go to `request.events()`, or to `on_event` (called on the engine's writer
         thread: it must not block). Raises InputError for a bad prompt, QueueFullError when full."""
         params = params or SamplingParams()
         ids = [int(t) for t in prompt_ids]
@@ -396,8 +245,7 @@ class BatchingEngine:
                 raise QueueFullError(f"all {self.num_slots} slots are busy and {len(self._waiting)} requests are "
                                      f"waiting (the queue holds {self.config.max_queue})",
                                      hint="retry after a moment, or start the server with a larger --max-queue")
-            request = Request(next(self._ids), ids, params, on_event, self.tokenizer)
-            request._wake = self._wake
+            request = Request(next(self._ids), ids, params, on_event, self._wake)
             self._waiting.append(request)
             self._lock.notify_all()
         return request
@@ -405,10 +253,24 @@ class BatchingEngine:
     def metrics(self) -> dict:
         with self._lock:
             c = self._counters
-            return {"running": len(self._running) + len(self._prefilling), "queued": len(self._waiting),
+            running = len(self._running) + len(self._prefilling) + len(self._closing)
+            return {"running": running, "queued": len(self._waiting),
                     "slots_total": self.num_slots, "slots_used": self.num_slots - len(self._free),
                     "prompt_tokens_total": c.prompt_tokens_total, "generated_tokens_total": c.generated_tokens_total,
+                    "prefill_runs_total": c.prefill_runs_total, "decode_steps_total": c.decode_steps_total,
                     "finished_total": dict(c.finished), "rejected_queue_full_total": c.rejected_queue_full}
+
+    def _count_generated(self, n: int) -> None:
+        with self._lock:
+            self._counters.generated_tokens_total += n
+
+    def _finished(self, request: Request, reason: str) -> None:
+        """The writer ends a request (just before its last event): its reason, counted; it no longer counts as
+        running (see _release)."""
+        with self._lock:
+            request.finish_reason = reason
+            self._counters.finished[reason] += 1
+            self._closing.discard(request)
 
     # ---- the scheduler ----------------------------------------------------------------------------
 
@@ -430,12 +292,12 @@ class BatchingEngine:
                         self._lock.wait()
                     if self._stop and not self._outstanding():
                         return
-                    self._drop_cancelled()
+                    self._drop_ended()
                     self._admit()
-                    prefilling = self._prefilling[0] if self._prefilling else None
+                    prefill = self._next_prefill()
                     running = list(self._running.items())
-                if prefilling is not None:
-                    self._guarded([prefilling], lambda: self._prefill_chunk(prefilling))
+                if prefill:
+                    self._guarded(prefill, lambda: self._prefill(prefill))
                 if running:
                     self._guarded([r for _, r in running], lambda: self._decode_step(running))
                 with self._lock:
@@ -445,7 +307,7 @@ class BatchingEngine:
             with self._lock:
                 self._accepting = False
                 for request in self._all_requests():
-                    request._finish("error", f"the engine stopped: {self.failure}")
+                    self._writer.finish(request, "error", f"the engine stopped: {self.failure}")
                 self._waiting.clear()
                 self._prefilling.clear()
                 self._running.clear()
@@ -453,25 +315,26 @@ class BatchingEngine:
             raise
 
     def _guarded(self, requests: list[Request], step: Callable[[], None]) -> None:
-        """Run one prefill chunk or decode step; a failure ends the requests in it (with an "error" event and
-        their slots freed), not the engine."""
+        """Run one prefill or decode step; a failure ends the requests in it (with an "error" event and their
+        slots freed), not the engine."""
         try:
             step()
         except Exception as exc:  # noqa: BLE001 - reported to each request's client, the engine keeps serving
             message = exc.message if isinstance(exc, LeptonError) else f"{type(exc).__name__}: {exc}"
             with self._lock:
                 for request in requests:
-                    if not request.finished:
-                        request._finish("error", message)
+                    self._writer.finish(request, "error", message)  # a no-op for one that had ended already
                     self._release(request)
 
-    def _drop_cancelled(self) -> None:
+    def _drop_ended(self) -> None:
+        """Requests cancelled by their caller, and sequences the writer ended at a stop string, leave."""
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
-            request._finish("cancelled")
-            self._counters.finished["cancelled"] += 1
-        for request in [r for r in (*self._prefilling, *self._running.values()) if r.cancelled]:
-            request._finish("cancelled")
+            self._closing.add(request)
+            self._writer.finish(request, "cancelled")
+        for request in [r for r in (*self._prefilling, *self._running.values()) if r.cancelled or r.finished]:
+            if not request.finished:
+                self._writer.finish(request, "cancelled")
             self._release(request)
 
     def _admit(self) -> None:
@@ -480,59 +343,86 @@ class BatchingEngine:
             request.slot = self._free.pop(0)
             self._prefilling.append(request)
 
+    def _next_prefill(self) -> list[Request]:
+        """The prompts this turn prefills: the oldest one's next chunk, or (slots that take whole prompts) the
+        oldest ones while their tokens fit the slots' budget per run."""
+        if not self._prefilling:
+            return []
+        if self.slots.prefill_in_chunks:
+            return self._prefilling[:1]
+        chosen, tokens = [], 0
+        for request in self._prefilling:
+            tokens += len(request.prompt_ids)
+            if chosen and tokens > self.slots.prefill_budget:
+                break
+            chosen.append(request)
+        return chosen
+
     def _release(self, request: Request) -> None:
-        """Free a finished request's slot (under the lock) and count how it ended."""
+        """Free a request's slot (under the lock). Until the writer delivers its last event, it still counts as
+        running, so a client that sees its stream end finds it counted as finished and no longer running."""
+        if request in self._prefilling:
+            self._prefilling.remove(request)
         if request.slot is None:
             return
+        if not request.finished:
+            self._closing.add(request)
         slot, request.slot = request.slot, None
         self.slots.free(slot)
         self._running.pop(slot, None)
-        if request in self._prefilling:
-            self._prefilling.remove(request)
         self._free.append(slot)
         self._free.sort()
-        self._counters.finished[request.finish_reason or "cancelled"] += 1
 
-    def _prefill_chunk(self, request: Request) -> None:
-        start = request.prefilled
-        size = self.config.prefill_chunk if self.slots.prefill_in_chunks else len(request.prompt_ids)
-        chunk = request.prompt_ids[start:start + size]
-        logits = self.slots.prefill(request.slot, chunk)
-        request.prefilled += len(chunk)
+    def _prefill(self, requests: list[Request]) -> None:
+        if self.slots.prefill_in_chunks:
+            request = requests[0]
+            chunk = request.prompt_ids[request.prefilled:request.prefilled + self.config.prefill_chunk]
+            logits = [self.slots.prefill(request.slot, chunk)]
+            chunks = [chunk]
+        else:
+            chunks = [r.prompt_ids for r in requests]
+            logits = self.slots.prefill_many([r.slot for r in requests], chunks)
+        step, cancelled = [], []
         with self._lock:
-            self._counters.prompt_tokens_total += len(chunk)
-        if request.prefilled < len(request.prompt_ids):
-            return
-        token = request._next_token(int(logits.argmax()), logits)
-        ended = request._accept(token, self.eos_ids)
-        with self._lock:
-            self._counters.generated_tokens_total += 0 if request.finish_reason == "eos" else 1
-            if ended or request.cancelled:
-                request._finish("cancelled")  # a no-op when it ended on its own
-                self._release(request)
-            else:
-                self._prefilling.remove(request)
-                self._running[request.slot] = request
+            self._counters.prompt_tokens_total += sum(len(c) for c in chunks)
+            self._counters.prefill_runs_total += 1
+            for request, chunk, row in zip(requests, chunks, logits):
+                request.prefilled += len(chunk)
+                if request.prefilled < len(request.prompt_ids):
+                    continue
+                token = request.next_token(int(row.argmax()), row)
+                end = request.take(token, self.eos_ids)
+                step.append((request, token, end))
+                if end is not None or request.cancelled:
+                    self._release(request)
+                    if end is None:
+                        cancelled.append(request)
+                else:
+                    self._prefilling.remove(request)
+                    self._running[request.slot] = request
+            self._writer.tokens(step)
+            for request in cancelled:  # after its first token, as a cancellation mid-stream would be
+                self._writer.finish(request, "cancelled")
 
     def _decode_step(self, running: list[tuple[int, Request]]) -> None:
         slots = [slot for slot, _ in running]
-        last = np.asarray([r.token_ids[-1] for _, r in running], np.int64)
+        last = np.asarray([r.last_token for _, r in running], np.int64)
         want_logits = any(not r.params.greedy for _, r in running)
         tokens, logits = self.slots.decode(slots, last, logits=want_logits)
-        generated = 0
-        ended = []
+        step, ended = [], []
         for row, (_, request) in enumerate(running):
-            if request.cancelled:
-                continue  # _drop_cancelled ends it next turn
-            token = request._next_token(int(tokens[row]), logits[row] if logits is not None else None)
-            if request._accept(token, self.eos_ids):
+            if request.cancelled or request.finished:
+                continue  # _drop_ended takes it out next turn
+            token = request.next_token(int(tokens[row]), logits[row] if logits is not None else None)
+            end = request.take(token, self.eos_ids)
+            step.append((request, token, end))
+            if end is not None:
                 ended.append(request)
-            if request.finish_reason != "eos":
-                generated += 1
         with self._lock:
-            self._counters.generated_tokens_total += generated
+            self._counters.decode_steps_total += 1
             for request in ended:
                 self._release(request)
+            self._writer.tokens(step)
 
 
 __all__ = ["BatchingEngine", "ENGINE_SERIES", "EngineConfig", "EngineStoppedError", "Event", "FINISHED_SERIES",

@@ -3,26 +3,39 @@
 GPU bundles are built with the "mask_sum" attention contract (passes/fuse_gqa.py): each row's length is
 the sum of its mask row, so a row's sequence is right-padded in a [batch, capacity] block and rows of
 different lengths share one decode step of fixed shapes, the step ONNX Runtime captures as a CUDA graph.
-`BlockKvSlots` keeps one such block of `num_slots` rows (`OrtCudaRunner._kv_block`) and one fixed decode
-binding for it (`_decode_state`):
+`BlockKvSlots` keeps one such block of `num_slots` rows (`OrtCudaRunner._kv_block`):
 
-- `prefill(slot, ids)` runs the prompt at batch 1 bound to the slot's row of the block (uncaptured); the
-  whole prompt at once (the contract's multi-token steps start from an empty row).
-- `decode(slots, ids)` runs the captured step over every row: running slots get their token at their
-  length; other rows compute a throw-away entry at their own next index (never read: their mask stops
-  before it, and their next prefill or step writes that index again). One graph, one copy of the inputs.
+- `prefill_many(slots, prompts)` runs prompts into empty rows; prompts whose slots are neighbours run as one
+  right-padded batch (each row's last position's logits selected), so a burst of arrivals costs a few batched
+  runs, not one run per prompt. A prompt is never split: the contract's multi-token steps start from an empty row.
+- `decode(slots, ids)` runs one step over the lowest rows that cover the running slots, rounded up to a bucket
+  (1, 2, 4, ... num_slots rows): a step of 3 sequences in slots 0-2 costs a 4-row step, not a num_slots-row one.
+  Each bucket has its own binding (and its own captured CUDA graph) over a prefix of the same block and of one
+  input buffer [ids | positions | mask], so a step copies only its bucket's prefix of the inputs to the device.
+  Rows of the bucket not in the step compute a throw-away entry at their own next index (never read: their
+  mask stops before it, and their next prefill or step writes that index again).
 - `free(slot)` zeroes the slot's mask row and length.
 
+The engine (batching.py) takes the lowest free slot first, so running sequences stay packed at the low rows.
 The same code runs on ONNX Runtime's CPU provider (device_type "cpu"), which is how CI checks it.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 
 from leptonc.errors import InputError, UnsupportedRequestError
 from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_POSITIONS, NEXT_TOKEN, POSITION_IDS
 from leptonc.runtime.slots import KvSlots
+
+BUCKET_GRAPH_IDS = 1000  # CUDA graph ids of the decode buckets: 1000 + rows (the runner's own use 1, 2, ...)
+
+
+def decode_buckets(num_slots: int) -> list[int]:
+    """The row counts a decode step may run at: powers of two below num_slots, and num_slots."""
+    return sorted({1 << k for k in range(num_slots.bit_length()) if 1 << k < num_slots} | {num_slots})
 
 
 class BlockKvSlots(KvSlots):
@@ -36,68 +49,150 @@ class BlockKvSlots(KvSlots):
         self.runner = runner
         self.device = runner.device_type
         self.num_slots, self.max_sequence, self.vocab_size = num_slots, runner.capacity, runner.vocab_size
-        runner._batch = num_slots
-        runner._lengths = np.zeros(num_slots, np.int64)
-        self.lengths = runner._lengths
+        self.prefill_budget = runner.prefill_tokens  # padded prompt tokens per prefill run (engine setting)
+        self.lengths = np.zeros(num_slots, np.int64)
         self.block = runner._kv_block(num_slots)
-        self.state = runner._decode_state(num_slots)
-        self.state["host_mask"][:] = 0
+        self.buckets = decode_buckets(num_slots)
+        # One input buffer for every bucket: [ids (seg) | positions (seg) | mask (num_slots x capacity)]; bucket b
+        # binds the first b entries of each part, so its inputs are the buffer's first 2 x seg + b x capacity.
+        self._seg = -(-num_slots // 32) * 32
+        cap = self.max_sequence
+        self.host = np.zeros(2 * self._seg + num_slots * cap, np.int64)
+        self.host_ids, self.host_pos = self.host[:num_slots], self.host[self._seg:self._seg + num_slots]
+        self.host_mask = self.host[2 * self._seg:].reshape(num_slots, cap)
+        self.inputs = runner._empty((self.host.size,), np.int64)
+        self._states: dict[int, dict] = {}
+        self.steps_by_bucket: dict[int, int] = dict.fromkeys(self.buckets, 0)
 
     def length(self, slot: int) -> int:
         return int(self.lengths[slot])
 
+    # ---- prefill ----------------------------------------------------------------------------------
+
     def prefill(self, slot: int, token_ids: list[int]) -> np.ndarray:
-        runner, count = self.runner, len(token_ids)
-        if self.lengths[slot]:
-            raise ValueError(f"slot {slot} holds a sequence: this bundle prefills a slot only from empty")
-        if count == 0 or count > self.max_sequence:
-            raise InputError(f"a prompt of {count} tokens; this bundle allows 1 to {self.max_sequence}")
+        return self.prefill_many([slot], [token_ids])[0]
+
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> list[np.ndarray]:
+        for slot, ids in zip(slots, prompts):
+            if self.lengths[slot]:
+                raise ValueError(f"slot {slot} holds a sequence: this bundle prefills a slot only from empty")
+            if len(ids) == 0 or len(ids) > self.max_sequence:
+                raise InputError(f"a prompt of {len(ids)} tokens; this bundle allows 1 to {self.max_sequence}")
+        order = sorted(range(len(slots)), key=lambda i: slots[i])
+        logits: list[np.ndarray | None] = [None] * len(slots)
+        run: list[int] = []
+        for i in order:  # neighbouring slots run together, up to the budget of padded tokens per run
+            longest = max([len(prompts[j]) for j in run] + [len(prompts[i])])
+            if run and (slots[i] != slots[run[-1]] + 1 or (len(run) + 1) * longest > self.prefill_budget):
+                self._prefill_rows(run, slots, prompts, logits)
+                run = []
+            run.append(i)
+        self._prefill_rows(run, slots, prompts, logits)
+        return logits
+
+    def _prefill_rows(self, run: list[int], slots: list[int], prompts: list[list[int]], logits: list) -> None:
+        """One run over neighbouring rows slots[run[0]]..slots[run[-1]], prompts right-padded to the longest."""
+        runner = self.runner
+        r0, count = slots[run[0]], len(run)
+        lengths = np.asarray([len(prompts[i]) for i in run], np.int64)
+        width = int(lengths.max())
+        ids = np.zeros((count, width), np.int64)
+        for r, i in enumerate(run):
+            ids[r, :lengths[r]] = prompts[i]
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         runner._feeds = []
         binding = runner.session.io_binding()
-        binding.bind_ortvalue_input(INPUT_IDS, runner._ortvalue(np.asarray(token_ids, np.int64).reshape(1, count)))
-        binding.bind_ortvalue_input(ATTENTION_MASK, runner._ortvalue(np.ones((1, count), np.int64)))
-        binding.bind_ortvalue_input(POSITION_IDS, runner._ortvalue(np.arange(count, dtype=np.int64).reshape(1, count)))
+        binding.bind_ortvalue_input(INPUT_IDS, runner._ortvalue(ids))
+        binding.bind_ortvalue_input(ATTENTION_MASK, runner._ortvalue(mask))
+        binding.bind_ortvalue_input(POSITION_IDS, runner._ortvalue(
+            np.ascontiguousarray(np.broadcast_to(np.arange(width, dtype=np.int64), (count, width)))))
         if runner.selects_logits:
-            binding.bind_ortvalue_input(LOGITS_POSITIONS, runner._ortvalue(np.full((1, 1), count - 1, np.int64)))
+            binding.bind_ortvalue_input(LOGITS_POSITIONS, runner._ortvalue((lengths - 1).reshape(count, 1)))
         binding.bind_output(LOGITS, runner.device_type, runner.device_id)
-        self.block.bind(binding, (slot, slot + 1))
+        self.block.bind(binding, (r0, r0 + count))
         runner.session.run_with_iobinding(binding, runner._run_options(-1))
-        logits = binding.get_outputs()[0].numpy()
+        out = binding.get_outputs()[0].numpy()
         runner._feeds = []
-        self.lengths[slot] = count
-        self.state["host_mask"][slot, :count] = 1
-        row = logits.reshape(-1) if runner.selects_logits else logits[0, count - 1]
-        return row.astype(np.float32)
+        for r, i in enumerate(run):
+            row = out[r].reshape(-1) if runner.selects_logits else out[r, lengths[r] - 1]
+            logits[i] = row.astype(np.float32)
+            self.lengths[slots[i]] = lengths[r]
+            self.host_mask[slots[i], :lengths[r]] = 1
+
+    # ---- decode -----------------------------------------------------------------------------------
+
+    def _state(self, rows: int) -> dict:
+        """The decode binding of a bucket of `rows` rows, made once: prefixes of the input buffer and of the K/V
+        block, and its own logits (and next_token) outputs."""
+        state = self._states.get(rows)
+        if state is None:
+            runner = self.runner
+            binding = runner.session.io_binding()
+            ptr, seg, cap = self.inputs.data_ptr(), self._seg, self.max_sequence
+            for name, shape, offset in ((INPUT_IDS, [rows, 1], 0), (POSITION_IDS, [rows, 1], seg),
+                                        (ATTENTION_MASK, [rows, cap], 2 * seg)):
+                binding.bind_input(name, runner.device_type, runner.device_id, np.int64, shape, ptr + 8 * offset)
+            self.block.bind(binding, (0, rows))
+            state = {LOGITS: runner._empty((rows, 1, self.vocab_size), runner.logits_dtype)}
+            binding.bind_ortvalue_output(LOGITS, state[LOGITS])
+            if runner.token_output:
+                state[NEXT_TOKEN] = runner._empty((rows, 1), np.int64)
+                binding.bind_ortvalue_output(NEXT_TOKEN, state[NEXT_TOKEN])
+            if runner.selects_logits:  # each row's one new position: zeros
+                state[LOGITS_POSITIONS] = runner.ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros((rows, 1), np.int64), runner.device_type, runner.device_id)
+                binding.bind_ortvalue_input(LOGITS_POSITIONS, state[LOGITS_POSITIONS])
+            state["binding"] = binding
+            state["run_options"] = runner._run_options(BUCKET_GRAPH_IDS + rows)
+            state["nbytes"] = 8 * (2 * seg + rows * cap)
+            self._states[rows] = state
+        return state
+
+    def _copy_inputs(self, nbytes: int) -> None:
+        """The input buffer's first `nbytes` to the device, before the step (in the session's stream order)."""
+        runner = self.runner
+        if self.device == "cpu":
+            ctypes.memmove(self.inputs.data_ptr(), self.host.ctypes.data, nbytes)
+        elif getattr(runner, "_driver", None) is not None and runner._stream is not None:
+            runner._driver.copy(self.inputs.data_ptr(), self.host.ctypes.data, nbytes, runner._stream)
+        else:  # no stream of ours: the whole buffer, on ONNX Runtime's copy path
+            self.inputs.update_inplace(self.host)
 
     def decode(self, slots: list[int], token_ids: np.ndarray, *, logits: bool = False
                ) -> tuple[np.ndarray, np.ndarray | None]:
-        state, runner, n = self.state, self.runner, self.num_slots
+        runner, lengths, cap = self.runner, self.lengths, self.max_sequence
         rows = np.asarray(slots, np.int64)
-        if (self.lengths[rows] >= self.max_sequence).any():
-            raise InputError(f"a sequence reached this bundle's limit of {self.max_sequence} tokens")
-        idle = np.setdiff1d(np.arange(n), rows)
-        idle = idle[self.lengths[idle] < self.max_sequence]
-        state["host_ids"][:] = 0
-        state["host_ids"][rows, 0] = np.asarray(token_ids, np.int64)
-        state["host_pos"][:, 0] = np.minimum(self.lengths, self.max_sequence - 1)
-        state["host_mask"][rows, self.lengths[rows]] = 1
-        state["host_mask"][idle, self.lengths[idle]] = 1  # a throw-away entry for rows not in this step
-        state["inputs"].update_inplace(state["host_inputs"])
-        state["host_mask"][idle, self.lengths[idle]] = 0
+        if (lengths[rows] >= cap).any():
+            raise InputError(f"a sequence reached this bundle's limit of {cap} tokens")
+        bucket = next(b for b in self.buckets if b > rows.max())
+        state = self._state(bucket)
+        active = np.zeros(bucket, bool)
+        active[rows] = True
+        idle = np.flatnonzero(~active & (lengths[:bucket] < cap))
+        self.host_ids[:bucket] = 0
+        self.host_ids[rows] = np.asarray(token_ids, np.int64).reshape(-1)
+        self.host_pos[:bucket] = np.minimum(lengths[:bucket], cap - 1)
+        self.host_mask[rows, lengths[rows]] = 1
+        self.host_mask[idle, lengths[idle]] = 1  # a throw-away entry for rows not in this step
+        self._copy_inputs(state["nbytes"])
+        self.host_mask[idle, lengths[idle]] = 0
         runner.session.run_with_iobinding(state["binding"], state["run_options"])
-        self.lengths[rows] += 1
-        step_logits = state[LOGITS].numpy().reshape(n, -1)[rows].astype(np.float32) if logits or not runner.token_output \
-            else None
-        tokens = (state[NEXT_TOKEN].numpy().reshape(n)[rows].copy() if runner.token_output
+        lengths[rows] += 1
+        self.steps_by_bucket[bucket] += 1
+        want = logits or not runner.token_output
+        step_logits = state[LOGITS].numpy().reshape(bucket, -1)[rows].astype(np.float32) if want else None
+        tokens = (state[NEXT_TOKEN].numpy().reshape(bucket)[rows] if runner.token_output
                   else step_logits.argmax(-1))
         return tokens.astype(np.int64), step_logits if logits else None
 
     def free(self, slot: int) -> None:
-        self.state["host_mask"][slot] = 0
+        self.host_mask[slot] = 0
         self.lengths[slot] = 0
 
     def describe(self) -> dict:
-        return {**super().describe(), **self.runner.describe()}
+        return {**super().describe(), "decode_buckets": self.buckets, "prefill_budget_tokens": self.prefill_budget,
+                **self.runner.describe()}
 
     def release(self) -> None:
+        self._states = {}
         self.runner.release()

@@ -33,6 +33,7 @@ class KvSlots(ABC):
     vocab_size: int
     device: str = "cpu"
     prefill_in_chunks: bool = True  # whether a prompt may be prefilled over several calls
+    prefill_budget: int = 0  # slots that prefill whole prompts: padded prompt tokens the engine gives one prefill_many
 
     @abstractmethod
     def prefill(self, slot: int, token_ids: list[int]) -> np.ndarray:
@@ -52,6 +53,11 @@ class KvSlots(ABC):
     @abstractmethod
     def free(self, slot: int) -> None:
         """Forget `slot`'s sequence; the slot can take a new one at once."""
+
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> list[np.ndarray]:
+        """Prefill several slots, each with its whole prompt (or next chunk); the logits [vocab] of each one's last
+        token, in the given order. Implementations that can run them together do (block_slots.py)."""
+        return [self.prefill(slot, ids) for slot, ids in zip(slots, prompts)]
 
     def describe(self) -> dict:
         return {"slots": type(self).__name__, "num_slots": self.num_slots, "device": self.device}
