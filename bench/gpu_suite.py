@@ -4,18 +4,20 @@ shapes, with the memory floor and the ratios, into one JSON per machine and date
 On the GPU machine, from the repository root, after staging the wheels (see BENCHMARKS.md, "Reproducing"):
 
     export PYTHONPATH=/tmp/site:$PYTHONPATH
+    python3 bench/gpu_suite.py --out $OUT --only table                     # README's GPU table, one 10-minute call
+    python3 bench/gpu_suite.py --out $OUT --only serve,verify,kernels      # serving, the carried bundle, kernel tests
     python3 bench/gpu_suite.py --out $OUT                                  # everything: more than one 10-minute call
-    python3 bench/gpu_suite.py --out $OUT --only compile,peer-build,kernels   # or in two calls of under 9 minutes:
-    python3 bench/gpu_suite.py --out $OUT --only greedy,decode,ttft,peer   # the second reuses the first's bundles
 
     python3 bench/gpu_suite.py --dry-run                                   # the plan, on any machine
     python3 bench/gpu_suite.py --target cpu --models tiny-llama --batches 1,2 --out /tmp/smoke   # a CPU smoke run
 
-Parts (`--only`): compile, kernels (tests/test_kernels_gpu.py: every ai.leptonc op against float64 at the
+Parts (`--only`): table (README's GPU table: compile, peer-build, greedy, decode, peer), compile (the bundles, in
+parallel), kernels (tests/test_kernels_gpu.py: every ai.leptonc op against float64 at the
 sweep's row counts), greedy (32 tokens against bench/gpu_reference.json), decode (prompt 128, 128 new tokens,
 the batch sweep), ttft (prompts 128 and 1,024 at batch 1 and 16), peer-build, peer (build and time the peer), and
-hooks for commands other parts of leptonc add (serve: `leptonc bench-serve`, verify: `leptonc verify`), which run
-only where the installed CLI has them. Every leptonc figure comes from the `leptonc` CLI in a fresh process. Bundles
+serve (`leptonc serve` under `leptonc bench-serve`, beside `leptonc bench` of the same bundle at the same batch
+sizes and the peer's own batching engine), verify (`leptonc verify` of a bundle compiled elsewhere); these two run
+only where the installed CLI has the command. Every leptonc figure comes from the `leptonc` CLI in a fresh process. Bundles
 and the merged record stay in --work between calls on a warm machine, so a later call adds to the same JSON.
 """
 
@@ -38,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is"
 PARTS = ("compile", "kernels", "greedy", "decode", "ttft", "peer-build", "peer", "serve", "verify")
+PRESETS = {"table": ("compile", "peer-build", "greedy", "decode", "peer")}  # README's GPU table
 DEFAULT_PARTS = ("compile", "kernels", "greedy", "decode", "ttft", "peer", "serve", "verify")
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
 TTFT_PROMPTS, TTFT_BATCHES = (128, 1024), (1, 16)
@@ -249,11 +252,11 @@ for kind, batch, prompt, gen, cuda_graph in ([] if build_only else jobs):
 """
 
 
-def peer_jobs(spec: dict) -> list:
+def peer_jobs(spec: dict, ttft: bool = True) -> list:
     """(kind, batch, prompt, gen, cuda graph) at leptonc's shapes. The peer's CUDA graph serves batch-1 decode only;
     its time to first token is measured without it, as its prompt runs outside the graph."""
     jobs = [("decode", 1, 128, 128, True)] + [("decode", b, 128, 128, False) for b in spec["batches"]]
-    if spec["ttft"]:
+    if spec["ttft"] and ttft:
         jobs += [("ttft", b, p, 8, False) for p in TTFT_PROMPTS for b in TTFT_BATCHES]
     return jobs
 
@@ -261,7 +264,8 @@ def peer_jobs(spec: dict) -> list:
 def peer_part(suite: Suite, spec: dict, peer: Path, build_only: bool) -> None:
     label = f"peer {'build' if build_only else 'bench'} {spec['peer']} {spec['precision']}"
     rc, stdout = suite.step(label, [sys.executable, "-c", PEER_DRIVER, peer, spec["peer"], spec["precision"],
-                                    "1" if build_only else "0", json.dumps(peer_jobs(spec))], timeout=480)
+                                    "1" if build_only else "0", json.dumps(peer_jobs(spec, "ttft" in suite.args.only))],
+                            timeout=480)
     if not build_only and rc == 0:
         rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
         with suite.lock:
@@ -327,6 +331,14 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
                 result[f"concurrency_{clients}"] = suite.cli(
                     f"bench-serve {spec['name']} c{clients}", "bench-serve", url, "--concurrency", clients,
                     "--requests", 8 * clients, "--prompt-len", 128, "--gen-len", 128, "--json", timeout=240)
+            try:  # the engine's own counts over the run: prefill runs (batched prompts), decode steps
+                with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+                    result["engine_metrics"] = {
+                        line.split()[0]: float(line.split()[1]) for line in reply.read().decode().splitlines()
+                        if line.startswith(("leptonc_prefill_runs", "leptonc_decode_steps", "leptonc_generation",
+                                            "leptonc_prompt_tokens")) and len(line.split()) == 2}
+            except OSError as exc:
+                result["engine_metrics"] = f"not read: {exc}"
     finally:
         server.send_signal(signal.SIGTERM)  # a graceful stop: the server drains and exits 0
         try:
@@ -336,6 +348,8 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
         log.close()
         suite.record["hooks"][f"serve {spec['name']}"] = result
         suite.save()
+    if not suite.record["bench"].get(spec["name"], {}).get("decode"):  # the engine's own speed, in the same run
+        bench_part(suite, spec, "decode", SERVE_CONCURRENCY, 128, 128, 5)
     script = REPO / "bench" / "serve_peer_ortgenai.py"
     if peer is None or spec["peer"] is None or not script.is_file():
         return
@@ -459,7 +473,7 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
                 out.append(f"  leptonc bench {s['path']} --batch 1,16 --prompt-len {p} --gen-len 8 --warmup 2 "
                            "--iters 10 --json --no-verify")
         if {"peer", "peer-build"} & set(args.only) and s["peer"] and args.target != "cpu":
-            jobs = peer_jobs(s) if "peer" in args.only else "build only"
+            jobs = peer_jobs(s, "ttft" in args.only) if "peer" in args.only else "build only"
             out.append(f"  peer {peer or 'NOT FOUND (--peer PATH)'} {s['peer']} {s['precision']}: {jobs}")
     if "kernels" in args.only and args.target != "cpu":
         out.append("kernels: python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs")
@@ -480,7 +494,8 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
-    ap.add_argument("--only", default=",".join(DEFAULT_PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
+    ap.add_argument("--only", default=",".join(DEFAULT_PARTS),
+                    help=f"comma-separated parts of {', '.join(PARTS)}, or {', '.join(PRESETS)}")
     ap.add_argument("--target", default="h100")
     ap.add_argument("--models", default=None, help="comma-separated (default: llama-1b-shape,smollm2-135m)")
     ap.add_argument("--batches", default=None, help="override every model's decode batches, e.g. 1,16")
@@ -495,10 +510,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="start a new record instead of adding to today's")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = ap.parse_args(argv)
-    args.only = [p.strip() for p in args.only.split(",") if p.strip()]
+    args.only = [q for p in args.only.split(",") if p.strip() for q in PRESETS.get(p.strip(), (p.strip(),))]
     unknown = set(args.only) - set(PARTS)
     if unknown:
-        ap.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        ap.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)} or {', '.join(PRESETS)}")
     args.models = (args.models.split(",") if args.models else
                    ["tiny-llama"] if args.target == "cpu" else ["llama-1b-shape", "smollm2-135m"])
     if set(args.models) - set(MODELS):
@@ -533,9 +548,12 @@ def main(argv=None) -> int:
         if "peer-build" in args.only and peer_specs:  # the peer's model builder runs beside leptonc's compiles
             builder = threading.Thread(target=lambda: [peer_part(suite, s, peer, True) for s in peer_specs])
             builder.start()
-        for spec in specs:
-            if "compile" in args.only:
-                compile_part(suite, spec)
+        if "compile" in args.only:  # the bundles compile side by side (the GPU machine has cores to spare)
+            compilers = [threading.Thread(target=compile_part, args=(suite, spec)) for spec in specs]
+            for thread in compilers:
+                thread.start()
+            for thread in compilers:
+                thread.join()
         if "kernels" in args.only and args.target != "cpu":
             kernels_part(suite)
         if builder:

@@ -175,3 +175,126 @@ def test_block_slots_batch_prefills_and_decode_only_the_rows_in_use(right_padded
         assert engine.slots.steps_by_bucket[1] >= 4  # one sequence in slot 0: one-row steps
     finally:
         assert engine.shutdown(grace_s=5)
+
+
+class _PipelinedSlots:
+    """A stand-in for the GPU's slots with pipelined steps, whose "model" is a fixed function of the last token and
+    the position, so the engine's bookkeeping (which step's ids come from the device, which tokens belong to whom)
+    is checked without a GPU: each request must get the sequence its prompt gives alone."""
+
+    num_slots, max_sequence, vocab_size = 6, 512, 97
+    prefill_in_chunks, prefill_budget, pipelined, pipeline_depth, device = False, 64, True, 2, "cpu"
+
+    def __init__(self):
+        import numpy as np
+
+        self.np = np
+        self.lengths = np.zeros(self.num_slots, np.int64)
+        self.device_next = np.zeros(self.num_slots, np.int64)  # what next_token holds on the "device"
+        self.last_launch: set[int] = set()
+        self.in_flight: list = []
+        self.launches = self.device_ids = 0
+
+    @staticmethod
+    def model(token: int, position: int) -> int:
+        return (token * 31 + position * 7 + 3) % 97
+
+    def prefill_many(self, slots, prompts):
+        out = []
+        for slot, prompt in zip(slots, prompts):
+            assert self.lengths[slot] == 0
+            self.lengths[slot] = len(prompt)
+            logits = self.np.zeros(self.vocab_size, self.np.float32)
+            logits[self.model(sum(prompt), len(prompt))] = 1
+            out.append(logits)
+        return out
+
+    def prefill(self, slot, ids):
+        return self.prefill_many([slot], [ids])[0]
+
+    def _step(self, slots, ids):
+        time.sleep(0.0005)  # a step takes time, as on a device
+        slots = self.np.asarray(slots)
+        tokens = self.np.asarray([self.model(int(t), int(self.lengths[s])) for s, t in zip(slots, ids)], self.np.int64)
+        self.device_next[slots] = tokens
+        self.lengths[slots] += 1
+        self.last_launch = set(int(s) for s in slots)
+        return tokens
+
+    def decode(self, slots, ids, logits=False):
+        assert not self.in_flight, "a step run at once while pipelined steps are in flight"
+        tokens = self._step(slots, ids)
+        return tokens, (self.np.eye(self.vocab_size, dtype=self.np.float32)[tokens] if logits else None)
+
+    def decode_launch(self, slots, ids):
+        assert len(self.in_flight) < self.pipeline_depth
+        if ids is None:  # every slot must have run in the step launched last
+            assert set(slots) <= self.last_launch, (slots, self.last_launch)
+            ids = self.device_next[self.np.asarray(slots)]
+            self.device_ids += 1
+        handle = self._step(slots, ids)
+        self.in_flight.append(handle)
+        self.launches += 1
+        return handle
+
+    def decode_collect(self, handle):
+        assert self.in_flight[0] is handle, "steps are collected in launch order"
+        return self.in_flight.pop(0)
+
+    def drain(self):
+        self.in_flight.clear()
+
+    def free(self, slot):
+        self.lengths[slot] = 0
+
+    def length(self, slot):
+        return int(self.lengths[slot])
+
+    def describe(self):
+        return {"slots": "pipelined stand-in"}
+
+    def release(self):
+        pass
+
+
+def test_pipelined_steps_give_each_request_its_own_sequence(tiny_bundle):
+    from leptonc.runtime.tokenizer import load_tokenizer
+    from leptonc.bundle import load_bundle
+
+    slots = _PipelinedSlots()
+    tokenizer = load_tokenizer(load_bundle(tiny_bundle).tokenizer_dir)
+    engine = BatchingEngine(slots, tokenizer, (5,), EngineConfig(max_queue=20)).start()
+
+    def alone(prompt, max_tokens, stop_at_eos):
+        out, token, position = [], slots.model(sum(prompt), len(prompt)), len(prompt)
+        while True:
+            if stop_at_eos and token == 5:
+                return out
+            out.append(token)
+            if len(out) == max_tokens:
+                return out
+            token, position = slots.model(token, position), position + 1
+
+    try:
+        cases = [([10 + i, 20 + i, 7 * i % 50 + 1], 3 + (i * 5) % 23, i % 3 == 0) for i in range(20)]
+        requests = []
+        for i, (prompt, n, eos) in enumerate(cases):
+            requests.append(engine.submit(prompt, SamplingParams(max_tokens=n, stop_at_eos=eos)))
+            time.sleep(0.002 * (i % 4))
+        for request, (prompt, n, eos) in zip(requests, cases):
+            assert _collect(request)[0] == alone(prompt, n, eos)
+        assert slots.device_ids > 0 and not slots.in_flight  # steps ran ahead on device ids, and none is left over
+        # a sampled request among greedy ones: its steps run one at a time, and the greedy ones are unchanged
+        sampled = engine.submit([1, 2, 3], SamplingParams(max_tokens=6, temperature=1.0, seed=1, stop_at_eos=False))
+        greedy = engine.submit([4, 5, 6], SamplingParams(max_tokens=9, stop_at_eos=False))
+        assert len(_collect(sampled)[0]) == 6 and _collect(greedy)[0] == alone([4, 5, 6], 9, False)
+        cancelled = engine.submit([7, 8], SamplingParams(max_tokens=500, stop_at_eos=False))
+        next(cancelled.events(timeout=10))
+        cancelled.cancel()
+        assert _collect(cancelled)[2] == "cancelled"
+        deadline = time.monotonic() + 10
+        while engine.metrics()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.metrics()["slots_used"] == 0 and (slots.lengths == 0).all()
+    finally:
+        assert engine.shutdown(grace_s=5)

@@ -31,6 +31,7 @@ front of the same object.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections import deque
@@ -89,6 +90,9 @@ class EngineConfig:
     prefill_chunk: int = 512  # chunked slots (the CPU's): prompt tokens prefilled between two decode steps
     num_slots: int | None = None  # sequences decoded together; None: the bundle's max batch
     tokenizer_dir: str | None = None  # a tokenizer for bundles without one
+    # Python's thread switch interval while the engine runs (process-wide, put back at shutdown): the longest the
+    # scheduler waits for Python's lock after a step while the HTTP server's threads hold it. None: Python's 5 ms.
+    switch_interval_s: float | None = 0.0005
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -99,6 +103,8 @@ class EngineConfig:
             raise InputError(f"num_slots must be >= 1, not {self.num_slots}")
         if self.device not in (None, "cpu", "cuda"):
             raise InputError(f"device must be 'cpu' or 'cuda', not {self.device!r}")
+        if self.switch_interval_s is not None and not 1e-5 <= self.switch_interval_s <= 1.0:
+            raise InputError(f"switch_interval_s must be between 1e-05 and 1 second, not {self.switch_interval_s}")
 
 
 
@@ -137,6 +143,9 @@ class BatchingEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._writer: EngineWriter | None = None
+        self._in_flight: deque = deque()  # pipelined steps launched, not yet collected: (handle, their running list)
+        self._last_launch: set[int] = set()  # ids of the requests in the step launched last
+        self._switch_interval: float | None = None  # Python's own, while the engine has set its own
         self.failure: str | None = None  # the scheduler's fatal error, if it died
 
     # ---- construction -----------------------------------------------------------------------------
@@ -178,6 +187,9 @@ class BatchingEngine:
             if self._thread is not None:
                 return self
             self._accepting, self._stop = True, False
+            if self.config.switch_interval_s is not None:
+                self._switch_interval = sys.getswitchinterval()
+                sys.setswitchinterval(self.config.switch_interval_s)
             self._writer = EngineWriter(self.tokenizer, self._count_generated, self._finished, self._wake)
             self._thread = threading.Thread(target=self._loop, name="leptonc-batching", daemon=True)
             self._thread.start()
@@ -213,6 +225,9 @@ class BatchingEngine:
         if self._writer is not None:  # the last events (the cancellations) reach their clients
             self._writer.close()
             self._writer = None
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
         self.slots.release()
         return clean
 
@@ -297,9 +312,13 @@ class BatchingEngine:
                     prefill = self._next_prefill()
                     running = list(self._running.items())
                 if prefill:
+                    self._collect_all()  # the prefill waits for the device anyway; the steps in flight come first
                     self._guarded(prefill, lambda: self._prefill(prefill))
+                    running = self._still_running()
                 if running:
-                    self._guarded([r for _, r in running], lambda: self._decode_step(running))
+                    self._decode(running)
+                if self._in_flight and not self._running:  # the last sequences ended: nothing waits on the device
+                    self._collect_all()
                 with self._lock:
                     self._lock.notify_all()  # shutdown() waits on the lock for the outstanding count to fall
         except BaseException as exc:  # noqa: BLE001 - the scheduler must not die silently: fail every request
@@ -321,6 +340,14 @@ class BatchingEngine:
             step()
         except Exception as exc:  # noqa: BLE001 - reported to each request's client, the engine keeps serving
             message = exc.message if isinstance(exc, LeptonError) else f"{type(exc).__name__}: {exc}"
+            self._last_launch = set()  # the next step's ids come from the host
+            # steps still in flight are dropped, so their sequences (whose caches ran ahead) end too
+            requests = requests + [r for _, queued in self._in_flight for _, r in queued]
+            self._in_flight.clear()
+            try:
+                self.slots.drain()
+            except Exception:  # noqa: BLE001 - the device is already failing; the requests get the first error
+                pass
             with self._lock:
                 for request in requests:
                     self._writer.finish(request, "error", message)  # a no-op for one that had ended already
@@ -404,22 +431,70 @@ class BatchingEngine:
             for request in cancelled:  # after its first token, as a cancellation mid-stream would be
                 self._writer.finish(request, "cancelled")
 
+    def _still_running(self) -> list[tuple[int, Request]]:
+        """The decode batch now: after steps were collected (some ended) or prompts prefilled (some joined)."""
+        with self._lock:
+            return list(self._running.items())
+
+    def _decode(self, running: list[tuple[int, Request]]) -> None:
+        """One decode step for the running sequences: queued ahead of its tokens where the slots allow it and every
+        sequence is greedy (PIPELINE_DEPTH steps in flight), else run and taken at once."""
+        requests = [r for _, r in running]
+        if not (self.slots.pipelined and all(r.params.greedy for r in requests)):
+            self._collect_all()
+            running = self._still_running()
+            if running:
+                self._guarded([r for _, r in running], lambda: self._decode_step(running))
+            return
+        fresh = any(r.id not in self._last_launch for r in requests)
+        if fresh and self._in_flight:  # a sequence joined: its id is on the host, so every id comes from there
+            self._collect_all()
+            running = self._still_running()
+            if not running:
+                return
+        slots = [slot for slot, _ in running]
+        ids = np.asarray([r.last_token for _, r in running], np.int64) if fresh else None
+
+        def launch() -> None:
+            self._in_flight.append((self.slots.decode_launch(slots, ids), running))
+            self._last_launch = {r.id for _, r in running}
+            with self._lock:
+                self._counters.decode_steps_total += 1
+
+        self._guarded([r for _, r in running], launch)
+        if len(self._in_flight) >= self.slots.pipeline_depth:
+            self._collect_oldest()
+
+    def _collect_oldest(self) -> None:
+        handle, running = self._in_flight.popleft()
+        self._guarded([r for _, r in running], lambda: self._take_step(running, self.slots.decode_collect(handle), None))
+
+    def _collect_all(self) -> None:
+        while self._in_flight:
+            self._collect_oldest()
+
     def _decode_step(self, running: list[tuple[int, Request]]) -> None:
         slots = [slot for slot, _ in running]
         last = np.asarray([r.last_token for _, r in running], np.int64)
         want_logits = any(not r.params.greedy for _, r in running)
         tokens, logits = self.slots.decode(slots, last, logits=want_logits)
+        self._last_launch = {r.id for _, r in running}
+        with self._lock:
+            self._counters.decode_steps_total += 1
+        self._take_step(running, tokens, logits)
+
+    def _take_step(self, running: list[tuple[int, Request]], tokens: np.ndarray, logits: np.ndarray | None) -> None:
+        """A step's tokens to their sequences (those still in their slot), ended ones freed, the rest to the writer."""
         step, ended = [], []
-        for row, (_, request) in enumerate(running):
-            if request.cancelled or request.finished:
-                continue  # _drop_ended takes it out next turn
+        for row, (slot, request) in enumerate(running):
+            if request.cancelled or request.finished or request.slot != slot:
+                continue  # ended since the step was launched, or cancelled (_drop_ended takes it out next turn)
             token = request.next_token(int(tokens[row]), logits[row] if logits is not None else None)
             end = request.take(token, self.eos_ids)
             step.append((request, token, end))
             if end is not None:
                 ended.append(request)
         with self._lock:
-            self._counters.decode_steps_total += 1
             for request in ended:
                 self._release(request)
             self._writer.tokens(step)

@@ -15,6 +15,11 @@ different lengths share one decode step of fixed shapes, the step ONNX Runtime c
   Rows of the bucket not in the step compute a throw-away entry at their own next index (never read: their
   mask stops before it, and their next prefill or step writes that index again).
 - `free(slot)` zeroes the slot's mask row and length.
+- **pipelined greedy steps** (CUDA, where the runner has a stream of its own): `decode_launch` queues a step on the
+  device and returns at once, `decode_collect` waits for its tokens. A step whose sequences all ran in the step
+  before takes its ids from that step's `next_token` on the device, so the engine can queue the next step before it
+  reads this one's tokens, and the GPU does not wait for the host (or for Python's lock) between steps. Each step in
+  flight has its own page-locked copy of the inputs.
 
 The engine (batching.py) takes the lowest free slot first, so running sequences stay packed at the low rows.
 The same code runs on ONNX Runtime's CPU provider (device_type "cpu"), which is how CI checks it.
@@ -23,6 +28,7 @@ The same code runs on ONNX Runtime's CPU provider (device_type "cpu"), which is 
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import numpy as np
 
@@ -31,6 +37,7 @@ from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_POS
 from leptonc.runtime.slots import KvSlots
 
 BUCKET_GRAPH_IDS = 1000  # CUDA graph ids of the decode buckets: 1000 + rows (the runner's own use 1, 2, ...)
+PIPELINE_DEPTH = 2  # greedy steps in flight at once (decode_launch)
 
 
 def decode_buckets(num_slots: int) -> list[int]:
@@ -61,8 +68,19 @@ class BlockKvSlots(KvSlots):
         self.host_ids, self.host_pos = self.host[:num_slots], self.host[self._seg:self._seg + num_slots]
         self.host_mask = self.host[2 * self._seg:].reshape(num_slots, cap)
         self.inputs = runner._empty((self.host.size,), np.int64)
+        self.next_tokens = runner._empty((num_slots,), np.int64)  # every bucket's next_token: a prefix of this
         self._states: dict[int, dict] = {}
         self.steps_by_bucket: dict[int, int] = dict.fromkeys(self.buckets, 0)
+        driver = getattr(runner, "_driver", None)
+        self.pipelined = bool(runner.device_type == "cuda" and driver is not None and runner._stream is not None
+                              and runner.token_output)
+        self._stages: list[dict] = []
+        self._launched = 0
+        self._context_thread: int | None = None  # the thread on which _driver() last made the context current
+        self.pipeline_depth = PIPELINE_DEPTH
+        if self.pipelined:
+            self._stages = [{"inputs": driver.pinned(self.host.size), "tokens": driver.pinned(num_slots),
+                             "event": driver.event(), "busy": False} for _ in range(PIPELINE_DEPTH)]
 
     def length(self, slot: int) -> int:
         return int(self.lengths[slot])
@@ -136,32 +154,44 @@ class BlockKvSlots(KvSlots):
             state = {LOGITS: runner._empty((rows, 1, self.vocab_size), runner.logits_dtype)}
             binding.bind_ortvalue_output(LOGITS, state[LOGITS])
             if runner.token_output:
-                state[NEXT_TOKEN] = runner._empty((rows, 1), np.int64)
-                binding.bind_ortvalue_output(NEXT_TOKEN, state[NEXT_TOKEN])
+                binding.bind_output(NEXT_TOKEN, runner.device_type, runner.device_id, np.int64, [rows, 1],
+                                    self.next_tokens.data_ptr())
             if runner.selects_logits:  # each row's one new position: zeros
                 state[LOGITS_POSITIONS] = runner.ort.OrtValue.ortvalue_from_numpy(
                     np.zeros((rows, 1), np.int64), runner.device_type, runner.device_id)
                 binding.bind_ortvalue_input(LOGITS_POSITIONS, state[LOGITS_POSITIONS])
             state["binding"] = binding
             state["run_options"] = runner._run_options(BUCKET_GRAPH_IDS + rows)
+            state["async_options"] = runner._run_options(BUCKET_GRAPH_IDS + rows)
+            state["async_options"].add_run_config_entry("disable_synchronize_execution_providers", "1")
             state["nbytes"] = 8 * (2 * seg + rows * cap)
             self._states[rows] = state
         return state
 
-    def _copy_inputs(self, nbytes: int) -> None:
+    def _driver(self):
+        """The runner's CUDA driver with the device's context current on this thread (the engine steps on a thread
+        of its own)."""
+        driver = self.runner._driver
+        if self._context_thread != threading.get_ident():
+            driver.make_current()
+            self._context_thread = threading.get_ident()
+        return driver
+
+    def _copy_inputs(self, nbytes: int, bucket: int) -> None:
         """The input buffer's first `nbytes` to the device, before the step (in the session's stream order)."""
         runner = self.runner
         if self.device == "cpu":
             ctypes.memmove(self.inputs.data_ptr(), self.host.ctypes.data, nbytes)
         elif getattr(runner, "_driver", None) is not None and runner._stream is not None:
-            runner._driver.copy(self.inputs.data_ptr(), self.host.ctypes.data, nbytes, runner._stream)
+            self._driver().copy(self.inputs.data_ptr(), self.host.ctypes.data, nbytes, runner._stream)
         else:  # no stream of ours: the whole buffer, on ONNX Runtime's copy path
             self.inputs.update_inplace(self.host)
 
-    def decode(self, slots: list[int], token_ids: np.ndarray, *, logits: bool = False
-               ) -> tuple[np.ndarray, np.ndarray | None]:
-        runner, lengths, cap = self.runner, self.lengths, self.max_sequence
-        rows = np.asarray(slots, np.int64)
+    def _step_inputs(self, rows: np.ndarray, token_ids: np.ndarray | None, copy) -> tuple[int, dict]:
+        """The host side of a step over `rows`: ids (unless None: they come from the device), positions and the mask
+        with a throw-away entry for the bucket's other rows, handed to `copy(nbytes)` before those entries are
+        taken back. (bucket, its state)."""
+        lengths, cap = self.lengths, self.max_sequence
         if (lengths[rows] >= cap).any():
             raise InputError(f"a sequence reached this bundle's limit of {cap} tokens")
         bucket = next(b for b in self.buckets if b > rows.max())
@@ -169,21 +199,73 @@ class BlockKvSlots(KvSlots):
         active = np.zeros(bucket, bool)
         active[rows] = True
         idle = np.flatnonzero(~active & (lengths[:bucket] < cap))
-        self.host_ids[:bucket] = 0
-        self.host_ids[rows] = np.asarray(token_ids, np.int64).reshape(-1)
+        if token_ids is not None:
+            self.host_ids[:bucket] = 0
+            self.host_ids[rows] = np.asarray(token_ids, np.int64).reshape(-1)
         self.host_pos[:bucket] = np.minimum(lengths[:bucket], cap - 1)
         self.host_mask[rows, lengths[rows]] = 1
         self.host_mask[idle, lengths[idle]] = 1  # a throw-away entry for rows not in this step
-        self._copy_inputs(state["nbytes"])
+        copy(state["nbytes"], bucket)
         self.host_mask[idle, lengths[idle]] = 0
-        runner.session.run_with_iobinding(state["binding"], state["run_options"])
         lengths[rows] += 1
         self.steps_by_bucket[bucket] += 1
+        return bucket, state
+
+    def decode(self, slots: list[int], token_ids: np.ndarray, *, logits: bool = False
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        runner = self.runner
+        self.drain()
+        rows = np.asarray(slots, np.int64)
+        bucket, state = self._step_inputs(rows, token_ids, self._copy_inputs)
+        runner.session.run_with_iobinding(state["binding"], state["run_options"])
         want = logits or not runner.token_output
         step_logits = state[LOGITS].numpy().reshape(bucket, -1)[rows].astype(np.float32) if want else None
-        tokens = (state[NEXT_TOKEN].numpy().reshape(bucket)[rows] if runner.token_output
-                  else step_logits.argmax(-1))
+        tokens = (self.next_tokens.numpy()[rows] if runner.token_output else step_logits.argmax(-1))
         return tokens.astype(np.int64), step_logits if logits else None
+
+    # ---- pipelined greedy steps (CUDA) ------------------------------------------------------------
+
+    def decode_launch(self, slots: list[int], token_ids: np.ndarray | None) -> dict:
+        """Queue one greedy step over `slots` and return at once (module doc). `token_ids` None: every slot ran in
+        the step launched last, and its id is that step's next_token, on the device. At most PIPELINE_DEPTH
+        steps are in flight: collect the oldest before launching past that."""
+        runner, d, stream = self.runner, self._driver(), self.runner._stream
+        stage = self._stages[self._launched % PIPELINE_DEPTH]
+        if stage["busy"]:
+            raise RuntimeError("decode_launch: collect the oldest step in flight first")
+        rows = np.asarray(slots, np.int64)
+        staged, base, seg = stage["inputs"], self.inputs.data_ptr(), self._seg
+
+        def copy(nbytes: int, bucket: int) -> None:
+            words = nbytes // 8
+            np.copyto(staged[:words], self.host[:words])
+            if token_ids is None:  # positions and mask from the host, ids from the last step's next_token
+                d.copy(base + 8 * seg, staged.ctypes.data + 8 * seg, nbytes - 8 * seg, stream)
+                d.copy(base, self.next_tokens.data_ptr(), 8 * bucket, stream)
+            else:
+                d.copy(base, staged.ctypes.data, nbytes, stream)
+
+        bucket, state = self._step_inputs(rows, token_ids, copy)
+        runner.session.run_with_iobinding(state["binding"], state["async_options"])
+        d.copy(stage["tokens"].ctypes.data, self.next_tokens.data_ptr(), 8 * bucket, stream)
+        d.record(stage["event"], stream)
+        stage["busy"] = True
+        self._launched += 1
+        return {"stage": stage, "rows": rows}
+
+    def decode_collect(self, handle: dict) -> np.ndarray:
+        """The greedy tokens of a launched step, for its slots in launch order (waits for the step)."""
+        stage = handle["stage"]
+        self._driver().wait(stage["event"])
+        stage["busy"] = False
+        return stage["tokens"][handle["rows"]].copy()
+
+    def drain(self) -> None:
+        """Wait for every launched step (their tokens are dropped: the caller collects the ones it wants first)."""
+        if any(stage["busy"] for stage in self._stages):
+            self._driver().sync(self.runner._stream)
+            for stage in self._stages:
+                stage["busy"] = False
 
     def free(self, slot: int) -> None:
         self.host_mask[slot] = 0
@@ -191,8 +273,15 @@ class BlockKvSlots(KvSlots):
 
     def describe(self) -> dict:
         return {**super().describe(), "decode_buckets": self.buckets, "prefill_budget_tokens": self.prefill_budget,
-                **self.runner.describe()}
+                "pipelined_steps": PIPELINE_DEPTH if self.pipelined else "off (needs CUDA and a stream of the "
+                "runner's own)", **self.runner.describe()}
 
     def release(self) -> None:
-        self._states = {}
+        self.drain()
+        for stage in self._stages:
+            driver = self._driver()
+            driver.free_pinned(stage["inputs"])
+            driver.free_pinned(stage["tokens"])
+            driver.destroy_event(stage["event"])
+        self._stages, self._states = [], {}
         self.runner.release()

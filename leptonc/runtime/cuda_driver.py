@@ -44,6 +44,11 @@ class CudaDriver:
         self.lib.cuEventSynchronize.argtypes = [ctypes.c_void_p]
         self.lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
 
+    def make_current(self) -> None:
+        """Make the device's primary context current on the calling thread (a thread other than the one that made
+        this driver, such as a serving engine's scheduler, may have none yet)."""
+        self._check(self.lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+
     def _check(self, status: int, call: str) -> None:
         if status != 0:
             name = ctypes.c_char_p()

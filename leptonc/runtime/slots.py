@@ -34,6 +34,8 @@ class KvSlots(ABC):
     device: str = "cpu"
     prefill_in_chunks: bool = True  # whether a prompt may be prefilled over several calls
     prefill_budget: int = 0  # slots that prefill whole prompts: padded prompt tokens the engine gives one prefill_many
+    pipelined: bool = False  # greedy steps can be queued ahead of their tokens (decode_launch / decode_collect)
+    pipeline_depth: int = 1  # steps in flight at most
 
     @abstractmethod
     def prefill(self, slot: int, token_ids: list[int]) -> np.ndarray:
@@ -58,6 +60,16 @@ class KvSlots(ABC):
         """Prefill several slots, each with its whole prompt (or next chunk); the logits [vocab] of each one's last
         token, in the given order. Implementations that can run them together do (block_slots.py)."""
         return [self.prefill(slot, ids) for slot, ids in zip(slots, prompts)]
+
+    def decode_launch(self, slots: list[int], token_ids: np.ndarray | None):
+        """Queue a greedy step (only where `pipelined`; block_slots.py)."""
+        raise NotImplementedError(f"{type(self).__name__} runs its steps one at a time")
+
+    def decode_collect(self, handle) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} runs its steps one at a time")
+
+    def drain(self) -> None:
+        """Wait for steps in flight (nothing to wait for where steps run one at a time)."""
 
     def describe(self) -> dict:
         return {"slots": type(self).__name__, "num_slots": self.num_slots, "device": self.device}
