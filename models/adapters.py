@@ -42,4 +42,4 @@ def get_adapter(model_type: str) -> Adapter:
 
 def _load_all() -> None:
     # Importing an adapter module registers it; cheap (no torch at import time).
-    from leptonc.models import gpt2, gpt_neox, llama, phi3  # noqa: F401
+    from leptonc.models import gemma3, gpt2, gpt_neox, llama, phi3  # noqa: F401

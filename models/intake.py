@@ -85,7 +85,7 @@ def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bo
 
 
 def _load_builtin(b: Builtin) -> LoadedModel:
-    if b.kind == "gguf-package":
+    if b.kind in ("gguf-package", "gguf-chunks"):
         return _load_gguf(gguf_path(b), name=b.name, kind="builtin", description=b.description)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

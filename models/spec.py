@@ -33,11 +33,16 @@ class DecoderSpec:
     rotary_dim: int = 0  # dims of each head that rotate (head_dim unless partial rotary)
     rope_inv_freq: tuple[float, ...] = ()
     rope_attention_scaling: float = 1.0
+    # the sliding-window layers' own rotary (gemma3: a local base beside the global one); () = same as above
+    rope_local_inv_freq: tuple[float, ...] = ()
+    rope_local_attention_scaling: float = 1.0
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (qwen3)
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (gpt_neox)
+    post_norms: bool = False  # x + post_attn_norm(attn(ln1(x))), then x + post_mlp_norm(mlp(ln2(x))) (gemma3)
+    embed_scale: float = 1.0  # token embeddings are multiplied by this before the first layer (gemma3: sqrt(hidden))
     tied_embeddings: bool = False
     attention_scale: float | None = None  # defaults to head_dim ** -0.5
     layer_attention_scales: tuple[float, ...] = ()  # per-layer override (gpt2 scale_attn_by_inverse_layer_idx)
@@ -55,10 +60,15 @@ class DecoderSpec:
             raise ValueError("layer_attention_scales needs one scale per layer")
         if self.sliding_layers and not self.sliding_window:
             raise ValueError("sliding_layers given without a sliding_window")
+        if self.rope_local_inv_freq and len(self.rope_local_inv_freq) != len(self.rope_inv_freq):
+            raise ValueError("rope_local_inv_freq must hold as many frequencies as rope_inv_freq")
+        if self.post_norms and self.parallel_residual:
+            raise ValueError("post_norms is defined for sequential residuals only")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("rope_inv_freq")
+        d.pop("rope_local_inv_freq")
         return d
 
 
