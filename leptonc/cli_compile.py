@@ -24,7 +24,7 @@ def _precision_from_flags(precision: Optional[str], flags: dict[str, bool]) -> O
 def compile_cmd(
     ctx: typer.Context,
     source: Optional[str] = typer.Argument(None, help="Hugging Face model directory, .gguf file, or built-in name "
-                                                      "(tiny-llama, smollm2-135m, llama-1b-shape, llama-8b-shape). "
+                                                      "(tiny-llama, smollm2-135m, gemma-3-270m, llama-1b-shape, llama-8b-shape). "
                                                       "Omit with --config."),
     target: str = typer.Option("cpu", "--target", "-t", help="Hardware target (see `leptonc targets`)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Bundle path (default NAME.TARGET.lepton)."),
