@@ -5,8 +5,9 @@ steps (max |logits error| <= 1e-3, fp32) and greedy equality for 12 new tokens.
 
 The variants cover tied and untied embeddings, grouped-query and multi-head attention, head dims
 that are not hidden/heads (24, 32), partial rotary, Llama-3 rope scaling, a sliding window that the
-prompts exceed, QKV bias, q/k norm, fused qkv/gate-up weights, learned positions + LayerNorm + GELU,
-and parallel and sequential residuals."""
+prompts exceed, Gemma 3's interleaved sliding and global layers with two rotary bases, QKV bias, q/k
+norm, fused qkv/gate-up weights, learned positions + LayerNorm + GELU, and parallel and sequential
+residuals."""
 
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ VARIANTS = {
         **LLAMA_LIKE, "num_key_value_heads": 2, "partial_rotary_factor": 0.5, "tie_word_embeddings": False,
         "pad_token_id": 0},
         {"num_kv_heads": 2, "rotary_dim": 8}),
+    "gemma3-sliding-local-rope": ("gemma3_text", {
+        **LLAMA_LIKE, "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}},
+        {"post_norms": True, "qk_norm": True, "sliding_layers": [0], "activation": "gelu_tanh",
+         "tied_embeddings": True}),
     "gpt2-tied": ("gpt2", {**COMMON, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
                   {"position": "learned", "norm": "layer", "activation": "gelu_tanh", "tied_embeddings": True}),
     "gpt_neox-parallel": ("gpt_neox", {
