@@ -46,6 +46,9 @@ class ActivationStats:
     tokens: int = 0
     method: str = "minmax"
     rounding: dict | None = None  # GPTQ's summary when the groups carry GPTQ codes (gptq.round_groups)
+    sensitivity_scores: dict | None = None  # --int4 mixed precision: {"scores": {linear: score}, ...} (cached)
+    eight_bit: list[str] = field(default_factory=list)  # --int4: linears kept at 8 bits by measured sensitivity
+    sensitivity: dict | None = None  # how they were chosen (calibration/quantize.py _choose_eight_bit; not cached)
 
     def group_of(self, weight_name: str) -> GroupStats | None:
         for g in self.groups:

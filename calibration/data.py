@@ -1,9 +1,16 @@
-"""Calibration data: token batches cut from a text file.
+"""Calibration data: token batches cut from a text file; and the texts leptonc ships, each with one role.
 
-The default text ships with the package: `leptonc/data/calibration.txt` holds characters
-[0, 119655) of WikiText-2 `valid.txt` (the file's first ~120 KB, ending on a line boundary). Held-out
-evaluation (the accuracy gate, BENCHMARKS) reads the same file from character `EVAL_OFFSET_CHARS`
-on, so calibration and evaluation text never overlap.
+  calibration  `leptonc/data/calibration.txt`: characters [0, 119655) of WikiText-2 `valid.txt` (the file's
+               first ~120 KB, ending on a line boundary). Activation statistics, SmoothQuant/AWQ scales, GPTQ
+               Hessians and the layer sensitivity of mixed precision are measured on it.
+  tuning       `leptonc/data/heldout.txt`: characters [400174, 460000) of the same file. Recipe defaults
+               (SmoothQuant alpha, GPTQ damping, block size, bit budget) were chosen on it; pruning's importance
+               check reads it. Never used to report accuracy.
+  evaluation   `leptonc/data/eval_python_docs.txt` (Python Language Reference prose) and
+               `eval_python_code.txt` (Python standard library source), from CPython 3.11.7 (PSF licence;
+               bench/eval_texts.py builds them). Nothing was chosen on them: the accuracy gate reads the
+               docs text by default, BENCHMARKS reports both (and WikiText-2 `valid.txt` from character
+               800,000, which is not shipped).
 """
 
 from __future__ import annotations
@@ -18,6 +25,28 @@ from leptonc.errors import InputError
 DEFAULT_CALIB_TEXT = Path(__file__).resolve().parents[1] / "leptonc" / "data" / "calibration.txt"
 CALIB_CHARS = 119655  # how many leading characters of valid.txt the shipped text holds
 EVAL_OFFSET_CHARS = 400_000  # held-out evaluation starts here in valid.txt (well past CALIB_CHARS)
+
+
+TEXT_ROLES = {
+    "calibration": "calibration.txt: WikiText-2 valid.txt [0, 119655); statistics, scales, GPTQ, layer sensitivity",
+    "tuning": "heldout.txt: WikiText-2 valid.txt [400174, 460000); recipe defaults were chosen on it",
+    "evaluation": "eval_python_docs.txt, eval_python_code.txt: Python 3.11.7 docs prose and stdlib source; "
+                  "nothing was chosen on them",
+}
+GATE_TEXT = "eval_python_docs.txt"  # the accuracy gate's default text (an evaluation text)
+
+
+def shipped_text(name: str) -> Path:
+    """A text in leptonc/data/ (installed package or source tree)."""
+    try:
+        import leptonc
+
+        path = Path(leptonc.__file__).resolve().parent / "data" / name
+        if path.is_file():
+            return path
+    except ImportError:  # pragma: no cover
+        pass
+    return DEFAULT_CALIB_TEXT.parent / name
 
 
 def default_calibration_text() -> Path:

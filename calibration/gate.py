@@ -2,8 +2,9 @@
 matches PyTorch to ~5e-5) and of the quantized model on held-out text, plus top-1 token agreement
 between them. An increase above `--max-ppl-increase` percent fails the compile (exit 6, no bundle).
 
-Held-out text: `leptonc/data/heldout.txt`, characters [400174, 460000) of WikiText-2 `valid.txt`
-(calibration uses [0, 119655)), unless `check_data` names another file.
+Its text: `leptonc/data/eval_python_docs.txt` (an evaluation text: nothing was calibrated or chosen on it;
+calibration/data.py lists each shipped text's role), unless `check_data` names another file. The record
+says which text it read and in which role.
 """
 
 from __future__ import annotations
@@ -18,9 +19,17 @@ from leptonc.errors import VerificationError
 
 
 def default_heldout_text() -> Path:
-    import leptonc
+    """The tuning split (WikiText-2): recipe defaults were chosen on it; pruning's check reads it."""
+    from leptonc.calibration.data import shipped_text
 
-    return Path(leptonc.__file__).resolve().parent / "data" / "heldout.txt"
+    return shipped_text("heldout.txt")
+
+
+def default_gate_text() -> Path:
+    """The accuracy gate's default text: an evaluation text no recipe was chosen on."""
+    from leptonc.calibration.data import GATE_TEXT, shipped_text
+
+    return shipped_text(GATE_TEXT)
 
 
 def held_out_ids(tokenizer, path: Path, tokens: int) -> np.ndarray:
@@ -54,6 +63,13 @@ def evaluate_pair(ref_runner, quant_runner, ids: np.ndarray, window: int) -> dic
             "top1_agreement": round(agree / positions, 4), "scored_tokens": count, "window": window}
 
 
+def text_roles() -> dict:
+    """What each shipped text was used for (calibration, tuning, evaluation), for the gate's record."""
+    from leptonc.calibration.data import TEXT_ROLES
+
+    return dict(TEXT_ROLES)
+
+
 def gate_skipped(settings) -> dict | None:
     """The gate's record when --no-check skips it, else None (the compiler then opens the runners to measure)."""
     if settings.check:
@@ -66,14 +82,17 @@ def accuracy_gate(ref_runner, quant_runner, tokenizer, settings, limits: dict) -
     --max-ppl-increase. The caller (leptonc/compiler.py) opens both runners with its backend and releases
     them; calibration never reaches into a backend. Raises VerificationError on failure, with the figures
     on the error (`.gate`) for the failed report."""
-    data = Path(settings.check_data or default_heldout_text())
+    data = Path(settings.check_data or default_gate_text())
     ids = held_out_ids(tokenizer, data, settings.check_tokens)
     window = int(min(512, limits["max_sequence"], max(2, len(ids))))
     result = evaluate_pair(ref_runner, quant_runner, ids, window)
     limit = settings.max_ppl_increase
     bad = not math.isfinite(result["quantized_perplexity"]) or result["ppl_increase_pct"] > limit
     result.update({"status": "failed" if bad else "passed", "rule": f"perplexity increase <= {limit:g}%",
-                   "data": str(data), "reference": "fp32 export (ONNX Runtime)"})
+                   "data": str(data), "reference": "fp32 export (ONNX Runtime)",
+                   "text_role": "the user's text (--check-data)" if settings.check_data else
+                   "evaluation: Python 3.11.7 Language Reference prose; no calibration or recipe choice read it",
+                   "texts": text_roles()})
     if bad:
         error = VerificationError(
             f"accuracy gate failed: perplexity {result['reference_perplexity']:.3f} -> "

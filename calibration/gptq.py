@@ -116,7 +116,7 @@ def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
 
 
 def round_groups(module, weights, stats, batches: np.ndarray, block: int, damp: float = GPTQ_DAMP,
-                 on_progress=None) -> dict:
+                 on_progress=None, act_order: bool = False) -> dict:
     """GPTQ-round every AWQ-scaled group of `stats` (groups with a prescale) into `group.rounded`
     ({member: BlockQuantized of W * s on AWQ's grid}); returns the summary the manifest records."""
     from leptonc.calibration.awq import awq_grid
@@ -151,7 +151,7 @@ def round_groups(module, weights, stats, batches: np.ndarray, block: int, damp: 
                 w = np.asarray(weights(m), np.float32)
                 ws = w * g.prescale[None, :]
                 grid = awq_grid(ws, block, g.samples / g.prescale[None, :])
-                dq, c = gptq_fixed_grid(ws, hp, grid.scales, grid.zero_points, block, damp=damp)
+                dq, c = gptq_fixed_grid(ws, hp, grid.scales, grid.zero_points, block, damp=damp, act_order=act_order)
                 codes = grid.codes.copy()  # padded columns keep their (zero-weight) codes
                 zp = np.repeat(grid.zero_points.astype(np.float64), block, axis=1)[:, : w.shape[1]]
                 codes[:, : w.shape[1]] = np.rint(c + zp).astype(np.uint8)
@@ -163,7 +163,7 @@ def round_groups(module, weights, stats, batches: np.ndarray, block: int, damp: 
                     on_progress(done, total, "GPTQ rounding")
             del h
     return {"rounding": "gptq", "sequences": int(len(batches)), "tokens": int(tokens), "damp": damp,
-            "order": "natural", "windows": len(windows),
+            "order": "activation (decreasing diag H)" if act_order else "natural", "windows": len(windows),
             "grid": "static: each block's scale and zero point from AWQ's clip search and refit",
             "output_error_vs_nearest": {"median": round(float(np.median(ratios)), 4) if ratios else None,
                                         "lower": int(sum(r < 1 for r in ratios)), "linears": len(ratios)}}

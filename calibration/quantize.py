@@ -32,6 +32,7 @@ from leptonc.errors import UnsupportedRequestError, VerificationError
 
 CALIB_VERSION = 6  # bump when the statistics change meaning (invalidates the cache)
 QUANTIZED = ("int8", "fp8", "int4")
+SENSITIVITY_SEQUENCES = 8  # calibration sequences the layer sensitivity is measured on
 FP8_DEFAULT_KEEP = ("lm_head", "embed")  # --fp8 keeps these in higher precision; --fp8-lm-head quantizes them
 CLIPPING_OBSERVERS = ("percentile", "entropy")  # they clip activation outliers, which fp8 (E4M3) could represent
 FP8_DEFAULT_ALPHA = 0.5  # --fp8's SmoothQuant strength unless --smoothquant-alpha is given. Chosen on the tuning
@@ -43,6 +44,7 @@ FP8_DEFAULT_ALPHA = 0.5  # --fp8's SmoothQuant strength unless --smoothquant-alp
 # (README): int8 weight-only +0.6%, W8A8 +4.7%, fp8 +2.1% pass 5%; int4 AWQ with GPTQ rounding (+8.8%) passes
 # 10%, while nearest rounding (+13.6%) and RTN (+33.7%) are refused with a hint naming the better method.
 DEFAULT_MAX_PPL_INCREASE = {"int8": 5.0, "fp8": 5.0, "int4": 10.0}
+INT4_BITS_BUDGET = 4.5  # --int4-bits-budget default (bits per weight over the decoder's linear layers)
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,14 @@ class QuantSettings:
     int8_mode: str = "w8a8"  # w8a8 | weight-only
     smoothquant_alpha: float | None = None  # None: int8 searches it per layer group (smoothquant.search_alpha);
     # fp8 uses FP8_DEFAULT_ALPHA (set in __post_init__)
-    int8_block: int = 64  # weight-only int8 (MatMulNBits bits=8) block along K
+    activations: str | None = None  # --int8 w8a8 and --fp8: dynamic (a scale per token: int8 in 64-channel
+    # blocks inside MatMulNBits; fp8 per row of each linear's input) | static (per tensor from calibration, Q/DQ);
+    # None: CompileConfig picks dynamic for ONNX Runtime on the CPU, static elsewhere (a bare QuantSettings: static)
+    int8_block: int = 64  # int8 MatMulNBits (weight-only, dynamic W8A8) block along K
     int4_block: int = 128
     int4_method: str = "awq"  # awq | rtn
     int4_rounding: str | None = None  # gptq | nearest; None: gptq for awq, nearest for rtn (set in __post_init__)
+    gptq_act_order: bool = False  # GPTQ rounds columns in order of decreasing input energy (diag H), not 0..K-1
     gptq_samples: int | None = None  # sequences of calib_seq_len whose every token enters GPTQ's Hessian; None:
     # GPTQ_SAMPLES with GPTQ rounding (set in __post_init__), else unused
     kv_cache: str | None = None
@@ -64,11 +70,13 @@ class QuantSettings:
     calib_method: str = "minmax"
     keep_fp: tuple[str, ...] = ()
     int4_8bit: tuple[str, ...] = ()  # --int4: layers (patterns) quantized to 8 bits instead (sensitive ones)
+    int4_bits_budget: float = INT4_BITS_BUDGET  # --int4: effective bits per weight (decoder linears) that the
+    # sensitivity-driven 8-bit layers may bring the model to (calibration/sensitivity.py); 0 turns them off
     fp8_lm_head: bool = False  # --fp8: also quantize the LM head (and the tied embedding); off by default
     max_ppl_increase: float | None = None  # None: DEFAULT_MAX_PPL_INCREASE for the precision
     check: bool = True
     check_tokens: int = 2048
-    check_data: str | None = None  # held-out text for the gate (default: leptonc/data/heldout.txt)
+    check_data: str | None = None  # held-out text for the gate (default: leptonc/data/eval_python_docs.txt)
     break_scales: float = 1.0  # test hook: multiplies every weight scale (a forced-tiny scale must trip the gate)
 
     def __post_init__(self) -> None:
@@ -79,6 +87,13 @@ class QuantSettings:
         if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise UnsupportedRequestError("--smoothquant-alpha must be in [0, 1] (0.5 is the paper's default; "
                                           "leave it out to search it per layer)")
+        if self.activations not in (None, "dynamic", "static"):
+            raise UnsupportedRequestError(f"--activations {self.activations!r}: use dynamic or static")
+        if self.activations is not None and self.format not in ("int8-w8a8", "fp8"):
+            raise UnsupportedRequestError("--activations applies to --int8 W8A8 and --fp8 only", hint="drop it")
+        if self.int4_bits_budget < 0:
+            raise UnsupportedRequestError("--int4-bits-budget is bits per weight (4.5 by default; 0 turns the "
+                                          "sensitivity-driven 8-bit layers off)")
         if self.int4_block not in (32, 64, 128):
             raise UnsupportedRequestError(f"--int4-block {self.int4_block}: use 32, 64 or 128")
         if self.int4_method not in ("awq", "rtn"):
@@ -96,6 +111,9 @@ class QuantSettings:
         if self.gptq_samples is not None and not self.uses_gptq:
             raise UnsupportedRequestError("--gptq-samples only applies to GPTQ rounding (--int4 with --int4-method awq "
                                           "and --int4-rounding gptq, the defaults)", hint="drop --gptq-samples")
+        if self.gptq_act_order and not self.uses_gptq:
+            raise UnsupportedRequestError("--gptq-act-order only applies to GPTQ rounding (--int4 with --int4-method "
+                                          "awq and --int4-rounding gptq, the defaults)", hint="drop --gptq-act-order")
         if self.uses_gptq and self.gptq_samples is None:
             object.__setattr__(self, "gptq_samples", GPTQ_SAMPLES)
         if self.fp8_lm_head and self.precision != "fp8":
@@ -126,6 +144,21 @@ class QuantSettings:
         if self.precision == "int4":
             return f"int4-{self.int4_method}"
         return "fp8"
+
+    @property
+    def dynamic_activations(self) -> bool:
+        """int8 W8A8 (MatMulNBits at accuracy_level 4) or fp8 with per-token dynamic activation scales."""
+        return self.format in ("int8-w8a8", "fp8") and self.activations == "dynamic"
+
+    @property
+    def static_activations(self) -> bool:
+        """Activation ranges from calibration (per-tensor Q/DQ): static int8 W8A8 and fp8."""
+        return self.format in ("int8-w8a8", "fp8") and not self.dynamic_activations
+
+    @property
+    def mixed_int4(self) -> bool:
+        """int4 with measured-sensitivity 8-bit layers under --int4-bits-budget."""
+        return self.precision == "int4" and self.int4_bits_budget > 0
 
     @property
     def uses_gptq(self) -> bool:
@@ -174,8 +207,11 @@ def cache_key(source_hash: str, settings: QuantSettings, data_digest: str, mlp_a
         "alpha": settings.smoothquant_alpha if settings.format in ("int8-w8a8", "fp8") else None,
         "block": settings.int4_block if settings.format == "int4-awq" else None,
         "mlp_activation": mlp_activation if settings.format == "int4-awq" else None,
-        "gptq": [settings.gptq_samples, GPTQ_DAMP] if settings.uses_gptq else None,
+        "gptq": ([settings.gptq_samples, GPTQ_DAMP] + (["act_order"] if settings.gptq_act_order else []))
+        if settings.uses_gptq else None,
     }
+    if settings.dynamic_activations:  # no smoothing, no ranges: other statistics than static W8A8's
+        fields["activations"] = "dynamic"
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -191,6 +227,7 @@ def _save(stats: ActivationStats, path: Path) -> None:
         meta["groups"].append({"members": g.members, "amax": g.amax, "alpha": g.alpha,
                                "rounded": _save_rounded(g.rounded, arrays, i) if g.rounded else None})
     meta["gptq"] = stats.rounding
+    meta["sensitivity_scores"] = stats.sensitivity_scores
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -211,6 +248,7 @@ def _load(path: Path) -> ActivationStats | None:
                     fingerprints=z[f"{i}.fingerprints"] if f"{i}.fingerprints" in z.files else None,
                     rounded=_load_rounded(g.get("rounded"), z, i)))
             stats.rounding = meta.get("gptq")
+            stats.sensitivity_scores = meta.get("sensitivity_scores")
         return stats
     except (OSError, ValueError, KeyError):  # a corrupt or partial cache entry: recompute
         return None
@@ -263,27 +301,35 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         batches = calibration_batches(tokenizer, data_path, settings.calib_samples, settings.calib_seq_len)
         fmt = settings.format
         prescales = None
-        if fmt in ("int8-w8a8", "fp8"):
+        if settings.static_activations or fmt == "fp8":
             # fp8 smooths with a fixed alpha (FP8_DEFAULT_ALPHA): the per-group alpha search overfits the
             # calibration rows (smollm2-135m: +3.8% with it; BENCHMARKS.md, Quantization).
             prescales = lambda st: _smoothing(st, weights, settings)  # noqa: E731
         elif fmt == "int4-awq":
             prescales = lambda st: _awq(st, weights, settings, mlp_activation)  # noqa: E731
         stats = collect(module, weights, batches, settings.calib_method, prescales=prescales,
-                        on_batch=on_progress, need_ranges=fmt in ("int8-w8a8", "fp8"),
+                        on_batch=on_progress, need_ranges=settings.static_activations,
                         sample_rows=AWQ_SAMPLE_ROWS if fmt == "int4-awq" else SAMPLE_ROWS)
         if settings.uses_gptq:
             from leptonc.calibration.gptq import round_groups
 
             t0 = time.perf_counter()
             gptq_batches = calibration_batches(tokenizer, data_path, settings.gptq_samples, settings.calib_seq_len)
-            summary = round_groups(module, weights, stats, gptq_batches, settings.int4_block, on_progress=on_progress)
+            summary = round_groups(module, weights, stats, gptq_batches, settings.int4_block, on_progress=on_progress,
+                                   act_order=settings.gptq_act_order)
             stats.rounding = {**summary, "seconds": round(time.perf_counter() - t0, 1)}
         _save(stats, path)
+    if settings.mixed_int4:  # the scores are cached (a calibration without them gets them once); the choice is not
+        if stats.sensitivity_scores is None:
+            batches = calibration_batches(tokenizer, data_path, SENSITIVITY_SEQUENCES, settings.calib_seq_len)
+            _measure_sensitivity(module, weights, stats, batches, settings, on_progress)
+            _save(stats, path)
+        _choose_eight_bit(weights, stats, settings)
     summary = {
         "format": settings.format,
         "data": str(data_path),
         "data_chars": "valid.txt[0:119655] (WikiText-2, shipped)" if not settings.calib_data else "user file",
+        "role": "calibration: activation statistics, SmoothQuant/AWQ scales, GPTQ Hessians, layer sensitivity",
         "samples": settings.calib_samples,
         "seq_len": settings.calib_seq_len,
         "tokens": stats.tokens,
@@ -292,7 +338,14 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         "cache": {"key": key, "hit": cached, "path": str(path)},
         "seconds": round(time.perf_counter() - start, 2),
     }
-    if settings.format in ("int8-w8a8", "fp8"):
+    if settings.dynamic_activations:
+        summary["activations"] = ("dynamic: per token, one int8 scale per 64-channel block, computed by "
+                                  "MatMulNBits (accuracy_level 4) at run time; no SmoothQuant"
+                                  if settings.precision == "int8" else
+                                  "dynamic: per token, one fp8 scale per row of each linear's input (its max |x|)")
+    if settings.mixed_int4:
+        summary["mixed_precision"] = stats.sensitivity
+    if settings.static_activations or settings.precision == "fp8":
         alphas = [g.alpha for g in stats.groups if g.alpha is not None]
         summary["smoothquant_alpha"] = settings.smoothquant_alpha if settings.smoothquant_alpha is not None else \
             {"searched_per_group": True, "min": min(alphas, default=None), "max": max(alphas, default=None),
@@ -343,6 +396,45 @@ def _awq(stats: ActivationStats, weights, settings: QuantSettings, mlp_activatio
         s, _ = awq_search(g.samples, g.absmean, ws, 4, settings.int4_block, output=output)
         out[g.members[0]] = s
     return out
+
+
+def _measure_sensitivity(module, weights, stats: ActivationStats, batches: np.ndarray, settings: QuantSettings,
+                         on_progress=None) -> None:
+    """Each decoder linear's sensitivity to 4-bit rounding (calibration/sensitivity.py), into the stats."""
+    from leptonc.calibration.collect import find_linears
+    from leptonc.calibration.scales import block_quantize
+    from leptonc.calibration.sensitivity import fisher_scores
+
+    t0 = time.perf_counter()
+    linears = {n: m for n, m in find_linears(module, weights).items() if n != "lm_head"}
+    if on_progress:
+        on_progress(0, 1, "layer sensitivity")
+    scores = fisher_scores(module, linears, lambda _, w: block_quantize(w, 4, settings.int4_block).dequantize(),
+                           batches)
+    stats.sensitivity_scores = {"scores": scores, "tokens": int(batches.size),
+                                "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _choose_eight_bit(weights, stats: ActivationStats, settings: QuantSettings) -> None:
+    """Keep the most sensitive groups at 8 bits under --int4-bits-budget; the choice and its figures go into
+    the stats (stats.eight_bit, stats.sensitivity)."""
+    from leptonc.calibration.sensitivity import SCALE_BITS, choose_eight_bit, effective_bits
+
+    scores = stats.sensitivity_scores["scores"]
+    groups = [g.members for g in stats.groups if all(m in scores for m in g.members)]
+    shapes = {m: tuple(np.asarray(weights(m)).shape) for g in groups for m in g}
+    chosen, bits = choose_eight_bit(groups, scores, shapes, settings.int4_block, settings.int4_bits_budget)
+    stats.eight_bit = [m for g in groups if g[0] in chosen for m in g]
+    ranked = sorted(groups, key=lambda g: -sum(scores[m] for m in g))
+    stats.sensitivity = {
+        "method": "Fisher estimate of each layer's loss increase under 4-bit rounding, sum (dL/dy * dy)^2 over "
+                  f"{stats.sensitivity_scores['tokens']} calibration tokens (as ModelOpt's auto_quantize scores "
+                  "layers); groups taken by score per extra bit",
+        "budget_bits": settings.int4_bits_budget, "scale_bits": SCALE_BITS,
+        "uniform_int4_bits": round(effective_bits(shapes, settings.int4_block, set()), 4),
+        "effective_bits": round(bits, 4), "eight_bit_groups": ["+".join(g) for g in groups if g[0] in chosen],
+        "most_sensitive": [{"group": "+".join(g), "score": round(sum(scores[m] for m in g), 4)} for g in ranked[:8]],
+        "seconds": stats.sensitivity_scores["seconds"]}
 
 
 def settings_dict(settings: QuantSettings) -> dict:

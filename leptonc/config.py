@@ -256,7 +256,8 @@ class CompileConfig:
             for key in ("keep_fp", "int4_8bit"):
                 if raw.get(key) is not None:
                     raw[key] = tuple(raw[key])
-            if backend == "tensorrt" and (raw.get("int4_rounding") == "gptq" or raw.get("gptq_samples") is not None):
+            if backend == "tensorrt" and (raw.get("int4_rounding") == "gptq" or raw.get("gptq_samples") is not None
+                                          or raw.get("gptq_act_order")):
                 raise UnsupportedRequestError(
                     "GPTQ rounding is for ONNX Runtime's MatMulNBits grid (asymmetric blocks); the TensorRT int4 "
                     "weights are symmetric blocks rounded to nearest",
@@ -270,6 +271,15 @@ class CompileConfig:
         if f"quantize_{precision}" in self.disabled_passes:
             raise UnsupportedRequestError(f"--disable-pass quantize_{precision} would leave the --{precision} bundle "
                                           "unquantized; drop one of them")
+        if settings.format in ("int8-w8a8", "fp8"):  # dynamic per-token activation scales: ONNX Runtime on the CPU
+            cpu_ort = backend == "onnxruntime" and self.target_record.family == "cpu"
+            if settings.activations == "dynamic" and not cpu_ort:
+                raise UnsupportedRequestError(
+                    f"--activations dynamic (per-token scales) is built for ONNX Runtime on the CPU; "
+                    f"{self.target_record.name} with {backend} runs static per-tensor Q/DQ",
+                    hint="drop --activations (static is the default here)")
+            if settings.activations is None:
+                settings = replace(settings, activations="dynamic" if cpu_ort else "static")
         if backend == "tensorrt" and settings.uses_gptq:  # its symmetric int4 grid is not AWQ's (the pass notes it)
             settings = replace(settings, int4_rounding="nearest", gptq_samples=None)
         if settings.kv_cache and backend == "onnxruntime":

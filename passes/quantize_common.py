@@ -66,6 +66,13 @@ def find_embedding(graph: gs.Graph) -> gs.Node | None:
     return None
 
 
+def keeps_8bit(settings, stats, members: list["Linear"]) -> bool:
+    """--int4: these linears run at 8 bits, by --int4-8bit or by the calibration's sensitivity choice."""
+    names = [n for m in members for n in m.label.split("+")]
+    chosen = set(getattr(stats, "eight_bit", None) or ())
+    return settings.precision == "int4" and any(settings.int4_uses_8bit(n) or n in chosen for n in names)
+
+
 def quant_context(ctx):
     """(QuantSettings, ActivationStats or None, the report dict the compiler reads after the build)."""
     from leptonc.calibration.quantize import QuantSettings
@@ -172,7 +179,8 @@ def quantize_weight_per_channel(ws: np.ndarray, fmt: str, break_scales: float = 
 
 
 def qdq_group(members: list[Linear], group, s, x: gs.Tensor, fmt: str, tag: str, settings, report: dict,
-              shared_head: dict, counts: dict, *, quantize_act, dequantize_weight, dequantize_act) -> None:
+              shared_head: dict, counts: dict, *, quantize_act, dequantize_weight, dequantize_act,
+              dynamic: bool = False) -> None:
     """One calibrated group's W8A8 Q/DQ (int8 or fp8): the shared input quantized once per tensor, each
     member's weight per output channel, both dequantized into its MatMul/Gemm. The backend supplies how
     a Q/DQ node is written (ONNX Runtime: uint8 activations; TensorRT: symmetric; both with scales in the
@@ -180,10 +188,15 @@ def qdq_group(members: list[Linear], group, s, x: gs.Tensor, fmt: str, tag: str,
     quantize_act(x, scale, tag), dequantize_weight(lin, codes, scales), dequantize_act(q, scale, name)."""
     from leptonc.calibration.scales import fake_quant_fp8, fake_quant_int8, scale_from_amax
 
-    a_scale = scale_from_amax(group.amax, fmt)
-    qx = quantize_act(x, a_scale, tag)
     x_rows = group.samples / (s if s is not None else 1.0)
-    x_q = fake_quant_int8(x_rows, a_scale) if fmt == "int8" else fake_quant_fp8(x_rows, a_scale)
+    if dynamic:  # a scale per row (token), computed in the graph: quantize_act returns the rounded input
+        a_scale = None
+        row_scales = scale_from_amax(np.abs(x_rows).max(axis=1), fmt)
+        x_q = fake_quant_int8(x_rows, row_scales, axis=0) if fmt == "int8" else fake_quant_fp8(x_rows, row_scales, axis=0)
+    else:
+        a_scale = scale_from_amax(group.amax, fmt)
+        x_q = fake_quant_int8(x_rows, a_scale) if fmt == "int8" else fake_quant_fp8(x_rows, a_scale)
+    qx = quantize_act(x, a_scale, tag)
     for lin in members:
         w = lin.w_oi()
         ws = w * s[None, :] if s is not None else w

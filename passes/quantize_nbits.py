@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from leptonc.calibration.awq import awq_grid
 from leptonc.calibration.scales import BlockQuantized, block_quantize
 from leptonc.passes.quantize_common import HEAD_BITS, HEAD_BLOCK, Linear, apply_prescale, find_embedding, \
-    plan_groups, quant_context, quantize_embedding_nbits, record_layer, replace_with_nbits
+    keeps_8bit, plan_groups, quant_context, quantize_embedding_nbits, record_layer, replace_with_nbits
 from leptonc.passes.registry import PassResult
 
 DEFAULT_ACCURACY_LEVEL = 4  # int8 compute of the activations inside MatMulNBits: ORT CPU's fast path
@@ -30,6 +30,9 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     settings, stats, report = quant_context(ctx)
     level = int(ctx.options.get("accuracy_level", DEFAULT_ACCURACY_LEVEL))
     fmt = f"int{bits}-{'awq' if awq else ('rtn' if bits == 4 else 'weight-only')}"
+    if settings.dynamic_activations:
+        level = DEFAULT_ACCURACY_LEVEL  # the int8 compute that quantizes the activations per token
+        fmt = "int8-w8a8, activations dynamic per token in blocks of the same size"
     counts = {"matmulnbits": 0, "kept_fp": 0, "awq_folded": 0, "awq_mul": 0, "embedding": 0, "gptq": 0, "gptq_missing": 0}
     if awq and stats is None:
         return PassResult.skipped("AWQ needs calibration statistics and none were supplied")
@@ -46,8 +49,8 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     for members, group in planned:
         is_head = any(m.kind == "gemm" for m in members)
         g_bits, g_block = (HEAD_BITS, HEAD_BLOCK) if is_head else (bits, block)
-        if bits == 4 and any(settings.int4_uses_8bit(n) for m in members for n in m.label.split("+")):
-            g_bits, g_block = HEAD_BITS, HEAD_BLOCK  # --int4-8bit: a sensitive layer kept at 8 bits
+        if bits == 4 and keeps_8bit(settings, stats, members):
+            g_bits, g_block = HEAD_BITS, HEAD_BLOCK  # a sensitive layer kept at 8 bits (measured, or --int4-8bit)
             counts["int8_layers"] = counts.get("int8_layers", 0) + len(members)
         s = None
         if awq and g_bits == 4 and group is not None and group.prescale is not None:
@@ -111,7 +114,10 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
         else:
             parts.append("codes rounded to nearest (--int4-rounding nearest)")
     if counts.get("int8_layers"):
-        parts.append(f"{counts['int8_layers']} layers at 8-bit block 64 by --int4-8bit {' '.join(settings.int4_8bit)}")
+        why = [f"--int4-8bit {' '.join(settings.int4_8bit)}"] if settings.int4_8bit else []
+        if stats is not None and stats.eight_bit:
+            why.append(f"measured sensitivity under --int4-bits-budget {settings.int4_bits_budget:g}")
+        parts.append(f"{counts['int8_layers']} layers at 8-bit block 64 by {' and '.join(why)}")
     if counts["kept_fp"]:
         parts.append(f"{counts['kept_fp']} kept in fp32 by --keep-fp")
     detail = "; ".join(parts)

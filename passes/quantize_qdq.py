@@ -1,6 +1,7 @@
-"""Static activation + weight quantization as explicit QuantizeLinear/DequantizeLinear pairs.
+"""Activation + weight quantization as explicit QuantizeLinear/DequantizeLinear pairs.
 
-  int8 W8A8 (`--int8`, the default int8 mode): SmoothQuant factors folded into the preceding norm
+  int8 W8A8 static (`--int8 --activations static`, the GPU targets' default; the CPU's default is the
+      dynamic per-token MatMulNBits form, quantize_nbits.py): SmoothQuant factors folded into the preceding norm
       (or a Mul), activations per-tensor static uint8 (zero point 128, range from the observer),
       weights per-channel symmetric int8. ONNX Runtime's CPU optimizer turns DQ -> MatMul <- DQ into
       integer kernels (MatMulIntegerToFloat). Scales carry the graph's float type: on GPU targets (fp16
@@ -8,8 +9,9 @@
       is raised to opset 19 (QuantizeLinear takes fp16 input from 19 on; ONNX Runtime refuses it before).
       The tied embedding / LM head run 8-bit weight-only (GatherBlockQuantized + MatMulNBits on one copy
       of the codes): a QDQ head would need its own transposed int8 copy of the 28M-parameter matrix.
-  fp8 (`--fp8`): weights float8 E4M3FN per channel, activations float8 E4M3FN per tensor, as Q/DQ
-      (opset 19, where float8 Q/DQ exist). ONNX Runtime's CPU provider runs these ops but has no FP8
+  fp8 (`--fp8`): weights float8 E4M3FN per channel, as Q/DQ (opset 19, where float8 Q/DQ exist);
+      activations float8 E4M3FN per tensor (static, the GPU targets' default) or, on the CPU by default, per
+      token (a scale per row from its max |x|, written as Casts: the Q/DQ ops take constant scales only). ONNX Runtime's CPU provider runs these ops but has no FP8
       matrix kernels: the MatMuls run in fp32 on dequantized values, so this is simulated
       (accuracy only), and the report says so. SmoothQuant with a fixed alpha (0.5 unless
       --smoothquant-alpha; chosen on tuning text, calibration/quantize.py FP8_DEFAULT_ALPHA), and, as in
@@ -19,10 +21,12 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-from leptonc.calibration.scales import compute_scales, fake_quant_fp8, to_fp8
+from leptonc.calibration.scales import FP8_E4M3_MAX, compute_scales, fake_quant_fp8, to_fp8
 from leptonc.passes.quantize_common import HEAD_BITS, HEAD_BLOCK, Linear, apply_prescale, find_embedding, \
     kept_fp_detail, plan_groups, qdq_group, quant_context, quantize_embedding_nbits, record_layer, \
     replace_with_nbits, smoothquant_detail, to_opset
@@ -66,7 +70,7 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
                 replace_with_nbits(graph, lin, q, codes, int(ctx.options.get("accuracy_level", 4)))
                 counts["head_nbits"] += 1
             continue
-        if group is None or group.amax <= 0:
+        if group is None or (not settings.dynamic_activations and group.amax <= 0):
             counts["no_stats"] += len(members)
             report["notes"].append(f"{', '.join(names)}: no calibration statistics; left in fp32")
             continue
@@ -83,10 +87,16 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
                 lin.node.inputs[1] = gs.Constant(f"{lin.weight.name}/smoothed", np.ascontiguousarray(
                     (ws.T if lin.kind == "matmul" else ws).astype(lin.weight.values.dtype)))
             continue
-        qdq_group(members, group, s, x, fmt, tag, settings, report, shared_head, counts,
-                  quantize_act=lambda v, sc, t: _quantize_activation(graph, v, sc, fmt, ftype, t),
-                  dequantize_weight=lambda lin, c, sc: _dequantize_weight(graph, lin, c, sc, fmt, ftype),
-                  dequantize_act=lambda q, sc, n: _dequantize(graph, q, sc, fmt, ftype, n))
+        if settings.dynamic_activations:  # fp8 here (dynamic int8 is the MatMulNBits form)
+            qdq_group(members, group, s, x, fmt, tag, settings, report, shared_head, counts, dynamic=True,
+                      quantize_act=lambda v, _, t: _fp8_per_token(graph, v, ftype, t),
+                      dequantize_weight=lambda lin, c, sc: _dequantize_weight(graph, lin, c, sc, fmt, ftype),
+                      dequantize_act=lambda q, _, n: q)
+        else:
+            qdq_group(members, group, s, x, fmt, tag, settings, report, shared_head, counts,
+                      quantize_act=lambda v, sc, t: _quantize_activation(graph, v, sc, fmt, ftype, t),
+                      dequantize_weight=lambda lin, c, sc: _dequantize_weight(graph, lin, c, sc, fmt, ftype),
+                      dequantize_act=lambda q, sc, n: _dequantize(graph, q, sc, fmt, ftype, n))
         fp16_qdq = fp16_qdq or ftype == np.float16
 
     if not rounding:
@@ -111,7 +121,9 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
         upgraded = to_opset(graph, FP16_QDQ_OPSET)
         report["notes"].append(f"int8: graph opset raised to {FP16_QDQ_OPSET} for Q/DQ with fp16 scales on the fp16 "
                                f"graph ({upgraded} Reduce nodes moved axes to an input)")
-    parts = [f"{counts['qdq_matmul']} MatMul with {fmt} Q/DQ (activations per-tensor static, weights per-channel)"]
+    acts = "per-token dynamic (simulated: Cast to float8 by each row's max)" if settings.dynamic_activations \
+        else "per-tensor static"
+    parts = [f"{counts['qdq_matmul']} MatMul with {fmt} Q/DQ (activations {acts}, weights per-channel)"]
     parts.append(smoothquant_detail(settings, fmt, counts))
     if counts["head_nbits"]:
         parts.append("LM head + embedding 8-bit weight-only (MatMulNBits / GatherBlockQuantized, shared codes)")
@@ -135,6 +147,33 @@ def _quantize_activation(graph: gs.Graph, x: gs.Tensor, scale: np.ndarray, fmt: 
                                inputs=[x, gs.Constant(f"{tag}/x_scale", np.asarray(scale, ftype).reshape(())),
                                        _zero_point(fmt, f"{tag}/x_zero_point")], outputs=[q]))
     return q
+
+
+def _fp8_per_token(graph: gs.Graph, x: gs.Tensor, ftype, tag: str) -> gs.Tensor:
+    """x rounded to float8 E4M3 with a scale per row (token): s = max|x| over the last axis / 448, then
+    Cast(Cast(x / s, float8e4m3fn), float) * s. Standard ops (opset 19 Cast with saturation); the float8 Q/DQ
+    ops take constant scales only, so a per-token scale is written with Casts."""
+    def var(name):
+        return gs.Variable(f"{tag}/dyn_{name}", dtype=ftype)
+
+    a, m, s0, s, xs, d, out = var("abs"), var("amax"), var("s0"), var("scale"), var("xs"), var("deq"), var("x_fp8")
+    q = gs.Variable(f"{tag}/dyn_q", dtype=ml_dtypes.float8_e4m3fn)
+    const = lambda n, v: gs.Constant(f"{tag}/dyn_{n}", np.asarray(v, ftype))  # noqa: E731
+    graph.nodes += [
+        gs.Node("Abs", f"{tag}/dyn_abs", inputs=[x], outputs=[a]),
+        gs.Node("ReduceMax", f"{tag}/dyn_max", attrs={"keepdims": 1},
+                inputs=[a, gs.Constant(f"{tag}/dyn_axes", np.asarray([-1], np.int64))], outputs=[m]),
+        gs.Node("Div", f"{tag}/dyn_div_max", inputs=[m, const("fp8_max", FP8_E4M3_MAX)], outputs=[s0]),
+        gs.Node("Max", f"{tag}/dyn_floor", inputs=[s0, const("tiny", 1e-12 if ftype == np.float32 else 1e-7)],
+                outputs=[s]),
+        gs.Node("Div", f"{tag}/dyn_scale_x", inputs=[x, s], outputs=[xs]),
+        gs.Node("Cast", f"{tag}/dyn_to_fp8", attrs={"to": onnx.TensorProto.FLOAT8E4M3FN, "saturate": 1},
+                inputs=[xs], outputs=[q]),
+        gs.Node("Cast", f"{tag}/dyn_from_fp8", attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(ftype))},
+                inputs=[q], outputs=[d]),
+        gs.Node("Mul", f"{tag}/dyn_unscale", inputs=[d, s], outputs=[out]),
+    ]
+    return out
 
 
 def _dequantize(graph: gs.Graph, q: gs.Tensor, scale: np.ndarray, fmt: str, ftype, name: str) -> gs.Tensor:

@@ -42,8 +42,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from leptonc.calibration.scales import block_quantize, compute_scales, fake_quant_fp8, fake_quant_int8, \
     quantize_int8 as int8_codes, to_fp8
-from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, kept_fp_detail, plan_groups, \
-    qdq_group, quant_context, record_layer, smoothquant_detail, to_opset
+from leptonc.passes.quantize_common import Linear, apply_prescale, find_embedding, keeps_8bit, kept_fp_detail, \
+    plan_groups, qdq_group, quant_context, record_layer, smoothquant_detail, to_opset
 from leptonc.passes.registry import PassResult
 
 QDQ_OPSET = 19  # Q/DQ with fp16 scales, float8 types
@@ -109,8 +109,7 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     blocks_used: set[int] = set()
     for members, group in planned:
         is_head = any(m.kind == "gemm" for m in members)
-        g_bits = 8 if is_head or (bits == 4 and any(settings.int4_uses_8bit(n) for m in members
-                                                    for n in m.label.split("+"))) else bits
+        g_bits = 8 if is_head or (bits == 4 and keeps_8bit(settings, stats, members)) else bits
         ftype = _float_type(members[0])
         s = None
         if awq and g_bits == 4 and group is not None and group.prescale is not None:

@@ -21,10 +21,13 @@ Rewrite = Callable[[gs.Graph, object], PassResult]
 
 
 def _int8(weight_only: Callable, w8a8: Callable) -> Rewrite:
-    """int8: W8A8 with SmoothQuant, or weight-only at 8 bits (--int8-mode weight-only)."""
+    """int8: W8A8 with SmoothQuant (static per-tensor activations), W8A8 with dynamic per-token activations (the
+    8-bit MatMulNBits form: at accuracy_level 4 ONNX Runtime's CPU kernel quantizes each row of the input to int8
+    per block of K and multiplies in integers), or weight-only at 8 bits (--int8-mode weight-only; the same
+    kernel on the CPU)."""
     def rewrite(graph: gs.Graph, ctx) -> PassResult:
         settings, _, _ = quant_context(ctx)
-        if settings.int8_mode == "weight-only":
+        if settings.int8_mode == "weight-only" or settings.dynamic_activations:
             return weight_only(graph, ctx, bits=8, block=settings.int8_block, awq=False)
         return w8a8(graph, ctx, "int8")
     return rewrite
