@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -297,3 +298,83 @@ def test_bench_serve_reports_throughput_and_latency(tiny_server, tmp_path):
     assert report["requests_ok"] == 8 and report["output_tokens"] == 64
     assert report["output_tokens_per_s"] > 0 and report["ttft"]["p99_ms"] >= report["ttft"]["p50_ms"] > 0
     assert report["itl"]["p50_ms"] is not None
+
+
+class PausableRelay:
+    """A TCP relay to the server that reads nothing of the server's answers until `reading` is set, over a socket
+    whose receive buffer is small from before it connects: the server's writes back up after a few kilobytes."""
+
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.reading = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            upstream = socket.socket()
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            upstream.connect(self.target)
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, pausable: bool) -> None:
+        try:
+            while True:
+                if pausable:
+                    self.reading.wait()
+                data = source.recv(1 << 16)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+
+def test_a_stream_read_slowly_comes_in_merged_chunks_with_exactly_its_tokens(tiny_server):
+    # Nothing of the answer is read until the engine has generated every token: the server's writes back up, the
+    # events emitted meanwhile pile up, and they leave merged, a chunk carrying many tokens. What reaches the
+    # client is still exactly the tokens and text of the same request not streamed.
+    request = {"model": tiny_server.model, "prompt": "a story read slowly", "max_tokens": 1800, "temperature": 0,
+               "extra_body": {"ignore_eos": True}}
+    whole = tiny_server.client().completions.create(**request).choices[0]
+    before = tiny_server.metrics()
+    relay = PausableRelay(tiny_server.url)
+    client = openai.OpenAI(base_url=relay.url + "/v1", api_key=API_KEY, max_retries=0)
+    generated = "leptonc_generation_tokens_total"
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(lambda: list(client.completions.create(**request, stream=True)))
+        deadline = time.monotonic() + 120
+        while tiny_server.metrics()[generated] - before[generated] < 1800 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        relay.reading.set()
+        chunks = streaming.result(timeout=120)
+    tokens = [t for c in chunks for choice in c.choices for t in choice.model_extra["token_ids"]]
+    assert tokens == whole.model_extra["token_ids"] and len(tokens) == 1800
+    assert "".join(choice.text for c in chunks for choice in c.choices) == whole.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    sizes = [len(choice.model_extra["token_ids"]) for c in chunks for choice in c.choices]
+    assert max(sizes) >= 50 and len(chunks) < len(tokens), sizes
+    after = tiny_server.wait_idle()  # /metrics still counts every token: 1,799 gaps, one first token
+    itl = "leptonc_inter_token_latency_seconds_count"
+    assert after[itl] - before[itl] == 1799
+    ttft = "leptonc_time_to_first_token_seconds_count"
+    assert after[ttft] - before[ttft] == 1
+
+
+@pytest.mark.parametrize("mode", [["--concurrency", "4"], ["--rate", "40"]])
+def test_bench_serve_spreads_clients_over_worker_processes(tiny_server, mode):
+    proc = subprocess.run([sys.executable, "-m", "leptonc", "bench-serve", tiny_server.url, *mode, "--workers", "2",
+                           "--requests", "8", "--prompt-len", "16", "--gen-len", "8", "--json", "--api-key", API_KEY],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["workers"] == 2 and report["config"]["workers"] == 2
+    assert report["requests_ok"] == 8 and report["output_tokens"] == 64 and report["statuses"] == {"200": 8}
+    assert report["ttft"]["p99_ms"] >= report["ttft"]["p50_ms"] > 0 and report["itl"]["p50_ms"] is not None
+    assert report["wall_s"] > 0 and report["output_tokens_per_s"] > 0

@@ -26,6 +26,7 @@ from leptonc.errors import InputError
 from leptonc.runtime.batching import BatchingEngine, EngineStoppedError, Event, QueueFullError
 from leptonc.server.metrics import ServerMetrics
 from leptonc.server.models import ChatCompletionRequest, CompletionRequest
+from leptonc.server.streaming import EventDispatcher, EventSink, SseChunks, json_text, sse
 
 log = logging.getLogger("leptonc.serve")
 
@@ -84,7 +85,7 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
         await asyncio.to_thread(engine.shutdown, settings.grace_s)
 
     app = FastAPI(title="leptonc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.dispatcher = engine, metrics, None
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -153,35 +154,42 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
 
     # ---- generation -------------------------------------------------------------------------------
 
-    def submit(prompt_ids: list[int], params) -> tuple:
-        """Submit to the engine; (request, its event queue, the arrival time). Engine refusals become ApiErrors."""
+    def dispatcher() -> EventDispatcher:
+        """The one dispatcher of the running loop (the engine's events reach the loop through it)."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        if app.state.dispatcher is None or app.state.dispatcher.loop is not loop:
+            app.state.dispatcher = EventDispatcher(loop)
+        return app.state.dispatcher
 
-        def on_event(event: Event) -> None:  # the engine's thread: hand the event to this request's loop
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is closed (the server is gone); nobody is listening
-                pass
-
+    def submit(prompt_ids: list[int], params) -> tuple:
+        """Submit to the engine; (request, its event sink). Engine refusals become ApiErrors."""
+        events, on_event = dispatcher().sink()
         try:
             request = engine.submit(prompt_ids, params, on_event=on_event)
         except (QueueFullError, EngineStoppedError, InputError) as exc:
             raise _engine_error(exc) from None
         return request, events
 
-    async def events_of(request, events: asyncio.Queue, arrived: float):
-        """The request's events as they come, timing them for /metrics; cancels the request if abandoned."""
+    async def events_of(request, events: EventSink, arrived: float):
+        """The request's events as they come (those that piled up since the last one merged into one), timing
+        them for /metrics: k tokens that come together after a gap g count as k inter-token gaps of g/k (the
+        first token's time is the TTFT, and the others that come with it gaps of 0); cancels the request if
+        abandoned."""
         last = None
+        ttft, itl = metrics.ttft, metrics.itl
         try:
             while True:
-                event = await events.get()
+                event = await events.take()
                 now = time.perf_counter()
-                if event.token_ids:
+                count = len(event.token_ids)
+                if count:
                     if last is None:
-                        metrics.ttft.observe(now - arrived)
+                        ttft.observe(now - arrived)
+                        gap, count = 0.0, count - 1
                     else:
-                        metrics.itl.observe(now - last)
+                        gap = (now - last) / count
+                    for _ in range(count):
+                        itl.observe(gap)
                     last = now
                 yield event
                 if event.finish_reason is not None:
@@ -218,8 +226,10 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
             log.error("generation failed: %s", events[-1].error)
             raise ApiError(500, f"generation failed: {events[-1].error}", "server_error")
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    def failure(event: Event) -> bytes:
+        log.error("generation failed: %s", event.error)
+        return sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error", "param": None,
+                              "code": None}})
 
     def max_tokens_of(body, prompt_ids: list[int], default: int | None) -> int:
         chosen = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -274,18 +284,20 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
                 "finish_reason": OPENAI_FINISH[request.finish_reason], "token_ids": list(request.token_ids)}],
                 "usage": usage(request)})
 
+        chunks = SseChunks(head, '"text": ')
+
         async def stream():
             async for event in events_of(request, events, arrived):
                 if event.finish_reason == "error":
-                    yield sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error",
-                                         "param": None, "code": None}})
+                    if event.token_ids or event.text:
+                        yield chunks.chunk(json_text(event.text), None, event.token_ids)
+                    yield failure(event)
                     return
                 finish = OPENAI_FINISH[event.finish_reason] if event.finish_reason else None
-                yield sse({**head, "choices": [{"index": 0, "text": event.text, "logprobs": None,
-                                                "finish_reason": finish, "token_ids": list(event.token_ids)}]})
+                yield chunks.chunk(json_text(event.text), finish, event.token_ids)
             if body.stream_options and body.stream_options.include_usage:
                 yield sse({**head, "choices": [], "usage": usage(request)})
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -310,24 +322,21 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
                 "logprobs": None, "finish_reason": OPENAI_FINISH[request.finish_reason],
                 "token_ids": list(request.token_ids)}], "usage": usage(request)})
 
-        def chunk(delta: dict, finish: str | None, token_ids=()) -> str:
-            return sse({**head, "object": "chat.completion.chunk", "choices": [{
-                "index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "token_ids": list(token_ids)}]})
+        chunks = SseChunks({**head, "object": "chat.completion.chunk"}, '"delta": ')
 
         async def stream():
-            yield chunk({"role": "assistant", "content": ""}, None)
+            yield chunks.chunk('{"role": "assistant", "content": ""}', None, ())
             async for event in events_of(request, events, arrived):
-                if event.finish_reason == "error":
-                    yield sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error",
-                                         "param": None, "code": None}})
-                    return
                 if event.text or event.token_ids:
-                    yield chunk({"content": event.text}, None, event.token_ids)
+                    yield chunks.chunk(f'{{"content": {json_text(event.text)}}}', None, event.token_ids)
+                if event.finish_reason == "error":
+                    yield failure(event)
+                    return
                 if event.finish_reason is not None:
-                    yield chunk({}, OPENAI_FINISH[event.finish_reason])
+                    yield chunks.chunk("{}", OPENAI_FINISH[event.finish_reason], ())
             if body.stream_options and body.stream_options.include_usage:
                 yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(request)})
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -67,6 +67,16 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _io_stack(config) -> str:
+    """Which event loop and HTTP parser uvicorn chose ("auto": uvloop and httptools where installed)."""
+    import asyncio
+
+    loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    protocol = getattr(config, "http_protocol_class", None)
+    http = "httptools" if protocol is not None and "httptools" in protocol.__module__ else "h11"
+    return f"{loop}, {http}"
+
+
 def serve(
     bundle: str = typer.Argument(..., help="A .lepton bundle directory."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
@@ -107,9 +117,10 @@ def serve(
             await super().startup(sockets)
             bound = sock.getsockname()
             err.print(f"serving {engine.model_name} on http://{host}:{bound[1]} ({engine.num_slots} slots, queue "
-                      f"{max_queue}{', API key required' if api_key else ''})", markup=False, highlight=False)
+                      f"{max_queue}{', API key required' if api_key else ''}; {_io_stack(self.config)})",
+                      markup=False, highlight=False)
 
-    server = Server(uvicorn.Config(app, log_config=_log_config(json_logs), access_log=True,
+    server = Server(uvicorn.Config(app, log_config=_log_config(json_logs), access_log=True, loop="auto", http="auto",
                                    timeout_graceful_shutdown=max(1, int(grace)), lifespan="on"))
     server.run(sockets=[sock])
     if engine.failure:
@@ -127,6 +138,8 @@ def bench_serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer key."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the bearer key from this file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompts and arrivals."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Client processes the load is spread over "
+                                          "(default: one per client, up to half the CPUs)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for CI."),
 ) -> None:
     """Load an OpenAI-compatible server: output tokens/s, requests/s, TTFT and inter-token latency p50/p99."""
@@ -137,9 +150,14 @@ def bench_serve(
     if concurrency is None and rate is None:
         concurrency = 8
     cfg = LoadConfig(url=url, requests=requests, concurrency=concurrency, rate=rate, prompt_len=prompt_len,
-                     gen_len=gen_len, model=model, api_key=_read_key(api_key, api_key_file), seed=seed)
+                     gen_len=gen_len, model=model, api_key=_read_key(api_key, api_key_file), seed=seed, workers=workers)
+
+    def progress(done: int, tokens: int, seconds: float) -> None:
+        plain(err, f"bench-serve: {done}/{requests} requests done, {tokens:,} tokens in {seconds:.0f} s "
+                   f"({tokens / seconds:,.0f} tok/s)")
+
     try:
-        report = run_load(cfg)
+        report = run_load(cfg, progress)
     except OSError as exc:
         raise InputError(f"cannot reach {url}: {exc}", hint="start `leptonc serve` first, or check the URL") from None
     except Exception as exc:
@@ -149,7 +167,7 @@ def bench_serve(
     if as_json:
         emit_json(report)
     else:
-        table = Table(title=f"bench-serve {url} ({report['config']['model']})")
+        table = Table(title=f"bench-serve {url} ({report['config']['model']}, {report['workers']} client processes)")
         for col in ("requests ok", "failed", "output tok/s", "req/s", "TTFT p50/p99 ms", "ITL p50/p99 ms"):
             table.add_column(col)
         table.add_row(str(report["requests_ok"]), str(report["requests_failed"]), f"{report['output_tokens_per_s']}",

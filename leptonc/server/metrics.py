@@ -44,7 +44,9 @@ class ServerMetrics:
                                 ["endpoint", "status"], registry=self.registry)
         self.ttft = Histogram("leptonc_time_to_first_token_seconds", "From the request's arrival to its first token.",
                               buckets=TTFT_BUCKETS, registry=self.registry)
-        self.itl = Histogram("leptonc_inter_token_latency_seconds", "Between two tokens of one sequence.",
+        self.itl = Histogram("leptonc_inter_token_latency_seconds",
+                             "Between two tokens of one sequence (k tokens sent together after a gap g: k gaps "
+                             "of g/k).",
                              buckets=ITL_BUCKETS, registry=self.registry)
         self.latency = Histogram("leptonc_request_latency_seconds", "From the request's arrival to its last token.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
