@@ -520,6 +520,7 @@ def main(argv=None) -> int:
         ap.error(f"models: choose from {', '.join(MODELS)}")
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     args.work, args.out = args.work.resolve(), args.out.resolve()
+    args.verify_bundle = [p.resolve() for p in args.verify_bundle] if args.verify_bundle else None  # steps run in --work
     specs, peer = bundle_specs(args), find_peer(args.peer)
     if args.dry_run:
         print("\n".join(plan(args, specs, peer)))

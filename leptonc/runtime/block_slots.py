@@ -37,7 +37,7 @@ from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_POS
 from leptonc.runtime.slots import KvSlots
 
 BUCKET_GRAPH_IDS = 1000  # CUDA graph ids of the decode buckets: 1000 + rows (the runner's own use 1, 2, ...)
-PIPELINE_DEPTH = 2  # greedy steps in flight at once (decode_launch)
+PIPELINE_DEPTH = 3  # greedy steps in flight at most (decode_launch): slack for the host to take a step's tokens
 
 
 def decode_buckets(num_slots: int) -> list[int]:

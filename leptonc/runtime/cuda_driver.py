@@ -39,15 +39,20 @@ class CudaDriver:
         self.device = device
         if current.value != self.context.value:
             self._check(self.lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
-        self.lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
-        self.lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        # Calls that only queue work on a stream return at once: made through PyDLL, which keeps Python's lock, so a
+        # thread that queues a step does not give the lock away (and wait up to a switch interval to get it back,
+        # where other threads are busy) for each of them. Calls that wait (event and stream synchronize) let it go.
+        self.queue_lib = ctypes.PyDLL("libcuda.so.1")
+        self.queue_lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        self.queue_lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.queue_lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
         self.lib.cuEventSynchronize.argtypes = [ctypes.c_void_p]
         self.lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
 
     def make_current(self) -> None:
         """Make the device's primary context current on the calling thread (a thread other than the one that made
         this driver, such as a serving engine's scheduler, may have none yet)."""
-        self._check(self.lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+        self._check(self.queue_lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
 
     def _check(self, status: int, call: str) -> None:
         if status != 0:
@@ -78,10 +83,10 @@ class CudaDriver:
 
     def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         """Asynchronous copy in stream order; host or device pointers (unified addressing infers the kind)."""
-        self._check(self.lib.cuMemcpyAsync(dst, src, nbytes, stream), "cuMemcpyAsync")
+        self._check(self.queue_lib.cuMemcpyAsync(dst, src, nbytes, stream), "cuMemcpyAsync")
 
     def record(self, event: int, stream: int) -> None:
-        self._check(self.lib.cuEventRecord(event, stream), "cuEventRecord")
+        self._check(self.queue_lib.cuEventRecord(event, stream), "cuEventRecord")
 
     def wait(self, event: int) -> None:
         self._check(self.lib.cuEventSynchronize(event), "cuEventSynchronize")
