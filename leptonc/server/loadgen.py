@@ -346,7 +346,9 @@ def _plan(cfg: LoadConfig) -> _Plan:
 
 
 def run_load(cfg: LoadConfig, progress: Callable[[int, int, float], None] | None = None) -> dict:
-    """Run the load; `progress(requests_done, tokens, seconds)` is called every PROGRESS_EVERY_S of a long run."""
+    """Run the load; `progress(requests_done, tokens, seconds)` is called every PROGRESS_EVERY_S of a long run.
+    With more than one worker the client processes are spawned, which import the caller's main module again: a
+    script that calls this must keep its own work under `if __name__ == "__main__":`."""
     plan = _plan(cfg)
     run = _in_this_process if plan.workers == 1 else _in_processes
     results, started, ended = run(plan, progress)
