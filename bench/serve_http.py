@@ -1,0 +1,241 @@
+"""The HTTP layer of `leptonc serve` alone: the real app (leptonc/server/app.py) over a fake engine that emits
+one token per running request per step, with no model, so what is measured is the server's per-event cost
+(engine thread -> event loop -> SSE chunk -> socket), or, with --loadgen, the load generator's.
+
+    .venv/bin/python bench/serve_http.py                       # 64 streams x 128 tokens, steps as fast as possible
+    .venv/bin/python bench/serve_http.py --step-ms 1.65        # an H100's batch-64 decode step
+    .venv/bin/python bench/serve_http.py --loop asyncio --http h11   # uvicorn without uvloop and httptools
+    .venv/bin/python bench/serve_http.py --loadgen 2           # the client is `leptonc bench-serve --workers 2`
+
+The server runs in a child process; the default client is a minimal one (raw sockets, one connection per
+request, bodies parsed after the run) in this process, so that it costs the server as little CPU as can be.
+Prints JSON: tokens/s delivered, SSE chunks/s, tokens per chunk, the server process's CPU time per token and per
+chunk (engine thread included), and whether every stream carried exactly its tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_json import emit  # noqa: E402
+
+
+class FakeRequest:
+    def __init__(self, prompt_ids, params, on_event):
+        self.prompt_ids, self.params, self.on_event = list(prompt_ids), params, on_event
+        self.token_ids: list[int] = []
+        self.finish_reason = None
+        self.cancelled = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeEngine:
+    """What app.py reads of a BatchingEngine; one step every `step_s` (0: back to back) emits one event per request."""
+
+    model_name, max_sequence, num_slots = "fake", 1 << 20, 256
+
+    def __init__(self, step_s: float):
+        from types import SimpleNamespace
+
+        self.step_s, self.slots, self.failure = step_s, SimpleNamespace(vocab_size=32000), None
+        self._cond = threading.Condition()
+        self._new: list[FakeRequest] = []
+        self._running: list[FakeRequest] = []
+        self._stop, self._thread, self.generated = False, None, 0
+
+    ready = property(lambda self: self._thread is not None)
+
+    def encode(self, text):
+        return [1] * max(1, len(text.split()))
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def stop_accepting(self):
+        pass
+
+    def shutdown(self, grace_s=0):
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(5)
+
+    def submit(self, prompt_ids, params, on_event=None):
+        request = FakeRequest(prompt_ids, params, on_event)
+        with self._cond:
+            self._new.append(request)
+            self._cond.notify_all()
+        return request
+
+    def metrics(self):
+        return {"running": len(self._running), "queued": 0, "slots_used": len(self._running), "slots_total": 256,
+                "prompt_tokens_total": 0, "generated_tokens_total": self.generated, "rejected_queue_full_total": 0,
+                "finished_total": {"length": 0}}
+
+    def _loop(self):
+        from leptonc.runtime.batching import Event
+
+        next_step = time.perf_counter()
+        while True:
+            with self._cond:
+                while not (self._new or self._running or self._stop):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._running += self._new
+                self._new = []
+            kept = []
+            for r in self._running:
+                if r.cancelled:
+                    r.finish_reason = "cancelled"
+                    r.on_event(Event((), "", "cancelled"))
+                    continue
+                token = 1000 + len(r.token_ids) % 2000
+                r.token_ids.append(token)
+                self.generated += 1
+                done = len(r.token_ids) >= r.params.max_tokens
+                if done:
+                    r.finish_reason = "length"
+                r.on_event(Event((token,), f" w{token}", "length" if done else None))
+                if not done:
+                    kept.append(r)
+            self._running = kept
+            if self.step_s:
+                next_step = max(next_step + self.step_s, time.perf_counter() - self.step_s)
+                pause = next_step - time.perf_counter()
+                if pause > 0:
+                    time.sleep(pause)
+
+
+def serve(args) -> None:
+    import uvicorn
+
+    from leptonc.server.app import create_app
+
+    app = create_app(FakeEngine(args.step_ms / 1000))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    print(sock.getsockname()[1], flush=True)
+    uvicorn.Server(uvicorn.Config(app, loop=args.loop, http=args.http, log_level="warning", access_log=False,
+                                  lifespan="on")).run(sockets=[sock])
+
+
+async def one(port: int, body: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    data = bytearray()
+    while chunk := await reader.read(1 << 16):
+        data += chunk
+    writer.close()
+    return bytes(data)
+
+
+def check(raw: bytes, gen_len: int) -> tuple[int, int, bool]:
+    """(tokens, chunks, exact): the stream's token ids are 1000.. in order and its text matches them."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    body, pos = bytearray(), 0
+    while True:  # de-chunk
+        end = rest.index(b"\r\n", pos)
+        size = int(rest[pos:end], 16)
+        if not size:
+            break
+        body += rest[end + 2:end + 2 + size]
+        pos = end + 4 + size
+    tokens, text, chunks = [], [], 0
+    for line in body.decode().split("\n"):
+        if line.startswith("data: {"):
+            choice = json.loads(line[6:])["choices"]
+            if choice:
+                chunks += 1
+                tokens += choice[0]["token_ids"]
+                text.append(choice[0]["text"])
+    want = [1000 + i % 2000 for i in range(gen_len)]
+    return len(tokens), chunks, tokens == want and "".join(text) == "".join(f" w{t}" for t in want)
+
+
+async def drive(port: int, args) -> dict:
+    body = json.dumps({"model": "fake", "prompt": [1, 2, 3], "max_tokens": args.gen_len, "stream": True}).encode()
+    left, raws = list(range(args.requests)), []
+
+    async def client():
+        while left:
+            left.pop()
+            raws.append(await one(port, body))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(args.concurrency)))
+    wall = time.perf_counter() - start
+    checked = [check(raw, args.gen_len) for raw in raws]
+    tokens, chunks = sum(c[0] for c in checked), sum(c[1] for c in checked)
+    return {"wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall), "sse_chunks": chunks,
+            "chunks_per_s": round(chunks / wall), "tokens_per_chunk": round(tokens / max(1, chunks), 2),
+            "exact": all(c[2] for c in checked)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--step-ms", type=float, default=0.0, help="the fake engine's step time (0: back to back)")
+    parser.add_argument("--loop", default="auto", help="uvicorn's loop: auto, asyncio or uvloop")
+    parser.add_argument("--http", default="auto", help="uvicorn's HTTP parser: auto, h11 or httptools")
+    parser.add_argument("--loadgen", type=int, default=0, help="drive with `leptonc bench-serve --workers N` instead")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    if args.serve:
+        return serve(args)
+    child = subprocess.Popen([sys.executable, __file__, "--serve", "--step-ms", str(args.step_ms), "--loop", args.loop,
+                              "--http", args.http], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        time.sleep(0.5)
+        cpu = psutil.Process(child.pid).cpu_times()
+        if args.loadgen:
+            proc = subprocess.run([sys.executable, "-m", "leptonc", "bench-serve", f"http://127.0.0.1:{port}",
+                                   "--concurrency", str(args.concurrency), "--requests", str(args.requests),
+                                   "--prompt-len", "3", "--gen-len", str(args.gen_len), "--workers",
+                                   str(args.loadgen), "--json"], capture_output=True, text=True, check=True)
+            report = json.loads(proc.stdout)
+            result = {key: report[key] for key in ("wall_s", "output_tokens", "output_tokens_per_s", "requests_ok",
+                                                   "workers", "itl")}
+        else:
+            result = asyncio.run(drive(port, args))
+        spent = psutil.Process(child.pid).cpu_times()
+        server_cpu = spent.user + spent.system - cpu.user - cpu.system
+        result["server_cpu_s"] = round(server_cpu, 3)
+        tokens = result.get("tokens") or result.get("output_tokens")
+        result["server_cpu_us_per_token"] = round(server_cpu / tokens * 1e6, 2)
+        if "sse_chunks" in result:
+            result["server_cpu_us_per_chunk"] = round(server_cpu / result["sse_chunks"] * 1e6, 2)
+    finally:
+        child.terminate()
+        child.wait(10)
+    emit({"config": vars(args) | {"cpus": os.cpu_count()}} | result, args.out)
+
+
+if __name__ == "__main__":
+    main()
