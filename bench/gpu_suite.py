@@ -312,9 +312,12 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url, log = f"http://127.0.0.1:{port}", (suite.args.work / "serve.log").open("w")
+    extra = suite.args.serve_args.split()
     server = subprocess.Popen([sys.executable, "-m", "leptonc", "serve", spec["path"], "--port", str(port),
-                               "--no-verify"], stdout=log, stderr=subprocess.STDOUT, env=suite.env, cwd=suite.args.work)
-    result: dict = {"bundle": spec["name"], "server": f"leptonc serve {spec['path']} --port {port} --no-verify"}
+                               "--no-verify", *extra], stdout=log, stderr=subprocess.STDOUT, env=suite.env,
+                              cwd=suite.args.work)
+    result: dict = {"bundle": spec["name"],
+                    "server": " ".join(["leptonc serve", str(spec["path"]), "--port", str(port), "--no-verify", *extra])}
     try:
         deadline = time.time() + min(180, suite.left())
         while time.time() < deadline and server.poll() is None:
@@ -327,7 +330,7 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
         if server.poll() is not None or time.time() >= deadline:
             result["failed"] = "the server did not come up: " + (suite.args.work / "serve.log").read_text()[-2000:]
         else:
-            for clients in SERVE_CONCURRENCY:
+            for clients in suite.args.serve_clients:
                 result[f"concurrency_{clients}"] = suite.cli(
                     f"bench-serve {spec['name']} c{clients}", "bench-serve", url, "--concurrency", clients,
                     "--requests", 8 * clients, "--prompt-len", 128, "--gen-len", 128, "--json", timeout=240)
@@ -349,11 +352,11 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
         suite.record["hooks"][f"serve {spec['name']}"] = result
         suite.save()
     if not suite.record["bench"].get(spec["name"], {}).get("decode"):  # the engine's own speed, in the same run
-        bench_part(suite, spec, "decode", SERVE_CONCURRENCY, 128, 128, 5)
+        bench_part(suite, spec, "decode", suite.args.serve_clients, 128, 128, 5)
     script = REPO / "bench" / "serve_peer_ortgenai.py"
     if peer is None or spec["peer"] is None or not script.is_file():
         return
-    for clients in SERVE_CONCURRENCY:
+    for clients in suite.args.serve_clients:
         rc, stdout = suite.step(f"serve peer {spec['name']} c{clients}", [
             sys.executable, script, "--peer-script", peer, spec["peer"], spec["precision"], "--concurrency", clients,
             "--requests", 8 * clients, "--prompt-len", 128, "--gen-len", 128], timeout=240)
@@ -479,8 +482,9 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
         out.append("kernels: python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs")
     bundle = specs[0]["path"] if specs else "-"
     for spec in [s for s in specs if s["peer"]] or specs[:1] if "serve" in args.only else ():
-        out.append(f"serve: leptonc serve {spec['path']} --port FREE --no-verify, then leptonc bench-serve URL "
-                   f"--concurrency C --requests 8C --prompt-len 128 --gen-len 128 --json for C in {SERVE_CONCURRENCY}")
+        out.append(f"serve: leptonc serve {spec['path']} --port FREE --no-verify {args.serve_args}, then leptonc "
+                   f"bench-serve URL --concurrency C --requests 8C --prompt-len 128 --gen-len 128 --json for C in "
+                   f"{args.serve_clients}")
         if spec["peer"] and args.target != "cpu":
             out.append(f"serve peer: bench/serve_peer_ortgenai.py --peer-script {peer} {spec['peer']} "
                        f"{spec['precision']} --concurrency C --requests 8C (same C)")
@@ -504,6 +508,9 @@ def main(argv=None) -> int:
                     ", ".join(PEER_PATHS) + ")")
     ap.add_argument("--verify-bundle", type=Path, action="append", default=None,
                     help="a bundle compiled elsewhere for `leptonc verify` (repeatable; default: out/xc/*.lepton)")
+    ap.add_argument("--serve-clients", default=",".join(map(str, SERVE_CONCURRENCY)),
+                    help="serve: concurrent clients of each load, e.g. 64")
+    ap.add_argument("--serve-args", default="", help="serve: more options of `leptonc serve`, e.g. '--stream-interval 4'")
     ap.add_argument("--work", type=Path, default=Path("/tmp/leptonc_work"), help="bundles and the merged record")
     ap.add_argument("--machine", default=None, help="name in the file name (default: from the GPU's name)")
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (a device call has 600)")
@@ -519,6 +526,7 @@ def main(argv=None) -> int:
     if set(args.models) - set(MODELS):
         ap.error(f"models: choose from {', '.join(MODELS)}")
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    args.serve_clients = tuple(int(c) for c in args.serve_clients.split(","))
     args.work, args.out = args.work.resolve(), args.out.resolve()
     args.verify_bundle = [p.resolve() for p in args.verify_bundle] if args.verify_bundle else None  # steps run in --work
     specs, peer = bundle_specs(args), find_peer(args.peer)

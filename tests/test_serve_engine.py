@@ -298,3 +298,18 @@ def test_pipelined_steps_give_each_request_its_own_sequence(tiny_bundle):
         assert engine.metrics()["slots_used"] == 0 and (slots.lengths == 0).all()
     finally:
         assert engine.shutdown(grace_s=5)
+
+
+def test_stream_interval_gathers_tokens_into_fewer_events(tiny_bundle, alone):
+    engine = BatchingEngine.from_bundle(tiny_bundle, EngineConfig(num_slots=2, stream_interval=4)).start()
+    try:
+        reference = alone[0]
+        events = list(engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=20)).events(timeout=60))
+        assert [t for e in events for t in e.token_ids] == reference.token_ids
+        assert "".join(e.text for e in events) == reference.text and events[-1].finish_reason == reference.finish_reason
+        carrying = [len(e.token_ids) for e in events if e.token_ids]
+        assert carrying[0] == 1 and max(carrying) <= 4 and len(carrying) <= 1 + -(-(len(reference.token_ids) - 1) // 4)
+    finally:
+        engine.shutdown(grace_s=5)
+    with pytest.raises(InputError, match="stream_interval"):
+        EngineConfig(stream_interval=0)

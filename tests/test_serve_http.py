@@ -210,19 +210,22 @@ def test_client_disconnect_mid_stream_frees_the_slot(tiny_server):
 
 
 def test_sigterm_under_load_finishes_in_flight_and_exits_0(tiny_bundle):
-    server = ServerProcess(tiny_bundle, "--grace", "30")
+    # (served with --stream-interval 4: a stream's tokens leave four at a time after the first)
+    server = ServerProcess(tiny_bundle, "--grace", "30", "--stream-interval", "4")
     client = server.client()
     streaming = threading.Barrier(5)  # the four streams have their first tokens, and the test goes on
 
     def stream(i):
         chunks = client.completions.create(model=server.model, prompt=f"load {i}", max_tokens=150, temperature=0,
                                            stream=True, extra_body={"ignore_eos": True})
-        tokens = 0
+        tokens = carrying = 0
         for chunk in chunks:
             if not tokens:
                 streaming.wait(60)
-            tokens += len(chunk.choices[0].model_extra["token_ids"])
+            count = len(chunk.choices[0].model_extra["token_ids"])
+            tokens, carrying = tokens + count, carrying + (count > 0)
             finish = chunk.choices[0].finish_reason
+        assert carrying <= 1 + -(-149 // 4), carrying  # the first token alone, then at most one chunk per four
         return tokens, finish
 
     with ThreadPoolExecutor(4) as pool:

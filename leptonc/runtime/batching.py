@@ -90,6 +90,9 @@ class EngineConfig:
     prefill_chunk: int = 512  # chunked slots (the CPU's): prompt tokens prefilled between two decode steps
     num_slots: int | None = None  # sequences decoded together; None: the bundle's max batch
     tokenizer_dir: str | None = None  # a tokenizer for bundles without one
+    # Tokens a sequence gathers before its next event; its first and last tokens (and every token of a request with
+    # stop strings) go out at once. 1 streams every token; more cut the host's work per token when many stream.
+    stream_interval: int = 1
     # Python's thread switch interval while the engine runs (process-wide, put back at shutdown): the longest the
     # scheduler waits for Python's lock after a step while the HTTP server's threads hold it. None: Python's 5 ms.
     switch_interval_s: float | None = 0.0005
@@ -103,6 +106,8 @@ class EngineConfig:
             raise InputError(f"num_slots must be >= 1, not {self.num_slots}")
         if self.device not in (None, "cpu", "cuda"):
             raise InputError(f"device must be 'cpu' or 'cuda', not {self.device!r}")
+        if self.stream_interval < 1:
+            raise InputError(f"stream_interval must be >= 1 token, not {self.stream_interval}")
         if self.switch_interval_s is not None and not 1e-5 <= self.switch_interval_s <= 1.0:
             raise InputError(f"switch_interval_s must be between 1e-05 and 1 second, not {self.switch_interval_s}")
 
@@ -190,7 +195,8 @@ class BatchingEngine:
             if self.config.switch_interval_s is not None:
                 self._switch_interval = sys.getswitchinterval()
                 sys.setswitchinterval(self.config.switch_interval_s)
-            self._writer = EngineWriter(self.tokenizer, self._count_generated, self._finished, self._wake)
+            self._writer = EngineWriter(self.tokenizer, self._count_generated, self._finished, self._wake,
+                                        self.config.stream_interval)
             self._thread = threading.Thread(target=self._loop, name="leptonc-batching", daemon=True)
             self._thread.start()
         return self

@@ -39,8 +39,9 @@ class EngineWriter:
     counts it (under the engine's lock, so the engine's gauges and counters agree)."""
 
     def __init__(self, tokenizer, count: Callable[[int], None], finished: Callable[[Request, str], None],
-                 on_stop: Callable[[], None]):
+                 on_stop: Callable[[], None], stream_interval: int = 1):
         self._decode = batch_decoder(tokenizer)
+        self._interval = stream_interval  # tokens a sequence gathers between events (its first and last go at once)
         self._count = count
         self._finished = finished
         self._on_stop = on_stop  # wakes the scheduler to free a slot whose sequence hit a stop string
@@ -80,18 +81,24 @@ class EngineWriter:
 
     def _step(self, step: list[tuple[Request, int, str | None]]) -> None:
         now = time.perf_counter()
-        live, ending = [], []
+        live = []
         generated = 0
+        interval = self._interval
         for request, token, end in step:
             if request.finished:
                 continue  # a stop string ended it; the scheduler ran on
-            if request.first_token_at is None:
+            first = request.first_token_at is None
+            if first:
                 request.first_token_at = now
             if end != "eos":
                 request.token_ids.append(token)
                 request._pending_ids.append(token)
                 generated += 1
-            live.append((request, end))
+            # Due for an event: every token at interval 1; else its first, its last, every interval-th, and every
+            # one of a request with stop strings (so it stops where a one-token interval would).
+            if interval == 1 or end is not None or first or request.params.stop or \
+                    len(request._pending_ids) >= interval:
+                live.append((request, end))
         if generated:
             self._count(generated)
         texts = self._detokenize([r for r, end in live if end != "eos"], final=False)

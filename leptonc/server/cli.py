@@ -88,6 +88,8 @@ def serve(
     grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to finish on SIGTERM."),
     max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body accepted (413 beyond)."),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens prefilled between decode steps."),
+    stream_interval: int = typer.Option(1, "--stream-interval", help="Tokens a stream gathers per chunk after its "
+                                        "first (1: every token). More cut the host's work per token with many clients."),
     device: Optional[str] = typer.Option(None, "--device", help="Override the device (cpu or cuda)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
     json_logs: bool = typer.Option(False, "--json-logs", help="Log one JSON object per line on stderr."),
@@ -100,7 +102,8 @@ def serve(
 
     api_key = _read_key(api_key, api_key_file)
     settings = ServerSettings(api_key=api_key or None, max_body_bytes=max_body_kb * 1024, grace_s=grace)
-    config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk)
+    config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk,
+                          stream_interval=stream_interval)
     sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
     engine = BatchingEngine.from_bundle(bundle, config)
     app = create_app(engine, settings)
