@@ -82,9 +82,34 @@ def _elements(t) -> int:
 
 
 def label(bundle) -> str:
+    """The format and the recipe settings that tell bundles of one format apart."""
     m = bundle.manifest
     cal = m.get("calibration") or {}
-    return cal.get("format") or m["precision"]
+    st = cal.get("settings") or {}
+    fmt = cal.get("format") or m["precision"]
+    if fmt in ("int8-w8a8", "fp8"):
+        fmt += f" ({st.get('activations') or 'static'} activations)"
+    elif fmt.startswith("int4"):
+        mixed = cal.get("mixed_precision")
+        fmt += f" block {st.get('int4_block')}" + (f", {len(mixed['eight_bit_groups'])} groups 8-bit" if mixed else "")
+        fmt += ", GPTQ act-order" if st.get("gptq_act_order") else ""
+    return fmt
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table BENCHMARKS.md shows: format, size, bits per weight, perplexity increase per text, decode ratio."""
+    texts = list(rows[0].get("perplexity", {}))
+    head = ["format", "size MB", "bits/weight"] + [f"{t} ppl" for t in texts] + ["decode vs fp32"]
+    lines = ["| " + " | ".join(head) + " |", "| --- " + "| ---: " * (len(head) - 1) + "|"]
+    for i, r in enumerate(rows):
+        bits = r.get("bits_per_weight") or {}
+        cells = [r["format"], f"{r['bytes'] / 1e6:.1f}",
+                 f"{bits['scales_16bit']:.2f} ({bits['stored']:.2f} stored)" if bits else "-"]
+        cells += [f"{r['perplexity'][t]:.2f}" if i == 0 else f"{r['ppl_increase_pct'][t]:+.2f}%" for t in texts]
+        ratio = r.get("decode_speedup_vs_fp32")
+        cells.append("simulated" if r["precision_mode"] == "simulated" else (f"{ratio:.2f}x" if ratio else "-"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -162,7 +187,9 @@ def main(argv=None) -> int:
     }
     for r in runners:
         r.release()
+    out["markdown"] = markdown(rows)
     emit(out, args.out)
+    print(out["markdown"], file=sys.stderr)
     return 0
 
 

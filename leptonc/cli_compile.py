@@ -77,7 +77,7 @@ def compile_cmd(
     smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha", help="SmoothQuant migration strength: --int8 W8A8 "
                                                                                   "(default: searched per layer group); "
                                                                                   "--fp8 (default 0.5)."),
-    int4_block: Optional[int] = typer.Option(None, "--int4-block", help="--int4 block size: 32, 64 or 128 (default)."),
+    int4_block: Optional[int] = typer.Option(None, "--int4-block", help="--int4 block size: 32, 64 (default) or 128."),
     int4_method: Optional[str] = typer.Option(None, "--int4-method", help="--int4 scales: awq (default) or rtn."),
     int4_rounding: Optional[str] = typer.Option(None, "--int4-rounding", help="--int4 awq codes: gptq (default; "
                                                                               "error-compensated, on AWQ's grid) or "
@@ -100,7 +100,7 @@ def compile_cmd(
     fp8_lm_head: bool = typer.Option(False, "--fp8-lm-head", help="--fp8: also quantize the LM head and the embedding "
                                                                    "tied to it (by default they stay in higher precision, "
                                                                    "as in NVIDIA ModelOpt's FP8 recipe)."),
-    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: allowed perplexity increase in percent (default: int4 10, int8 and fp8 5)."),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: allowed perplexity increase in percent (default: int4 15, int8 and fp8 5)."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the accuracy gate (the report says it was skipped)."),
     check_tokens: Optional[int] = typer.Option(None, "--check-tokens", help="Held-out tokens the accuracy gate scores (default 2048)."),
     # pruning: CompileConfig.pruning (leptonc.config.PruningOptions)

@@ -3,7 +3,8 @@ along K, B stored [N, blocks, block_bytes]) for the linear layers, and `GatherBl
 embedding. A tied embedding / LM head is quantized once: the Gather and the head's MatMulNBits read
 the same uint8 codes (8-bit, symmetric, zero point 128, the default of both ops).
 
-  int4 (`--int4`): layers 4-bit asymmetric, block `--int4-block` (default 128), RTN or AWQ scales;
+  int4 (`--int4`): layers 4-bit asymmetric, block `--int4-block` (default 64), RTN or AWQ scales; the most
+                   sensitive groups 8-bit within `--int4-bits-budget` (calibration/sensitivity.py);
                    with AWQ the codes are GPTQ's (calibration/gptq.py, on the grid this pass would
                    choose: AWQ's clip search and refit) unless --int4-rounding nearest;
                    embedding and LM head 8-bit block 64 (a 4-bit head costs far more accuracy than

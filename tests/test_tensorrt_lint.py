@@ -367,7 +367,7 @@ def test_tiny_llama_tensorrt_int4_pipeline_lints_clean(tiny_lm, tmp_path, method
 def test_smollm2_tensorrt_quantized_pipeline_lints_clean(smollm2_hf, tmp_path, precision):
     # a fixed SmoothQuant alpha and RTN int4 keep calibration short: the searches change scale values,
     # not the form of the graph (the tiny-llama tests cover the searched alpha and AWQ's pre-scales)
-    fast = {"int8": {"smoothquant_alpha": 0.5}, "fp8": {"smoothquant_alpha": 0.5}, "int4": {"int4_method": "rtn"}}
+    fast = {"int8": {"smoothquant_alpha": 0.5}, "fp8": {"smoothquant_alpha": 0.5}, "int4": {"int4_method": "rtn", "int4_block": 128}}
     model = _quantized_graph(smollm2_hf, precision, tmp_path, source="smollm2-135m",
                              options={"calib_samples": 2, **fast[precision]})
     _, forms, codes = _qdq_summary(model)  # before saving: the save moves the tensors' bytes out
