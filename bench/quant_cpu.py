@@ -56,8 +56,16 @@ def effective_bits(bundle) -> dict:
         return {}
     graph = onnx.load(str(path), load_external_data=False).graph
     sizes = {t.name: _elements(t) for t in graph.initializer}
+    two_d = {t.name for t in graph.initializer if len(t.dims) == 2}
     weights = stored = scales16 = 0
     for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in two_d and 1 < sizes[node.input[1]]:
+            codes, scales = sizes[node.input[0]], sizes[node.input[1]]  # int8 / fp8 codes, a scale per channel
+            if codes <= 20_000_000:
+                weights += codes
+                stored += codes * 8 + scales * 32
+                scales16 += codes * 8 + scales * 16
+            continue
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: a.i for a in node.attribute}

@@ -22,11 +22,12 @@ EIGHT_BIT_BLOCK = 64  # --int4's 8-bit layers: symmetric, block 64 (quantize_com
 
 
 def layer_bits(k: int, bits: int, block: int) -> float:
-    """Bits per weight of a block-quantized [N, K] weight: codes (K padded to whole blocks), a scale per
-    block, and for 4 bits a 4-bit zero point per block (asymmetric); 8 bits are symmetric."""
+    """Bits per weight of a block-quantized [N, K] weight as MatMulNBits stores it: codes (K padded to whole
+    blocks), a scale per block, and for 4 bits the zero points, two a byte (a row's odd one pads a byte);
+    8 bits are symmetric (no zero points)."""
     blocks = math.ceil(k / block)
-    per_row = blocks * block * bits + blocks * (SCALE_BITS + (4 if bits == 4 else 0))
-    return per_row / k
+    zero_points = math.ceil(blocks / 2) * 8 if bits == 4 else 0
+    return (blocks * block * bits + blocks * SCALE_BITS + zero_points) / k
 
 
 def effective_bits(shapes: dict[str, tuple[int, int]], block: int, eight_bit: set[str]) -> float:

@@ -115,10 +115,12 @@ def test_ort_matmulnbits_8bit_level4_quantizes_activations_per_block():
 def test_layer_bits_by_hand():
     from leptonc.calibration.sensitivity import effective_bits, layer_bits
 
-    assert layer_bits(576, 4, 64) == pytest.approx(4 + 20 / 64)  # 4-bit codes, 16-bit scale, 4-bit zero point
-    assert layer_bits(576, 4, 128) == pytest.approx((640 * 4 + 5 * 20) / 576)  # K padded to 5 blocks
+    # 4-bit codes, a 16-bit scale a block, 4-bit zero points two a byte (9 blocks: 5 bytes)
+    assert layer_bits(576, 4, 64) == pytest.approx((576 * 4 + 9 * 16 + 5 * 8) / 576)
+    assert layer_bits(1536, 4, 64) == pytest.approx(4 + 20 / 64)
+    assert layer_bits(576, 4, 128) == pytest.approx((640 * 4 + 5 * 16 + 3 * 8) / 576)  # K padded to 5 blocks
     assert layer_bits(1536, 8, 64) == pytest.approx(8 + 16 / 64)
-    shapes = {"a": (10, 576), "b": (30, 576)}
+    shapes = {"a": (10, 1536), "b": (30, 1536)}
     assert effective_bits(shapes, 64, {"a"}) == pytest.approx((10 * 8.25 + 30 * 4.3125) / 40)
 
 
