@@ -101,8 +101,8 @@ class EngineWriter:
                 live.append((request, end))
         if generated:
             self._count(generated)
-        texts = self._detokenize([r for r, end in live if end != "eos"], final=False)
-        for (request, end), delta in zip([x for x in live if x[1] != "eos"], texts):
+        texted = [r for r, end in live if end != "eos"]  # an end-of-sequence token adds no text
+        for request, delta in zip(texted, self._detokenize(texted, final=False)):
             request.text += delta
         done = [r for r, end in live if end is not None]
         for request, delta in zip(done, self._detokenize(done, final=True)):

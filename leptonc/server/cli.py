@@ -88,7 +88,7 @@ def serve(
     grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to finish on SIGTERM."),
     max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body accepted (413 beyond)."),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens prefilled between decode steps."),
-    stream_interval: int = typer.Option(1, "--stream-interval", help="Tokens a stream gathers per chunk after its "
+    stream_interval: int = typer.Option(1, "--stream-interval", min=1, help="Tokens a stream gathers per chunk after its "
                                         "first (1: every token). More cut the host's work per token with many clients."),
     device: Optional[str] = typer.Option(None, "--device", help="Override the device (cpu or cuda)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
