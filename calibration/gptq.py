@@ -140,8 +140,9 @@ def round_groups(module, weights, stats, batches: np.ndarray, block: int, damp: 
     for wi, window in enumerate(windows):
         firsts = [g.members[0] for g in window]
         progress = (lambda i, n: on_progress(i, n, f"GPTQ Hessians {wi + 1}/{len(windows)}")) if on_progress else None
-        hs, tokens = hessians(module, linears, firsts, batches,
-                              stop_at=firsts[-1] if wi + 1 < len(windows) else None, on_batch=progress)
+        # every window's forwards stop at its last group, the last window's too: the rest of the model (the LM
+        # head: gemma-3-270m's 262,144-token logits are 2 GB a chunk of 8 sequences) adds nothing to a Hessian
+        hs, tokens = hessians(module, linears, firsts, batches, stop_at=firsts[-1], on_batch=progress)
         for g in window:
             h = hs.pop(g.members[0])
             s = g.prescale.astype(np.float64)

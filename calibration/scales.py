@@ -16,6 +16,7 @@ import numpy as np
 FP8_E4M3_MAX = 448.0
 QMAX = {"int8": 127.0, "uint8": 255.0, "fp8": FP8_E4M3_MAX, "int4": 7.0}
 TINY = 1e-12  # floor for a scale: an all-zero channel must not divide by zero
+CHUNK_ELEMENTS = 1 << 21  # a weight or layer output larger than this is processed in slices (a 262,144-row LM head)
 
 
 def scale_from_amax(amax, fmt: str = "int8") -> np.ndarray:
@@ -88,8 +89,9 @@ class BlockQuantized:
 
     def dequantize(self) -> np.ndarray:
         n, kp = self.codes.shape
-        c = self.codes.reshape(n, -1, self.block_size).astype(np.float32)
-        w = (c - self.zero_points[..., None].astype(np.float32)) * self.scales[..., None]
+        w = self.codes.reshape(n, -1, self.block_size).astype(np.float32)
+        w -= self.zero_points[..., None].astype(np.float32)  # in place: one [N, K] float32 array, not three
+        w *= self.scales[..., None]
         return w.reshape(n, kp)[:, : self.k]
 
     def packed(self) -> np.ndarray:
@@ -140,6 +142,13 @@ def block_quantize(w: np.ndarray, bits: int = 4, block_size: int = 128, symmetri
         raise ValueError("block_size must be a power of two >= 16")
     w = np.asarray(w, np.float32)
     n, k = w.shape
+    if n > 1 and n * k > CHUNK_ELEMENTS:  # rows are independent: a large weight (a 262,144-row head) in row slices,
+        # so that the temporaries below are a slice's, not several copies of the whole weight
+        step = max(1, CHUNK_ELEMENTS // k)
+        parts = [block_quantize(w[i:i + step], bits, block_size, symmetric, scale_multiplier, clip_rows,
+                                clip_ratios, refine) for i in range(0, n, step)]
+        return BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                              np.concatenate([p.zero_points for p in parts]), bits, block_size, k)
     pad = (-k) % block_size
     if pad:
         w = np.concatenate([w, np.zeros((n, pad), np.float32)], axis=1)
@@ -205,10 +214,39 @@ def _block_loss(blocks: np.ndarray, sc: np.ndarray, z: np.ndarray, levels: int, 
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB (higher is better; torchao asserts > 20 dB)."""
-    ref = np.asarray(reference, np.float64)
-    noise = float(((ref - np.asarray(approx, np.float64)) ** 2).sum())
-    signal = float((ref ** 2).sum())
+    """Signal-to-quantization-noise ratio in dB (higher is better; torchao asserts > 20 dB). Summed in float64
+    over slices of CHUNK_ELEMENTS along the first axis, so a large tensor is never copied whole."""
+    ref, app = np.broadcast_arrays(np.asarray(reference), np.asarray(approx))
+    rows = ref.shape[0] if ref.ndim else 1
+    ref, app = ref.reshape(rows, -1), app.reshape(rows, -1)
+    step = max(1, CHUNK_ELEMENTS // max(1, ref.shape[1]))
+    signal = noise = 0.0
+    for i in range(0, ref.shape[0], step):
+        r = ref[i:i + step].astype(np.float64)
+        d = app[i:i + step].astype(np.float64)
+        d -= r
+        noise += float(np.einsum("ij,ij->", d, d))
+        signal += float(np.einsum("ij,ij->", r, r))
+    return _db(signal, noise)
+
+
+def output_sqnr_db(x: np.ndarray, w_ref: np.ndarray, w_q: np.ndarray, x_q: np.ndarray | None = None) -> float:
+    """SQNR of a linear layer's output on rows `x` ([R, K]): x @ w_ref^T against x_q @ w_q^T (x_q defaults to x),
+    weights [N, K]. Computed over slices of the output channels, so that R x N (a 262,144-token head on 2,048
+    calibration rows would be 2 GB in float32) is never held at once."""
+    xq = x if x_q is None else x_q
+    step = max(1, CHUNK_ELEMENTS // max(1, x.shape[0]))
+    signal = noise = 0.0
+    for j in range(0, w_ref.shape[0], step):
+        ref = (x @ w_ref[j:j + step].T).astype(np.float64)
+        d = (xq @ w_q[j:j + step].T).astype(np.float64)
+        d -= ref
+        noise += float(np.einsum("ij,ij->", d, d))
+        signal += float(np.einsum("ij,ij->", ref, ref))
+    return _db(signal, noise)
+
+
+def _db(signal: float, noise: float) -> float:
     if noise == 0:
         return float("inf")
     return 10.0 * np.log10(max(signal, 1e-300) / noise)

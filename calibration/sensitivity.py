@@ -38,10 +38,21 @@ def effective_bits(shapes: dict[str, tuple[int, int]], block: int, eight_bit: se
     return bits / max(total, 1)
 
 
+LOGITS_BYTES = 512 << 20  # float32 logits one forward and backward may hold: 4 sequences of 256 at smollm2-135m's
+# 49,152-token vocabulary, 1 at gemma-3-270m's 262,144 (its loss and gradients are several copies of them)
+
+
 def fisher_scores(module, linears: dict, fake_quant, batches: np.ndarray, chunk: int = 4) -> dict[str, float]:
     """{name: sum over tokens and output channels of (dL/dy * dy)^2} for the linears named in `linears`
-    ({name: module}); `fake_quant(name, w [N, K] float32) -> W_q` gives each weight's quantized value."""
+    ({name: module}); `fake_quant(name, w [N, K] float32) -> W_q` gives each weight's quantized value.
+    Sequences go `chunk` at a time, fewer where their logits would pass LOGITS_BYTES. Only the activations'
+    gradients are computed (the parameters' would be the model's size again: a tied 262k-row head alone
+    is 671 MB)."""
     import torch
+
+    vocab = int(getattr(getattr(module, "config", None), "vocab_size", 0) or 0)
+    if vocab:
+        chunk = max(1, min(chunk, LOGITS_BYTES // (4 * vocab * batches.shape[1])))
 
     deltas = {name: torch.from_numpy(np.asarray(fake_quant(name, sub.weight.detach().float().numpy()), np.float32)
                                      - sub.weight.detach().float().numpy()) for name, sub in linears.items()}
@@ -57,6 +68,12 @@ def fisher_scores(module, linears: dict, fake_quant, batches: np.ndarray, chunk:
         return fn
 
     handles = [sub.register_forward_hook(hook(n)) for n, sub in linears.items()]
+    trained = [p for p in module.parameters() if p.requires_grad]
+    embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    if embeddings is not None:  # gradients flow from the embedded input instead of the parameters
+        for p in trained:
+            p.requires_grad_(False)
+        handles.append(embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_()))
     try:
         for i in range(0, len(batches), chunk):
             ids = torch.from_numpy(np.ascontiguousarray(batches[i:i + chunk]))
@@ -68,6 +85,8 @@ def fisher_scores(module, linears: dict, fake_quant, batches: np.ndarray, chunk:
     finally:
         for h in handles:
             h.remove()
+        for p in trained:
+            p.requires_grad_(True)
     return scores
 
 

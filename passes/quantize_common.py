@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from leptonc.calibration.scales import block_quantize, sqnr_db
+from leptonc.calibration.scales import block_quantize, output_sqnr_db, sqnr_db
 from leptonc.graph_contract import MS_DOMAIN
 
 HEAD_BITS, HEAD_BLOCK = 8, 64  # the 8-bit LM head / embedding of the weight-only and int8 forms
@@ -115,11 +115,10 @@ def apply_prescale(graph: gs.Graph, x: gs.Tensor, s: np.ndarray, tag: str, consu
 
 def record_layer(report: dict, name: str, fmt: str, w_ref: np.ndarray, w_q: np.ndarray,
                  x: np.ndarray | None = None, x_q: np.ndarray | None = None) -> float:
-    """SQNR of the layer's output on calibration rows when we have them, else of the weight."""
+    """SQNR of the layer's output on calibration rows when we have them, else of the weight (both computed
+    in slices: a 262,144-token head's output on the calibration rows is never held whole)."""
     if x is not None:
-        ref = x @ w_ref.T
-        got = (x if x_q is None else x_q) @ w_q.T
-        value, on = sqnr_db(ref, got), "output"
+        value, on = output_sqnr_db(x, w_ref, w_q, x_q), "output"
     else:
         value, on = sqnr_db(w_ref, w_q), "weight"
     report["layers"].append({"name": name, "format": fmt, "sqnr_db": round(float(value), 2), "on": on})
