@@ -120,6 +120,23 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def perplexity_sliced(runner, ids: np.ndarray, cfg) -> tuple[float, int]:
+    """runtime.evaluate.perplexity over the runner's windows, with each window's log-softmax taken a few
+    positions at a time (calibration.gate.sliced_nll_sum): (perplexity, scored tokens)."""
+    import math
+
+    from leptonc.calibration.gate import sliced_nll_sum
+    from leptonc.runtime.evaluate import windows
+
+    total, count = 0.0, 0
+    for begin, end, first in windows(len(ids), cfg.window, cfg.stride):
+        window = ids[None, begin:end]
+        logits = runner.prefill(window, np.ones_like(window))[0]
+        total += sliced_nll_sum(logits, ids, begin, first, end)
+        count += end - first
+    return math.exp(total / count), count
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="+", help="the fp32 bundle first, then quantized bundles")
@@ -137,14 +154,13 @@ def main(argv=None) -> int:
     from leptonc.bundle import load_bundle
     from leptonc.runtime import open_bundle_runner
     from leptonc.runtime.bench import device_name, run_once
-    from leptonc.runtime.evaluate import EvalConfig, load_tokens, perplexity, runner_scorer
+    from leptonc.runtime.evaluate import EvalConfig, load_tokens
     from transformers import AutoTokenizer
 
     bundles = [load_bundle(Path(p)) for p in args.bundles]
     if args.threads:
         for b in bundles:
             b.engine.setdefault("session", {})["intra_op_num_threads"] = args.threads
-    runners = [open_bundle_runner(b) for b in bundles]
     names = [f"{label(b)}:{Path(p).name}" for b, p in zip(bundles, args.bundles)]
     base = bundle_bytes(bundles[0])
     rows = [{"bundle": p, "format": label(b), "precision_mode": b.manifest["precision_mode"],
@@ -156,20 +172,25 @@ def main(argv=None) -> int:
     texts = [parse_text(t) for t in (args.text or DEFAULT_TEXTS)]
     if args.eval_tokens:
         tok = AutoTokenizer.from_pretrained(str(bundles[0].tokenizer_dir))
-        for text_name, path, offset in texts:
-            cfg = EvalConfig(path, max_tokens=args.eval_tokens, window=args.window, stride=args.stride,
-                             offset_chars=offset)
-            ids = load_tokens(tok, cfg)
-            for row, runner, name in zip(rows, runners, names):
-                res = perplexity(runner_scorer(runner), ids, cfg)
-                row.setdefault("perplexity", {})[text_name] = round(res["perplexity"], 4)
-                row.setdefault("scored_tokens", {})[text_name] = res["scored_tokens"]
-                print(f"{name} {text_name}: ppl {res['perplexity']:.4f} on {res['tokens']} tokens", file=sys.stderr,
-                      flush=True)
+        cfgs = [(text_name, EvalConfig(path, max_tokens=args.eval_tokens, window=args.window, stride=args.stride,
+                                       offset_chars=offset)) for text_name, path, offset in texts]
+        tokens = {text_name: load_tokens(tok, cfg) for text_name, cfg in cfgs}
+        for row, b, name in zip(rows, bundles, names):
+            runner = open_bundle_runner(b)  # one at a time: a window's logits (and so the session's memory arena)
+            try:  # are 1 GB at gemma-3-270m's 262,144-token vocabulary
+                for text_name, cfg in cfgs:
+                    ppl, scored = perplexity_sliced(runner, tokens[text_name], cfg)
+                    row.setdefault("perplexity", {})[text_name] = round(ppl, 4)
+                    row.setdefault("scored_tokens", {})[text_name] = scored
+                    print(f"{name} {text_name}: ppl {ppl:.4f} on {len(tokens[text_name])} tokens", file=sys.stderr,
+                          flush=True)
+            finally:
+                runner.release()
         for row in rows:
             row["ppl_increase_pct"] = {n: round(100 * (row["perplexity"][n] / rows[0]["perplexity"][n] - 1), 3)
                                        for n in row["perplexity"]}
 
+    runners = [open_bundle_runner(b) for b in bundles]
     if args.rounds:
         rng = np.random.default_rng(0)
         prompt = rng.integers(3, 32000, size=(1, args.prompt_len), dtype=np.int64)

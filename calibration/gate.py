@@ -38,10 +38,24 @@ def held_out_ids(tokenizer, path: Path, tokens: int) -> np.ndarray:
     return ids
 
 
-def evaluate_pair(ref_runner, quant_runner, ids: np.ndarray, window: int) -> dict:
-    """Non-overlapping windows: both models score the same positions."""
+NLL_ROWS = 64  # positions scored at a time: a window's float64 log-softmax is rows x vocabulary (at gemma-3-270m's
+# 262,144 tokens, 512 positions would be 1 GB a copy)
+
+
+def sliced_nll_sum(logits: np.ndarray, ids: np.ndarray, begin: int, first: int, end: int) -> float:
+    """runtime.evaluate.nll_sum (logits for positions begin..end-1, targets ids[first:end]) over NLL_ROWS
+    targets at a time, so its float64 temporaries stay small whatever the vocabulary."""
     from leptonc.runtime.evaluate import nll_sum
 
+    total = 0.0
+    for f in range(first, end, NLL_ROWS):
+        e = min(f + NLL_ROWS, end)
+        total += nll_sum(logits[f - 1 - begin: e - 1 - begin], ids, f - 1, f, e)
+    return total
+
+
+def evaluate_pair(ref_runner, quant_runner, ids: np.ndarray, window: int) -> dict:
+    """Non-overlapping windows: both models score the same positions."""
     nll_ref = nll_q = 0.0
     count = agree = positions = 0
     for begin in range(0, len(ids) - 1, window):
@@ -52,8 +66,8 @@ def evaluate_pair(ref_runner, quant_runner, ids: np.ndarray, window: int) -> dic
         mask = np.ones_like(chunk)
         ref = ref_runner.prefill(chunk, mask)[0]
         got = quant_runner.prefill(chunk, mask)[0]
-        nll_ref += nll_sum(ref, ids, begin, begin + 1, end)
-        nll_q += nll_sum(got, ids, begin, begin + 1, end)
+        nll_ref += sliced_nll_sum(ref, ids, begin, begin + 1, end)
+        nll_q += sliced_nll_sum(got, ids, begin, begin + 1, end)
         count += end - begin - 1
         agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
         positions += ref.shape[0]

@@ -1,7 +1,8 @@
 """Quantizing a model with a large vocabulary (gemma-3-270m: a tied 262,144-row embedding / LM head) holds no
 vocabulary x calibration-rows array: the 8-bit head's rewrite and error record work in slices, GPTQ's Hessian
-forwards stop before the LM head, and the layer sensitivity's backward computes no parameter gradients and
-takes fewer sequences at a time where their logits would be large. Fast: synthetic graphs and tiny-llama."""
+forwards stop before the LM head, the layer sensitivity's backward computes no parameter gradients and takes
+fewer sequences at a time where their logits would be large, and the accuracy gate takes each window's
+log-softmax a few positions at a time. Fast: synthetic graphs and tiny-llama."""
 
 from __future__ import annotations
 
@@ -119,3 +120,15 @@ def test_fisher_scores_take_no_parameter_gradients_and_do_not_depend_on_the_chun
     monkeypatch.setattr(sensitivity, "LOGITS_BYTES", 4 * vocab * ids.shape[1])  # one sequence at a time
     one = sensitivity.fisher_scores(lm.module, linears, quant, ids)
     assert all(abs(one[n] - whole[n]) <= 1e-4 * whole[n] for n in whole), (one, whole)
+
+
+def test_gate_scores_a_window_a_few_positions_at_a_time():
+    from leptonc.calibration.gate import NLL_ROWS, sliced_nll_sum
+    from leptonc.runtime.evaluate import nll_sum
+
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 500, 600)
+    logits = (3 * rng.standard_normal((300, 500))).astype(np.float32)
+    for begin, first, end in ((0, 1, 300), (200, 250, 500), (100, 101, 100 + 2 * NLL_ROWS + 1)):
+        whole = nll_sum(logits[: end - begin], ids, begin, first, end)
+        assert abs(sliced_nll_sum(logits[: end - begin], ids, begin, first, end) - whole) <= 1e-12 * whole
