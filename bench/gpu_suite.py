@@ -304,17 +304,35 @@ def verify_part(suite: Suite, spec: dict, carried: list[Path]) -> None:
 
 
 def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
-    """`leptonc serve BUNDLE` on a free port, then `leptonc bench-serve URL` at SERVE_CONCURRENCY clients; then the
-    peer's own batching engine under the same load (bench/serve_peer_ortgenai.py), where the peer is here."""
+    """`leptonc serve BUNDLE` on a free port, then `leptonc bench-serve URL` at SERVE_CONCURRENCY clients, once per
+    --serve-args variant; then the peer's own batching engine under the same load (bench/serve_peer_ortgenai.py),
+    where the peer is here."""
     if not has_command(suite, "bench-serve"):
         suite.record["hooks"]["serve"] = "skipped: this leptonc has no `bench-serve` command"
         suite.save()
         return
+    results = [serve_variant(suite, spec, variant) for variant in suite.args.serve_args]
+    if not suite.record["bench"].get(spec["name"], {}).get("decode"):  # the engine's own speed, in the same run
+        bench_part(suite, spec, "decode", suite.args.serve_clients, 128, 128, 5)
+    script = REPO / "bench" / "serve_peer_ortgenai.py"
+    if peer is None or spec["peer"] is None or not script.is_file():
+        return
+    for clients in suite.args.serve_clients:
+        rc, stdout = suite.step(f"serve peer {spec['name']} c{clients}", [
+            sys.executable, script, "--peer-script", peer, spec["peer"], spec["precision"], "--concurrency", clients,
+            "--requests", 8 * clients, "--prompt-len", 128, "--gen-len", 128], timeout=240)
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        results[0][f"peer_concurrency_{clients}"] = json.loads(lines[-1]) if rc == 0 and lines else None
+        suite.save()
+
+
+def serve_variant(suite: Suite, spec: dict, variant: str) -> dict:
+    """One server (`leptonc serve BUNDLE` with the variant's options) under every load; its record."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url, log = f"http://127.0.0.1:{port}", (suite.args.work / "serve.log").open("w")
-    extra = suite.args.serve_args.split()
+    extra = variant.split()
     server = subprocess.Popen([sys.executable, "-m", "leptonc", "serve", spec["path"], "--port", str(port),
                                "--no-verify", *extra], stdout=log, stderr=subprocess.STDOUT, env=suite.env,
                               cwd=suite.args.work)
@@ -351,20 +369,9 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
-        suite.record["hooks"][f"serve {spec['name']}"] = result
+        suite.record["hooks"][" ".join(["serve", spec["name"], *extra])] = result
         suite.save()
-    if not suite.record["bench"].get(spec["name"], {}).get("decode"):  # the engine's own speed, in the same run
-        bench_part(suite, spec, "decode", suite.args.serve_clients, 128, 128, 5)
-    script = REPO / "bench" / "serve_peer_ortgenai.py"
-    if peer is None or spec["peer"] is None or not script.is_file():
-        return
-    for clients in suite.args.serve_clients:
-        rc, stdout = suite.step(f"serve peer {spec['name']} c{clients}", [
-            sys.executable, script, "--peer-script", peer, spec["peer"], spec["precision"], "--concurrency", clients,
-            "--requests", 8 * clients, "--prompt-len", 128, "--gen-len", 128], timeout=240)
-        lines = [line for line in stdout.splitlines() if line.startswith("{")]
-        result[f"peer_concurrency_{clients}"] = json.loads(lines[-1]) if rc == 0 and lines else None
-        suite.save()
+    return result
 
 
 def _ratio(a, b, digits=2):
@@ -440,7 +447,7 @@ def table(record: dict) -> str:
     for key, serve in record.get("hooks", {}).items():
         if not (key.startswith("serve ") and isinstance(serve, dict) and "bundle" in serve):
             continue
-        lines += ["", f"| serve {serve['bundle']}: clients | output tok/s | req/s | TTFT p50 / p99 ms | "
+        lines += ["", f"| {key}: clients | output tok/s | req/s | TTFT p50 / p99 ms | "
                       "ITL p50 / p99 ms | peer tok/s |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
         for load, r in serve.items():
             if load.startswith("concurrency_") and isinstance(r, dict):
@@ -484,7 +491,7 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
         out.append("kernels: python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs")
     bundle = specs[0]["path"] if specs else "-"
     for spec in [s for s in specs if s["peer"]] or specs[:1] if "serve" in args.only else ():
-        out.append(f"serve: leptonc serve {spec['path']} --port FREE --no-verify {args.serve_args}, then leptonc "
+        out.append(f"serve: leptonc serve {spec['path']} --port FREE --no-verify {' | '.join(args.serve_args)}, then leptonc "
                    f"bench-serve URL --concurrency C --requests 8C --prompt-len 128 --gen-len 128 --json for C in "
                    f"{args.serve_clients}")
         if spec["peer"] and args.target != "cpu":
@@ -512,7 +519,9 @@ def main(argv=None) -> int:
                     help="a bundle compiled elsewhere for `leptonc verify` (repeatable; default: out/xc/*.lepton)")
     ap.add_argument("--serve-clients", default=",".join(map(str, SERVE_CONCURRENCY)),
                     help="serve: concurrent clients of each load, e.g. 64")
-    ap.add_argument("--serve-args", default="", help="serve: more options of `leptonc serve`, e.g. '--stream-interval 4'")
+    ap.add_argument("--serve-args", action="append", default=None,
+                    help="serve: more options of `leptonc serve`, e.g. '--stream-interval 4'; repeat it to compare "
+                         "servers in one run (pass '' for the defaults)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/leptonc_work"), help="bundles and the merged record")
     ap.add_argument("--machine", default=None, help="name in the file name (default: from the GPU's name)")
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (a device call has 600)")
@@ -529,6 +538,7 @@ def main(argv=None) -> int:
         ap.error(f"models: choose from {', '.join(MODELS)}")
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     args.serve_clients = tuple(int(c) for c in args.serve_clients.split(","))
+    args.serve_args = args.serve_args or [""]
     args.work, args.out = args.work.resolve(), args.out.resolve()
     args.verify_bundle = [p.resolve() for p in args.verify_bundle] if args.verify_bundle else None  # steps run in --work
     specs, peer = bundle_specs(args), find_peer(args.peer)

@@ -1,11 +1,14 @@
-"""The HTTP layer of `leptonc serve` alone: the real app (leptonc/server/app.py) over a fake engine that emits
+"""The host side of `leptonc serve` alone: the real app (leptonc/server/app.py) over a fake engine that emits
 one token per running request per step, with no model, so what is measured is the server's per-event cost
-(engine thread -> event loop -> SSE chunk -> socket), or, with --loadgen, the load generator's.
+(engine thread -> event loop -> SSE chunk -> socket), or, with --loadgen, the load generator's. With
+`--engine real --tokenizer DIR`, the real batching engine (scheduler, writer thread, detokenizer) runs over a
+stand-in for the GPU's slots whose steps take --step-ms: the whole host cost of a served token, with no model.
 
     .venv/bin/python bench/serve_http.py                       # 64 streams x 128 tokens, steps as fast as possible
     .venv/bin/python bench/serve_http.py --step-ms 1.65        # an H100's batch-64 decode step
     .venv/bin/python bench/serve_http.py --loop asyncio --http h11   # uvicorn without uvloop and httptools
     .venv/bin/python bench/serve_http.py --loadgen 2           # the client is `leptonc bench-serve --workers 2`
+    .venv/bin/python bench/serve_http.py --engine real --tokenizer B.lepton/tokenizer --step-ms 1.65 --stream-interval 4
 
 The server runs in a child process; the default client is a minimal one (raw sockets, one connection per
 request, bodies parsed after the run) in this process, so that it costs the server as little CPU as can be.
@@ -126,12 +129,98 @@ class FakeEngine:
                     time.sleep(pause)
 
 
+class StandInSlots:
+    """What the batching engine reads of the GPU's pipelined slots (block_slots.BlockKvSlots), with no model: a step
+    takes `step_s` on a "device" that runs queued steps one after another, and a sequence's next token is
+    1000 + its position % 2000 (the token ids `check` expects)."""
+
+    prefill_in_chunks, pipelined, pipeline_depth, device = False, True, 3, "cuda"
+
+    def __init__(self, num_slots: int, vocab_size: int, step_s: float):
+        import numpy as np
+
+        self.np, self.step_s = np, step_s
+        self.num_slots, self.max_sequence, self.vocab_size, self.prefill_budget = num_slots, 4096, vocab_size, 4096
+        self.lengths = np.zeros(num_slots, np.int64)
+        self.made = np.zeros(num_slots, np.int64)
+        self._device_free_at = 0.0
+
+    def _run(self, work_s: float) -> float:
+        """Queue work on the device; when it will be done."""
+        self._device_free_at = max(self._device_free_at, time.perf_counter()) + work_s
+        return self._device_free_at
+
+    def _wait(self, until: float) -> None:
+        pause = until - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)  # lets go of Python's lock, as a device sync does
+
+    def prefill_many(self, slots, prompts):
+        self._wait(self._run(self.step_s * 2))
+        out = []
+        for slot, prompt in zip(slots, prompts):
+            self.lengths[slot], self.made[slot] = len(prompt), 1
+            logits = self.np.zeros(self.vocab_size, self.np.float32)
+            logits[1000] = 1
+            out.append(logits)
+        return out
+
+    def prefill(self, slot, ids):
+        return self.prefill_many([slot], [ids])[0]
+
+    def decode_launch(self, slots, ids):
+        slots = self.np.asarray(slots)
+        tokens = 1000 + self.made[slots] % 2000
+        self.made[slots] += 1
+        self.lengths[slots] += 1
+        return self._run(self.step_s), tokens
+
+    def decode_collect(self, handle):
+        done_at, tokens = handle
+        self._wait(done_at)
+        return tokens
+
+    def decode(self, slots, ids, logits=False):
+        tokens = self.decode_collect(self.decode_launch(slots, ids))
+        if not logits:
+            return tokens, None
+        rows = self.np.zeros((len(tokens), self.vocab_size), self.np.float32)
+        rows[self.np.arange(len(tokens)), tokens] = 1
+        return tokens, rows
+
+    def drain(self):
+        self._wait(self._device_free_at)
+
+    def free(self, slot):
+        self.lengths[slot] = self.made[slot] = 0
+
+    def length(self, slot):
+        return int(self.lengths[slot])
+
+    def describe(self):
+        return {"slots": "stand-in (bench/serve_http.py)"}
+
+    def release(self):
+        pass
+
+
+def real_engine(args):
+    """The batching engine over StandInSlots, with a real tokenizer: the host's whole work per token."""
+    from leptonc.runtime.batching import BatchingEngine, EngineConfig
+    from leptonc.runtime.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(args.tokenizer))
+    slots = StandInSlots(args.concurrency, len(tokenizer), args.step_ms / 1000)
+    return BatchingEngine(slots, tokenizer, (), EngineConfig(max_queue=4 * args.concurrency, verify=False,
+                                                             stream_interval=args.stream_interval), model_name="fake")
+
+
 def serve(args) -> None:
     import uvicorn
 
     from leptonc.server.app import create_app
 
-    app = create_app(FakeEngine(args.step_ms / 1000))
+    app = create_app(real_engine(args) if args.engine == "real" else FakeEngine(args.step_ms / 1000))
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -152,7 +241,7 @@ async def one(port: int, body: bytes) -> bytes:
     return bytes(data)
 
 
-def check(raw: bytes, gen_len: int) -> tuple[int, int, bool]:
+def check(raw: bytes, gen_len: int, text_check: bool = True) -> tuple[int, int, bool]:
     """(tokens, chunks, exact): the stream's token ids are 1000.. in order and its text matches them."""
     head, _, rest = raw.partition(b"\r\n\r\n")
     body, pos = bytearray(), 0
@@ -166,17 +255,23 @@ def check(raw: bytes, gen_len: int) -> tuple[int, int, bool]:
     tokens, text, chunks = [], [], 0
     for line in body.decode().split("\n"):
         if line.startswith("data: {"):
-            choice = json.loads(line[6:])["choices"]
+            chunk = json.loads(line[6:])
+            if "choices" not in chunk:
+                raise SystemExit(f"the server sent an error: {line[6:300]}")
+            choice = chunk["choices"]
             if choice:
                 chunks += 1
                 tokens += choice[0]["token_ids"]
                 text.append(choice[0]["text"])
     want = [1000 + i % 2000 for i in range(gen_len)]
+    if not text_check:  # the real engine's text is its tokenizer's: the ids are what is checked
+        return len(tokens), chunks, tokens == want
     return len(tokens), chunks, tokens == want and "".join(text) == "".join(f" w{t}" for t in want)
 
 
 async def drive(port: int, args) -> dict:
-    body = json.dumps({"model": "fake", "prompt": [1, 2, 3], "max_tokens": args.gen_len, "stream": True}).encode()
+    body = json.dumps({"model": "fake", "prompt": [1, 2, 3], "max_tokens": args.gen_len, "stream": True,
+                       "temperature": 0.0}).encode()
     left, raws = list(range(args.requests)), []
 
     async def client():
@@ -187,7 +282,7 @@ async def drive(port: int, args) -> dict:
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(args.concurrency)))
     wall = time.perf_counter() - start
-    checked = [check(raw, args.gen_len) for raw in raws]
+    checked = [check(raw, args.gen_len, args.engine == "fake") for raw in raws]
     tokens, chunks = sum(c[0] for c in checked), sum(c[1] for c in checked)
     return {"wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall), "sse_chunks": chunks,
             "chunks_per_s": round(chunks / wall), "tokens_per_chunk": round(tokens / max(1, chunks), 2),
@@ -202,14 +297,22 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=0.0, help="the fake engine's step time (0: back to back)")
     parser.add_argument("--loop", default="auto", help="uvicorn's loop: auto, asyncio or uvloop")
     parser.add_argument("--http", default="auto", help="uvicorn's HTTP parser: auto, h11 or httptools")
+    parser.add_argument("--engine", choices=("fake", "real"), default="fake",
+                        help="fake: one event per request per step, no engine; real: the batching engine over stand-in slots")
+    parser.add_argument("--tokenizer", help="--engine real: a tokenizer directory (a bundle's tokenizer/)")
+    parser.add_argument("--stream-interval", type=int, default=1, help="--engine real: the engine's stream_interval")
     parser.add_argument("--loadgen", type=int, default=0, help="drive with `leptonc bench-serve --workers N` instead")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if args.engine == "real" and not args.tokenizer:
+        parser.error("--engine real needs --tokenizer DIR (e.g. a bundle's tokenizer/ directory)")
     if args.serve:
         return serve(args)
     child = subprocess.Popen([sys.executable, __file__, "--serve", "--step-ms", str(args.step_ms), "--loop", args.loop,
-                              "--http", args.http], stdout=subprocess.PIPE, text=True)
+                              "--http", args.http, "--engine", args.engine, "--tokenizer", str(args.tokenizer),
+                              "--stream-interval", str(args.stream_interval), "--concurrency", str(args.concurrency)],
+                             stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
         time.sleep(0.5)

@@ -149,7 +149,9 @@ class BatchingEngine:
         self._thread: threading.Thread | None = None
         self._writer: EngineWriter | None = None
         self._in_flight: deque = deque()  # pipelined steps launched, not yet collected: (handle, their running list)
-        self._last_launch: set[int] = set()  # ids of the requests in the step launched last
+        self._joined = True  # a sequence joined the decode batch since the last step was launched (its id is on the host)
+        self._sampled = 0  # running sequences that sample (their steps are not pipelined)
+        self._ended_elsewhere = False  # a request was cancelled, or the writer ended one at a stop string
         self._switch_interval: float | None = None  # Python's own, while the engine has set its own
         self.failure: str | None = None  # the scheduler's fatal error, if it died
 
@@ -195,7 +197,7 @@ class BatchingEngine:
             if self.config.switch_interval_s is not None:
                 self._switch_interval = sys.getswitchinterval()
                 sys.setswitchinterval(self.config.switch_interval_s)
-            self._writer = EngineWriter(self.tokenizer, self._count_generated, self._finished, self._wake,
+            self._writer = EngineWriter(self.tokenizer, self._count_generated, self._finished, self._end_noted,
                                         self.config.stream_interval)
             self._thread = threading.Thread(target=self._loop, name="leptonc-batching", daemon=True)
             self._thread.start()
@@ -222,7 +224,8 @@ class BatchingEngine:
                 self._lock.wait(min(left, 0.1))
             clean = not self._outstanding()
             for request in self._all_requests():
-                request._cancelled.set()
+                request.cancelled = True
+            self._ended_elsewhere = True
             self._stop = True
             self._lock.notify_all()
         if self._thread is not None:
@@ -266,7 +269,7 @@ class BatchingEngine:
                 raise QueueFullError(f"all {self.num_slots} slots are busy and {len(self._waiting)} requests are "
                                      f"waiting (the queue holds {self.config.max_queue})",
                                      hint="retry after a moment, or start the server with a larger --max-queue")
-            request = Request(next(self._ids), ids, params, on_event, self._wake)
+            request = Request(next(self._ids), ids, params, on_event, self._end_noted)
             self._waiting.append(request)
             self._lock.notify_all()
         return request
@@ -295,8 +298,10 @@ class BatchingEngine:
 
     # ---- the scheduler ----------------------------------------------------------------------------
 
-    def _wake(self) -> None:
+    def _end_noted(self) -> None:
+        """A request was cancelled, or the writer ended one: the scheduler looks for who left on its next turn."""
         with self._lock:
+            self._ended_elsewhere = True
             self._lock.notify_all()
 
     def _outstanding(self) -> int:
@@ -346,7 +351,7 @@ class BatchingEngine:
             step()
         except Exception as exc:  # noqa: BLE001 - reported to each request's client, the engine keeps serving
             message = exc.message if isinstance(exc, LeptonError) else f"{type(exc).__name__}: {exc}"
-            self._last_launch = set()  # the next step's ids come from the host
+            self._joined = True  # the next step's ids come from the host
             # steps still in flight are dropped, so their sequences (whose caches ran ahead) end too
             requests = requests + [r for _, queued in self._in_flight for _, r in queued]
             self._in_flight.clear()
@@ -361,6 +366,9 @@ class BatchingEngine:
 
     def _drop_ended(self) -> None:
         """Requests cancelled by their caller, and sequences the writer ended at a stop string, leave."""
+        if not self._ended_elsewhere:
+            return
+        self._ended_elsewhere = False
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
             self._closing.add(request)
@@ -402,7 +410,8 @@ class BatchingEngine:
             self._closing.add(request)
         slot, request.slot = request.slot, None
         self.slots.free(slot)
-        self._running.pop(slot, None)
+        if self._running.pop(slot, None) is not None and not request.params.greedy:
+            self._sampled -= 1
         self._free.append(slot)
         self._free.sort()
 
@@ -433,6 +442,8 @@ class BatchingEngine:
                 else:
                     self._prefilling.remove(request)
                     self._running[request.slot] = request
+                    self._joined = True
+                    self._sampled += not request.params.greedy
             self._writer.tokens(step)
             for request in cancelled:  # after its first token, as a cancellation mid-stream would be
                 self._writer.finish(request, "cancelled")
@@ -445,14 +456,13 @@ class BatchingEngine:
     def _decode(self, running: list[tuple[int, Request]]) -> None:
         """One decode step for the running sequences: queued ahead of its tokens where the slots allow it and every
         sequence is greedy (PIPELINE_DEPTH steps in flight), else run and taken at once."""
-        requests = [r for _, r in running]
-        if not (self.slots.pipelined and all(r.params.greedy for r in requests)):
+        if not self.slots.pipelined or self._sampled:
             self._collect_all()
             running = self._still_running()
             if running:
                 self._guarded([r for _, r in running], lambda: self._decode_step(running))
             return
-        fresh = any(r.id not in self._last_launch for r in requests)
+        fresh = self._joined
         if fresh and self._in_flight:  # a sequence joined: its id is on the host, so every id comes from there
             self._collect_all()
             running = self._still_running()
@@ -463,7 +473,7 @@ class BatchingEngine:
 
         def launch() -> None:
             self._in_flight.append((self.slots.decode_launch(slots, ids), running))
-            self._last_launch = {r.id for _, r in running}
+            self._joined = False
             with self._lock:
                 self._counters.decode_steps_total += 1
 
@@ -484,7 +494,7 @@ class BatchingEngine:
         last = np.asarray([r.last_token for _, r in running], np.int64)
         want_logits = any(not r.params.greedy for _, r in running)
         tokens, logits = self.slots.decode(slots, last, logits=want_logits)
-        self._last_launch = {r.id for _, r in running}
+        self._joined = True  # the step ran at once: the next one's ids come from the host too
         with self._lock:
             self._counters.decode_steps_total += 1
         self._take_step(running, tokens, logits)

@@ -8,7 +8,6 @@ which it delivers in order to `events()` or to the caller's `on_event` callback.
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -69,7 +68,7 @@ class Request:
         self.prompt_ids = prompt_ids
         self.params = params
         self.submitted_at = time.perf_counter()
-        self._cancelled = threading.Event()
+        self.cancelled = False  # set by cancel() (any thread); a plain flag, read by the scheduler every step
         self._wake = wake
         # the scheduler's side
         self.slot: int | None = None
@@ -104,13 +103,9 @@ class Request:
 
     def cancel(self) -> None:
         """Stop generating; the slot is freed on the scheduler's next turn and a last event says "cancelled"."""
-        self._cancelled.set()
+        self.cancelled = True
         if self._wake is not None:
             self._wake()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
 
     @property
     def finished(self) -> bool:

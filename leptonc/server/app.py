@@ -188,8 +188,7 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
                         gap, count = 0.0, count - 1
                     else:
                         gap = (now - last) / count
-                    for _ in range(count):
-                        itl.observe(gap)
+                    itl.observe(gap, count)
                     last = now
                 yield event
                 if event.finish_reason is not None:

@@ -8,8 +8,11 @@ sequences by reason.
 
 from __future__ import annotations
 
+import bisect
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from leptonc.runtime.batching import ENGINE_SERIES, FINISHED_SERIES
 
@@ -37,6 +40,36 @@ class _EngineCollector:
         yield finished
 
 
+class CountedHistogram:
+    """A Prometheus histogram that takes one value `count` times in one call: a stream's chunk of k tokens adds k
+    inter-token gaps at the cost of one observation, where prometheus_client's Histogram takes them one by one
+    (two locked increments each, per token, on the event loop). Exposed as a custom collector."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry):
+        self.name, self.documentation, self.bounds = name, documentation, tuple(buckets)
+        self._counts = [0] * (len(buckets) + 1)  # the last: above every bound (+Inf)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float, count: int = 1) -> None:
+        if count <= 0:
+            return
+        index = bisect.bisect_left(self.bounds, value)  # Prometheus buckets are "less than or equal"
+        with self._lock:
+            self._counts[index] += count
+            self._sum += value * count
+
+    def collect(self):
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), counts):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+
+
 class ServerMetrics:
     def __init__(self, engine):
         self.registry = CollectorRegistry()
@@ -44,10 +77,9 @@ class ServerMetrics:
                                 ["endpoint", "status"], registry=self.registry)
         self.ttft = Histogram("leptonc_time_to_first_token_seconds", "From the request's arrival to its first token.",
                               buckets=TTFT_BUCKETS, registry=self.registry)
-        self.itl = Histogram("leptonc_inter_token_latency_seconds",
-                             "Between two tokens of one sequence (k tokens sent together after a gap g: k gaps "
-                             "of g/k).",
-                             buckets=ITL_BUCKETS, registry=self.registry)
+        self.itl = CountedHistogram("leptonc_inter_token_latency_seconds",
+                                    "Between two tokens of one sequence (k tokens sent together after a gap g: k gaps "
+                                    "of g/k).", ITL_BUCKETS, self.registry)
         self.latency = Histogram("leptonc_request_latency_seconds", "From the request's arrival to its last token.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(engine))
