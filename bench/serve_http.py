@@ -212,7 +212,7 @@ def real_engine(args):
     tokenizer = load_tokenizer(Path(args.tokenizer))
     slots = StandInSlots(args.concurrency, len(tokenizer), args.step_ms / 1000)
     return BatchingEngine(slots, tokenizer, (), EngineConfig(max_queue=4 * args.concurrency, verify=False,
-                                                             stream_interval=args.stream_interval), model_name="fake")
+                                                             stream_interval=int(args.stream_interval) if args.stream_interval.isdigit() else args.stream_interval), model_name="fake")
 
 
 def serve(args) -> None:
@@ -300,7 +300,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=("fake", "real"), default="fake",
                         help="fake: one event per request per step, no engine; real: the batching engine over stand-in slots")
     parser.add_argument("--tokenizer", help="--engine real: a tokenizer directory (a bundle's tokenizer/)")
-    parser.add_argument("--stream-interval", type=int, default=1, help="--engine real: the engine's stream_interval")
+    parser.add_argument("--stream-interval", default="auto", help="--engine real: the engine's stream_interval (auto or N)")
     parser.add_argument("--loadgen", type=int, default=0, help="drive with `leptonc bench-serve --workers N` instead")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the JSON here")

@@ -308,8 +308,26 @@ def test_stream_interval_gathers_tokens_into_fewer_events(tiny_bundle, alone):
         assert [t for e in events for t in e.token_ids] == reference.token_ids
         assert "".join(e.text for e in events) == reference.text and events[-1].finish_reason == reference.finish_reason
         carrying = [len(e.token_ids) for e in events if e.token_ids]
-        assert carrying[0] == 1 and max(carrying) <= 4 and len(carrying) <= 1 + -(-(len(reference.token_ids) - 1) // 4)
+        # the first token alone, then groups of at most 4 (the first and the last may be shorter: the sequence's phase)
+        assert carrying[0] == 1 and max(carrying) <= 4 and len(carrying) <= 3 + (len(reference.token_ids) - 2) // 4
+        assert max(carrying) == 4
     finally:
         engine.shutdown(grace_s=5)
-    with pytest.raises(InputError, match="stream_interval"):
-        EngineConfig(stream_interval=0)
+    for bad in (0, -1, "fast"):
+        with pytest.raises(InputError, match="stream_interval"):
+            EngineConfig(stream_interval=bad)
+
+
+def test_auto_stream_interval_streams_every_token_until_many_sequences_run(tiny_bundle, alone):
+    from leptonc.runtime.engine_output import AUTO_EVENTS_PER_STEP, auto_interval
+
+    assert [auto_interval(n) for n in (1, AUTO_EVENTS_PER_STEP, AUTO_EVENTS_PER_STEP + 1, 4 * AUTO_EVENTS_PER_STEP)] \
+        == [1, 1, 2, 4]
+    engine = BatchingEngine.from_bundle(tiny_bundle, EngineConfig(num_slots=2)).start()  # "auto" is the default
+    try:
+        reference = alone[0]
+        events = list(engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=20)).events(timeout=60))
+        assert [t for e in events for t in e.token_ids] == reference.token_ids
+        assert all(len(e.token_ids) <= 1 for e in events)  # two slots: every token is its own event
+    finally:
+        engine.shutdown(grace_s=5)

@@ -92,7 +92,9 @@ class EngineConfig:
     tokenizer_dir: str | None = None  # a tokenizer for bundles without one
     # Tokens a sequence gathers before its next event; its first and last tokens (and every token of a request with
     # stop strings) go out at once. 1 streams every token; more cut the host's work per token when many stream.
-    stream_interval: int = 1
+    # "auto": 1 while at most AUTO_EVENTS_PER_STEP sequences run, then enough that a step makes about that many events
+    # (64 sequences: every 4th token), each sequence on its own phase so the events of a step are spread evenly.
+    stream_interval: int | str = "auto"
     # Python's thread switch interval while the engine runs (process-wide, put back at shutdown): the longest the
     # scheduler waits for Python's lock after a step while the HTTP server's threads hold it. None: Python's 5 ms.
     switch_interval_s: float | None = 0.0005
@@ -106,8 +108,8 @@ class EngineConfig:
             raise InputError(f"num_slots must be >= 1, not {self.num_slots}")
         if self.device not in (None, "cpu", "cuda"):
             raise InputError(f"device must be 'cpu' or 'cuda', not {self.device!r}")
-        if self.stream_interval < 1:
-            raise InputError(f"stream_interval must be >= 1 token, not {self.stream_interval}")
+        if self.stream_interval != "auto" and (isinstance(self.stream_interval, str) or self.stream_interval < 1):
+            raise InputError(f"stream_interval must be 'auto' or a whole number >= 1 token, not {self.stream_interval!r}")
         if self.switch_interval_s is not None and not 1e-5 <= self.switch_interval_s <= 1.0:
             raise InputError(f"switch_interval_s must be between 1e-05 and 1 second, not {self.switch_interval_s}")
 

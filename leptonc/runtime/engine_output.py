@@ -22,6 +22,12 @@ from leptonc.runtime.engine_requests import Event, Request
 
 log = logging.getLogger("leptonc.engine")
 _STOP = object()
+AUTO_EVENTS_PER_STEP = 16  # stream_interval "auto": about this many events a step, however many sequences run
+
+
+def auto_interval(sequences: int) -> int:
+    """Tokens each of `sequences` streams gathers per event so that a step makes about AUTO_EVENTS_PER_STEP events."""
+    return max(1, -(-sequences // AUTO_EVENTS_PER_STEP))
 
 
 def batch_decoder(tokenizer) -> Callable[[list[list[int]]], list[str]]:
@@ -39,9 +45,9 @@ class EngineWriter:
     counts it (under the engine's lock, so the engine's gauges and counters agree)."""
 
     def __init__(self, tokenizer, count: Callable[[int], None], finished: Callable[[Request, str], None],
-                 on_stop: Callable[[], None], stream_interval: int = 1):
+                 on_stop: Callable[[], None], stream_interval: int | str = 1):
         self._decode = batch_decoder(tokenizer)
-        self._interval = stream_interval  # tokens a sequence gathers between events (its first and last go at once)
+        self._interval = stream_interval  # tokens a sequence gathers between events (its first and last go at once), or "auto"
         self._count = count
         self._finished = finished
         self._on_stop = on_stop  # wakes the scheduler to free a slot whose sequence hit a stop string
@@ -83,7 +89,7 @@ class EngineWriter:
         now = time.perf_counter()
         live = []
         generated = 0
-        interval = self._interval
+        interval = auto_interval(len(step)) if self._interval == "auto" else self._interval
         for request, token, end in step:
             if request.finished:
                 continue  # a stop string ended it; the scheduler ran on
@@ -94,10 +100,11 @@ class EngineWriter:
                 request.token_ids.append(token)
                 request._pending_ids.append(token)
                 generated += 1
-            # Due for an event: every token at interval 1; else its first, its last, every interval-th, and every
-            # one of a request with stop strings (so it stops where a one-token interval would).
+            # Due for an event: every token at interval 1; else its first, its last, every one of a request with stop
+            # strings (so it stops where a one-token interval would), and every interval-th, on a phase of its own
+            # (its id), so that sequences which started together do not all send on the same step.
             if interval == 1 or end is not None or first or request.params.stop or \
-                    len(request._pending_ids) >= interval:
+                    len(request._pending_ids) >= interval or (len(request.token_ids) + request.id) % interval == 0:
                 live.append((request, end))
         if generated:
             self._count(generated)

@@ -77,6 +77,15 @@ def _io_stack(config) -> str:
     return f"{loop}, {http}"
 
 
+def _stream_interval(value: str) -> str | int:
+    """--stream-interval: 'auto' or a whole number >= 1 (a bad option, exit 2, otherwise)."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise typer.BadParameter(f"{value!r} is neither 'auto' nor a whole number >= 1")
+    return int(value)
+
+
 def serve(
     bundle: str = typer.Argument(..., help="A .lepton bundle directory."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
@@ -88,8 +97,11 @@ def serve(
     grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to finish on SIGTERM."),
     max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body accepted (413 beyond)."),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens prefilled between decode steps."),
-    stream_interval: int = typer.Option(1, "--stream-interval", min=1, help="Tokens a stream gathers per chunk after its "
-                                        "first (1: every token). More cut the host's work per token with many clients."),
+    stream_interval: str = typer.Option("auto", "--stream-interval", callback=_stream_interval,
+                                        help="Tokens a stream gathers per chunk after its first: a whole number (1: "
+                                        "every token), or auto: every token while at most 16 sequences run, then "
+                                        "about 16 chunks a step (64 sequences: every 4th token). Larger cuts the "
+                                        "host's work per token."),
     device: Optional[str] = typer.Option(None, "--device", help="Override the device (cpu or cuda)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
     json_logs: bool = typer.Option(False, "--json-logs", help="Log one JSON object per line on stderr."),
