@@ -5,13 +5,15 @@ bundles' decode loops interleaved round by round so that a busy machine slows al
     .venv/bin/python bench/quant_cpu.py FP32.lepton Q1.lepton [Q2.lepton ...] --eval-tokens 8192 \
         --out /tmp/quant_cpu.json
 
-The texts (--text NAME=PATH[@OFFSET_CHARS], repeatable; the default is the four below) and what each is for:
-  wikitext-tuning   leptonc/data/heldout.txt, WikiText-2 valid.txt [400174, 460000): the tuning split that
-                    recipe defaults were chosen on (and the accuracy gate's text before it moved)
+The texts (--text NAME=PATH[@OFFSET_CHARS], repeatable; the default is the six below) and what each is for:
+  wikitext-tuning   leptonc/data/heldout.txt, WikiText-2 valid.txt [400174, 460000)   the tuning splits that
+  docs-tuning       leptonc/data/tuning_docs.txt (Rust book, Node.js API docs)         recipe defaults were
+  code-tuning       leptonc/data/tuning_code.txt (networkx, pygments, PyYAML, tomlkit) chosen on
   wikitext-heldout  WikiText-2 valid.txt from character 800,000 (../shared/data): never tuned on
   python-docs       leptonc/data/eval_python_docs.txt (Python Language Reference prose): never tuned on
   python-code       leptonc/data/eval_python_code.txt (Python standard library source): never tuned on
-Calibration reads valid.txt [0, 119655) (leptonc/data/calibration.txt), apart from all of them.
+Calibration reads leptonc/data/calibration.txt (WikiText-2 valid.txt [0, 41247), other Rust book chapters and
+Node.js pages, other Python packages; calibration/data.py), apart from all of them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def bundle_bytes(bundle) -> int:
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXTS = (f"wikitext-tuning={ROOT / 'leptonc/data/heldout.txt'}",
+                 f"docs-tuning={ROOT / 'leptonc/data/tuning_docs.txt'}",
+                 f"code-tuning={ROOT / 'leptonc/data/tuning_code.txt'}",
                  f"wikitext-heldout={ROOT.parent / 'shared/data/wikitext-2/valid.txt'}@800000",
                  f"python-docs={ROOT / 'leptonc/data/eval_python_docs.txt'}",
                  f"python-code={ROOT / 'leptonc/data/eval_python_code.txt'}")

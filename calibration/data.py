@@ -1,11 +1,22 @@
 """Calibration data: token batches cut from a text file; and the texts leptonc ships, each with one role.
 
-  calibration  `leptonc/data/calibration.txt`: characters [0, 119655) of WikiText-2 `valid.txt` (the file's
-               first ~120 KB, ending on a line boundary). Activation statistics, SmoothQuant/AWQ scales, GPTQ
-               Hessians and the layer sensitivity of mixed precision are measured on it.
-  tuning       `leptonc/data/heldout.txt`: characters [400174, 460000) of the same file. Recipe defaults
-               (SmoothQuant alpha, GPTQ damping, block size, bit budget) were chosen on it; pruning's importance
-               check reads it. Never used to report accuracy.
+  calibration  `leptonc/data/calibration.txt` (137 KB, 37k tokens of smollm2's tokenizer), four domains cut
+               into ~1,000-character pieces and interleaved evenly, so that every prefix of it (the 16
+               sequences AWQ reads, the 8 of the layer sensitivity, the 128 of GPTQ) mixes them:
+                 encyclopedic prose  WikiText-2 `valid.txt` [0, 41247) (CC BY-SA 3.0)
+                 tutorial prose      The Rust Programming Language, 7 chapters (MIT OR Apache-2.0)
+                 API reference       Node.js API docs: events, stream, fs (MIT)
+                 source code         Python modules of click, jinja2 (BSD-3-Clause), attrs, rich (MIT),
+                                     requests (Apache-2.0)
+               Activation statistics, SmoothQuant/AWQ scales, GPTQ Hessians and the layer sensitivity of mixed
+               precision are measured on it. bench/calib_texts.py builds it (and says which pieces).
+  tuning       One split per domain, disjoint from calibration; recipe defaults (SmoothQuant alpha, GPTQ
+               damping and order, block size, bit budget) were chosen on them, never on evaluation text:
+                 `heldout.txt`      WikiText-2 `valid.txt` [400174, 460000); pruning's importance check reads it
+                 `tuning_docs.txt`  other Rust book chapters (closures, Box, message passing) and Node.js API
+                                    pages (path, timers)
+                 `tuning_code.txt`  Python modules of packages calibration does not read: networkx
+                                    (BSD-3-Clause), pygments (BSD-2-Clause), PyYAML, tomlkit (MIT)
   evaluation   `leptonc/data/eval_python_docs.txt` (Python Language Reference prose) and
                `eval_python_code.txt` (Python standard library source), from CPython 3.11.7 (PSF licence;
                bench/eval_texts.py builds them). Nothing was chosen on them: the accuracy gate reads the
@@ -23,13 +34,17 @@ import numpy as np
 from leptonc.errors import InputError
 
 DEFAULT_CALIB_TEXT = Path(__file__).resolve().parents[1] / "leptonc" / "data" / "calibration.txt"
-CALIB_CHARS = 119655  # how many leading characters of valid.txt the shipped text holds
-EVAL_OFFSET_CHARS = 400_000  # held-out evaluation starts here in valid.txt (well past CALIB_CHARS)
+CALIB_WIKITEXT_CHARS = 41247  # the leading characters of valid.txt that the shipped text holds, in pieces
+EVAL_OFFSET_CHARS = 400_000  # held-out evaluation starts here in valid.txt (well past CALIB_WIKITEXT_CHARS)
 
 
 TEXT_ROLES = {
-    "calibration": "calibration.txt: WikiText-2 valid.txt [0, 119655); statistics, scales, GPTQ, layer sensitivity",
-    "tuning": "heldout.txt: WikiText-2 valid.txt [400174, 460000); recipe defaults were chosen on it",
+    "calibration": "calibration.txt: WikiText-2 valid.txt [0, 41247) (CC BY-SA 3.0), Rust book chapters (MIT OR "
+                   "Apache-2.0), Node.js API docs (MIT) and Python source of click, jinja2, attrs, rich, requests "
+                   "(BSD/MIT/Apache-2.0), interleaved; statistics, scales, GPTQ, layer sensitivity",
+    "tuning": "heldout.txt: WikiText-2 valid.txt [400174, 460000); tuning_docs.txt: other Rust book chapters and "
+              "Node.js API pages; tuning_code.txt: Python source of networkx, pygments, PyYAML, tomlkit; "
+              "recipe defaults were chosen on them",
     "evaluation": "eval_python_docs.txt, eval_python_code.txt: Python 3.11.7 docs prose and stdlib source; "
                   "nothing was chosen on them",
 }

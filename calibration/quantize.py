@@ -329,7 +329,8 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
     summary = {
         "format": settings.format,
         "data": str(data_path),
-        "data_chars": "valid.txt[0:119655] (WikiText-2, shipped)" if not settings.calib_data else "user file",
+        "data_chars": "shipped: WikiText-2 valid.txt[0:41247], Rust book, Node.js API docs and Python source, "
+                      "interleaved (calibration/data.py)" if not settings.calib_data else "user file",
         "role": "calibration: activation statistics, SmoothQuant/AWQ scales, GPTQ Hessians, layer sensitivity",
         "samples": settings.calib_samples,
         "seq_len": settings.calib_seq_len,

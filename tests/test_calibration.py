@@ -238,16 +238,18 @@ def test_smoothquant_graph_rewrite_keeps_the_fp32_function(tmp_path, precision):
 
 # ---- calibration data and cache ----------------------------------------------------------------
 
-def test_calibration_and_heldout_text_are_disjoint_slices_of_wikitext(wikitext):
-    from leptonc.calibration.data import CALIB_CHARS, EVAL_OFFSET_CHARS, default_calibration_text
+def test_calibration_holds_the_first_wikitext_characters_and_heldout_comes_well_after(wikitext):
+    from leptonc.calibration.data import CALIB_WIKITEXT_CHARS, EVAL_OFFSET_CHARS, default_calibration_text
     from leptonc.calibration.gate import default_heldout_text
 
     full = wikitext.read_text(encoding="utf-8")
     calib = default_calibration_text().read_text(encoding="utf-8")
     held = default_heldout_text().read_text(encoding="utf-8")
-    assert len(calib) == CALIB_CHARS and full.startswith(calib)
-    start = full.index(held)
-    assert start >= EVAL_OFFSET_CHARS > CALIB_CHARS
+    lines = [line for line in full[:CALIB_WIKITEXT_CHARS].splitlines() if len(line) > 40]
+    assert lines and all(line in calib for line in lines)  # whole lines, in pieces among the other domains
+    after = [line for line in full[CALIB_WIKITEXT_CHARS:CALIB_WIKITEXT_CHARS + 20_000].splitlines() if len(line) > 40]
+    assert after and not any(line in calib for line in after)
+    assert full.index(held) >= EVAL_OFFSET_CHARS > CALIB_WIKITEXT_CHARS
 
 
 def test_calibration_cache_hits_on_the_second_run(tmp_path, monkeypatch):

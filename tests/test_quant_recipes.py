@@ -192,18 +192,28 @@ def test_gptq_in_activation_order_stays_on_the_grid_and_beats_nearest():
 # ---- texts and their roles ----------------------------------------------------------------------
 
 def test_shipped_texts_have_one_role_each_and_do_not_overlap(wikitext):
-    from leptonc.calibration.data import TEXT_ROLES, default_calibration_text, shipped_text
+    from leptonc.calibration.data import CALIB_WIKITEXT_CHARS, TEXT_ROLES, default_calibration_text, shipped_text
     from leptonc.calibration.gate import default_gate_text, default_heldout_text
 
     full = wikitext.read_text(encoding="utf-8")
     calib = default_calibration_text().read_text(encoding="utf-8")
-    tuning = default_heldout_text().read_text(encoding="utf-8")
+    tuning = {name: shipped_text(name).read_text(encoding="utf-8") for name in ("tuning_docs.txt", "tuning_code.txt")}
+    tuning["heldout.txt"] = default_heldout_text().read_text(encoding="utf-8")
     docs = shipped_text("eval_python_docs.txt").read_text(encoding="utf-8")
     code = shipped_text("eval_python_code.txt").read_text(encoding="utf-8")
     assert default_gate_text().name == "eval_python_docs.txt" and set(TEXT_ROLES) == {"calibration", "tuning", "evaluation"}
-    assert full.startswith(calib) and full.index(tuning) > len(calib)
-    for text in (docs, code):  # evaluation text is not WikiText, and no slice of it is
-        assert len(text) > 30_000 and text[1000:1200] not in full and text[1000:1200] not in calib + tuning
+    # calibration mixes domains all through: WikiText pieces from its first characters, Rust, Node.js and Python
+    pieces = [calib[i:i + 200] for i in range(0, len(calib) - 200, 5000)]
+    wiki = [p for p in pieces if p in full]
+    assert wiki and all(full.index(p) < CALIB_WIKITEXT_CHARS for p in wiki) and len(wiki) < len(pieces) / 2
+    for marker in ("fn main()", "require('node:", "def "):
+        assert calib.count(marker) >= 2 and calib.index(marker) < len(calib) // 4, marker
+    assert full.index(tuning["heldout.txt"]) > CALIB_WIKITEXT_CHARS
+    for name, text in tuning.items():  # tuning splits are apart from calibration
+        assert len(text) > 20_000 and text[3000:3200] not in calib, name
+    for text in (docs, code):  # evaluation text is not WikiText, and no slice of it is in calibration or tuning
+        assert len(text) > 30_000 and text[1000:1200] not in full
+        assert text[1000:1200] not in calib and not any(text[1000:1200] in t for t in tuning.values())
     assert "Execution model" in docs and "def " in code
 
 
