@@ -328,6 +328,12 @@ def main() -> None:
         else:
             result = asyncio.run(drive(port, args))
         spent = psutil.Process(child.pid).cpu_times()
+        if args.engine == "real":  # how the engine batched the load: prefill runs and decode steps
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+                result["engine"] = {line.split()[0]: float(line.split()[1]) for line in reply.read().decode().splitlines()
+                                    if line.startswith(("leptonc_prefill_runs", "leptonc_decode_steps"))}
         server_cpu = spent.user + spent.system - cpu.user - cpu.system
         result["server_cpu_s"] = round(server_cpu, 3)
         tokens = result.get("tokens") or result.get("output_tokens")
