@@ -54,27 +54,37 @@ def sliced_nll_sum(logits: np.ndarray, ids: np.ndarray, begin: int, first: int, 
     return total
 
 
-def evaluate_pair(ref_runner, quant_runner, ids: np.ndarray, window: int) -> dict:
-    """Non-overlapping windows: both models score the same positions."""
-    nll_ref = nll_q = 0.0
-    count = agree = positions = 0
-    for begin in range(0, len(ids) - 1, window):
-        end = min(begin + window, len(ids))
-        if end - begin < 2:
-            break
-        chunk = ids[begin:end][None, :]
-        mask = np.ones_like(chunk)
-        ref = ref_runner.prefill(chunk, mask)[0]
-        got = quant_runner.prefill(chunk, mask)[0]
-        nll_ref += sliced_nll_sum(ref, ids, begin, begin + 1, end)
-        nll_q += sliced_nll_sum(got, ids, begin, begin + 1, end)
-        count += end - begin - 1
-        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
-        positions += ref.shape[0]
+def score_windows(open_runner, ids: np.ndarray, window: int) -> tuple[float, int, np.ndarray]:
+    """(sum of -log p, scored tokens, greedy token at every position) of one model over non-overlapping windows
+    of `ids`. `open_runner()` opens it; it is released before this returns."""
+    runner = open_runner()
+    try:
+        nll, count, top1 = 0.0, 0, []
+        for begin in range(0, len(ids) - 1, window):
+            end = min(begin + window, len(ids))
+            if end - begin < 2:
+                break
+            chunk = ids[begin:end][None, :]
+            logits = runner.prefill(chunk, np.ones_like(chunk))[0]
+            nll += sliced_nll_sum(logits, ids, begin, begin + 1, end)
+            count += end - begin - 1
+            top1.append(logits.argmax(-1))
+            del logits
+        return nll, count, np.concatenate(top1)
+    finally:
+        runner.release()
+
+
+def evaluate_pair(open_reference, open_quantized, ids: np.ndarray, window: int) -> dict:
+    """Non-overlapping windows: both models score the same positions, one model open at a time (a session
+    keeps a window's logits in its memory arena: 0.5 GB at gemma-3-270m's vocabulary, beside the fp32
+    reference's weights)."""
+    nll_ref, count, top_ref = score_windows(open_reference, ids, window)
+    nll_q, _, top_q = score_windows(open_quantized, ids, window)
     ppl_ref, ppl_q = math.exp(nll_ref / count), math.exp(nll_q / count)
     return {"reference_perplexity": round(ppl_ref, 4), "quantized_perplexity": round(ppl_q, 4),
             "ppl_increase_pct": round(100.0 * (ppl_q / ppl_ref - 1.0), 3),
-            "top1_agreement": round(agree / positions, 4), "scored_tokens": count, "window": window}
+            "top1_agreement": round(float((top_ref == top_q).mean()), 4), "scored_tokens": count, "window": window}
 
 
 def text_roles() -> dict:
@@ -91,15 +101,15 @@ def gate_skipped(settings) -> dict | None:
     return {"status": "skipped", "reason": "--no-check: the quantized model's accuracy was not measured"}
 
 
-def accuracy_gate(ref_runner, quant_runner, tokenizer, settings, limits: dict) -> dict:
-    """Measure the quantized runner against the reference runner on held-out text and judge it by
-    --max-ppl-increase. The caller (leptonc/compiler.py) opens both runners with its backend and releases
-    them; calibration never reaches into a backend. Raises VerificationError on failure, with the figures
-    on the error (`.gate`) for the failed report."""
+def accuracy_gate(open_reference, open_quantized, tokenizer, settings, limits: dict) -> dict:
+    """Measure the quantized model against the reference on held-out text and judge it by --max-ppl-increase.
+    The caller (leptonc/compiler.py) supplies the two openers (each returns a runner of its backend; the
+    runner is released here after scoring); calibration never reaches into a backend. Raises
+    VerificationError on failure, with the figures on the error (`.gate`) for the failed report."""
     data = Path(settings.check_data or default_gate_text())
     ids = held_out_ids(tokenizer, data, settings.check_tokens)
     window = int(min(512, limits["max_sequence"], max(2, len(ids))))
-    result = evaluate_pair(ref_runner, quant_runner, ids, window)
+    result = evaluate_pair(open_reference, open_quantized, ids, window)
     limit = settings.max_ppl_increase
     bad = not math.isfinite(result["quantized_perplexity"]) or result["ppl_increase_pct"] > limit
     result.update({"status": "failed" if bad else "passed", "rule": f"perplexity increase <= {limit:g}%",

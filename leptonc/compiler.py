@@ -248,15 +248,8 @@ def _accuracy_gate(backend, settings, reference_path: Path, quantized_path: Path
     skipped = gate_skipped(settings)
     if skipped is not None:
         return skipped
-    reference = backend.open_runner(reference_path, engine, limits)
-    try:
-        quantized = backend.open_runner(quantized_path, engine, limits)
-        try:
-            return accuracy_gate(reference, quantized, tokenizer, settings, limits)
-        finally:
-            quantized.release()
-    finally:
-        reference.release()
+    return accuracy_gate(lambda: backend.open_runner(reference_path, engine, limits),
+                         lambda: backend.open_runner(quantized_path, engine, limits), tokenizer, settings, limits)
 
 
 def _keep_failed_report(config, quant, exc: VerificationError) -> VerificationError:
