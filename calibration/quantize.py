@@ -45,6 +45,12 @@ FP8_DEFAULT_ALPHA = 0.5  # --fp8's SmoothQuant strength unless --smoothquant-alp
 # int4 AWQ + GPTQ with its 8-bit layers (+11.6% there, +4.4% on the WikiText tuning split) passes 15%.
 DEFAULT_MAX_PPL_INCREASE = {"int8": 5.0, "fp8": 5.0, "int4": 15.0}
 INT4_BITS_BUDGET = 4.5  # --int4-bits-budget default (bits per weight over the decoder's linear layers)
+WEIGHT_ONLY_ACTIVATIONS = {  # what --int8-mode weight-only does to the activations, for the manifest (on the CPU)
+    False: "rounded to int8 per token in 64-channel blocks by ONNX Runtime's CPU MatMulNBits kernel (accuracy_level "
+           "4, its fast path: the same graph as dynamic W8A8); --activations fp32 keeps them unrounded",
+    True: "fp32 (MatMulNBits accuracy_level 1): weights alone are rounded; ONNX Runtime's CPU kernel dequantizes "
+          "each 8-bit weight at every call, slower than fp32",
+}
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,10 @@ class QuantSettings:
     # fp8 uses FP8_DEFAULT_ALPHA (set in __post_init__)
     activations: str | None = None  # --int8 w8a8 and --fp8: dynamic (a scale per token: int8 in 64-channel
     # blocks inside MatMulNBits; fp8 per row of each linear's input) | static (per tensor from calibration, Q/DQ);
-    # None: CompileConfig picks dynamic for ONNX Runtime on the CPU, static elsewhere (a bare QuantSettings: static)
+    # None: CompileConfig picks dynamic for ONNX Runtime on the CPU, static elsewhere (a bare QuantSettings: static).
+    # --int8-mode weight-only: fp32 keeps the activations unrounded (MatMulNBits accuracy_level 1, which ONNX
+    # Runtime's CPU kernel runs by dequantizing each 8-bit weight at every call: gemma-3-270m decodes at 0.09x
+    # fp32); None: the kernel's fast path, which rounds them to int8 per 64-channel block (accuracy_level 4)
     int8_block: int = 64  # int8 MatMulNBits (weight-only, dynamic W8A8) block along K
     int4_block: int = 64  # chosen on the tuning split: with the 8-bit layers of --int4-bits-budget 4.5, smollm2-135m
     # +4.4% against block 128's +8.7% (block 128 pads K=576 to 640 and so costs 4.5 bits with no room for 8-bit layers)
@@ -88,10 +97,15 @@ class QuantSettings:
         if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise UnsupportedRequestError("--smoothquant-alpha must be in [0, 1] (0.5 is the paper's default; "
                                           "leave it out to search it per layer)")
-        if self.activations not in (None, "dynamic", "static"):
-            raise UnsupportedRequestError(f"--activations {self.activations!r}: use dynamic or static")
-        if self.activations is not None and self.format not in ("int8-w8a8", "fp8"):
-            raise UnsupportedRequestError("--activations applies to --int8 W8A8 and --fp8 only", hint="drop it")
+        if self.activations not in (None, "dynamic", "static", "fp32"):
+            raise UnsupportedRequestError(f"--activations {self.activations!r}: use dynamic or static (--int8 W8A8, "
+                                          "--fp8), or fp32 (--int8-mode weight-only)")
+        if self.activations == "fp32" and self.format != "int8-weight-only":
+            raise UnsupportedRequestError("--activations fp32 applies to --int8 --int8-mode weight-only only",
+                                          hint="drop it, or add --int8-mode weight-only")
+        if self.activations in ("dynamic", "static") and self.format not in ("int8-w8a8", "fp8"):
+            raise UnsupportedRequestError(f"--activations {self.activations} applies to --int8 W8A8 and --fp8 only",
+                                          hint="drop it")
         if self.int4_bits_budget < 0:
             raise UnsupportedRequestError("--int4-bits-budget is bits per weight (4.5 by default; 0 turns the "
                                           "sensitivity-driven 8-bit layers off)")
@@ -345,6 +359,8 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
                                   "MatMulNBits (accuracy_level 4) at run time; no SmoothQuant"
                                   if settings.precision == "int8" else
                                   "dynamic: per token, one fp8 scale per row of each linear's input (its max |x|)")
+    if settings.format == "int8-weight-only":
+        summary["activations"] = WEIGHT_ONLY_ACTIVATIONS[settings.activations == "fp32"]
     if settings.mixed_int4:
         summary["mixed_precision"] = stats.sensitivity
     if settings.static_activations or settings.precision == "fp8":

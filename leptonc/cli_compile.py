@@ -73,7 +73,9 @@ def compile_cmd(
     int8_mode: Optional[str] = typer.Option(None, "--int8-mode", help="--int8: w8a8 (SmoothQuant, default) or weight-only."),
     activations: Optional[str] = typer.Option(None, "--activations", help="--int8 W8A8 and --fp8 "
                                                    "activation scales: dynamic (per token; the CPU default) or "
-                                                   "static (per tensor from calibration; GPU targets)."),
+                                                   "static (per tensor from calibration; GPU targets). "
+                                                   "--int8-mode weight-only: fp32 keeps them unrounded on the "
+                                                   "CPU (slower than fp32 there)."),
     smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha", help="SmoothQuant migration strength: --int8 W8A8 "
                                                                                   "(default: searched per layer group); "
                                                                                   "--fp8 (default 0.5)."),

@@ -9,7 +9,8 @@ the same uint8 codes (8-bit, symmetric, zero point 128, the default of both ops)
                    choose: AWQ's clip search and refit) unless --int4-rounding nearest;
                    embedding and LM head 8-bit block 64 (a 4-bit head costs far more accuracy than
                    the 14 MB it would save on smollm2-135m).
-  int8 weight-only (`--int8 --int8-mode weight-only`): everything 8-bit symmetric, block 64.
+  int8 weight-only (`--int8 --int8-mode weight-only`): everything 8-bit symmetric, block 64; on the CPU the
+                   activations are rounded to int8 by the kernel (accuracy_level 4) unless --activations fp32.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from leptonc.passes.quantize_common import HEAD_BITS, HEAD_BLOCK, Linear, apply_
 from leptonc.passes.registry import PassResult
 
 DEFAULT_ACCURACY_LEVEL = 4  # int8 compute of the activations inside MatMulNBits: ORT CPU's fast path
+FP32_ACCURACY_LEVEL = 1  # fp32 activations (--int8-mode weight-only --activations fp32): ONNX Runtime 1.32's CPU kernel
+# has no 8-bit fp32 path and dequantizes the weight at every call (gemma-3-270m: 0.09x fp32 decode; BENCHMARKS.md)
 AWQ_FOLD_UP = True  # AWQ's scales folded into the up projection's; tests turn it off to compare with the Mul
 
 
@@ -34,6 +37,11 @@ def rewrite_weight_only(graph: gs.Graph, ctx, bits: int, block: int, awq: bool) 
     if settings.dynamic_activations:
         level = DEFAULT_ACCURACY_LEVEL  # the int8 compute that quantizes the activations per token
         fmt = "int8-w8a8, activations dynamic per token in blocks of the same size"
+    elif settings.activations == "fp32":
+        level = FP32_ACCURACY_LEVEL
+        fmt += ", activations fp32"
+    elif bits == 8:
+        fmt += ", activations rounded to int8 per block by the CPU kernel"
     counts = {"matmulnbits": 0, "kept_fp": 0, "awq_folded": 0, "awq_mul": 0, "embedding": 0, "gptq": 0, "gptq_missing": 0}
     if awq and stats is None:
         return PassResult.skipped("AWQ needs calibration statistics and none were supplied")

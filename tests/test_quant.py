@@ -252,3 +252,25 @@ def test_fp8_compile_notes_that_clipping_observers_hurt(method, noted, tmp_path,
     out = capsys.readouterr().err.replace("\n", " ")
     assert exit_.value.code != 0 and "stopped before compiling" in out
     assert ("clips activation outliers" in out) == noted
+
+
+def test_int8_weight_only_rounds_activations_only_where_asked(tmp_path, cache):
+    """On the CPU, ONNX Runtime's fast 8-bit MatMulNBits path (accuracy_level 4) rounds the activations to int8;
+    --activations fp32 keeps them unrounded (accuracy_level 1) and the manifest says which one a bundle runs."""
+    import onnx
+
+    from leptonc.calibration.quantize import QuantSettings
+    from leptonc.errors import UnsupportedRequestError
+
+    levels = {}
+    for name, options in (("kernel", {}), ("fp32", {"activations": "fp32"})):
+        bundle = _compile(tmp_path, f"w8-{name}", "int8", {"int8_mode": "weight-only", **options})
+        path = next(bundle.path / f for f in bundle.manifest["files"] if f.endswith(".onnx"))
+        nodes = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+        levels[name] = {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"}
+        said = bundle.manifest["calibration"]["activations"]
+        assert ("fp32 (MatMulNBits accuracy_level 1)" in said) == (name == "fp32"), said
+    assert levels == {"kernel": {4}, "fp32": {1}}, levels
+    for bad in ({"activations": "fp32"}, {"int8_mode": "weight-only", "activations": "dynamic"}):
+        with pytest.raises(UnsupportedRequestError):
+            QuantSettings("int8", **bad)
