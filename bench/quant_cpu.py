@@ -101,6 +101,8 @@ def label(bundle) -> str:
     fmt = cal.get("format") or m["precision"]
     if fmt in ("int8-w8a8", "fp8"):
         fmt += f" ({st.get('activations') or 'static'} activations)"
+    elif fmt == "int8-weight-only":  # on the CPU the kernel rounds the activations unless they are kept fp32
+        fmt += " (fp32 activations)" if st.get("activations") == "fp32" else " (activations rounded by the kernel)"
     elif fmt.startswith("int4"):
         mixed = cal.get("mixed_precision")
         fmt += f" block {st.get('int4_block')}" + (f", {len(mixed['eight_bit_groups'])} groups 8-bit" if mixed else "")
