@@ -87,10 +87,11 @@ def compile_cmd(
     gptq_samples: Optional[int] = typer.Option(None, "--gptq-samples", help="GPTQ: calibration sequences whose every "
                                                                             "token enters the Hessian (default 128, "
                                                                             "capped by the text)."),
-    gptq_act_order: bool = typer.Option(False, "--gptq-act-order", help="GPTQ: round columns in order of "
-                                                                       "decreasing input energy."),
+    gptq_act_order: Optional[bool] = typer.Option(None, "--gptq-act-order/--gptq-natural-order",
+                                                  help="GPTQ: round columns in order of decreasing input energy "
+                                                       "(default) or in their natural order."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV cache precision fp8|int8 (where the backend supports it)."),
-    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration text file (default: shipped WikiText-2 slice)."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration text file (default: the shipped text of prose, docs and code)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration sequences (default 16)."),
     calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="Tokens per calibration sequence (default 256)."),
     calib_method: Optional[str] = typer.Option(None, "--calib-method", help="Activation ranges: minmax (default), percentile, entropy (int8 only in practice: they clip outliers that fp8 keeps)."),
@@ -142,7 +143,7 @@ def compile_cmd(
     config = _quant_options(config, {"int8_mode": int8_mode, "activations": activations,
                                      "smoothquant_alpha": smoothquant_alpha, "int4_bits_budget": int4_bits_budget,
                                      "int4_block": int4_block, "int4_method": int4_method, "int4_rounding": int4_rounding,
-                                     "gptq_samples": gptq_samples, "gptq_act_order": gptq_act_order or None,
+                                     "gptq_samples": gptq_samples, "gptq_act_order": gptq_act_order,
                                      "kv_cache": kv_cache,
                                      "calib_data": calib_data, "calib_samples": calib_samples,
                                      "calib_seq_len": calib_seq_len, "calib_method": calib_method,

@@ -281,7 +281,7 @@ class CompileConfig:
             if settings.activations is None:
                 settings = replace(settings, activations="dynamic" if cpu_ort else "static")
         if backend == "tensorrt" and settings.uses_gptq:  # its symmetric int4 grid is not AWQ's (the pass notes it)
-            settings = replace(settings, int4_rounding="nearest", gptq_samples=None)
+            settings = replace(settings, int4_rounding="nearest", gptq_samples=None, gptq_act_order=None)
         if settings.kv_cache and backend == "onnxruntime":
             raise UnsupportedRequestError(
                 f"--kv-cache {settings.kv_cache} is not supported by the onnxruntime backend: its attention kernels "
