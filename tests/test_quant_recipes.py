@@ -189,6 +189,18 @@ def test_gptq_in_activation_order_stays_on_the_grid_and_beats_nearest():
     assert output_error(w, dq, h) < 0.85 * output_error(w, grid.dequantize(), h)
 
 
+def test_gptq_defaults_to_activation_order_and_only_with_gptq():
+    from leptonc.calibration.quantize import QuantSettings
+    from leptonc.errors import UnsupportedRequestError
+
+    assert QuantSettings("int4").gptq_act_order is True
+    assert QuantSettings("int4", gptq_act_order=False).gptq_act_order is False
+    assert QuantSettings("int4", int4_rounding="nearest").gptq_act_order is False
+    assert QuantSettings("int8").gptq_act_order is False
+    with pytest.raises(UnsupportedRequestError, match="only applies to GPTQ rounding"):
+        QuantSettings("int4", int4_method="rtn", gptq_act_order=True)
+
+
 # ---- texts and their roles ----------------------------------------------------------------------
 
 def test_shipped_texts_have_one_role_each_and_do_not_overlap(wikitext):
