@@ -37,7 +37,7 @@ SENSITIVITY_SEQUENCES = 8  # calibration sequences the layer sensitivity is meas
 FP8_DEFAULT_KEEP = ("lm_head", "embed")  # --fp8 keeps these in higher precision; --fp8-lm-head quantizes them
 CLIPPING_OBSERVERS = ("percentile", "entropy")  # they clip activation outliers, which fp8 (E4M3) could represent
 FP8_DEFAULT_ALPHA = 0.5  # --fp8's SmoothQuant strength unless --smoothquant-alpha is given. Chosen on the WikiText
-# tuning split with the earlier WikiText-only calibration and static activations (never the evaluation text):
+# tuning split with the earlier WikiText-only calibration (never the evaluation text):
 # smollm2-135m +3.16% unsmoothed, +3.10% at 0.25, +2.88% at 0.5, +3.90% at 0.75; not chosen again for the mixed
 # calibration text; the per-group alpha search overfits the calibration rows (BENCHMARKS.md, Quantization)
 
