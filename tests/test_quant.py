@@ -180,7 +180,7 @@ def test_no_check_skips_the_gate_and_says_so(tmp_path, cache):
     (["--int4", "--gptq-samples", "0"], "--gptq-samples must be >= 1"),
     (["--int4", "--int4-rounding", "nearest", "--gptq-samples", "64"], "--gptq-samples only applies to GPTQ rounding"),
     (["--int8", "--activations", "fast"], "--activations 'fast'"),
-    (["--int4", "--activations", "dynamic"], "--activations applies to --int8 W8A8 and --fp8 only"),
+    (["--int4", "--activations", "dynamic"], "--activations dynamic applies to --int8 W8A8 and --fp8 only"),
     (["--int8", "--target", "h100", "--activations", "dynamic"], "static is the default here"),
     (["--int4", "--int4-bits-budget", "-1"], "--int4-bits-budget is bits per weight"),
     (["--int8", "--gptq-act-order"], "--gptq-act-order only applies to GPTQ rounding"),
