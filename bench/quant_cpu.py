@@ -126,23 +126,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def perplexity_sliced(runner, ids: np.ndarray, cfg) -> tuple[float, int]:
-    """runtime.evaluate.perplexity over the runner's windows, with each window's log-softmax taken a few
-    positions at a time (calibration.gate.sliced_nll_sum): (perplexity, scored tokens)."""
-    import math
-
-    from leptonc.calibration.gate import sliced_nll_sum
-    from leptonc.runtime.evaluate import windows
-
-    total, count = 0.0, 0
-    for begin, end, first in windows(len(ids), cfg.window, cfg.stride):
-        window = ids[None, begin:end]
-        logits = runner.prefill(window, np.ones_like(window))[0]
-        total += sliced_nll_sum(logits, ids, begin, first, end)
-        count += end - first
-    return math.exp(total / count), count
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="+", help="the fp32 bundle first, then quantized bundles")
@@ -160,7 +143,7 @@ def main(argv=None) -> int:
     from leptonc.bundle import load_bundle
     from leptonc.runtime import open_bundle_runner
     from leptonc.runtime.bench import device_name, run_once
-    from leptonc.runtime.evaluate import EvalConfig, load_tokens
+    from leptonc.runtime.evaluate import EvalConfig, load_tokens, perplexity, runner_scorer
     from transformers import AutoTokenizer
 
     bundles = [load_bundle(Path(p)) for p in args.bundles]
@@ -185,7 +168,8 @@ def main(argv=None) -> int:
             runner = open_bundle_runner(b)  # one at a time: a window's logits (and so the session's memory arena)
             try:  # are 1 GB at gemma-3-270m's 262,144-token vocabulary
                 for text_name, cfg in cfgs:
-                    ppl, scored = perplexity_sliced(runner, tokens[text_name], cfg)
+                    result = perplexity(runner_scorer(runner), tokens[text_name], cfg)
+                    ppl, scored = result["perplexity"], result["scored_tokens"]
                     row.setdefault("perplexity", {})[text_name] = round(ppl, 4)
                     row.setdefault("scored_tokens", {})[text_name] = scored
                     print(f"{name} {text_name}: ppl {ppl:.4f} on {len(tokens[text_name])} tokens", file=sys.stderr,

@@ -38,25 +38,11 @@ def held_out_ids(tokenizer, path: Path, tokens: int) -> np.ndarray:
     return ids
 
 
-NLL_ROWS = 64  # positions scored at a time: a window's float64 log-softmax is rows x vocabulary (at gemma-3-270m's
-# 262,144 tokens, 512 positions would be 1 GB a copy)
-
-
-def sliced_nll_sum(logits: np.ndarray, ids: np.ndarray, begin: int, first: int, end: int) -> float:
-    """runtime.evaluate.nll_sum (logits for positions begin..end-1, targets ids[first:end]) over NLL_ROWS
-    targets at a time, so its float64 temporaries stay small whatever the vocabulary."""
-    from leptonc.runtime.evaluate import nll_sum
-
-    total = 0.0
-    for f in range(first, end, NLL_ROWS):
-        e = min(f + NLL_ROWS, end)
-        total += nll_sum(logits[f - 1 - begin: e - 1 - begin], ids, f - 1, f, e)
-    return total
-
-
 def score_windows(open_runner, ids: np.ndarray, window: int) -> tuple[float, int, np.ndarray]:
     """(sum of -log p, scored tokens, greedy token at every position) of one model over non-overlapping windows
     of `ids`. `open_runner()` opens it; it is released before this returns."""
+    from leptonc.runtime.evaluate import nll_sum
+
     runner = open_runner()
     try:
         nll, count, top1 = 0.0, 0, []
@@ -66,7 +52,7 @@ def score_windows(open_runner, ids: np.ndarray, window: int) -> tuple[float, int
                 break
             chunk = ids[begin:end][None, :]
             logits = runner.prefill(chunk, np.ones_like(chunk))[0]
-            nll += sliced_nll_sum(logits, ids, begin, begin + 1, end)
+            nll += nll_sum(logits, ids, begin, begin + 1, end)
             count += end - begin - 1
             top1.append(logits.argmax(-1))
             del logits

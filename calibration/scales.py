@@ -220,14 +220,7 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     rows = ref.shape[0] if ref.ndim else 1
     ref, app = ref.reshape(rows, -1), app.reshape(rows, -1)
     step = max(1, CHUNK_ELEMENTS // max(1, ref.shape[1]))
-    signal = noise = 0.0
-    for i in range(0, ref.shape[0], step):
-        r = ref[i:i + step].astype(np.float64)
-        d = app[i:i + step].astype(np.float64)
-        d -= r
-        noise += float(np.einsum("ij,ij->", d, d))
-        signal += float(np.einsum("ij,ij->", r, r))
-    return _db(signal, noise)
+    return _sliced_db((ref[i:i + step], app[i:i + step]) for i in range(0, rows, step))
 
 
 def output_sqnr_db(x: np.ndarray, w_ref: np.ndarray, w_q: np.ndarray, x_q: np.ndarray | None = None) -> float:
@@ -236,13 +229,17 @@ def output_sqnr_db(x: np.ndarray, w_ref: np.ndarray, w_q: np.ndarray, x_q: np.nd
     calibration rows would be 2 GB in float32) is never held at once."""
     xq = x if x_q is None else x_q
     step = max(1, CHUNK_ELEMENTS // max(1, x.shape[0]))
+    return _sliced_db((x @ w_ref[j:j + step].T, xq @ w_q[j:j + step].T) for j in range(0, w_ref.shape[0], step))
+
+
+def _sliced_db(pairs) -> float:
+    """SQNR over (reference, approximation) slices, summed in float64."""
     signal = noise = 0.0
-    for j in range(0, w_ref.shape[0], step):
-        ref = (x @ w_ref[j:j + step].T).astype(np.float64)
-        d = (xq @ w_q[j:j + step].T).astype(np.float64)
-        d -= ref
+    for reference, approx in pairs:
+        r = np.asarray(reference, np.float64)
+        d = np.asarray(approx, np.float64) - r
         noise += float(np.einsum("ij,ij->", d, d))
-        signal += float(np.einsum("ij,ij->", ref, ref))
+        signal += float(np.einsum("ij,ij->", r, r))
     return _db(signal, noise)
 
 

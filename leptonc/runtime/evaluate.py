@@ -54,13 +54,21 @@ def windows(n: int, window: int, stride: int):
             break
 
 
+NLL_ROWS = 64  # positions scored at a time: a window's float64 log-softmax is rows x vocabulary (at gemma-3-270m's
+# 262,144 tokens, 512 positions would be 1 GB a copy)
+
+
 def nll_sum(logits: np.ndarray, ids: np.ndarray, begin: int, first: int, end: int) -> float:
-    """Sum of -log p(ids[t] | ids[:t]) for t in [first, end), with logits for positions begin..end-1."""
-    pred = logits[first - 1 - begin: end - 1 - begin].astype(np.float64)
-    targets = ids[first:end]
-    m = pred.max(-1, keepdims=True)
-    logz = (m[:, 0] + np.log(np.exp(pred - m).sum(-1)))
-    return float((logz - pred[np.arange(len(targets)), targets]).sum())
+    """Sum of -log p(ids[t] | ids[:t]) for t in [first, end), with logits for positions begin..end-1; NLL_ROWS
+    targets at a time, so its float64 temporaries stay small whatever the vocabulary."""
+    total = 0.0
+    for f in range(first, end, NLL_ROWS):
+        e = min(f + NLL_ROWS, end)
+        pred = logits[f - 1 - begin: e - 1 - begin].astype(np.float64)
+        m = pred.max(-1, keepdims=True)
+        logz = m[:, 0] + np.log(np.exp(pred - m).sum(-1))
+        total += float((logz - pred[np.arange(e - f), ids[f:e]]).sum())
+    return total
 
 
 def perplexity(score_window, ids: np.ndarray, cfg: EvalConfig, on_progress=None) -> dict:
