@@ -112,6 +112,24 @@ class BlockQuantized:
         return np.ascontiguousarray((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8))
 
 
+@dataclass
+class Fp8Rows:
+    """An [N, K] ([out, in]) weight as float8 E4M3FN codes with one float32 scale per output row (a GPTQ
+    rounding kept between calibration and the Q/DQ pass). Dequantized: codes * scales[:, None]."""
+
+    codes: np.ndarray  # ml_dtypes float8_e4m3fn [N, K]
+    scales: np.ndarray  # float32 [N]
+
+    @classmethod
+    def from_values(cls, values: np.ndarray, scales: np.ndarray) -> "Fp8Rows":
+        """Values that already lie on the grid (each an E4M3 value times its row's scale) -> their codes."""
+        scales = np.asarray(scales, np.float32)
+        return cls(to_fp8(np.asarray(values, np.float64) / scales[:, None].astype(np.float64)), scales)
+
+    def dequantize(self) -> np.ndarray:
+        return self.codes.astype(np.float32) * self.scales[:, None]
+
+
 def unpack_nibbles(raw: np.ndarray) -> np.ndarray:
     """[N, B] bytes of two 4-bit values, low nibble first (MatMulNBits' B and zero points) -> [N, 2B]."""
     raw = np.asarray(raw, np.uint8)

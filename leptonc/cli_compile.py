@@ -84,6 +84,9 @@ def compile_cmd(
     int4_rounding: Optional[str] = typer.Option(None, "--int4-rounding", help="--int4 awq codes: gptq (default; "
                                                                               "error-compensated, on AWQ's grid) or "
                                                                               "nearest."),
+    fp8_rounding: Optional[str] = typer.Option(None, "--fp8-rounding", help="--fp8 weight codes: gptq (default; "
+                                                                            "error-compensated, a scale per row) or "
+                                                                            "nearest."),
     gptq_samples: Optional[int] = typer.Option(None, "--gptq-samples", help="GPTQ: calibration sequences whose every "
                                                                             "token enters the Hessian (default 128, "
                                                                             "capped by the text)."),
@@ -143,7 +146,7 @@ def compile_cmd(
     config = _quant_options(config, {"int8_mode": int8_mode, "activations": activations,
                                      "smoothquant_alpha": smoothquant_alpha, "int4_bits_budget": int4_bits_budget,
                                      "int4_block": int4_block, "int4_method": int4_method, "int4_rounding": int4_rounding,
-                                     "gptq_samples": gptq_samples, "gptq_act_order": gptq_act_order,
+                                     "fp8_rounding": fp8_rounding, "gptq_samples": gptq_samples, "gptq_act_order": gptq_act_order,
                                      "kv_cache": kv_cache,
                                      "calib_data": calib_data, "calib_samples": calib_samples,
                                      "calib_seq_len": calib_seq_len, "calib_method": calib_method,

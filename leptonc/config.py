@@ -256,8 +256,9 @@ class CompileConfig:
             for key in ("keep_fp", "int4_8bit"):
                 if raw.get(key) is not None:
                     raw[key] = tuple(raw[key])
-            if backend == "tensorrt" and (raw.get("int4_rounding") == "gptq" or raw.get("gptq_samples") is not None
-                                          or raw.get("gptq_act_order")):
+            if backend == "tensorrt" and precision == "int4" and (
+                    raw.get("int4_rounding") == "gptq" or raw.get("gptq_samples") is not None
+                    or raw.get("gptq_act_order")):
                 raise UnsupportedRequestError(
                     "GPTQ rounding is for ONNX Runtime's MatMulNBits grid (asymmetric blocks); the TensorRT int4 "
                     "weights are symmetric blocks rounded to nearest",
@@ -280,7 +281,8 @@ class CompileConfig:
                     hint="drop --activations (static is the default here)")
             if settings.activations is None:
                 settings = replace(settings, activations="dynamic" if cpu_ort else "static")
-        if backend == "tensorrt" and settings.uses_gptq:  # its symmetric int4 grid is not AWQ's (the pass notes it)
+        if backend == "tensorrt" and settings.uses_gptq and settings.precision == "int4":  # its symmetric int4 grid
+            # is not AWQ's (the pass notes it); fp8's per-row E4M3 grid is the same for both backends
             settings = replace(settings, int4_rounding="nearest", gptq_samples=None, gptq_act_order=None)
         if settings.kv_cache and backend == "onnxruntime":
             raise UnsupportedRequestError(

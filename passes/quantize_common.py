@@ -177,6 +177,31 @@ def quantize_weight_per_channel(ws: np.ndarray, fmt: str, break_scales: float = 
     return to_fp8(ws / w_scales[:, None]), fake_quant_fp8(ws, w_scales, axis=0), w_scales
 
 
+def fp8_gptq_rounding(lin: Linear, group, ws: np.ndarray, settings):
+    """(codes, fake-quantized weight, per-row scales) from the calibration's GPTQ rounding of this linear
+    (the rows of its members, in the order a fusion merged them); None where there is none or it does not
+    belong to this graph weight (then the weight rounds to nearest)."""
+    from leptonc.calibration.scales import Fp8Rows, fake_quant_fp8, to_fp8
+
+    rounded = getattr(group, "rounded", None)
+    names = lin.label.split("+")
+    if not rounded or any(not isinstance(rounded.get(n), Fp8Rows) for n in names):
+        return None
+    codes = np.concatenate([rounded[n].codes for n in names])
+    scales = np.concatenate([rounded[n].scales for n in names]).astype(np.float32)
+    if codes.shape != ws.shape:
+        return None
+    wq = codes.astype(np.float32) * scales[:, None]
+    # the codes were chosen for the PyTorch weights; a graph weight they do not belong to would show as an
+    # error near the weight itself (an fp16 copy differs from them by far less than E4M3's rounding)
+    if np.linalg.norm(wq - ws) > 0.25 * np.linalg.norm(ws):
+        return None
+    if settings.break_scales != 1.0:  # the test hook: the same values on the broken scales
+        scales = (scales * np.float32(settings.break_scales)).astype(np.float32)
+        return to_fp8(wq / scales[:, None]), fake_quant_fp8(wq, scales, axis=0), scales
+    return codes, wq, scales
+
+
 def qdq_group(members: list[Linear], group, s, x: gs.Tensor, fmt: str, tag: str, settings, report: dict,
               shared_head: dict, counts: dict, *, quantize_act, dequantize_weight, dequantize_act,
               dynamic: bool = False) -> None:
@@ -199,7 +224,9 @@ def qdq_group(members: list[Linear], group, s, x: gs.Tensor, fmt: str, tag: str,
     for lin in members:
         w = lin.w_oi()
         ws = w * s[None, :] if s is not None else w
-        codes, wq, w_scales = quantize_weight_per_channel(ws, fmt, settings.break_scales)
+        rounded = fp8_gptq_rounding(lin, group, ws, settings) if fmt == "fp8" else None
+        codes, wq, w_scales = rounded or quantize_weight_per_channel(ws, fmt, settings.break_scales)
+        counts["gptq_rounded"] = counts.get("gptq_rounded", 0) + (rounded is not None)
         record_layer(report, lin.label, f"{fmt}-w8a8" if fmt == "int8" else "fp8", w, wq, group.samples, x_q)
         wdq = dequantize_weight(lin, codes, w_scales)
         if lin.kind == "gemm" and s is None:  # [N, K] rows, one scale a row: the embedding can read them

@@ -9,7 +9,8 @@
       is raised to opset 19 (QuantizeLinear takes fp16 input from 19 on; ONNX Runtime refuses it before).
       The tied embedding / LM head run 8-bit weight-only (GatherBlockQuantized + MatMulNBits on one copy
       of the codes): a QDQ head would need its own transposed int8 copy of the 28M-parameter matrix.
-  fp8 (`--fp8`): weights float8 E4M3FN per channel, as Q/DQ (opset 19, where float8 Q/DQ exist);
+  fp8 (`--fp8`): weights float8 E4M3FN per channel, as Q/DQ (opset 19, where float8 Q/DQ exist), their codes
+      chosen by GPTQ in calibration (--fp8-rounding gptq, the default; nearest rounds each alone);
       activations float8 E4M3FN per tensor (static, the GPU targets' default) or, on the CPU by default, per
       token (a scale per row from its max |x|, written as Casts: the Q/DQ ops take constant scales only). ONNX Runtime's CPU provider runs these ops but has no FP8
       matrix kernels: the MatMuls run in fp32 on dequantized values, so this is simulated
@@ -123,7 +124,9 @@ def rewrite_qdq(graph: gs.Graph, ctx, fmt: str, rounding: bool = True) -> PassRe
                                f"graph ({upgraded} Reduce nodes moved axes to an input)")
     acts = "per-token dynamic (simulated: Cast to float8 by each row's max)" if settings.dynamic_activations \
         else "per-tensor static"
-    parts = [f"{counts['qdq_matmul']} MatMul with {fmt} Q/DQ (activations {acts}, weights per-channel)"]
+    weights = "weights per-channel" + (f", {counts['gptq_rounded']} of them rounded by GPTQ"
+                                       if counts.get("gptq_rounded") else "")
+    parts = [f"{counts['qdq_matmul']} MatMul with {fmt} Q/DQ (activations {acts}, {weights})"]
     parts.append(smoothquant_detail(settings, fmt, counts))
     if counts["head_nbits"]:
         parts.append("LM head + embedding 8-bit weight-only (MatMulNBits / GatherBlockQuantized, shared codes)")

@@ -85,6 +85,8 @@ def rewrite_w8a8(graph: gs.Graph, ctx, fmt: str) -> PassResult:
     _raise_opset(graph, QDQ_OPSET)
     parts = [f"{counts['qdq_matmul']} MatMul/Gemm with TensorRT {fmt} Q/DQ (activations per-tensor, weights "
              f"per-channel, symmetric, fp16 scales, opset {QDQ_OPSET})"]
+    if counts.get("gptq_rounded"):
+        parts.append(f"{counts['gptq_rounded']} weights rounded by GPTQ")
     parts.append(smoothquant_detail(settings, fmt, counts))
     if emb_note:
         parts.append(emb_note)

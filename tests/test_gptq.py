@@ -1,4 +1,4 @@
-"""GPTQ rounding on AWQ's grid (calibration/gptq.py): the error feedback lowers the output error
+"""GPTQ rounding on AWQ's grid and on fp8's (calibration/gptq.py): the error feedback lowers the output error
 against nearest rounding on correlated inputs and reduces to nearest rounding when the inputs are
 uncorrelated; on tiny-llama the compile's MatMulNBits carry GPTQ's codes, whose output SQNR on the
 calibration rows beats nearest rounding's; the codes survive the calibration cache exactly."""
@@ -71,6 +71,76 @@ def test_rounded_codes_survive_the_calibration_cache(tmp_path):
     back = _load(tmp_path / "c.npz").groups[0].rounded["a.weight"]
     assert np.array_equal(back.codes, q.codes) and np.array_equal(back.scales, q.scales)
     assert np.array_equal(back.zero_points, q.zero_points) and (back.k, back.block_size) == (200, 64)
+
+
+def test_gptq_on_the_fp8_grid_keeps_every_value_on_it_and_lowers_the_output_error():
+    """fp8 E4M3 with a fixed scale per row: each GPTQ value is an E4M3 value times its row's scale (so the
+    codes Fp8Rows keeps are exact), and the output error is lower than nearest rounding's, also on rows GPTQ
+    never saw."""
+    from leptonc.calibration.gptq import gptq_fp8, output_error
+    from leptonc.calibration.scales import Fp8Rows, compute_scales, fake_quant_fp8
+
+    w, x, x2 = _problem(seed=3)
+    h = x.T @ x
+    scales = compute_scales(w, "fp8", "per_channel", axis=0)
+    dq = gptq_fp8(w, h, scales, act_order=True)
+    rows = Fp8Rows.from_values(dq, scales)
+    assert np.allclose(rows.dequantize(), dq, rtol=1e-6, atol=0) and np.abs(dq).max() <= 448 * scales.max() * 1.0001
+    nearest = fake_quant_fp8(w, scales, axis=0)
+    e_gptq, e_near = output_error(w, dq, h), output_error(w, nearest, h)
+    assert e_gptq < 0.85 * e_near, (e_gptq, e_near)
+    mse = lambda wq: float(((x2 @ (w - wq).T) ** 2).mean())  # noqa: E731
+    assert mse(dq) < 0.9 * mse(nearest)
+
+
+def test_fp8_codes_survive_the_calibration_cache(tmp_path):
+    from leptonc.calibration.collect import ActivationStats, GroupStats
+    from leptonc.calibration.quantize import _load, _save
+    from leptonc.calibration.scales import Fp8Rows, compute_scales, to_fp8
+
+    w = np.random.default_rng(4).standard_normal((10, 200)).astype(np.float32)
+    scales = compute_scales(w, "fp8", "per_channel", axis=0)
+    q = Fp8Rows(to_fp8(w / scales[:, None]), scales)
+    g = GroupStats(["a.weight"], np.ones(200, np.float32), np.ones(200, np.float32), np.zeros((4, 200), np.float32),
+                   prescale=np.ones(200, np.float32), rounded={"a.weight": q})
+    _save(ActivationStats(groups=[g], tokens=4), tmp_path / "c.npz")
+    back = _load(tmp_path / "c.npz").groups[0].rounded["a.weight"]
+    assert isinstance(back, Fp8Rows) and back.codes.dtype == q.codes.dtype
+    assert np.array_equal(back.codes.view(np.uint8), q.codes.view(np.uint8)) and np.array_equal(back.scales, scales)
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "nearest"])
+def test_fp8_compile_carries_the_gptq_codes(tmp_path, rounding):
+    """tiny-llama --fp8: the Q/DQ weights are the calibration's GPTQ codes (the manifest and the pass say so;
+    each graph weight equals them exactly), or with --fp8-rounding nearest each weight's nearest E4M3 value."""
+    import os
+
+    import onnx
+    from onnx import numpy_helper
+
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+
+    os.environ["LEPTONC_CACHE"] = str(tmp_path / "cache")
+    try:
+        bundle = compile_model(CompileConfig(source="tiny-llama", target="cpu", output=str(tmp_path / "f.lepton"),
+                                             precision="fp8", quantization={**SMALL, "fp8_rounding": rounding}))
+    finally:
+        os.environ.pop("LEPTONC_CACHE", None)
+    manifest = bundle.manifest
+    detail = next(p["detail"] for p in manifest["passes"] if p["name"] == "quantize_fp8")
+    rounding_record = manifest["calibration"]["rounding"]
+    assert rounding_record["rounding"] == rounding
+    assert manifest["config"]["quantization"]["fp8_rounding"] == rounding
+    if rounding == "nearest":
+        assert "rounded by GPTQ" not in detail
+        return
+    assert "8 of them rounded by GPTQ" in detail, detail  # 2 layers x (qkv, o, gate+up, down) after the merges
+    ratio = rounding_record["output_error_vs_nearest"]
+    assert ratio["linears"] == 14 and ratio["lower"] == 14 and ratio["median"] < 0.8, ratio
+    model = onnx.load(str(bundle.model_path))
+    codes = [n for n in model.graph.initializer if n.name.endswith("/fp8")]
+    assert len(codes) == 8 and all(numpy_helper.to_array(c).dtype.itemsize == 1 for c in codes)
 
 
 @pytest.fixture(scope="module")

@@ -184,6 +184,9 @@ def test_no_check_skips_the_gate_and_says_so(tmp_path, cache):
     (["--int8", "--target", "h100", "--activations", "dynamic"], "static is the default here"),
     (["--int4", "--int4-bits-budget", "-1"], "--int4-bits-budget is bits per weight"),
     (["--int8", "--gptq-act-order"], "--gptq-act-order only applies to GPTQ rounding"),
+    (["--int4", "--fp8-rounding", "gptq"], "--fp8-rounding only applies to --fp8"),
+    (["--fp8", "--fp8-rounding", "best"], "--fp8-rounding 'best'"),
+    (["--fp8", "--fp8-rounding", "nearest", "--gptq-samples", "64"], "--gptq-samples only applies to GPTQ rounding"),
 ])
 def test_cli_refuses_bad_quantization_flags(tmp_path, args, needle):
     proc = run_cli("compile", "tiny-llama", "-o", tmp_path / "x.lepton", *args, timeout=300)
