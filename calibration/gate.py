@@ -125,10 +125,11 @@ def gate_hint(settings, failed_report: str | None = None) -> str:
     if fmt.startswith("int4"):
         steps += ["a smaller --int4-block (64 or 32)", "--int4-8bit for the most sensitive layers"]
     elif fmt == "int8-w8a8":
-        steps += ["--int8-mode weight-only --activations fp32 (no activation rounding; slower than fp32 on the CPU)",
-                  "a fixed --smoothquant-alpha"]
+        steps += (["a smaller --int8-block (16)"] if settings.dynamic_activations else []) + [
+            "--int8-mode weight-only --activations fp32 (no activation rounding; slower than fp32 on the CPU)",
+            "a fixed --smoothquant-alpha"]
     elif fmt == "int8-weight-only" and settings.activations != "fp32":
-        steps.append("--activations fp32 (no activation rounding; slower than fp32 on the CPU)")
+        steps += ["a smaller --int8-block (16)", "--activations fp32 (no activation rounding; slower than fp32 on the CPU)"]
     elif fmt == "fp8":
         if settings.calib_method in CLIPPING_OBSERVERS:
             steps.append("--calib-method minmax (percentile and entropy clip outliers that E4M3 could represent)")

@@ -50,7 +50,7 @@ FP8_DEFAULT_ALPHA = 0.5  # --fp8's SmoothQuant strength unless --smoothquant-alp
 DEFAULT_MAX_PPL_INCREASE = {"int8": 5.0, "fp8": 5.0, "int4": 15.0}
 INT4_BITS_BUDGET = 4.5  # --int4-bits-budget default (bits per weight over the decoder's linear layers)
 WEIGHT_ONLY_ACTIVATIONS = {  # what --int8-mode weight-only does to the activations, for the manifest (on the CPU)
-    False: "rounded to int8 per token in 64-channel blocks by ONNX Runtime's CPU MatMulNBits kernel (accuracy_level "
+    False: "rounded to int8 per token in blocks of --int8-block channels by ONNX Runtime's CPU MatMulNBits kernel (accuracy_level "
            "4, its fast path: the same graph as dynamic W8A8); --activations fp32 keeps them unrounded",
     True: "fp32 (MatMulNBits accuracy_level 1): weights alone are rounded; ONNX Runtime's CPU kernel dequantizes "
           "each 8-bit weight at every call, slower than fp32",
@@ -63,13 +63,17 @@ class QuantSettings:
     int8_mode: str = "w8a8"  # w8a8 | weight-only
     smoothquant_alpha: float | None = None  # None: int8 searches it per layer group (smoothquant.search_alpha);
     # fp8 uses FP8_DEFAULT_ALPHA (set in __post_init__)
-    activations: str | None = None  # --int8 w8a8 and --fp8: dynamic (a scale per token: int8 in 64-channel
+    activations: str | None = None  # --int8 w8a8 and --fp8: dynamic (a scale per token: int8 in --int8-block
     # blocks inside MatMulNBits; fp8 per row of each linear's input) | static (per tensor from calibration, Q/DQ);
     # None: CompileConfig picks dynamic for ONNX Runtime on the CPU, static elsewhere (a bare QuantSettings: static).
     # --int8-mode weight-only: fp32 keeps the activations unrounded (MatMulNBits accuracy_level 1, which ONNX
     # Runtime's CPU kernel runs by dequantizing each 8-bit weight at every call: gemma-3-270m decodes at 0.09x
-    # fp32); None: the kernel's fast path, which rounds them to int8 per 64-channel block (accuracy_level 4)
-    int8_block: int = 64  # int8 MatMulNBits (weight-only, dynamic W8A8) block along K
+    # fp32); None: the kernel's fast path, which rounds them to int8 per --int8-block channels (accuracy_level 4)
+    int8_block: int | None = None  # int8 MatMulNBits (weight-only, dynamic W8A8) block along K; None: 32 for ONNX
+    # Runtime on the CPU, whose 8-bit kernel also rounds the activations per block (set by CompileConfig), else 64.
+    # Chosen on the tuning splits (WikiText, docs, code): 32 against 64, smollm2-135m +0.73% / +0.62% / +0.40% against
+    # +1.02% / +0.88% / +0.74%, gemma-3-270m +0.01% / -0.13% / +0.20% against +0.59% / +0.35% / +0.22%, for 0.25 more
+    # bits per weight and about 5% of decode speed (BENCHMARKS.md)
     int4_block: int = 64  # chosen on the tuning split: with the 8-bit layers of --int4-bits-budget 4.5, smollm2-135m
     # +4.4% against block 128's +8.7% (block 128 pads K=576 to 640 and so costs 4.5 bits with no room for 8-bit layers)
     int4_method: str = "awq"  # awq | rtn
@@ -118,6 +122,10 @@ class QuantSettings:
         if self.int4_bits_budget < 0:
             raise UnsupportedRequestError("--int4-bits-budget is bits per weight (4.5 by default; 0 turns the "
                                           "sensitivity-driven 8-bit layers off)")
+        if self.int8_block not in (None, 16, 32, 64, 128):
+            raise UnsupportedRequestError(f"--int8-block {self.int8_block}: use 16, 32, 64 or 128")
+        if self.int8_block is not None and self.precision != "int8":
+            raise UnsupportedRequestError("--int8-block only applies to --int8", hint="drop it")
         if self.int4_block not in (32, 64, 128):
             raise UnsupportedRequestError(f"--int4-block {self.int4_block}: use 32, 64 or 128")
         if self.int4_method not in ("awq", "rtn"):
@@ -388,8 +396,8 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         "seconds": round(time.perf_counter() - start, 2),
     }
     if settings.dynamic_activations:
-        summary["activations"] = ("dynamic: per token, one int8 scale per 64-channel block, computed by "
-                                  "MatMulNBits (accuracy_level 4) at run time; no SmoothQuant"
+        summary["activations"] = (f"dynamic: per token, one int8 scale per {settings.int8_block or 64}-channel block, "
+                                  "computed by MatMulNBits (accuracy_level 4) at run time; no SmoothQuant"
                                   if settings.precision == "int8" else
                                   "dynamic: per token, one fp8 scale per row of each linear's input (its max |x|)")
     if settings.format == "int8-weight-only":

@@ -79,6 +79,8 @@ def compile_cmd(
     smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha", help="SmoothQuant migration strength: --int8 W8A8 "
                                                                                   "(default: searched per layer group); "
                                                                                   "--fp8 (default 0.5)."),
+    int8_block: Optional[int] = typer.Option(None, "--int8-block", help="--int8 MatMulNBits block size: 16, 32 (the "
+                                                                        "CPU's default), 64 (elsewhere) or 128."),
     int4_block: Optional[int] = typer.Option(None, "--int4-block", help="--int4 block size: 32, 64 (default) or 128."),
     int4_method: Optional[str] = typer.Option(None, "--int4-method", help="--int4 scales: awq (default) or rtn."),
     int4_rounding: Optional[str] = typer.Option(None, "--int4-rounding", help="--int4 awq codes: gptq (default; "
@@ -145,7 +147,8 @@ def compile_cmd(
                                         "builder_opt_level": builder_opt_level}, dry_run)
     config = _quant_options(config, {"int8_mode": int8_mode, "activations": activations,
                                      "smoothquant_alpha": smoothquant_alpha, "int4_bits_budget": int4_bits_budget,
-                                     "int4_block": int4_block, "int4_method": int4_method, "int4_rounding": int4_rounding,
+                                     "int8_block": int8_block, "int4_block": int4_block,
+                                     "int4_method": int4_method, "int4_rounding": int4_rounding,
                                      "fp8_rounding": fp8_rounding, "gptq_samples": gptq_samples, "gptq_act_order": gptq_act_order,
                                      "kv_cache": kv_cache,
                                      "calib_data": calib_data, "calib_samples": calib_samples,

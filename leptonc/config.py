@@ -272,8 +272,10 @@ class CompileConfig:
         if f"quantize_{precision}" in self.disabled_passes:
             raise UnsupportedRequestError(f"--disable-pass quantize_{precision} would leave the --{precision} bundle "
                                           "unquantized; drop one of them")
+        cpu_ort = backend == "onnxruntime" and self.target_record.family == "cpu"
+        if settings.precision == "int8" and settings.int8_block is None:  # the CPU kernel rounds activations per block
+            settings = replace(settings, int8_block=32 if cpu_ort else 64)
         if settings.format in ("int8-w8a8", "fp8"):  # dynamic per-token activation scales: ONNX Runtime on the CPU
-            cpu_ort = backend == "onnxruntime" and self.target_record.family == "cpu"
             if settings.activations == "dynamic" and not cpu_ort:
                 raise UnsupportedRequestError(
                     f"--activations dynamic (per-token scales) is built for ONNX Runtime on the CPU; "

@@ -83,8 +83,28 @@ def test_format_compiles_with_native_ops_sqnr_floor_and_gate(tmp_path, cache, fm
         assert not q["simulated"] and manifest["precision_mode"] == "native"
     if fmt == "int8-w8a8":
         assert any("SmoothQuant" in p["detail"] for p in manifest["passes"]) == static
+    if fmt in ("int8-w8a8", "int8-weight-only") and not static:  # the CPU's block of 32 (activations rounded per block)
+        import onnx
+
+        blocks = {a.i for n in onnx.load(str(bundle.model_path), load_external_data=False).graph.node
+                  if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+        assert 32 in blocks and manifest["config"]["quantization"]["int8_block"] == 32, blocks
     if fmt == "int4-awq":
         assert any("AWQ scales folded" in p["detail"] for p in manifest["passes"])
+
+
+def test_int8_block_is_32_on_the_cpu_and_64_elsewhere(tmp_path):
+    """ONNX Runtime's CPU kernel rounds the activations per block of the weight's: the CPU's int8 default is block 32
+    (chosen on the tuning splits), the GPU targets' 64, and --int8-block overrides both."""
+    from leptonc.config import CompileConfig
+
+    def block(**kw):
+        return CompileConfig(source="tiny-llama", output=str(tmp_path / "x.lepton"), precision="int8", **kw) \
+            .quantization.int8_block
+
+    assert block(target="cpu") == 32 and block(target="a100", backend="onnxruntime") == 64
+    assert block(target="cpu", quantization={"int8_block": 64}) == 64
+    assert block(target="cpu", quantization={"int8_mode": "weight-only"}) == 32
 
 
 def test_fp16_gpu_int8_qdq_is_opset_19_with_fp16_scales_and_runs_on_the_cpu(tmp_path, cache):
@@ -185,6 +205,8 @@ def test_no_check_skips_the_gate_and_says_so(tmp_path, cache):
     (["--int4", "--int4-bits-budget", "-1"], "--int4-bits-budget is bits per weight"),
     (["--int8", "--gptq-act-order"], "--gptq-act-order only applies to GPTQ rounding"),
     (["--int4", "--fp8-rounding", "gptq"], "--fp8-rounding only applies to --fp8"),
+    (["--int8", "--int8-block", "48"], "--int8-block 48"),
+    (["--int4", "--int8-block", "32"], "--int8-block only applies to --int8"),
     (["--fp8", "--fp8-rounding", "best"], "--fp8-rounding 'best'"),
     (["--fp8", "--fp8-rounding", "nearest", "--gptq-samples", "64"], "--gptq-samples only applies to GPTQ rounding"),
 ])
