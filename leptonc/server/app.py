@@ -31,10 +31,6 @@ from leptonc.server.streaming import EventDispatcher, EventSink, SseChunks, json
 log = logging.getLogger("leptonc.serve")
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
-# Prompts longer than this (characters) are tokenized on a worker thread, which the tokenizer's Rust code runs
-# without Python's lock: a 1 MB prompt takes about 0.6 s (dev VM), which on the event loop would hold every stream.
-# Shorter ones take microseconds and stay on the loop, where a thread hand-off would cost more than the work.
-OFF_LOOP_CHARS = 8192
 OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled", "error": "error"}
 
 
@@ -267,10 +263,6 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
             "id": engine.model_name, "object": "model", "created": 0, "owned_by": "leptonc",
             "max_model_len": engine.max_sequence, "vocab_size": engine.slots.vocab_size}]})
 
-    async def tokenized(chars: int, encode, text):
-        """encode(text), on a worker thread when the text is long (OFF_LOOP_CHARS)."""
-        return await asyncio.to_thread(encode, text) if chars > OFF_LOOP_CHARS else encode(text)
-
     @app.post("/v1/completions")
     @counted("completions")
     async def completions(http: Request):
@@ -279,7 +271,7 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
         body: CompletionRequest = await read_json(http, CompletionRequest)
         prompt = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str) \
             else body.prompt
-        prompt_ids = await tokenized(len(prompt), engine.encode, prompt) if isinstance(prompt, str) else list(prompt)
+        prompt_ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
         request, events = submit(prompt_ids, sampling(body, prompt_ids, DEFAULT_MAX_TOKENS))
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": created, "model": engine.model_name}
@@ -315,8 +307,7 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
         check_key(http)
         body: ChatCompletionRequest = await read_json(http, ChatCompletionRequest)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt_ids = await tokenized(sum(len(m["content"]) for m in messages), engine.apply_chat_template, messages)
+            prompt_ids = engine.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
         except InputError as exc:
             raise ApiError(400, exc.message, param="messages") from None
         request, events = submit(prompt_ids, sampling(body, prompt_ids, None))
