@@ -129,7 +129,8 @@ def gate_hint(settings, failed_report: str | None = None) -> str:
             "--int8-mode weight-only --activations fp32 (no activation rounding; slower than fp32 on the CPU)",
             "a fixed --smoothquant-alpha"]
     elif fmt == "int8-weight-only" and settings.activations != "fp32":
-        steps += ["a smaller --int8-block (16)", "--activations fp32 (no activation rounding; slower than fp32 on the CPU)"]
+        steps += ["a smaller --int8-block (16)",
+                  "--activations fp32 (no activation rounding; slower than fp32 on the CPU)"]
     elif fmt == "fp8":
         if settings.calib_method in CLIPPING_OBSERVERS:
             steps.append("--calib-method minmax (percentile and entropy clip outliers that E4M3 could represent)")

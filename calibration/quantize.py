@@ -48,10 +48,12 @@ FP8_DEFAULT_ALPHA = 0.5  # --fp8's SmoothQuant strength unless --smoothquant-alp
 # text (the Python docs, an evaluation text; BENCHMARKS.md): int8 +0.8%, fp8 +1.2% (GPTQ codes) pass 5%;
 # int4 AWQ + GPTQ with its 8-bit layers (+7.9% there, +6.0-6.9% on the three tuning splits) passes 15%.
 DEFAULT_MAX_PPL_INCREASE = {"int8": 5.0, "fp8": 5.0, "int4": 15.0}
+INT8_BLOCK_CPU, INT8_BLOCK = 32, 64  # --int8-block defaults: ONNX Runtime on the CPU (its 8-bit kernel rounds the
+# activations per block: see QuantSettings.int8_block), everywhere else
 INT4_BITS_BUDGET = 4.5  # --int4-bits-budget default (bits per weight over the decoder's linear layers)
 WEIGHT_ONLY_ACTIVATIONS = {  # what --int8-mode weight-only does to the activations, for the manifest (on the CPU)
-    False: "rounded to int8 per token in blocks of --int8-block channels by ONNX Runtime's CPU MatMulNBits kernel (accuracy_level "
-           "4, its fast path: the same graph as dynamic W8A8); --activations fp32 keeps them unrounded",
+    False: "rounded to int8 per token in blocks of --int8-block channels by ONNX Runtime's CPU MatMulNBits kernel "
+           "(accuracy_level 4, its fast path: the same graph as dynamic W8A8); --activations fp32 keeps them unrounded",
     True: "fp32 (MatMulNBits accuracy_level 1): weights alone are rounded; ONNX Runtime's CPU kernel dequantizes "
           "each 8-bit weight at every call, slower than fp32",
 }
@@ -69,8 +71,9 @@ class QuantSettings:
     # --int8-mode weight-only: fp32 keeps the activations unrounded (MatMulNBits accuracy_level 1, which ONNX
     # Runtime's CPU kernel runs by dequantizing each 8-bit weight at every call: gemma-3-270m decodes at 0.09x
     # fp32); None: the kernel's fast path, which rounds them to int8 per --int8-block channels (accuracy_level 4)
-    int8_block: int | None = None  # int8 MatMulNBits (weight-only, dynamic W8A8) block along K; None: 32 for ONNX
-    # Runtime on the CPU, whose 8-bit kernel also rounds the activations per block (set by CompileConfig), else 64.
+    int8_block: int | None = None  # int8 MatMulNBits (weight-only, dynamic W8A8) block along K; None: INT8_BLOCK_CPU
+    # for ONNX Runtime on the CPU, whose 8-bit kernel also rounds the activations per block (set by CompileConfig),
+    # else INT8_BLOCK (int8_block_size).
     # Chosen on the tuning splits (WikiText, docs, code): 32 against 64, smollm2-135m +0.73% / +0.62% / +0.40% against
     # +1.02% / +0.88% / +0.74%, gemma-3-270m +0.01% / -0.13% / +0.20% against +0.59% / +0.35% / +0.22%, for 0.25 more
     # bits per weight and about 5% of decode speed (BENCHMARKS.md)
@@ -201,6 +204,11 @@ class QuantSettings:
     def mixed_int4(self) -> bool:
         """int4 with measured-sensitivity 8-bit layers under --int4-bits-budget."""
         return self.precision == "int4" and self.int4_bits_budget > 0
+
+    @property
+    def int8_block_size(self) -> int:
+        """The int8 MatMulNBits block: int8_block as CompileConfig set it, or INT8_BLOCK for a bare QuantSettings."""
+        return self.int8_block or INT8_BLOCK
 
     @property
     def uses_gptq(self) -> bool:
@@ -396,7 +404,7 @@ def calibrate(module, tokenizer, weights, settings: QuantSettings, source_hash: 
         "seconds": round(time.perf_counter() - start, 2),
     }
     if settings.dynamic_activations:
-        summary["activations"] = (f"dynamic: per token, one int8 scale per {settings.int8_block or 64}-channel block, "
+        summary["activations"] = (f"dynamic: per token, one int8 scale per {settings.int8_block_size}-channel block, "
                                   "computed by MatMulNBits (accuracy_level 4) at run time; no SmoothQuant"
                                   if settings.precision == "int8" else
                                   "dynamic: per token, one fp8 scale per row of each linear's input (its max |x|)")

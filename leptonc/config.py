@@ -243,7 +243,7 @@ class CompileConfig:
                 raise UnsupportedRequestError("quantization settings only apply to a quantized compile (--int8, "
                                               f"--fp8 or --int4); this one is {precision}")
             return None
-        from leptonc.calibration.quantize import QuantSettings  # numpy only; loaded for quantized compiles
+        from leptonc.calibration.quantize import INT8_BLOCK, INT8_BLOCK_CPU, QuantSettings  # numpy only
 
         if isinstance(given, QuantSettings):
             settings = given if given.precision == precision else replace(given, precision=precision)
@@ -274,7 +274,7 @@ class CompileConfig:
                                           "unquantized; drop one of them")
         cpu_ort = backend == "onnxruntime" and self.target_record.family == "cpu"
         if settings.precision == "int8" and settings.int8_block is None:  # the CPU kernel rounds activations per block
-            settings = replace(settings, int8_block=32 if cpu_ort else 64)
+            settings = replace(settings, int8_block=INT8_BLOCK_CPU if cpu_ort else INT8_BLOCK)
         if settings.format in ("int8-w8a8", "fp8"):  # dynamic per-token activation scales: ONNX Runtime on the CPU
             if settings.activations == "dynamic" and not cpu_ort:
                 raise UnsupportedRequestError(

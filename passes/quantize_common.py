@@ -179,27 +179,24 @@ def quantize_weight_per_channel(ws: np.ndarray, fmt: str, break_scales: float = 
 
 def fp8_gptq_rounding(lin: Linear, group, ws: np.ndarray, settings):
     """(codes, fake-quantized weight, per-row scales) from the calibration's GPTQ rounding of this linear
-    (the rows of its members, in the order a fusion merged them); None where there is none or it does not
-    belong to this graph weight (then the weight rounds to nearest)."""
-    from leptonc.calibration.scales import Fp8Rows, fake_quant_fp8, to_fp8
+    (the rows of its members, in the order a fusion merged them); None where there is none, where it does not
+    belong to this graph weight, or under the break_scales test hook (then the weight rounds to nearest)."""
+    from leptonc.calibration.scales import Fp8Rows
 
-    rounded = getattr(group, "rounded", None)
     names = lin.label.split("+")
-    if not rounded or any(not isinstance(rounded.get(n), Fp8Rows) for n in names):
+    if settings.break_scales != 1.0 or not group.rounded or \
+            any(not isinstance(group.rounded.get(n), Fp8Rows) for n in names):
         return None
-    codes = np.concatenate([rounded[n].codes for n in names])
-    scales = np.concatenate([rounded[n].scales for n in names]).astype(np.float32)
-    if codes.shape != ws.shape:
+    rows = Fp8Rows(np.concatenate([group.rounded[n].codes for n in names]),
+                   np.concatenate([group.rounded[n].scales for n in names]).astype(np.float32))
+    if rows.codes.shape != ws.shape:
         return None
-    wq = codes.astype(np.float32) * scales[:, None]
+    wq = rows.dequantize()
     # the codes were chosen for the PyTorch weights; a graph weight they do not belong to would show as an
     # error near the weight itself (an fp16 copy differs from them by far less than E4M3's rounding)
     if np.linalg.norm(wq - ws) > 0.25 * np.linalg.norm(ws):
         return None
-    if settings.break_scales != 1.0:  # the test hook: the same values on the broken scales
-        scales = (scales * np.float32(settings.break_scales)).astype(np.float32)
-        return to_fp8(wq / scales[:, None]), fake_quant_fp8(wq, scales, axis=0), scales
-    return codes, wq, scales
+    return rows.codes, wq, rows.scales
 
 
 def qdq_group(members: list[Linear], group, s, x: gs.Tensor, fmt: str, tag: str, settings, report: dict,

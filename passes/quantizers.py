@@ -28,8 +28,7 @@ def _int8(weight_only: Callable, w8a8: Callable) -> Rewrite:
     def rewrite(graph: gs.Graph, ctx) -> PassResult:
         settings, _, _ = quant_context(ctx)
         if settings.int8_mode == "weight-only" or settings.dynamic_activations:
-            # CompileConfig sets int8_block by target (32 on the CPU); a bare QuantSettings leaves it None: 64
-            return weight_only(graph, ctx, bits=8, block=settings.int8_block or 64, awq=False)
+            return weight_only(graph, ctx, bits=8, block=settings.int8_block_size, awq=False)
         return w8a8(graph, ctx, "int8")
     return rewrite
 
