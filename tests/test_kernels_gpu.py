@@ -86,9 +86,9 @@ def _quantized(rng, k: int, n: int, bits: int, block: int, zero_points: bool):
     return packed, scales.reshape(-1), (zeros.reshape(-1) if zero_points else None), w
 
 
-# MatMulNBitsTiled's row counts: the sweep's, with the paths' edges and part-filled 16-row groups (1: tiled_gemv; up to
-# 16: tiled_stream; 17-64: tiled_stream_groups; 65 and more: dequantize and cuBLAS)
-NBITS_ROWS = (1, 2, 4, 8, 16, 17, 24, 32, 40, 48, 64, 65)
+# MatMulNBitsTiled's row counts: the sweep's, with the paths' edges and part-filled row groups (1: tiled_gemv; up to
+# 16: tiled_stream; 17-64: tiled_stream_groups, 4 groups of 8 rows up to 32, 8 above; 65 and more: dequantize and cuBLAS)
+NBITS_ROWS = (1, 2, 4, 8, 16, 17, 24, 32, 33, 40, 48, 64, 65)
 
 # (name, K, N, bits, block, zero points, SwiGLU epilogue): llama-1b-shape's decode products, smollm2's padded K,
 # odd blocks, and int8 without zero points (scales alone, symmetric = 1) as the LM head is lowered

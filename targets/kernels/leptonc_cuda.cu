@@ -19,9 +19,10 @@
 //     permuted (the same for A and B) so a lane's A values for two products are one 16-byte load. Rows
 //     of A past M are zero registers, so 1 and 16 rows cost the same weight traffic. The block's warps
 //     split K; partial sums are added in shared memory.
-//   17 <= M <= 64 (decode, batch 17..64): tiled_stream_groups, the same streaming with each weight fragment
-//     applied to every 16-row group of A (the scale folded into the fp16 B operands), so the weights are still
-//     read once; a warp takes 1, 2 or 4 tiles and a block up to 8 columns of warps, which share A's loads.
+//   17 <= M <= 64 (decode, batch 17..64): tiled_stream_groups, the same streaming with the operands' roles swapped
+//     (two tiles' columns the A operand, 8 rows of A the B operand) so that each weight fragment meets every 8-row
+//     group of A and the weights are still read once; a warp takes 2 or 4 tiles and a block up to 8 columns of
+//     warps, which share A's loads.
 //   M > 64 (prefill): tiles are dequantized into a scratch buffer in chunks and multiplied by cuBLAS
 //     (fp16 in and out, fp32 accumulation); with the SwiGLU epilogue cuBLAS writes the gate|up product
 //     into a second scratch and one kernel takes SiLU(gate) x up from it.

@@ -183,30 +183,38 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
   }
 }
 
-// ---- 17 to 64 rows (decode at batch 17..64): one pass over the weights for every 16-row group ----------------
+// ---- 17 to 64 rows (decode at batch 17..64): one pass over the weights for every 8-row group ----------------
 //
-// tiled_stream's layout and tiles, with each weight fragment a warp loads applied to all kGroups 16-row groups of
-// A, so the weights are read once for M <= 64 rows (the prefill path writes and reads them in fp16 each call). A
-// warp takes NT tiles, so that each load of A serves NT x 8 columns; a block's warps form wn columns of NT tiles
-// each (the block's wn x NT tiles) and split K among the warps of a column, so that the wn warps on one step load
-// the same A, which L1 then serves (wn = 1: tiled_stream's split of K). The scale is folded into the B operands,
-// fp16((q - z) x s), the value the prefill path's dequantization gives, so the accumulators (kGroups x NT x 4 fp32)
-// are the only state kept per group. A warp takes a step's pairs of products in turn: it loads the pair's A for
-// every group, makes each tile's B operands once, and issues one mma per group. Groups wholly past M are skipped
-// (M is uniform); rows past M within a group are zero registers.
-constexpr int kGroups = 4;      // 16-row groups of A one launch serves: M <= 64
-constexpr int kGroupWarps = 8;  // warps a block at most (wn columns x the warps that split K)
+// tiled_stream's layout and tiles with the operands' roles swapped: two tiles' dequantized columns are the A operand
+// (16 output columns x 16 k) and 8 rows of A are the B operand (16 k x 8 rows), so that each weight fragment a warp
+// loads meets every 8-row group of A and the weights are read once for M <= 64 rows. Swapped, a lane's 16-byte load
+// of one row of A is the B operands of two products as they stand (register pairs, no moves), and the A operand is
+// made in place from the weight words. The unswapped form (16 rows a product) spent four register moves and a warp
+// sync on each mma, and 64-bit address arithmetic on each load of A: its loop ran 12.6 instructions an mma in the
+// 8-bit LM head's instance and 17.7 in qkv's (cuobjdump), issue-bound at 12.5% occupancy (H100, ncu, 2026-12-07: the
+// LM head at M = 64 took 290 us, above fp16's 196 us); this loop runs 5.6 and 7.3. NB, the 8-row groups, is a
+// template argument so that no mma is predicated.
+// A warp takes NT tiles (NT / 2 operands), so each load of A serves NT x 8 columns; a block's warps form wn columns of
+// NT tiles each and split K among the warps of a column, so the wn warps on one step load the same A, which L1 then
+// serves (wn = 1: tiled_stream's split of K). The scale is folded into the A operands, fp16((q - z) x s), the value
+// the prefill path's dequantization gives, so the accumulators (NT / 2 x NB x 4 fp32) are the only state kept per group.
+constexpr int kRowGroupsMax = 8;  // 8-row groups of A one launch serves: M <= 64
+constexpr int kGroupWarps = 8;    // warps a block at most (wn columns x the warps that split K)
+constexpr int kEpilogueGroups = 2;  // 8-row groups the epilogue adds up at a time (shared memory: NT x 8 KiB)
 
-template <int BITS, int NT, int PB, bool SYM>
+template <int BITS, int NT, int PB, int NB, bool SYM>
 __global__ void __launch_bounds__(kGroupWarps * 32, 1)
 tiled_stream_groups(const half* __restrict__ A, int M, const uint4* __restrict__ B,
                     const typename Sz<SYM>::T* __restrict__ SZ, half* __restrict__ Y, int K, int N, int steps,
                     int block, int blocks_t, int wn, bool act) {
   constexpr int kStepK = Step<BITS>::kK, kProducts = Step<BITS>::kProducts, kPairs = kProducts / 2;
   constexpr int G = kProducts / PB;  // scale groups a step
+  constexpr int NP = NT / 2;         // 16-column A operands a warp
   static_assert(PB % 2 == 0 && kProducts % PB == 0, "a scale group is whole product pairs of one step");
+  static_assert(NT % 2 == 0 && NB % kEpilogueGroups == 0, "tiles in pairs, groups in the epilogue's steps");
   using E = typename Sz<SYM>::T;
-  __shared__ float red[kGroupWarps][NT][32][4];
+  // a column's partial sums, kEpilogueGroups groups at a time: [warp][operand][group][C element][lane]
+  __shared__ float red[kGroupWarps][NP][kEpilogueGroups][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int n_tiles = (N + 7) >> 3;
@@ -217,23 +225,29 @@ tiled_stream_groups(const half* __restrict__ A, int M, const uint4* __restrict__
 #pragma unroll
   for (int j = 0; j < NT; ++j) sz_tile[j] = SZ + size_t(min(tile0 + j, n_tiles - 1)) * blocks_t * 8 + g;
 
-  float acc[kGroups][NT][4];
+  float acc[NP][NB][4];
 #pragma unroll
-  for (int mt = 0; mt < kGroups; ++mt)
+  for (int p = 0; p < NP; ++p)
 #pragma unroll
-    for (int j = 0; j < NT; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+    for (int nb = 0; nb < NB; ++nb) acc[p][nb][0] = acc[p][nb][1] = acc[p][nb][2] = acc[p][nb][3] = 0.f;
 
+  // Addresses are made once, as 32-bit offsets: in the loop a load is the step's pointer, a row's offset and a
+  // constant. Rows past M and tiles past N read row M - 1 and the last tile instead of zeros (no predicate, no zeroing):
+  // a row of A is a column of the products and a tile its own columns, so they only make outputs never written.
+  const uint4* b_tile[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) b_tile[j] = B + size_t(min(tile0 + j, n_tiles - 1)) * steps * 32 + lane;
+  int row_off[NB];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) row_off[nb] = min(8 * nb + g, M - 1) * K + 8 * t;
   uint4 cur[NT], nxt[NT];
   auto load_w = [&](uint4 (&w)[NT], int step) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
-      w[j] = (tile0 + j < n_tiles) ? __ldg(B + (size_t(tile0 + j) * steps + step) * 32 + lane) : make_uint4(0, 0, 0, 0);
+    for (int j = 0; j < NT; ++j) w[j] = __ldg(b_tile[j] + step * 32);
   };
-  if (wk < steps) load_w(cur, wk);
-  pdl_wait();  // A comes from the kernels before; the weights above do not (common.cuh)
-  for (int step = wk; step < steps; step += k_warps) {
-    if (step + k_warps < steps) load_w(nxt, step + k_warps);  // the next step's weights are in flight meanwhile
-    const int k_step = step * kStepK;
+  // One step of K; FULL: the whole step is within K (every step but a last partial one, where K % kStepK != 0)
+  auto run_step = [&](int k_step, auto full) {
+    constexpr bool FULL = decltype(full)::value;
     half2 zz[NT][G], s2[NT][G];  // column g's (1024 + zero point, scale) for each scale group of the step
 #pragma unroll
     for (int j = 0; j < NT; ++j)
@@ -243,70 +257,86 @@ tiled_stream_groups(const half* __restrict__ A, int M, const uint4* __restrict__
         zz[j][q] = Sz<SYM>::zz_of(e);
         s2[j][q] = Sz<SYM>::scale2_of(e);
       }
+    const half* a_step = A + k_step;
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
-      const int k = k_step + 32 * i + 8 * t;  // products 2i, 2i + 1 of rows g and g + 8 of each group: k .. k + 7
-      uint4 alo[kGroups], ahi[kGroups];
+      // products 2i, 2i + 1 of row 8 nb + g: k .. k + 7, words (0, 1) and (2, 3) their B operands
+      uint4 x[NB];
 #pragma unroll
-      for (int mt = 0; mt < kGroups; ++mt) {
-        const int r = 16 * mt + g;
-        alo[mt] = load_a8(A + size_t(r) * K, k, r < M && k < K);
-        ahi[mt] = load_a8(A + size_t(r + 8) * K, k, r + 8 < M && k < K);
-      }
+      for (int nb = 0; nb < NB; ++nb)
+        x[nb] = FULL || k_step + 32 * i + 8 * t < K ? __ldg(reinterpret_cast<const uint4*>(a_step + row_off[nb] + 32 * i))
+                                                    : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int c = 2 * i + hh, h = 2 * hh, q = c / PB;
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          uint32_t b0, b1;
-          operands<BITS>(cur[j], c, zz[j][q], b0, b1);
-          b0 = as_u32(__hmul2(as_h2(b0), s2[j][q]));
-          b1 = as_u32(__hmul2(as_h2(b1), s2[j][q]));
+        for (int p = 0; p < NP; ++p) {
+          // A: (column g of tile 2p, k 2t..), (column g of tile 2p + 1, k 2t..), then the same at k 2t + 8..
+          uint32_t a0, a1, a2, a3;
+          operands<BITS>(cur[2 * p], c, zz[2 * p][q], a0, a2);
+          operands<BITS>(cur[2 * p + 1], c, zz[2 * p + 1][q], a1, a3);
+          a0 = as_u32(__hmul2(as_h2(a0), s2[2 * p][q]));
+          a2 = as_u32(__hmul2(as_h2(a2), s2[2 * p][q]));
+          a1 = as_u32(__hmul2(as_h2(a1), s2[2 * p + 1][q]));
+          a3 = as_u32(__hmul2(as_h2(a3), s2[2 * p + 1][q]));
 #pragma unroll
-          for (int mt = 0; mt < kGroups; ++mt)
-            if (16 * mt < M)
-              mma16816(acc[mt][j], word_of(alo[mt], h), word_of(ahi[mt], h), word_of(alo[mt], h + 1),
-                       word_of(ahi[mt], h + 1), b0, b1);
+          for (int nb = 0; nb < NB; ++nb)
+            mma16816(acc[p][nb], a0, a1, a2, a3, word_of(x[nb], h), word_of(x[nb], h + 1));
         }
       }
     }
+  };
+  if (wk < steps) load_w(cur, wk);
+  pdl_wait();  // A comes from the kernels before; the weights above do not (common.cuh)
+  for (int step = wk; step < steps; step += k_warps) {
+    if (step + k_warps < steps) load_w(nxt, step + k_warps);  // the next step's weights are in flight meanwhile
+    const int k_step = step * kStepK;
+    if (k_step + kStepK <= K)
+      run_step(k_step, std::true_type());
+    else
+      run_step(k_step, std::false_type());
 #pragma unroll
     for (int j = 0; j < NT; ++j) cur[j] = nxt[j];
   }
 
-  // add the partial sums of each column's warps, one group at a time (C fragment: c0, c1 = row g, columns 2t, 2t + 1;
-  // c2, c3 = row g + 8); i runs over the block's wn x NT tiles: column c = i's tile / NT, its tile j
+  // Add the partial sums of each column's warps, kEpilogueGroups groups at a time. C fragment of operand p, group nb:
+  // c0, c1 = column g of tile 2p, rows 8 nb + 2t, + 1; c2, c3 = column g of tile 2p + 1, the same rows. The block's
+  // outputs are taken with consecutive threads on consecutive columns: i = ((row x wn + column) x NT + tile) x 8 + cg.
 #pragma unroll
-  for (int mt = 0; mt < kGroups; ++mt) {
-    if (16 * mt >= M) break;
+  for (int nb0 = 0; nb0 < NB; nb0 += kEpilogueGroups) {
+    if (8 * nb0 >= M) break;
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int p = 0; p < NP; ++p)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) red[warp][j][lane][e] = acc[mt][j][e];
+      for (int gg = 0; gg < kEpilogueGroups; ++gg)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[warp][p][gg][e][lane] = acc[p][nb0 + gg][e];
     __syncthreads();
-    if (act) {  // (gate, up) = C elements (0, 1) of row g and (2, 3) of row g + 8
-      for (int i = threadIdx.x; i < wn * NT * 64; i += blockDim.x) {
-        const int c = (i >> 6) / NT, j = (i >> 6) % NT, l = (i >> 1) & 31, r = i & 1;
-        const int row = 16 * mt + (l >> 2) + 8 * r, f = ((blockIdx.x * wn + c) * NT + j) * 4 + (l & 3);
+    constexpr int kRows = 8 * kEpilogueGroups;
+    if (act) {  // columns 2f, 2f + 1 of a tile are feature f's (gate, up): 4 features a tile
+      for (int i = threadIdx.x; i < kRows * wn * NT * 4; i += blockDim.x) {
+        const int f4 = i & 3, j = (i >> 2) % NT, c = (i >> 2) / NT % wn, rr = (i >> 2) / NT / wn;
+        const int row = 8 * nb0 + rr, f = ((blockIdx.x * wn + c) * NT + j) * 4 + f4;
         if (row < M && 2 * f < N) {
+          const int gg = rr >> 3, e = (j & 1) * 2 + (rr & 1), l = 4 * (2 * f4) + ((rr & 7) >> 1);
           float gate = 0.f, up = 0.f;
-          for (int w = c; w < warps; w += wn) gate += red[w][j][l][2 * r], up += red[w][j][l][2 * r + 1];
+          for (int w = c; w < warps; w += wn) gate += red[w][j >> 1][gg][e][l], up += red[w][j >> 1][gg][e][l + 4];
           Y[size_t(row) * (N / 2) + f] = __float2half(silu_mul(gate, up));
         }
       }
     } else {
-      for (int i = threadIdx.x; i < wn * NT * 128; i += blockDim.x) {
-        const int c = (i >> 7) / NT, j = (i >> 7) % NT, l = (i >> 2) & 31, e = i & 3;
-        const int row = 16 * mt + (l >> 2) + (e >= 2 ? 8 : 0);
-        const int n = ((blockIdx.x * wn + c) * NT + j) * 8 + 2 * (l & 3) + (e & 1);
+      for (int i = threadIdx.x; i < kRows * wn * NT * 8; i += blockDim.x) {
+        const int cg = i & 7, j = (i >> 3) % NT, c = (i >> 3) / NT % wn, rr = (i >> 3) / NT / wn;
+        const int row = 8 * nb0 + rr, n = ((blockIdx.x * wn + c) * NT + j) * 8 + cg;
         if (row < M && n < N) {
+          const int gg = rr >> 3, e = (j & 1) * 2 + (rr & 1), l = 4 * cg + ((rr & 7) >> 1);
           float sum = 0.f;
-          for (int w = c; w < warps; w += wn) sum += red[w][j][l][e];
+          for (int w = c; w < warps; w += wn) sum += red[w][j >> 1][gg][e][l];
           Y[size_t(row) * N + n] = __float2half(sum);
         }
       }
     }
-    __syncthreads();  // red is written again for the next group
+    __syncthreads();  // red is written again for the next groups
   }
 }
 
@@ -360,6 +390,39 @@ __global__ void swiglu_rows(const half* __restrict__ P, int rows, int cols, half
     const half2 gu = *reinterpret_cast<const half2*>(P + size_t(r) * cols + 2 * f);
     Y[size_t(r) * ld_y + f0 + f] = __float2half(silu_mul(__low2float(gu), __high2float(gu)));
   }
+}
+
+// The same, eight features a thread: two 16-byte loads of P, one 16-byte store (swiglu_rows did 4-byte loads and 2-byte
+// stores: 22.7 us for 512 rows x 16384 columns, 37% of the copy bandwidth, 16% of an fp16 prefill's GPU time on the
+// H100). Needs cols % 16 == 0, and Y + f0 and ld_y on 8 halves; launch_swiglu_rows picks.
+__global__ void swiglu_rows8(const half* __restrict__ P, int rows, int cols, half* __restrict__ Y, int ld_y, int f0) {
+  const int vecs = cols / 16;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size_t(rows) * vecs;
+       i += size_t(gridDim.x) * blockDim.x) {
+    const int r = int(i / vecs), v = int(i % vecs);
+    const uint4* src = reinterpret_cast<const uint4*>(P + size_t(r) * cols) + 2 * v;
+    const uint4 in[2] = {src[0], src[1]};
+    uint4 out;
+    half* o = reinterpret_cast<half*>(&out);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float2 gu = __half22float2(reinterpret_cast<const half2*>(in)[j]);
+      o[j] = __float2half(silu_mul(gu.x, gu.y));
+    }
+    *reinterpret_cast<uint4*>(Y + size_t(r) * ld_y + f0 + 8 * v) = out;
+  }
+}
+
+cudaError_t launch_swiglu_rows(const half* P, int rows, int cols, half* Y, int ld_y, int f0, cudaStream_t stream) {
+  const bool vec = cols % 16 == 0 && ld_y % 8 == 0 && f0 % 8 == 0 && reinterpret_cast<uintptr_t>(P) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(Y) % 16 == 0;
+  const int64_t work = int64_t(rows) * (vec ? cols / 16 : cols / 2);
+  const int grid = int(std::min<int64_t>((work + 255) / 256, 65535));
+  if (vec)
+    swiglu_rows8<<<grid, 256, 0, stream>>>(P, rows, cols, Y, ld_y, f0);
+  else
+    swiglu_rows<<<grid, 256, 0, stream>>>(P, rows, cols, Y, ld_y, f0);
+  return cudaGetLastError();
 }
 
 // SwiGLU of a product in halves (the SwiGLU op): Y[r, f] = silu(X[r, g0 + f]) * X[r, u0 + f] for f < F,

@@ -126,10 +126,7 @@ OrtStatus* f16_gemm_rows(const F16Kernel& kn, const half* a, int64_t m, const ha
                                            K, a + r0 * K, CUDA_R_16F, K, &beta, g_shared.product, CUDA_R_16F, N,
                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (st != CUBLAS_STATUS_SUCCESS) return f16_error("cublasGemmEx failed with status " + std::to_string(int(st)));
-    const int64_t pairs = int64_t(r) * (N / 2);
-    const int g2 = int(std::min<int64_t>((pairs + 255) / 256, 65535));
-    swiglu_rows<<<g2, 256, 0, stream>>>(g_shared.product, r, N, y + r0 * (N / 2), N / 2, 0);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch_swiglu_rows(g_shared.product, r, N, y + r0 * (N / 2), N / 2, 0, stream);
     if (err != cudaSuccess) return f16_error(std::string("swiglu launch: ") + cudaGetErrorString(err));
   }
   return nullptr;

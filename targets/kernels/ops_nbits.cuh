@@ -111,7 +111,7 @@ constexpr int kGemvMaxM = 1;
 // Rows of A up to which decode (kSmallM < M <= kGroupsMaxM: batch 17..64) runs tiled_stream_groups, one pass over the
 // weights for all rows; more rows take the prefill path (dequantize, cuBLAS), which writes and reads the weights in
 // fp16: at batch 32 and 64 that made int4 decode 0.45x fp16's (H100, BENCHMARKS.md). kSmallM here turns it off.
-constexpr int kGroupsMaxM = 16 * kGroups;
+constexpr int kGroupsMaxM = 8 * kRowGroupsMax;
 enum class Path { kAuto, kStream, kGemv };
 
 // MatMulNBitsTiled's product with SZ as pairs or, SYM, the scales alone (launch below picks by the attribute).
@@ -172,24 +172,25 @@ OrtStatus* launch_sz(const NBitsKernel& kn, const half* a, int64_t m, const uint
   }
   if (m <= kGroupsMaxM) {
     // A's traffic from L2 is M x 256 / (NT x wn) bytes a 512-byte weight fragment at 4 bits (tiled_stream_groups):
-    // NT tiles a warp, the most of 4, 2, 1 that still makes 128 blocks or more, then wn columns of warps a block,
-    // the most of 8, 4, 2, 1 that does too (llama-1b: gate|up NT 4 x wn 4, the LM head 4 x 8, qkv, o and down 2 x
-    // 1). Scale groups of 32 (pb 2) keep NT <= 2: NT 4 spills there.
+    // NT tiles a warp, 4 where that still makes 128 blocks or more, else 2; then wn columns of warps a block, the most
+    // of 8, 4, 2, 1 that still makes 128 blocks (llama-1b: gate|up NT 4 x wn 4, the LM head 4 x 8, qkv, o and down
+    // 2 x 1). Scale groups of 32 (pb 2) keep NT at 2. NB: 4 groups of 8 rows up to M = 32, else 8.
     constexpr int kMinBlocks = 128;
-    const int nt = n_tiles >= 4 * kMinBlocks && pb >= 4 ? 4 : n_tiles >= 2 * kMinBlocks ? 2 : 1;
+    const int nt = n_tiles >= 4 * kMinBlocks && pb >= 4 ? 4 : 2;
     int wn = kGroupWarps;
     while (wn > 1 && n_tiles < wn * nt * kMinBlocks) wn /= 2;
     const int warps = wn * std::min(kGroupWarps / wn, steps);
     const int blocks = (n_tiles + wn * nt - 1) / (wn * nt);
-#define LEPTONC_GROUPS(NT, PB)                                                                                \
-  launch_dependent(tiled_stream_groups<BITS, NT, PB, SYM>, dim3(blocks), dim3(warps * 32), 0, stream, a, int(m), \
+#define LEPTONC_GROUPS(NT, PB, NB)                                                                                \
+  launch_dependent(tiled_stream_groups<BITS, NT, PB, NB, SYM>, dim3(blocks), dim3(warps * 32), 0, stream, a, int(m), \
                    bw, szw, y, K, N, steps, block, blocks_t, wn, act)
-#define LEPTONC_GROUPS_NT(PB) \
-  (nt == 4 ? LEPTONC_GROUPS(4, PB) : nt == 2 ? LEPTONC_GROUPS(2, PB) : LEPTONC_GROUPS(1, PB))
-    const cudaError_t e = pb >= Step<BITS>::kProducts ? LEPTONC_GROUPS_NT(Step<BITS>::kProducts)
-                          : pb == 4                   ? LEPTONC_GROUPS_NT(4)
-                          : nt >= 2                   ? LEPTONC_GROUPS(2, 2)
-                                                      : LEPTONC_GROUPS(1, 2);
+#define LEPTONC_GROUPS_NT(PB, NB) (nt == 4 ? LEPTONC_GROUPS(4, PB, NB) : LEPTONC_GROUPS(2, PB, NB))
+#define LEPTONC_GROUPS_PB(NB)                                                         \
+  (pb >= Step<BITS>::kProducts ? LEPTONC_GROUPS_NT(Step<BITS>::kProducts, NB)         \
+   : pb == 4                   ? LEPTONC_GROUPS_NT(4, NB)                             \
+                               : LEPTONC_GROUPS(2, 2, NB))
+    const cudaError_t e = m <= 32 ? LEPTONC_GROUPS_PB(4) : LEPTONC_GROUPS_PB(8);
+#undef LEPTONC_GROUPS_PB
 #undef LEPTONC_GROUPS_NT
 #undef LEPTONC_GROUPS
     return cuda_check(e, "tiled_stream_groups launch");
@@ -227,10 +228,8 @@ OrtStatus* launch_sz(const NBitsKernel& kn, const half* a, int64_t m, const uint
                                              g_shared.scratch, CUDA_R_16F, K, a + r0 * K, CUDA_R_16F, K, &beta,
                                              g_shared.product, CUDA_R_16F, rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
       if (st != CUBLAS_STATUS_SUCCESS) return make_error("cublasGemmEx failed with status " + std::to_string(int(st)));
-      const int64_t pairs = int64_t(r) * (rows / 2);
-      const int g2 = int(std::min<int64_t>((pairs + 255) / 256, 65535));
-      swiglu_rows<<<g2, 256, 0, stream>>>(g_shared.product, r, rows, y + r0 * (N / 2), N / 2, n_first / 2);
-      ORT_TRY(cuda_check(cudaGetLastError(), "swiglu launch"));
+      ORT_TRY(cuda_check(launch_swiglu_rows(g_shared.product, r, rows, y + r0 * (N / 2), N / 2, n_first / 2, stream),
+                         "swiglu launch"));
     }
   }
   return nullptr;
