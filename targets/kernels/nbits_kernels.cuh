@@ -197,7 +197,8 @@ tiled_stream(const half* __restrict__ A, int M, const uint4* __restrict__ B, con
 // A warp takes NT tiles (NT / 2 operands), so each load of A serves NT x 8 columns; a block's warps form wn columns of
 // NT tiles each and split K among the warps of a column, so the wn warps on one step load the same A, which L1 then
 // serves (wn = 1: tiled_stream's split of K). The scale is folded into the A operands, fp16((q - z) x s), the value
-// the prefill path's dequantization gives, so the accumulators (NT / 2 x NB x 4 fp32) are the only state kept per group.
+// the prefill path's dequantization gives, so the accumulators (NT / 2 x NB x 4 fp32) are the only state kept per
+// group.
 constexpr int kRowGroupsMax = 8;  // 8-row groups of A one launch serves: M <= 64
 constexpr int kGroupWarps = 8;    // warps a block at most (wn columns x the warps that split K)
 constexpr int kEpilogueGroups = 2;  // 8-row groups the epilogue adds up at a time (shared memory: NT x 8 KiB)
@@ -232,8 +233,9 @@ tiled_stream_groups(const half* __restrict__ A, int M, const uint4* __restrict__
     for (int nb = 0; nb < NB; ++nb) acc[p][nb][0] = acc[p][nb][1] = acc[p][nb][2] = acc[p][nb][3] = 0.f;
 
   // Addresses are made once, as 32-bit offsets: in the loop a load is the step's pointer, a row's offset and a
-  // constant. Rows past M and tiles past N read row M - 1 and the last tile instead of zeros (no predicate, no zeroing):
-  // a row of A is a column of the products and a tile its own columns, so they only make outputs never written.
+  // constant. Rows past M and tiles past N read row M - 1 and the last tile instead of zeros (no predicate, no
+  // zeroing): a row of A is a column of the products and a tile its own columns, so they only make outputs never
+  // written.
   const uint4* b_tile[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) b_tile[j] = B + size_t(min(tile0 + j, n_tiles - 1)) * steps * 32 + lane;
@@ -264,8 +266,9 @@ tiled_stream_groups(const half* __restrict__ A, int M, const uint4* __restrict__
       uint4 x[NB];
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb)
-        x[nb] = FULL || k_step + 32 * i + 8 * t < K ? __ldg(reinterpret_cast<const uint4*>(a_step + row_off[nb] + 32 * i))
-                                                    : make_uint4(0, 0, 0, 0);
+        x[nb] = FULL || k_step + 32 * i + 8 * t < K
+                    ? __ldg(reinterpret_cast<const uint4*>(a_step + row_off[nb] + 32 * i))
+                    : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int c = 2 * i + hh, h = 2 * hh, q = c / PB;
