@@ -136,7 +136,11 @@ def test_block_slots_of_a_right_padded_bundle_match_run_alone(right_padded_bundl
     # the fixed [slots, capacity] K/V block and one fixed-shape decode step over every row (BlockKvSlots)
     engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(max_queue=8, num_slots=4)).start()
     try:
-        assert engine.slots.describe()["slots"] == "BlockKvSlots"
+        described = engine.slots.describe()
+        assert described["slots"] == "BlockKvSlots"
+        # before the first request, every decode bucket ran once (a CUDA graph each on the GPU) and prefill shapes did
+        assert described["warm_up"]["decode_buckets"] == [1, 2, 4] and described["warm_up"]["prefill_shapes"], described
+        assert engine.slots.steps_by_bucket == {1: 0, 2: 0, 4: 0} and not engine.slots.lengths.any()
         count = 8
         reference = run_alone(right_padded_bundle, PROMPTS[:count], [20 - i for i in range(count)])
         requests = []
@@ -156,7 +160,9 @@ def test_block_slots_batch_prefills_and_decode_only_the_rows_in_use(right_padded
     from leptonc.runtime.block_slots import decode_buckets
 
     assert decode_buckets(64) == [1, 2, 4, 8, 16, 32, 64] and decode_buckets(12) == [1, 2, 4, 8, 12]
-    engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(max_queue=0, num_slots=8, verify=False))
+    engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(max_queue=0, num_slots=8, verify=False,
+                                                                         warmup=False))
+    assert engine.slots.describe()["warm_up"] is None
     count = 4
     reference = run_alone(right_padded_bundle, PROMPTS[:count], [12] * count)
     engine.start()

@@ -87,6 +87,9 @@ class EngineConfig:
     max_queue: int = 64  # requests waiting beyond the slots; past it, submit raises QueueFullError
     device: str | None = None  # None: the bundle's own device; "cpu" or "cuda" to override
     verify: bool = True  # check the bundle's hashes and toolchain, and run one step, before serving
+    # run the shapes serving runs before the first request (GPU bundles: capture every decode bucket's CUDA graph, and
+    # prefill a spread of shapes), so that the first requests do not wait for it; a few seconds at most at start
+    warmup: bool = True
     prefill_chunk: int = 512  # chunked slots (the CPU's): prompt tokens prefilled between two decode steps
     num_slots: int | None = None  # sequences decoded together; None: the bundle's max batch
     tokenizer_dir: str | None = None  # a tokenizer for bundles without one
@@ -174,6 +177,8 @@ class BatchingEngine:
                 slots.prefill(0, [int(eos[0]) if eos else 0])
                 slots.decode([0], np.zeros(1, np.int64))
                 slots.free(0)
+            if config.warmup:
+                slots.warm_up(int(eos[0]) if eos else 0)
         name = Path(path).name.removesuffix(".lepton") or "model"
         return cls(slots, tokenizer, eos, config, model_name=name)
 

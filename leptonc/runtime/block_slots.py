@@ -15,6 +15,8 @@ different lengths share one decode step of fixed shapes, the step ONNX Runtime c
   Rows of the bucket not in the step compute a throw-away entry at their own next index (never read: their
   mask stops before it, and their next prefill or step writes that index again).
 - `free(slot)` zeroes the slot's mask row and length.
+- `warm_up(token)` runs every decode bucket (ONNX Runtime captures a bucket's CUDA graph on its first runs) and
+  prefill runs of a spread of shapes before the engine says it is ready, so the first requests do not pay for them.
 - **pipelined greedy steps** (CUDA, where the runner has a stream of its own): `decode_launch` queues a step on the
   device and returns at once, `decode_collect` waits for its tokens. A step whose sequences all ran in the step
   before takes its ids from that step's `next_token` on the device, so the engine can queue the next step before it
@@ -37,6 +39,11 @@ from leptonc.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_POS
 from leptonc.runtime.slots import KvSlots
 
 BUCKET_GRAPH_IDS = 1000  # CUDA graph ids of the decode buckets: 1000 + rows (the runner's own use 1, 2, ...)
+# warm_up on CUDA: runs of each decode bucket (ONNX Runtime captures a graph id's CUDA graph within its first runs),
+# and the prompt widths of the prefill runs (row counts 1, 4, 16, ... within the budget); on the CPU, where nothing is
+# captured, one run of each bucket and the narrowest width only, so the same code runs in CI at little cost
+WARMUP_DECODE_RUNS = 3
+WARMUP_PREFILL_WIDTHS = (16, 128, 512)
 PIPELINE_DEPTH = 3  # greedy steps in flight at most (decode_launch): slack for the host to take a step's tokens
 
 
@@ -76,6 +83,7 @@ class BlockKvSlots(KvSlots):
                               and runner.token_output)
         self._stages: list[dict] = []
         self._launched = 0
+        self.warmed: dict | None = None  # what warm_up ran: decode buckets, runs of each, prefill [rows, width]
         self._context_thread: int | None = None  # the thread on which _driver() last made the context current
         self.pipeline_depth = PIPELINE_DEPTH
         if self.pipelined:
@@ -271,8 +279,33 @@ class BlockKvSlots(KvSlots):
         self.host_mask[slot] = 0
         self.lengths[slot] = 0
 
+    def warm_up(self, token_id: int) -> None:
+        if self.lengths.any():
+            raise RuntimeError("warm_up runs before any sequence holds a slot")
+        cuda = self.device == "cuda"
+        slots, shapes = list(range(self.num_slots)), []
+        for width in WARMUP_PREFILL_WIDTHS if cuda else WARMUP_PREFILL_WIDTHS[:1]:
+            rows = 1
+            while width <= self.max_sequence and rows <= self.num_slots and rows * width <= self.prefill_budget:
+                self.prefill_many(slots[:rows], [[token_id] * width] * rows)
+                for slot in slots[:rows]:
+                    self.free(slot)
+                shapes.append([rows, width])
+                rows *= 4
+        self.prefill_many(slots, [[token_id]] * self.num_slots)
+        ids = np.full(self.num_slots, token_id, np.int64)
+        runs = WARMUP_DECODE_RUNS if cuda else 1
+        for bucket in self.buckets:
+            for _ in range(runs):
+                self.decode(slots[:bucket], ids[:bucket])
+        for slot in slots:
+            self.free(slot)
+        self.steps_by_bucket = dict.fromkeys(self.buckets, 0)  # the serving's own steps are counted from here
+        self.warmed = {"decode_buckets": list(self.buckets), "runs_each": runs, "prefill_shapes": shapes}
+
     def describe(self) -> dict:
         return {**super().describe(), "decode_buckets": self.buckets, "prefill_budget_tokens": self.prefill_budget,
+                "warm_up": self.warmed,
                 "pipelined_steps": PIPELINE_DEPTH if self.pipelined else "off (needs CUDA and a stream of the "
                 "runner's own)", **self.runner.describe()}
 

@@ -71,6 +71,10 @@ class KvSlots(ABC):
     def drain(self) -> None:
         """Wait for steps in flight (nothing to wait for where steps run one at a time)."""
 
+    def warm_up(self, token_id: int) -> None:  # noqa: B027 - optional
+        """Run the shapes serving will run before the first request does, leaving every slot free (block_slots.py:
+        a CUDA graph per decode bucket); nothing to do where each step is built as it comes."""
+
     def describe(self) -> dict:
         return {"slots": type(self).__name__, "num_slots": self.num_slots, "device": self.device}
 

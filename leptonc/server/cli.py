@@ -104,6 +104,9 @@ def serve(
                                         "host's work per token."),
     device: Optional[str] = typer.Option(None, "--device", help="Override the device (cpu or cuda)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
+    no_warmup: bool = typer.Option(False, "--no-warmup", help="Do not run every decode batch size and a spread of "
+                                   "prefill shapes before saying ready (GPU bundles capture a CUDA graph for each "
+                                   "batch size; without the warm-up the first requests wait for it)."),
     json_logs: bool = typer.Option(False, "--json-logs", help="Log one JSON object per line on stderr."),
 ) -> None:
     """Serve a bundle over the OpenAI HTTP API (completions, chat, streaming) with Prometheus /metrics."""
@@ -115,7 +118,7 @@ def serve(
     api_key = _read_key(api_key, api_key_file)
     settings = ServerSettings(api_key=api_key or None, max_body_bytes=max_body_kb * 1024, grace_s=grace)
     config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk,
-                          stream_interval=stream_interval)
+                          stream_interval=stream_interval, warmup=not no_warmup)
     sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
     engine = BatchingEngine.from_bundle(bundle, config)
     app = create_app(engine, settings)
