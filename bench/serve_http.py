@@ -165,6 +165,12 @@ class StandInSlots:
             out.append(logits)
         return out
 
+    def prefill_tokens(self, slots, prompts):  # greedy first tokens: the graph's next_token, no logits on the host
+        self._wait(self._run(self.step_s * 2))
+        for slot, prompt in zip(slots, prompts):
+            self.lengths[slot], self.made[slot] = len(prompt), 1
+        return [1000] * len(slots)
+
     def prefill(self, slot, ids):
         return self.prefill_many([slot], [ids])[0]
 

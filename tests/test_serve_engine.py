@@ -173,12 +173,21 @@ def test_block_slots_batch_prefills_and_decode_only_the_rows_in_use(right_padded
             assert _collect(request)[0] == alone.token_ids
         metrics = engine.metrics()
         assert metrics["prefill_runs_total"] == 1, metrics
+        # every request greedy: their first tokens came from the graph's next_token, no logits to the host
+        assert engine.slots.prefill_runs_by_result == {"tokens": 1, "logits": 0}
         steps = engine.slots.steps_by_bucket
         assert steps[8] == 0 and steps[4] == metrics["decode_steps_total"] > 0, steps  # 4 rows: 4-row steps
         assert metrics["slots_used"] == 0
         solo = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=5))
         assert _collect(solo)[0] == reference[0].token_ids[:5]
         assert engine.slots.steps_by_bucket[1] >= 4  # one sequence in slot 0: one-row steps
+        # a run with a sampled request reads the logits; the same seed twice gives the same tokens
+        params = SamplingParams(max_tokens=6, temperature=0.9, seed=7)
+        with engine._lock:
+            twins = [engine.submit(engine.encode(PROMPTS[1]), params) for _ in range(2)]
+        first, second = (_collect(r)[0] for r in twins)
+        assert first == second and len(first) == 6
+        assert engine.slots.prefill_runs_by_result["logits"] == 1
     finally:
         assert engine.shutdown(grace_s=5)
 
@@ -214,6 +223,9 @@ class _PipelinedSlots:
             logits[self.model(sum(prompt), len(prompt))] = 1
             out.append(logits)
         return out
+
+    def prefill_tokens(self, slots, prompts):
+        return [int(row.argmax()) for row in self.prefill_many(slots, prompts)]
 
     def prefill(self, slot, ids):
         return self.prefill_many([slot], [ids])[0]

@@ -427,19 +427,24 @@ class BatchingEngine:
             request = requests[0]
             chunk = request.prompt_ids[request.prefilled:request.prefilled + self.config.prefill_chunk]
             logits = [self.slots.prefill(request.slot, chunk)]
-            chunks = [chunk]
+            chunks, firsts = [chunk], [None]
         else:
             chunks = [r.prompt_ids for r in requests]
-            logits = self.slots.prefill_many([r.slot for r in requests], chunks)
+            if all(r.params.greedy for r in requests):  # first tokens only: no logits to the host
+                firsts = self.slots.prefill_tokens([r.slot for r in requests], chunks)
+                logits = [None] * len(requests)
+            else:
+                logits = self.slots.prefill_many([r.slot for r in requests], chunks)
+                firsts = [None] * len(requests)
         step, cancelled = [], []
         with self._lock:
             self._counters.prompt_tokens_total += sum(len(c) for c in chunks)
             self._counters.prefill_runs_total += 1
-            for request, chunk, row in zip(requests, chunks, logits):
+            for request, chunk, row, first in zip(requests, chunks, logits, firsts):
                 request.prefilled += len(chunk)
                 if request.prefilled < len(request.prompt_ids):
                     continue
-                token = request.next_token(int(row.argmax()), row)
+                token = request.next_token(first if row is None else int(row.argmax()), row)
                 end = request.take(token, self.eos_ids)
                 step.append((request, token, end))
                 if end is not None or request.cancelled:

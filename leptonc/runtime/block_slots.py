@@ -8,6 +8,8 @@ different lengths share one decode step of fixed shapes, the step ONNX Runtime c
 - `prefill_many(slots, prompts)` runs prompts into empty rows; prompts whose slots are neighbours run as one
   right-padded batch (each row's last position's logits selected), so a burst of arrivals costs a few batched
   runs, not one run per prompt. A prompt is never split: the contract's multi-token steps start from an empty row.
+  `prefill_tokens` is the same for prompts whose first token is greedy: each one's token comes from the graph's
+  next_token, and the logits rows (a vocabulary of float32 each) are not copied to the host.
 - `decode(slots, ids)` runs one step over the lowest rows that cover the running slots, rounded up to a bucket
   (1, 2, 4, ... num_slots rows): a step of 3 sequences in slots 0-2 costs a 4-row step, not a num_slots-row one.
   Each bucket has its own binding (and its own captured CUDA graph) over a prefix of the same block and of one
@@ -84,6 +86,7 @@ class BlockKvSlots(KvSlots):
         self._stages: list[dict] = []
         self._launched = 0
         self.warmed: dict | None = None  # what warm_up ran: decode buckets, runs of each, prefill [rows, width]
+        self.prefill_runs_by_result = {"tokens": 0, "logits": 0}  # greedy first tokens from the graph, or logits
         self._context_thread: int | None = None  # the thread on which _driver() last made the context current
         self.pipeline_depth = PIPELINE_DEPTH
         if self.pipelined:
@@ -99,25 +102,36 @@ class BlockKvSlots(KvSlots):
         return self.prefill_many([slot], [token_ids])[0]
 
     def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> list[np.ndarray]:
+        return self._prefill_runs(slots, prompts, tokens=False)
+
+    def prefill_tokens(self, slots: list[int], prompts: list[list[int]]) -> list[int]:
+        if not self.runner.token_output:
+            return super().prefill_tokens(slots, prompts)
+        return self._prefill_runs(slots, prompts, tokens=True)
+
+    def _prefill_runs(self, slots: list[int], prompts: list[list[int]], *, tokens: bool) -> list:
         for slot, ids in zip(slots, prompts):
             if self.lengths[slot]:
                 raise ValueError(f"slot {slot} holds a sequence: this bundle prefills a slot only from empty")
             if len(ids) == 0 or len(ids) > self.max_sequence:
                 raise InputError(f"a prompt of {len(ids)} tokens; this bundle allows 1 to {self.max_sequence}")
         order = sorted(range(len(slots)), key=lambda i: slots[i])
-        logits: list[np.ndarray | None] = [None] * len(slots)
+        results: list = [None] * len(slots)
         run: list[int] = []
         for i in order:  # neighbouring slots run together, up to the budget of padded tokens per run
             longest = max([len(prompts[j]) for j in run] + [len(prompts[i])])
             if run and (slots[i] != slots[run[-1]] + 1 or (len(run) + 1) * longest > self.prefill_budget):
-                self._prefill_rows(run, slots, prompts, logits)
+                self._prefill_rows(run, slots, prompts, results, tokens)
                 run = []
             run.append(i)
-        self._prefill_rows(run, slots, prompts, logits)
-        return logits
+        self._prefill_rows(run, slots, prompts, results, tokens)
+        return results
 
-    def _prefill_rows(self, run: list[int], slots: list[int], prompts: list[list[int]], logits: list) -> None:
-        """One run over neighbouring rows slots[run[0]]..slots[run[-1]], prompts right-padded to the longest."""
+    def _prefill_rows(self, run: list[int], slots: list[int], prompts: list[list[int]], results: list,
+                      tokens: bool) -> None:
+        """One run over neighbouring rows slots[run[0]]..slots[run[-1]], prompts right-padded to the longest; each
+        prompt's result is its last logits (float32 [vocab]) or, `tokens`, the graph's next_token there (the logits
+        stay on the device)."""
         runner = self.runner
         r0, count = slots[run[0]], len(run)
         lengths = np.asarray([len(prompts[i]) for i in run], np.int64)
@@ -136,14 +150,17 @@ class BlockKvSlots(KvSlots):
             binding.bind_ortvalue_input(LOGITS_POSITIONS, runner._ortvalue((lengths - 1).reshape(count, 1)))
         binding.bind_output(LOGITS, runner.device_type, runner.device_id)
         self.block.bind(binding, (r0, r0 + count))
+        if tokens:  # last, after the cache
+            binding.bind_output(NEXT_TOKEN, runner.device_type, runner.device_id)
         runner.session.run_with_iobinding(binding, runner._run_options(-1))
-        out = binding.get_outputs()[0].numpy()
+        out = binding.get_outputs()[-1 if tokens else 0].numpy()
         runner._feeds = []
         for r, i in enumerate(run):
-            row = out[r].reshape(-1) if runner.selects_logits else out[r, lengths[r] - 1]
-            logits[i] = row.astype(np.float32)
+            last = 0 if runner.selects_logits else lengths[r] - 1
+            results[i] = int(out[r, last]) if tokens else out[r, last].reshape(-1).astype(np.float32)
             self.lengths[slots[i]] = lengths[r]
             self.host_mask[slots[i], :lengths[r]] = 1
+        self.prefill_runs_by_result["tokens" if tokens else "logits"] += 1
 
     # ---- decode -----------------------------------------------------------------------------------
 
@@ -301,6 +318,7 @@ class BlockKvSlots(KvSlots):
         for slot in slots:
             self.free(slot)
         self.steps_by_bucket = dict.fromkeys(self.buckets, 0)  # the serving's own steps are counted from here
+        self.prefill_runs_by_result = {"tokens": 0, "logits": 0}
         self.warmed = {"decode_buckets": list(self.buckets), "runs_each": runs, "prefill_shapes": shapes}
 
     def describe(self) -> dict:

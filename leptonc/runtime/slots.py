@@ -61,6 +61,11 @@ class KvSlots(ABC):
         token, in the given order. Implementations that can run them together do (block_slots.py)."""
         return [self.prefill(slot, ids) for slot, ids in zip(slots, prompts)]
 
+    def prefill_tokens(self, slots: list[int], prompts: list[list[int]]) -> list[int]:
+        """`prefill_many` for prompts whose first token is greedy: the argmax of each one's last logits (block_slots.py
+        takes it from the graph's next_token and leaves the logits on the device)."""
+        return [int(row.argmax()) for row in self.prefill_many(slots, prompts)]
+
     def decode_launch(self, slots: list[int], token_ids: np.ndarray | None):
         """Queue a greedy step (only where `pipelined`; block_slots.py)."""
         raise NotImplementedError(f"{type(self).__name__} runs its steps one at a time")
