@@ -41,6 +41,21 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def right_padded_bundle(tmp_path_factory) -> Path:
+    """tiny-llama with the GPU targets' attention contract (lengths from the mask's contents, right padding:
+    what CUDA bundles are served with), run here on ONNX Runtime's CPU provider."""
+    import leptonc.passes.fuse_gqa as fuse_gqa
+    from leptonc.compiler import compile_model
+    from leptonc.config import CompileConfig
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny.right-padded.lepton"
+    with pytest.MonkeyPatch.context() as patch:  # the contract a GPU target picks, forced on a CPU compile
+        patch.setattr(fuse_gqa, "lengths_contract", lambda ctx: "mask_sum")
+        compile_model(CompileConfig(source="tiny-llama", target="cpu", output=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_bundle(tmp_path_factory) -> Path:
     from leptonc.compiler import compile_model
     from leptonc.config import CompileConfig

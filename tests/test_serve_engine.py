@@ -117,21 +117,6 @@ def test_stop_strings_and_seeded_sampling(tiny_bundle, alone):
         engine.shutdown(grace_s=5)
 
 
-@pytest.fixture(scope="module")
-def right_padded_bundle(tmp_path_factory):
-    """tiny-llama with the GPU targets' attention contract (lengths from the mask's contents, right padding:
-    what CUDA bundles are served with), run here on ONNX Runtime's CPU provider."""
-    import leptonc.passes.fuse_gqa as fuse_gqa
-    from leptonc.compiler import compile_model
-    from leptonc.config import CompileConfig
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny.right-padded.lepton"
-    with pytest.MonkeyPatch.context() as patch:  # the contract a GPU target picks, forced on a CPU compile
-        patch.setattr(fuse_gqa, "lengths_contract", lambda ctx: "mask_sum")
-        compile_model(CompileConfig(source="tiny-llama", target="cpu", output=str(out)))
-    return out
-
-
 def test_block_slots_of_a_right_padded_bundle_match_run_alone(right_padded_bundle):
     # the fixed [slots, capacity] K/V block and one fixed-shape decode step over every row (BlockKvSlots)
     engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(max_queue=8, num_slots=4)).start()

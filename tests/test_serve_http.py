@@ -143,6 +143,35 @@ def test_sixteen_concurrent_requests_each_match_their_run_alone(tiny_server, tin
     assert after["leptonc_kv_slots"] == 16 and after["leptonc_requests_queued"] == 0
 
 
+def test_a_gpu_layout_bundle_is_warmed_up_before_it_serves(right_padded_bundle):
+    # the GPU's K/V block layout (BlockKvSlots), here on the CPU: every decode batch size and a spread of prefill shapes
+    # run before the "serving" line (on a GPU bundle: each batch size's CUDA graph captured); then 16 concurrent
+    # greedy requests (one prefill run takes their first tokens from the graph) each get their tokens run alone
+    reference = run_alone(right_padded_bundle, PROMPTS, MAX_TOKENS)
+    server = ServerProcess(right_padded_bundle)
+    try:
+        started = "".join(server.log)
+        assert re.search(r"warmed up in [\d.]+ s: 5 decode batch sizes, \d+ prefill shapes", started), started
+        client = server.client()
+
+        def complete(i):
+            response = client.completions.create(model=server.model, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i],
+                                                 temperature=0)
+            return response.choices[0].model_extra["token_ids"]
+
+        with ThreadPoolExecutor(16) as pool:
+            assert list(pool.map(complete, range(16))) == [g.token_ids for g in reference]
+        assert server.wait_idle()["leptonc_kv_slots_used"] == 0
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in "".join(server.log)
+    cold = ServerProcess(right_padded_bundle, "--no-warmup")
+    try:
+        assert "warmed up" not in "".join(cold.log)
+    finally:
+        assert cold.stop() == 0
+
+
 def test_bad_requests_get_documented_errors(tiny_server):
     url, model = tiny_server.url, tiny_server.model
     good = {"model": model, "prompt": "hello", "max_tokens": 2}

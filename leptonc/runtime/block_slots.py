@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 
 import numpy as np
 
@@ -299,7 +300,7 @@ class BlockKvSlots(KvSlots):
     def warm_up(self, token_id: int) -> None:
         if self.lengths.any():
             raise RuntimeError("warm_up runs before any sequence holds a slot")
-        cuda = self.device == "cuda"
+        cuda, started = self.device == "cuda", time.perf_counter()
         slots, shapes = list(range(self.num_slots)), []
         for width in WARMUP_PREFILL_WIDTHS if cuda else WARMUP_PREFILL_WIDTHS[:1]:
             rows = 1
@@ -319,7 +320,8 @@ class BlockKvSlots(KvSlots):
             self.free(slot)
         self.steps_by_bucket = dict.fromkeys(self.buckets, 0)  # the serving's own steps are counted from here
         self.prefill_runs_by_result = {"tokens": 0, "logits": 0}
-        self.warmed = {"decode_buckets": list(self.buckets), "runs_each": runs, "prefill_shapes": shapes}
+        self.warmed = {"decode_buckets": list(self.buckets), "runs_each": runs, "prefill_shapes": shapes,
+                       "seconds": round(time.perf_counter() - started, 2)}
 
     def describe(self) -> dict:
         return {**super().describe(), "decode_buckets": self.buckets, "prefill_budget_tokens": self.prefill_budget,

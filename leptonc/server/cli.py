@@ -134,8 +134,11 @@ def serve(
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             bound = sock.getsockname()
+            warmed = getattr(engine.slots, "warmed", None)
+            warm = (f"; warmed up in {warmed['seconds']} s: {len(warmed['decode_buckets'])} decode batch sizes, "
+                    f"{len(warmed['prefill_shapes'])} prefill shapes" if warmed else "")
             err.print(f"serving {engine.model_name} on http://{host}:{bound[1]} ({engine.num_slots} slots, queue "
-                      f"{max_queue}{', API key required' if api_key else ''}; {_io_stack(self.config)})",
+                      f"{max_queue}{', API key required' if api_key else ''}; {_io_stack(self.config)}{warm})",
                       markup=False, highlight=False)
 
     server = Server(uvicorn.Config(app, log_config=_log_config(json_logs), access_log=True, loop="auto", http="auto",
