@@ -310,18 +310,19 @@ class BlockKvSlots(KvSlots):
                     self.free(slot)
                 shapes.append([rows, width])
                 rows *= 4
-        self.prefill_many(slots, [[token_id]] * self.num_slots)
-        ids = np.full(self.num_slots, token_id, np.int64)
-        runs = WARMUP_DECODE_RUNS if cuda else 1
-        for bucket in self.buckets:
-            for _ in range(runs):
-                self.decode(slots[:bucket], ids[:bucket])
-        for slot in slots:
-            self.free(slot)
+        runs = min(WARMUP_DECODE_RUNS if cuda else 1, self.max_sequence - 1)  # each run adds a token to every row
+        if runs > 0:
+            self.prefill_many(slots, [[token_id]] * self.num_slots)
+            ids = np.full(self.num_slots, token_id, np.int64)
+            for bucket in self.buckets:
+                for _ in range(runs):
+                    self.decode(slots[:bucket], ids[:bucket])
+            for slot in slots:
+                self.free(slot)
         self.steps_by_bucket = dict.fromkeys(self.buckets, 0)  # the serving's own steps are counted from here
         self.prefill_runs_by_result = {"tokens": 0, "logits": 0}
-        self.warmed = {"decode_buckets": list(self.buckets), "runs_each": runs, "prefill_shapes": shapes,
-                       "seconds": round(time.perf_counter() - started, 2)}
+        self.warmed = {"decode_buckets": list(self.buckets) if runs else [], "runs_each": runs,
+                       "prefill_shapes": shapes, "seconds": round(time.perf_counter() - started, 2)}
 
     def describe(self) -> dict:
         return {**super().describe(), "decode_buckets": self.buckets, "prefill_budget_tokens": self.prefill_budget,
