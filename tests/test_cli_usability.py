@@ -70,6 +70,8 @@ def test_prompt_is_not_echoed_before_the_request_is_checked(tiny_bundle):
     ["run", "B", "-p", "hi", "-n", "-1"], ["run", "B", "-p", "hi", "--temperature", "-1"],
     ["run", "B", "-p", "hi", "--top-p", "2"], ["run", "B", "-p", "hi", "--device", "tpu"],
     ["bench", "B", "--batch", "0"], ["bench", "B", "--iters", "0"], ["bench", "B", "--baseline", "vllm"],
+    ["serve", "B", "--switch-interval-ms", "5000"], ["serve", "B", "--switch-interval-ms", "-1"],
+    ["serve", "B", "--stream-interval", "0"],
 ])
 def test_out_of_range_options_exit_2(tiny_bundle, argv):
     res = _invoke(*[str(tiny_bundle) if a == "B" else a for a in argv])

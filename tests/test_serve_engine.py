@@ -321,6 +321,20 @@ def test_stream_interval_gathers_tokens_into_fewer_events(tiny_bundle, alone):
             EngineConfig(stream_interval=bad)
 
 
+def test_the_engine_sets_pythons_switch_interval_while_it_runs_and_puts_it_back(tiny_bundle):
+    import sys
+
+    before = sys.getswitchinterval()
+    engine = BatchingEngine.from_bundle(tiny_bundle, EngineConfig(num_slots=1, switch_interval_s=0.002)).start()
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        engine.shutdown(grace_s=5)
+    assert sys.getswitchinterval() == pytest.approx(before)
+    with pytest.raises(InputError, match="switch_interval_s"):
+        EngineConfig(switch_interval_s=5.0)
+
+
 def test_auto_stream_interval_streams_every_token_until_many_sequences_run(tiny_bundle, alone):
     from leptonc.runtime.engine_output import AUTO_EVENTS_PER_STEP, auto_interval
 

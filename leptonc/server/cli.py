@@ -86,6 +86,13 @@ def _stream_interval(value: str) -> str | int:
     return int(value)
 
 
+def _switch_interval(value: float) -> float:
+    """--switch-interval-ms: 0 (Python's own) or 0.01 to 1000 ms (a bad option, exit 2, otherwise)."""
+    if value != 0 and not 0.01 <= value <= 1000:
+        raise typer.BadParameter(f"{value} is neither 0 (Python's own interval) nor between 0.01 and 1000 ms")
+    return value
+
+
 def serve(
     bundle: str = typer.Argument(..., help="A .lepton bundle directory."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
@@ -102,6 +109,10 @@ def serve(
                                         "every token), or auto: every token while at most 16 sequences run, then "
                                         "about 16 chunks a step (64 sequences: every 4th token). Larger cuts the "
                                         "host's work per token."),
+    switch_interval_ms: float = typer.Option(0.5, "--switch-interval-ms", callback=_switch_interval,
+                                             help="Python's thread switch interval while serving: the longest the "
+                                             "scheduler waits for the interpreter's lock after a step while the HTTP "
+                                             "threads hold it. 0 keeps Python's own (5 ms)."),
     device: Optional[str] = typer.Option(None, "--device", help="Override the device (cpu or cuda)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
     no_warmup: bool = typer.Option(False, "--no-warmup", help="Do not run every decode batch size and a spread of "
@@ -118,7 +129,8 @@ def serve(
     api_key = _read_key(api_key, api_key_file)
     settings = ServerSettings(api_key=api_key or None, max_body_bytes=max_body_kb * 1024, grace_s=grace)
     config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk,
-                          stream_interval=stream_interval, warmup=not no_warmup)
+                          stream_interval=stream_interval, warmup=not no_warmup,
+                          switch_interval_s=switch_interval_ms / 1000 if switch_interval_ms else None)
     sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
     engine = BatchingEngine.from_bundle(bundle, config)
     app = create_app(engine, settings)
