@@ -173,12 +173,12 @@ class BatchingEngine:
         eos = eos_ids(tokenizer, bundle.manifest)
         with engine_load_errors(bundle.model_path):  # a corrupt engine is a bad bundle (exit 7), not a crash
             slots = open_kv_slots(bundle, config.device, config.num_slots)
-            if config.verify:  # one prompt token and one step through the graph before anyone is told "ready"
-                slots.prefill(0, [int(eos[0]) if eos else 0])
+            token = int(eos[0]) if eos else 0
+            warmed = config.warmup and slots.warm_up(token)
+            if config.verify and not warmed:  # one prompt token and one step before anyone is told "ready"
+                slots.prefill(0, [token])
                 slots.decode([0], np.zeros(1, np.int64))
                 slots.free(0)
-            if config.warmup:
-                slots.warm_up(int(eos[0]) if eos else 0)
         name = Path(path).name.removesuffix(".lepton") or "model"
         return cls(slots, tokenizer, eos, config, model_name=name)
 

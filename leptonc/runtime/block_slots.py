@@ -86,7 +86,7 @@ class BlockKvSlots(KvSlots):
                               and runner.token_output)
         self._stages: list[dict] = []
         self._launched = 0
-        self.warmed: dict | None = None  # what warm_up ran: decode buckets, runs of each, prefill [rows, width]
+        self.warmed = None  # what warm_up ran: decode buckets, runs of each, prefill [rows, width], seconds
         self.prefill_runs_by_result = {"tokens": 0, "logits": 0}  # greedy first tokens from the graph, or logits
         self._context_thread: int | None = None  # the thread on which _driver() last made the context current
         self.pipeline_depth = PIPELINE_DEPTH
@@ -297,7 +297,7 @@ class BlockKvSlots(KvSlots):
         self.host_mask[slot] = 0
         self.lengths[slot] = 0
 
-    def warm_up(self, token_id: int) -> None:
+    def warm_up(self, token_id: int) -> bool:
         if self.lengths.any():
             raise RuntimeError("warm_up runs before any sequence holds a slot")
         cuda, started = self.device == "cuda", time.perf_counter()
@@ -323,6 +323,7 @@ class BlockKvSlots(KvSlots):
         self.prefill_runs_by_result = {"tokens": 0, "logits": 0}
         self.warmed = {"decode_buckets": list(self.buckets) if runs else [], "runs_each": runs,
                        "prefill_shapes": shapes, "seconds": round(time.perf_counter() - started, 2)}
+        return bool(shapes) or runs > 0
 
     def describe(self) -> dict:
         return {**super().describe(), "decode_buckets": self.buckets, "prefill_budget_tokens": self.prefill_budget,

@@ -36,6 +36,7 @@ class KvSlots(ABC):
     prefill_budget: int = 0  # slots that prefill whole prompts: padded prompt tokens the engine gives one prefill_many
     pipelined: bool = False  # greedy steps can be queued ahead of their tokens (decode_launch / decode_collect)
     pipeline_depth: int = 1  # steps in flight at most
+    warmed: dict | None = None  # what warm_up ran, where it runs anything (block_slots.py)
 
     @abstractmethod
     def prefill(self, slot: int, token_ids: list[int]) -> np.ndarray:
@@ -76,9 +77,10 @@ class KvSlots(ABC):
     def drain(self) -> None:
         """Wait for steps in flight (nothing to wait for where steps run one at a time)."""
 
-    def warm_up(self, token_id: int) -> None:  # noqa: B027 - optional
+    def warm_up(self, token_id: int) -> bool:
         """Run the shapes serving will run before the first request does, leaving every slot free (block_slots.py:
-        a CUDA graph per decode bucket); nothing to do where each step is built as it comes."""
+        a CUDA graph per decode bucket); whether it ran a step. Nothing to do where each step is built as it comes."""
+        return False
 
     def describe(self) -> dict:
         return {"slots": type(self).__name__, "num_slots": self.num_slots, "device": self.device}

@@ -146,7 +146,7 @@ def serve(
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             bound = sock.getsockname()
-            warmed = getattr(engine.slots, "warmed", None)
+            warmed = engine.slots.warmed
             warm = (f"; warmed up in {warmed['seconds']} s: {len(warmed['decode_buckets'])} decode batch sizes, "
                     f"{len(warmed['prefill_shapes'])} prefill shapes" if warmed else "")
             err.print(f"serving {engine.model_name} on http://{host}:{bound[1]} ({engine.num_slots} slots, queue "
