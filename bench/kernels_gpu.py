@@ -153,6 +153,9 @@ def _ncu_rows(text: str) -> list[dict]:
 
 
 def table(args) -> int:
+    for path in (args.plan, args.csv):
+        if not Path(path).is_file():
+            raise SystemExit(f"kernels_gpu table: {path} does not exist: `run --plan` writes the plan, ncu the CSV")
     sessions = json.loads(Path(args.plan).read_text())
     kernels = _ncu_rows(Path(args.csv).read_text(errors="replace"))
     streams: dict[str, list] = {}
