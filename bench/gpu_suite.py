@@ -333,9 +333,11 @@ def serve_variant(suite: Suite, spec: dict, variant: str) -> dict:
         port = sock.getsockname()[1]
     url, log = f"http://127.0.0.1:{port}", (suite.args.work / "serve.log").open("w")
     extra = variant.split()
+    # the scheduler's timeline beside the JSON: where the device waited (ui.perfetto.dev opens it)
+    trace = suite.args.out / f"trace_{spec['name']}_{len(suite.record['hooks'])}.json"
     server = subprocess.Popen([sys.executable, "-m", "leptonc", "serve", spec["path"], "--port", str(port),
-                               "--no-verify", *extra], stdout=log, stderr=subprocess.STDOUT, env=suite.env,
-                              cwd=suite.args.work)
+                               "--no-verify", "--trace", str(trace), *extra], stdout=log, stderr=subprocess.STDOUT,
+                              env=suite.env, cwd=suite.args.work)
     result: dict = {"bundle": spec["name"],
                     "server": " ".join(["leptonc serve", str(spec["path"]), "--port", str(port), "--no-verify", *extra])}
     try:
@@ -359,7 +361,7 @@ def serve_variant(suite: Suite, spec: dict, variant: str) -> dict:
                     result["engine_metrics"] = {
                         line.split()[0]: float(line.split()[1]) for line in reply.read().decode().splitlines()
                         if line.startswith(("leptonc_prefill_runs", "leptonc_decode_steps", "leptonc_generation",
-                                            "leptonc_prompt_tokens")) and len(line.split()) == 2}
+                                            "leptonc_prompt_tokens", "leptonc_engine_")) and len(line.split()) == 2}
             except OSError as exc:
                 result["engine_metrics"] = f"not read: {exc}"
     finally:
@@ -368,6 +370,10 @@ def serve_variant(suite: Suite, spec: dict, variant: str) -> dict:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+        try:  # the timeline's totals (seconds and count per span), the file itself stays beside the JSON
+            result["trace"] = {"file": trace.name, **json.loads(trace.read_text())["otherData"]}
+        except (OSError, ValueError, KeyError) as exc:
+            result["trace"] = f"not read: {exc}"
         log.close()
         suite.record["hooks"][" ".join(["serve", spec["name"], *extra])] = result
         suite.save()

@@ -1,6 +1,6 @@
-"""Atomic replacement of a directory on disk: flushing a tree before it is renamed into place, and swapping two
-paths in one step (Linux renameat2 RENAME_EXCHANGE). The bundle writer (leptonc/bundle.py) uses these so an
-interrupted compile never leaves a half-written bundle at the output path."""
+"""Atomic replacement on disk: a file written whole or not at all, a tree flushed before it is renamed into place,
+and two paths swapped in one step (Linux renameat2 RENAME_EXCHANGE). The bundle writer (leptonc/bundle.py) uses
+these so an interrupted compile never leaves a half-written bundle at the output path."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
     fsync_dir(root)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that a reader (or a crash) sees the old file or the whole new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_dir(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -301,6 +302,40 @@ def test_pipelined_steps_give_each_request_its_own_sequence(tiny_bundle):
         assert engine.metrics()["slots_used"] == 0 and (slots.lengths == 0).all()
     finally:
         assert engine.shutdown(grace_s=5)
+
+
+def test_no_step_runs_past_the_last_token_and_the_timeline_accounts_for_the_scheduler(tiny_bundle, tmp_path):
+    # a sequence's first token comes from its prefill, so max_tokens=N takes N - 1 decode steps: the pipeline does
+    # not queue steps whose tokens nobody would take; the counters and the trace see every run
+    from leptonc.bundle import load_bundle
+    from leptonc.runtime.tokenizer import load_tokenizer
+
+    slots = _PipelinedSlots()
+    tokenizer = load_tokenizer(load_bundle(tiny_bundle).tokenizer_dir)
+    engine = BatchingEngine(slots, tokenizer, (5,), EngineConfig(max_queue=4, trace=True)).start()
+    try:
+        time.sleep(0.05)  # the scheduler waits with nothing to run: idle time
+        with engine._lock:  # two sequences that end on the same step, one that ends earlier
+            requests = [engine.submit([3, 4, 5 + i], SamplingParams(max_tokens=n, stop_at_eos=False))
+                        for i, n in enumerate((12, 12, 7))]
+        assert [len(_collect(r)[0]) for r in requests] == [12, 12, 7]
+        metrics = engine.metrics()
+        assert metrics["decode_steps_total"] == slots.launches == 11, (metrics, slots.launches)
+        assert metrics["prefill_runs_total"] == 1
+        assert metrics["idle_seconds_total"] >= 0.04
+        assert metrics["prefill_seconds_total"] > 0 and metrics["decode_wait_seconds_total"] >= 0
+    finally:
+        assert engine.shutdown(grace_s=5)
+    totals = engine.trace.totals()
+    assert totals["launch"]["count"] == totals["wait"]["count"] == totals["take"]["count"] == 11, totals
+    assert totals["prefill"]["count"] == 1 and totals["idle"]["count"] >= 1
+    engine.trace.write(tmp_path / "trace.json")
+    written = json.loads((tmp_path / "trace.json").read_text())
+    spans = [e for e in written["traceEvents"] if e["ph"] == "X"]
+    assert len(spans) == written["otherData"]["spans"] and {"idle", "prefill", "launch", "wait"} <= {e["name"] for e in spans}
+    prefill = next(e for e in spans if e["name"] == "prefill")
+    assert prefill["args"] == {"rows": 3, "tokens": 9} and prefill["dur"] >= 0
+    assert all(a["ts"] <= b["ts"] for a, b in zip(spans, spans[1:]))  # one thread's spans, in order
 
 
 def test_stream_interval_gathers_tokens_into_fewer_events(tiny_bundle, alone):

@@ -44,6 +44,7 @@ import numpy as np
 from leptonc.errors import InputError, LeptonError
 from leptonc.runtime.engine_output import EngineWriter
 from leptonc.runtime.engine_requests import FINISH_REASONS, Event, Request, SamplingParams
+from leptonc.runtime.engine_trace import SchedulerTrace
 from leptonc.runtime.slots import KvSlots, open_kv_slots
 from leptonc.runtime.tokenizer import eos_ids, load_tokenizer
 
@@ -62,6 +63,13 @@ ENGINE_SERIES = (
     ("prefill_runs_total", "leptonc_prefill_runs", "counter", "Prefill runs of the model (one may take several prompts)."),
     ("decode_steps_total", "leptonc_decode_steps", "counter", "Decode steps of the model (one advances every running "
      "sequence)."),
+    # where the scheduler's time goes: these three and the rest (its own host work) add up to its running time
+    ("prefill_seconds_total", "leptonc_engine_prefill_seconds", "counter",
+     "Scheduler time in prefill runs (each waits for the device)."),
+    ("decode_wait_seconds_total", "leptonc_engine_decode_wait_seconds", "counter",
+     "Scheduler time waiting for decode steps' tokens (the device busy ahead of the host)."),
+    ("idle_seconds_total", "leptonc_engine_idle_seconds", "counter",
+     "Scheduler time with no request to run (the device idle, waiting for clients)."),
 )
 FINISHED_SERIES = ("finished_total", "leptonc_sequences_finished", "Sequences ended, by reason.")  # label: reason
 
@@ -101,6 +109,8 @@ class EngineConfig:
     # Python's thread switch interval while the engine runs (process-wide, put back at shutdown): the longest the
     # scheduler waits for Python's lock after a step while the HTTP server's threads hold it. None: Python's 5 ms.
     switch_interval_s: float | None = 0.0005
+    # record the scheduler's timeline (engine.trace, a SchedulerTrace: `leptonc serve --trace FILE` writes it)
+    trace: bool = False
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -127,6 +137,9 @@ class _Counters:
     decode_steps_total: int = 0
     finished: dict = field(default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0))
     rejected_queue_full: int = 0
+    prefill_seconds_total: float = 0.0
+    decode_wait_seconds_total: float = 0.0
+    idle_seconds_total: float = 0.0
 
 
 class BatchingEngine:
@@ -159,6 +172,7 @@ class BatchingEngine:
         self._ended_elsewhere = False  # a request was cancelled, or the writer ended one at a stop string
         self._switch_interval: float | None = None  # Python's own, while the engine has set its own
         self.failure: str | None = None  # the scheduler's fatal error, if it died
+        self.trace = SchedulerTrace() if self.config.trace else None
 
     # ---- construction -----------------------------------------------------------------------------
 
@@ -289,7 +303,10 @@ class BatchingEngine:
                     "slots_total": self.num_slots, "slots_used": self.num_slots - len(self._free),
                     "prompt_tokens_total": c.prompt_tokens_total, "generated_tokens_total": c.generated_tokens_total,
                     "prefill_runs_total": c.prefill_runs_total, "decode_steps_total": c.decode_steps_total,
-                    "finished_total": dict(c.finished), "rejected_queue_full_total": c.rejected_queue_full}
+                    "finished_total": dict(c.finished), "rejected_queue_full_total": c.rejected_queue_full,
+                    "prefill_seconds_total": round(c.prefill_seconds_total, 6),
+                    "decode_wait_seconds_total": round(c.decode_wait_seconds_total, 6),
+                    "idle_seconds_total": round(c.idle_seconds_total, 6)}
 
     def _count_generated(self, n: int) -> None:
         with self._lock:
@@ -321,8 +338,13 @@ class BatchingEngine:
         try:
             while True:
                 with self._lock:
-                    while not self._stop and not self._outstanding():
-                        self._lock.wait()
+                    if not self._stop and not self._outstanding():
+                        idle_from = time.perf_counter()
+                        while not self._stop and not self._outstanding():
+                            self._lock.wait()
+                        self._counters.idle_seconds_total += time.perf_counter() - idle_from
+                        if self.trace is not None:
+                            self.trace.span("idle", idle_from)
                     if self._stop and not self._outstanding():
                         return
                     self._drop_ended()
@@ -331,7 +353,12 @@ class BatchingEngine:
                     running = list(self._running.items())
                 if prefill:
                     self._collect_all()  # the prefill waits for the device anyway; the steps in flight come first
+                    started = time.perf_counter()
                     self._guarded(prefill, lambda: self._prefill(prefill))
+                    self._counters.prefill_seconds_total += time.perf_counter() - started
+                    if self.trace is not None:
+                        self.trace.span("prefill", started, rows=len(prefill),
+                                        tokens=sum(len(r.prompt_ids) for r in prefill))
                     running = self._still_running()
                 if running:
                     self._decode(running)
@@ -480,11 +507,20 @@ class BatchingEngine:
             running = self._still_running()
             if not running:
                 return
+        # Every running sequence is in each step in flight (a join empties the pipeline first): where the steps in
+        # flight already make each one's last token (max_tokens), another step would be thrown away
+        depth = len(self._in_flight)
+        if depth and all(r.made + depth >= r.params.max_tokens for _, r in running):
+            self._collect_oldest()
+            return
         slots = [slot for slot, _ in running]
         ids = np.asarray([r.last_token for _, r in running], np.int64) if fresh else None
 
         def launch() -> None:
+            started = time.perf_counter()
             self._in_flight.append((self.slots.decode_launch(slots, ids), running))
+            if self.trace is not None:
+                self.trace.span("launch", started, rows=len(slots), fresh=fresh)
             self._joined = False
             with self._lock:
                 self._counters.decode_steps_total += 1
@@ -495,7 +531,19 @@ class BatchingEngine:
 
     def _collect_oldest(self) -> None:
         handle, running = self._in_flight.popleft()
-        self._guarded([r for _, r in running], lambda: self._take_step(running, self.slots.decode_collect(handle), None))
+
+        def collect() -> None:
+            started = time.perf_counter()
+            tokens = self.slots.decode_collect(handle)
+            self._counters.decode_wait_seconds_total += time.perf_counter() - started
+            if self.trace is not None:
+                self.trace.span("wait", started, rows=len(running))
+                started = time.perf_counter()
+            self._take_step(running, tokens, None)
+            if self.trace is not None:
+                self.trace.span("take", started, rows=len(running))
+
+        self._guarded([r for _, r in running], collect)
 
     def _collect_all(self) -> None:
         while self._in_flight:
@@ -505,7 +553,11 @@ class BatchingEngine:
         slots = [slot for slot, _ in running]
         last = np.asarray([r.last_token for _, r in running], np.int64)
         want_logits = any(not r.params.greedy for _, r in running)
+        started = time.perf_counter()
         tokens, logits = self.slots.decode(slots, last, logits=want_logits)
+        self._counters.decode_wait_seconds_total += time.perf_counter() - started
+        if self.trace is not None:
+            self.trace.span("decode", started, rows=len(slots), logits=want_logits)
         self._joined = True  # the step ran at once: the next one's ids come from the host too
         with self._lock:
             self._counters.decode_steps_total += 1

@@ -119,6 +119,9 @@ def serve(
                                    "prefill shapes before saying ready (GPU bundles capture a CUDA graph for each "
                                    "batch size; without the warm-up the first requests wait for it)."),
     json_logs: bool = typer.Option(False, "--json-logs", help="Log one JSON object per line on stderr."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Record the scheduler's timeline (prefill runs, decode "
+                                         "steps, waits, idle time) and write it to this file when the server stops, "
+                                         "in the Trace Event format (open it in ui.perfetto.dev)."),
 ) -> None:
     """Serve a bundle over the OpenAI HTTP API (completions, chat, streaming) with Prometheus /metrics."""
     import uvicorn
@@ -127,10 +130,13 @@ def serve(
     from leptonc.server.app import ServerSettings, create_app
 
     api_key = _read_key(api_key, api_key_file)
+    if trace is not None and not trace.parent.is_dir():
+        raise InputError(f"--trace {trace}: the folder {trace.parent} does not exist", hint="create it, or name another")
     settings = ServerSettings(api_key=api_key or None, max_body_bytes=max_body_kb * 1024, grace_s=grace)
     config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk,
                           stream_interval=stream_interval, warmup=not no_warmup,
-                          switch_interval_s=switch_interval_ms / 1000 if switch_interval_ms else None)
+                          switch_interval_s=switch_interval_ms / 1000 if switch_interval_ms else None,
+                          trace=trace is not None)
     sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
     engine = BatchingEngine.from_bundle(bundle, config)
     app = create_app(engine, settings)
@@ -156,6 +162,12 @@ def serve(
     server = Server(uvicorn.Config(app, log_config=_log_config(json_logs), access_log=True, loop="auto", http="auto",
                                    timeout_graceful_shutdown=max(1, int(grace)), lifespan="on"))
     server.run(sockets=[sock])
+    if trace is not None:
+        try:
+            engine.trace.write(trace)
+            plain(err, f"wrote the scheduler's timeline to {trace} ({len(engine.trace.spans):,} spans)")
+        except OSError as exc:
+            plain(err, f"could not write the timeline to {trace}: {exc.strerror or exc}")
     if engine.failure:
         raise InputError(f"the engine stopped: {engine.failure}")
 

@@ -1,0 +1,71 @@
+"""Where a run's GPU time goes, from Nsight Compute's kernel timer: the kernels of an ncu CSV grouped by name, with
+their count, total µs and share, largest first. Used for the prefill profiles in BENCHMARKS.md:
+
+    ncu --metrics gpu__time_duration.sum --csv --page raw python3 -m leptonc bench B.lepton --batch 32 \\
+        --prompt-len 128 --gen-len 1 --warmup 0 --iters 1 --no-verify > prefill.csv
+    python3 bench/ncu_summary.py prefill.csv --out prefill.json
+
+ncu runs one kernel at a time (its caches flushed, its clocks at base), so the sum is the device's work without
+overlap, not a wall time; read the shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_json import emit  # noqa: E402
+
+
+def read_kernels(text: str) -> list[tuple[str, float, str]]:
+    """(kernel name, µs, grid) for each kernel ncu timed, in launch order."""
+    start = text.find('"ID"')
+    if start < 0:
+        raise SystemExit("no ncu CSV table in the input (was it run with --csv --page raw?)")
+    rows = list(csv.DictReader(io.StringIO(text[start:])))
+    unit = rows[0].get("gpu__time_duration.sum", "nsecond") if rows else "nsecond"  # the row under the header
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}.get(unit, 1e-3)
+    out = []
+    for row in rows:
+        value = row.get("gpu__time_duration.sum", "")
+        try:
+            duration = float(value.replace(",", ""))
+        except ValueError:
+            continue  # the units row
+        out.append((row.get("Kernel Name", "?"), duration * scale, row.get("Grid Size", "")))
+    return out
+
+
+def summarize(kernels: list[tuple[str, float, str]], top: int) -> dict:
+    groups: dict[str, dict] = {}
+    for name, us, _ in kernels:
+        short = name.split("(")[0] if not name.startswith("void ") else name[5:].split("(")[0]
+        entry = groups.setdefault(short, {"kernel": short, "count": 0, "us": 0.0})
+        entry["count"] += 1
+        entry["us"] += us
+    total = sum(e["us"] for e in groups.values())
+    ranked = sorted(groups.values(), key=lambda e: -e["us"])
+    for entry in ranked:
+        entry["us"] = round(entry["us"], 1)
+        entry["share"] = round(entry["us"] / total, 4) if total else None
+    return {"kernels": len(kernels), "total_us": round(total, 1), "by_kernel": ranked[:top],
+            "others_us": round(sum(e["us"] for e in ranked[top:]), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("csv", type=Path, help="ncu --csv --page raw output (other lines before the table are skipped)")
+    parser.add_argument("--top", type=int, default=25, help="kernels listed (the rest are summed)")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    if not args.csv.is_file():
+        raise SystemExit(f"{args.csv}: no such file")
+    emit(summarize(read_kernels(args.csv.read_text(errors="replace")), args.top), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""A timeline of the batching engine's scheduler, in the Trace Event format that Perfetto (ui.perfetto.dev) and
+chrome://tracing open: one span per prefill run, decode launch, wait for a step's tokens, synchronous decode step,
+and stretch with no request to run. `leptonc serve --trace FILE` writes it when the server stops; it shows where
+a served token's time goes (the device busy, the host working, or nobody asking).
+
+    trace = SchedulerTrace()
+    started = trace.now()
+    ...                                   # the work
+    trace.span("prefill", started, rows=4, tokens=512)
+    trace.write(Path("serve-trace.json"))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from leptonc.atomic_rename import atomic_write_text
+
+MAX_SPANS = 1_000_000  # about 100 MB of JSON; a longer run keeps its first spans and says it was cut
+
+
+class SchedulerTrace:
+    def __init__(self, max_spans: int = MAX_SPANS):
+        self.max_spans = max_spans
+        self.spans: list[tuple[str, float, float, dict]] = []  # (name, start, duration, args), seconds
+        self.dropped = 0
+        self._origin = time.perf_counter()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def now() -> float:
+        return time.perf_counter()
+
+    def span(self, name: str, started: float, **args) -> None:
+        """A span from `started` (a `now()`) to now."""
+        ended = time.perf_counter()
+        with self._lock:
+            if len(self.spans) < self.max_spans:
+                self.spans.append((name, started, ended - started, args))
+            else:
+                self.dropped += 1
+
+    def totals(self) -> dict:
+        """Seconds and count per span name."""
+        out: dict[str, dict] = {}
+        with self._lock:
+            for name, _, duration, _ in self.spans:
+                entry = out.setdefault(name, {"count": 0, "seconds": 0.0})
+                entry["count"] += 1
+                entry["seconds"] += duration
+        return {name: {"count": e["count"], "seconds": round(e["seconds"], 6)} for name, e in out.items()}
+
+    def to_json(self) -> dict:
+        with self._lock:
+            spans, dropped = list(self.spans), self.dropped
+        pid, tid = os.getpid(), 1
+        events = [{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": "leptonc scheduler"}}]
+        for name, start, duration, args in spans:
+            events.append({"name": name, "ph": "X", "pid": pid, "tid": tid, "ts": round((start - self._origin) * 1e6, 1),
+                           "dur": round(duration * 1e6, 1), "args": args})
+        return {"traceEvents": events, "displayTimeUnit": "ms",
+                "otherData": {"producer": "leptonc serve --trace", "spans": len(spans), "spans_dropped": dropped,
+                              "totals": self.totals()}}
+
+    def write(self, path: Path) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_json(), separators=(",", ":")))
+
+
+__all__ = ["MAX_SPANS", "SchedulerTrace"]
