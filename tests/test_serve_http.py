@@ -238,9 +238,11 @@ def test_client_disconnect_mid_stream_frees_the_slot(tiny_server):
     assert m["leptonc_sequences_finished_total{reason=cancelled}"] == before + 1
 
 
-def test_sigterm_under_load_finishes_in_flight_and_exits_0(tiny_bundle):
-    # (served with --stream-interval 4: a stream's tokens leave four at a time after the first)
-    server = ServerProcess(tiny_bundle, "--grace", "30", "--stream-interval", "4")
+def test_sigterm_under_load_finishes_in_flight_and_exits_0(tiny_bundle, tmp_path):
+    # (served with --stream-interval 4: a stream's tokens leave four at a time after the first, and --trace: the
+    # scheduler's timeline is written when it stops)
+    trace = tmp_path / "trace.json"
+    server = ServerProcess(tiny_bundle, "--grace", "30", "--stream-interval", "4", "--trace", str(trace))
     client = server.client()
     streaming = threading.Barrier(5)  # the four streams have their first tokens, and the test goes on
 
@@ -268,6 +270,20 @@ def test_sigterm_under_load_finishes_in_flight_and_exits_0(tiny_bundle):
     assert "Traceback" not in log
     with pytest.raises(openai.APIConnectionError):  # no longer listening
         client.models.list()
+    timeline = json.loads(trace.read_text())
+    assert f"wrote the scheduler's timeline to {trace}" in log
+    spans = [e for e in timeline["traceEvents"] if e["ph"] == "X"]
+    totals = timeline["otherData"]["totals"]
+    assert totals["prefill"]["count"] >= 1 and all(e["args"]["tokens"] > 0 for e in spans if e["name"] == "prefill")
+    steps = sum(totals.get(name, {"count": 0})["count"] for name in ("decode", "launch"))
+    assert steps >= 149  # 150 tokens each, the first from the prefill: a step runs at once ("decode") or is queued
+
+
+def test_serve_trace_into_a_missing_folder_is_refused_before_loading(tiny_bundle, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "leptonc", "serve", str(tiny_bundle), "--port", "0", "--trace",
+                           str(tmp_path / "nowhere" / "t.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -131,7 +131,8 @@ def serve(
 
     api_key = _read_key(api_key, api_key_file)
     if trace is not None and not trace.parent.is_dir():
-        raise InputError(f"--trace {trace}: the folder {trace.parent} does not exist", hint="create it, or name another")
+        raise UnsupportedRequestError(f"--trace {trace}: the folder {trace.parent} does not exist",
+                                      hint="create it, or name another")
     settings = ServerSettings(api_key=api_key or None, max_body_bytes=max_body_kb * 1024, grace_s=grace)
     config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk,
                           stream_interval=stream_interval, warmup=not no_warmup,
