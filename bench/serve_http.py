@@ -131,15 +131,21 @@ class FakeEngine:
 
 class StandInSlots:
     """What the batching engine reads of the GPU's pipelined slots (block_slots.BlockKvSlots), with no model: a step
-    takes `step_s` on a "device" that runs queued steps one after another, and a sequence's next token is
-    1000 + its position % 2000 (the token ids `check` expects)."""
+    over a bucket of b rows takes step_s x (SMALL_STEP + (1 - SMALL_STEP) x b / num_slots) and a prefill run
+    prefill_fixed_s + prefill_token_s per token, on a "device" that runs queued work one after another; a sequence's
+    next token is 1000 + its position % 2000 (the token ids `check` expects). The defaults of --prefill-fixed-ms and
+    --prefill-us-per-token are an H100's llama-1b-shape fp16 prefill runs under `leptonc serve --trace` (3.5 ms for
+    one 128-token prompt, 17 ms for 32 of them); SMALL_STEP is its one-row step over its 64-row step."""
 
     prefill_in_chunks, pipelined, pipeline_depth, device = False, True, 3, "cuda"
+    SMALL_STEP = 0.68
 
-    def __init__(self, num_slots: int, vocab_size: int, step_s: float):
+    def __init__(self, num_slots: int, vocab_size: int, step_s: float, prefill_fixed_s: float = 0.0035,
+                 prefill_token_s: float = 3.3e-6):
         import numpy as np
 
         self.np, self.step_s = np, step_s
+        self.prefill_fixed_s, self.prefill_token_s = prefill_fixed_s, prefill_token_s
         self.num_slots, self.max_sequence, self.vocab_size, self.prefill_budget = num_slots, 4096, vocab_size, 4096
         self.lengths = np.zeros(num_slots, np.int64)
         self.made = np.zeros(num_slots, np.int64)
@@ -155,8 +161,15 @@ class StandInSlots:
         if pause > 0:
             time.sleep(pause)  # lets go of Python's lock, as a device sync does
 
+    def _prefill_s(self, prompts) -> float:
+        return self.prefill_fixed_s + self.prefill_token_s * len(prompts) * max(len(p) for p in prompts)
+
+    def _step_s(self, rows) -> float:
+        bucket = 1 << max(0, int(max(rows))).bit_length()
+        return self.step_s * (self.SMALL_STEP + (1 - self.SMALL_STEP) * min(bucket, self.num_slots) / self.num_slots)
+
     def prefill_many(self, slots, prompts):
-        self._wait(self._run(self.step_s * 2))
+        self._wait(self._run(self._prefill_s(prompts)))
         out = []
         for slot, prompt in zip(slots, prompts):
             self.lengths[slot], self.made[slot] = len(prompt), 1
@@ -166,7 +179,7 @@ class StandInSlots:
         return out
 
     def prefill_tokens(self, slots, prompts):  # greedy first tokens: the graph's next_token, no logits on the host
-        self._wait(self._run(self.step_s * 2))
+        self._wait(self._run(self._prefill_s(prompts)))
         for slot, prompt in zip(slots, prompts):
             self.lengths[slot], self.made[slot] = len(prompt), 1
         return [1000] * len(slots)
@@ -179,7 +192,7 @@ class StandInSlots:
         tokens = 1000 + self.made[slots] % 2000
         self.made[slots] += 1
         self.lengths[slots] += 1
-        return self._run(self.step_s), tokens
+        return self._run(self._step_s(slots)), tokens
 
     def decode_collect(self, handle):
         done_at, tokens = handle
@@ -216,9 +229,11 @@ def real_engine(args):
     from leptonc.runtime.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(Path(args.tokenizer))
-    slots = StandInSlots(args.concurrency, len(tokenizer), args.step_ms / 1000)
+    slots = StandInSlots(args.concurrency, len(tokenizer), args.step_ms / 1000, args.prefill_fixed_ms / 1000,
+                         args.prefill_us_per_token / 1e6)
+    interval = int(args.stream_interval) if args.stream_interval.isdigit() else args.stream_interval
     return BatchingEngine(slots, tokenizer, (), EngineConfig(max_queue=4 * args.concurrency, verify=False,
-                                                             stream_interval=int(args.stream_interval) if args.stream_interval.isdigit() else args.stream_interval), model_name="fake")
+                                                             stream_interval=interval), model_name="fake")
 
 
 def serve(args) -> None:
@@ -276,7 +291,7 @@ def check(raw: bytes, gen_len: int, text_check: bool = True) -> tuple[int, int, 
 
 
 async def drive(port: int, args) -> dict:
-    body = json.dumps({"model": "fake", "prompt": [1, 2, 3], "max_tokens": args.gen_len, "stream": True,
+    body = json.dumps({"model": "fake", "prompt": list(range(1, args.prompt_len + 1)), "max_tokens": args.gen_len, "stream": True,
                        "temperature": 0.0}).encode()
     left, raws = list(range(args.requests)), []
 
@@ -307,6 +322,9 @@ def main() -> None:
                         help="fake: one event per request per step, no engine; real: the batching engine over stand-in slots")
     parser.add_argument("--tokenizer", help="--engine real: a tokenizer directory (a bundle's tokenizer/)")
     parser.add_argument("--stream-interval", default="auto", help="--engine real: the engine's stream_interval (auto or N)")
+    parser.add_argument("--prefill-fixed-ms", type=float, default=3.5, help="--engine real: a prefill run's fixed cost")
+    parser.add_argument("--prefill-us-per-token", type=float, default=3.3, help="--engine real: and its cost per token")
+    parser.add_argument("--prompt-len", type=int, default=3, help="prompt tokens of each request")
     parser.add_argument("--loadgen", type=int, default=0, help="drive with `leptonc bench-serve --workers N` instead")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the JSON here")
@@ -317,7 +335,9 @@ def main() -> None:
         return serve(args)
     child = subprocess.Popen([sys.executable, __file__, "--serve", "--step-ms", str(args.step_ms), "--loop", args.loop,
                               "--http", args.http, "--engine", args.engine, "--tokenizer", str(args.tokenizer),
-                              "--stream-interval", str(args.stream_interval), "--concurrency", str(args.concurrency)],
+                              "--stream-interval", str(args.stream_interval), "--concurrency", str(args.concurrency),
+                              "--prefill-fixed-ms", str(args.prefill_fixed_ms), "--prefill-us-per-token",
+                              str(args.prefill_us_per_token)],
                              stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
@@ -326,7 +346,7 @@ def main() -> None:
         if args.loadgen:
             proc = subprocess.run([sys.executable, "-m", "leptonc", "bench-serve", f"http://127.0.0.1:{port}",
                                    "--concurrency", str(args.concurrency), "--requests", str(args.requests),
-                                   "--prompt-len", "3", "--gen-len", str(args.gen_len), "--workers",
+                                   "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len), "--workers",
                                    str(args.loadgen), "--json"], capture_output=True, text=True, check=True)
             report = json.loads(proc.stdout)
             result = {key: report[key] for key in ("wall_s", "output_tokens", "output_tokens_per_s", "requests_ok",

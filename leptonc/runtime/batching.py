@@ -220,6 +220,8 @@ class BatchingEngine:
                 sys.setswitchinterval(self.config.switch_interval_s)
             self._writer = EngineWriter(self.tokenizer, self._count_generated, self._finished, self._end_noted,
                                         self.config.stream_interval)
+            if self.trace is not None:
+                self.trace.watch_gc()
             self._thread = threading.Thread(target=self._loop, name="leptonc-batching", daemon=True)
             self._thread.start()
         return self
@@ -258,6 +260,8 @@ class BatchingEngine:
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
             self._switch_interval = None
+        if self.trace is not None:
+            self.trace.unwatch_gc()
         self.slots.release()
         return clean
 
