@@ -246,7 +246,7 @@ class _EngineMetrics:
                 return
             snapshot = self.engine.metrics()
             for key, entry in self._counters.items():
-                value = int(snapshot.get(key, 0))
+                value = float(snapshot.get(key, 0))  # seconds grow by fractions
                 if value > entry[1]:
                     entry[0].increment(value - entry[1])
                     entry[1] = value
