@@ -190,6 +190,8 @@ def bundle_specs(args) -> list[dict]:
         short, peer_shape, precisions, batches, ttft = MODELS[model]
         batches = tuple(args.batches) if args.batches else batches
         for precision in precisions if args.target != "cpu" else ("fp32",):  # the cpu target compiles fp32
+            if args.precisions and precision not in args.precisions:
+                continue
             name = f"{short}.{args.target}.{precision}"
             argv = ["compile", model, "--target", args.target, "-o", args.work / f"{name}.lepton", "--force", "--json",
                     "--max-batch", str(max(64, max(batches))), "--max-seq", "1280", *PRECISION_FLAGS[precision]]
@@ -518,6 +520,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="h100")
     ap.add_argument("--models", default=None, help="comma-separated (default: llama-1b-shape,smollm2-135m)")
     ap.add_argument("--batches", default=None, help="override every model's decode batches, e.g. 1,16")
+    ap.add_argument("--precisions", default=None, help="only these of each model's bundles, e.g. fp16 (default: all)")
     ap.add_argument("--rounds", type=int, default=1, help="decode sweeps per bundle, interleaved (spread over rounds)")
     ap.add_argument("--peer", type=Path, default=None, help="peer_ortgenai.py (default: searched in " +
                     ", ".join(PEER_PATHS) + ")")
@@ -543,6 +546,7 @@ def main(argv=None) -> int:
     if set(args.models) - set(MODELS):
         ap.error(f"models: choose from {', '.join(MODELS)}")
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    args.precisions = args.precisions.split(",") if args.precisions else None
     args.serve_clients = tuple(int(c) for c in args.serve_clients.split(","))
     args.serve_args = args.serve_args or [""]
     args.work, args.out = args.work.resolve(), args.out.resolve()

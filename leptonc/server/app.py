@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -26,7 +26,7 @@ from leptonc.errors import InputError
 from leptonc.runtime.batching import BatchingEngine, EngineStoppedError, Event, QueueFullError
 from leptonc.server.metrics import ServerMetrics
 from leptonc.server.models import ChatCompletionRequest, CompletionRequest
-from leptonc.server.streaming import EventDispatcher, EventSink, SseChunks, json_text, sse
+from leptonc.server.streaming import EventDispatcher, EventSink, EventStreamResponse, SseChunks, json_text, sse
 
 log = logging.getLogger("leptonc.serve")
 
@@ -298,7 +298,7 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
                 yield sse({**head, "choices": [], "usage": usage(request)})
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EventStreamResponse(stream(), lambda: request.finished or request.cancel())
 
     @app.post("/v1/chat/completions")
     @counted("chat_completions")
@@ -337,6 +337,6 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
                 yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(request)})
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EventStreamResponse(stream(), lambda: request.finished or request.cancel())
 
     return app
