@@ -161,15 +161,21 @@ class StandInSlots:
         if pause > 0:
             time.sleep(pause)  # lets go of Python's lock, as a device sync does
 
-    def _prefill_s(self, prompts) -> float:
-        return self.prefill_fixed_s + self.prefill_token_s * len(prompts) * max(len(p) for p in prompts)
+    def _prefill_s(self, slots, prompts) -> float:
+        """Neighbouring slots in one run (within the budget), as BlockKvSlots runs them."""
+        from leptonc.runtime.block_slots import prefill_runs
+
+        runs = prefill_runs(list(slots), [len(p) for p in prompts], self.prefill_budget)
+        self.last_prefill_runs = len(runs)
+        return sum(self.prefill_fixed_s + self.prefill_token_s * len(run) * max(len(prompts[i]) for i in run)
+                   for run in runs)
 
     def _step_s(self, rows) -> float:
         bucket = 1 << max(0, int(max(rows))).bit_length()
         return self.step_s * (self.SMALL_STEP + (1 - self.SMALL_STEP) * min(bucket, self.num_slots) / self.num_slots)
 
     def prefill_many(self, slots, prompts):
-        self._wait(self._run(self._prefill_s(prompts)))
+        self._wait(self._run(self._prefill_s(slots, prompts)))
         out = []
         for slot, prompt in zip(slots, prompts):
             self.lengths[slot], self.made[slot] = len(prompt), 1
@@ -179,7 +185,7 @@ class StandInSlots:
         return out
 
     def prefill_tokens(self, slots, prompts):  # greedy first tokens: the graph's next_token, no logits on the host
-        self._wait(self._run(self._prefill_s(prompts)))
+        self._wait(self._run(self._prefill_s(slots, prompts)))
         for slot, prompt in zip(slots, prompts):
             self.lengths[slot], self.made[slot] = len(prompt), 1
         return [1000] * len(slots)
@@ -233,7 +239,8 @@ def real_engine(args):
                          args.prefill_us_per_token / 1e6)
     interval = int(args.stream_interval) if args.stream_interval.isdigit() else args.stream_interval
     return BatchingEngine(slots, tokenizer, (), EngineConfig(max_queue=4 * args.concurrency, verify=False,
-                                                             stream_interval=interval), model_name="fake")
+                                                             stream_interval=interval, trace=bool(args.trace)),
+                          model_name="fake")
 
 
 def serve(args) -> None:
@@ -241,14 +248,21 @@ def serve(args) -> None:
 
     from leptonc.server.app import create_app
 
-    app = create_app(real_engine(args) if args.engine == "real" else FakeEngine(args.step_ms / 1000))
+    engine = real_engine(args) if args.engine == "real" else FakeEngine(args.step_ms / 1000)
+    app = create_app(engine)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(2048)
     print(sock.getsockname()[1], flush=True)
-    uvicorn.Server(uvicorn.Config(app, loop=args.loop, http=args.http, log_level="warning", access_log=False,
-                                  lifespan="on")).run(sockets=[sock])
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # stop on SIGTERM without uvicorn raising it again at the end
+            self.should_exit = True
+
+    Server(uvicorn.Config(app, loop=args.loop, http=args.http, log_level="warning", access_log=False,
+                          lifespan="on")).run(sockets=[sock])
+    if args.trace and args.engine == "real":  # stopped by SIGTERM: the engine has shut down
+        engine.trace.write(Path(args.trace))
 
 
 async def one(port: int, body: bytes) -> bytes:
@@ -325,6 +339,7 @@ def main() -> None:
     parser.add_argument("--prefill-fixed-ms", type=float, default=3.5, help="--engine real: a prefill run's fixed cost")
     parser.add_argument("--prefill-us-per-token", type=float, default=3.3, help="--engine real: and its cost per token")
     parser.add_argument("--prompt-len", type=int, default=3, help="prompt tokens of each request")
+    parser.add_argument("--trace", help="--engine real: write the scheduler's timeline here (as `leptonc serve --trace`)")
     parser.add_argument("--loadgen", type=int, default=0, help="drive with `leptonc bench-serve --workers N` instead")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the JSON here")
@@ -337,7 +352,7 @@ def main() -> None:
                               "--http", args.http, "--engine", args.engine, "--tokenizer", str(args.tokenizer),
                               "--stream-interval", str(args.stream_interval), "--concurrency", str(args.concurrency),
                               "--prefill-fixed-ms", str(args.prefill_fixed_ms), "--prefill-us-per-token",
-                              str(args.prefill_us_per_token)],
+                              str(args.prefill_us_per_token), *(["--trace", args.trace] if args.trace else [])],
                              stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())

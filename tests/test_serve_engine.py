@@ -143,9 +143,12 @@ def test_block_slots_of_a_right_padded_bundle_match_run_alone(right_padded_bundl
 def test_block_slots_batch_prefills_and_decode_only_the_rows_in_use(right_padded_bundle):
     # a burst of prompts of different lengths in neighbouring slots is prefilled in one right-padded run, and a
     # step of the low rows runs at a small bucket; each request still gets exactly its run alone's tokens
-    from leptonc.runtime.block_slots import decode_buckets
+    from leptonc.runtime.block_slots import decode_buckets, prefill_runs
 
     assert decode_buckets(64) == [1, 2, 4, 8, 16, 32, 64] and decode_buckets(12) == [1, 2, 4, 8, 12]
+    # neighbouring slots share a run within the budget of padded tokens; a gap or the budget starts another
+    assert prefill_runs([4, 2, 3, 9], [10, 10, 30, 5], 100) == [[1, 2, 0], [3]]
+    assert prefill_runs([0, 1, 2, 3], [30, 30, 30, 30], 100) == [[0, 1, 2], [3]]
     engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(max_queue=0, num_slots=8, verify=False,
                                                                          warmup=False))
     assert engine.slots.describe()["warm_up"] is None
@@ -335,7 +338,7 @@ def test_no_step_runs_past_the_last_token_and_the_timeline_accounts_for_the_sche
     assert len(spans) == written["otherData"]["spans"] and {"idle", "prefill", "launch", "wait"} <= {e["name"] for e in spans}
     spans = [e for e in spans if e["tid"] == 1]  # the scheduler's line (Python's collections have their own)
     prefill = next(e for e in spans if e["name"] == "prefill")
-    assert prefill["args"] == {"rows": 3, "tokens": 9} and prefill["dur"] >= 0
+    assert prefill["args"] == {"rows": 3, "tokens": 9, "runs": 1} and prefill["dur"] >= 0
     assert all(a["ts"] <= b["ts"] for a, b in zip(spans, spans[1:]))  # one thread's spans, in order
 
 

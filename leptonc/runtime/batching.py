@@ -362,7 +362,8 @@ class BatchingEngine:
                     self._counters.prefill_seconds_total += time.perf_counter() - started
                     if self.trace is not None:
                         self.trace.span("prefill", started, rows=len(prefill),
-                                        tokens=sum(len(r.prompt_ids) for r in prefill))
+                                        tokens=sum(len(r.prompt_ids) for r in prefill),
+                                        runs=getattr(self.slots, "last_prefill_runs", 1))
                     running = self._still_running()
                 if running:
                     self._decode(running)

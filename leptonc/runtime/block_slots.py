@@ -55,6 +55,20 @@ def decode_buckets(num_slots: int) -> list[int]:
     return sorted({1 << k for k in range(num_slots.bit_length()) if 1 << k < num_slots} | {num_slots})
 
 
+def prefill_runs(slots: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """The runs a prefill of prompts (of `lengths` tokens) into `slots` takes: indexes into both, neighbouring slots
+    together, each run's rows x longest prompt within the budget of padded tokens."""
+    runs: list[list[int]] = []
+    run: list[int] = []
+    for i in sorted(range(len(slots)), key=lambda i: slots[i]):
+        longest = max([lengths[j] for j in run] + [lengths[i]])
+        if run and (slots[i] != slots[run[-1]] + 1 or (len(run) + 1) * longest > budget):
+            runs.append(run)
+            run = []
+        run.append(i)
+    return runs + [run] if run else runs
+
+
 class BlockKvSlots(KvSlots):
     prefill_in_chunks = False  # the mask_sum contract prefills a row from empty, in one run
 
@@ -88,6 +102,7 @@ class BlockKvSlots(KvSlots):
         self._launched = 0
         self.warmed = None  # what warm_up ran: decode buckets, runs of each, prefill [rows, width], seconds
         self.prefill_runs_by_result = {"tokens": 0, "logits": 0}  # greedy first tokens from the graph, or logits
+        self.last_prefill_runs = 0  # the model runs the last prefill_many / prefill_tokens took
         self._context_thread: int | None = None  # the thread on which _driver() last made the context current
         self.pipeline_depth = PIPELINE_DEPTH
         if self.pipelined:
@@ -116,16 +131,11 @@ class BlockKvSlots(KvSlots):
                 raise ValueError(f"slot {slot} holds a sequence: this bundle prefills a slot only from empty")
             if len(ids) == 0 or len(ids) > self.max_sequence:
                 raise InputError(f"a prompt of {len(ids)} tokens; this bundle allows 1 to {self.max_sequence}")
-        order = sorted(range(len(slots)), key=lambda i: slots[i])
         results: list = [None] * len(slots)
-        run: list[int] = []
-        for i in order:  # neighbouring slots run together, up to the budget of padded tokens per run
-            longest = max([len(prompts[j]) for j in run] + [len(prompts[i])])
-            if run and (slots[i] != slots[run[-1]] + 1 or (len(run) + 1) * longest > self.prefill_budget):
-                self._prefill_rows(run, slots, prompts, results, tokens)
-                run = []
-            run.append(i)
-        self._prefill_rows(run, slots, prompts, results, tokens)
+        runs = prefill_runs(slots, [len(p) for p in prompts], self.prefill_budget)
+        for run in runs:
+            self._prefill_rows(run, slots, prompts, results, tokens)
+        self.last_prefill_runs = len(runs)
         return results
 
     def _prefill_rows(self, run: list[int], slots: list[int], prompts: list[list[int]], results: list,

@@ -9,6 +9,7 @@ away is cancelled in the engine, which frees its slot at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -79,6 +80,11 @@ def create_app(engine: BatchingEngine, settings: ServerSettings | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # What loading made (the runtime, the tokenizer, the web stack: a few hundred thousand objects) lives as long
+        # as the server: frozen, Python's full collections no longer walk it. Each one stops every thread; on the
+        # H100 one of them stalled a 64-client run for about 0.3 s before this (BENCHMARKS.md, "Serving").
+        gc.collect()
+        gc.freeze()
         engine.start()
         yield
         # uvicorn has stopped accepting and waited for the responses in flight; now the engine drains.

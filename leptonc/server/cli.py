@@ -3,7 +3,6 @@ libraries (uvicorn, FastAPI, prometheus_client, the engine) happen when a comman
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import signal
@@ -142,10 +141,6 @@ def serve(
     sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
     engine = BatchingEngine.from_bundle(bundle, config)
     app = create_app(engine, settings)
-    # What loading made (the runtime, the tokenizer, the web stack: a few hundred thousand objects) lives as long as
-    # the server: frozen, it is no longer walked by Python's full collections, each of which stops every thread
-    gc.collect()
-    gc.freeze()
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
