@@ -1,0 +1,82 @@
+"""A served GPU bundle's slots alone, on one thread: how long the host takes to queue a decode step right after a
+prefill ("fresh": its ids from the host) and in the steady pipeline (ids from the step before, on the device), and how
+long prefill runs of 1 and of many prompts take. `leptonc serve --trace` showed launches after prefills of 8-13 ms
+on the H100 where a launch otherwise takes 0.3-0.5 ms; this separates the runtime from the server's other threads.
+
+    python3 bench/slots_steps_gpu.py BUNDLE.lepton [--rows 64] [--prompt 128] [--trials 8] [--out r.json]
+
+Prints JSON: per trial, the prefill of `--refill` prompts into freed slots, the fresh launch after it, the wait for
+its tokens, then a pipelined launch and its wait (ms), and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_json import emit  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--rows", type=int, default=64, help="slots (the bundle's max batch at most)")
+    parser.add_argument("--refill", type=int, default=20, help="slots freed and prefilled again in each trial")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+
+    import onnxruntime
+
+    onnxruntime.preload_dlls()
+    from leptonc.bundle import load_bundle
+    from leptonc.runtime.slots import open_kv_slots
+
+    slots = open_kv_slots(load_bundle(args.bundle, verify=False), "cuda", args.rows)
+    slots.warm_up(0)
+    every = list(range(args.rows))
+    ms = lambda a, b: round((b - a) * 1e3, 3)  # noqa: E731
+    slots.prefill_tokens(every, [[5] * args.prompt] * args.rows)
+    ids = np.full(args.rows, 7, np.int64)
+    slots.decode_collect(slots.decode_launch(every, ids))
+    trials = []
+    for trial in range(args.trials):
+        refill = list(range(trial % 3, trial % 3 + args.refill))
+        for slot in refill:
+            slots.free(slot)
+        t0 = time.perf_counter()
+        slots.prefill_tokens(refill, [[5] * args.prompt] * len(refill))
+        t1 = time.perf_counter()
+        fresh = slots.decode_launch(every, ids)
+        t2 = time.perf_counter()
+        slots.decode_collect(fresh)
+        t3 = time.perf_counter()
+        steady = slots.decode_launch(every, None)
+        t4 = time.perf_counter()
+        slots.decode_collect(steady)
+        t5 = time.perf_counter()
+        t6 = time.perf_counter()
+        slots.free(refill[0])
+        slots.prefill_tokens(refill[:1], [[5] * args.prompt])
+        t7 = time.perf_counter()
+        trials.append({"prefill_ms": ms(t0, t1), "prefill_runs": slots.last_prefill_runs, "fresh_launch_ms": ms(t1, t2),
+                       "fresh_wait_ms": ms(t2, t3), "steady_launch_ms": ms(t3, t4), "steady_wait_ms": ms(t4, t5),
+                       "one_prompt_prefill_ms": ms(t6, t7)})
+        if int(slots.lengths.max()) > slots.max_sequence - 8:
+            break
+    medians = {key: round(statistics.median(t[key] for t in trials), 3) for key in trials[0]}
+    emit({"bundle": str(args.bundle), "rows": args.rows, "refill": args.refill, "prompt": args.prompt,
+          "trials": trials, "median": medians}, args.out)
+    slots.release()
+
+
+if __name__ == "__main__":
+    main()
