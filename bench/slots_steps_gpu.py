@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--refill", type=int, default=20, help="slots freed and prefilled again in each trial")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--shapes", action="store_true", help="instead: time prefills of new shapes (1-24 rows of "
+                        "--prompt tokens, then 4 rows of --prompt-12 to --prompt+12), each shape twice, no decode")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -44,6 +46,22 @@ def main() -> None:
     slots.warm_up(0)
     every = list(range(args.rows))
     ms = lambda a, b: round((b - a) * 1e3, 3)  # noqa: E731
+    if args.shapes:  # does a prefill of a shape not run before cost more than the same shape again?
+        shapes = [(rows, args.prompt) for rows in range(1, 25)] + [(4, w) for w in range(args.prompt - 12, args.prompt + 13)]
+        rows_out = []
+        for rows, width in shapes:
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                slots.prefill_tokens(list(range(rows)), [[5] * width] * rows)
+                times.append(ms(start, time.perf_counter()))
+                for slot in range(rows):
+                    slots.free(slot)
+            rows_out.append({"rows": rows, "width": width, "first_ms": times[0], "again_ms": times[1]})
+        emit({"bundle": str(args.bundle), "shapes": rows_out,
+              "median_first_ms": statistics.median(r["first_ms"] for r in rows_out),
+              "median_again_ms": statistics.median(r["again_ms"] for r in rows_out)}, args.out)
+        return
     slots.prefill_tokens(every, [[5] * args.prompt] * args.rows)
     ids = np.full(args.rows, 7, np.int64)
     slots.decode_collect(slots.decode_launch(every, ids))
