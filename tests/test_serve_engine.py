@@ -181,6 +181,32 @@ def test_block_slots_batch_prefills_and_decode_only_the_rows_in_use(right_padded
         assert engine.shutdown(grace_s=5)
 
 
+@pytest.mark.slow
+def test_the_warm_up_and_every_step_run_on_one_thread(right_padded_bundle, monkeypatch):
+    # ONNX Runtime's CUDA provider keeps CUDA graphs and cuBLAS handles per thread: the thread that warms the slots
+    # up must be the one that steps them when serving
+    import threading
+
+    from leptonc.runtime.block_slots import BlockKvSlots
+
+    threads = {}
+    for name in ("warm_up", "prefill_tokens", "decode"):
+        def recording(self, *args, _name=name, _method=getattr(BlockKvSlots, name), **kwargs):
+            threads.setdefault(_name, set()).add(threading.get_ident())
+            return _method(self, *args, **kwargs)
+        monkeypatch.setattr(BlockKvSlots, name, recording)
+    engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(max_queue=0, num_slots=4, verify=False))
+    assert engine.slots.warmed and threads["warm_up"] != {threading.get_ident()}
+    engine.start()
+    try:
+        request = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=4))
+        assert len(_collect(request)[0]) == 4
+    finally:
+        assert engine.shutdown(grace_s=5)
+    assert threads["warm_up"] == threads["prefill_tokens"] == threads["decode"] and len(threads["decode"]) == 1, threads
+    assert not engine.ready
+
+
 class _PipelinedSlots:
     """A stand-in for the GPU's slots with pipelined steps, whose "model" is a fixed function of the last token and
     the position, so the engine's bookkeeping (which step's ids come from the device, which tokens belong to whom)

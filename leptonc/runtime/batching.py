@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,7 @@ from typing import Callable
 import numpy as np
 
 from leptonc.errors import InputError, LeptonError
+from leptonc.runtime.device_thread import DeviceThread
 from leptonc.runtime.engine_output import EngineWriter
 from leptonc.runtime.engine_requests import FINISH_REASONS, Event, Request, SamplingParams
 from leptonc.runtime.engine_trace import SchedulerTrace
@@ -146,7 +148,7 @@ class BatchingEngine:
     """In-flight batching over a `KvSlots` (module doc)."""
 
     def __init__(self, slots: KvSlots, tokenizer, eos_ids: tuple[int, ...], config: EngineConfig | None = None,
-                 *, model_name: str = "model"):
+                 *, model_name: str = "model", device: DeviceThread | None = None):
         self.config = config or EngineConfig()
         self.slots = slots
         self.tokenizer = tokenizer
@@ -164,7 +166,8 @@ class BatchingEngine:
         self._counters = _Counters()
         self._accepting = False
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._device = device  # the thread the model runs on (device_thread.py): the warm-up's, then the scheduler's
+        self._scheduler: Future | None = None  # the scheduler loop, running on the device thread
         self._writer: EngineWriter | None = None
         self._in_flight: deque = deque()  # pipelined steps launched, not yet collected: (handle, their running list)
         self._joined = True  # a sequence joined the decode batch since the last step was launched (its id is on the host)
@@ -185,16 +188,25 @@ class BatchingEngine:
         bundle = load_bundle(Path(path), verify=config.verify)
         tokenizer = load_tokenizer(Path(config.tokenizer_dir) if config.tokenizer_dir else bundle.tokenizer_dir)
         eos = eos_ids(tokenizer, bundle.manifest)
-        with engine_load_errors(bundle.model_path):  # a corrupt engine is a bad bundle (exit 7), not a crash
-            slots = open_kv_slots(bundle, config.device, config.num_slots)
-            token = int(eos[0]) if eos else 0
-            warmed = config.warmup and slots.warm_up(token)
-            if config.verify and not warmed:  # one prompt token and one step before anyone is told "ready"
-                slots.prefill(0, [token])
-                slots.decode([0], np.zeros(1, np.int64))
-                slots.free(0)
+        device = DeviceThread("leptonc-batching")  # the warm-up's thread is the one that serves (device_thread.py)
+        try:
+            with engine_load_errors(bundle.model_path):  # a corrupt engine is a bad bundle (exit 7), not a crash
+                slots = open_kv_slots(bundle, config.device, config.num_slots)
+                device.call(cls._ready_slots, slots, int(eos[0]) if eos else 0, config)
+        except BaseException:
+            device.stop()
+            raise
         name = Path(path).name.removesuffix(".lepton") or "model"
-        return cls(slots, tokenizer, eos, config, model_name=name)
+        return cls(slots, tokenizer, eos, config, model_name=name, device=device)
+
+    @staticmethod
+    def _ready_slots(slots: KvSlots, token: int, config: EngineConfig) -> None:
+        """The warm-up, or (without one) one prompt token and one step before anyone is told "ready"."""
+        warmed = config.warmup and slots.warm_up(token)
+        if config.verify and not warmed:
+            slots.prefill(0, [token])
+            slots.decode([0], np.zeros(1, np.int64))
+            slots.free(0)
 
     # ---- the tokenizer ----------------------------------------------------------------------------
 
@@ -212,7 +224,7 @@ class BatchingEngine:
 
     def start(self) -> "BatchingEngine":
         with self._lock:
-            if self._thread is not None:
+            if self._scheduler is not None:
                 return self
             self._accepting, self._stop = True, False
             if self.config.switch_interval_s is not None:
@@ -222,13 +234,17 @@ class BatchingEngine:
                                         self.config.stream_interval)
             if self.trace is not None:
                 self.trace.watch_gc()
-            self._thread = threading.Thread(target=self._loop, name="leptonc-batching", daemon=True)
-            self._thread.start()
+            if self._device is None or not self._device.alive:
+                self._device = DeviceThread("leptonc-batching")
+            self._scheduler = self._device.submit(self._loop)
         return self
 
     @property
     def ready(self) -> bool:
-        return self._accepting and self._thread is not None and self._thread.is_alive()
+        return self._accepting and self._scheduling()
+
+    def _scheduling(self) -> bool:
+        return self._scheduler is not None and not self._scheduler.done()
 
     def stop_accepting(self) -> None:
         with self._lock:
@@ -240,7 +256,7 @@ class BatchingEngine:
         deadline = time.monotonic() + max(0.0, grace_s)
         with self._lock:
             self._accepting = False
-            while self._outstanding() and self._thread is not None and self._thread.is_alive():
+            while self._outstanding() and self._scheduling():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -251,9 +267,15 @@ class BatchingEngine:
             self._ended_elsewhere = True
             self._stop = True
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._thread = None
+        if self._scheduler is not None:
+            try:
+                self._scheduler.exception(timeout=10)  # the loop's end (its failure is self.failure)
+            except TimeoutError:
+                pass
+        self._scheduler = None
+        if self._device is not None:
+            self._device.stop()
+            self._device = None
         if self._writer is not None:  # the last events (the cancellations) reach their clients
             self._writer.close()
             self._writer = None
