@@ -45,7 +45,8 @@ import numpy as np
 from leptonc.errors import InputError, LeptonError
 from leptonc.runtime.device_thread import DeviceThread
 from leptonc.runtime.engine_output import EngineWriter
-from leptonc.runtime.engine_requests import FINISH_REASONS, Event, Request, SamplingParams
+from leptonc.runtime.engine_requests import (FINISH_REASONS, EngineConfig, EngineStoppedError, Event, QueueFullError,
+                                             Request, SamplingParams)
 from leptonc.runtime.engine_trace import SchedulerTrace
 from leptonc.runtime.slots import KvSlots, open_kv_slots
 from leptonc.runtime.tokenizer import eos_ids, load_tokenizer
@@ -74,61 +75,6 @@ ENGINE_SERIES = (
      "Scheduler time with no request to run (the device idle, waiting for clients)."),
 )
 FINISHED_SERIES = ("finished_total", "leptonc_sequences_finished", "Sequences ended, by reason.")  # label: reason
-
-
-class QueueFullError(LeptonError):
-    """Every slot is busy and the waiting queue is full: try again later (HTTP 429). Exit 8."""
-
-    exit_code = 8
-
-    def __init__(self, message: str, hint: str | None = None, retry_after_s: float = 1.0):
-        super().__init__(message, hint)
-        self.retry_after_s = retry_after_s
-
-
-class EngineStoppedError(LeptonError):
-    """The engine is shutting down (or was never started) and takes no new requests (HTTP 503). Exit 8."""
-
-    exit_code = 8
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_queue: int = 64  # requests waiting beyond the slots; past it, submit raises QueueFullError
-    device: str | None = None  # None: the bundle's own device; "cpu" or "cuda" to override
-    verify: bool = True  # check the bundle's hashes and toolchain, and run one step, before serving
-    # run the shapes serving runs before the first request (GPU bundles: capture every decode bucket's CUDA graph, and
-    # prefill a spread of shapes), so that the first requests do not wait for it; a few seconds at most at start
-    warmup: bool = True
-    prefill_chunk: int = 512  # chunked slots (the CPU's): prompt tokens prefilled between two decode steps
-    num_slots: int | None = None  # sequences decoded together; None: the bundle's max batch
-    tokenizer_dir: str | None = None  # a tokenizer for bundles without one
-    # Tokens a sequence gathers before its next event; its first and last tokens (and every token of a request with
-    # stop strings) go out at once. 1 streams every token; more cut the host's work per token when many stream.
-    # "auto": 1 while at most AUTO_EVENTS_PER_STEP sequences run, then enough that a step makes about that many events
-    # (64 sequences: every 4th token), each sequence on its own phase so the events of a step are spread evenly.
-    stream_interval: int | str = "auto"
-    # Python's thread switch interval while the engine runs (process-wide, put back at shutdown): the longest the
-    # scheduler waits for Python's lock after a step while the HTTP server's threads hold it. None: Python's 5 ms.
-    switch_interval_s: float | None = 0.0005
-    # record the scheduler's timeline (engine.trace, a SchedulerTrace: `leptonc serve --trace FILE` writes it)
-    trace: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_queue < 0:
-            raise InputError(f"max_queue must be >= 0, not {self.max_queue}")
-        if self.prefill_chunk < 1:
-            raise InputError(f"prefill_chunk must be >= 1 token, not {self.prefill_chunk}")
-        if self.num_slots is not None and self.num_slots < 1:
-            raise InputError(f"num_slots must be >= 1, not {self.num_slots}")
-        if self.device not in (None, "cpu", "cuda"):
-            raise InputError(f"device must be 'cpu' or 'cuda', not {self.device!r}")
-        if self.stream_interval != "auto" and (isinstance(self.stream_interval, str) or self.stream_interval < 1):
-            raise InputError(f"stream_interval must be 'auto' or a whole number >= 1 token, not {self.stream_interval!r}")
-        if self.switch_interval_s is not None and not 1e-5 <= self.switch_interval_s <= 1.0:
-            raise InputError(f"switch_interval_s must be between 1e-05 and 1 second, not {self.switch_interval_s}")
-
-
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""What a caller hands the batching engine (batching.py) and gets back: sampling parameters, requests, events.
+"""What a caller hands the batching engine (batching.py) and gets back: its configuration, sampling parameters,
+requests, events, and the errors `submit` raises.
 
 A `Request` has two sides. The scheduler thread owns its slot, its last token and how many tokens it has made;
 the engine's writer thread (engine_output.py) owns its output: `token_ids`, `text`, `finish_reason` and the events,
@@ -14,10 +15,63 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from leptonc.errors import InputError
+from leptonc.errors import InputError, LeptonError
 from leptonc.runtime.generate import SamplingConfig, sample
 
 FINISH_REASONS = ("stop", "length", "eos", "cancelled", "error")
+
+
+class QueueFullError(LeptonError):
+    """Every slot is busy and the waiting queue is full: try again later (HTTP 429). Exit 8."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, hint: str | None = None, retry_after_s: float = 1.0):
+        super().__init__(message, hint)
+        self.retry_after_s = retry_after_s
+
+
+class EngineStoppedError(LeptonError):
+    """The engine is shutting down (or was never started) and takes no new requests (HTTP 503). Exit 8."""
+
+    exit_code = 8
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_queue: int = 64  # requests waiting beyond the slots; past it, submit raises QueueFullError
+    device: str | None = None  # None: the bundle's own device; "cpu" or "cuda" to override
+    verify: bool = True  # check the bundle's hashes and toolchain, and run one step, before serving
+    # run the shapes serving runs before the first request (GPU bundles: capture every decode bucket's CUDA graph, and
+    # prefill a spread of shapes), so that the first requests do not wait for it; a few seconds at most at start
+    warmup: bool = True
+    prefill_chunk: int = 512  # chunked slots (the CPU's): prompt tokens prefilled between two decode steps
+    num_slots: int | None = None  # sequences decoded together; None: the bundle's max batch
+    tokenizer_dir: str | None = None  # a tokenizer for bundles without one
+    # Tokens a sequence gathers before its next event; its first and last tokens (and every token of a request with
+    # stop strings) go out at once. 1 streams every token; more cut the host's work per token when many stream.
+    # "auto": 1 while at most AUTO_EVENTS_PER_STEP sequences run, then enough that a step makes about that many events
+    # (64 sequences: every 4th token), each sequence on its own phase so the events of a step are spread evenly.
+    stream_interval: int | str = "auto"
+    # Python's thread switch interval while the engine runs (process-wide, put back at shutdown): the longest the
+    # scheduler waits for Python's lock after a step while the HTTP server's threads hold it. None: Python's 5 ms.
+    switch_interval_s: float | None = 0.0005
+    # record the scheduler's timeline (engine.trace, a SchedulerTrace: `leptonc serve --trace FILE` writes it)
+    trace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 0:
+            raise InputError(f"max_queue must be >= 0, not {self.max_queue}")
+        if self.prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be >= 1 token, not {self.prefill_chunk}")
+        if self.num_slots is not None and self.num_slots < 1:
+            raise InputError(f"num_slots must be >= 1, not {self.num_slots}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise InputError(f"device must be 'cpu' or 'cuda', not {self.device!r}")
+        if self.stream_interval != "auto" and (isinstance(self.stream_interval, str) or self.stream_interval < 1):
+            raise InputError(f"stream_interval must be 'auto' or a whole number >= 1 token, not {self.stream_interval!r}")
+        if self.switch_interval_s is not None and not 1e-5 <= self.switch_interval_s <= 1.0:
+            raise InputError(f"switch_interval_s must be between 1e-05 and 1 second, not {self.switch_interval_s}")
 
 
 @dataclass(frozen=True)
@@ -128,4 +182,4 @@ class Request:
         return "length" if self.made >= self.params.max_tokens else None
 
 
-__all__ = ["Event", "FINISH_REASONS", "Request", "SamplingParams"]
+__all__ = ["EngineConfig", "EngineStoppedError", "Event", "FINISH_REASONS", "QueueFullError", "Request", "SamplingParams"]
