@@ -24,6 +24,7 @@ and the merged record stay in --work between calls on a warm machine, so a later
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -316,6 +317,16 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
     results = [serve_variant(suite, spec, variant) for variant in suite.args.serve_args]
     if not suite.record["bench"].get(spec["name"], {}).get("decode"):  # the engine's own speed, in the same run
         bench_part(suite, spec, "decode", suite.args.serve_clients, 128, 128, 5)
+    if suite.args.target != "cpu":  # the slots on one thread: launches after prefills, and prefills of new shapes
+        for mode in ("--trials", "--shapes"):
+            rc, stdout = suite.step(f"slots {spec['name']} {mode}", [
+                sys.executable, REPO / "bench" / "slots_steps_gpu.py", spec["path"],
+                *(["--trials", 8] if mode == "--trials" else ["--shapes"])], timeout=180)
+            try:
+                suite.record["hooks"][f"slots {spec['name']} {mode}"] = json.loads(stdout) if rc == 0 else None
+            except ValueError:
+                suite.record["hooks"][f"slots {spec['name']} {mode}"] = f"unreadable output: {stdout[-300:]}"
+            suite.save()
     script = REPO / "bench" / "serve_peer_ortgenai.py"
     if peer is None or spec["peer"] is None or not script.is_file():
         return
@@ -328,20 +339,27 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
         suite.save()
 
 
+def _is_env(word: str) -> bool:
+    name, eq, _ = word.partition("=")
+    return bool(eq) and name.isupper() and name.replace("_", "").isalnum()
+
+
 def serve_variant(suite: Suite, spec: dict, variant: str) -> dict:
     """One server (`leptonc serve BUNDLE` with the variant's options) under every load; its record."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url, log = f"http://127.0.0.1:{port}", (suite.args.work / "serve.log").open("w")
-    extra = variant.split()
+    words = variant.split()  # leading KEY=VALUE words are the server's environment, e.g. CUDA_MODULE_LOADING=EAGER
+    env_words = list(itertools.takewhile(_is_env, words))
+    extra = words[len(env_words):]
     # the scheduler's timeline beside the JSON: where the device waited (ui.perfetto.dev opens it)
     trace = suite.args.out / f"trace_{spec['name']}_{len(suite.record['hooks'])}.json"
     server = subprocess.Popen([sys.executable, "-m", "leptonc", "serve", spec["path"], "--port", str(port),
                                "--no-verify", "--trace", str(trace), *extra], stdout=log, stderr=subprocess.STDOUT,
-                              env=suite.env, cwd=suite.args.work)
-    result: dict = {"bundle": spec["name"],
-                    "server": " ".join(["leptonc serve", str(spec["path"]), "--port", str(port), "--no-verify", *extra])}
+                              env={**suite.env, **dict(w.split("=", 1) for w in env_words)}, cwd=suite.args.work)
+    result: dict = {"bundle": spec["name"], "server": " ".join([*env_words, "leptonc serve", str(spec["path"]), "--port",
+                                                                str(port), "--no-verify", *extra])}
     try:
         deadline = time.time() + min(180, suite.left())
         while time.time() < deadline and server.poll() is None:
@@ -377,7 +395,7 @@ def serve_variant(suite: Suite, spec: dict, variant: str) -> dict:
         except (OSError, ValueError, KeyError) as exc:
             result["trace"] = f"not read: {exc}"
         log.close()
-        suite.record["hooks"][" ".join(["serve", spec["name"], *extra])] = result
+        suite.record["hooks"][" ".join(["serve", spec["name"], *env_words, *extra])] = result
         suite.save()
     return result
 
@@ -499,7 +517,8 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
         out.append("kernels: python3 -m pytest tests/test_kernels_gpu.py -m gpu -q -rs")
     bundle = specs[0]["path"] if specs else "-"
     for spec in [s for s in specs if s["peer"]] or specs[:1] if "serve" in args.only else ():
-        out.append(f"serve: leptonc serve {spec['path']} --port FREE --no-verify {' | '.join(args.serve_args)}, then leptonc "
+        out.append(f"serve: leptonc serve {spec['path']} --port FREE --no-verify --trace OUT/trace_*.json "
+                   f"{' | '.join(args.serve_args)}, then leptonc "
                    f"bench-serve URL --concurrency C --requests 8C --prompt-len 128 --gen-len 128 --json for C in "
                    f"{args.serve_clients}")
         if spec["peer"] and args.target != "cpu":
@@ -529,8 +548,9 @@ def main(argv=None) -> int:
     ap.add_argument("--serve-clients", default=",".join(map(str, SERVE_CONCURRENCY)),
                     help="serve: concurrent clients of each load, e.g. 64")
     ap.add_argument("--serve-args", action="append", default=None,
-                    help="serve: more options of `leptonc serve`, e.g. '--stream-interval 4'; repeat it to compare "
-                         "servers in one run (pass '' for the defaults)")
+                    help="serve: more options of `leptonc serve`, e.g. '--stream-interval 4', after any KEY=VALUE "
+                         "words for its environment (e.g. 'CUDA_MODULE_LOADING=EAGER'); repeat it to compare servers "
+                         "in one run (pass '' for the defaults)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/leptonc_work"), help="bundles and the merged record")
     ap.add_argument("--machine", default=None, help="name in the file name (default: from the GPU's name)")
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (a device call has 600)")
