@@ -31,6 +31,7 @@ front of the same object.
 from __future__ import annotations
 
 import itertools
+import logging
 import sys
 import threading
 import time
@@ -50,6 +51,8 @@ from leptonc.runtime.engine_requests import (FINISH_REASONS, EngineConfig, Engin
 from leptonc.runtime.engine_trace import SchedulerTrace
 from leptonc.runtime.slots import KvSlots, open_kv_slots
 from leptonc.runtime.tokenizer import eos_ids, load_tokenizer
+
+log = logging.getLogger("leptonc.serve.engine")
 
 # The engine's own series as `leptonc serve`'s /metrics and the Triton model export them, so one dashboard reads
 # both: (key of BatchingEngine.metrics(), Prometheus name (a counter's gains "_total" when exposed), kind, help).
@@ -341,6 +344,7 @@ class BatchingEngine:
                     self._lock.notify_all()  # shutdown() waits on the lock for the outstanding count to fall
         except BaseException as exc:  # noqa: BLE001 - the scheduler must not die silently: fail every request
             self.failure = f"{type(exc).__name__}: {exc}"
+            log.exception("the batching engine's scheduler stopped")  # its traceback, for the server's log
             with self._lock:
                 self._accepting = False
                 for request in self._all_requests():
