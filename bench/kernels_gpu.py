@@ -18,8 +18,6 @@ nvcc (for the library) and ncu; no PyTorch.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import statistics
 import sys
@@ -28,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from ncu_summary import ncu_rows  # noqa: E402
 
 # llama-1b-shape's products: (name, K, N, SwiGLU epilogue); the LM head runs at 8 bits (scales only) in int4 bundles
 SHAPES = [("qkv", 2048, 3072, 0), ("o", 2048, 2048, 0), ("gate|up", 2048, 16384, 1), ("down", 8192, 2048, 0),
@@ -142,25 +142,15 @@ def run(args) -> int:
     return 0
 
 
-def _ncu_rows(text: str) -> list[dict]:
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
-    if start is None:
-        raise SystemExit("kernels_gpu table: no ncu CSV header (\"ID\", ...) in the file: run `run` under "
-                         "`ncu --metrics gpu__time_duration.sum --csv --page raw`")
-    rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
-    return [r for r in rows if r.get("ID", "").strip().isdigit()]  # the units row has no ID
-
-
 def table(args) -> int:
     for path in (args.plan, args.csv):
         if not Path(path).is_file():
             raise SystemExit(f"kernels_gpu table: {path} does not exist: `run --plan` writes the plan, ncu the CSV")
     sessions = json.loads(Path(args.plan).read_text())
-    kernels = _ncu_rows(Path(args.csv).read_text(errors="replace"))
+    kernels = ncu_rows(Path(args.csv).read_text(errors="replace"))
     streams: dict[str, list] = {}
     for k in kernels:
-        streams.setdefault(k["Stream"], []).append((k["Kernel Name"], float(k["gpu__time_duration.sum"].replace(",", ""))))
+        streams.setdefault(k["Stream"], []).append((k["Kernel Name"], k["us"]))
     groups = list(streams.values())  # dicts keep insertion order: streams by first kernel
     if len(groups) != len(sessions):
         raise SystemExit(f"kernels_gpu table: {len(groups)} streams in the CSV against {len(sessions)} sessions in the "
@@ -171,7 +161,7 @@ def table(args) -> int:
         if per_run == 0 or per_run * entry["repeats"] != len(group):
             raise SystemExit(f"kernels_gpu table: {len(group)} kernels for {entry['repeats']} runs of {entry}")
         runs = [sum(d for _, d in group[i * per_run:(i + 1) * per_run]) for i in range(entry["repeats"])]
-        us = statistics.median(runs) / 1e3
+        us = statistics.median(runs)
         results.append(dict(entry, us=round(us, 2), kernels=[n.split("(")[0][:80] for n, _ in group[:per_run]],
                             weight_gb_s=round(entry["weight_bytes"] / (us * 1e3), 1)))
     fp16 = {(r["shape"], r["rows"]): r["us"] for r in results if r["kind"] == "fp16"}

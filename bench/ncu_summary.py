@@ -21,28 +21,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_json import emit  # noqa: E402
 
 
-def read_kernels(text: str) -> list[tuple[str, float, str]]:
-    """(kernel name, µs, grid) for each kernel ncu timed, in launch order."""
-    start = text.find('"ID"')
-    if start < 0:
-        raise SystemExit("no ncu CSV table in the input (was it run with --csv --page raw?)")
-    rows = list(csv.DictReader(io.StringIO(text[start:])))
-    unit = rows[0].get("gpu__time_duration.sum", "nsecond") if rows else "nsecond"  # the row under the header
-    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}.get(unit, 1e-3)
-    out = []
-    for row in rows:
-        value = row.get("gpu__time_duration.sum", "")
-        try:
-            duration = float(value.replace(",", ""))
-        except ValueError:
-            continue  # the units row
-        out.append((row.get("Kernel Name", "?"), duration * scale, row.get("Grid Size", "")))
-    return out
+def ncu_rows(text: str) -> list[dict]:
+    """The kernels of an ncu `--csv --page raw` output (lines before its table skipped), in launch order, each row with
+    its time in µs under "us" (the units row under the header says what gpu__time_duration.sum is in)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        raise SystemExit('no ncu CSV table ("ID", ...) in the input: run the command under '
+                         "`ncu --metrics gpu__time_duration.sum --csv --page raw`")
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
+    unit = next((r.get("gpu__time_duration.sum", "") for r in rows if not r.get("ID", "").strip().isdigit()), "")
+    scale = {"usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}.get(unit.strip(), 1e-3)  # default: ns
+    kernels = [r for r in rows if r.get("ID", "").strip().isdigit()]
+    for r in kernels:
+        r["us"] = float(r["gpu__time_duration.sum"].replace(",", "")) * scale
+    return kernels
 
 
-def summarize(kernels: list[tuple[str, float, str]], top: int) -> dict:
+def summarize(kernels: list[dict], top: int) -> dict:
     groups: dict[str, dict] = {}
-    for name, us, _ in kernels:
+    for name, us in ((k.get("Kernel Name", "?"), k["us"]) for k in kernels):
         short = name.split("(")[0] if not name.startswith("void ") else name[5:].split("(")[0]
         entry = groups.setdefault(short, {"kernel": short, "count": 0, "us": 0.0})
         entry["count"] += 1
@@ -64,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.csv.is_file():
         raise SystemExit(f"{args.csv}: no such file")
-    emit(summarize(read_kernels(args.csv.read_text(errors="replace")), args.top), args.out)
+    emit(summarize(ncu_rows(args.csv.read_text(errors="replace")), args.top), args.out)
 
 
 if __name__ == "__main__":

@@ -255,6 +255,7 @@ def serve(args) -> None:
     sock.bind(("127.0.0.1", 0))
     sock.listen(2048)
     print(sock.getsockname()[1], flush=True)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # stop on SIGTERM without uvicorn raising it again at the end
             self.should_exit = True

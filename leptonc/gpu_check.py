@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from leptonc.atomic_rename import atomic_write_text
 from leptonc.errors import VerificationError
 
 CHECK_NAME = "gpu_parity"
@@ -135,9 +136,7 @@ def record_result(bundle_path: Path, device: str, result: dict) -> Path:
                 record = {"manifest_sha256": key, "devices": {}}
             record["devices"][device] = {**result, "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
             return path
         except OSError:
             continue

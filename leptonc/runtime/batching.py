@@ -317,9 +317,7 @@ class BatchingEngine:
                         idle_from = time.perf_counter()
                         while not self._stop and not self._outstanding():
                             self._lock.wait()
-                        self._counters.idle_seconds_total += time.perf_counter() - idle_from
-                        if self.trace is not None:
-                            self.trace.span("idle", idle_from)
+                        self._spent("idle", idle_from, "idle_seconds_total")
                     if self._stop and not self._outstanding():
                         return
                     self._drop_ended()
@@ -330,11 +328,9 @@ class BatchingEngine:
                     self._collect_all()  # the prefill waits for the device anyway; the steps in flight come first
                     started = time.perf_counter()
                     self._guarded(prefill, lambda: self._prefill(prefill))
-                    self._counters.prefill_seconds_total += time.perf_counter() - started
-                    if self.trace is not None:
-                        self.trace.span("prefill", started, rows=len(prefill),
-                                        tokens=sum(len(r.prompt_ids) for r in prefill),
-                                        runs=getattr(self.slots, "last_prefill_runs", 1))
+                    self._spent("prefill", started, "prefill_seconds_total", rows=len(prefill),
+                                tokens=sum(len(r.prompt_ids) for r in prefill),
+                                runs=getattr(self.slots, "last_prefill_runs", 1))
                     running = self._still_running()
                 if running:
                     self._decode(running)
@@ -354,6 +350,13 @@ class BatchingEngine:
                 self._running.clear()
                 self._lock.notify_all()
             raise
+
+    def _spent(self, name: str, started: float, counter: str | None, **args) -> None:
+        """The scheduler's time since `started` (a perf_counter) on its seconds counter, and as a span of the trace."""
+        if counter is not None:
+            setattr(self._counters, counter, getattr(self._counters, counter) + time.perf_counter() - started)
+        if self.trace is not None:
+            self.trace.span(name, started, **args)
 
     def _guarded(self, requests: list[Request], step: Callable[[], None]) -> None:
         """Run one prefill or decode step; a failure ends the requests in it (with an "error" event and their
@@ -496,8 +499,7 @@ class BatchingEngine:
         def launch() -> None:
             started = time.perf_counter()
             self._in_flight.append((self.slots.decode_launch(slots, ids), running))
-            if self.trace is not None:
-                self.trace.span("launch", started, rows=len(slots), fresh=fresh)
+            self._spent("launch", started, None, rows=len(slots), fresh=fresh)
             self._joined = False
             with self._lock:
                 self._counters.decode_steps_total += 1
@@ -512,13 +514,10 @@ class BatchingEngine:
         def collect() -> None:
             started = time.perf_counter()
             tokens = self.slots.decode_collect(handle)
-            self._counters.decode_wait_seconds_total += time.perf_counter() - started
-            if self.trace is not None:
-                self.trace.span("wait", started, rows=len(running))
-                started = time.perf_counter()
+            self._spent("wait", started, "decode_wait_seconds_total", rows=len(running))
+            started = time.perf_counter()
             self._take_step(running, tokens, None)
-            if self.trace is not None:
-                self.trace.span("take", started, rows=len(running))
+            self._spent("take", started, None, rows=len(running))
 
         self._guarded([r for _, r in running], collect)
 
@@ -532,9 +531,7 @@ class BatchingEngine:
         want_logits = any(not r.params.greedy for _, r in running)
         started = time.perf_counter()
         tokens, logits = self.slots.decode(slots, last, logits=want_logits)
-        self._counters.decode_wait_seconds_total += time.perf_counter() - started
-        if self.trace is not None:
-            self.trace.span("decode", started, rows=len(slots), logits=want_logits)
+        self._spent("decode", started, "decode_wait_seconds_total", rows=len(slots), logits=want_logits)
         self._joined = True  # the step ran at once: the next one's ids come from the host too
         with self._lock:
             self._counters.decode_steps_total += 1
