@@ -567,6 +567,9 @@ def main(argv=None) -> int:
         ap.error(f"models: choose from {', '.join(MODELS)}")
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     args.precisions = args.precisions.split(",") if args.precisions else None
+    known = {p for model in args.models for p in MODELS[model][2]} | ({"fp32"} if args.target == "cpu" else set())
+    if args.precisions and set(args.precisions) - known:
+        ap.error(f"precisions: these models have {', '.join(sorted(known))}")
     args.serve_clients = tuple(int(c) for c in args.serve_clients.split(","))
     args.serve_args = args.serve_args or [""]
     args.work, args.out = args.work.resolve(), args.out.resolve()

@@ -35,6 +35,8 @@ def main() -> None:
                         "--prompt tokens, then 4 rows of --prompt-12 to --prompt+12), each shape twice, no decode")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if not args.bundle.is_dir():
+        parser.error(f"{args.bundle} is not a bundle folder (leptonc compile ... -o B.lepton makes one)")
 
     import onnxruntime
 
