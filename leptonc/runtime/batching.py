@@ -71,7 +71,7 @@ ENGINE_SERIES = (
      "sequence)."),
     # where the scheduler's time goes: these three and the rest (its own host work) add up to its running time
     ("prefill_seconds_total", "leptonc_engine_prefill_seconds", "counter",
-     "Scheduler time in prefill runs (each waits for the device)."),
+     "Scheduler time in prefill runs (each waits for the device, and on CUDA for the steps queued ahead of it)."),
     ("decode_wait_seconds_total", "leptonc_engine_decode_wait_seconds", "counter",
      "Scheduler time waiting for decode steps' tokens (the device busy ahead of the host)."),
     ("idle_seconds_total", "leptonc_engine_idle_seconds", "counter",
@@ -325,7 +325,11 @@ class BatchingEngine:
                     prefill = self._next_prefill()
                     running = list(self._running.items())
                 if prefill:
-                    self._collect_all()  # the prefill waits for the device anyway; the steps in flight come first
+                    # Pipelined slots run every model run on one device stream, so the prefill is queued behind the
+                    # steps in flight (its rows are free: no step in flight reads what it writes) and its launch
+                    # overlaps their work; its run returns once they and it are done. The steps are collected next.
+                    if not self.slots.pipelined:
+                        self._collect_all()
                     started = time.perf_counter()
                     self._guarded(prefill, lambda: self._prefill(prefill))
                     self._spent("prefill", started, "prefill_seconds_total", rows=len(prefill),

@@ -18,7 +18,8 @@ different lengths share one decode step of fixed shapes, the step ONNX Runtime c
   mask stops before it, and their next prefill or step writes that index again).
 - `free(slot)` zeroes the slot's mask row and length.
 - `warm_up(token)` runs every decode bucket (ONNX Runtime captures a bucket's CUDA graph on its first runs) and
-  prefill runs of a spread of shapes before the engine says it is ready, so the first requests do not pay for them.
+  prefill runs of every multiple of 64 tokens within the budget before the engine says it is ready, so the first
+  requests do not pay for them.
 - **pipelined greedy steps** (CUDA, where the runner has a stream of its own): `decode_launch` queues a step on the
   device and returns at once, `decode_collect` waits for its tokens. A step whose sequences all ran in the step
   before takes its ids from that step's `next_token` on the device, so the engine can queue the next step before it
@@ -43,16 +44,34 @@ from leptonc.runtime.slots import KvSlots
 
 BUCKET_GRAPH_IDS = 1000  # CUDA graph ids of the decode buckets: 1000 + rows (the runner's own use 1, 2, ...)
 # warm_up on CUDA: runs of each decode bucket (ONNX Runtime captures a graph id's CUDA graph within its first runs),
-# and the prompt widths of the prefill runs (row counts 1, 4, 16, ... within the budget); on the CPU, where nothing is
-# captured, one run of each bucket and the narrowest width only, so the same code runs in CI at little cost
+# and prefill runs of every multiple of WARMUP_PREFILL_GRID tokens within the budget (warmup_prefill_shapes). On the
+# H100 a prefill of a token count the process has not run before took 4-16 ms more than the same run again, and a
+# count on this grid cost nothing extra once the warm-up had run its grid neighbours at other row counts. On the CPU,
+# where nothing is captured, one run of each bucket and one narrow prefill, so the same code runs in CI at little cost.
 WARMUP_DECODE_RUNS = 3
-WARMUP_PREFILL_WIDTHS = (16, 128, 512)
+WARMUP_PREFILL_GRID = 64
+WARMUP_PREFILL_WIDTH = 512  # widest prompt a warm-up run uses; larger token counts take more rows
 PIPELINE_DEPTH = 3  # greedy steps in flight at most (decode_launch): slack for the host to take a step's tokens
 
 
 def decode_buckets(num_slots: int) -> list[int]:
     """The row counts a decode step may run at: powers of two below num_slots, and num_slots."""
     return sorted({1 << k for k in range(num_slots.bit_length()) if 1 << k < num_slots} | {num_slots})
+
+
+def warmup_prefill_shapes(budget: int, capacity: int, num_slots: int, grid: int = WARMUP_PREFILL_GRID
+                          ) -> list[tuple[int, int]]:
+    """The (rows, width) of the warm-up's prefill runs: one narrow run (16 tokens), then one run of each multiple of
+    `grid` tokens up to the budget, as one row up to WARMUP_PREFILL_WIDTH tokens and beyond that as the fewest rows
+    (a power of two) that hold it within the width and the slots."""
+    shapes = [(1, min(16, capacity - 1))]
+    for tokens in range(grid, budget + 1, grid):
+        rows = 1
+        while tokens // rows > min(WARMUP_PREFILL_WIDTH, capacity - 1) and rows * 2 <= num_slots:
+            rows *= 2
+        if tokens % rows == 0 and tokens // rows <= capacity - 1:
+            shapes.append((rows, tokens // rows))
+    return shapes
 
 
 def prefill_runs(slots: list[int], lengths: list[int], budget: int) -> list[list[int]]:
@@ -312,14 +331,12 @@ class BlockKvSlots(KvSlots):
             raise RuntimeError("warm_up runs before any sequence holds a slot")
         cuda, started = self.device == "cuda", time.perf_counter()
         slots, shapes = list(range(self.num_slots)), []
-        for width in WARMUP_PREFILL_WIDTHS if cuda else WARMUP_PREFILL_WIDTHS[:1]:
-            rows = 1
-            while width <= self.max_sequence and rows <= self.num_slots and rows * width <= self.prefill_budget:
-                self.prefill_many(slots[:rows], [[token_id] * width] * rows)
-                for slot in slots[:rows]:
-                    self.free(slot)
-                shapes.append([rows, width])
-                rows *= 4
+        grid = warmup_prefill_shapes(self.prefill_budget, self.max_sequence, self.num_slots)
+        for rows, width in grid if cuda else grid[:1]:
+            self.prefill_tokens(slots[:rows], [[token_id] * width] * rows)
+            for slot in slots[:rows]:
+                self.free(slot)
+            shapes.append([rows, width])
         runs = min(WARMUP_DECODE_RUNS if cuda else 1, self.max_sequence - 1)  # each run adds a token to every row
         if runs > 0:
             self.prefill_many(slots, [[token_id]] * self.num_slots)
