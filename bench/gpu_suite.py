@@ -317,15 +317,17 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
     results = [serve_variant(suite, spec, variant) for variant in suite.args.serve_args]
     if not suite.record["bench"].get(spec["name"], {}).get("decode"):  # the engine's own speed, in the same run
         bench_part(suite, spec, "decode", suite.args.serve_clients, 128, 128, 5)
-    if suite.args.target != "cpu":  # the slots on one thread: launches after prefills, and prefills of new shapes
-        for mode in ("--trials", "--shapes"):
-            rc, stdout = suite.step(f"slots {spec['name']} {mode}", [
-                sys.executable, REPO / "bench" / "slots_steps_gpu.py", spec["path"],
-                *(["--trials", 8] if mode == "--trials" else ["--shapes"])], timeout=180)
+    if suite.args.target != "cpu":  # the slots on one thread: launches after prefills, and prefills of new shapes;
+        # then isolation: concurrent requests against each one's run alone, prefills queued and waited for
+        for name, command in ((f"slots {spec['name']} --trials", ["slots_steps_gpu.py", spec["path"], "--trials", 8]),
+                              (f"slots {spec['name']} --shapes", ["slots_steps_gpu.py", spec["path"], "--shapes"]),
+                              (f"isolation {spec['name']}", ["serve_isolation.py", spec["path"], "--requests", 32,
+                                                               "--slots", 16])):
+            rc, stdout = suite.step(name, [sys.executable, REPO / "bench" / command[0], *command[1:]], timeout=240)
             try:
-                suite.record["hooks"][f"slots {spec['name']} {mode}"] = json.loads(stdout) if rc == 0 else None
+                suite.record["hooks"][name] = json.loads(stdout) if rc == 0 else None
             except ValueError:
-                suite.record["hooks"][f"slots {spec['name']} {mode}"] = f"unreadable output: {stdout[-300:]}"
+                suite.record["hooks"][name] = f"unreadable output: {stdout[-300:]}"
             suite.save()
     script = REPO / "bench" / "serve_peer_ortgenai.py"
     if peer is None or spec["peer"] is None or not script.is_file():

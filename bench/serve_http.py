@@ -141,10 +141,10 @@ class StandInSlots:
     SMALL_STEP = 0.68
 
     def __init__(self, num_slots: int, vocab_size: int, step_s: float, prefill_fixed_s: float = 0.0035,
-                 prefill_token_s: float = 3.3e-6):
+                 prefill_token_s: float = 3.3e-6, async_prefill: bool = True):
         import numpy as np
 
-        self.np, self.step_s = np, step_s
+        self.np, self.step_s, self.async_prefill = np, step_s, async_prefill
         self.prefill_fixed_s, self.prefill_token_s = prefill_fixed_s, prefill_token_s
         self.num_slots, self.max_sequence, self.vocab_size, self.prefill_budget = num_slots, 4096, vocab_size, 4096
         self.lengths = np.zeros(num_slots, np.int64)
@@ -193,6 +193,15 @@ class StandInSlots:
     def prefill(self, slot, ids):
         return self.prefill_many([slot], [ids])[0]
 
+    def prefill_launch(self, slots, prompts):  # queued behind the steps in flight, as BlockKvSlots.prefill_launch
+        done_at = self._run(self._prefill_s(slots, prompts))
+        for slot, prompt in zip(slots, prompts):
+            self.lengths[slot], self.made[slot] = len(prompt), 1
+        return done_at, [1000] * len(slots)
+
+    def prefill_collect(self, handle):
+        return self.decode_collect(handle)
+
     def decode_launch(self, slots, ids):
         slots = self.np.asarray(slots)
         tokens = 1000 + self.made[slots] % 2000
@@ -236,7 +245,7 @@ def real_engine(args):
 
     tokenizer = load_tokenizer(Path(args.tokenizer))
     slots = StandInSlots(args.concurrency, len(tokenizer), args.step_ms / 1000, args.prefill_fixed_ms / 1000,
-                         args.prefill_us_per_token / 1e6)
+                         args.prefill_us_per_token / 1e6, not args.prefill_waited)
     interval = int(args.stream_interval) if args.stream_interval.isdigit() else args.stream_interval
     return BatchingEngine(slots, tokenizer, (), EngineConfig(max_queue=4 * args.concurrency, verify=False,
                                                              stream_interval=interval, trace=bool(args.trace)),
@@ -340,6 +349,8 @@ def main() -> None:
     parser.add_argument("--prefill-fixed-ms", type=float, default=3.5, help="--engine real: a prefill run's fixed cost")
     parser.add_argument("--prefill-us-per-token", type=float, default=3.3, help="--engine real: and its cost per token")
     parser.add_argument("--prompt-len", type=int, default=3, help="prompt tokens of each request")
+    parser.add_argument("--prefill-waited", action="store_true", help="--engine real: the engine waits for each "
+                        "prefill run (as on slots without async_prefill) instead of queueing it behind the steps")
     parser.add_argument("--trace", help="--engine real: write the scheduler's timeline here (as `leptonc serve --trace`)")
     parser.add_argument("--loadgen", type=int, default=0, help="drive with `leptonc bench-serve --workers N` instead")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)

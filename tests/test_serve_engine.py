@@ -181,6 +181,75 @@ def test_block_slots_batch_prefills_and_decode_only_the_rows_in_use(right_padded
         assert engine.shutdown(grace_s=5)
 
 
+class _HostMemoryDriver:
+    """cuda_driver.CudaDriver's calls on host memory, done at once: ONNX Runtime's CPU provider keeps its buffers
+    there, so BlockKvSlots' pipelined steps and queued prefills run on the CPU with their real bookkeeping."""
+
+    def make_current(self):
+        pass
+
+    def pinned(self, count, dtype=None):
+        import numpy as np
+
+        return np.zeros(count, dtype or np.int64)
+
+    def copy(self, dst, src, nbytes, stream):
+        import ctypes
+
+        ctypes.memmove(dst, src, nbytes)
+
+    def event(self):
+        return 0
+
+    def record(self, event, stream):
+        pass
+
+    def wait(self, event):
+        pass
+
+    def sync(self, stream):
+        pass
+
+    def free_pinned(self, array):
+        pass
+
+    def destroy_event(self, event):
+        pass
+
+    def destroy_stream(self, stream):
+        pass
+
+
+def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded_bundle):
+    # the GPU's way, on the CPU: steps queued ahead of their tokens take their ids from the last step's next_token,
+    # and a prefill queued behind them writes each prompt's first token where the next step takes it as an id
+    engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(max_queue=16, num_slots=4, verify=False,
+                                                                         warmup=False))
+    runner = engine.slots.runner
+    runner._driver, runner._stream = _HostMemoryDriver(), 1
+    engine.slots._start_pipeline(runner._driver)
+    assert engine.slots.pipelined and engine.slots.async_prefill
+    launched = []
+    launch = engine.slots.prefill_launch
+    engine.slots.prefill_launch = lambda slots, prompts: launched.append(list(slots)) or launch(slots, prompts)
+    count = 10
+    lengths = [3 + (7 * i) % 17 for i in range(count)]
+    reference = run_alone(right_padded_bundle, PROMPTS[:count], lengths)
+    engine.start()
+    try:
+        requests = []
+        for i, (prompt, n) in enumerate(zip(PROMPTS[:count], lengths)):
+            requests.append(engine.submit(engine.encode(prompt), SamplingParams(max_tokens=n)))
+            time.sleep(0.004 * (i % 3))
+        for request, alone in zip(requests, reference):
+            assert _collect(request)[0] == alone.token_ids
+        metrics = engine.metrics()
+        assert len(launched) == metrics["prefill_runs_total"] > 1 and sum(map(len, launched)) == count
+        assert engine.slots.prefill_runs_by_result["logits"] == 0 and metrics["slots_used"] == 0
+    finally:
+        assert engine.shutdown(grace_s=5)
+
+
 @pytest.mark.slow
 def test_the_warm_up_and_every_step_run_on_one_thread(right_padded_bundle, monkeypatch):
     # ONNX Runtime's CUDA provider keeps CUDA graphs and cuBLAS handles per thread: the thread that warms the slots
@@ -214,6 +283,7 @@ class _PipelinedSlots:
 
     num_slots, max_sequence, vocab_size = 6, 512, 97
     prefill_in_chunks, prefill_budget, pipelined, pipeline_depth, device = False, 64, True, 2, "cpu"
+    async_prefill = False
 
     def __init__(self):
         import numpy as np
@@ -221,7 +291,7 @@ class _PipelinedSlots:
         self.np = np
         self.lengths = np.zeros(self.num_slots, np.int64)
         self.device_next = np.zeros(self.num_slots, np.int64)  # what next_token holds on the "device"
-        self.last_launch: set[int] = set()
+        self.on_device: set[int] = set()  # rows whose next id next_token holds: the last step's, and prefills' since
         self.in_flight: list = []
         self.launches = self.device_ids = 0
 
@@ -251,7 +321,7 @@ class _PipelinedSlots:
         tokens = self.np.asarray([self.model(int(t), int(self.lengths[s])) for s, t in zip(slots, ids)], self.np.int64)
         self.device_next[slots] = tokens
         self.lengths[slots] += 1
-        self.last_launch = set(int(s) for s in slots)
+        self.on_device = set(int(s) for s in slots)
         return tokens
 
     def decode(self, slots, ids, logits=False):
@@ -260,9 +330,9 @@ class _PipelinedSlots:
         return tokens, (self.np.eye(self.vocab_size, dtype=self.np.float32)[tokens] if logits else None)
 
     def decode_launch(self, slots, ids):
-        assert len(self.in_flight) < self.pipeline_depth
-        if ids is None:  # every slot must have run in the step launched last
-            assert set(slots) <= self.last_launch, (slots, self.last_launch)
+        assert sum(not isinstance(h, tuple) for h in self.in_flight) < self.pipeline_depth  # steps (not prefills)
+        if ids is None:  # every slot must have run in the step launched last, or been prefilled since
+            assert set(slots) <= self.on_device, (slots, self.on_device)
             ids = self.device_next[self.np.asarray(slots)]
             self.device_ids += 1
         handle = self._step(slots, ids)
@@ -290,11 +360,44 @@ class _PipelinedSlots:
         pass
 
 
-def test_pipelined_steps_give_each_request_its_own_sequence(tiny_bundle):
+class _AsyncPrefillSlots(_PipelinedSlots):
+    """The same, with prefills queued like steps (block_slots.BlockKvSlots.prefill_launch): a prompt's first token goes
+    to next_token at its row, where the next step takes it, and to the host when the prefill is collected."""
+
+    async_prefill = True
+
+    def __init__(self):
+        super().__init__()
+        self.prefills_in_flight: list = []
+        self.prefill_launches = 0
+
+    def prefill_launch(self, slots, prompts):
+        assert not self.prefills_in_flight, "one prefill in flight at a time"
+        tokens = self.prefill_tokens(slots, prompts)
+        self.device_next[self.np.asarray(slots)] = tokens
+        self.on_device |= set(int(s) for s in slots)
+        handle = (list(slots), tokens)
+        self.in_flight.append(handle)
+        self.prefills_in_flight.append(handle)
+        self.prefill_launches += 1
+        return handle
+
+    def prefill_collect(self, handle):
+        assert self.in_flight[0] is handle, "runs are collected in launch order"
+        self.prefills_in_flight.remove(handle)
+        return self.in_flight.pop(0)[1]
+
+    def drain(self):
+        super().drain()
+        self.prefills_in_flight.clear()
+
+
+@pytest.mark.parametrize("slots_class", [_PipelinedSlots, _AsyncPrefillSlots], ids=["prefill-waited", "prefill-queued"])
+def test_pipelined_steps_give_each_request_its_own_sequence(tiny_bundle, slots_class):
     from leptonc.runtime.tokenizer import load_tokenizer
     from leptonc.bundle import load_bundle
 
-    slots = _PipelinedSlots()
+    slots = slots_class()
     tokenizer = load_tokenizer(load_bundle(tiny_bundle).tokenizer_dir)
     engine = BatchingEngine(slots, tokenizer, (5,), EngineConfig(max_queue=20)).start()
 
@@ -317,6 +420,8 @@ def test_pipelined_steps_give_each_request_its_own_sequence(tiny_bundle):
         for request, (prompt, n, eos) in zip(requests, cases):
             assert _collect(request)[0] == alone(prompt, n, eos)
         assert slots.device_ids > 0 and not slots.in_flight  # steps ran ahead on device ids, and none is left over
+        if slots.async_prefill:  # the prompts' prefills were queued too, and steps took their first tokens as ids
+            assert slots.prefill_launches == engine.metrics()["prefill_runs_total"] > 0
         # a sampled request among greedy ones: its steps run one at a time, and the greedy ones are unchanged
         sampled = engine.submit([1, 2, 3], SamplingParams(max_tokens=6, temperature=1.0, seed=1, stop_at_eos=False))
         greedy = engine.submit([4, 5, 6], SamplingParams(max_tokens=9, stop_at_eos=False))

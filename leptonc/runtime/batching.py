@@ -6,7 +6,10 @@ A scheduler thread loops over three things, in this order, one of each per turn:
 2. prefill: admitted prompts run into their slots. Slots that prefill in chunks (host K/V, the CPU) run the oldest
    prompt's next chunk (`EngineConfig.prefill_chunk` tokens); slots that prefill whole prompts (the GPU's K/V
    block) run as many waiting prompts as fit their budget of padded tokens, neighbours batched in one run. A
-   prompt whose last chunk ran samples its first token and joins the decode batch;
+   prompt whose last chunk ran samples its first token and joins the decode batch. On the GPU's pipelined slots
+   greedy prompts do not wait for their run: it is queued behind the steps in flight, they join the decode batch
+   at once (the next step takes their first tokens on the device), and their first tokens are read when it is
+   collected, in launch order with the steps;
 3. decode: every running sequence gets one more token in one batched step.
 
 So a long prompt costs the running streams one chunk's time per step, not the whole prompt. A sequence
@@ -37,7 +40,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -45,53 +47,15 @@ import numpy as np
 
 from leptonc.errors import InputError, LeptonError
 from leptonc.runtime.device_thread import DeviceThread
+from leptonc.runtime.engine_counters import ENGINE_SERIES, FINISHED_SERIES, EngineCounters
 from leptonc.runtime.engine_output import EngineWriter
-from leptonc.runtime.engine_requests import (FINISH_REASONS, EngineConfig, EngineStoppedError, Event, QueueFullError,
-                                             Request, SamplingParams)
+from leptonc.runtime.engine_requests import (EngineConfig, EngineStoppedError, Event, QueueFullError, Request,
+                                             SamplingParams)
 from leptonc.runtime.engine_trace import SchedulerTrace
 from leptonc.runtime.slots import KvSlots, open_kv_slots
 from leptonc.runtime.tokenizer import eos_ids, load_tokenizer
 
 log = logging.getLogger("leptonc.serve.engine")
-
-# The engine's own series as `leptonc serve`'s /metrics and the Triton model export them, so one dashboard reads
-# both: (key of BatchingEngine.metrics(), Prometheus name (a counter's gains "_total" when exposed), kind, help).
-ENGINE_SERIES = (
-    ("running", "leptonc_requests_running", "gauge", "Sequences holding a KV slot (prefilling or decoding)."),
-    ("queued", "leptonc_requests_queued", "gauge", "Requests waiting for a KV slot."),
-    ("slots_used", "leptonc_kv_slots_used", "gauge", "KV cache slots in use."),
-    ("slots_total", "leptonc_kv_slots", "gauge", "KV cache slots in all (the bundle's max batch)."),
-    ("prompt_tokens_total", "leptonc_prompt_tokens", "counter", "Prompt tokens prefilled."),
-    ("generated_tokens_total", "leptonc_generation_tokens", "counter",
-     "Tokens generated (end-of-sequence not counted)."),
-    ("rejected_queue_full_total", "leptonc_rejected_queue_full", "counter",
-     "Requests refused: every slot busy and the queue full."),
-    ("prefill_runs_total", "leptonc_prefill_runs", "counter", "Prefill runs of the model (one may take several prompts)."),
-    ("decode_steps_total", "leptonc_decode_steps", "counter", "Decode steps of the model (one advances every running "
-     "sequence)."),
-    # where the scheduler's time goes: these three and the rest (its own host work) add up to its running time
-    ("prefill_seconds_total", "leptonc_engine_prefill_seconds", "counter",
-     "Scheduler time in prefill runs (each waits for the device, and on CUDA for the steps queued ahead of it)."),
-    ("decode_wait_seconds_total", "leptonc_engine_decode_wait_seconds", "counter",
-     "Scheduler time waiting for decode steps' tokens (the device busy ahead of the host)."),
-    ("idle_seconds_total", "leptonc_engine_idle_seconds", "counter",
-     "Scheduler time with no request to run (the device idle, waiting for clients)."),
-)
-FINISHED_SERIES = ("finished_total", "leptonc_sequences_finished", "Sequences ended, by reason.")  # label: reason
-
-
-@dataclass
-class _Counters:
-    prompt_tokens_total: int = 0
-    generated_tokens_total: int = 0
-    prefill_runs_total: int = 0
-    decode_steps_total: int = 0
-    finished: dict = field(default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0))
-    rejected_queue_full: int = 0
-    prefill_seconds_total: float = 0.0
-    decode_wait_seconds_total: float = 0.0
-    idle_seconds_total: float = 0.0
-
 
 class BatchingEngine:
     """In-flight batching over a `KvSlots` (module doc)."""
@@ -112,13 +76,14 @@ class BatchingEngine:
         self._closing: set[Request] = set()  # slot freed, last event not yet delivered by the writer
         self._free = list(range(self.num_slots))
         self._ids = itertools.count(1)
-        self._counters = _Counters()
+        self._counters = EngineCounters()
         self._accepting = False
         self._stop = False
         self._device = device  # the thread the model runs on (device_thread.py): the warm-up's, then the scheduler's
         self._scheduler: Future | None = None  # the scheduler loop, running on the device thread
         self._writer: EngineWriter | None = None
-        self._in_flight: deque = deque()  # pipelined steps launched, not yet collected: (handle, their running list)
+        # runs queued on the device, not yet collected, oldest first: ("step" or "prefill", handle, [(slot, request)])
+        self._in_flight: deque = deque()
         self._joined = True  # a sequence joined the decode batch since the last step was launched (its id is on the host)
         self._sampled = 0  # running sequences that sample (their steps are not pipelined)
         self._ended_elsewhere = False  # a request was cancelled, or the writer ended one at a stop string
@@ -371,7 +336,7 @@ class BatchingEngine:
             message = exc.message if isinstance(exc, LeptonError) else f"{type(exc).__name__}: {exc}"
             self._joined = True  # the next step's ids come from the host
             # steps still in flight are dropped, so their sequences (whose caches ran ahead) end too
-            requests = requests + [r for _, queued in self._in_flight for _, r in queued]
+            requests = requests + [r for _, _, queued in self._in_flight for _, r in queued]
             self._in_flight.clear()
             try:
                 self.slots.drain()
@@ -434,6 +399,9 @@ class BatchingEngine:
         self._free.sort()
 
     def _prefill(self, requests: list[Request]) -> None:
+        if self.slots.async_prefill and all(r.params.greedy for r in requests):
+            self._launch_prefill(requests)
+            return
         if self.slots.prefill_in_chunks:
             request = requests[0]
             chunk = request.prompt_ids[request.prefilled:request.prefilled + self.config.prefill_chunk]
@@ -471,6 +439,23 @@ class BatchingEngine:
             for request in cancelled:  # after its first token, as a cancellation mid-stream would be
                 self._writer.finish(request, "cancelled")
 
+    def _launch_prefill(self, requests: list[Request]) -> None:
+        """Greedy prompts on pipelined slots: their prefill is queued behind the steps in flight and they join the
+        decode batch at once (the next step takes their first tokens on the device); the first tokens reach them
+        when the prefill is collected, in launch order like a step's. One prefill is in flight at a time."""
+        while any(kind == "prefill" for kind, _, _ in self._in_flight):
+            self._collect_oldest()
+        handle = self.slots.prefill_launch([r.slot for r in requests], [r.prompt_ids for r in requests])
+        with self._lock:
+            self._counters.prompt_tokens_total += sum(len(r.prompt_ids) for r in requests)
+            self._counters.prefill_runs_total += 1
+            for request in requests:
+                request.prefilled = len(request.prompt_ids)
+                request.in_flight += 1
+                self._prefilling.remove(request)
+                self._running[request.slot] = request
+        self._in_flight.append(("prefill", handle, [(r.slot, r) for r in requests]))
+
     def _still_running(self) -> list[tuple[int, Request]]:
         """The decode batch now: after steps were collected (some ended) or prompts prefilled (some joined)."""
         with self._lock:
@@ -491,10 +476,9 @@ class BatchingEngine:
             running = self._still_running()
             if not running:
                 return
-        # Every running sequence is in each step in flight (a join empties the pipeline first): where the steps in
-        # flight already make each one's last token (max_tokens), another step would be thrown away
-        depth = len(self._in_flight)
-        if depth and all(r.made + depth >= r.params.max_tokens for _, r in running):
+        # where the runs in flight already make each running sequence's last token (max_tokens), another step would
+        # be thrown away
+        if self._in_flight and all(r.made + r.in_flight >= r.params.max_tokens for _, r in running):
             self._collect_oldest()
             return
         slots = [slot for slot, _ in running]
@@ -502,23 +486,31 @@ class BatchingEngine:
 
         def launch() -> None:
             started = time.perf_counter()
-            self._in_flight.append((self.slots.decode_launch(slots, ids), running))
+            self._in_flight.append(("step", self.slots.decode_launch(slots, ids), running))
+            for _, request in running:
+                request.in_flight += 1
             self._spent("launch", started, None, rows=len(slots), fresh=fresh)
             self._joined = False
             with self._lock:
                 self._counters.decode_steps_total += 1
 
         self._guarded([r for _, r in running], launch)
-        if len(self._in_flight) >= self.slots.pipeline_depth:
+        while sum(kind == "step" for kind, _, _ in self._in_flight) >= self.slots.pipeline_depth:
             self._collect_oldest()
 
     def _collect_oldest(self) -> None:
-        handle, running = self._in_flight.popleft()
+        kind, handle, running = self._in_flight.popleft()
+        for _, request in running:
+            request.in_flight -= 1
 
         def collect() -> None:
             started = time.perf_counter()
-            tokens = self.slots.decode_collect(handle)
-            self._spent("wait", started, "decode_wait_seconds_total", rows=len(running))
+            if kind == "prefill":  # the prompts' first tokens, as a step's tokens
+                tokens = np.asarray(self.slots.prefill_collect(handle), np.int64)
+                self._spent("prefill_wait", started, "prefill_seconds_total", rows=len(running))
+            else:
+                tokens = self.slots.decode_collect(handle)
+                self._spent("wait", started, "decode_wait_seconds_total", rows=len(running))
             started = time.perf_counter()
             self._take_step(running, tokens, None)
             self._spent("take", started, None, rows=len(running))

@@ -25,6 +25,10 @@ different lengths share one decode step of fixed shapes, the step ONNX Runtime c
   before takes its ids from that step's `next_token` on the device, so the engine can queue the next step before it
   reads this one's tokens, and the GPU does not wait for the host (or for Python's lock) between steps. Each step in
   flight has its own page-locked copy of the inputs.
+- **pipelined prefills** (`async_prefill`: pipelined slots whose graph selects the logits' rows): `prefill_launch`
+  queues a greedy prefill behind the steps in flight and returns at once; each prompt's first token is written
+  into next_tokens at its row, so the next step launched takes it as that row's id, and copied to the host for
+  `prefill_collect`. So a prefill leaves no gap on the device: no drain before it, no restart from host ids after.
 
 The engine (batching.py) takes the lowest free slot first, so running sequences stay packed at the low rows.
 The same code runs on ONNX Runtime's CPU provider (device_type "cpu"), which is how CI checks it.
@@ -90,6 +94,7 @@ def prefill_runs(slots: list[int], lengths: list[int], budget: int) -> list[list
 
 class BlockKvSlots(KvSlots):
     prefill_in_chunks = False  # the mask_sum contract prefills a row from empty, in one run
+    async_prefill = False  # prefill_launch / prefill_collect (pipelined slots whose graph selects the logits' rows)
 
     def __init__(self, runner, num_slots: int):
         if not getattr(runner, "right_pad", False):
@@ -115,18 +120,27 @@ class BlockKvSlots(KvSlots):
         self._states: dict[int, dict] = {}
         self.steps_by_bucket: dict[int, int] = dict.fromkeys(self.buckets, 0)
         driver = getattr(runner, "_driver", None)
-        self.pipelined = bool(runner.device_type == "cuda" and driver is not None and runner._stream is not None
-                              and runner.token_output)
+        self.pipelined = False
         self._stages: list[dict] = []
+        self._prefill_stage: dict | None = None  # the prefill in flight (prefill_launch): its tokens' page-locked copy
         self._launched = 0
         self.warmed = None  # what warm_up ran: decode buckets, runs of each, prefill [rows, width], seconds
         self.prefill_runs_by_result = {"tokens": 0, "logits": 0}  # greedy first tokens from the graph, or logits
         self.last_prefill_runs = 0  # the model runs the last prefill_many / prefill_tokens took
         self._context_thread: int | None = None  # the thread on which _driver() last made the context current
+        self._options = None  # prefill_launch's run options (no wait for the device at the end of the run)
         self.pipeline_depth = PIPELINE_DEPTH
-        if self.pipelined:
-            self._stages = [{"inputs": driver.pinned(self.host.size), "tokens": driver.pinned(num_slots),
-                             "event": driver.event(), "busy": False} for _ in range(PIPELINE_DEPTH)]
+        if runner.device_type == "cuda" and driver is not None and runner._stream is not None and runner.token_output:
+            self._start_pipeline(driver)
+
+    def _start_pipeline(self, driver) -> None:
+        """Pipelined steps and prefills (module doc): page-locked inputs and tokens for each step in flight, and
+        the prefill's tokens. (Tests start it on the CPU provider with a driver over host memory.)"""
+        self.pipelined = True
+        self._stages = [{"inputs": driver.pinned(self.host.size), "tokens": driver.pinned(self.num_slots),
+                         "event": driver.event(), "busy": False} for _ in range(PIPELINE_DEPTH)]
+        self._prefill_stage = {"tokens": driver.pinned(self.num_slots), "event": driver.event(), "busy": False}
+        self.async_prefill = bool(self.runner.selects_logits)  # a run's first tokens are [rows, 1]: one copy each
 
     def length(self, slot: int) -> int:
         return int(self.lengths[slot])
@@ -145,23 +159,26 @@ class BlockKvSlots(KvSlots):
         return self._prefill_runs(slots, prompts, tokens=True)
 
     def _prefill_runs(self, slots: list[int], prompts: list[list[int]], *, tokens: bool) -> list:
+        results: list = [None] * len(slots)
+        for run in self._planned_runs(slots, prompts):
+            self._prefill_rows(run, slots, prompts, results, tokens)
+        return results
+
+    def _planned_runs(self, slots: list[int], prompts: list[list[int]]) -> list[list[int]]:
         for slot, ids in zip(slots, prompts):
             if self.lengths[slot]:
                 raise ValueError(f"slot {slot} holds a sequence: this bundle prefills a slot only from empty")
             if len(ids) == 0 or len(ids) > self.max_sequence:
                 raise InputError(f"a prompt of {len(ids)} tokens; this bundle allows 1 to {self.max_sequence}")
-        results: list = [None] * len(slots)
         runs = prefill_runs(slots, [len(p) for p in prompts], self.prefill_budget)
-        for run in runs:
-            self._prefill_rows(run, slots, prompts, results, tokens)
         self.last_prefill_runs = len(runs)
-        return results
+        return runs
 
-    def _prefill_rows(self, run: list[int], slots: list[int], prompts: list[list[int]], results: list,
-                      tokens: bool) -> None:
-        """One run over neighbouring rows slots[run[0]]..slots[run[-1]], prompts right-padded to the longest; each
-        prompt's result is its last logits (float32 [vocab]) or, `tokens`, the graph's next_token there (the logits
-        stay on the device)."""
+    def _prefill_binding(self, run: list[int], slots: list[int], prompts: list[list[int]], tokens: bool):
+        """The binding of one run over neighbouring rows slots[run[0]]..slots[run[-1]], prompts right-padded to the
+        longest, and the prompts' lengths. The rows' lengths and mask are set: the run fills them. Its inputs are
+        in runner._feeds. `tokens`: the graph's next_token is bound last (after the cache); on pipelined slots
+        (prefill_launch) straight into the rows' entries of next_tokens, where the next step takes its ids."""
         runner = self.runner
         r0, count = slots[run[0]], len(run)
         lengths = np.asarray([len(prompts[i]) for i in run], np.int64)
@@ -180,17 +197,61 @@ class BlockKvSlots(KvSlots):
             binding.bind_ortvalue_input(LOGITS_POSITIONS, runner._ortvalue((lengths - 1).reshape(count, 1)))
         binding.bind_output(LOGITS, runner.device_type, runner.device_id)
         self.block.bind(binding, (r0, r0 + count))
-        if tokens:  # last, after the cache
+        if tokens and self.async_prefill:
+            binding.bind_output(NEXT_TOKEN, runner.device_type, runner.device_id, np.int64, [count, 1],
+                                self.next_tokens.data_ptr() + 8 * r0)
+        elif tokens:
             binding.bind_output(NEXT_TOKEN, runner.device_type, runner.device_id)
+        for r, i in enumerate(run):
+            self.lengths[slots[i]] = lengths[r]
+            self.host_mask[slots[i], :lengths[r]] = 1
+        self.prefill_runs_by_result["tokens" if tokens else "logits"] += 1
+        return binding, lengths
+
+    def _prefill_rows(self, run: list[int], slots: list[int], prompts: list[list[int]], results: list,
+                      tokens: bool) -> None:
+        """One run, waited for: each prompt's result is its last logits (float32 [vocab]) or, `tokens`, the graph's
+        next_token there (the logits stay on the device)."""
+        runner = self.runner
+        binding, lengths = self._prefill_binding(run, slots, prompts, tokens)
         runner.session.run_with_iobinding(binding, runner._run_options(-1))
         out = binding.get_outputs()[-1 if tokens else 0].numpy()
         runner._feeds = []
         for r, i in enumerate(run):
             last = 0 if runner.selects_logits else lengths[r] - 1
             results[i] = int(out[r, last]) if tokens else out[r, last].reshape(-1).astype(np.float32)
-            self.lengths[slots[i]] = lengths[r]
-            self.host_mask[slots[i], :lengths[r]] = 1
-        self.prefill_runs_by_result["tokens" if tokens else "logits"] += 1
+
+    def prefill_launch(self, slots: list[int], prompts: list[list[int]]) -> dict:
+        """Queue the greedy prefill of `prompts` into empty `slots` behind the steps in flight and return at once
+        (async_prefill slots): each prompt's first token lands in next_tokens at its row, where the next step
+        launched takes it as its id, and in a page-locked copy that prefill_collect reads. One prefill is in
+        flight at a time: its inputs and outputs are kept until it is collected."""
+        stage, runner = self._prefill_stage, self.runner
+        if not self.async_prefill or stage["busy"]:
+            raise RuntimeError("prefill_launch: needs async_prefill slots and no prefill in flight")
+        d, stream = self._driver(), runner._stream
+        kept = []
+        if self._options is None:
+            self._options = runner._run_options(-1)
+            self._options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        for run in self._planned_runs(slots, prompts):
+            binding, _ = self._prefill_binding(run, slots, prompts, tokens=True)
+            runner.session.run_with_iobinding(binding, self._options)
+            kept.append((binding, runner._feeds))
+            runner._feeds = []
+            r0 = slots[run[0]]
+            d.copy(stage["tokens"].ctypes.data + 8 * r0, self.next_tokens.data_ptr() + 8 * r0, 8 * len(run), stream)
+        d.record(stage["event"], stream)
+        stage["busy"] = True
+        return {"slots": list(slots), "kept": kept}
+
+    def prefill_collect(self, handle: dict) -> list[int]:
+        """The first tokens of a launched prefill, in its slots' order (waits for it)."""
+        stage = self._prefill_stage
+        self._driver().wait(stage["event"])
+        stage["busy"] = False
+        handle["kept"] = []
+        return [int(stage["tokens"][slot]) for slot in handle["slots"]]
 
     # ---- decode -----------------------------------------------------------------------------------
 
@@ -317,9 +378,10 @@ class BlockKvSlots(KvSlots):
 
     def drain(self) -> None:
         """Wait for every launched step (their tokens are dropped: the caller collects the ones it wants first)."""
-        if any(stage["busy"] for stage in self._stages):
+        stages = self._stages + ([self._prefill_stage] if self._prefill_stage else [])
+        if any(stage["busy"] for stage in stages):
             self._driver().sync(self.runner._stream)
-            for stage in self._stages:
+            for stage in stages:
                 stage["busy"] = False
 
     def free(self, slot: int) -> None:
@@ -360,10 +422,11 @@ class BlockKvSlots(KvSlots):
 
     def release(self) -> None:
         self.drain()
-        for stage in self._stages:
+        for stage in self._stages + ([self._prefill_stage] if self._prefill_stage else []):
             driver = self._driver()
-            driver.free_pinned(stage["inputs"])
-            driver.free_pinned(stage["tokens"])
+            for buffer in ("inputs", "tokens"):
+                if buffer in stage:
+                    driver.free_pinned(stage[buffer])
             driver.destroy_event(stage["event"])
-        self._stages, self._states = [], {}
+        self._stages, self._states, self._prefill_stage = [], {}, None
         self.runner.release()

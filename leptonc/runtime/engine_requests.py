@@ -129,6 +129,7 @@ class Request:
         self.prefilled = 0  # prompt tokens already in the slot
         self.last_token = 0  # the newest token, the next decode step's input
         self.made = 0  # tokens generated so far (end-of-sequence not counted)
+        self.in_flight = 0  # runs queued on the device (pipelined slots) whose token for it is not taken yet
         self._rng = np.random.default_rng(params.seed)
         self._sampling = params.sampling_config() if not params.greedy else None
         # the writer's side (engine_output.py)

@@ -1,6 +1,6 @@
 """A timeline of the batching engine's scheduler, in the Trace Event format that Perfetto (ui.perfetto.dev) and
-chrome://tracing open: one span per prefill run, decode launch, wait for a step's tokens, synchronous decode step,
-and stretch with no request to run; and, on a line of their own, Python's garbage collections that stop every
+chrome://tracing open: one span per prefill run (on pipelined slots: its launch, and a "prefill_wait" for its first
+tokens), decode launch, wait for a step's tokens, synchronous decode step, and stretch with no request to run; and, on a line of their own, Python's garbage collections that stop every
 thread (each full one, and any other longer than GC_SPAN_S). `leptonc serve --trace FILE` writes it when the server stops; it shows where
 a served token's time goes (the device busy, the host working, or nobody asking).
 

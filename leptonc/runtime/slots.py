@@ -36,6 +36,7 @@ class KvSlots(ABC):
     prefill_budget: int = 0  # slots that prefill whole prompts: padded prompt tokens the engine gives one prefill_many
     pipelined: bool = False  # greedy steps can be queued ahead of their tokens (decode_launch / decode_collect)
     pipeline_depth: int = 1  # steps in flight at most
+    async_prefill: bool = False  # greedy prefills can be queued ahead of their tokens (prefill_launch / _collect)
     warmed: dict | None = None  # what warm_up ran, where it runs anything (block_slots.py)
 
     @abstractmethod
@@ -73,6 +74,13 @@ class KvSlots(ABC):
 
     def decode_collect(self, handle) -> np.ndarray:
         raise NotImplementedError(f"{type(self).__name__} runs its steps one at a time")
+
+    def prefill_launch(self, slots: list[int], prompts: list[list[int]]):
+        """Queue greedy prefills (only where `async_prefill`; block_slots.py)."""
+        raise NotImplementedError(f"{type(self).__name__} runs its prefills one at a time")
+
+    def prefill_collect(self, handle) -> list[int]:
+        raise NotImplementedError(f"{type(self).__name__} runs its prefills one at a time")
 
     def drain(self) -> None:
         """Wait for steps in flight (nothing to wait for where steps run one at a time)."""
