@@ -43,7 +43,8 @@ class EngineConfig:
     device: str | None = None  # None: the bundle's own device; "cpu" or "cuda" to override
     verify: bool = True  # check the bundle's hashes and toolchain, and run one step, before serving
     # run the shapes serving runs before the first request (GPU bundles: capture every decode bucket's CUDA graph, and
-    # prefill a spread of shapes), so that the first requests do not wait for it; a few seconds at most at start
+    # prefill every multiple of 64 tokens within the budget), so that the first requests do not wait for it; a few
+    # seconds at start
     warmup: bool = True
     prefill_chunk: int = 512  # chunked slots (the CPU's): prompt tokens prefilled between two decode steps
     num_slots: int | None = None  # sequences decoded together; None: the bundle's max batch

@@ -115,9 +115,10 @@ def serve(
                                              "threads hold it. 0 keeps Python's own (5 ms)."),
     device: Optional[str] = typer.Option(None, "--device", help="Override the device (cpu or cuda)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the bundle's sha256 and toolchain checks."),
-    no_warmup: bool = typer.Option(False, "--no-warmup", help="Do not run every decode batch size and a spread of "
-                                   "prefill shapes before saying ready (GPU bundles capture a CUDA graph for each "
-                                   "batch size; without the warm-up the first requests wait for it)."),
+    no_warmup: bool = typer.Option(False, "--no-warmup", help="Do not run every decode batch size and prefills of "
+                                   "every multiple of 64 tokens before saying ready (GPU bundles capture a CUDA graph "
+                                   "for each batch size, and a prefill of a new token count costs more the first "
+                                   "time; without the warm-up the first requests wait for it)."),
     json_logs: bool = typer.Option(False, "--json-logs", help="Log one JSON object per line on stderr."),
     trace: Optional[Path] = typer.Option(None, "--trace", help="Record the scheduler's timeline (prefill runs, decode "
                                          "steps, waits, idle time) and write it to this file when the server stops, "
