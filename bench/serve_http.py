@@ -131,21 +131,25 @@ class FakeEngine:
 
 class StandInSlots:
     """What the batching engine reads of the GPU's pipelined slots (block_slots.BlockKvSlots), with no model: a step
-    over a bucket of b rows takes step_s x (SMALL_STEP + (1 - SMALL_STEP) x b / num_slots) and a prefill run
-    prefill_fixed_s + prefill_token_s per token, on a "device" that runs queued work one after another; a sequence's
-    next token is 1000 + its position % 2000 (the token ids `check` expects). The defaults of --prefill-fixed-ms and
-    --prefill-us-per-token are an H100's llama-1b-shape fp16 prefill runs under `leptonc serve --trace` (3.5 ms for
-    one 128-token prompt, 17 ms for 32 of them); SMALL_STEP is its one-row step over its 64-row step."""
+    over a bucket of b rows takes step_s x (SMALL_STEP + (1 - SMALL_STEP) x b / num_slots) of the "device" (which runs
+    queued work one after another) after launch_host_s of the host; a prefill run takes prefill_host_s of the host to
+    launch (Python's lock let go, as in ONNX Runtime's run) and prefill_fixed_s + prefill_token_s per token of the
+    device, which cannot finish it before it is launched. A sequence's next token is 1000 + its position % 2000 (the
+    token ids `check` expects). The defaults are an H100's llama-1b-shape fp16 bundle on one thread
+    (`bench/slots_steps_gpu.py`): a prefill of one 128-token prompt 2.3 ms, of 20 such prompts 9.4 ms, a launch 0.2
+    ms; SMALL_STEP is its one-row step over its 64-row step."""
 
     prefill_in_chunks, pipelined, pipeline_depth, device = False, True, 3, "cuda"
     SMALL_STEP = 0.68
 
-    def __init__(self, num_slots: int, vocab_size: int, step_s: float, prefill_fixed_s: float = 0.0035,
-                 prefill_token_s: float = 3.3e-6, async_prefill: bool = True):
+    def __init__(self, num_slots: int, vocab_size: int, step_s: float, prefill_fixed_s: float = 0.0005,
+                 prefill_token_s: float = 2.9e-6, async_prefill: bool = True, prefill_host_s: float = 0.002,
+                 launch_host_s: float = 0.0002):
         import numpy as np
 
         self.np, self.step_s, self.async_prefill = np, step_s, async_prefill
         self.prefill_fixed_s, self.prefill_token_s = prefill_fixed_s, prefill_token_s
+        self.prefill_host_s, self.launch_host_s = prefill_host_s, launch_host_s
         self.num_slots, self.max_sequence, self.vocab_size, self.prefill_budget = num_slots, 4096, vocab_size, 4096
         self.lengths = np.zeros(num_slots, np.int64)
         self.made = np.zeros(num_slots, np.int64)
@@ -161,48 +165,50 @@ class StandInSlots:
         if pause > 0:
             time.sleep(pause)  # lets go of Python's lock, as a device sync does
 
-    def _prefill_s(self, slots, prompts) -> float:
-        """Neighbouring slots in one run (within the budget), as BlockKvSlots runs them."""
+    def _queue_prefill(self, slots, prompts) -> float:
+        """Launch the runs (neighbouring slots in one run within the budget, as BlockKvSlots runs them); when the
+        device will be done with them."""
         from leptonc.runtime.block_slots import prefill_runs
 
         runs = prefill_runs(list(slots), [len(p) for p in prompts], self.prefill_budget)
         self.last_prefill_runs = len(runs)
-        return sum(self.prefill_fixed_s + self.prefill_token_s * len(run) * max(len(prompts[i]) for i in run)
-                   for run in runs)
+        for run in runs:
+            started = time.perf_counter()
+            time.sleep(self.prefill_host_s)  # the launch: the host busy, Python's lock let go
+            work = self.prefill_fixed_s + self.prefill_token_s * len(run) * max(len(prompts[i]) for i in run)
+            self._device_free_at = max(max(self._device_free_at, started) + work, time.perf_counter())
+        for slot, prompt in zip(slots, prompts):
+            self.lengths[slot], self.made[slot] = len(prompt), 1
+        return self._device_free_at
 
     def _step_s(self, rows) -> float:
         bucket = 1 << max(0, int(max(rows))).bit_length()
         return self.step_s * (self.SMALL_STEP + (1 - self.SMALL_STEP) * min(bucket, self.num_slots) / self.num_slots)
 
     def prefill_many(self, slots, prompts):
-        self._wait(self._run(self._prefill_s(slots, prompts)))
+        self._wait(self._queue_prefill(slots, prompts))
         out = []
-        for slot, prompt in zip(slots, prompts):
-            self.lengths[slot], self.made[slot] = len(prompt), 1
+        for _ in slots:
             logits = self.np.zeros(self.vocab_size, self.np.float32)
             logits[1000] = 1
             out.append(logits)
         return out
 
     def prefill_tokens(self, slots, prompts):  # greedy first tokens: the graph's next_token, no logits on the host
-        self._wait(self._run(self._prefill_s(slots, prompts)))
-        for slot, prompt in zip(slots, prompts):
-            self.lengths[slot], self.made[slot] = len(prompt), 1
+        self._wait(self._queue_prefill(slots, prompts))
         return [1000] * len(slots)
 
     def prefill(self, slot, ids):
         return self.prefill_many([slot], [ids])[0]
 
     def prefill_launch(self, slots, prompts):  # queued behind the steps in flight, as BlockKvSlots.prefill_launch
-        done_at = self._run(self._prefill_s(slots, prompts))
-        for slot, prompt in zip(slots, prompts):
-            self.lengths[slot], self.made[slot] = len(prompt), 1
-        return done_at, [1000] * len(slots)
+        return self._queue_prefill(slots, prompts), [1000] * len(slots)
 
     def prefill_collect(self, handle):
         return self.decode_collect(handle)
 
     def decode_launch(self, slots, ids):
+        time.sleep(self.launch_host_s)
         slots = self.np.asarray(slots)
         tokens = 1000 + self.made[slots] % 2000
         self.made[slots] += 1
@@ -245,7 +251,8 @@ def real_engine(args):
 
     tokenizer = load_tokenizer(Path(args.tokenizer))
     slots = StandInSlots(args.concurrency, len(tokenizer), args.step_ms / 1000, args.prefill_fixed_ms / 1000,
-                         args.prefill_us_per_token / 1e6, not args.prefill_waited)
+                         args.prefill_us_per_token / 1e6, not args.prefill_waited, args.prefill_host_ms / 1000,
+                         args.launch_host_ms / 1000)
     interval = int(args.stream_interval) if args.stream_interval.isdigit() else args.stream_interval
     return BatchingEngine(slots, tokenizer, (), EngineConfig(max_queue=4 * args.concurrency, verify=False,
                                                              stream_interval=interval, trace=bool(args.trace)),
@@ -346,8 +353,12 @@ def main() -> None:
                         help="fake: one event per request per step, no engine; real: the batching engine over stand-in slots")
     parser.add_argument("--tokenizer", help="--engine real: a tokenizer directory (a bundle's tokenizer/)")
     parser.add_argument("--stream-interval", default="auto", help="--engine real: the engine's stream_interval (auto or N)")
-    parser.add_argument("--prefill-fixed-ms", type=float, default=3.5, help="--engine real: a prefill run's fixed cost")
-    parser.add_argument("--prefill-us-per-token", type=float, default=3.3, help="--engine real: and its cost per token")
+    parser.add_argument("--prefill-host-ms", type=float, default=2.0, help="--engine real: a prefill run's launch on "
+                        "the host")
+    parser.add_argument("--prefill-fixed-ms", type=float, default=0.5, help="--engine real: its fixed device time")
+    parser.add_argument("--prefill-us-per-token", type=float, default=2.9, help="--engine real: its device time per "
+                        "token")
+    parser.add_argument("--launch-host-ms", type=float, default=0.2, help="--engine real: a step's launch on the host")
     parser.add_argument("--prompt-len", type=int, default=3, help="prompt tokens of each request")
     parser.add_argument("--prefill-waited", action="store_true", help="--engine real: the engine waits for each "
                         "prefill run (as on slots without async_prefill) instead of queueing it behind the steps")
