@@ -49,8 +49,8 @@ from leptonc.runtime.slots import KvSlots
 BUCKET_GRAPH_IDS = 1000  # CUDA graph ids of the decode buckets: 1000 + rows (the runner's own use 1, 2, ...)
 # warm_up on CUDA: runs of each decode bucket (ONNX Runtime captures a graph id's CUDA graph within its first runs),
 # and prefill runs of every multiple of WARMUP_PREFILL_GRID tokens within the budget (warmup_prefill_shapes). On the
-# H100 a prefill of a token count the process has not run before took 4-16 ms more than the same run again, and a
-# count on this grid cost nothing extra once the warm-up had run its grid neighbours at other row counts. On the CPU,
+# H100 a prefill of a token count the process has not run before took 4-16 ms more than the same run again; after
+# this warm-up a count on the grid costs nothing extra, in whatever rows it comes (off the grid it still may). On the CPU,
 # where nothing is captured, one run of each bucket and one narrow prefill, so the same code runs in CI at little cost.
 WARMUP_DECODE_RUNS = 3
 WARMUP_PREFILL_GRID = 64
@@ -117,6 +117,9 @@ class BlockKvSlots(KvSlots):
         self.host_mask = self.host[2 * self._seg:].reshape(num_slots, cap)
         self.inputs = runner._empty((self.host.size,), np.int64)
         self.next_tokens = runner._empty((num_slots,), np.int64)  # every bucket's next_token: a prefix of this
+        # zeros, not whatever the memory held: a step whose ids come from here reads its idle rows' entries too, and
+        # after a prefill joins (prefill_launch) the bucket may cover rows no step has written yet
+        self.next_tokens.update_inplace(np.zeros(num_slots, np.int64))
         self._states: dict[int, dict] = {}
         self.steps_by_bucket: dict[int, int] = dict.fromkeys(self.buckets, 0)
         driver = getattr(runner, "_driver", None)
@@ -234,13 +237,18 @@ class BlockKvSlots(KvSlots):
         if self._options is None:
             self._options = runner._run_options(-1)
             self._options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        for run in self._planned_runs(slots, prompts):
-            binding, _ = self._prefill_binding(run, slots, prompts, tokens=True)
-            runner.session.run_with_iobinding(binding, self._options)
-            kept.append((binding, runner._feeds))
-            runner._feeds = []
-            r0 = slots[run[0]]
-            d.copy(stage["tokens"].ctypes.data + 8 * r0, self.next_tokens.data_ptr() + 8 * r0, 8 * len(run), stream)
+        try:
+            for run in self._planned_runs(slots, prompts):
+                binding, _ = self._prefill_binding(run, slots, prompts, tokens=True)
+                runner.session.run_with_iobinding(binding, self._options)
+                kept.append((binding, runner._feeds))
+                runner._feeds = []
+                r0 = slots[run[0]]
+                d.copy(stage["tokens"].ctypes.data + 8 * r0, self.next_tokens.data_ptr() + 8 * r0, 8 * len(run),
+                       stream)
+        except BaseException:
+            d.sync(stream)  # the runs already queued finish before their inputs are let go
+            raise
         d.record(stage["event"], stream)
         stage["busy"] = True
         return {"slots": list(slots), "kept": kept}
