@@ -233,7 +233,7 @@ def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded
     launch = engine.slots.prefill_launch
     engine.slots.prefill_launch = lambda slots, prompts: launched.append(list(slots)) or launch(slots, prompts)
     count = 10
-    lengths = [3 + (7 * i) % 17 for i in range(count)]
+    lengths = [1 if i % 4 == 1 else 3 + (7 * i) % 17 for i in range(count)]  # some end with their prefill's token
     reference = run_alone(right_padded_bundle, PROMPTS[:count], lengths)
     engine.start()
     try:
@@ -246,6 +246,14 @@ def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded
         metrics = engine.metrics()
         assert len(launched) == metrics["prefill_runs_total"] > 1 and sum(map(len, launched)) == count
         assert engine.slots.prefill_runs_by_result["logits"] == 0 and metrics["slots_used"] == 0
+        # one cancelled while others run: it leaves, its slot is reused, the others are unchanged
+        prompt = engine.encode(PROMPTS[0])
+        long = engine.submit(prompt, SamplingParams(max_tokens=engine.max_sequence - len(prompt), stop_at_eos=False))
+        next(long.events(timeout=10))
+        long.cancel()
+        again = [engine.submit(engine.encode(p), SamplingParams(max_tokens=n)) for p, n in zip(PROMPTS[:3], lengths)]
+        assert _collect(long)[2] == "cancelled"
+        assert [_collect(r)[0] for r in again] == [a.token_ids for a in reference[:3]]
     finally:
         assert engine.shutdown(grace_s=5)
 
