@@ -375,7 +375,10 @@ def main() -> None:
                               "--http", args.http, "--engine", args.engine, "--tokenizer", str(args.tokenizer),
                               "--stream-interval", str(args.stream_interval), "--concurrency", str(args.concurrency),
                               "--prefill-fixed-ms", str(args.prefill_fixed_ms), "--prefill-us-per-token",
-                              str(args.prefill_us_per_token), *(["--trace", args.trace] if args.trace else [])],
+                              str(args.prefill_us_per_token), "--prefill-host-ms", str(args.prefill_host_ms),
+                              "--launch-host-ms", str(args.launch_host_ms),
+                              *(["--prefill-waited"] if args.prefill_waited else []),
+                              *(["--trace", args.trace] if args.trace else [])],
                              stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
