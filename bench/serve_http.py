@@ -244,19 +244,23 @@ class StandInSlots:
         pass
 
 
+def real_config(args):
+    from leptonc.runtime.batching import EngineConfig
+
+    interval = int(args.stream_interval) if args.stream_interval.isdigit() else args.stream_interval
+    return EngineConfig(max_queue=4 * args.concurrency, verify=False, stream_interval=interval, trace=bool(args.trace))
+
+
 def real_engine(args):
     """The batching engine over StandInSlots, with a real tokenizer: the host's whole work per token."""
-    from leptonc.runtime.batching import BatchingEngine, EngineConfig
+    from leptonc.runtime.batching import BatchingEngine
     from leptonc.runtime.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(Path(args.tokenizer))
     slots = StandInSlots(args.concurrency, len(tokenizer), args.step_ms / 1000, args.prefill_fixed_ms / 1000,
                          args.prefill_us_per_token / 1e6, not args.prefill_waited, args.prefill_host_ms / 1000,
                          args.launch_host_ms / 1000)
-    interval = int(args.stream_interval) if args.stream_interval.isdigit() else args.stream_interval
-    return BatchingEngine(slots, tokenizer, (), EngineConfig(max_queue=4 * args.concurrency, verify=False,
-                                                             stream_interval=interval, trace=bool(args.trace)),
-                          model_name="fake")
+    return BatchingEngine(slots, tokenizer, (), real_config(args), model_name="fake")
 
 
 def serve(args) -> None:
@@ -264,7 +268,15 @@ def serve(args) -> None:
 
     from leptonc.server.app import create_app
 
-    engine = real_engine(args) if args.engine == "real" else FakeEngine(args.step_ms / 1000)
+    if args.engine == "real" and args.engine_process:  # as `leptonc serve --engine-process`
+        import functools
+
+        from leptonc.server.engine_process import EngineProcess
+
+        engine = EngineProcess(None, real_config(args), Path(args.trace) if args.trace else None,
+                               make_engine=functools.partial(real_engine, args))
+    else:
+        engine = real_engine(args) if args.engine == "real" else FakeEngine(args.step_ms / 1000)
     app = create_app(engine)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -279,7 +291,7 @@ def serve(args) -> None:
     Server(uvicorn.Config(app, loop=args.loop, http=args.http, log_level="warning", access_log=False,
                           lifespan="on")).run(sockets=[sock])
     if args.trace and args.engine == "real":  # stopped by SIGTERM: the engine has shut down
-        engine.trace.write(Path(args.trace))
+        engine.write_trace(Path(args.trace))
 
 
 async def one(port: int, body: bytes) -> bytes:
@@ -360,6 +372,8 @@ def main() -> None:
                         "token")
     parser.add_argument("--launch-host-ms", type=float, default=0.2, help="--engine real: a step's launch on the host")
     parser.add_argument("--prompt-len", type=int, default=3, help="prompt tokens of each request")
+    parser.add_argument("--engine-process", action="store_true", help="--engine real: the engine in a process of its "
+                        "own (as `leptonc serve --engine-process`)")
     parser.add_argument("--prefill-waited", action="store_true", help="--engine real: the engine waits for each "
                         "prefill run (as on slots without async_prefill) instead of queueing it behind the steps")
     parser.add_argument("--trace", help="--engine real: write the scheduler's timeline here (as `leptonc serve --trace`)")
@@ -378,6 +392,7 @@ def main() -> None:
                               str(args.prefill_us_per_token), "--prefill-host-ms", str(args.prefill_host_ms),
                               "--launch-host-ms", str(args.launch_host_ms),
                               *(["--prefill-waited"] if args.prefill_waited else []),
+                              *(["--engine-process"] if args.engine_process else []),
                               *(["--trace", args.trace] if args.trace else [])],
                              stdout=subprocess.PIPE, text=True)
     try:

@@ -95,12 +95,33 @@ def _error(response: httpx.Response, status: int) -> dict:
     return error
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tiny_bundle):
-    server = ServerProcess(tiny_bundle, "--api-key", API_KEY, "--max-queue", "4")
+# every test of `tiny_server` runs against both ways to serve: the engine in the server's process, and in one of its own
+ENGINE_MODES = {"engine-in-server": (), "engine-process": ("--engine-process",)}
+
+
+@pytest.fixture(scope="module", params=list(ENGINE_MODES))
+def tiny_server(tiny_bundle, request):
+    server = ServerProcess(tiny_bundle, "--api-key", API_KEY, "--max-queue", "4", *ENGINE_MODES[request.param])
     yield server
     assert server.stop() == 0
     assert "Traceback" not in "".join(server.log)
+
+
+def test_a_stop_string_ends_the_request_and_frees_its_slot(tiny_server, tiny_bundle):
+    # the stop string is found where the text is made (with --engine-process: the server's process, which tells the
+    # engine's process to free the slot)
+    alone = run_alone(tiny_bundle, ["Stop here: "], [30])[0]
+    stop = alone.text[len(alone.text) // 2:][:3]
+    assert stop.strip(), alone.text
+    before = tiny_server.metrics()
+    response = tiny_server.client().completions.create(model=tiny_server.model, prompt="Stop here: ", max_tokens=30,
+                                                       temperature=0, stop=[stop])
+    choice = response.choices[0]
+    assert choice.finish_reason == "stop" and choice.text == alone.text[:alone.text.find(stop)]
+    after = tiny_server.wait_idle()
+    assert after["leptonc_requests_running"] == 0 and after["leptonc_kv_slots_used"] == 0
+    key = "leptonc_sequences_finished_total{reason=stop}"
+    assert after[key] == before[key] + 1
 
 
 PROMPTS = [f"Client {i} writes " + "more words " * (i * 5 % 13) for i in range(16)]
@@ -238,11 +259,13 @@ def test_client_disconnect_mid_stream_frees_the_slot(tiny_server):
     assert m["leptonc_sequences_finished_total{reason=cancelled}"] == before + 1
 
 
-def test_sigterm_under_load_finishes_in_flight_and_exits_0(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("mode", list(ENGINE_MODES))
+def test_sigterm_under_load_finishes_in_flight_and_exits_0(tiny_bundle, tmp_path, mode):
     # (served with --stream-interval 4: a stream's tokens leave four at a time after the first, and --trace: the
-    # scheduler's timeline is written when it stops)
+    # scheduler's timeline is written when it stops, by the engine's process where it has one)
     trace = tmp_path / "trace.json"
-    server = ServerProcess(tiny_bundle, "--grace", "30", "--stream-interval", "4", "--trace", str(trace))
+    server = ServerProcess(tiny_bundle, "--grace", "30", "--stream-interval", "4", "--trace", str(trace),
+                           *ENGINE_MODES[mode])
     client = server.client()
     streaming = threading.Barrier(5)  # the four streams have their first tokens, and the test goes on
 
@@ -277,6 +300,42 @@ def test_sigterm_under_load_finishes_in_flight_and_exits_0(tiny_bundle, tmp_path
     assert totals["prefill"]["count"] >= 1 and all(e["args"]["tokens"] > 0 for e in spans if e["name"] == "prefill")
     steps = sum(totals.get(name, {"count": 0})["count"] for name in ("decode", "launch"))
     assert steps >= 149  # 150 tokens each, the first from the prefill: a step runs at once ("decode") or is queued
+
+
+def test_an_engine_process_that_dies_fails_its_requests_and_the_server_says_so(tiny_bundle):
+    import psutil
+
+    server = ServerProcess(tiny_bundle, "--engine-process")
+    client = server.client()
+    chunks = client.completions.create(model=server.model, prompt="long", max_tokens=1900, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert next(iter(chunks)).choices[0].model_extra["token_ids"]
+    (engine,) = [p for p in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    engine.kill()
+    with pytest.raises(openai.APIError, match="engine"):  # the stream ends with the error, not a hang
+        for _ in chunks:
+            pass
+    deadline = time.monotonic() + 30
+    while (health := httpx.get(server.url + "/health")).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health.status_code == 503 and "engine's process exited" in health.text
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model=server.model, prompt="after", max_tokens=2)
+    assert refused.value.status_code == 503
+    code = server.stop()
+    log = "".join(server.log)
+    assert code == 8 and "the engine stopped: the engine's process exited" in log and "Traceback" not in log
+
+
+def test_an_engine_process_that_cannot_load_its_bundle_exits_with_the_bundle_error(tmp_path):
+    broken = tmp_path / "broken.lepton"
+    broken.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "leptonc", "serve", str(broken), "--port", "0", "--engine-process"],
+                          capture_output=True, text=True, timeout=120)
+    direct = subprocess.run([sys.executable, "-m", "leptonc", "serve", str(broken), "--port", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert proc.returncode == direct.returncode != 0, (proc.stderr, direct.stderr)
+    assert "Traceback" not in proc.stderr and direct.stderr.strip().splitlines()[-1] in proc.stderr
 
 
 def test_serve_trace_into_a_missing_folder_is_refused_before_loading(tiny_bundle, tmp_path):

@@ -45,15 +45,15 @@ from typing import Callable
 
 import numpy as np
 
-from leptonc.errors import InputError, LeptonError
+from leptonc.errors import LeptonError
 from leptonc.runtime.device_thread import DeviceThread
 from leptonc.runtime.engine_counters import ENGINE_SERIES, FINISHED_SERIES, EngineCounters
 from leptonc.runtime.engine_output import EngineWriter
 from leptonc.runtime.engine_requests import (EngineConfig, EngineStoppedError, Event, QueueFullError, Request,
-                                             SamplingParams)
+                                             SamplingParams, checked_prompt, queue_full_error, stopped_error)
 from leptonc.runtime.engine_trace import SchedulerTrace
 from leptonc.runtime.slots import KvSlots, open_kv_slots
-from leptonc.runtime.tokenizer import eos_ids, load_tokenizer
+from leptonc.runtime.tokenizer import chat_ids, encode, eos_ids, load_tokenizer
 
 log = logging.getLogger("leptonc.serve.engine")
 
@@ -125,18 +125,17 @@ class BatchingEngine:
     # ---- the tokenizer ----------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
+        return encode(self.tokenizer, text)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InputError("this model's tokenizer has no chat template", hint="use the completions endpoint")
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)
-        return list(encoded["input_ids"])
+        return chat_ids(self.tokenizer, messages)
 
     # ---- life cycle -------------------------------------------------------------------------------
 
-    def start(self) -> "BatchingEngine":
+    def start(self, writer_factory: Callable | None = None) -> "BatchingEngine":
+        """Start the scheduler. `writer_factory(count, finished, on_stop)`: where tokens and ends go instead of an
+        EngineWriter (engine_output.py) given those callbacks: its tokens(step), finish(request, reason, error) and
+        close() (server/engine_process.py forwards them to another process)."""
         with self._lock:
             if self._scheduler is not None:
                 return self
@@ -144,8 +143,9 @@ class BatchingEngine:
             if self.config.switch_interval_s is not None:
                 self._switch_interval = sys.getswitchinterval()
                 sys.setswitchinterval(self.config.switch_interval_s)
-            self._writer = EngineWriter(self.tokenizer, self._count_generated, self._finished, self._end_noted,
-                                        self.config.stream_interval)
+            make = writer_factory or (lambda count, finished, on_stop: EngineWriter(
+                self.tokenizer, count, finished, on_stop, self.config.stream_interval))
+            self._writer = make(self._count_generated, self._finished, self._end_noted)
             if self.trace is not None:
                 self.trace.watch_gc()
             if self._device is None or not self._device.alive:
@@ -204,33 +204,20 @@ class BatchingEngine:
     # ---- requests ---------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, *,
-               on_event: Callable[[Event], None] | None = None) -> Request:
+               on_event: Callable[[Event], None] | None = None, tag=None) -> Request:
         """Queue a prompt. Its events go to `request.events()`, or to `on_event` (called on the engine's writer
-        thread: it must not block). Raises InputError for a bad prompt, QueueFullError when full."""
+        thread: it must not block). `tag`: the caller's own name for it (request.tag). Raises InputError for a bad
+        prompt, QueueFullError when full."""
         params = params or SamplingParams()
-        ids = [int(t) for t in prompt_ids]
-        if not ids:
-            raise InputError("the prompt has no tokens", hint="give a non-empty prompt")
-        vocab = self.slots.vocab_size
-        if any(t < 0 or t >= vocab for t in ids):
-            raise InputError(f"prompt token ids must be in 0..{vocab - 1} (this model's vocabulary)")
-        if len(ids) >= self.max_sequence:
-            raise InputError(f"the prompt is {len(ids)} tokens; this bundle allows at most {self.max_sequence} "
-                             "tokens in all (prompt and completion)", hint="shorten the prompt")
-        if len(ids) + params.max_tokens > self.max_sequence:
-            raise InputError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this "
-                             f"bundle's limit of {self.max_sequence} tokens",
-                             hint=f"ask for at most {self.max_sequence - len(ids)} tokens")
+        ids = checked_prompt(prompt_ids, params, self.slots.vocab_size, self.max_sequence)
         with self._lock:
             if not self._accepting:
-                raise EngineStoppedError("the engine is not taking requests (it is shutting down or not started)",
-                                         hint="retry against a running server")
+                raise stopped_error()
             if self._outstanding() >= self.num_slots + self.config.max_queue:
                 self._counters.rejected_queue_full += 1
-                raise QueueFullError(f"all {self.num_slots} slots are busy and {len(self._waiting)} requests are "
-                                     f"waiting (the queue holds {self.config.max_queue})",
-                                     hint="retry after a moment, or start the server with a larger --max-queue")
+                raise queue_full_error(self.num_slots, len(self._waiting), self.config.max_queue)
             request = Request(next(self._ids), ids, params, on_event, self._end_noted)
+            request.tag = tag
             self._waiting.append(request)
             self._lock.notify_all()
         return request
@@ -247,6 +234,20 @@ class BatchingEngine:
                     "prefill_seconds_total": round(c.prefill_seconds_total, 6),
                     "decode_wait_seconds_total": round(c.decode_wait_seconds_total, 6),
                     "idle_seconds_total": round(c.idle_seconds_total, 6)}
+
+    def end(self, request: Request, reason: str = "stop") -> None:
+        """End a request from outside the engine (a stop string that a writer in another process found:
+        server/engine_process.py); its slot is freed on the scheduler's next turn."""
+        with self._lock:
+            if not request.finished:
+                request.finish_reason = reason
+            self._ended_elsewhere = True
+            self._lock.notify_all()
+
+    def write_trace(self, path: Path) -> int:
+        """Write the scheduler's timeline (EngineConfig.trace); the spans written."""
+        self.trace.write(path)
+        return len(self.trace.spans)
 
     def _count_generated(self, n: int) -> None:
         with self._lock:

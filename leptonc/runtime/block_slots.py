@@ -50,8 +50,8 @@ BUCKET_GRAPH_IDS = 1000  # CUDA graph ids of the decode buckets: 1000 + rows (th
 # warm_up on CUDA: runs of each decode bucket (ONNX Runtime captures a graph id's CUDA graph within its first runs),
 # and prefill runs of every multiple of WARMUP_PREFILL_GRID tokens within the budget (warmup_prefill_shapes). On the
 # H100 a prefill of a token count the process has not run before took 4-16 ms more than the same run again; after
-# this warm-up a count on the grid costs nothing extra, in whatever rows it comes (off the grid it still may). On the CPU,
-# where nothing is captured, one run of each bucket and one narrow prefill, so the same code runs in CI at little cost.
+# this warm-up a count on the grid costs nothing extra, in whatever rows it comes (off the grid it still may). On
+# the CPU, where nothing is captured, one run of each bucket and one narrow prefill, so CI runs the same code cheaply.
 WARMUP_DECODE_RUNS = 3
 WARMUP_PREFILL_GRID = 64
 WARMUP_PREFILL_WIDTH = 512  # widest prompt a warm-up run uses; larger token counts take more rows

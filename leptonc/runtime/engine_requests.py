@@ -114,6 +114,33 @@ class Event:
     error: str | None = None  # set when finish_reason is "error": what failed, for the log and the client
 
 
+def checked_prompt(prompt_ids: list[int], params: "SamplingParams", vocab: int, max_sequence: int) -> list[int]:
+    """The prompt's ids as ints, or an InputError (HTTP 400) for an empty one, an id outside the vocabulary, or a
+    prompt that with max_tokens does not fit the bundle's sequence."""
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+        raise InputError("the prompt has no tokens", hint="give a non-empty prompt")
+    if any(t < 0 or t >= vocab for t in ids):
+        raise InputError(f"prompt token ids must be in 0..{vocab - 1} (this model's vocabulary)")
+    if len(ids) >= max_sequence:
+        raise InputError(f"the prompt is {len(ids)} tokens; this bundle allows at most {max_sequence} "
+                         "tokens in all (prompt and completion)", hint="shorten the prompt")
+    if len(ids) + params.max_tokens > max_sequence:
+        raise InputError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this "
+                         f"bundle's limit of {max_sequence} tokens", hint=f"ask for at most {max_sequence - len(ids)} tokens")
+    return ids
+
+
+def queue_full_error(slots: int, waiting: int, max_queue: int) -> QueueFullError:
+    return QueueFullError(f"all {slots} slots are busy and {waiting} requests are waiting (the queue holds "
+                          f"{max_queue})", hint="retry after a moment, or start the server with a larger --max-queue")
+
+
+def stopped_error() -> EngineStoppedError:
+    return EngineStoppedError("the engine is not taking requests (it is shutting down or not started)",
+                              hint="retry against a running server")
+
+
 class Request:
     """One submitted sequence: its prompt, parameters, output so far, and its events."""
 
@@ -124,6 +151,7 @@ class Request:
         self.params = params
         self.submitted_at = time.perf_counter()
         self.cancelled = False  # set by cancel() (any thread); a plain flag, read by the scheduler every step
+        self.tag = None  # the submitter's own name for it (BatchingEngine.submit's tag)
         self._wake = wake
         # the scheduler's side
         self.slot: int | None = None

@@ -26,3 +26,15 @@ def eos_ids(tokenizer, manifest: Optional[dict] = None) -> tuple[int, ...]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos = tuple(dict.fromkeys((*eos, tokenizer.eos_token_id)))
     return eos
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text)["input_ids"])
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The tokenizer's chat template over `messages`, with the prompt for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("this model's tokenizer has no chat template", hint="use the completions endpoint")
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])

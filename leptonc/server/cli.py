@@ -123,6 +123,9 @@ def serve(
     trace: Optional[Path] = typer.Option(None, "--trace", help="Record the scheduler's timeline (prefill runs, decode "
                                          "steps, waits, idle time) and write it to this file when the server stops, "
                                          "in the Trace Event format (open it in ui.perfetto.dev)."),
+    engine_process: bool = typer.Option(False, "--engine-process", help="Run the engine in a process of its own, so "
+                                        "that the HTTP server and the text it makes do not share Python's lock with "
+                                        "the scheduler."),
 ) -> None:
     """Serve a bundle over the OpenAI HTTP API (completions, chat, streaming) with Prometheus /metrics."""
     import uvicorn
@@ -140,7 +143,12 @@ def serve(
                           switch_interval_s=switch_interval_ms / 1000 if switch_interval_ms else None,
                           trace=trace is not None)
     sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
-    engine = BatchingEngine.from_bundle(bundle, config)
+    if engine_process:
+        from leptonc.server.engine_process import EngineProcess
+
+        engine = EngineProcess(bundle, config, trace_path=trace)
+    else:
+        engine = BatchingEngine.from_bundle(bundle, config)
     app = create_app(engine, settings)
 
     class Server(uvicorn.Server):
@@ -166,8 +174,8 @@ def serve(
     server.run(sockets=[sock])
     if trace is not None:
         try:
-            engine.trace.write(trace)
-            plain(err, f"wrote the scheduler's timeline to {trace} ({len(engine.trace.spans):,} spans)")
+            spans = engine.write_trace(trace)
+            plain(err, f"wrote the scheduler's timeline to {trace} ({spans:,} spans)")
         except OSError as exc:
             plain(err, f"could not write the timeline to {trace}: {exc.strerror or exc}")
     if engine.failure:
