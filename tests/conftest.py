@@ -78,3 +78,47 @@ def wikitext() -> Path:
     if not WIKITEXT.is_file():
         pytest.fail(f"{WIKITEXT} is missing: CI runs with ../shared beside the repository")
     return WIKITEXT
+
+
+class HostMemoryDriver:
+    """cuda_driver.CudaDriver's calls on host memory, done at once: ONNX Runtime's CPU provider keeps its buffers
+    there, so the GPU's pipelined steps and queued prefills run on the CPU with their real bookkeeping. Copies are
+    counted."""
+
+    def __init__(self):
+        self.copies = 0
+
+    def make_current(self):
+        pass
+
+    def pinned(self, count, dtype=None):
+        import numpy as np
+
+        return np.zeros(count, dtype or np.int64)
+
+    def copy(self, dst, src, nbytes, stream):
+        import ctypes
+
+        ctypes.memmove(dst, src, nbytes)
+        self.copies += 1
+
+    def event(self):
+        return 0
+
+    def record(self, event, stream):
+        pass
+
+    def wait(self, event):
+        pass
+
+    def sync(self, stream):
+        pass
+
+    def free_pinned(self, array):
+        pass
+
+    def destroy_event(self, event):
+        pass
+
+    def destroy_stream(self, stream):
+        pass

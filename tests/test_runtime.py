@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_clean_error, run_cli
+from conftest import HostMemoryDriver, assert_clean_error, run_cli
 
 from leptonc.bundle import load_bundle
 from leptonc.errors import InputError
@@ -519,46 +519,8 @@ def test_greedy_generation_reads_tokens_not_logits(tiny):
     assert all(len(g.token_ids) == 12 for g in a.outputs)
 
 
-class _HostDriver:
-    """cuda_driver.CudaDriver's calls on host memory, done at once (the CPU provider's buffers are host memory):
-    the pipelined greedy loop's bookkeeping, run without a GPU. Copies are counted."""
-
-    def __init__(self):
-        self.copies = 0
-
-    def pinned(self, count, dtype=np.int64):
-        return np.zeros(count, dtype)
-
-    def copy(self, dst, src, nbytes, stream):
-        import ctypes
-
-        ctypes.memmove(dst, src, nbytes)
-        self.copies += 1
-
-    def event(self):
-        return 0
-
-    def record(self, event, stream):
-        pass
-
-    def wait(self, event):
-        pass
-
-    def sync(self, stream):
-        pass
-
-    def free_pinned(self, array):
-        pass
-
-    def destroy_event(self, event):
-        pass
-
-    def destroy_stream(self, stream):
-        pass
-
-
 def _pipelined(runner):
-    runner._driver, runner._stream, runner.pipelined = _HostDriver(), 1, True
+    runner._driver, runner._stream, runner.pipelined = HostMemoryDriver(), 1, True
     return runner
 
 

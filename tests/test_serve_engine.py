@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from conftest import HostMemoryDriver
 
 from leptonc.errors import InputError
 from leptonc.runtime.batching import BatchingEngine, EngineConfig, QueueFullError, SamplingParams
@@ -181,52 +182,13 @@ def test_block_slots_batch_prefills_and_decode_only_the_rows_in_use(right_padded
         assert engine.shutdown(grace_s=5)
 
 
-class _HostMemoryDriver:
-    """cuda_driver.CudaDriver's calls on host memory, done at once: ONNX Runtime's CPU provider keeps its buffers
-    there, so BlockKvSlots' pipelined steps and queued prefills run on the CPU with their real bookkeeping."""
-
-    def make_current(self):
-        pass
-
-    def pinned(self, count, dtype=None):
-        import numpy as np
-
-        return np.zeros(count, dtype or np.int64)
-
-    def copy(self, dst, src, nbytes, stream):
-        import ctypes
-
-        ctypes.memmove(dst, src, nbytes)
-
-    def event(self):
-        return 0
-
-    def record(self, event, stream):
-        pass
-
-    def wait(self, event):
-        pass
-
-    def sync(self, stream):
-        pass
-
-    def free_pinned(self, array):
-        pass
-
-    def destroy_event(self, event):
-        pass
-
-    def destroy_stream(self, stream):
-        pass
-
-
 def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded_bundle):
     # the GPU's way, on the CPU: steps queued ahead of their tokens take their ids from the last step's next_token,
     # and a prefill queued behind them writes each prompt's first token where the next step takes it as an id
     engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(max_queue=16, num_slots=4, verify=False,
                                                                          warmup=False))
     runner = engine.slots.runner
-    runner._driver, runner._stream = _HostMemoryDriver(), 1
+    runner._driver, runner._stream = HostMemoryDriver(), 1
     engine.slots._start_pipeline(runner._driver)
     assert engine.slots.pipelined and engine.slots.async_prefill
     launched = []
