@@ -147,6 +147,15 @@ def test_block_slots_batch_prefills_and_decode_only_the_rows_in_use(right_padded
     from leptonc.runtime.block_slots import decode_buckets, prefill_runs
 
     assert decode_buckets(64) == [1, 2, 4, 8, 16, 32, 64] and decode_buckets(12) == [1, 2, 4, 8, 12]
+    # the CUDA warm-up's prefills: one narrow run, then every multiple of 64 tokens within the budget, one row up to
+    # 512 tokens, beyond that the fewest rows (a power of two) within the width, the capacity and the slots
+    from leptonc.runtime.block_slots import warmup_prefill_shapes
+
+    shapes = warmup_prefill_shapes(4096, 1280, 64)
+    assert shapes[0] == (1, 16) and [r * w for r, w in shapes[1:]] == list(range(64, 4097, 64))
+    assert (1, 512) in shapes and (2, 288) in shapes and (8, 512) in shapes and all(w <= 512 for _, w in shapes)
+    few = warmup_prefill_shapes(4096, 1280, 2)  # 2 slots: wider rows, up to the capacity, and no more tokens than fit
+    assert few[-1] == (2, 1248) and all(r <= 2 and w < 1280 for r, w in few)
     # neighbouring slots share a run within the budget of padded tokens; a gap or the budget starts another
     assert prefill_runs([4, 2, 3, 9], [10, 10, 30, 5], 100) == [[1, 2, 0], [3]]
     assert prefill_runs([0, 1, 2, 3], [30, 30, 30, 30], 100) == [[0, 1, 2], [3]]
