@@ -200,6 +200,7 @@ def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded
     runner._driver, runner._stream = HostMemoryDriver(), 1
     engine.slots._start_pipeline(runner._driver)
     assert engine.slots.pipelined and engine.slots.async_prefill
+    assert engine.slots.warm_up(engine.eos_ids[0]) and engine.slots.describe()["queued_prefills"] == "on"
     launched = []
     launch = engine.slots.prefill_launch
     engine.slots.prefill_launch = lambda slots, prompts: launched.append(list(slots)) or launch(slots, prompts)
@@ -227,6 +228,26 @@ def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded
         assert [_collect(r)[0] for r in again] == [a.token_ids for a in reference[:3]]
     finally:
         assert engine.shutdown(grace_s=5)
+
+
+def test_queued_prefills_that_fail_the_warm_up_check_are_turned_off(right_padded_bundle, monkeypatch):
+    # the warm-up compares a queued prefill with a waited one; where it differs or fails, prefills are waited for
+    # and describe() says why
+    from leptonc.bundle import load_bundle
+    from leptonc.runtime.block_slots import BlockKvSlots
+    from leptonc.runtime.slots import open_kv_slots
+
+    for broken, reason in ((lambda self, handle: [7, 7], "a queued prefill gave first tokens [7, 7]"),
+                           (lambda self, handle: 1 / 0, "a queued prefill failed: ZeroDivisionError")):
+        slots = open_kv_slots(load_bundle(right_padded_bundle, verify=False), "cpu", 4)
+        slots.runner._driver, slots.runner._stream = HostMemoryDriver(), 1
+        slots._start_pipeline(slots.runner._driver)
+        with monkeypatch.context() as patch:
+            patch.setattr(BlockKvSlots, "prefill_collect", broken)
+            slots.warm_up(0)
+        assert not slots.async_prefill and slots.describe()["queued_prefills"].startswith(f"off: {reason}")
+        assert not slots.lengths.any() and (slots.next_tokens.numpy() == 0).all()
+        slots.release()
 
 
 @pytest.mark.slow

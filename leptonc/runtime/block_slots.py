@@ -95,6 +95,7 @@ def prefill_runs(slots: list[int], lengths: list[int], budget: int) -> list[list
 class BlockKvSlots(KvSlots):
     prefill_in_chunks = False  # the mask_sum contract prefills a row from empty, in one run
     async_prefill = False  # prefill_launch / prefill_collect (pipelined slots whose graph selects the logits' rows)
+    queued_prefills = "off: needs pipelined steps and a graph that selects the logits' rows"  # or why the check failed
 
     def __init__(self, runner, num_slots: int):
         if not getattr(runner, "right_pad", False):
@@ -416,15 +417,45 @@ class BlockKvSlots(KvSlots):
                     self.decode(slots[:bucket], ids[:bucket])
             for slot in slots:
                 self.free(slot)
+        if self.async_prefill:
+            self._check_queued_prefill(token_id)
         self.steps_by_bucket = dict.fromkeys(self.buckets, 0)  # the serving's own steps are counted from here
         self.prefill_runs_by_result = {"tokens": 0, "logits": 0}
         self.warmed = {"decode_buckets": list(self.buckets) if runs else [], "runs_each": runs,
-                       "prefill_shapes": shapes, "seconds": round(time.perf_counter() - started, 2)}
+                       "prefill_shapes": shapes, "seconds": round(time.perf_counter() - started, 2),
+                       "queued_prefills": "on" if self.async_prefill else self.queued_prefills}
         return bool(shapes) or runs > 0
+
+    def _check_queued_prefill(self, token_id: int) -> None:
+        """Before serving: a queued prefill (prefill_launch) must give the first tokens a waited one gives, here and
+        in the next_tokens rows the next step reads. Where it fails or differs, prefills are waited for, and
+        describe() says why."""
+        slots = list(range(min(2, self.num_slots)))
+        prompts = [[token_id] * min(16, self.max_sequence - 1), [token_id] * min(9, self.max_sequence - 1)][:len(slots)]
+        try:
+            waited = self.prefill_tokens(slots, prompts)
+            self._reset(slots, -1)  # a sentinel: the queued prefill must write these rows of next_tokens
+            queued = self.prefill_collect(self.prefill_launch(slots, prompts))
+            rows = self.next_tokens.numpy().reshape(-1)[:len(slots)].tolist()
+            problem = None if queued == waited == rows else (
+                f"a queued prefill gave first tokens {queued} (next_tokens {rows}), a waited one {waited}")
+        except Exception as exc:  # noqa: BLE001 - the waited path serves instead, and the reason is shown
+            self.drain()
+            problem = f"a queued prefill failed: {type(exc).__name__}: {exc}"
+        self._reset(slots, 0)
+        if problem is not None:
+            self.async_prefill = False
+            self.queued_prefills = f"off: {problem}"
+
+    def _reset(self, slots: list[int], token: int) -> None:
+        """Empty `slots`, and every row of next_tokens holds `token` (zeros: ids a step may read for idle rows)."""
+        for slot in slots:
+            self.free(slot)
+        self.next_tokens.update_inplace(np.full(self.num_slots, token, np.int64))
 
     def describe(self) -> dict:
         return {**super().describe(), "decode_buckets": self.buckets, "prefill_budget_tokens": self.prefill_budget,
-                "warm_up": self.warmed,
+                "warm_up": self.warmed, "queued_prefills": "on" if self.async_prefill else self.queued_prefills,
                 "pipelined_steps": PIPELINE_DEPTH if self.pipelined else "off (needs CUDA and a stream of the "
                 "runner's own)", **self.runner.describe()}
 

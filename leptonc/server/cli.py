@@ -165,6 +165,9 @@ def serve(
             warmed = engine.slots.warmed
             warm = (f"; warmed up in {warmed['seconds']} s: {len(warmed['decode_buckets'])} decode batch sizes, "
                     f"{len(warmed['prefill_shapes'])} prefill shapes" if warmed else "")
+            if warmed and str(warmed.get("queued_prefills", "")).startswith("off: a queued prefill"):
+                plain(err, f"warning: prefills are waited for: the warm-up's check of queued ones found "
+                           f"{warmed['queued_prefills'][5:]}")
             err.print(f"serving {engine.model_name} on http://{host}:{bound[1]} ({engine.num_slots} slots, queue "
                       f"{max_queue}{', API key required' if api_key else ''}; {_io_stack(self.config)}{warm})",
                       markup=False, highlight=False)
