@@ -397,6 +397,11 @@ def serve_variant(suite: Suite, spec: dict, variant: str) -> dict:
         except (OSError, ValueError, KeyError) as exc:
             result["trace"] = f"not read: {exc}"
         log.close()
+        try:  # what the server said of itself: its start-up line (what the warm-up ran) and any warning
+            result["server_said"] = [line for line in (suite.args.work / "serve.log").read_text().splitlines()
+                                     if line.startswith(("serving ", "warning", "wrote "))]
+        except OSError:
+            pass
         suite.record["hooks"][" ".join(["serve", spec["name"], *env_words, *extra])] = result
         suite.save()
     return result
