@@ -57,6 +57,7 @@ from leptonc.runtime.tokenizer import chat_ids, encode, eos_ids, load_tokenizer
 
 log = logging.getLogger("leptonc.serve.engine")
 
+
 class BatchingEngine:
     """In-flight batching over a `KvSlots` (module doc)."""
 

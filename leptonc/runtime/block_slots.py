@@ -94,8 +94,9 @@ def prefill_runs(slots: list[int], lengths: list[int], budget: int) -> list[list
 
 class BlockKvSlots(KvSlots):
     prefill_in_chunks = False  # the mask_sum contract prefills a row from empty, in one run
-    async_prefill = False  # prefill_launch / prefill_collect (pipelined slots whose graph selects the logits' rows)
-    queued_prefills = "off: needs pipelined steps and a graph that selects the logits' rows"  # or why the check failed
+    # async_prefill (KvSlots) is on for pipelined slots whose graph selects the logits' rows, unless the warm-up's
+    # check turns it off: then this says why
+    queued_prefills = "off: needs pipelined steps and a graph that selects the logits' rows"
 
     def __init__(self, runner, num_slots: int):
         if not getattr(runner, "right_pad", False):

@@ -50,10 +50,8 @@ class EngineProcess:
         self.config = config or EngineConfig()
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of this one's threads
         self._conn, child = context.Pipe(duplex=True)
-        self._process = context.Process(target=engine_main, args=(str(bundle), self.config, child,
-                                                                         str(trace_path) if trace_path else None,
-                                                                         make_engine),
-                                        name="leptonc-engine", daemon=True)
+        args = (str(bundle) if bundle else None, self.config, child, str(trace_path) if trace_path else None, make_engine)
+        self._process = context.Process(target=engine_main, args=args, name="leptonc-engine", daemon=True)
         self._process.start()
         child.close()
         self._send_lock, self._lock, self._rpc = threading.Lock(), threading.Lock(), threading.Lock()
@@ -255,7 +253,7 @@ class _Forwarder:
         pass
 
 
-def engine_main(bundle: str, config: EngineConfig, conn, trace_path: str | None = None,
+def engine_main(bundle: str | None, config: EngineConfig, conn, trace_path: str | None = None,
                 make_engine: Callable | None = None) -> None:
     """The engine's process: load and warm up, say ready, then serve the pipe's messages until shutdown."""
     from leptonc.runtime.batching import BatchingEngine
