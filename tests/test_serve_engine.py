@@ -201,12 +201,25 @@ def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded
     engine.slots._start_pipeline(runner._driver)
     assert engine.slots.pipelined and engine.slots.async_prefill
     assert engine.slots.warm_up(engine.eos_ids[0]) and engine.slots.describe()["queued_prefills"] == "on"
-    launched = []
-    launch = engine.slots.prefill_launch
-    engine.slots.prefill_launch = lambda slots, prompts: launched.append(list(slots)) or launch(slots, prompts)
     count = 10
     lengths = [1 if i % 4 == 1 else 3 + (7 * i) % 17 for i in range(count)]  # some end with their prefill's token
-    reference = run_alone(right_padded_bundle, PROMPTS[:count], lengths)
+    reference = run_alone(right_padded_bundle, PROMPTS[:count + 1], [*lengths, 6])
+    launched, late, launching, drained = [], [], [], []
+    launch = engine.slots.prefill_launch
+
+    def launch_and_submit(slots, prompts):
+        launched.append(list(slots))
+        handle = launch(slots, prompts)
+        if len(launched) == 1:  # a prompt that arrives while this prefill is in flight
+            late.append(engine.submit(engine.encode(PROMPTS[count]), SamplingParams(max_tokens=6)))
+        return handle
+
+    engine.slots.prefill_launch = launch_and_submit
+    # the late prompt waits for the prefill in flight to be collected in its turn: no prefill collects the runs
+    # ahead of it (the device would be left without queued work while the host launches it)
+    launch_prefill, collect = engine._launch_prefill, engine._collect_oldest
+    engine._launch_prefill = lambda requests: (launching.append(1), launch_prefill(requests), launching.clear())
+    engine._collect_oldest = lambda: (launching and drained.append(len(engine._in_flight)), collect())
     engine.start()
     try:
         requests = []
@@ -216,8 +229,10 @@ def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded
         for request, alone in zip(requests, reference):
             assert _collect(request)[0] == alone.token_ids
         metrics = engine.metrics()
-        assert len(launched) == metrics["prefill_runs_total"] > 1 and sum(map(len, launched)) == count
+        assert _collect(late[0])[0] == reference[count].token_ids
+        assert len(launched) == metrics["prefill_runs_total"] > 1 and sum(map(len, launched)) == count + 1
         assert engine.slots.prefill_runs_by_result["logits"] == 0 and metrics["slots_used"] == 0
+        assert drained == []
         # one cancelled while others run: it leaves, its slot is reused, the others are unchanged
         prompt = engine.encode(PROMPTS[0])
         long = engine.submit(prompt, SamplingParams(max_tokens=engine.max_sequence - len(prompt), stop_at_eos=False))

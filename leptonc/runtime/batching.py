@@ -374,6 +374,11 @@ class BatchingEngine:
         oldest ones while their tokens fit the slots' budget per run."""
         if not self._prefilling:
             return []
+        if self._running and any(kind == "prefill" for kind, _, _ in self._in_flight):
+            # a queued prefill is in flight: the next one waits for it to be collected (its stage is reused), which
+            # takes a few steps; launching it now would wait on the device for the steps ahead (the pipeline runs
+            # dry), while the prompts arriving meanwhile join it, so there are fewer, larger prefill runs
+            return []
         if self.slots.prefill_in_chunks:
             return self._prefilling[:1]
         chosen, tokens = [], 0
