@@ -8,7 +8,8 @@ shapes), which the note reports with the positions.
     python3 bench/serve_isolation.py BUNDLE.lepton [--requests 24] [--slots 16] [--out r.json]
 
 Prints JSON: per run, the requests whose tokens equal the run alone, the first differing position of the others,
-and the engine's prefill runs and decode steps; and whether the two runs agree request by request.
+and the engine's prefill runs and decode steps; whether the two runs agree request by request; and at each first
+difference, the run alone's margin between its top two logits there (a near tie is the batch's numerics).
 """
 
 from __future__ import annotations
@@ -102,7 +103,23 @@ def main() -> None:
                                 "decode_steps": run["decode_steps"]}
     a, b = (run["outputs"] for run in runs.values())
     report["runs_agree"] = sum(x == y for x, y in zip(a, b))
+    # the cause of a difference: how close the run alone's top two logits were where a served run left it
+    where = sorted({(i, pos) for run in report["runs"].values() for i, pos in run["first_difference"].items()})
+    runner = open_bundle_runner(bundle)
+    try:
+        report["top2_margin_at_difference"] = {f"{i}@{pos}": top2_margin(runner, prompts[i] + alone[i][:pos])
+                                               for i, pos in where if pos < len(alone[i])}
+    finally:
+        runner.release()
     emit(report, args.out)
+
+
+def top2_margin(runner, ids: list[int]) -> float:
+    """The gap between the largest and second-largest logit of the token after `ids`, run alone."""
+    row = np.asarray(ids, np.int64)[None, :]
+    logits = np.asarray(runner.prefill(row, np.ones_like(row), last_only=True), np.float32).reshape(-1)
+    top = np.partition(logits, -2)[-2:]
+    return round(float(top[1] - top[0]), 4)
 
 
 if __name__ == "__main__":
