@@ -317,10 +317,12 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
     results = [serve_variant(suite, spec, variant) for variant in suite.args.serve_args]
     if not suite.record["bench"].get(spec["name"], {}).get("decode"):  # the engine's own speed, in the same run
         bench_part(suite, spec, "decode", suite.args.serve_clients, 128, 128, 5)
-    if suite.args.target != "cpu":  # the slots on one thread: launches after prefills, and prefills of new shapes;
-        # then isolation: concurrent requests against each one's run alone, prefills queued and waited for
+    if suite.args.target != "cpu":  # the slots on one thread: launches after prefills, prefills of new shapes, and a
+        # queued prefill's launch with steps ahead of it; then isolation: concurrent requests against each one's run
+        # alone, prefills queued and waited for
         for name, command in ((f"slots {spec['name']} --trials", ["slots_steps_gpu.py", spec["path"], "--trials", 8]),
                               (f"slots {spec['name']} --shapes", ["slots_steps_gpu.py", spec["path"], "--shapes"]),
+                              (f"slots {spec['name']} --queued", ["slots_steps_gpu.py", spec["path"], "--queued"]),
                               (f"isolation {spec['name']}", ["serve_isolation.py", spec["path"], "--requests", 32,
                                                                "--slots", 16])):
             rc, stdout = suite.step(name, [sys.executable, REPO / "bench" / command[0], *command[1:]], timeout=240)

@@ -4,6 +4,7 @@ long prefill runs of 1 and of many prompts take. `leptonc serve --trace` showed 
 on the H100 where a launch otherwise takes 0.3-0.5 ms; this separates the runtime from the server's other threads.
 
     python3 bench/slots_steps_gpu.py BUNDLE.lepton [--rows 64] [--prompt 128] [--trials 8] [--out r.json]
+    python3 bench/slots_steps_gpu.py BUNDLE.lepton --shapes | --queued
 
 Prints JSON: per trial, the prefill of `--refill` prompts into freed slots, the fresh launch after it, the wait for
 its tokens, then a pipelined launch and its wait (ms), and the medians.
@@ -33,6 +34,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--shapes", action="store_true", help="instead: time prefills of new shapes (1-24 rows of "
                         "--prompt tokens, then 4 rows of --prompt-12 to --prompt+12), each shape twice, no decode")
+    parser.add_argument("--queued", action="store_true", help="instead: with 0-3 decode steps queued ahead, time "
+                        "the host's launch of a queued prefill of 4 prompts, and of one CUDA OrtValue made from numpy "
+                        "(does either wait for the steps ahead?)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     if not args.bundle.is_dir():
@@ -63,6 +67,9 @@ def main() -> None:
         emit({"bundle": str(args.bundle), "shapes": rows_out,
               "median_first_ms": statistics.median(r["first_ms"] for r in rows_out),
               "median_again_ms": statistics.median(r["again_ms"] for r in rows_out)}, args.out)
+        return
+    if args.queued:
+        emit(queued_launches(slots, args), args.out)
         return
     slots.prefill_tokens(every, [[5] * args.prompt] * args.rows)
     ids = np.full(args.rows, 7, np.int64)
@@ -96,6 +103,43 @@ def main() -> None:
     emit({"bundle": str(args.bundle), "rows": args.rows, "refill": args.refill, "prompt": args.prompt,
           "trials": trials, "median": medians}, args.out)
     slots.release()
+
+
+def queued_launches(slots, args) -> dict:
+    """Rows 4.. decode while rows 0-3 are prefilled: per trial and per number of steps queued ahead (0-3), the
+    host's time to make a CUDA OrtValue from numpy (as a prefill's inputs are made) and to launch the prefill, then
+    the waits for the steps and for the prefill. A launch that grows by a step's time per step ahead waits for them."""
+    if not getattr(slots, "async_prefill", False):
+        return {"bundle": str(args.bundle), "queued": "not measured: these slots wait for their prefills "
+                f"({slots.describe().get('queued_prefills')})"}
+    ms = lambda a, b: round((b - a) * 1e3, 3)  # noqa: E731
+    every = list(range(args.rows))
+    slots.prefill_tokens(every, [[5] * args.prompt] * args.rows)
+    busy, runner, out = every[4:], slots.runner, []
+    ids = np.full(len(busy), 7, np.int64)
+    for trial in range(args.trials):
+        for ahead in range(4):
+            for slot in range(4):
+                slots.free(slot)
+            handles = [slots.decode_launch(busy, ids) for _ in range(ahead)]
+            t0 = time.perf_counter()
+            runner._ortvalue(np.zeros((4, args.prompt), np.int64))
+            t1 = time.perf_counter()
+            runner._feeds = []
+            prefill = slots.prefill_launch(list(range(4)), [[5] * args.prompt] * 4)
+            t2 = time.perf_counter()
+            for handle in handles:
+                slots.decode_collect(handle)
+            t3 = time.perf_counter()
+            slots.prefill_collect(prefill)
+            t4 = time.perf_counter()
+            out.append({"trial": trial, "ahead": ahead, "ortvalue_ms": ms(t0, t1), "prefill_launch_ms": ms(t1, t2),
+                        "steps_wait_ms": ms(t2, t3), "prefill_wait_ms": ms(t3, t4)})
+    keys = ("ortvalue_ms", "prefill_launch_ms", "steps_wait_ms", "prefill_wait_ms")
+    medians = {ahead: {k: round(statistics.median(r[k] for r in out if r["ahead"] == ahead), 3) for k in keys}
+               for ahead in range(4)}
+    return {"bundle": str(args.bundle), "rows": args.rows, "prompt": args.prompt, "runs": out,
+            "median_by_steps_ahead": medians}
 
 
 if __name__ == "__main__":
