@@ -233,6 +233,7 @@ def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded
         assert len(launched) == metrics["prefill_runs_total"] > 1 and sum(map(len, launched)) == count + 1
         assert engine.slots.prefill_runs_by_result["logits"] == 0 and metrics["slots_used"] == 0
         assert drained == []
+        assert engine.slots._prefill_stage["inputs"].any()  # the prompts went through the stage's page-locked copy
         # one cancelled while others run: it leaves, its slot is reused, the others are unchanged
         prompt = engine.encode(PROMPTS[0])
         long = engine.submit(prompt, SamplingParams(max_tokens=engine.max_sequence - len(prompt), stop_at_eos=False))

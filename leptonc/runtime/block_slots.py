@@ -29,6 +29,7 @@ different lengths share one decode step of fixed shapes, the step ONNX Runtime c
   queues a greedy prefill behind the steps in flight and returns at once; each prompt's first token is written
   into next_tokens at its row, so the next step launched takes it as that row's id, and copied to the host for
   `prefill_collect`. So a prefill leaves no gap on the device: no drain before it, no restart from host ids after.
+  Its inputs go to the device as a step's do, through a page-locked copy on the stream.
 
 The engine (batching.py) takes the lowest free slot first, so running sequences stay packed at the low rows.
 The same code runs on ONNX Runtime's CPU provider (device_type "cpu"), which is how CI checks it.
@@ -144,7 +145,11 @@ class BlockKvSlots(KvSlots):
         self.pipelined = True
         self._stages = [{"inputs": driver.pinned(self.host.size), "tokens": driver.pinned(self.num_slots),
                          "event": driver.event(), "busy": False} for _ in range(PIPELINE_DEPTH)]
-        self._prefill_stage = {"tokens": driver.pinned(self.num_slots), "event": driver.event(), "busy": False}
+        # a queued prefill's inputs (ids, mask, positions, logits positions of each run) go through a page-locked
+        # copy into one device buffer with the stream's own copy, as a step's do: no copy that waits for the device
+        words = 3 * (self.prefill_budget + self.max_sequence) + 2 * self.num_slots  # a launch's runs past it: _ortvalue
+        self._prefill_stage = {"tokens": driver.pinned(self.num_slots), "event": driver.event(), "busy": False,
+                               "inputs": driver.pinned(words), "device": self.runner._empty((words,), np.int64)}
         self.async_prefill = bool(self.runner.selects_logits)  # a run's first tokens are [rows, 1]: one copy each
 
     def length(self, slot: int) -> int:
@@ -179,11 +184,14 @@ class BlockKvSlots(KvSlots):
         self.last_prefill_runs = len(runs)
         return runs
 
-    def _prefill_binding(self, run: list[int], slots: list[int], prompts: list[list[int]], tokens: bool):
+    def _prefill_binding(self, run: list[int], slots: list[int], prompts: list[list[int]], tokens: bool,
+                         staged: int | None = None):
         """The binding of one run over neighbouring rows slots[run[0]]..slots[run[-1]], prompts right-padded to the
         longest, and the prompts' lengths. The rows' lengths and mask are set: the run fills them. Its inputs are
-        in runner._feeds. `tokens`: the graph's next_token is bound last (after the cache); on pipelined slots
-        (prefill_launch) straight into the rows' entries of next_tokens, where the next step takes its ids."""
+        in runner._feeds, or (`staged`, prefill_launch) in the prefill stage's buffers from that word on, copied on
+        the stream; the third value is the word after them (None where they are not staged). `tokens`: the graph's next_token is bound last (after
+        the cache); on pipelined slots (prefill_launch) straight into the rows' entries of next_tokens, where the
+        next step takes its ids."""
         runner = self.runner
         r0, count = slots[run[0]], len(run)
         lengths = np.asarray([len(prompts[i]) for i in run], np.int64)
@@ -191,15 +199,25 @@ class BlockKvSlots(KvSlots):
         ids = np.zeros((count, width), np.int64)
         for r, i in enumerate(run):
             ids[r, :lengths[r]] = prompts[i]
-        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        inputs = {INPUT_IDS: ids, ATTENTION_MASK: (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64),
+                  POSITION_IDS: np.broadcast_to(np.arange(width, dtype=np.int64), (count, width))}
+        if runner.selects_logits:
+            inputs[LOGITS_POSITIONS] = (lengths - 1).reshape(count, 1)
         runner._feeds = []
         binding = runner.session.io_binding()
-        binding.bind_ortvalue_input(INPUT_IDS, runner._ortvalue(ids))
-        binding.bind_ortvalue_input(ATTENTION_MASK, runner._ortvalue(mask))
-        binding.bind_ortvalue_input(POSITION_IDS, runner._ortvalue(
-            np.ascontiguousarray(np.broadcast_to(np.arange(width, dtype=np.int64), (count, width)))))
-        if runner.selects_logits:
-            binding.bind_ortvalue_input(LOGITS_POSITIONS, runner._ortvalue((lengths - 1).reshape(count, 1)))
+        if staged is None or staged + sum(a.size for a in inputs.values()) > self._prefill_stage["inputs"].size:
+            staged = None
+            for name, array in inputs.items():
+                binding.bind_ortvalue_input(name, runner._ortvalue(array))
+        else:
+            stage, start = self._prefill_stage, staged
+            for name, array in inputs.items():
+                stage["inputs"][staged:staged + array.size] = array.reshape(-1)
+                binding.bind_input(name, runner.device_type, runner.device_id, np.int64, list(array.shape),
+                                   stage["device"].data_ptr() + 8 * staged)
+                staged += array.size
+            self._driver().copy(stage["device"].data_ptr() + 8 * start, stage["inputs"].ctypes.data + 8 * start,
+                                8 * (staged - start), runner._stream)
         binding.bind_output(LOGITS, runner.device_type, runner.device_id)
         self.block.bind(binding, (r0, r0 + count))
         if tokens and self.async_prefill:
@@ -211,14 +229,14 @@ class BlockKvSlots(KvSlots):
             self.lengths[slots[i]] = lengths[r]
             self.host_mask[slots[i], :lengths[r]] = 1
         self.prefill_runs_by_result["tokens" if tokens else "logits"] += 1
-        return binding, lengths
+        return binding, lengths, staged
 
     def _prefill_rows(self, run: list[int], slots: list[int], prompts: list[list[int]], results: list,
                       tokens: bool) -> None:
         """One run, waited for: each prompt's result is its last logits (float32 [vocab]) or, `tokens`, the graph's
         next_token there (the logits stay on the device)."""
         runner = self.runner
-        binding, lengths = self._prefill_binding(run, slots, prompts, tokens)
+        binding, lengths, _ = self._prefill_binding(run, slots, prompts, tokens)
         runner.session.run_with_iobinding(binding, runner._run_options(-1))
         out = binding.get_outputs()[-1 if tokens else 0].numpy()
         runner._feeds = []
@@ -239,9 +257,11 @@ class BlockKvSlots(KvSlots):
         if self._options is None:
             self._options = runner._run_options(-1)
             self._options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        staged = 0  # each run's inputs after the last one's: all of them may be on the stream at once
         try:
             for run in self._planned_runs(slots, prompts):
-                binding, _ = self._prefill_binding(run, slots, prompts, tokens=True)
+                binding, _, end = self._prefill_binding(run, slots, prompts, tokens=True, staged=staged)
+                staged = end if end is not None else staged
                 runner.session.run_with_iobinding(binding, self._options)
                 kept.append((binding, runner._feeds))
                 runner._feeds = []
