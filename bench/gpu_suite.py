@@ -77,7 +77,7 @@ class Suite:
         self.record.update(suite="bench/gpu_suite.py", date=time.strftime("%Y-%m-%d"), machine=self.machine,
                            ort_include=self.env.get("LEPTONC_ORT_INCLUDE"))
         self.record.setdefault("calls", []).append({"argv": sys.argv[1:], "started": time.strftime("%H:%M:%S %Z"),
-                                                    "commit": git_commit()})
+                                                    "commit": args.commit or git_commit()})
         for key in ("bundles", "greedy", "bench", "peer", "hooks"):
             self.record.setdefault(key, {})
         self.record.setdefault("steps", [])
@@ -131,7 +131,12 @@ def _text(value) -> str:
 
 
 def git_commit() -> str | None:
+    """This checkout's commit (and whether tracked files changed), or None. A copy of the tree inside another git
+    checkout (an export carried to the device) is not taken for that checkout: its HEAD is another tree's."""
     try:
+        top = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != REPO.resolve():
+            return "unknown: not a git checkout (pass --commit)"
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True).stdout.strip()
@@ -565,6 +570,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (a device call has 600)")
     ap.add_argument("--fresh", action="store_true", help="start a new record instead of adding to today's")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--commit", default=None, help="the commit to record, for a tree that is not a git checkout (an "
+                    "export: `git rev-parse --short HEAD` where it was made)")
     args = ap.parse_args(argv)
     args.only = [q for p in args.only.split(",") if p.strip() for q in PRESETS.get(p.strip(), (p.strip(),))]
     unknown = set(args.only) - set(PARTS)
