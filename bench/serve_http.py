@@ -155,6 +155,9 @@ class StandInSlots:
         self.made = np.zeros(num_slots, np.int64)
         self._device_free_at = 0.0
 
+    def set_pipeline_depth(self, depth: int) -> None:
+        self.pipeline_depth = depth
+
     def _run(self, work_s: float) -> float:
         """Queue work on the device; when it will be done."""
         self._device_free_at = max(self._device_free_at, time.perf_counter()) + work_s

@@ -57,6 +57,7 @@ WARMUP_DECODE_RUNS = 3
 WARMUP_PREFILL_GRID = 64
 WARMUP_PREFILL_WIDTH = 512  # widest prompt a warm-up run uses; larger token counts take more rows
 PIPELINE_DEPTH = 3  # greedy steps in flight at most (decode_launch): slack for the host to take a step's tokens
+# and to launch a prefill (set_pipeline_depth, `leptonc serve --pipeline-depth`, changes it)
 
 
 def decode_buckets(num_slots: int) -> list[int]:
@@ -143,14 +144,32 @@ class BlockKvSlots(KvSlots):
         """Pipelined steps and prefills (module doc): page-locked inputs and tokens for each step in flight, and
         the prefill's tokens. (Tests start it on the CPU provider with a driver over host memory.)"""
         self.pipelined = True
-        self._stages = [{"inputs": driver.pinned(self.host.size), "tokens": driver.pinned(self.num_slots),
-                         "event": driver.event(), "busy": False} for _ in range(PIPELINE_DEPTH)]
+        self._stages = [self._step_stage(driver) for _ in range(self.pipeline_depth)]
         # a queued prefill's inputs (ids, mask, positions, logits positions of each run) go through a page-locked
         # copy into one device buffer with the stream's own copy, as a step's do: no copy that waits for the device
         words = 3 * (self.prefill_budget + self.max_sequence) + 2 * self.num_slots  # a launch's runs past it: _ortvalue
         self._prefill_stage = {"tokens": driver.pinned(self.num_slots), "event": driver.event(), "busy": False,
                                "inputs": driver.pinned(words), "device": self.runner._empty((words,), np.int64)}
         self.async_prefill = bool(self.runner.selects_logits)  # a run's first tokens are [rows, 1]: one copy each
+
+    def _step_stage(self, driver) -> dict:
+        """What one step in flight keeps: its page-locked inputs and tokens, and the event its tokens wait on."""
+        return {"inputs": driver.pinned(self.host.size), "tokens": driver.pinned(self.num_slots),
+                "event": driver.event(), "busy": False}
+
+    def set_pipeline_depth(self, depth: int) -> None:
+        """Let up to `depth` greedy steps be in flight (pipelined slots, with none in flight). More steps queued
+        keep the device busy while the host launches a prefill; each step's tokens reach the host that much later."""
+        if depth < 2:
+            raise ValueError(f"pipeline depth {depth}: at least 2 steps (one running, one queued behind it)")
+        if not self.pipelined or depth == self.pipeline_depth:  # unpipelined slots run one step at a time
+            return
+        if any(stage["busy"] for stage in self._stages):
+            raise RuntimeError("set_pipeline_depth: steps are in flight")
+        driver = self._driver()
+        self._free_stages(self._stages)
+        self.pipeline_depth = depth
+        self._stages = [self._step_stage(driver) for _ in range(depth)]
 
     def length(self, slot: int) -> int:
         return int(self.lengths[slot])
@@ -373,10 +392,10 @@ class BlockKvSlots(KvSlots):
 
     def decode_launch(self, slots: list[int], token_ids: np.ndarray | None) -> dict:
         """Queue one greedy step over `slots` and return at once (module doc). `token_ids` None: every slot ran in
-        the step launched last, and its id is that step's next_token, on the device. At most PIPELINE_DEPTH
+        the step launched last, and its id is that step's next_token, on the device. At most pipeline_depth
         steps are in flight: collect the oldest before launching past that."""
         runner, d, stream = self.runner, self._driver(), self.runner._stream
-        stage = self._stages[self._launched % PIPELINE_DEPTH]
+        stage = self._stages[self._launched % len(self._stages)]
         if stage["busy"]:
             raise RuntimeError("decode_launch: collect the oldest step in flight first")
         rows = np.asarray(slots, np.int64)
@@ -477,16 +496,21 @@ class BlockKvSlots(KvSlots):
     def describe(self) -> dict:
         return {**super().describe(), "decode_buckets": self.buckets, "prefill_budget_tokens": self.prefill_budget,
                 "warm_up": self.warmed, "queued_prefills": "on" if self.async_prefill else self.queued_prefills,
-                "pipelined_steps": PIPELINE_DEPTH if self.pipelined else "off (needs CUDA and a stream of the "
+                "pipelined_steps": self.pipeline_depth if self.pipelined else "off (needs CUDA and a stream of the "
                 "runner's own)", **self.runner.describe()}
 
-    def release(self) -> None:
-        self.drain()
-        for stage in self._stages + ([self._prefill_stage] if self._prefill_stage else []):
-            driver = self._driver()
+    def _free_stages(self, stages: list[dict]) -> None:
+        if not stages:
+            return
+        driver = self._driver()
+        for stage in stages:
             for buffer in ("inputs", "tokens"):
                 if buffer in stage:
                     driver.free_pinned(stage[buffer])
             driver.destroy_event(stage["event"])
+
+    def release(self) -> None:
+        self.drain()
+        self._free_stages(self._stages + ([self._prefill_stage] if self._prefill_stage else []))
         self._stages, self._states, self._prefill_stage = [], {}, None
         self.runner.release()

@@ -57,7 +57,9 @@ class EngineProcess:
         self._send_lock, self._lock, self._rpc = threading.Lock(), threading.Lock(), threading.Lock()
         info = self._started()
         self.model_name, self.num_slots, self.max_sequence = info["model_name"], info["num_slots"], info["max_sequence"]
-        self.slots = SimpleNamespace(vocab_size=info["vocab_size"], warmed=info["warmed"])
+        self.slots = SimpleNamespace(vocab_size=info["vocab_size"], warmed=info["warmed"],
+                                     pipelined=info["pipeline_depth"] is not None,
+                                     pipeline_depth=info["pipeline_depth"] or 1)
         self.tokenizer = load_tokenizer(Path(info["tokenizer_dir"]))
         self.failure: str | None = None
         self.trace_spans = 0
@@ -282,6 +284,7 @@ def engine_main(bundle: str | None, config: EngineConfig, conn, trace_path: str 
     send(("ready", {"model_name": engine.model_name, "num_slots": engine.num_slots,
                     "max_sequence": engine.max_sequence, "vocab_size": engine.slots.vocab_size,
                     "warmed": getattr(engine.slots, "warmed", None),
+                    "pipeline_depth": engine.slots.pipeline_depth if engine.slots.pipelined else None,
                     "tokenizer_dir": str(engine.tokenizer.name_or_path),
                     "metrics": engine.metrics()}))
     done = threading.Event()
