@@ -38,6 +38,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from trace_summary import summarize as summarize_trace  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is"
 PARTS = ("compile", "kernels", "greedy", "decode", "ttft", "peer-build", "peer", "serve", "verify")
@@ -399,8 +402,10 @@ def serve_variant(suite: Suite, spec: dict, variant: str) -> dict:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-        try:  # the timeline's totals (seconds and count per span), the file itself stays beside the JSON
+        try:  # the timeline's totals (seconds and count per span) and its summary (bench/trace_summary.py: medians,
+            # prefill launches by rows); the file itself stays beside the JSON
             result["trace"] = {"file": trace.name, **json.loads(trace.read_text())["otherData"]}
+            result["trace_summary"] = summarize_trace(trace)
         except (OSError, ValueError, KeyError) as exc:
             result["trace"] = f"not read: {exc}"
         log.close()

@@ -292,6 +292,26 @@ def test_queued_prefills_that_fail_the_warm_up_check_are_turned_off(right_padded
         slots.release()
 
 
+def test_a_queued_prefill_whose_runs_overflow_the_staged_inputs_makes_the_rest_as_a_waited_one(right_padded_bundle):
+    # slots 0 and 2 are not neighbours: two runs in one launch. The stage holds the first run's inputs only, so the
+    # second run's are made as a waited prefill's; both give the first tokens a waited prefill gives
+    from leptonc.bundle import load_bundle
+    from leptonc.runtime.slots import open_kv_slots
+
+    slots = open_kv_slots(load_bundle(right_padded_bundle, verify=False), "cpu", 4)
+    slots.runner._driver, slots.runner._stream = HostMemoryDriver(), 1
+    slots._start_pipeline(slots.runner._driver)
+    prompts = [[5, 9, 11, 3, 8], [7, 2, 6]]
+    waited = slots.prefill_tokens([0, 2], prompts)
+    for slot in (0, 2):
+        slots.free(slot)
+    slots._prefill_stage["inputs"] = slots._prefill_stage["inputs"][:3 * 5 + 1]  # ids, mask, positions, position
+    queued = slots.prefill_collect(slots.prefill_launch([0, 2], prompts))
+    assert slots.last_prefill_runs == 2 and queued == waited
+    assert slots._prefill_stage["inputs"][:5].tolist() == prompts[0]  # the first run's ids went through the stage
+    slots.release()
+
+
 @pytest.mark.slow
 def test_the_warm_up_and_every_step_run_on_one_thread(right_padded_bundle, monkeypatch):
     # ONNX Runtime's CUDA provider keeps CUDA graphs and cuBLAS handles per thread: the thread that warms the slots

@@ -147,7 +147,8 @@ class BlockKvSlots(KvSlots):
         self._stages = [self._step_stage(driver) for _ in range(self.pipeline_depth)]
         # a queued prefill's inputs (ids, mask, positions, logits positions of each run) go through a page-locked
         # copy into one device buffer with the stream's own copy, as a step's do: no copy that waits for the device
-        words = 3 * (self.prefill_budget + self.max_sequence) + 2 * self.num_slots  # a launch's runs past it: _ortvalue
+        # (one run always fits; a launch's later runs that do not are made as the waited path makes its inputs)
+        words = 3 * (self.prefill_budget + self.max_sequence) + 2 * self.num_slots
         self._prefill_stage = {"tokens": driver.pinned(self.num_slots), "event": driver.event(), "busy": False,
                                "inputs": driver.pinned(words), "device": self.runner._empty((words,), np.int64)}
         self.async_prefill = bool(self.runner.selects_logits)  # a run's first tokens are [rows, 1]: one copy each
@@ -208,7 +209,8 @@ class BlockKvSlots(KvSlots):
         """The binding of one run over neighbouring rows slots[run[0]]..slots[run[-1]], prompts right-padded to the
         longest, and the prompts' lengths. The rows' lengths and mask are set: the run fills them. Its inputs are
         in runner._feeds, or (`staged`, prefill_launch) in the prefill stage's buffers from that word on, copied on
-        the stream; the third value is the word after them (None where they are not staged). `tokens`: the graph's next_token is bound last (after
+        the stream where they fit; the third value is the first word the next run may use (`staged` unchanged where
+        they were not staged). `tokens`: the graph's next_token is bound last (after
         the cache); on pipelined slots (prefill_launch) straight into the rows' entries of next_tokens, where the
         next step takes its ids."""
         runner = self.runner
@@ -225,7 +227,6 @@ class BlockKvSlots(KvSlots):
         runner._feeds = []
         binding = runner.session.io_binding()
         if staged is None or staged + sum(a.size for a in inputs.values()) > self._prefill_stage["inputs"].size:
-            staged = None
             for name, array in inputs.items():
                 binding.bind_ortvalue_input(name, runner._ortvalue(array))
         else:
@@ -279,8 +280,7 @@ class BlockKvSlots(KvSlots):
         staged = 0  # each run's inputs after the last one's: all of them may be on the stream at once
         try:
             for run in self._planned_runs(slots, prompts):
-                binding, _, end = self._prefill_binding(run, slots, prompts, tokens=True, staged=staged)
-                staged = end if end is not None else staged
+                binding, _, staged = self._prefill_binding(run, slots, prompts, tokens=True, staged=staged)
                 runner.session.run_with_iobinding(binding, self._options)
                 kept.append((binding, runner._feeds))
                 runner._feeds = []
