@@ -4,7 +4,7 @@ long prefill runs of 1 and of many prompts take. `leptonc serve --trace` showed 
 on the H100 where a launch otherwise takes 0.3-0.5 ms; this separates the runtime from the server's other threads.
 
     python3 bench/slots_steps_gpu.py BUNDLE.lepton [--rows 64] [--prompt 128] [--trials 8] [--out r.json]
-    python3 bench/slots_steps_gpu.py BUNDLE.lepton --shapes | --queued
+    python3 bench/slots_steps_gpu.py BUNDLE.lepton --shapes | --queued [--profile]
 
 Prints JSON: per trial, the prefill of `--refill` prompts into freed slots, the fresh launch after it, the wait for
 its tokens, then a pipelined launch and its wait (ms), and the medians.
@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--queued", action="store_true", help="instead: with 0-3 decode steps queued ahead, time "
                         "the host's launch of a queued prefill of 4 prompts, and of one CUDA OrtValue made from numpy "
                         "(does either wait for the steps ahead?)")
+    parser.add_argument("--profile", action="store_true", help="with --queued: ONNX Runtime's profile of the "
+                        "session, summarized as each prefill node's host time with 0 and with 3 steps ahead (which "
+                        "node waits, if the launch does)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     if not args.bundle.is_dir():
@@ -48,6 +51,8 @@ def main() -> None:
     from leptonc.bundle import load_bundle
     from leptonc.runtime.slots import open_kv_slots
 
+    if args.profile:
+        profile_sessions(onnxruntime)
     slots = open_kv_slots(load_bundle(args.bundle, verify=False), "cuda", args.rows)
     slots.warm_up(0)
     every = list(range(args.rows))
@@ -116,6 +121,7 @@ def queued_launches(slots, args) -> dict:
     every = list(range(args.rows))
     slots.prefill_tokens(every, [[5] * args.prompt] * args.rows)
     busy, runner, out = every[4:], slots.runner, []
+    runner.session = TimedRuns(runner.session)  # the launch's ONNX Runtime run, apart from its bindings
     ids = np.full(len(busy), 7, np.int64)
     for trial in range(args.trials):
         for ahead in range(4):
@@ -126,20 +132,91 @@ def queued_launches(slots, args) -> dict:
             runner._ortvalue(np.zeros((4, args.prompt), np.int64))
             t1 = time.perf_counter()
             runner._feeds = []
+            runner.session.seconds.clear()
             prefill = slots.prefill_launch(list(range(4)), [[5] * args.prompt] * 4)
             t2 = time.perf_counter()
+            run_ms, runs = round(sum(runner.session.seconds) * 1e3, 3), len(runner.session.seconds)
             for handle in handles:
                 slots.decode_collect(handle)
             t3 = time.perf_counter()
             slots.prefill_collect(prefill)
             t4 = time.perf_counter()
             out.append({"trial": trial, "ahead": ahead, "ortvalue_ms": ms(t0, t1), "prefill_launch_ms": ms(t1, t2),
-                        "steps_wait_ms": ms(t2, t3), "prefill_wait_ms": ms(t3, t4)})
-    keys = ("ortvalue_ms", "prefill_launch_ms", "steps_wait_ms", "prefill_wait_ms")
+                        "prefill_ort_run_ms": run_ms, "prefill_runs": runs, "steps_wait_ms": ms(t2, t3),
+                        "prefill_wait_ms": ms(t3, t4)})
+    keys = ("ortvalue_ms", "prefill_launch_ms", "prefill_ort_run_ms", "steps_wait_ms", "prefill_wait_ms")
     medians = {ahead: {k: round(statistics.median(r[k] for r in out if r["ahead"] == ahead), 3) for k in keys}
                for ahead in range(4)}
-    return {"bundle": str(args.bundle), "rows": args.rows, "prompt": args.prompt, "runs": out,
-            "median_by_steps_ahead": medians}
+    result = {"bundle": str(args.bundle), "rows": args.rows, "prompt": args.prompt, "runs": out,
+              "median_by_steps_ahead": medians}
+    if args.profile:
+        session = runner.session.session
+        result["profile"] = profile_summary(Path(session.end_profiling()), [r["prefill_runs"] for r in out],
+                                            [r["ahead"] for r in out])
+    return result
+
+
+class TimedRuns:
+    """A session whose run_with_iobinding calls are timed (`seconds`); everything else is the session's."""
+
+    def __init__(self, session):
+        self.session, self.seconds = session, []
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run_with_iobinding(self, binding, options=None):
+        started = time.perf_counter()
+        try:
+            return self.session.run_with_iobinding(binding, options)
+        finally:
+            self.seconds.append(time.perf_counter() - started)
+
+
+def profile_sessions(onnxruntime) -> None:
+    """Every InferenceSession made from here on writes ONNX Runtime's profile (a JSON trace of each run's nodes)."""
+    made = onnxruntime.InferenceSession
+
+    def profiled(path, options=None, *args, **kwargs):
+        options = options or onnxruntime.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = "/tmp/slots_profile"
+        return made(path, options, *args, **kwargs)
+
+    onnxruntime.InferenceSession = profiled
+
+
+def profile_summary(path: Path, runs_per_launch: list[int], ahead: list[int]) -> dict:
+    """The profile's prefill runs (runs with node events; a captured decode step has none), the last ones matched to
+    the launches in order: per node, the median host time (us) with 0 and with 3 steps queued ahead, the nodes whose
+    time grows most first."""
+    import json
+
+    events = json.loads(path.read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    per_run = []
+    for run in runs:
+        inside = [e for e in nodes if run["ts"] <= e["ts"] <= run["ts"] + run["dur"]]
+        if inside:
+            per_run.append((run["dur"], {e["name"].removesuffix("_kernel_time"): e["dur"] for e in inside}))
+    per_run = per_run[-sum(runs_per_launch):] if len(per_run) >= sum(runs_per_launch) else []
+    by_ahead: dict[int, list] = {0: [], 3: []}
+    for count, a in zip(runs_per_launch, ahead):
+        taken, per_run = per_run[:count], per_run[count:]
+        if a in by_ahead and count == 1 and taken:
+            by_ahead[a].append(taken[0])
+    if not by_ahead[0] or not by_ahead[3]:
+        return {"file": str(path), "summary": "no prefill runs matched the launches"}
+    med = lambda xs: float(statistics.median(xs))  # noqa: E731
+    names = by_ahead[0][0][1].keys()
+    rows = [{"node": n, "us_0_ahead": med([r[1].get(n, 0) for r in by_ahead[0]]),
+             "us_3_ahead": med([r[1].get(n, 0) for r in by_ahead[3]])} for n in names]
+    rows.sort(key=lambda r: r["us_3_ahead"] - r["us_0_ahead"], reverse=True)
+    return {"file": str(path), "nodes": len(rows),
+            "run_us": {"0_ahead": med([r[0] for r in by_ahead[0]]), "3_ahead": med([r[0] for r in by_ahead[3]])},
+            "node_sum_us": {"0_ahead": sum(r["us_0_ahead"] for r in rows), "3_ahead": sum(r["us_3_ahead"] for r in rows)},
+            "grew_most": rows[:8], "slowest_0_ahead": sorted(rows, key=lambda r: -r["us_0_ahead"])[:8]}
 
 
 if __name__ == "__main__":
