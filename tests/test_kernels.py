@@ -666,7 +666,8 @@ def test_attention_left_on_onnx_runtime_when_the_kernel_cannot_run_it(kwargs, wh
 def test_runner_takes_cached_attention_as_a_shared_cache_graph(tmp_path):
     """A CachedAttention bundle keeps GroupQueryAttention's runtime contract (shared K/V block, right padding): the
     runner must not fall back to the growing layout, which would feed the kernel a cache of the wrong shape."""
-    from leptonc.runtime.ort_cuda import CACHE_ATTENTION_OPS, graph_op_types
+    from leptonc.runtime.ort_cuda import CACHE_ATTENTION_OPS
+    from leptonc.runtime.ort_cuda_session import graph_op_types
 
     graph = _gqa_graph()
     ctx = PassContext(backend="onnxruntime", precision="fp16", kernel_library={"file": "k.so", "arch": "sm_90"})

@@ -246,6 +246,36 @@ def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded
         assert engine.shutdown(grace_s=5)
 
 
+def test_an_input_the_graph_does_not_read_is_bound_on_the_host(right_padded_bundle):
+    # the GPU contract's attention takes positions from the mask, so no node reads position_ids. ONNX Runtime copies
+    # an unread input bound on the device to the host as it is bound, and on the GPU that copy waited for every step
+    # queued ahead of a prefill (1.5 ms a step on the H100): prefills bind it on the host, where nothing is copied
+    from leptonc.graph_contract import POSITION_IDS
+
+    engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(num_slots=2, verify=False, warmup=False))
+    try:
+        runner, slots = engine.slots.runner, engine.slots
+        assert runner.unread_inputs == {POSITION_IDS}
+        bound = {"host": [], "device": []}
+        make = runner.session.io_binding
+
+        def recording_binding():
+            binding = make()
+            cpu, ortvalue, pointer = binding.bind_cpu_input, binding.bind_ortvalue_input, binding.bind_input
+            binding.bind_cpu_input = lambda name, array: (bound["host"].append(name), cpu(name, array))[1]
+            binding.bind_ortvalue_input = lambda name, value: (bound["device"].append(name), ortvalue(name, value))[1]
+            binding.bind_input = lambda name, *args: (bound["device"].append(name), pointer(name, *args))[1]
+            return binding
+
+        runner.session.io_binding = recording_binding
+        prompt = engine.encode(PROMPTS[3])
+        first = slots.prefill_tokens([0], [prompt])
+        assert bound["host"] == [POSITION_IDS] and POSITION_IDS not in bound["device"]
+        assert first == run_alone(right_padded_bundle, [PROMPTS[3]], [1])[0].token_ids
+    finally:
+        engine.shutdown(0)
+
+
 def test_a_deeper_pipeline_queues_more_steps_and_each_request_still_gets_its_tokens_alone(right_padded_bundle):
     # `leptonc serve --pipeline-depth 5`: up to five greedy steps in flight (here on the CPU, with the driver over
     # host memory), so four are queued when the fifth is launched; the tokens are each request's run alone

@@ -41,8 +41,8 @@ from leptonc.runtime.base import positions_from_mask
 from leptonc.runtime.fixed_decode import PIPELINE_DEPTH, FixedAddressDecode
 from leptonc.runtime.kv_block import KvBlock
 from leptonc.runtime.engine_settings import EngineSettings
-from leptonc.runtime.ort_cuda_session import (GpuMemory, cublas_workspace_env, graph_op_types, load_ort_cuda,
-                                              open_session, restore_cublas_env, set_kernel_buffer_sizes)
+from leptonc.runtime.ort_cuda_session import (GpuMemory, cublas_workspace_env, graph_facts,
+                                              load_ort_cuda, open_session, restore_cublas_env, set_kernel_buffer_sizes)
 
 CACHE_ATTENTION_OPS = frozenset({"GroupQueryAttention", "CachedAttention"})  # attention that owns a K/V cache
 _DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
@@ -79,7 +79,7 @@ class OrtCudaRunner(FixedAddressDecode):
         if cuda_graph is None:
             cuda_graph = self.run_settings.cuda_graph
 
-        ops = graph_op_types(model_path)
+        ops, self.unread_inputs = graph_facts(model_path)  # unread inputs are bound on the host (graph_facts)
         # ai.leptonc.CachedAttention (passes/use_kernels.py) keeps GroupQueryAttention's contract: shared past/present
         # buffer, lengths from the mask's contents.
         self.shared_kv = bool(ops & CACHE_ATTENTION_OPS)

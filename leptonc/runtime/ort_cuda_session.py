@@ -65,6 +65,14 @@ def load_ort_cuda():
 
 
 def graph_op_types(model_path: Path) -> set[str]:
+    return graph_facts(model_path)[0]
+
+
+def graph_facts(model_path: Path) -> tuple[set[str], set[str]]:
+    """The graph's op types, and its inputs that no node reads (a "mask_sum" graph with leptonc's attention takes
+    position_ids but derives positions from the mask). ONNX Runtime copies an unread input to host memory when it is
+    bound, and from the device that copy waits for everything queued on the stream: bound on the host, it costs
+    nothing."""
     import onnx
 
     try:
@@ -74,7 +82,12 @@ def graph_op_types(model_path: Path) -> set[str]:
 
         raise BundleError(f"{Path(model_path).name} is not a readable ONNX model ({type(exc).__name__}); the file is "
                           "corrupt", hint="recompile the bundle (or re-export the model); check it was copied whole") from None
-    return {n.op_type for n in model.graph.node}
+    read = {name for node in model.graph.node for name in node.input}
+    for node in model.graph.node:  # inputs read inside a subgraph (If, Loop) count as read
+        for attribute in node.attribute:
+            for graph in [attribute.g, *attribute.graphs]:
+                read |= {name for inner in graph.node for name in inner.input}
+    return {n.op_type for n in model.graph.node}, {i.name for i in model.graph.input if i.name not in read}
 
 
 class GpuMemory:

@@ -211,7 +211,8 @@ def open_runner(model_path: Path, engine: dict, limits: dict, device: str | None
 
         return OrtCudaRunner(model_path, engine["io"], session, max_sequence=limits["max_sequence"],
                              max_batch=limits["max_batch"], run_settings=run_settings)
-    from leptonc.runtime.ort_cuda import OrtCudaRunner, graph_op_types
+    from leptonc.runtime.ort_cuda import OrtCudaRunner
+    from leptonc.runtime.ort_cuda_session import graph_op_types
 
     if "GroupQueryAttention" in graph_op_types(model_path):
         # The fused graph reads and writes one preallocated KV buffer in place (GQA's shared past/present),
