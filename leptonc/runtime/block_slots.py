@@ -226,15 +226,13 @@ class BlockKvSlots(KvSlots):
             inputs[LOGITS_POSITIONS] = (lengths - 1).reshape(count, 1)
         runner._feeds = []
         binding = runner.session.io_binding()
-        # an input the graph does not read is bound on the host: ONNX Runtime would copy one bound on the device to
-        # the host, waiting for every step queued ahead (graph_facts)
-        for name in [name for name in inputs if name in getattr(runner, "unread_inputs", ())]:
-            array = np.ascontiguousarray(inputs.pop(name))
-            runner._feeds.append(array)
-            binding.bind_cpu_input(name, array)
+        # an input the graph does not read stays on the host: bound on the device, ONNX Runtime would copy it to the
+        # host, waiting for every step queued ahead (runner._bind)
+        for name in [name for name in inputs if name in runner.unread_inputs]:
+            runner._bind(binding, name, inputs.pop(name))
         if staged is None or staged + sum(a.size for a in inputs.values()) > self._prefill_stage["inputs"].size:
             for name, array in inputs.items():
-                binding.bind_ortvalue_input(name, runner._ortvalue(array))
+                runner._bind(binding, name, array)
         else:
             stage, start = self._prefill_stage, staged
             for name, array in inputs.items():

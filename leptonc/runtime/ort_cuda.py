@@ -163,6 +163,16 @@ class OrtCudaRunner(FixedAddressDecode):
         self._feeds.append(value)
         return value
 
+    def _bind(self, binding, name: str, array: np.ndarray) -> None:
+        """Bind a host array as input `name`: copied to the device, or (an input no node reads: graph_facts) left on
+        the host, where ONNX Runtime copies nothing and so waits for nothing queued on the stream."""
+        if name in self.unread_inputs:
+            array = np.ascontiguousarray(array)
+            self._feeds.append(array)  # the binding refers to it until the run is over
+            binding.bind_cpu_input(name, array)
+        else:
+            binding.bind_ortvalue_input(name, self._ortvalue(array))
+
     def _empty(self, shape, dtype):
         return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device_type, self.device_id)
 
@@ -249,11 +259,10 @@ class OrtCudaRunner(FixedAddressDecode):
                       block: "KvBlock | None") -> np.ndarray:
         """One prefill run over rows r0:r1 (their slice of the K/V block); their logits on the host."""
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(INPUT_IDS, self._ortvalue(input_ids[r0:r1]))
-        binding.bind_ortvalue_input(ATTENTION_MASK, self._ortvalue(mask[r0:r1]))
-        binding.bind_ortvalue_input(POSITION_IDS, self._ortvalue(positions[r0:r1]))
-        if select is not None:
-            binding.bind_ortvalue_input(LOGITS_POSITIONS, self._ortvalue(select[r0:r1]))
+        for name, array in ((INPUT_IDS, input_ids), (ATTENTION_MASK, mask), (POSITION_IDS, positions),
+                            (LOGITS_POSITIONS, select)):
+            if array is not None:
+                self._bind(binding, name, array[r0:r1])
         binding.bind_output(LOGITS, self.device_type, self.device_id)  # bound first: get_outputs() keeps binding order
         if block is not None:
             block.bind(binding, (r0, r1))
@@ -362,11 +371,11 @@ class OrtCudaRunner(FixedAddressDecode):
         """One step of the growing layout: past <- the last step's present, both on the device."""
         self._feeds = []
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(INPUT_IDS, self._ortvalue(ids))
-        binding.bind_ortvalue_input(ATTENTION_MASK, self._ortvalue(self._mask))
-        binding.bind_ortvalue_input(POSITION_IDS, self._ortvalue(self._positions))
+        self._bind(binding, INPUT_IDS, ids)
+        self._bind(binding, ATTENTION_MASK, self._mask)
+        self._bind(binding, POSITION_IDS, self._positions)
         if self.selects_logits:
-            binding.bind_ortvalue_input(LOGITS_POSITIONS, self._ortvalue(np.zeros((self._batch, 1), np.int64)))
+            self._bind(binding, LOGITS_POSITIONS, np.zeros((self._batch, 1), np.int64))
         binding.bind_output(LOGITS, self.device_type, self.device_id)  # first: get_outputs() keeps binding order
         for j, (past, present) in enumerate(self._kv_names()):
             binding.bind_ortvalue_input(past, self._kv[j])
