@@ -155,9 +155,6 @@ class StandInSlots:
         self.made = np.zeros(num_slots, np.int64)
         self._device_free_at = 0.0
 
-    def set_pipeline_depth(self, depth: int) -> None:
-        self.pipeline_depth = depth
-
     def _run(self, work_s: float) -> float:
         """Queue work on the device; when it will be done."""
         self._device_free_at = max(self._device_free_at, time.perf_counter()) + work_s
@@ -251,8 +248,7 @@ def real_config(args):
     from leptonc.runtime.batching import EngineConfig
 
     interval = int(args.stream_interval) if args.stream_interval.isdigit() else args.stream_interval
-    return EngineConfig(max_queue=4 * args.concurrency, verify=False, stream_interval=interval, trace=bool(args.trace),
-                        pipeline_depth=args.pipeline_depth)
+    return EngineConfig(max_queue=4 * args.concurrency, verify=False, stream_interval=interval, trace=bool(args.trace))
 
 
 def real_engine(args):
@@ -383,8 +379,6 @@ def main() -> None:
     parser.add_argument("--trace", help="--engine real: write the scheduler's timeline here (as `leptonc serve --trace`)")
     parser.add_argument("--loadgen", type=int, default=0, help="drive with `leptonc bench-serve --workers N` instead")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--pipeline-depth", type=int, help="--engine real: steps in flight at most (as `leptonc serve "
-                        "--pipeline-depth`; default the slots' 3)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     if args.engine == "real" and not args.tokenizer:
@@ -397,7 +391,6 @@ def main() -> None:
                               "--prefill-fixed-ms", str(args.prefill_fixed_ms), "--prefill-us-per-token",
                               str(args.prefill_us_per_token), "--prefill-host-ms", str(args.prefill_host_ms),
                               "--launch-host-ms", str(args.launch_host_ms),
-                              *(["--pipeline-depth", str(args.pipeline_depth)] if args.pipeline_depth else []),
                               *(["--prefill-waited"] if args.prefill_waited else []),
                               *(["--engine-process"] if args.engine_process else []),
                               *(["--trace", args.trace] if args.trace else [])],

@@ -276,32 +276,6 @@ def test_an_input_the_graph_does_not_read_is_bound_on_the_host(right_padded_bund
         engine.shutdown(0)
 
 
-def test_a_deeper_pipeline_queues_more_steps_and_each_request_still_gets_its_tokens_alone(right_padded_bundle):
-    # `leptonc serve --pipeline-depth 5`: up to five greedy steps in flight (here on the CPU, with the driver over
-    # host memory), so four are queued when the fifth is launched; the tokens are each request's run alone
-    loaded = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(num_slots=4, verify=False, warmup=False))
-    slots = loaded.slots
-    slots.runner._driver, slots.runner._stream = HostMemoryDriver(), 1
-    slots._start_pipeline(slots.runner._driver)
-    engine = BatchingEngine(slots, loaded.tokenizer, loaded.eos_ids,
-                            EngineConfig(max_queue=16, num_slots=4, verify=False, warmup=False, pipeline_depth=5))
-    assert len(slots._stages) == 5 and slots.describe()["pipelined_steps"] == 5
-    queued = []
-    launch = slots.decode_launch
-    slots.decode_launch = lambda rows, ids: queued.append(sum(s["busy"] for s in slots._stages)) or launch(rows, ids)
-    lengths = [12, 3, 20, 7, 15, 9]
-    reference = run_alone(right_padded_bundle, PROMPTS[:6], lengths)
-    engine.start()
-    try:
-        requests = [engine.submit(engine.encode(p), SamplingParams(max_tokens=n)) for p, n in zip(PROMPTS, lengths)]
-        assert [_collect(r)[0] for r in requests] == [a.token_ids for a in reference]
-    finally:
-        assert engine.shutdown(grace_s=5)
-    assert max(queued) == 4
-    with pytest.raises(InputError, match="pipeline_depth"):
-        EngineConfig(pipeline_depth=1)
-
-
 def test_queued_prefills_that_fail_the_warm_up_check_are_turned_off(right_padded_bundle, monkeypatch):
     # the warm-up compares a queued prefill with a waited one; where it differs or fails, prefills are waited for
     # and describe() says why

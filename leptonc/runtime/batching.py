@@ -65,8 +65,6 @@ class BatchingEngine:
                  *, model_name: str = "model", device: DeviceThread | None = None):
         self.config = config or EngineConfig()
         self.slots = slots
-        if self.config.pipeline_depth is not None and slots.pipelined:
-            slots.set_pipeline_depth(self.config.pipeline_depth)
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
         self.model_name = model_name

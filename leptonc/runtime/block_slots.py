@@ -57,7 +57,7 @@ WARMUP_DECODE_RUNS = 3
 WARMUP_PREFILL_GRID = 64
 WARMUP_PREFILL_WIDTH = 512  # widest prompt a warm-up run uses; larger token counts take more rows
 PIPELINE_DEPTH = 3  # greedy steps in flight at most (decode_launch): slack for the host to take a step's tokens
-# and to launch a prefill (set_pipeline_depth, `leptonc serve --pipeline-depth`, changes it)
+# and to launch a prefill (on the H100, 5 and 8 served 3-8% fewer tokens/s than 3)
 
 
 def decode_buckets(num_slots: int) -> list[int]:
@@ -157,20 +157,6 @@ class BlockKvSlots(KvSlots):
         """What one step in flight keeps: its page-locked inputs and tokens, and the event its tokens wait on."""
         return {"inputs": driver.pinned(self.host.size), "tokens": driver.pinned(self.num_slots),
                 "event": driver.event(), "busy": False}
-
-    def set_pipeline_depth(self, depth: int) -> None:
-        """Let up to `depth` greedy steps be in flight (pipelined slots, with none in flight). More steps queued
-        keep the device busy while the host launches a prefill; each step's tokens reach the host that much later."""
-        if depth < 2:
-            raise ValueError(f"pipeline depth {depth}: at least 2 steps (one running, one queued behind it)")
-        if not self.pipelined or depth == self.pipeline_depth:  # unpipelined slots run one step at a time
-            return
-        if any(stage["busy"] for stage in self._stages):
-            raise RuntimeError("set_pipeline_depth: steps are in flight")
-        driver = self._driver()
-        self._free_stages(self._stages)
-        self.pipeline_depth = depth
-        self._stages = [self._step_stage(driver) for _ in range(depth)]
 
     def length(self, slot: int) -> int:
         return int(self.lengths[slot])

@@ -59,9 +59,6 @@ class EngineConfig:
     switch_interval_s: float | None = 0.0005
     # record the scheduler's timeline (engine.trace, a SchedulerTrace: `leptonc serve --trace FILE` writes it)
     trace: bool = False
-    # greedy decode steps in flight at most on pipelined (CUDA) slots; more keep the device busy while the host
-    # launches a prefill, and each token reaches the host that many steps later. None: the slots' own (3).
-    pipeline_depth: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -74,8 +71,6 @@ class EngineConfig:
             raise InputError(f"device must be 'cpu' or 'cuda', not {self.device!r}")
         if self.stream_interval != "auto" and (isinstance(self.stream_interval, str) or self.stream_interval < 1):
             raise InputError(f"stream_interval must be 'auto' or a whole number >= 1 token, not {self.stream_interval!r}")
-        if self.pipeline_depth is not None and not 2 <= self.pipeline_depth <= 16:
-            raise InputError(f"pipeline_depth must be 2 to 16 steps, not {self.pipeline_depth}")
         if self.switch_interval_s is not None and not 1e-5 <= self.switch_interval_s <= 1.0:
             raise InputError(f"switch_interval_s must be between 1e-05 and 1 second, not {self.switch_interval_s}")
 

@@ -123,10 +123,6 @@ def serve(
     trace: Optional[Path] = typer.Option(None, "--trace", help="Record the scheduler's timeline (prefill runs, decode "
                                          "steps, waits, idle time) and write it to this file when the server stops, "
                                          "in the Trace Event format (open it in ui.perfetto.dev)."),
-    pipeline_depth: Optional[int] = typer.Option(None, "--pipeline-depth", min=2, max=16, help="CUDA bundles: greedy "
-                                                 "decode steps queued on the device at most (default 3). More keep "
-                                                 "the GPU busy while the host launches a prompt's prefill; each "
-                                                 "token reaches its stream that many steps later."),
     engine_process: bool = typer.Option(False, "--engine-process", help="Run the engine in a process of its own, so "
                                         "that the HTTP server and the text it makes do not share Python's lock with "
                                         "the scheduler."),
@@ -145,7 +141,7 @@ def serve(
     config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk,
                           stream_interval=stream_interval, warmup=not no_warmup,
                           switch_interval_s=switch_interval_ms / 1000 if switch_interval_ms else None,
-                          trace=trace is not None, pipeline_depth=pipeline_depth)
+                          trace=trace is not None)
     sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
     if engine_process:
         from leptonc.server.engine_process import EngineProcess
@@ -172,9 +168,6 @@ def serve(
             if warmed and str(warmed.get("queued_prefills", "")).startswith("off: a queued prefill"):
                 plain(err, f"warning: prefills are waited for: the warm-up's check of queued ones found "
                            f"{warmed['queued_prefills'][5:]}")
-            if pipeline_depth is not None and not engine.slots.pipelined:
-                plain(err, "warning: --pipeline-depth has no effect: this bundle's decode steps are not queued ahead "
-                           "(they are on CUDA bundles)")
             steps = f", {engine.slots.pipeline_depth} steps in flight" if engine.slots.pipelined else ""
             err.print(f"serving {engine.model_name} on http://{host}:{bound[1]} ({engine.num_slots} slots, queue "
                       f"{max_queue}{steps}{', API key required' if api_key else ''}; {_io_stack(self.config)}{warm})",
