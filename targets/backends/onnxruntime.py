@@ -4,6 +4,7 @@ use), and how to open a runner on the result."""
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def provider(target) -> str:
 
 def check_available(target) -> None:
     try:
-        import onnxruntime as ort
+        importlib.import_module("onnxruntime")
     except ImportError:
         raise BackendUnavailableError("onnxruntime is not installed", hint="pip install onnxruntime") from None
     # A GPU target without ONNX Runtime's CUDA provider here is a cross-compile (cross_compiling): the bundle is
