@@ -309,7 +309,8 @@ def test_a_queued_prefill_whose_runs_overflow_the_staged_inputs_makes_the_rest_a
     waited = slots.prefill_tokens([0, 2], prompts)
     for slot in (0, 2):
         slots.free(slot)
-    slots._prefill_stage["inputs"] = slots._prefill_stage["inputs"][:3 * 5 + 1]  # ids, mask, positions, position
+    # room for the first run's staged inputs (ids, mask, last position: position_ids stays on the host), not the second's
+    slots._prefill_stage["inputs"] = slots._prefill_stage["inputs"][:2 * 5 + 1 + 2]
     queued = slots.prefill_collect(slots.prefill_launch([0, 2], prompts))
     assert slots.last_prefill_runs == 2 and queued == waited
     assert slots._prefill_stage["inputs"][:5].tolist() == prompts[0]  # the first run's ids went through the stage

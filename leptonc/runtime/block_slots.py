@@ -144,7 +144,8 @@ class BlockKvSlots(KvSlots):
         """Pipelined steps and prefills (module doc): page-locked inputs and tokens for each step in flight, and
         the prefill's tokens. (Tests start it on the CPU provider with a driver over host memory.)"""
         self.pipelined = True
-        self._stages = [self._step_stage(driver) for _ in range(self.pipeline_depth)]
+        self._stages = [{"inputs": driver.pinned(self.host.size), "tokens": driver.pinned(self.num_slots),
+                         "event": driver.event(), "busy": False} for _ in range(self.pipeline_depth)]
         # a queued prefill's inputs (ids, mask, positions, logits positions of each run) go through a page-locked
         # copy into one device buffer with the stream's own copy, as a step's do: no copy that waits for the device
         # (one run always fits; a launch's later runs that do not are made as the waited path makes its inputs)
@@ -152,11 +153,6 @@ class BlockKvSlots(KvSlots):
         self._prefill_stage = {"tokens": driver.pinned(self.num_slots), "event": driver.event(), "busy": False,
                                "inputs": driver.pinned(words), "device": self.runner._empty((words,), np.int64)}
         self.async_prefill = bool(self.runner.selects_logits)  # a run's first tokens are [rows, 1]: one copy each
-
-    def _step_stage(self, driver) -> dict:
-        """What one step in flight keeps: its page-locked inputs and tokens, and the event its tokens wait on."""
-        return {"inputs": driver.pinned(self.host.size), "tokens": driver.pinned(self.num_slots),
-                "event": driver.event(), "busy": False}
 
     def length(self, slot: int) -> int:
         return int(self.lengths[slot])
@@ -212,15 +208,16 @@ class BlockKvSlots(KvSlots):
             inputs[LOGITS_POSITIONS] = (lengths - 1).reshape(count, 1)
         runner._feeds = []
         binding = runner.session.io_binding()
-        # an input the graph does not read stays on the host: bound on the device, ONNX Runtime would copy it to the
-        # host, waiting for every step queued ahead (runner._bind)
+        # an input the graph does not read stays on the host (runner._bind): bound on the device, ONNX Runtime would
+        # copy it to the host, waiting for every step queued ahead
         for name in [name for name in inputs if name in runner.unread_inputs]:
             runner._bind(binding, name, inputs.pop(name))
-        if staged is None or staged + sum(a.size for a in inputs.values()) > self._prefill_stage["inputs"].size:
+        stage = self._prefill_stage
+        if staged is None or staged + sum(a.size for a in inputs.values()) > stage["inputs"].size:
             for name, array in inputs.items():
                 runner._bind(binding, name, array)
         else:
-            stage, start = self._prefill_stage, staged
+            start = staged
             for name, array in inputs.items():
                 stage["inputs"][staged:staged + array.size] = array.reshape(-1)
                 binding.bind_input(name, runner.device_type, runner.device_id, np.int64, list(array.shape),
@@ -489,18 +486,13 @@ class BlockKvSlots(KvSlots):
                 "pipelined_steps": self.pipeline_depth if self.pipelined else "off (needs CUDA and a stream of the "
                 "runner's own)", **self.runner.describe()}
 
-    def _free_stages(self, stages: list[dict]) -> None:
-        if not stages:
-            return
-        driver = self._driver()
-        for stage in stages:
+    def release(self) -> None:
+        self.drain()
+        for stage in self._stages + ([self._prefill_stage] if self._prefill_stage else []):
+            driver = self._driver()
             for buffer in ("inputs", "tokens"):
                 if buffer in stage:
                     driver.free_pinned(stage[buffer])
             driver.destroy_event(stage["event"])
-
-    def release(self) -> None:
-        self.drain()
-        self._free_stages(self._stages + ([self._prefill_stage] if self._prefill_stage else []))
         self._stages, self._states, self._prefill_stage = [], {}, None
         self.runner.release()
