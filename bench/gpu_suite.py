@@ -43,6 +43,7 @@ from trace_summary import summarize as summarize_trace  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is"
+SERVE_CHECKS = ("trials", "shapes", "queued", "isolation")  # serve_part's checks of the slots on one thread
 PARTS = ("compile", "kernels", "greedy", "decode", "ttft", "peer-build", "peer", "serve", "verify")
 PRESETS = {"table": ("compile", "peer-build", "greedy", "decode", "peer")}  # README's GPU table
 DEFAULT_PARTS = ("compile", "kernels", "greedy", "decode", "ttft", "peer", "serve", "verify")
@@ -328,11 +329,12 @@ def serve_part(suite: Suite, spec: dict, peer: Path | None) -> None:
     if suite.args.target != "cpu":  # the slots on one thread: launches after prefills, prefills of new shapes, and a
         # queued prefill's launch with steps ahead of it; then isolation: concurrent requests against each one's run
         # alone, prefills queued and waited for
-        for name, command in ((f"slots {spec['name']} --trials", ["slots_steps_gpu.py", spec["path"], "--trials", 8]),
-                              (f"slots {spec['name']} --shapes", ["slots_steps_gpu.py", spec["path"], "--shapes"]),
-                              (f"slots {spec['name']} --queued", ["slots_steps_gpu.py", spec["path"], "--queued"]),
-                              (f"isolation {spec['name']}", ["serve_isolation.py", spec["path"], "--requests", 32,
-                                                               "--slots", 16])):
+        checks = {"trials": (f"slots {spec['name']} --trials", ["slots_steps_gpu.py", spec["path"], "--trials", 8]),
+                  "shapes": (f"slots {spec['name']} --shapes", ["slots_steps_gpu.py", spec["path"], "--shapes"]),
+                  "queued": (f"slots {spec['name']} --queued", ["slots_steps_gpu.py", spec["path"], "--queued"]),
+                  "isolation": (f"isolation {spec['name']}", ["serve_isolation.py", spec["path"], "--requests", 32,
+                                                              "--slots", 16])}
+        for name, command in (checks[c] for c in suite.args.serve_checks):
             rc, stdout = suite.step(name, [sys.executable, REPO / "bench" / command[0], *command[1:]], timeout=240)
             try:
                 suite.record["hooks"][name] = json.loads(stdout) if rc == 0 else None
@@ -570,6 +572,9 @@ def main(argv=None) -> int:
                     help="serve: more options of `leptonc serve`, e.g. '--stream-interval 4', after any KEY=VALUE "
                          "words for its environment (e.g. 'CUDA_MODULE_LOADING=EAGER'); repeat it to compare servers "
                          "in one run (pass '' for the defaults)")
+    ap.add_argument("--serve-checks", default=",".join(SERVE_CHECKS),
+                    help="serve: the one-thread checks of the slots run after the servers, comma-separated (default: "
+                         "all of " + ", ".join(SERVE_CHECKS) + "; '' for none)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/leptonc_work"), help="bundles and the merged record")
     ap.add_argument("--machine", default=None, help="name in the file name (default: from the GPU's name)")
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps (a device call has 600)")
@@ -593,6 +598,9 @@ def main(argv=None) -> int:
         ap.error(f"precisions: these models have {', '.join(sorted(known))}")
     args.serve_clients = tuple(int(c) for c in args.serve_clients.split(","))
     args.serve_args = args.serve_args or [""]
+    args.serve_checks = [c.strip() for c in args.serve_checks.split(",") if c.strip()]
+    if set(args.serve_checks) - set(SERVE_CHECKS):
+        ap.error(f"--serve-checks: choose from {', '.join(SERVE_CHECKS)}")
     args.work, args.out = args.work.resolve(), args.out.resolve()
     args.verify_bundle = [p.resolve() for p in args.verify_bundle] if args.verify_bundle else None  # steps run in --work
     specs, peer = bundle_specs(args), find_peer(args.peer)

@@ -297,12 +297,17 @@ class BatchingEngine:
                     # overlaps their work; its run returns once they and it are done. The steps are collected next.
                     if not self.slots.pipelined:
                         self._collect_all()
+                    ahead = bool(running) and self._queues_prefill(prefill) and self.config.step_before_prefill
+                    if ahead:  # one more step queued first (EngineConfig.step_before_prefill)
+                        self._decode(running, keep=self.slots.pipeline_depth)
                     started = time.perf_counter()
                     self._guarded(prefill, lambda: self._prefill(prefill))
                     self._spent("prefill", started, "prefill_seconds_total", rows=len(prefill),
                                 tokens=sum(len(r.prompt_ids) for r in prefill),
                                 runs=getattr(self.slots, "last_prefill_runs", 1))
-                    running = self._still_running()
+                    running = [] if ahead else self._still_running()
+                    if ahead:
+                        self._collect_steps_above(self.slots.pipeline_depth - 1)
                 if running:
                     self._decode(running)
                 if self._in_flight and not self._running:  # the last sequences ended: nothing waits on the device
@@ -405,6 +410,10 @@ class BatchingEngine:
         self._free.append(slot)
         self._free.sort()
 
+    def _queues_prefill(self, requests: list[Request]) -> bool:
+        """Whether these prompts' prefill is queued on the device behind the steps in flight (_launch_prefill)."""
+        return self.slots.async_prefill and not self._sampled and all(r.params.greedy for r in requests)
+
     def _prefill(self, requests: list[Request]) -> None:
         if self.slots.async_prefill and all(r.params.greedy for r in requests):
             self._launch_prefill(requests)
@@ -468,9 +477,10 @@ class BatchingEngine:
         with self._lock:
             return list(self._running.items())
 
-    def _decode(self, running: list[tuple[int, Request]]) -> None:
+    def _decode(self, running: list[tuple[int, Request]], keep: int | None = None) -> None:
         """One decode step for the running sequences: queued ahead of its tokens where the slots allow it and every
-        sequence is greedy (PIPELINE_DEPTH steps in flight), else run and taken at once."""
+        sequence is greedy, else run and taken at once. Queued, it leaves at most `keep` steps in flight (default
+        PIPELINE_DEPTH - 1: the next turn's step makes PIPELINE_DEPTH)."""
         if not self.slots.pipelined or self._sampled:
             self._collect_all()
             running = self._still_running()
@@ -502,7 +512,11 @@ class BatchingEngine:
                 self._counters.decode_steps_total += 1
 
         self._guarded([r for _, r in running], launch)
-        while sum(kind == "step" for kind, _, _ in self._in_flight) >= self.slots.pipeline_depth:
+        self._collect_steps_above(self.slots.pipeline_depth - 1 if keep is None else keep)
+
+    def _collect_steps_above(self, keep: int) -> None:
+        """Collect the oldest runs until at most `keep` steps are in flight."""
+        while sum(kind == "step" for kind, _, _ in self._in_flight) > keep:
             self._collect_oldest()
 
     def _collect_oldest(self) -> None:

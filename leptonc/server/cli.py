@@ -126,6 +126,9 @@ def serve(
     engine_process: bool = typer.Option(False, "--engine-process", help="Run the engine in a process of its own, so "
                                         "that the HTTP server and the text it makes do not share Python's lock with "
                                         "the scheduler."),
+    step_before_prefill: bool = typer.Option(False, "--step-before-prefill", hidden=True,
+                                             help="GPU bundles: queue one more decode step before each queued "
+                                             "prefill (EngineConfig.step_before_prefill; being measured)."),
 ) -> None:
     """Serve a bundle over the OpenAI HTTP API (completions, chat, streaming) with Prometheus /metrics."""
     import uvicorn
@@ -141,7 +144,7 @@ def serve(
     config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk,
                           stream_interval=stream_interval, warmup=not no_warmup,
                           switch_interval_s=switch_interval_ms / 1000 if switch_interval_ms else None,
-                          trace=trace is not None)
+                          trace=trace is not None, step_before_prefill=step_before_prefill)
     sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
     if engine_process:
         from leptonc.server.engine_process import EngineProcess
