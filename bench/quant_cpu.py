@@ -53,7 +53,6 @@ def effective_bits(bundle) -> dict:
     """Bits per weight of the quantized linear layers (codes, scales, zero points as the bundle stores them,
     and with scales counted at 16 bits as GPU bundles store them), from the ONNX graph."""
     import onnx
-    from onnx import numpy_helper
 
     path = next((bundle.path / f for f in bundle.manifest["files"] if f.endswith(".onnx")), None)
     if path is None:

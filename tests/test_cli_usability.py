@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import re
-import sys
 from pathlib import Path
 from typing import NamedTuple
 

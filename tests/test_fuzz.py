@@ -22,8 +22,6 @@ import shutil
 import signal
 from pathlib import Path
 
-import pytest
-
 from conftest import run_cli
 from leptonc.bundle import MANIFEST, write_manifest
 from leptonc.errors import EXIT_CODES
