@@ -64,11 +64,14 @@ def test_sliced_sqnr_and_block_quantize_match_the_whole_computation(monkeypatch)
     whole = (scales.sqnr_db(w, wq), scales.output_sqnr_db(x, w, wq))
     monkeypatch.setattr(scales, "CHUNK_ELEMENTS", 5000)  # 52 row slices of the weight, 125 column slices of x @ w^T
     sliced = scales.block_quantize(w, 4, 32, clip_rows=rows, clip_ratios=(0.9, 0.8), refine=2)
-    assert np.array_equal(sliced.codes, q.codes) and np.array_equal(sliced.scales, q.scales)
-    assert np.array_equal(sliced.zero_points, q.zero_points)
+    assert np.array_equal(sliced.codes, q.codes) and np.array_equal(sliced.zero_points, q.zero_points)
+    # the refit scales agree to float32 rounding, not bit for bit: BLAS's kernels sum a slice's last rows in another
+    # order than the same rows inside the whole weight (OpenBLAS on AMD EPYC: 1 ulp in about a sixth of the blocks)
+    assert np.allclose(sliced.scales, q.scales, rtol=4e-7, atol=0)
     ref = x @ w.T
     by_hand = 10 * np.log10((ref.astype(np.float64) ** 2).sum() / ((ref - x @ wq.T).astype(np.float64) ** 2).sum())
-    assert np.allclose((scales.sqnr_db(w, wq), scales.output_sqnr_db(x, w, wq)), whole, rtol=0, atol=1e-9)
+    assert abs(scales.sqnr_db(w, wq) - whole[0]) < 1e-9
+    assert abs(scales.output_sqnr_db(x, w, wq) - whole[1]) < 1e-5  # x @ w^T in float32, by BLAS, of other widths
     assert abs(whole[1] - by_hand) < 1e-4
 
 
