@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from leptonc.errors import UnsupportedRequestError
 from leptonc.targets import BACKENDS, PRECISIONS, Target, get_target
 from leptonc.targets.backends.selection import choose_backend
+
+if TYPE_CHECKING:  # the annotation's name only: calibration is imported where a quantized compile needs it
+    from leptonc.calibration.quantize import QuantSettings
 
 DEFAULT_MAX_SEQUENCE = 2048
 DEFAULT_MAX_BATCH = 16
