@@ -186,9 +186,11 @@ def test_a_gpu_layout_bundle_is_warmed_up_before_it_serves(right_padded_bundle):
     finally:
         assert server.stop() == 0
     assert "Traceback" not in "".join(server.log)
-    cold = ServerProcess(right_padded_bundle, "--no-warmup")
+    cold = ServerProcess(right_padded_bundle, "--no-warmup", "--step-before-prefill")
     try:
         assert "warmed up" not in "".join(cold.log)
+        # on the CPU no step is queued ahead: the option is said to have no effect, not dropped in silence
+        assert "warning: --step-before-prefill has no effect" in "".join(cold.log)
     finally:
         assert cold.stop() == 0
 

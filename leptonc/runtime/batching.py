@@ -297,17 +297,22 @@ class BatchingEngine:
                     # overlaps their work; its run returns once they and it are done. The steps are collected next.
                     if not self.slots.pipelined:
                         self._collect_all()
-                    ahead = bool(running) and self._queues_prefill(prefill) and self.config.step_before_prefill
-                    if ahead:  # one more step queued first (EngineConfig.step_before_prefill)
+                    # EngineConfig.step_before_prefill: one more step queued first (queued prefills are on
+                    # pipelined slots; a sampled sequence runs its steps at once)
+                    ahead = (self.config.step_before_prefill and bool(running) and not self._sampled
+                             and self._queues_prefill(prefill))
+                    if ahead:
                         self._decode(running, keep=self.slots.pipeline_depth)
                     started = time.perf_counter()
                     self._guarded(prefill, lambda: self._prefill(prefill))
                     self._spent("prefill", started, "prefill_seconds_total", rows=len(prefill),
                                 tokens=sum(len(r.prompt_ids) for r in prefill),
                                 runs=getattr(self.slots, "last_prefill_runs", 1))
-                    running = [] if ahead else self._still_running()
-                    if ahead:
+                    if ahead:  # the prompts join the next turn's step
+                        running = []
                         self._collect_steps_above(self.slots.pipeline_depth - 1)
+                    else:
+                        running = self._still_running()
                 if running:
                     self._decode(running)
                 if self._in_flight and not self._running:  # the last sequences ended: nothing waits on the device
@@ -412,10 +417,10 @@ class BatchingEngine:
 
     def _queues_prefill(self, requests: list[Request]) -> bool:
         """Whether these prompts' prefill is queued on the device behind the steps in flight (_launch_prefill)."""
-        return self.slots.async_prefill and not self._sampled and all(r.params.greedy for r in requests)
+        return self.slots.async_prefill and all(r.params.greedy for r in requests)
 
     def _prefill(self, requests: list[Request]) -> None:
-        if self.slots.async_prefill and all(r.params.greedy for r in requests):
+        if self._queues_prefill(requests):
             self._launch_prefill(requests)
             return
         if self.slots.prefill_in_chunks:

@@ -171,6 +171,9 @@ def serve(
             if warmed and str(warmed.get("queued_prefills", "")).startswith("off: a queued prefill"):
                 plain(err, f"warning: prefills are waited for: the warm-up's check of queued ones found "
                            f"{warmed['queued_prefills'][5:]}")
+            if step_before_prefill and not engine.slots.pipelined:
+                plain(err, "warning: --step-before-prefill has no effect: this bundle's decode steps are not queued "
+                           "ahead (they are on CUDA bundles)")
             steps = f", {engine.slots.pipeline_depth} steps in flight" if engine.slots.pipelined else ""
             err.print(f"serving {engine.model_name} on http://{host}:{bound[1]} ({engine.num_slots} slots, queue "
                       f"{max_queue}{steps}{', API key required' if api_key else ''}; {_io_stack(self.config)}{warm})",
