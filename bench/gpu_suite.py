@@ -387,9 +387,15 @@ def serve_variant(suite: Suite, spec: dict, variant: str) -> dict:
             result["failed"] = "the server did not come up: " + (suite.args.work / "serve.log").read_text()[-2000:]
         else:
             for clients in suite.args.serve_clients:
-                result[f"concurrency_{clients}"] = suite.cli(
-                    f"bench-serve {spec['name']} c{clients}", "bench-serve", url, "--concurrency", clients,
-                    "--requests", 8 * clients, "--prompt-len", 128, "--gen-len", 128, "--json", timeout=240)
+                # --serve-repeats N: the same load N times against this server; its record is the median run's, the
+                # runs' rates beside it
+                runs = [suite.cli(f"bench-serve {spec['name']} c{clients}", "bench-serve", url, "--concurrency",
+                                  clients, "--requests", 8 * clients, "--prompt-len", 128, "--gen-len", 128, "--json",
+                                  timeout=240) for _ in range(suite.args.serve_repeats)]
+                done = sorted((r for r in runs if r), key=lambda r: r["output_tokens_per_s"])
+                result[f"concurrency_{clients}"] = done[(len(done) - 1) // 2] if done else None
+                if suite.args.serve_repeats > 1:
+                    result[f"concurrency_{clients}_runs"] = [r["output_tokens_per_s"] if r else None for r in runs]
             try:  # the engine's own counts over the run: prefill runs (batched prompts), decode steps
                 with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
                     result["engine_metrics"] = {
@@ -499,7 +505,9 @@ def table(record: dict) -> str:
         for load, r in serve.items():
             if load.startswith("concurrency_") and isinstance(r, dict):
                 peer = serve.get(f"peer_{load}") or {}
-                lines.append(f"| {load.split('_')[1]} | {r['output_tokens_per_s']} | {r['requests_per_s']} | "
+                runs = serve.get(f"{load}_runs")  # --serve-repeats: the median run, every run's rate beside it
+                rate = f"{r['output_tokens_per_s']}" + (f" (runs: {', '.join(map(str, runs))})" if runs else "")
+                lines.append(f"| {load.split('_')[1]} | {rate} | {r['requests_per_s']} | "
                              f"{r['ttft']['p50_ms']} / {r['ttft']['p99_ms']} | {r['itl']['p50_ms']} / {r['itl']['p99_ms']} | "
                              f"{peer.get('output_tokens_per_s', '-')} |")
     greedy = record.get("greedy", {})
@@ -541,7 +549,7 @@ def plan(args, specs: list[dict], peer: Path | None) -> list[str]:
         out.append(f"serve: leptonc serve {spec['path']} --port FREE --no-verify --trace OUT/trace_*.json "
                    f"{' | '.join(args.serve_args)}, then leptonc "
                    f"bench-serve URL --concurrency C --requests 8C --prompt-len 128 --gen-len 128 --json for C in "
-                   f"{args.serve_clients}")
+                   f"{args.serve_clients}" + (f", {args.serve_repeats} times each" if args.serve_repeats > 1 else ""))
         if spec["peer"] and args.target != "cpu":
             out.append(f"serve peer: bench/serve_peer_ortgenai.py --peer-script {peer} {spec['peer']} "
                        f"{spec['precision']} --concurrency C --requests 8C (same C)")
@@ -572,6 +580,9 @@ def main(argv=None) -> int:
                     help="serve: more options of `leptonc serve`, e.g. '--stream-interval 4', after any KEY=VALUE "
                          "words for its environment (e.g. 'CUDA_MODULE_LOADING=EAGER'); repeat it to compare servers "
                          "in one run (pass '' for the defaults)")
+    ap.add_argument("--serve-repeats", type=int, default=1,
+                    help="serve: runs of each load against the same server; the median run is recorded, every run's "
+                         "output tok/s beside it (the rate at 64 clients varies by a few points between runs)")
     ap.add_argument("--serve-checks", default=",".join(SERVE_CHECKS),
                     help="serve: the one-thread checks of the slots run after the servers, comma-separated (default: "
                          "all of " + ", ".join(SERVE_CHECKS) + "; '' for none)")
@@ -592,6 +603,8 @@ def main(argv=None) -> int:
     if set(args.models) - set(MODELS):
         ap.error(f"models: choose from {', '.join(MODELS)}")
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    if args.serve_repeats < 1:
+        ap.error(f"--serve-repeats must be at least 1, not {args.serve_repeats}")
     args.precisions = args.precisions.split(",") if args.precisions else None
     known = {p for model in args.models for p in MODELS[model][2]} | ({"fp32"} if args.target == "cpu" else set())
     if args.precisions and set(args.precisions) - known:
