@@ -84,6 +84,18 @@ def test_h100_cross_compile_ships_the_sm90_library(h100_bundle):
     assert [c["name"] for c in gpu_check.pending_checks(bundle.manifest)] == ["gpu_parity"]
 
 
+def test_serve_runs_the_engine_of_a_cuda_bundle_in_its_own_process_unless_told(h100_bundle, tiny_bundle, tmp_path):
+    from leptonc.server.cli import engine_apart_by_default
+
+    # the manifest's session provider decides, --device overrides it; --engine-process/--engine-in-server set it
+    assert engine_apart_by_default(str(h100_bundle), None) is True
+    assert engine_apart_by_default(str(h100_bundle), "cpu") is False
+    assert engine_apart_by_default(str(tiny_bundle), None) is False
+    assert engine_apart_by_default(str(tiny_bundle), "cuda") is True
+    # an unreadable bundle is loaded in the server's process, which reports what is wrong with it
+    assert engine_apart_by_default(str(tmp_path / "missing.lepton"), None) is False
+
+
 class ReplayRunner:
     """Not a GPU: a runner that answers with given logits rows, to test what the check decides from them."""
 

@@ -191,12 +191,11 @@ def test_block_slots_batch_prefills_and_decode_only_the_rows_in_use(right_padded
         assert engine.shutdown(grace_s=5)
 
 
-@pytest.mark.parametrize("step_first", [False, True], ids=["prefill-then-step", "step-then-prefill"])
-def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded_bundle, step_first):
+def test_block_slots_with_queued_steps_and_prefills_match_run_alone(right_padded_bundle):
     # the GPU's way, on the CPU: steps queued ahead of their tokens take their ids from the last step's next_token,
     # and a prefill queued behind them writes each prompt's first token where the next step takes it as an id
     engine = BatchingEngine.from_bundle(right_padded_bundle, EngineConfig(max_queue=16, num_slots=4, verify=False,
-                                                                         warmup=False, step_before_prefill=step_first))
+                                                                         warmup=False))
     runner = engine.slots.runner
     runner._driver, runner._stream = HostMemoryDriver(), 1
     engine.slots._start_pipeline(runner._driver)
@@ -460,16 +459,14 @@ class _AsyncPrefillSlots(_PipelinedSlots):
         self.prefills_in_flight.clear()
 
 
-@pytest.mark.parametrize("slots_class, step_first", [(_PipelinedSlots, False), (_AsyncPrefillSlots, False),
-                                                     (_AsyncPrefillSlots, True)],
-                         ids=["prefill-waited", "prefill-queued", "prefill-queued-after-a-step"])
-def test_pipelined_steps_give_each_request_its_own_sequence(tiny_bundle, slots_class, step_first):
+@pytest.mark.parametrize("slots_class", [_PipelinedSlots, _AsyncPrefillSlots], ids=["prefill-waited", "prefill-queued"])
+def test_pipelined_steps_give_each_request_its_own_sequence(tiny_bundle, slots_class):
     from leptonc.runtime.tokenizer import load_tokenizer
     from leptonc.bundle import load_bundle
 
     slots = slots_class()
     tokenizer = load_tokenizer(load_bundle(tiny_bundle).tokenizer_dir)
-    engine = BatchingEngine(slots, tokenizer, (5,), EngineConfig(max_queue=20, step_before_prefill=step_first))
+    engine = BatchingEngine(slots, tokenizer, (5,), EngineConfig(max_queue=20))
     ahead = []  # steps in flight as each prefill is launched
     if slots.async_prefill:
         launch_prefill = slots.prefill_launch
@@ -497,8 +494,8 @@ def test_pipelined_steps_give_each_request_its_own_sequence(tiny_bundle, slots_c
         assert slots.device_ids > 0 and not slots.in_flight  # steps ran ahead on device ids, and none is left over
         if slots.async_prefill:  # the prompts' prefills were queued too, and steps took their first tokens as ids
             assert slots.prefill_launches == engine.metrics()["prefill_runs_total"] > 0
-            # with step_before_prefill, a prefill launched while sequences run has pipeline_depth steps ahead of it
-            assert (max(ahead) == slots.pipeline_depth) == step_first and max(ahead) <= slots.pipeline_depth
+            # a prefill launched while sequences run has one more step queued first: pipeline_depth steps ahead
+            assert max(ahead) == slots.pipeline_depth
         # a sampled request among greedy ones: its steps run one at a time, and the greedy ones are unchanged
         sampled = engine.submit([1, 2, 3], SamplingParams(max_tokens=6, temperature=1.0, seed=1, stop_at_eos=False))
         greedy = engine.submit([4, 5, 6], SamplingParams(max_tokens=9, stop_at_eos=False))

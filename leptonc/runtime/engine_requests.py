@@ -57,10 +57,6 @@ class EngineConfig:
     # Python's thread switch interval while the engine runs (process-wide, put back at shutdown): the longest the
     # scheduler waits for Python's lock after a step while the HTTP server's threads hold it. None: Python's 5 ms.
     switch_interval_s: float | None = 0.0005
-    # Pipelined slots: a turn that launches a queued prefill first queues one more decode step (PIPELINE_DEPTH steps
-    # in flight instead of PIPELINE_DEPTH - 1), so the device has that much more work while the host launches the
-    # prefill; the prompts join the step after. Being measured against the default (off) on the H100.
-    step_before_prefill: bool = False
     # record the scheduler's timeline (engine.trace, a SchedulerTrace: `leptonc serve --trace FILE` writes it)
     trace: bool = False
 

@@ -93,6 +93,24 @@ def _switch_interval(value: float) -> float:
     return value
 
 
+def engine_apart_by_default(bundle: str, device: str | None) -> bool:
+    """Whether `leptonc serve` runs the engine in a process of its own when neither --engine-process nor
+    --engine-in-server is given: yes for a bundle served on CUDA (its steps are queued on the device, and the
+    scheduler launching them loses time waiting for Python's lock while the HTTP threads hold it: BENCHMARKS.md,
+    "Serving"), no on the CPU, where each step's own work dwarfs that wait. A manifest that cannot be read says
+    no here; loading the bundle then reports what is wrong with it."""
+    from leptonc.bundle import read_manifest
+    from leptonc.errors import BundleError
+
+    if device is not None:
+        return device == "cuda"
+    try:
+        manifest = read_manifest(Path(bundle))
+    except BundleError:
+        return False
+    return manifest["engine"].get("session", {}).get("provider") == "CUDAExecutionProvider"
+
+
 def serve(
     bundle: str = typer.Argument(..., help="A .lepton bundle directory."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
@@ -123,12 +141,11 @@ def serve(
     trace: Optional[Path] = typer.Option(None, "--trace", help="Record the scheduler's timeline (prefill runs, decode "
                                          "steps, waits, idle time) and write it to this file when the server stops, "
                                          "in the Trace Event format (open it in ui.perfetto.dev)."),
-    engine_process: bool = typer.Option(False, "--engine-process", help="Run the engine in a process of its own, so "
-                                        "that the HTTP server and the text it makes do not share Python's lock with "
-                                        "the scheduler."),
-    step_before_prefill: bool = typer.Option(False, "--step-before-prefill", hidden=True,
-                                             help="GPU bundles: queue one more decode step before each queued "
-                                             "prefill (EngineConfig.step_before_prefill; being measured)."),
+    engine_process: Optional[bool] = typer.Option(None, "--engine-process/--engine-in-server",
+                                                  help="Where the batching engine runs: in a process of its own, so "
+                                                  "that the HTTP server and the text it makes do not share Python's "
+                                                  "lock with the scheduler, or in the server's process. Default: its "
+                                                  "own process for a bundle served on CUDA, the server's on the CPU."),
 ) -> None:
     """Serve a bundle over the OpenAI HTTP API (completions, chat, streaming) with Prometheus /metrics."""
     import uvicorn
@@ -144,8 +161,10 @@ def serve(
     config = EngineConfig(max_queue=max_queue, device=device, verify=not no_verify, prefill_chunk=prefill_chunk,
                           stream_interval=stream_interval, warmup=not no_warmup,
                           switch_interval_s=switch_interval_ms / 1000 if switch_interval_ms else None,
-                          trace=trace is not None, step_before_prefill=step_before_prefill)
+                          trace=trace is not None)
     sock = _bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
+    if engine_process is None:
+        engine_process = engine_apart_by_default(bundle, device)
     if engine_process:
         from leptonc.server.engine_process import EngineProcess
 
@@ -171,12 +190,11 @@ def serve(
             if warmed and str(warmed.get("queued_prefills", "")).startswith("off: a queued prefill"):
                 plain(err, f"warning: prefills are waited for: the warm-up's check of queued ones found "
                            f"{warmed['queued_prefills'][5:]}")
-            if step_before_prefill and not engine.slots.pipelined:
-                plain(err, "warning: --step-before-prefill has no effect: this bundle's decode steps are not queued "
-                           "ahead (they are on CUDA bundles)")
             steps = f", {engine.slots.pipeline_depth} steps in flight" if engine.slots.pipelined else ""
+            where = "its own process" if engine_process else "the server's process"
             err.print(f"serving {engine.model_name} on http://{host}:{bound[1]} ({engine.num_slots} slots, queue "
-                      f"{max_queue}{steps}{', API key required' if api_key else ''}; {_io_stack(self.config)}{warm})",
+                      f"{max_queue}{steps}{', API key required' if api_key else ''}; engine in {where}; "
+                      f"{_io_stack(self.config)}{warm})",
                       markup=False, highlight=False)
 
     server = Server(uvicorn.Config(app, log_config=_log_config(json_logs), access_log=True, loop="auto", http="auto",

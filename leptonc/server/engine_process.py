@@ -1,4 +1,5 @@
-"""`leptonc serve --engine-process`: the batching engine in a process of its own, the HTTP server in this one.
+"""The batching engine in a process of its own, the HTTP server in this one (`leptonc serve` of a CUDA bundle, or
+`--engine-process`).
 
 In one process the HTTP server's event loop, the engine's writer (detokenization, stop strings, events) and the
 scheduler share Python's lock, and while a burst of requests arrives the scheduler waits for it between the
