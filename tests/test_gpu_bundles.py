@@ -21,6 +21,12 @@ needs_nvcc = pytest.mark.skipif(kernels.find_nvcc() is None, reason='needs nvcc 
 no_tensorrt = pytest.mark.skipif(tensorrt_builder_missing() is None, reason="TensorRT's builder is installed here")
 
 
+def _cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def _compile(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "leptonc", "compile", *args], capture_output=True, text=True,
                           timeout=1200)
@@ -94,6 +100,17 @@ def test_serve_runs_the_engine_of_a_cuda_bundle_in_its_own_process_unless_told(h
     assert engine_apart_by_default(str(tiny_bundle), "cuda") is True
     # an unreadable bundle is loaded in the server's process, which reports what is wrong with it
     assert engine_apart_by_default(str(tmp_path / "missing.lepton"), None) is False
+
+
+@pytest.mark.skipif(_cuda_provider(), reason="this onnxruntime has the CUDA provider: the bundle would be served")
+@pytest.mark.parametrize("where", [(), ("--engine-in-server",)], ids=["engine-process-by-default", "engine-in-server"])
+def test_serving_a_cuda_bundle_without_the_cuda_provider_exits_5_with_the_next_step(h100_bundle, where):
+    # by default the engine's own process loads the bundle and the server reports its error, as the server's process does
+    proc = subprocess.run([sys.executable, "-m", "leptonc", "serve", str(h100_bundle), "--port", "0", *where],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    assert "lacks" in proc.stderr and "next step: pip uninstall -y onnxruntime" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
 
 
 class ReplayRunner:
