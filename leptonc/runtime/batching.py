@@ -297,8 +297,8 @@ class BatchingEngine:
                     # overlaps their work; its run returns once they and it are done. The steps are collected next.
                     if not self.slots.pipelined:
                         self._collect_all()
-                    # A queued prefill's launch takes the host longer than a step (4.7 ms against 1.6 at 64 rows on
-                    # the H100), so one more step is queued first: pipeline_depth steps in flight, not one fewer,
+                    # A queued prefill's launch takes the host longer than a step (2.6-5 ms against 1.6 at 64 rows
+                    # on the H100), so one more step is queued first: pipeline_depth steps in flight, not one fewer,
                     # keep the device busy meanwhile, and the prompts join the step after (a sampled sequence runs
                     # its steps at once: nothing is queued)
                     ahead = bool(running) and not self._sampled and self._queues_prefill(prefill)
