@@ -243,15 +243,19 @@ class HostKvSlots(KvSlots):
         self.session = None
 
 
+def serves_on_cuda(engine: dict, device: str | None) -> bool:
+    """Whether a bundle with this manifest `engine` record runs its sequences on CUDA: `device` ("cpu" or "cuda")
+    when given, else the bundle's session provider."""
+    return device == "cuda" or (device is None and engine.get("session", {}).get("provider") == "CUDAExecutionProvider")
+
+
 def open_kv_slots(bundle, device: str | None = None, num_slots: int | None = None) -> KvSlots:
     """The slot implementation for a loaded bundle: its backend and device decide."""
     slots = int(num_slots or bundle.max_batch)
     if bundle.backend != "onnxruntime":
         raise UnsupportedRequestError(f"serving a {bundle.backend} bundle is not supported yet",
                                       hint="compile the model with the onnxruntime backend to serve it")
-    provider = bundle.engine.get("session", {}).get("provider")
-    on_gpu = device == "cuda" or (device is None and provider == "CUDAExecutionProvider")
-    if on_gpu or bundle.engine.get("session", {}).get("gqa_lengths") == "mask_sum":
+    if serves_on_cuda(bundle.engine, device) or bundle.engine.get("session", {}).get("gqa_lengths") == "mask_sum":
         from leptonc.runtime import open_bundle_runner
         from leptonc.runtime.block_slots import BlockKvSlots
 

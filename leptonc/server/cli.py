@@ -101,14 +101,15 @@ def engine_apart_by_default(bundle: str, device: str | None) -> bool:
     no here; loading the bundle then reports what is wrong with it."""
     from leptonc.bundle import read_manifest
     from leptonc.errors import BundleError
+    from leptonc.runtime.slots import serves_on_cuda
 
-    if device is not None:
-        return device == "cuda"
-    try:
-        manifest = read_manifest(Path(bundle))
-    except BundleError:
-        return False
-    return manifest["engine"].get("session", {}).get("provider") == "CUDAExecutionProvider"
+    engine = {}  # --device decides alone
+    if device is None:
+        try:
+            engine = read_manifest(Path(bundle))["engine"]
+        except BundleError:
+            return False
+    return serves_on_cuda(engine, device)
 
 
 def serve(
