@@ -6,8 +6,9 @@ two bundles (about five).
     ncu --metrics gpu__time_duration.sum --csv --page raw python3 bench/kernels_gpu.py run --plan plan.json > ncu.csv
     python3 bench/kernels_gpu.py table ncu.csv --plan plan.json --out kernels.json
 
-`run` builds the kernel library, then makes one single-node session for each (op, shape, rows) on a CUDA stream of
-its own (ONNX Runtime's user_compute_stream) and runs it `--repeats` times; the plan lists them in that order.
+`run` builds the kernel library (or takes `--library L`, one built before: two builds compared in one device call),
+then makes one single-node session for each (op, shape, rows) on a CUDA stream of its own (ONNX Runtime's
+user_compute_stream) and runs it `--repeats` times; the plan lists them in that order.
 `table` reads ncu's CSV, takes each session's kernels by their stream (streams in order of first appearance are the
 plan's sessions in order), adds up the kernels of each run, and prints the median run of each (µs), the weights'
 bandwidth and int4's speed over fp16's. ncu flushes the caches before each kernel (its default), so the weights come
@@ -92,6 +93,9 @@ def plan(shapes: list, rows: list[int]) -> list[dict]:
 
 
 def run(args) -> int:
+    if args.library and not Path(args.library).is_file():
+        raise SystemExit(f"kernels_gpu run: --library {args.library} is not a file: give a libleptonc_cuda.so built "
+                         "before (leptonc.targets.kernels.build_library), or leave it out to build this tree's")
     import onnxruntime as ort
 
     from leptonc.runtime.cuda_driver import CudaDriver
@@ -102,7 +106,7 @@ def run(args) -> int:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         print("kernels_gpu: onnxruntime has no CUDA provider here (install onnxruntime-gpu)", file=sys.stderr)
         return 2
-    library = str(build_library((9, 0)).path)
+    library = args.library or str(build_library((9, 0)).path)
     driver = CudaDriver(0)
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes.split(",")]
     sessions = plan(shapes, [int(r) for r in args.rows.split(",")])
@@ -189,6 +193,7 @@ def main() -> int:
     p_run.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts, e.g. 1,16,32,64")
     p_run.add_argument("--shapes", default="", help="a subset of " + ", ".join(s[0] for s in SHAPES))
     p_run.add_argument("--repeats", type=int, default=3)
+    p_run.add_argument("--library", help="a kernel library built before (to compare builds); default: this tree's")
     p_table = sub.add_parser("table", help="ncu's CSV and the plan -> the table (and JSON)")
     p_table.add_argument("csv")
     p_table.add_argument("--plan", required=True)
