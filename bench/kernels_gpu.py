@@ -6,6 +6,9 @@ two bundles (about five).
     ncu --metrics gpu__time_duration.sum --csv --page raw python3 bench/kernels_gpu.py run --plan plan.json > ncu.csv
     python3 bench/kernels_gpu.py table ncu.csv --plan plan.json --out kernels.json
 
+`build --ref REF --out L` builds the library of a commit's kernels on any machine with nvcc (no GPU), so that two
+builds (main and a branch, say) travel to the GPU machine and `run --library L` times each in the same call.
+
 `run` builds the kernel library (or takes `--library L`, one built before: two builds compared in one device call),
 then makes one single-node session for each (op, shape, rows) on a CUDA stream of its own (ONNX Runtime's
 user_compute_stream) and runs it `--repeats` times; the plan lists them in that order.
@@ -146,6 +149,33 @@ def run(args) -> int:
     return 0
 
 
+def build(args) -> int:
+    import io
+    import shutil
+    import subprocess
+    import tarfile
+    import tempfile
+
+    from leptonc.targets.kernels import KernelsUnavailable, build_library
+
+    repo = Path(__file__).resolve().parents[1]
+    got = subprocess.run(["git", "-C", str(repo), "archive", args.ref, "targets/kernels"], capture_output=True)
+    if got.returncode != 0:
+        raise SystemExit(f"kernels_gpu build: git has no targets/kernels at {args.ref!r} "
+                         f"({got.stderr.decode(errors='replace').strip()}); give a commit, branch or tag of this repository")
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fileobj=io.BytesIO(got.stdout)) as tar:
+            tar.extractall(tmp, filter="data")
+        try:
+            lib = build_library((9, 0), kernels_dir=Path(tmp) / "targets" / "kernels")
+        except KernelsUnavailable as exc:
+            raise SystemExit(f"kernels_gpu build: {exc}") from None
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(lib.path, args.out)
+    print(f"{args.out}: the kernels of {args.ref} (sources {lib.source_sha256[:12]}), {lib.arch}, nvcc {lib.nvcc}")
+    return 0
+
+
 def table(args) -> int:
     for path in (args.plan, args.csv):
         if not Path(path).is_file():
@@ -194,12 +224,15 @@ def main() -> int:
     p_run.add_argument("--shapes", default="", help="a subset of " + ", ".join(s[0] for s in SHAPES))
     p_run.add_argument("--repeats", type=int, default=3)
     p_run.add_argument("--library", help="a kernel library built before (to compare builds); default: this tree's")
+    p_build = sub.add_parser("build", help="build a commit's kernel library here (no GPU), for run --library")
+    p_build.add_argument("--ref", default="HEAD", help="a commit, branch or tag (default: HEAD)")
+    p_build.add_argument("--out", required=True, help="where to write the library, e.g. libs/main.so")
     p_table = sub.add_parser("table", help="ncu's CSV and the plan -> the table (and JSON)")
     p_table.add_argument("csv")
     p_table.add_argument("--plan", required=True)
     p_table.add_argument("--out", help="also write the results as JSON")
     args = parser.parse_args()
-    return run(args) if args.command == "run" else table(args)
+    return {"run": run, "build": build, "table": table}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -617,6 +617,28 @@ def test_library_builds_and_registers():
         pytest.skip(f"the library builds; loading it needs cuBLAS on LD_LIBRARY_PATH: {exc}")
 
 
+
+def test_kernels_gpu_build_makes_a_commits_library(tmp_path):
+    """bench/kernels_gpu.py build --ref: a ref git lacks is named (exit 1, no traceback); HEAD's kernels build into --out
+    (with nvcc here; in a clean checkout they are this tree's, so the cache the test above filled serves them)."""
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernels_gpu.py"
+    bad = subprocess.run([sys.executable, str(script), "build", "--ref", "no-such-ref", "--out", str(tmp_path / "x.so")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "'no-such-ref'" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "x.so").exists()
+    if kernels.find_nvcc() is None:
+        pytest.skip('building needs nvcc (pip install "leptonc[nvcc]"); the bad ref was checked')
+    out = tmp_path / "libs" / "head.so"
+    good = subprocess.run([sys.executable, str(script), "build", "--ref", "HEAD", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert good.returncode == 0, good.stderr
+    assert out.is_file() and "libcublas.so" in subprocess.run(["readelf", "-d", str(out)], capture_output=True,
+                                                              text=True).stdout
+    assert "the kernels of HEAD" in good.stdout and "sm_90" in good.stdout
+
+
 # ---- GroupQueryAttention -> ai.leptonc.CachedAttention (default; --no-attention-kernel keeps GQA) ---------
 
 def _gqa_graph(h=8, kvh=2, d=64, dtype=np.float16, **attrs) -> gs.Graph:

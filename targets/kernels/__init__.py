@@ -244,8 +244,11 @@ def _explain_nvcc_failure(stderr: str) -> str:
     return "see nvcc's message above"
 
 
-def build_library(compute_capability, cache_dir: Path | None = None) -> KernelLibrary:
-    """Build (or take from the cache) the kernel library for one GPU architecture. No GPU is needed."""
+def build_library(compute_capability, cache_dir: Path | None = None, kernels_dir: Path | None = None) -> KernelLibrary:
+    """Build (or take from the cache) the kernel library for one GPU architecture. No GPU is needed. kernels_dir: the
+    sources of another tree's targets/kernels (another commit's, to compare builds) instead of this one's."""
+    source_file = (kernels_dir / SOURCE.name) if kernels_dir else SOURCE
+    headers = tuple(sorted(kernels_dir.glob("*.cuh"))) if kernels_dir else HEADERS
     arch = arch_for(compute_capability)
     toolkit = find_toolkit()
     if toolkit is None:
@@ -264,7 +267,7 @@ def build_library(compute_capability, cache_dir: Path | None = None) -> KernelLi
     if major is None:
         raise KernelsUnavailable(f"{toolkit.nvcc} reports no CUDA release ({release!r}); {CUDA_INSTALL_HINT}")
     cuda_major = major.group(1)
-    source = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+    source = source_file.read_bytes() + b"".join(h.read_bytes() for h in headers)
     source_sha = hashlib.sha256(source).hexdigest()
     abi = header + b"".join(h.read_bytes() for h in ABI_HEADERS[1:])
     root = cache_dir or Path(os.environ.get("LEPTONC_CACHE") or Path.home() / ".cache" / "leptonc") / "kernels"
@@ -280,7 +283,7 @@ def build_library(compute_capability, cache_dir: Path | None = None) -> KernelLi
         includes += [f"-I{ABI_DIR}", *[f"-I{d}" for d in toolkit.include_dirs()]]
         includes += [f"-isystem={d / 'cccl'}" for d in toolkit.include_dirs() if (d / "cccl").is_dir()]
         cmd = [str(toolkit.nvcc), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}", *includes,
-               str(SOURCE), "-o", str(tmp), *[f"-L{d}" for d in toolkit.lib_dirs()], *link]
+               str(source_file), "-o", str(tmp), *[f"-L{d}" for d in toolkit.lib_dirs()], *link]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)
