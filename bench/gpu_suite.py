@@ -581,8 +581,9 @@ def main(argv=None) -> int:
                          "words for its environment (e.g. 'CUDA_MODULE_LOADING=EAGER'); repeat it to compare servers "
                          "in one run (pass '' for the defaults)")
     ap.add_argument("--serve-repeats", type=int, default=1,
-                    help="serve: runs of each load against the same server; the median run (of an even number, the lower "
-                         "middle one) is recorded, every run's output tok/s beside it (the rate at 64 clients varies by a few points between runs)")
+                    help="serve: runs of each load against the same server; the median run (of an even number, the "
+                         "lower middle one) is recorded, every run's output tok/s beside it (the rate at 64 clients "
+                         "varies by a few points between runs)")
     ap.add_argument("--serve-checks", default=",".join(SERVE_CHECKS),
                     help="serve: the one-thread checks of the slots run after the servers, comma-separated (default: "
                          "all of " + ", ".join(SERVE_CHECKS) + "; '' for none)")

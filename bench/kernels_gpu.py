@@ -162,7 +162,8 @@ def build(args) -> int:
     got = subprocess.run(["git", "-C", str(repo), "archive", args.ref, "targets/kernels"], capture_output=True)
     if got.returncode != 0:
         raise SystemExit(f"kernels_gpu build: git has no targets/kernels at {args.ref!r} "
-                         f"({got.stderr.decode(errors='replace').strip()}); give a commit, branch or tag of this repository")
+                         f"({got.stderr.decode(errors='replace').strip()}); "
+                         "give a commit, branch or tag of this repository")
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(fileobj=io.BytesIO(got.stdout)) as tar:
             tar.extractall(tmp, filter="data")
@@ -170,8 +171,11 @@ def build(args) -> int:
             lib = build_library((9, 0), kernels_dir=Path(tmp) / "targets" / "kernels")
         except KernelsUnavailable as exc:
             raise SystemExit(f"kernels_gpu build: {exc}") from None
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(lib.path, args.out)
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(lib.path, args.out)
+    except OSError as exc:
+        raise SystemExit(f"kernels_gpu build: cannot write {args.out} ({exc.strerror}); give a writable path") from None
     print(f"{args.out}: the kernels of {args.ref} (sources {lib.source_sha256[:12]}), {lib.arch}, nvcc {lib.nvcc}")
     return 0
 
