@@ -8,6 +8,12 @@ two bundles (about five).
 
 `build --ref REF --out L` builds the library of a commit's kernels on any machine with nvcc (no GPU), so that two
 builds (main and a branch, say) travel to the GPU machine and `run --library L` times each in the same call.
+`compare` does that in one command: each library's int4 products under ncu in turn, and the fp16 kernels once, in one
+table with each library's speed over the first's and a decode step's products (16 layers and the LM head):
+
+    python3 bench/kernels_gpu.py build --ref main --out libs/main.so       # here, before the GPU call
+    python3 bench/kernels_gpu.py build --ref my-branch --out libs/branch.so
+    python3 bench/kernels_gpu.py compare --library main=libs/main.so --library branch=libs/branch.so --out ab.json
 
 `run` builds the kernel library (or takes `--library L`, one built before: two builds compared in one device call),
 then makes one single-node session for each (op, shape, rows) on a CUDA stream of its own (ONNX Runtime's
@@ -36,6 +42,7 @@ from ncu_summary import ncu_rows  # noqa: E402
 # llama-1b-shape's products: (name, K, N, SwiGLU epilogue); the LM head runs at 8 bits (scales only) in int4 bundles
 SHAPES = [("qkv", 2048, 3072, 0), ("o", 2048, 2048, 0), ("gate|up", 2048, 16384, 1), ("down", 8192, 2048, 0),
           ("lm head", 2048, 128256, 0)]
+LAYERS = 16  # llama-1b-shape's decoder layers: a decode step runs the four layer products this many times
 ROWS = (1, 16, 32, 64, 128)
 INT4_BLOCK = 128  # the gpu suite's int4 bundles (--int4-block 128)
 
@@ -83,19 +90,35 @@ def _model_bytes(node, inits, dtype, k: int, out_n: int) -> bytes:
     return model.SerializeToString()
 
 
-def plan(shapes: list, rows: list[int]) -> list[dict]:
-    """The sessions `run` makes, in order: int4 (the LM head int8) and fp16 for each shape, each row count."""
+def plan(shapes: list, rows: list[int], kinds: tuple[str, ...] = ("quantized", "fp16")) -> list[dict]:
+    """The sessions `run` makes, in order: int4 (the LM head int8) and fp16 for each shape, each row count; `kinds`
+    takes "quantized", "fp16" or both."""
     out = []
     for name, k, n, act in shapes:
         quantized = "int8" if name == "lm head" else "int4"
-        for kind in (quantized, "fp16"):
+        for kind in [quantized if wanted == "quantized" else wanted for wanted in kinds]:
             bits = {"int4": 4, "int8": 8, "fp16": 16}[kind]
             for m in rows:
                 out.append(dict(shape=name, kind=kind, K=k, N=n, act=act, rows=m, weight_bytes=k * n * bits // 8))
     return out
 
 
+def parse_rows(text: str, command: str) -> list[int]:
+    """--rows: row counts from 1 to 128 (ROWS: the decode sweep's and one prefill's), comma-separated."""
+    try:
+        rows = [int(r) for r in text.split(",")]
+    except ValueError:
+        rows = []
+    if not rows or any(not 1 <= m <= 128 for m in rows):
+        raise SystemExit(f"kernels_gpu {command}: --rows {text!r}: give row counts from 1 to 128, e.g. 16,32,64")
+    return rows
+
+
 def run(args) -> int:
+    rows = parse_rows(args.rows, "run")
+    kinds = tuple(args.kinds.split(","))
+    if any(kind not in ("quantized", "fp16") for kind in kinds):
+        raise SystemExit(f"kernels_gpu run: --kinds {args.kinds!r}: give quantized, fp16 or quantized,fp16")
     if args.library and not Path(args.library).is_file():
         raise SystemExit(f"kernels_gpu run: --library {args.library} is not a file: give a libleptonc_cuda.so built "
                          "before (leptonc.targets.kernels.build_library), or leave it out to build this tree's")
@@ -112,7 +135,7 @@ def run(args) -> int:
     library = args.library or str(build_library((9, 0)).path)
     driver = CudaDriver(0)
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes.split(",")]
-    sessions = plan(shapes, [int(r) for r in args.rows.split(",")])
+    sessions = plan(shapes, rows, kinds)
     rng = np.random.default_rng(0)
     models: dict = {}
     streams = []  # kept until the end, so that no two sessions' streams can share an id in ncu's record
@@ -180,28 +203,34 @@ def build(args) -> int:
     return 0
 
 
-def table(args) -> int:
-    for path in (args.plan, args.csv):
-        if not Path(path).is_file():
-            raise SystemExit(f"kernels_gpu table: {path} does not exist: `run --plan` writes the plan, ncu the CSV")
-    sessions = json.loads(Path(args.plan).read_text())
-    kernels = ncu_rows(Path(args.csv).read_text(errors="replace"))
+def results_of(sessions: list[dict], csv_text: str) -> list[dict]:
+    """Each session of the plan with its median run's time (µs) from ncu's CSV: a session's kernels are those of its
+    stream (streams in order of first appearance are the plan's sessions in order), added up run by run."""
+    kernels = ncu_rows(csv_text)
     streams: dict[str, list] = {}
     for k in kernels:
         streams.setdefault(k["Stream"], []).append((k["Kernel Name"], k["us"]))
     groups = list(streams.values())  # dicts keep insertion order: streams by first kernel
     if len(groups) != len(sessions):
-        raise SystemExit(f"kernels_gpu table: {len(groups)} streams in the CSV against {len(sessions)} sessions in the "
+        raise SystemExit(f"kernels_gpu: {len(groups)} streams in the CSV against {len(sessions)} sessions in the "
                          "plan; profile the whole `run` (no --launch-count) with nothing else on the GPU")
     results = []
     for entry, group in zip(sessions, groups):
         per_run = len(group) // entry["repeats"]
         if per_run == 0 or per_run * entry["repeats"] != len(group):
-            raise SystemExit(f"kernels_gpu table: {len(group)} kernels for {entry['repeats']} runs of {entry}")
+            raise SystemExit(f"kernels_gpu: {len(group)} kernels for {entry['repeats']} runs of {entry}")
         runs = [sum(d for _, d in group[i * per_run:(i + 1) * per_run]) for i in range(entry["repeats"])]
         us = statistics.median(runs)
         results.append(dict(entry, us=round(us, 2), kernels=[n.split("(")[0][:80] for n, _ in group[:per_run]],
                             weight_gb_s=round(entry["weight_bytes"] / (us * 1e3), 1)))
+    return results
+
+
+def table(args) -> int:
+    for path in (args.plan, args.csv):
+        if not Path(path).is_file():
+            raise SystemExit(f"kernels_gpu table: {path} does not exist: `run --plan` writes the plan, ncu the CSV")
+    results = results_of(json.loads(Path(args.plan).read_text()), Path(args.csv).read_text(errors="replace"))
     fp16 = {(r["shape"], r["rows"]): r["us"] for r in results if r["kind"] == "fp16"}
     print("| shape | rows | kind | µs | weights GB/s | fp16 µs | speed over fp16 |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
@@ -218,6 +247,104 @@ def table(args) -> int:
     return 0
 
 
+def _libraries(specs: list[str]) -> dict[str, Path]:
+    """NAME=PATH pairs, in order; a bad pair, a repeated name or a missing file is named (exit 1)."""
+    libs: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"kernels_gpu compare: --library {spec!r}: give NAME=PATH, e.g. main=libs/main.so")
+        if name in libs or name == "fp16":
+            raise SystemExit(f"kernels_gpu compare: the name {name!r} is taken; give each library its own name")
+        if not Path(path).is_file():
+            raise SystemExit(f"kernels_gpu compare: {path} is not a file: build it first "
+                             "(bench/kernels_gpu.py build --ref REF --out PATH)")
+        libs[name] = Path(path)
+    if not libs:
+        raise SystemExit("kernels_gpu compare: give at least one --library NAME=PATH")
+    return libs
+
+
+def step_totals(times: dict[tuple[str, int], float], rows: list[int]) -> dict[int, float | None]:
+    """A decode step's products at each row count: LAYERS x (qkv + o + gate|up + down) + the LM head (None where one
+    is missing)."""
+    out: dict[int, float | None] = {}
+    for m in rows:
+        parts = [times.get((name, m)) for name, *_ in SHAPES]
+        out[m] = (round(LAYERS * sum(parts[:4]) + parts[4], 1) if all(p is not None for p in parts) else None)
+    return out
+
+
+def compare_table(columns: dict[str, list[dict]], rows: list[int]) -> tuple[list[str], dict]:
+    """The side-by-side table of named runs' results and its JSON form: µs per (shape, rows) for each name ("fp16":
+    the fp16 kernels), with each library's speed over the first library's in brackets, then the decode step's
+    products at each row count."""
+    times = {name: {(r["shape"], r["rows"]): r["us"] for r in res} for name, res in columns.items()}
+    libs = [name for name in columns if name != "fp16"]
+    base, names = libs[0], (["fp16"] if "fp16" in times else []) + libs
+    keys = [(shape, m) for shape, *_ in SHAPES for m in rows if any((shape, m) in t for t in times.values())]
+    totals = {name: step_totals(t, rows) for name, t in times.items()}
+
+    def line(label: str, m: int, values: list, base_value) -> str:
+        cells = [label, str(m)]
+        for name, v in zip(names, values):
+            speed = f" ({base_value / v:.2f}x)" if name not in ("fp16", base) and v and base_value else ""
+            cells.append("-" if v is None else f"{v:.1f}{speed}")
+        return "| " + " | ".join(cells) + " |"
+
+    lines = ["| shape | rows | " + " | ".join(f"{n} µs" for n in names) + " |",
+             "| --- | ---: |" + " ---: |" * len(names)]
+    lines += [line(shape, m, [times[n].get((shape, m)) for n in names], times[base].get((shape, m)))
+              for shape, m in keys]
+    lines += [line(f"decode step ({LAYERS} layers + LM head)", m, [totals[n][m] for n in names], totals[base][m])
+              for m in rows]
+    record = dict(base=base, results={name: [dict(shape=k[0], rows=k[1], us=times[name][k]) for k in keys
+                                             if k in times[name]] for name in names},
+                  decode_step_us={name: totals[name] for name in names})
+    return lines, record
+
+
+def compare(args) -> int:
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    libs = _libraries(args.library)
+    rows = parse_rows(args.rows, "compare")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise SystemExit(f"kernels_gpu compare: --out {args.out}: its folder does not exist; make it or give another")
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        raise SystemExit("kernels_gpu compare: ncu (Nsight Compute) is not on PATH: it times each kernel; install it "
+                         "with the CUDA toolkit, or run `run` under your own profiler")
+    runs = ([("fp16", "fp16", next(iter(libs.values())))] if args.fp16 else []) + \
+        [(name, "quantized", path) for name, path in libs.items()]
+    columns: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, kinds, path) in enumerate(runs, 1):
+            print(f"kernels_gpu compare: {name} ({i} of {len(runs)}): {path}", file=sys.stderr, flush=True)
+            plan_path = Path(tmp) / f"{i}.plan.json"
+            argv = [ncu, "--clock-control", args.clock_control, "--metrics", "gpu__time_duration.sum", "--csv",
+                    "--page", "raw", sys.executable, str(Path(__file__).resolve()), "run", "--plan", str(plan_path),
+                    "--rows", args.rows, "--kinds", kinds, "--repeats", str(args.repeats), "--library", str(path),
+                    *(["--shapes", args.shapes] if args.shapes else [])]
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode != 0 or not plan_path.is_file():
+                raise SystemExit(f"kernels_gpu compare: {name}'s run failed (exit {proc.returncode}):\n"
+                                 f"{(proc.stderr or proc.stdout)[-1500:]}")
+            columns[name] = results_of(json.loads(plan_path.read_text()), proc.stdout)
+    lines, record = compare_table(columns, rows)
+    print("\n".join(lines))
+    if args.out:
+        record.update(command="python3 bench/kernels_gpu.py compare " + " ".join(sys.argv[2:]),
+                      clock_control=args.clock_control,
+                      libraries={name: dict(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+                                 for name, path in libs.items()})
+        Path(args.out).write_text(json.dumps(record, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -226,6 +353,8 @@ def main() -> int:
     p_run.add_argument("--plan", required=True, help="where to write the sessions' list (JSON)")
     p_run.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts, e.g. 1,16,32,64")
     p_run.add_argument("--shapes", default="", help="a subset of " + ", ".join(s[0] for s in SHAPES))
+    p_run.add_argument("--kinds", default="quantized,fp16",
+                       help="quantized (int4, the LM head int8), fp16 or both (default: both)")
     p_run.add_argument("--repeats", type=int, default=3)
     p_run.add_argument("--library", help="a kernel library built before (to compare builds); default: this tree's")
     p_build = sub.add_parser("build", help="build a commit's kernel library here (no GPU), for run --library")
@@ -235,8 +364,18 @@ def main() -> int:
     p_table.add_argument("csv")
     p_table.add_argument("--plan", required=True)
     p_table.add_argument("--out", help="also write the results as JSON")
+    p_cmp = sub.add_parser("compare", help="time several libraries under ncu, one after another: one table")
+    p_cmp.add_argument("--library", action="append", default=[], metavar="NAME=PATH",
+                       help="a library built before (build --out); repeat it; the first is the ratios' base")
+    p_cmp.add_argument("--rows", default="32,64", help="row counts (default: 32,64)")
+    p_cmp.add_argument("--shapes", default="", help="a subset of " + ", ".join(s[0] for s in SHAPES))
+    p_cmp.add_argument("--repeats", type=int, default=3)
+    p_cmp.add_argument("--no-fp16", dest="fp16", action="store_false", help="leave out the fp16 column")
+    p_cmp.add_argument("--clock-control", default="none", choices=["none", "base"],
+                       help="ncu's clocks: none leaves them as they are (default), base locks them")
+    p_cmp.add_argument("--out", help="also write the table as JSON")
     args = parser.parse_args()
-    return {"run": run, "build": build, "table": table}[args.command](args)
+    return {"run": run, "build": build, "table": table, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":

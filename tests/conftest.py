@@ -17,6 +17,12 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 LEPTONC = [sys.executable, "-m", "leptonc"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--kernels-library", default="",
+                     help="the GPU kernel tests run this libleptonc_cuda.so, built before "
+                          "(bench/kernels_gpu.py build), instead of building this tree's")
+
+
 def run_cli(*args: str, timeout: float = 900, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """Run `leptonc ARGS` in a subprocess, capturing text output."""
     return subprocess.run([*LEPTONC, *map(str, args)], capture_output=True, text=True, timeout=timeout,

@@ -639,6 +639,76 @@ def test_kernels_gpu_build_makes_a_commits_library(tmp_path):
     assert "the kernels of HEAD" in good.stdout and "sm_90" in good.stdout
 
 
+def _kernels_gpu():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernels_gpu.py"
+    spec = importlib.util.spec_from_file_location("kernels_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ncu_csv(kernels: list[tuple[str, str, float]]) -> str:
+    """ncu's --csv --page raw form: a line before the table, the header, the units row, then (stream, name, ns)."""
+    lines = ['==PROF== Disconnected', '"ID","Stream","Kernel Name","gpu__time_duration.sum"', '"","","","nsecond"']
+    lines += [f'"{i}","{stream}","{name}","{ns:,.0f}"' for i, (stream, name, ns) in enumerate(kernels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_kernels_gpu_compare_puts_libraries_side_by_side():
+    """compare's parts without a GPU: ncu's kernels are taken per session by stream and the median run is kept; the
+    table gives each library's speed over the first's, and the decode step is 16 layers of the four products plus the
+    LM head."""
+    kg = _kernels_gpu()
+    rows = [64]
+    sessions = kg.plan(kg.SHAPES, rows, ("quantized",))
+    for entry in sessions:
+        entry["repeats"] = 3
+
+    def csv_for(us_of: dict, stream0: int) -> str:
+        kernels = []
+        for i, entry in enumerate(sessions):
+            us = us_of[entry["shape"]]
+            for run_us in (us * 1.5, us, us * 0.9):  # the median run is us * 1.0 (two kernels a run)
+                kernels += [(str(stream0 + i), "tiled_stream_groups<4>(x)", run_us * 600),
+                            (str(stream0 + i), "pdl_helper(x)", run_us * 400)]
+        return _ncu_csv(kernels)
+
+    base_us = {"qkv": 10.0, "o": 8.0, "gate|up": 30.0, "down": 20.0, "lm head": 200.0}
+    new_us = {**base_us, "qkv": 5.0, "lm head": 250.0}
+    main = kg.results_of(sessions, csv_for(base_us, 100))
+    assert [r["us"] for r in main] == [10.0, 8.0, 30.0, 20.0, 200.0]
+    assert main[0]["kernels"] == ["tiled_stream_groups<4>", "pdl_helper"] and main[4]["kind"] == "int8"
+    lines, record = kg.compare_table({"main": main, "branch": kg.results_of(sessions, csv_for(new_us, 7))}, rows)
+    assert lines[0] == "| shape | rows | main µs | branch µs |"
+    assert "| qkv | 64 | 10.0 | 5.0 (2.00x) |" in lines and "| lm head | 64 | 200.0 | 250.0 (0.80x) |" in lines
+    assert record["decode_step_us"] == {"main": {64: 16 * 68.0 + 200.0}, "branch": {64: 16 * 63.0 + 250.0}}
+    assert lines[-1].startswith("| decode step (16 layers + LM head) | 64 | 1288.0 | 1258.0 (1.02x) |")
+    with pytest.raises(SystemExit, match="5 streams in the CSV against 4 sessions"):
+        kg.results_of(sessions[:4], csv_for(base_us, 0))
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--library", "main"], "give NAME=PATH"),
+    (["--library", "main=/no/such.so"], "is not a file: build it first"),
+    (["--library", "a=LIB", "--library", "a=LIB"], "the name 'a' is taken"),
+    (["--library", "a=LIB", "--rows", "64,x"], "give row counts from 1 to 128"),
+    (["--library", "a=LIB", "--out", "/no/such/dir/ab.json"], "its folder does not exist"),
+])
+def test_kernels_gpu_compare_names_bad_input(tmp_path, argv, said):
+    import sys
+
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"not checked before the GPU run")
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernels_gpu.py"
+    proc = subprocess.run([sys.executable, str(script), "compare", *[a.replace("LIB", str(lib)) for a in argv]],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 # ---- GroupQueryAttention -> ai.leptonc.CachedAttention (default; --no-attention-kernel keeps GQA) ---------
 
 def _gqa_graph(h=8, kvh=2, d=64, dtype=np.float16, **attrs) -> gs.Graph:

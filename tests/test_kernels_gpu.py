@@ -5,9 +5,12 @@ Marked `gpu`: skipped, with the reason, where ONNX Runtime has no CUDA provider 
 On the GPU machine (onnxruntime-gpu importable, nvcc for the library):
 
     python3 -m pytest tests/test_kernels_gpu.py -m gpu -q
+    python3 -m pytest tests/test_kernels_gpu.py -m gpu -q --kernels-library libs/branch.so  # a build made before
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,9 +36,13 @@ def ort():
 
 
 @pytest.fixture(scope="module")
-def library(ort) -> str:
+def library(ort, request) -> str:
     from leptonc.targets.kernels import KernelsUnavailable, build_library
 
+    given = request.config.getoption("--kernels-library")
+    if given:  # a build of other sources (a branch's, say), checked by the same tests
+        assert Path(given).is_file(), f"--kernels-library {given} is not a file"
+        return given
     try:
         return str(build_library((9, 0)).path)
     except KernelsUnavailable as exc:
