@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 from ncu_summary import ncu_rows  # noqa: E402
 
@@ -181,8 +182,7 @@ def build(args) -> int:
 
     from leptonc.targets.kernels import KernelsUnavailable, build_library
 
-    repo = Path(__file__).resolve().parents[1]
-    got = subprocess.run(["git", "-C", str(repo), "archive", args.ref, "targets/kernels"], capture_output=True)
+    got = subprocess.run(["git", "-C", str(REPO), "archive", args.ref, "targets/kernels"], capture_output=True)
     if got.returncode != 0:
         raise SystemExit(f"kernels_gpu build: git has no targets/kernels at {args.ref!r} "
                          f"({got.stderr.decode(errors='replace').strip()}); "
@@ -275,14 +275,15 @@ def step_totals(times: dict[tuple[str, int], float], rows: list[int]) -> dict[in
     return out
 
 
-def compare_table(columns: dict[str, list[dict]], rows: list[int]) -> tuple[list[str], dict]:
+def compare_table(columns: dict[str, list[dict]], rows: list[int], shapes: list[str] | None = None
+                  ) -> tuple[list[str], dict]:
     """The side-by-side table of named runs' results and its JSON form: µs per (shape, rows) for each name ("fp16":
-    the fp16 kernels), with each library's speed over the first library's in brackets, then the decode step's
-    products at each row count."""
+    the fp16 kernels; a run that failed has no results, "-"), with each library's speed over the first library's in
+    brackets, then the decode step's products at each row count. `shapes`: the rows of the table (default: all)."""
     times = {name: {(r["shape"], r["rows"]): r["us"] for r in res} for name, res in columns.items()}
     libs = [name for name in columns if name != "fp16"]
     base, names = libs[0], (["fp16"] if "fp16" in times else []) + libs
-    keys = [(shape, m) for shape, *_ in SHAPES for m in rows if any((shape, m) in t for t in times.values())]
+    keys = [(shape, m) for shape, *_ in SHAPES for m in rows if shapes is None or shape in shapes]
     totals = {name: step_totals(t, rows) for name, t in times.items()}
 
     def line(label: str, m: int, values: list, base_value) -> str:
@@ -304,6 +305,14 @@ def compare_table(columns: dict[str, list[dict]], rows: list[int]) -> tuple[list
     return lines, record
 
 
+def pytest_counts(output: str) -> dict[str, int]:
+    """pytest's closing counts ("13 passed, 2 skipped in 40.1s" -> {"passed": 13, "skipped": 2})."""
+    import re
+
+    tail = output.strip().splitlines()[-1] if output.strip() else ""
+    return {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail)}
+
+
 def compare(args) -> int:
     import hashlib
     import shutil
@@ -318,6 +327,17 @@ def compare(args) -> int:
     if ncu is None:
         raise SystemExit("kernels_gpu compare: ncu (Nsight Compute) is not on PATH: it times each kernel; install it "
                          "with the CUDA toolkit, or run `run` under your own profiler")
+    failed: dict[str, str] = {}  # name -> why (a run that failed, or numeric tests that did not all pass)
+    checks: dict[str, dict] = {}
+    if args.check:  # each library's int4/int8 products against float64 at every row count (tests/test_kernels_gpu.py)
+        for name, path in libs.items():
+            print(f"kernels_gpu compare: {name}'s numeric tests", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "tests" / "test_kernels_gpu.py"), "-m",
+                                   "gpu", "-q", "-k", "nbits", "-p", "no:cacheprovider", "--kernels-library",
+                                   str(path)], capture_output=True, text=True, cwd=REPO)
+            checks[name] = dict(pytest_counts(proc.stdout), exit=proc.returncode)
+            if proc.returncode != 0 or not checks[name].get("passed"):
+                failed[name] = f"numeric tests: {proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ''}"
     runs = ([("fp16", "fp16", next(iter(libs.values())))] if args.fp16 else []) + \
         [(name, "quantized", path) for name, path in libs.items()]
     columns: dict[str, list[dict]] = {}
@@ -330,19 +350,22 @@ def compare(args) -> int:
                     "--rows", args.rows, "--kinds", kinds, "--repeats", str(args.repeats), "--library", str(path),
                     *(["--shapes", args.shapes] if args.shapes else [])]
             proc = subprocess.run(argv, capture_output=True, text=True)
-            if proc.returncode != 0 or not plan_path.is_file():
-                raise SystemExit(f"kernels_gpu compare: {name}'s run failed (exit {proc.returncode}):\n"
-                                 f"{(proc.stderr or proc.stdout)[-1500:]}")
+            if proc.returncode != 0 or not plan_path.is_file():  # the others still run: one table, this column empty
+                failed[name] = f"run failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}"
+                columns[name] = []
+                continue
             columns[name] = results_of(json.loads(plan_path.read_text()), proc.stdout)
-    lines, record = compare_table(columns, rows)
+    lines, record = compare_table(columns, rows, args.shapes.split(",") if args.shapes else None)
     print("\n".join(lines))
+    for name, why in failed.items():
+        print(f"kernels_gpu compare: {name}: {why}", file=sys.stderr)
     if args.out:
         record.update(command="python3 bench/kernels_gpu.py compare " + " ".join(sys.argv[2:]),
-                      clock_control=args.clock_control,
+                      clock_control=args.clock_control, checks=checks, failed=failed,
                       libraries={name: dict(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
                                  for name, path in libs.items()})
         Path(args.out).write_text(json.dumps(record, indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 def main() -> int:
@@ -371,6 +394,9 @@ def main() -> int:
     p_cmp.add_argument("--shapes", default="", help="a subset of " + ", ".join(s[0] for s in SHAPES))
     p_cmp.add_argument("--repeats", type=int, default=3)
     p_cmp.add_argument("--no-fp16", dest="fp16", action="store_false", help="leave out the fp16 column")
+    p_cmp.add_argument("--check", action="store_true",
+                       help="first run each library's numeric tests (tests/test_kernels_gpu.py -k nbits); "
+                            "a library that fails them is named and the exit code is 1")
     p_cmp.add_argument("--clock-control", default="none", choices=["none", "base"],
                        help="ncu's clocks: none leaves them as they are (default), base locks them")
     p_cmp.add_argument("--out", help="also write the table as JSON")

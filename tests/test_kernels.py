@@ -691,6 +691,44 @@ def test_kernels_gpu_compare_puts_libraries_side_by_side():
         kg.results_of(sessions[:4], csv_for(base_us, 0))
 
 
+def test_kernels_gpu_compare_names_what_failed_and_keeps_going(tmp_path):
+    """Where a library's run fails (here: no CUDA provider behind a stand-in ncu that runs the command as it is), the
+    other libraries still run, each failure is named, the table has empty columns and the exit code is 1; with --check,
+    numeric tests that all skipped are not a pass."""
+    import json
+    import os
+    import stat
+    import sys
+
+    fake = tmp_path / "bin" / "ncu"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport os, sys\nargs = sys.argv[1:]\n"
+                    f"i = args.index({sys.executable!r})\nos.execv(args[i], args[i:])\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    libs = []
+    for name in ("main", "branch"):
+        (tmp_path / f"{name}.so").write_bytes(b"never loaded: the run stops before")
+        libs += ["--library", f"{name}={tmp_path / name}.so"]
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernels_gpu.py"
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, str(script), "compare", *libs, "--check", "--rows", "64", "--shapes", "o",
+                           "--out", str(tmp_path / "ab.json")], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "| o | 64 | - | - | - |" in proc.stdout, proc.stdout
+    for name in ("fp16", "main", "branch"):
+        assert f"kernels_gpu compare: {name}: run failed (exit 2)" in proc.stderr, proc.stderr
+    record = json.loads((tmp_path / "ab.json").read_text())
+    assert set(record["failed"]) == {"fp16", "main", "branch"} and record["checks"]["main"].get("passed") is None
+    assert record["checks"]["main"]["skipped"] > 0
+
+
+def test_pytest_counts_reads_the_closing_line():
+    kg = _kernels_gpu()
+    assert kg.pytest_counts("..\n13 passed, 2 skipped, 40 deselected in 40.1s\n") == {
+        "passed": 13, "skipped": 2, "deselected": 40}
+    assert kg.pytest_counts("") == {} and kg.pytest_counts("1 failed, 12 passed in 3s") == {"failed": 1, "passed": 12}
+
+
 @pytest.mark.parametrize("argv, said", [
     (["--library", "main"], "give NAME=PATH"),
     (["--library", "main=/no/such.so"], "is not a file: build it first"),
