@@ -8,12 +8,14 @@ two bundles (about five).
 
 `build --ref REF --out L` builds the library of a commit's kernels on any machine with nvcc (no GPU), so that two
 builds (main and a branch, say) travel to the GPU machine and `run --library L` times each in the same call.
-`compare` does that in one command: each library's int4 products under ncu in turn, and the fp16 kernels once, in one
-table with each library's speed over the first's and a decode step's products (16 layers and the LM head):
+`compare` does that in one command: each library's int4 products under ncu in turn (clocks left as they are), and
+the fp16 kernels once, in one table with each library's speed over the first's and a decode step's products (16
+layers and the LM head); `--check` first runs each library's numeric tests:
 
     python3 bench/kernels_gpu.py build --ref main --out libs/main.so       # here, before the GPU call
     python3 bench/kernels_gpu.py build --ref my-branch --out libs/branch.so
-    python3 bench/kernels_gpu.py compare --library main=libs/main.so --library branch=libs/branch.so --out ab.json
+    python3 bench/kernels_gpu.py compare --check --library main=libs/main.so --library branch=libs/branch.so \
+        --out ab.json                                                       # on the GPU machine
 
 `run` builds the kernel library (or takes `--library L`, one built before: two builds compared in one device call),
 then makes one single-node session for each (op, shape, rows) on a CUDA stream of its own (ONNX Runtime's
