@@ -14,7 +14,7 @@ layers and the LM head); `--check` first runs each library's numeric tests:
 
     python3 bench/kernels_gpu.py build --ref main --out libs/main.so       # here, before the GPU call
     python3 bench/kernels_gpu.py build --ref my-branch --out libs/branch.so
-    python3 bench/kernels_gpu.py compare --check --library main=libs/main.so --library branch=libs/branch.so \
+    python3 bench/kernels_gpu.py compare --check --library main=libs/main.so --library branch=libs/branch.so \\
         --out ab.json                                                       # on the GPU machine
 
 `run` builds the kernel library (or takes `--library L`, one built before: two builds compared in one device call),
