@@ -301,7 +301,7 @@ def eval_cmd(
 
     cfg = ev.EvalConfig(data=data, max_tokens=max_tokens, window=window, stride=stride, offset_chars=offset_chars)
     p = Path(model)
-    if p.is_dir() and (p / "manifest.json").is_file():
+    if p.suffix == ".lepton" or (p.is_dir() and (p / "manifest.json").is_file()):  # a bundle, or one named as such
         runner, tok, _, _ = _open(model, None, not no_verify, engine_options=engine_option)
         if window > runner.max_sequence:
             raise InputError(f"--window {window} exceeds this bundle's maximum sequence of {runner.max_sequence}")

@@ -81,6 +81,17 @@ def test_inspect_of_a_missing_bundle_exits_7_as_run_and_bench_do(tmp_path):
     assert _invoke("inspect", tmp_path / "none.lepton").exit_code == 7
 
 
+def test_eval_of_a_missing_or_broken_bundle_is_a_bundle_error_not_a_model_source_error(tmp_path):
+    """eval takes a bundle or a model source; a path named .lepton is a bundle: exit 7 with the bundle's next step."""
+    broken = tmp_path / "broken.lepton"
+    broken.mkdir()  # no manifest.json
+    data = tmp_path / "text.txt"
+    data.write_text("some text")
+    for path in (tmp_path / "none.lepton", broken):
+        res = _invoke("eval", path, "--data", data)
+        assert res.exit_code == 7 and "model source" not in res.output, res.output
+
+
 def test_whitespace_prompt_is_refused(tiny_bundle):
     proc = run_cli("run", tiny_bundle, "-p", "   ")
     assert_clean_error(proc, 8)
