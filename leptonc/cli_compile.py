@@ -252,7 +252,8 @@ def _quant_options(config, given: dict):
         return config
     if config.precision not in ("int8", "fp8", "int4"):
         flags = ", ".join("--no-check" if k == "check" else f"--{k.replace('_', '-')}" for k in given)
-        raise UnsupportedRequestError(f"{flags} only apply to a quantized compile (--int8, --fp8 or --int4); "
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UnsupportedRequestError(f"{flags} only {verb} to a quantized compile (--int8, --fp8 or --int4); "
                                       f"this one is {config.precision}")
     config = config.with_(quantization=given)  # validated by QuantSettings and CompileConfig, naming the flag
     if config.quantization.caution:

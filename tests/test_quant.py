@@ -185,7 +185,7 @@ def test_no_check_skips_the_gate_and_says_so(tmp_path, cache):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--calib-samples", "4"], "only apply to a quantized compile"),
+    (["--calib-samples", "4"], "--calib-samples only applies to a quantized compile"),
     (["--int4", "--int4-block", "100"], "--int4-block 100"),
     (["--int4", "--int4-method", "gptq"], "--int4-method"),
     (["--int8", "--int8-mode", "w4a8"], "--int8-mode"),
