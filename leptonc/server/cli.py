@@ -154,6 +154,13 @@ def serve(
     from leptonc.runtime.batching import BatchingEngine, EngineConfig
     from leptonc.server.app import ServerSettings, create_app
 
+    for flag, value, ok, need in (("--port", port, 0 <= port <= 65535, "between 0 and 65535"),
+                                  ("--max-queue", max_queue, max_queue >= 0, ">= 0"),
+                                  ("--grace", grace, grace >= 0, ">= 0 seconds"),
+                                  ("--max-body-kb", max_body_kb, max_body_kb >= 1, ">= 1"),
+                                  ("--prefill-chunk", prefill_chunk, prefill_chunk >= 1, ">= 1 token")):
+        if not ok:  # named as the user wrote it, before anything is loaded or bound
+            raise InputError(f"{flag} {value} is out of range: it must be {need}")
     api_key = _read_key(api_key, api_key_file)
     if trace is not None and not trace.parent.is_dir():
         raise UnsupportedRequestError(f"--trace {trace}: the folder {trace.parent} does not exist",
