@@ -194,6 +194,38 @@ def test_a_gpu_layout_bundle_is_warmed_up_before_it_serves(right_padded_bundle):
         assert cold.stop() == 0
 
 
+@pytest.mark.parametrize("kind, extra, said", [
+    ("completion", {"frequency_penalty": 0.5}, "frequency_penalty: not supported"),
+    ("chat", {"presence_penalty": -1}, "presence_penalty: not supported"),
+    ("completion", {"logit_bias": {"50256": -100}}, "logit_bias: not supported"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format: only type text"),
+    ("completion", {"best_of": 3}, "best_of: only best_of=1"),
+    ("completion", {"suffix": "end"}, "suffix: not supported"),
+    ("chat", {"functions": [{"name": "f"}]}, "functions: not supported"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs: not supported"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content: only text parts"),
+])
+def test_fields_that_would_change_the_output_are_refused_not_ignored(kind, extra, said):
+    from leptonc.server.models import ChatCompletionRequest, CompletionRequest
+
+    if kind == "chat":
+        body = ChatCompletionRequest(**{"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra})
+    else:
+        body = CompletionRequest(**{"model": "m", "prompt": "hi", **extra})
+    assert body.unsupported().startswith(said), body.unsupported()
+
+
+def test_defaults_that_clients_send_are_accepted():
+    """What OpenAI's and other clients send by default changes nothing and is not refused."""
+    from leptonc.server.models import ChatCompletionRequest
+
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                 frequency_penalty=0, presence_penalty=0.0, logit_bias={}, n=1, best_of=None,
+                                 response_format={"type": "text"}, tools=[], top_logprobs=0)
+    assert body.unsupported() is None and body.messages[0].text() == "hi"
+
+
 def test_bad_requests_get_documented_errors(tiny_server):
     url, model = tiny_server.url, tiny_server.model
     good = {"model": model, "prompt": "hello", "max_tokens": 2}
@@ -207,6 +239,8 @@ def test_bad_requests_get_documented_errors(tiny_server):
     assert "at most 2048" in too_long["message"]
     assert _error(_post(tiny_server, "/v1/completions", b"x" * (2 << 20)), 413)["code"] == "request_too_large"
     assert _error(_post(tiny_server, "/v1/completions", {"model": model}), 400)["param"] == "prompt"
+    refused = _error(_post(tiny_server, "/v1/completions", {**good, "frequency_penalty": 0.5}), 400)
+    assert (refused["param"], refused["code"]) == ("frequency_penalty", "unsupported_parameter")
     # no key, a wrong key: 401; /health and /metrics stay open
     assert _error(httpx.post(url + "/v1/completions", json=good), 401)["code"] == "invalid_api_key"
     assert _error(_post(tiny_server, "/v1/completions", good, {"Authorization": "Bearer wrong"}), 401)
