@@ -117,8 +117,21 @@ def parse_rows(text: str, command: str) -> list[int]:
     return rows
 
 
+def parse_shapes(text: str, command: str) -> list[str] | None:
+    """--shapes: a subset of SHAPES' names, comma-separated (None: all); an unknown name is named (exit 1)."""
+    if not text:
+        return None
+    names, known = text.split(","), [s[0] for s in SHAPES]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"kernels_gpu {command}: --shapes: no shape {', '.join(map(repr, unknown))}; "
+                         f"give some of {','.join(known)}")
+    return names
+
+
 def run(args) -> int:
     rows = parse_rows(args.rows, "run")
+    wanted = parse_shapes(args.shapes, "run")
     kinds = tuple(args.kinds.split(","))
     if any(kind not in ("quantized", "fp16") for kind in kinds):
         raise SystemExit(f"kernels_gpu run: --kinds {args.kinds!r}: give quantized, fp16 or quantized,fp16")
@@ -137,7 +150,7 @@ def run(args) -> int:
         return 2
     library = args.library or str(build_library((9, 0)).path)
     driver = CudaDriver(0)
-    shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes.split(",")]
+    shapes = [s for s in SHAPES if wanted is None or s[0] in wanted]
     sessions = plan(shapes, rows, kinds)
     rng = np.random.default_rng(0)
     models: dict = {}
@@ -323,6 +336,7 @@ def compare(args) -> int:
 
     libs = _libraries(args.library)
     rows = parse_rows(args.rows, "compare")
+    shapes = parse_shapes(args.shapes, "compare")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise SystemExit(f"kernels_gpu compare: --out {args.out}: its folder does not exist; make it or give another")
     ncu = shutil.which("ncu")
@@ -357,7 +371,7 @@ def compare(args) -> int:
                 columns[name] = []
                 continue
             columns[name] = results_of(json.loads(plan_path.read_text()), proc.stdout)
-    lines, record = compare_table(columns, rows, args.shapes.split(",") if args.shapes else None)
+    lines, record = compare_table(columns, rows, shapes)
     print("\n".join(lines))
     for name, why in failed.items():
         print(f"kernels_gpu compare: {name}: {why}", file=sys.stderr)

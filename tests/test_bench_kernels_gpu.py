@@ -124,6 +124,7 @@ def test_pytest_counts_reads_the_closing_line():
     (["--library", "main=/no/such.so"], "is not a file: build it first"),
     (["--library", "a=LIB", "--library", "a=LIB"], "the name 'a' is taken"),
     (["--library", "a=LIB", "--rows", "64,x"], "give row counts from 1 to 128"),
+    (["--library", "a=LIB", "--shapes", "qkv,lmhead"], "--shapes: no shape 'lmhead'"),
     (["--library", "a=LIB", "--out", "/no/such/dir/ab.json"], "its folder does not exist"),
 ])
 def test_kernels_gpu_compare_names_bad_input(tmp_path, argv, said):
