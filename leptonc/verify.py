@@ -32,9 +32,16 @@ class ReferenceTrace:
 
 
 
-def _cache_of(output):
+def cache_of(output):
     """The KV cache of a forward's output, by its transformers 5 name where it has one."""
     return output.cache if "cache" in getattr(output, "keys", lambda: ())() else output.past_key_values
+
+
+def cache_arg(module) -> str:
+    """The name a model's forward takes the KV cache by: transformers 5 names it `cache` (and warns on
+    `past_key_values`, to be removed in 5.40); older versions the other way."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
 
 def reference_trace(module, tokenizer, prompts=VERIFY_PROMPTS, steps: int = DECODE_STEPS,
                     max_sequence: int | None = None) -> ReferenceTrace:
@@ -45,8 +52,7 @@ def reference_trace(module, tokenizer, prompts=VERIFY_PROMPTS, steps: int = DECO
         steps = max(1, min(steps, max_sequence - 1))
 
     trace = ReferenceTrace([], [], [], [])
-    # transformers 5 names the KV cache `cache` (and warns on `past_key_values`); older versions the other way
-    cache_arg = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    kv_arg = cache_arg(module)
     vocab = module.config.vocab_size
     for text in prompts:
         ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)[None, :]
@@ -58,13 +64,13 @@ def reference_trace(module, tokenizer, prompts=VERIFY_PROMPTS, steps: int = DECO
             warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
             out = module(torch.from_numpy(ids), use_cache=True)
             prefill = out.logits[0].float().numpy()
-            past, token = _cache_of(out), out.logits[:, -1].argmax(-1)
+            past, token = cache_of(out), out.logits[:, -1].argmax(-1)
             tokens, logits = [], []
             for _ in range(steps):
                 tokens.append(int(token))
-                o = module(token[:, None], **{cache_arg: past}, use_cache=True)
+                o = module(token[:, None], **{kv_arg: past}, use_cache=True)
                 logits.append(o.logits[0, -1].float().numpy())
-                past, token = _cache_of(o), o.logits[:, -1].argmax(-1)
+                past, token = cache_of(o), o.logits[:, -1].argmax(-1)
         trace.prompt_ids.append(ids)
         trace.prefill_logits.append(prefill)
         trace.decode_tokens.append(np.asarray(tokens, np.int64))

@@ -12,6 +12,7 @@ import torch
 
 from leptonc.bundle import load_bundle
 from leptonc.runtime import open_bundle_runner
+from leptonc.verify import cache_arg, cache_of
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived"]
 
@@ -24,14 +25,14 @@ def _parity(module, tokenizer, bundle_path, prompt: str) -> tuple[float, float]:
         ref = module(torch.from_numpy(ids), use_cache=True)
     got = runner.prefill(ids, np.ones_like(ids))
     prefill_err = float(np.abs(got - ref.logits.numpy()).max())
-    past, token = ref.past_key_values, ref.logits[:, -1].argmax(-1)
+    past, token = cache_of(ref), ref.logits[:, -1].argmax(-1)
     decode_err = 0.0
     for _ in range(8):
         with torch.no_grad():
-            ref = module(token[:, None], past_key_values=past, use_cache=True)
+            ref = module(token[:, None], **{cache_arg(module): past}, use_cache=True)
         got = runner.decode(token.numpy())
         decode_err = max(decode_err, float(np.abs(got - ref.logits[:, -1].numpy()).max()))
-        past, token = ref.past_key_values, ref.logits[:, -1].argmax(-1)
+        past, token = cache_of(ref), ref.logits[:, -1].argmax(-1)
     runner.release()
     return prefill_err, decode_err
 

@@ -181,6 +181,7 @@ def hf_baseline(source: str, cfg: BenchConfig, device: str, dtype: str, vocab_li
     import torch
 
     from leptonc.models.intake import load_model
+    from leptonc.verify import cache_arg, cache_of
 
     if on_progress:
         on_progress(f"loading {source} in transformers")
@@ -208,12 +209,12 @@ def hf_baseline(source: str, cfg: BenchConfig, device: str, dtype: str, vocab_li
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             token.cpu()
             ttft = time.perf_counter() - start
-            past = out.past_key_values
+            past, kv_arg = cache_of(out), cache_arg(module)
             steps = []
             for _ in range(gen_len - 1):
                 s = time.perf_counter()
-                out = module(input_ids=token, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = module(input_ids=token, **{kv_arg: past}, use_cache=True)
+                past = cache_of(out)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 token.cpu()  # the runner hands the step's tokens to the host too (decode_tokens)
                 steps.append(time.perf_counter() - s)
