@@ -362,7 +362,7 @@ def compare(args) -> int:
             print(f"kernels_gpu compare: {name} ({i} of {len(runs)}): {path}", file=sys.stderr, flush=True)
             plan_path = Path(tmp) / f"{i}.plan.json"
             argv = [ncu, "--clock-control", args.clock_control, "--metrics", "gpu__time_duration.sum", "--csv",
-                    "--page", "raw", sys.executable, str(Path(__file__).resolve()), "run", "--plan", str(plan_path),
+                    "--page", "raw", sys.executable, __file__, "run", "--plan", str(plan_path),
                     "--rows", args.rows, "--kinds", kinds, "--repeats", str(args.repeats), "--library", str(path),
                     *(["--shapes", args.shapes] if args.shapes else [])]
             proc = subprocess.run(argv, capture_output=True, text=True)
@@ -384,6 +384,13 @@ def compare(args) -> int:
     return 1 if failed else 0
 
 
+def _positive(text: str) -> int:
+    """--repeats: a whole number >= 1 (argparse names the flag and exits 2 otherwise)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return int(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -394,7 +401,7 @@ def main() -> int:
     p_run.add_argument("--shapes", default="", help="a subset of " + ", ".join(s[0] for s in SHAPES))
     p_run.add_argument("--kinds", default="quantized,fp16",
                        help="quantized (int4, the LM head int8), fp16 or both (default: both)")
-    p_run.add_argument("--repeats", type=int, default=3)
+    p_run.add_argument("--repeats", type=_positive, default=3)
     p_run.add_argument("--library", help="a kernel library built before (to compare builds); default: this tree's")
     p_build = sub.add_parser("build", help="build a commit's kernel library here (no GPU), for run --library")
     p_build.add_argument("--ref", default="HEAD", help="a commit, branch or tag (default: HEAD)")
@@ -408,7 +415,7 @@ def main() -> int:
                        help="a library built before (build --out); repeat it; the first is the ratios' base")
     p_cmp.add_argument("--rows", default="32,64", help="row counts (default: 32,64)")
     p_cmp.add_argument("--shapes", default="", help="a subset of " + ", ".join(s[0] for s in SHAPES))
-    p_cmp.add_argument("--repeats", type=int, default=3)
+    p_cmp.add_argument("--repeats", type=_positive, default=3)
     p_cmp.add_argument("--no-fp16", dest="fp16", action="store_false", help="leave out the fp16 column")
     p_cmp.add_argument("--check", action="store_true",
                        help="first run each library's numeric tests (tests/test_kernels_gpu.py -k nbits); "

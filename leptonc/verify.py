@@ -31,7 +31,6 @@ class ReferenceTrace:
     decode_logits: list[np.ndarray]  # [steps, V] per prompt
 
 
-
 def cache_of(output):
     """The KV cache of a forward's output, by its transformers 5 name where it has one."""
     return output.cache if "cache" in getattr(output, "keys", lambda: ())() else output.past_key_values

@@ -115,14 +115,14 @@ def engine_apart_by_default(bundle: str, device: str | None) -> bool:
 def serve(
     bundle: str = typer.Argument(..., help="A .lepton bundle directory."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
-    port: int = typer.Option(8000, "--port", help="TCP port (0: a free one, printed when ready)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: a free one, printed when ready)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the key from this file (a mounted "
                                                 "secret), so it does not appear in the process list."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait beyond the slots; past it: 429."),
-    grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to finish on SIGTERM."),
-    max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body accepted (413 beyond)."),
-    prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens prefilled between decode steps."),
+    max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests that may wait beyond the slots; past it: 429."),
+    grace: float = typer.Option(30.0, "--grace", min=0, help="Seconds in-flight requests get to finish on SIGTERM."),
+    max_body_kb: int = typer.Option(1024, "--max-body-kb", min=1, help="Largest request body accepted (413 beyond)."),
+    prefill_chunk: int = typer.Option(512, "--prefill-chunk", min=1, help="Prompt tokens prefilled between decode steps."),
     stream_interval: str = typer.Option("auto", "--stream-interval", callback=_stream_interval,
                                         help="Tokens a stream gathers per chunk after its first: a whole number (1: "
                                         "every token), or auto: every token while at most 16 sequences run, then "
@@ -154,13 +154,6 @@ def serve(
     from leptonc.runtime.batching import BatchingEngine, EngineConfig
     from leptonc.server.app import ServerSettings, create_app
 
-    for flag, value, ok, need in (("--port", port, 0 <= port <= 65535, "between 0 and 65535"),
-                                  ("--max-queue", max_queue, max_queue >= 0, ">= 0"),
-                                  ("--grace", grace, grace >= 0, ">= 0 seconds"),
-                                  ("--max-body-kb", max_body_kb, max_body_kb >= 1, ">= 1"),
-                                  ("--prefill-chunk", prefill_chunk, prefill_chunk >= 1, ">= 1 token")):
-        if not ok:  # named as the user wrote it, before anything is loaded or bound
-            raise InputError(f"{flag} {value} is out of range: it must be {need}")
     api_key = _read_key(api_key, api_key_file)
     if trace is not None and not trace.parent.is_dir():
         raise UnsupportedRequestError(f"--trace {trace}: the folder {trace.parent} does not exist",
